@@ -1,0 +1,21 @@
+"""fastlclip: fast, exact Latent-CLIP scoring of SDXL diffusion latents.
+
+    model = fastlclip.load("Latent-ViT-B-8-512", "epoch_34.pt")
+    feats = model.encode_latents(latents)          # SDXL pipeline latents, (B, 4, 64, 64)
+    reward = fastlclip.LatentCLIPReward(model)     # ReNO reward: reward(latents, prompt) -> loss
+"""
+
+from .checkpoint import CheckpointError
+from .factory import load
+from .model import LatentCLIP
+from .model_configs import add_model_config, get_model_config, list_models
+from .inputs import SDXL_SCALING_FACTOR, tokenize
+from .rewards import LatentCLIPReward, PixelCLIPReward
+from .zeroshot import ZeroShotClassifier, imagenet_classnames, imagenet_templates
+
+__version__ = "0.1.0"
+__all__ = [
+    "CheckpointError", "LatentCLIP", "LatentCLIPReward", "PixelCLIPReward", "SDXL_SCALING_FACTOR",
+    "ZeroShotClassifier", "add_model_config", "get_model_config", "imagenet_classnames", "imagenet_templates",
+    "list_models", "load", "tokenize",
+]

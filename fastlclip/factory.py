@@ -1,0 +1,114 @@
+"""``fastlclip.load``: config + checkpoint -> a ready model on the requested device, dtype and backend."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from . import checkpoint as ckpt
+from .model import BACKENDS, LatentCLIP
+from .model_configs import ModelConfig, get_model_config, list_models
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _shapes(cfg: ModelConfig, with_vae: bool) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        return {k: v.shape for k, v in LatentCLIP(cfg, with_vae=with_vae).state_dict().items()}
+
+
+def configs_fitting(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Registered config names whose parameter names and shapes all match ``sd``."""
+    want = {k: v.shape for k, v in sd.items() if not k.startswith(("visual.vae_encoder.", "visual.vae_quant_conv."))}
+    return [n for n in list_models() if _shapes(get_model_config(n), False) == want]
+
+
+def _fit_hint(sd: Mapping[str, torch.Tensor]) -> str:
+    fits = configs_fitting(sd)
+    if len(fits) == 1:
+        return f"the config that fits this checkpoint: {fits[0]!r}"
+    return f"configs that fit: {fits}" if fits else "no registered config fits it; register one with fastlclip.add_model_config"
+
+
+def load_state_dict_strict(model: LatentCLIP, sd: Mapping[str, torch.Tensor]) -> None:
+    """Load with exact key and shape matching; errors list missing/unexpected keys or name the fitting config."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        def show(keys):
+            return ", ".join(keys[:12]) + (f" ... ({len(keys)} in all)" if len(keys) > 12 else "")
+        raise ckpt.CheckpointError(
+            f"checkpoint does not match config {model.cfg.name!r}: "
+            + (f"missing keys: {show(missing)}. " if missing else "")
+            + (f"unexpected keys: {show(unexpected)}. " if unexpected else "") + _fit_hint(sd)
+        )
+    bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if sd[k].shape != v.shape]
+    if bad:
+        k, got, want = bad[0]
+        raise ckpt.CheckpointError(
+            f"checkpoint does not fit config {model.cfg.name!r}: {k} has shape {got}, the config expects {want}"
+            + (f" ({len(bad)} mismatched tensors)" if len(bad) > 1 else "") + f"; {_fit_hint(sd)}"
+        )
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(sd[k])
+
+
+def load(
+    name: str | Mapping[str, Any] | os.PathLike | None,
+    pretrained: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: str = "eager",
+) -> LatentCLIP:
+    """Build a Latent-CLIP model and load its weights.
+
+    Args:
+        name: a registered config name (``fastlclip.list_models()``), a config dict, a JSON path, or
+            ``None`` to take the config from the checkpoint (its metadata, or the one config its shapes fit).
+        pretrained: an official ``.pt`` checkpoint, a ``.safetensors`` file, a folder, or
+            ``hf-hub:<repo>[/<file>]``; ``None`` gives random weights (with a warning).
+        device, dtype: where and in which precision (float32, float16, bfloat16) the model runs.
+        backend: ``"eager"`` (plain PyTorch) or ``"triton"`` (fused kernels, see ``fastlclip.kernels``).
+    """
+    if dtype not in _DTYPES:
+        raise TypeError(f"dtype must be one of {[str(d) for d in _DTYPES]}, got {dtype}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={str(device)!r} asked for, but CUDA is not available here; use device='cpu'")
+
+    if pretrained is None:
+        if name is None:
+            raise ValueError("pass a model name or a pretrained checkpoint (or both)")
+        cfg = get_model_config(name)
+        warnings.warn(f"fastlclip.load({cfg.name!r}) without pretrained=: the weights are random", stacklevel=2)
+        model = LatentCLIP(cfg)
+    else:
+        sd, meta = ckpt.read_checkpoint(pretrained)
+        cfg = get_model_config(name if name is not None else infer_config_name(sd, meta, pretrained))
+        model = LatentCLIP(cfg, with_vae=ckpt.has_vae(sd))
+        load_state_dict_strict(model, sd)
+
+    model = model.to(device=device, dtype=dtype).eval()
+    return model.set_backend(backend)
+
+
+def infer_config_name(sd, meta, pretrained) -> str:
+    if ckpt.SAFETENSORS_CONFIG_KEY in meta:
+        return meta[ckpt.SAFETENSORS_CONFIG_KEY]
+    spec = str(pretrained)
+    for repo, (_, cfg_name) in ckpt.PUBLISHED.items():
+        if spec.startswith("hf-hub:" + repo):
+            return cfg_name
+    fits = configs_fitting(sd)
+    if len(fits) != 1:
+        raise ckpt.CheckpointError(f"can't tell the config of {Path(spec).name}: {_fit_hint(sd)}; pass the model name")
+    return fits[0]

@@ -1,0 +1,110 @@
+"""Input checks and tokenisation: bad input gets an error naming the problem and the fix."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Sequence
+
+import torch
+
+# SDXL VAE scaling factor: diffusion-space latents = VAE latents * this.
+SDXL_SCALING_FACTOR = 0.13025
+LATENT_SPACES = ("diffusion", "vae")
+
+
+def check_latents(latents: torch.Tensor, *, channels: int, size: int, patch: int, check_finite: bool = True) -> None:
+    """Validate a (B, C, H, W) latent batch for an image tower trained on ``size`` x ``size`` latents."""
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a torch.Tensor of shape (B, {channels}, {size}, {size}), got {type(latents).__name__}")
+    if latents.ndim != 4:
+        hint = " Add a batch dimension with latents[None]." if latents.ndim == 3 else ""
+        raise ValueError(f"latents must have shape (B, {channels}, H, W), got {tuple(latents.shape)}.{hint}")
+    if not latents.is_floating_point():
+        raise TypeError(f"latents must be floating point (float32/float16/bfloat16), got {latents.dtype}; convert with .float()")
+    b, c, h, w = latents.shape
+    if b == 0:
+        raise ValueError("latents is an empty batch (B=0); pass at least one latent")
+    if c != channels:
+        if c == 3:
+            raise ValueError(
+                f"got 3-channel input {tuple(latents.shape)}: these look like RGB pixel images, but encode_latents takes "
+                f"{channels}-channel SDXL VAE latents. Use model.encode_images(pixels) for RGB in [0, 1], or encode "
+                "with the SDXL VAE first."
+            )
+        raise ValueError(
+            f"latents have {c} channels, the model expects {channels} (SDXL VAE latents). Latents of 16-channel VAEs "
+            "(SD3, FLUX) are a different space this model does not understand."
+        )
+    if (h, w) != (size, size):
+        raise ValueError(
+            f"latents are {h}x{w}, this model was trained on {size}x{size} latents "
+            f"({size * 8}x{size * 8} px images); resize the latent or pick a config whose image_size/8 is {h}"
+            + (f" (size must also be a multiple of the patch size {patch})" if h % patch or w % patch else "")
+        )
+    if check_finite and not torch.isfinite(latents).all():
+        raise ValueError("latents contain NaN or Inf; check the sampler or VAE that produced them")
+
+
+def check_pixels(pixels: torch.Tensor) -> None:
+    """Validate a (B, 3, H, W) RGB batch in [0, 1]."""
+    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
+        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(f"pixels must be RGB images of shape (B, 3, H, W) in [0, 1], got {shape}")
+    if not pixels.is_floating_point():
+        raise TypeError(f"pixels must be floating point in [0, 1], got {pixels.dtype}; use images.float() / 255")
+    if pixels.shape[0] == 0:
+        raise ValueError("pixels is an empty batch (B=0)")
+    if pixels.shape[-1] % 8 or pixels.shape[-2] % 8:
+        raise ValueError(f"pixel height and width must be multiples of 8 for the SDXL VAE, got {tuple(pixels.shape[-2:])}")
+    if not torch.isfinite(pixels).all():
+        raise ValueError("pixels contain NaN or Inf")
+    lo, hi = pixels.min().item(), pixels.max().item()
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"pixels must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; map [-1, 1] images with (x + 1) / 2")
+
+
+def check_space(space: str) -> None:
+    if space not in LATENT_SPACES:
+        raise ValueError(
+            f"space must be 'diffusion' (latents from an SDXL pipeline/UNet, i.e. VAE latents * {SDXL_SCALING_FACTOR}) "
+            f"or 'vae' (raw AutoencoderKL.encode(x).latent_dist samples), got {space!r}"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer(context_length: int):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)
+
+
+def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.Tensor:
+    """open_clip's BPE tokenisation to (N, context_length) ids; texts that don't fit are truncated with a warning."""
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise ValueError("got an empty list of texts; pass at least one prompt")
+    bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must be strings, got {bad[0]}; pass token ids as a LongTensor instead")
+    tok = _tokenizer(context_length)
+    long = [t for t in texts if len(tok.encode(t)) + 2 > context_length]
+    if long:
+        warnings.warn(
+            f"{len(long)} text(s) exceed {context_length} tokens and were truncated, e.g. {long[0][:60]!r}...",
+            stacklevel=3,
+        )
+    return tok(texts)
+
+
+def check_tokens(tokens: torch.Tensor, context_length: int, vocab_size: int) -> None:
+    if tokens.ndim != 2 or tokens.shape[1] != context_length:
+        raise ValueError(f"token ids must have shape (N, {context_length}), got {tuple(tokens.shape)}")
+    if tokens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"token ids must be an integer tensor, got {tokens.dtype}")
+    if tokens.shape[0] == 0:
+        raise ValueError("got an empty batch of token ids")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{tokens.min().item()}, {tokens.max().item()}]")

@@ -1,0 +1,132 @@
+"""Differentiable CLIP rewards on diffusion latents, with ReNO's interface.
+
+``reward(latents, prompt) -> loss``: a scalar, lower is better, ReNO's CLIP form
+``100 - logit_scale.exp() * cos(image, text)`` averaged over the batch; gradients flow to the latents,
+the weights are frozen. ``reward.weighting`` is applied by whoever sums several rewards (as in ReNO).
+Text features are computed once per prompt and cached.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import inputs
+from .model import LatentCLIP
+
+# OpenAI CLIP pixel normalisation (open_clip's default for the ViT-B/32, L/14, H/14 baselines).
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class _CLIPReward:
+    name = "clip"
+
+    def __init__(self, model: nn.Module, weighting: float):
+        self.weighting = float(weighting)
+        self.model = model.requires_grad_(False).eval()
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _image_features(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Normalised (N, D) text features, each prompt encoded once and cached."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if new:
+            with torch.no_grad():
+                for p, f in zip(new, self._encode_texts(new)):
+                    self._text_cache[p] = F.normalize(_at_least_fp32(f), dim=-1)
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def score(self, latents: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Cosine similarity per sample, (B,), float32 or wider; differentiable w.r.t. ``latents``."""
+        if isinstance(prompts, str):
+            prompts = [prompts] * latents.shape[0]
+        prompts = list(prompts)
+        if len(prompts) not in (1, latents.shape[0]):
+            raise ValueError(f"got {len(prompts)} prompts for a batch of {latents.shape[0]} latents; pass 1 or {latents.shape[0]}")
+        txt = self.text_features(prompts).to(latents.device)
+        img = F.normalize(_at_least_fp32(self._image_features(latents)), dim=-1)
+        return (img * txt).sum(dim=-1)
+
+    def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str]) -> torch.Tensor:
+        scale = _at_least_fp32(self.model.logit_scale.detach().exp())
+        return 100.0 - (scale * self.score(latents, prompt)).mean()
+
+
+class LatentCLIPReward(_CLIPReward):
+    """Latent-CLIP reward: scores diffusion latents directly, no VAE decode.
+
+    ``space`` says what the latents are (see ``LatentCLIP.encode_latents``); ReNO's one-step generators
+    produce ``"diffusion"`` latents.
+    """
+
+    name = "latent_clip"
+
+    def __init__(self, model: LatentCLIP, weighting: float = 1.0, *, space: str = "diffusion"):
+        inputs.check_space(space)
+        super().__init__(model, weighting)
+        self.space = space
+
+    def _encode_texts(self, texts):
+        return self.model.encode_text(texts, normalize=False)
+
+    def _image_features(self, latents):
+        return self.model.encode_latents(latents, space=self.space, normalize=False)
+
+
+class PixelCLIPReward(_CLIPReward):
+    """The decode-then-CLIP baseline, as ReNO computes it.
+
+    diffusion latents -> ``vae.decode(latents / scaling_factor)`` -> [0, 1] -> bicubic resize of the
+    short side and centre crop to the CLIP input size -> normalise -> open_clip ``encode_image``.
+    """
+
+    name = "pixel_clip"
+
+    def __init__(self, vae: nn.Module, clip_model: nn.Module, *, tokenizer=None, weighting: float = 1.0,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__(clip_model, weighting)
+        self.vae = vae.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        visual = clip_model.visual
+        size = getattr(visual, "image_size", 224)
+        self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        pre = getattr(visual, "preprocess_cfg", {}) or {}
+        self.mean = torch.tensor(mean or pre.get("mean") or _OPENAI_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(std or pre.get("std") or _OPENAI_STD).view(1, 3, 1, 1)
+
+    def _encode_texts(self, texts):
+        ctx = getattr(self.model, "context_length", 77)
+        tokens = self.tokenizer(texts) if self.tokenizer is not None else inputs.tokenize(texts, ctx)
+        return self.model.encode_text(tokens.to(self.model.logit_scale.device))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Diffusion latents -> RGB in [0, 1]."""
+        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        return (self.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        h, w = pixels.shape[-2:]
+        s = self.image_size / min(h, w)
+        size = (max(self.image_size, round(h * s)), max(self.image_size, round(w * s)))
+        x = F.interpolate(pixels.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
+        top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
+        x = x[..., top:top + self.image_size, left:left + self.image_size]
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def _image_features(self, latents):
+        x = self.preprocess(self.decode(latents))
+        dtype = self.model.logit_scale.dtype
+        return self.model.encode_image(x.to(dtype))

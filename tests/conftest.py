@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny Latent-CLIP configs and checkpoints in the official formats."""
+
+import os
+
+# Triton reads TRITON_INTERPRET when kernels are decorated: set it before anything imports them.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np
+import pytest
+import torch
+
+TINY_VAE = {
+    "in_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
+    "block_out_channels": [8, 8, 8, 8], "act_fn": "silu", "scaling_factor": 0.13025,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+# 16x16 latents (128 px), patch 4 -> 16 tokens + class token; 2 heads of width 32.
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 128, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4,
+                   "latent_factor": 8, "latent_n_channels": 4},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    "vae_cfg": TINY_VAE,
+}
+
+
+def open_clip_reference(seed: int = 0):
+    """An open_clip CLIP with its conv1 swapped for a 4-channel conv: the independent reference."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    v = TINY["vision_cfg"]
+    latent = v["image_size"] // v["latent_factor"]
+    ref = open_clip.model.CLIP(
+        embed_dim=TINY["embed_dim"],
+        vision_cfg={"image_size": latent, "patch_size": v["patch_size"], "width": v["width"],
+                    "layers": v["layers"], "head_width": v["head_width"]},
+        text_cfg=TINY["text_cfg"],
+    )
+    ref.visual.conv1 = torch.nn.Conv2d(4, v["width"], v["patch_size"], v["patch_size"], bias=False)
+    with torch.no_grad():  # non-trivial values everywhere (open_clip zero-inits some biases)
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return ref.eval()
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**TINY_VAE).eval()
+
+
+def official_state(ref, vae=None) -> dict:
+    """The reference's weights in the authors' training-checkpoint layout."""
+    sd = {}
+    for k, v in ref.state_dict().items():
+        k = "visual.latent_vit." + k[len("visual."):] if k.startswith("visual.") else k
+        sd["module." + k] = v.clone()
+    if vae is not None:
+        for k, v in vae.encoder.state_dict().items():
+            sd["module.visual.vae_encoder." + k] = v.clone()
+        for k, v in vae.quant_conv.state_dict().items():
+            sd["module.visual.vae_quant_conv." + k] = v.clone()
+    return {
+        "epoch": 34,
+        "name": "latent-clip-run",
+        "state_dict": sd,
+        "optimizer": {"state": {0: {"step": torch.tensor(1000.0), "exp_avg": torch.zeros(3)}},
+                      "param_groups": [{"lr": np.float64(5e-4), "betas": (0.9, 0.98), "eps": 1e-6, "params": [0]}]},
+        "best_loss": np.float32(1.25),
+    }
+
+
+@pytest.fixture
+def reference():
+    return open_clip_reference()
+
+
+@pytest.fixture
+def official_ckpt(tmp_path, reference):
+    path = tmp_path / "epoch_34.pt"
+    torch.save(official_state(reference, tiny_vae()), path)
+    return path
+
+
+@pytest.fixture
+def tiny_model():
+    import fastlclip
+
+    with pytest.warns(UserWarning, match="random"):
+        return fastlclip.load(TINY)

@@ -1,0 +1,148 @@
+"""Checkpoint formats, safety against hostile pickles, strict key/shape checks, conversion."""
+
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+import fastlclip
+from fastlclip import CheckpointError
+from fastlclip.convert import main as convert_main
+from conftest import TINY, official_state
+
+LATENT = TINY["vision_cfg"]["image_size"] // 8
+
+
+def _same(a, b):
+    z = torch.randn(2, 4, LATENT, LATENT)
+    return torch.equal(a.encode_latents(z), b.encode_latents(z)) and torch.equal(a.encode_text(["hi"]), b.encode_text(["hi"]))
+
+
+def test_official_checkpoint_loads_weights_only(official_ckpt, reference):
+    model = fastlclip.load(TINY, official_ckpt)
+    assert model.visual.vae_encoder is not None
+    assert torch.equal(model.visual.latent_vit.conv1.weight, reference.visual.conv1.weight)
+    assert torch.equal(model.text_projection, reference.text_projection)
+
+
+def test_convert_roundtrip_drops_optimizer(official_ckpt, tmp_path, capsys):
+    fastlclip.add_model_config("tiny-test", TINY)
+    out = tmp_path / "tiny.safetensors"
+    assert convert_main([str(official_ckpt), str(out), "--model", "tiny-test"]) == 0
+    assert "tiny-test" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["fastlclip_config"] == "tiny-test"
+        assert not any("optimizer" in k or k.startswith("module.") for k in f.keys())
+    a = fastlclip.load("tiny-test", official_ckpt)
+    b = fastlclip.load(None, out)  # config name from metadata
+    assert b.cfg.name == "tiny-test" and _same(a, b)
+
+
+def test_convert_infers_config_and_rejects_wrong_one(official_ckpt, tmp_path, capsys):
+    fastlclip.add_model_config("tiny-test", TINY)
+    assert convert_main([str(official_ckpt), str(tmp_path / "x.safetensors")]) == 0
+    assert convert_main([str(official_ckpt), str(tmp_path / "y.safetensors"), "--model", "Latent-ViT-B-8-512"]) == 1
+    assert "does not fit" in capsys.readouterr().err
+
+
+def test_folder_picks_latest_epoch(official_ckpt, tmp_path, reference):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    older = official_state(reference)
+    older["state_dict"]["module.logit_scale"] = torch.tensor(0.0)
+    torch.save(older, folder / "epoch_9.pt")
+    os.link(official_ckpt, folder / "epoch_34.pt")
+    m = fastlclip.load(TINY, tmp_path / "run")
+    assert torch.equal(m.logit_scale, reference.logit_scale)
+
+
+def test_hostile_pickle_refused_and_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"visual.latent_vit.proj": torch.zeros(1)}, "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match="refused.*system.*nothing in it was run"):
+        fastlclip.load(TINY, path)
+    assert not marker.exists()
+
+
+def test_raw_pickle_without_zip_refused(tmp_path):
+    path = tmp_path / "legacy.bin"
+    path.write_bytes(pickle.dumps({"state_dict": {"a": eval}}))  # references builtins.eval
+    with pytest.raises(CheckpointError, match="refused|not a readable"):
+        fastlclip.load(TINY, path)
+
+
+def test_missing_and_unexpected_keys_listed(official_ckpt, reference, tmp_path):
+    ck = official_state(reference)
+    del ck["state_dict"]["module.ln_final.weight"]
+    ck["state_dict"]["module.visual.latent_vit.extra_token"] = torch.zeros(3)
+    torch.save(ck, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="missing keys: ln_final.weight.*unexpected keys: visual.latent_vit.extra_token"):
+        fastlclip.load(TINY, tmp_path / "bad.pt")
+
+
+def test_shape_mismatch_names_key_and_fitting_config(official_ckpt):
+    fastlclip.add_model_config("tiny", TINY)
+    patch8 = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "patch_size": 8}}
+    with pytest.raises(CheckpointError, match=r"does not fit config 'custom': .*positional_embedding has shape \(17, 64\).*expects \(5, 64\).*fit.*'tiny'"):
+        fastlclip.load(patch8, official_ckpt)
+    with pytest.raises(CheckpointError, match=r"does not match config 'Latent-ViT-B-8-512': missing keys.*fit.*'tiny'"):
+        fastlclip.load("Latent-ViT-B-8-512", official_ckpt)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        fastlclip.load(TINY, tmp_path / "nope.pt")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="not a readable .safetensors"):
+        fastlclip.load(TINY, tmp_path / "broken.safetensors")
+    with zipfile.ZipFile(tmp_path / "trunc.pt", "w") as z:
+        z.writestr("junk", "x")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        fastlclip.load(TINY, tmp_path / "trunc.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        fastlclip.load(TINY, tmp_path / "empty")
+
+
+def test_hf_hub_offline_not_cached_names_repo_and_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    _reload_hub_constants(monkeypatch, tmp_path / "hf")
+    with pytest.raises(CheckpointError, match=r"wendlerc/latent-clip-b-8-512-34b-80k.*checkpoints/epoch_34.pt.*HF_HUB_OFFLINE"):
+        fastlclip.load(None, "hf-hub:wendlerc/latent-clip-b-8-512-34b-80k")
+
+
+def test_hf_hub_resolves_from_cache_offline(official_ckpt, tmp_path, monkeypatch):
+    cache = tmp_path / "hf" / "hub"
+    snap = cache / "models--org--tiny" / "snapshots" / ("a" * 40)
+    (snap / "checkpoints").mkdir(parents=True)
+    os.link(official_ckpt, snap / "checkpoints" / "epoch_34.pt")
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _reload_hub_constants(monkeypatch, tmp_path / "hf")
+    m = fastlclip.load(TINY, "hf-hub:org/tiny/checkpoints/epoch_34.pt")
+    assert m.visual.vae_encoder is not None
+
+
+def _reload_hub_constants(monkeypatch, hf_home):
+    """huggingface_hub reads its cache dir and offline flag at import: point them at the test's folder."""
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+
+
+def test_random_weights_warn():
+    with pytest.warns(UserWarning, match="random"):
+        fastlclip.load(TINY)

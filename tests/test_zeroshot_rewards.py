@@ -1,0 +1,117 @@
+"""Zero-shot classification and the ReNO rewards."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlclip
+from conftest import TINY, tiny_vae
+
+LATENT = TINY["vision_cfg"]["image_size"] // 8
+
+
+@pytest.fixture
+def model(official_ckpt):
+    return fastlclip.load(TINY, official_ckpt)
+
+
+def test_imagenet_metadata_ready():
+    assert len(fastlclip.imagenet_classnames()) == 1000
+    templates = fastlclip.imagenet_templates()
+    assert len(templates) == 80 and "goldfish" in templates[0]("goldfish")
+
+
+def test_zero_shot_matches_manual_computation(model):
+    names = ["cat", "dog", "car"]
+    templates = ["a photo of a {}.", lambda c: f"a drawing of a {c}."]
+    clf = fastlclip.ZeroShotClassifier(model, names, templates)
+    z = torch.randn(3, 4, LATENT, LATENT)
+    with torch.no_grad():
+        per = [F.normalize(model.encode_text([f"a photo of a {c}.", f"a drawing of a {c}."]).mean(0), dim=-1) for c in names]
+        logits = model.logit_scale.exp() * model.encode_latents(z) @ torch.stack(per).T
+        probs = clf.probs(z)
+    assert torch.allclose(probs, logits.softmax(-1), atol=1e-5)
+    assert torch.allclose(probs.sum(-1), torch.ones(3))
+    assert torch.equal(clf.predict(z), logits.argmax(-1))
+
+
+def test_zero_shot_errors(model):
+    with pytest.raises(ValueError, match="classnames is empty"):
+        fastlclip.ZeroShotClassifier(model, [], ["{}"])
+    with pytest.raises(ValueError, match="templates is empty"):
+        fastlclip.ZeroShotClassifier(model, ["a"], [])
+
+
+def test_latent_reward_value_and_gradient(model):
+    reward = fastlclip.LatentCLIPReward(model, weighting=2.0)
+    assert reward.weighting == 2.0
+    assert not any(p.requires_grad for p in model.parameters())
+    z = torch.randn(3, 4, LATENT, LATENT, requires_grad=True)
+    loss = reward(z, "a red apple")
+    with torch.no_grad():
+        cos = model.encode_latents(z) @ model.encode_text(["a red apple"])[0]
+    assert loss.ndim == 0
+    assert loss.item() == pytest.approx(100 - model.logit_scale.exp().item() * cos.mean().item(), abs=1e-4)
+    assert torch.allclose(reward.score(z, "a red apple"), cos, atol=1e-6)
+    loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_latent_reward_gradient_matches_finite_difference(model):
+    reward = fastlclip.LatentCLIPReward(model.double())
+    z = torch.randn(1, 4, LATENT, LATENT, dtype=torch.float64, requires_grad=True)
+    reward(z, "a cat").backward()
+    d = torch.randn_like(z)
+    eps = 1e-6
+    with torch.no_grad():
+        fd = (reward(z + eps * d, "a cat") - reward(z - eps * d, "a cat")) / (2 * eps)
+    assert (z.grad * d).sum().item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-8)
+
+
+def test_text_encoded_once_per_prompt_in_a_loop(model, monkeypatch):
+    reward = fastlclip.LatentCLIPReward(model)
+    calls = []
+    orig = model.encode_text
+    monkeypatch.setattr(model, "encode_text", lambda t, **k: calls.append(list(t)) or orig(t, **k))
+    z = torch.randn(1, 4, LATENT, LATENT, requires_grad=True)
+    for _ in range(50):
+        reward(z, "an astronaut").backward()
+    reward(z, "a horse")
+    assert calls == [["an astronaut"], ["a horse"]]
+
+
+def test_reward_prompt_count_checked(model):
+    reward = fastlclip.LatentCLIPReward(model)
+    with pytest.raises(ValueError, match="3 prompts for a batch of 2"):
+        reward(torch.randn(2, 4, LATENT, LATENT), ["a", "b", "c"])
+    per_sample = reward.score(torch.randn(2, 4, LATENT, LATENT), ["a", "b"])
+    assert per_sample.shape == (2,)
+
+
+@pytest.fixture
+def pixel_clip():
+    import open_clip
+
+    torch.manual_seed(0)
+    return open_clip.model.CLIP(
+        embed_dim=32, vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    ).eval()
+
+
+def test_pixel_reward_is_decode_then_clip(pixel_clip):
+    vae = tiny_vae()
+    reward = fastlclip.PixelCLIPReward(vae, pixel_clip)
+    z = torch.randn(2, 4, 6, 8, requires_grad=True)  # 48x64 px: short side resized to 32, centre-cropped
+    loss = reward(z, "a cat")
+    with torch.no_grad():
+        img = (vae.decode(z / 0.13025).sample / 2 + 0.5).clamp(0, 1)
+        img = F.interpolate(img, size=(32, 43), mode="bicubic", antialias=True)[..., :, 5:37]
+        mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+        std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+        cos = F.normalize(pixel_clip.encode_image((img - mean) / std), dim=-1) @ F.normalize(
+            pixel_clip.encode_text(fastlclip.tokenize(["a cat"])), dim=-1)[0]
+    assert loss.item() == pytest.approx(100 - pixel_clip.logit_scale.exp().item() * cos.mean().item(), abs=1e-4)
+    loss.backward()
+    assert z.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in vae.parameters())
