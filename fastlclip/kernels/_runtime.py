@@ -1,0 +1,161 @@
+"""Shared plumbing for the Triton kernels: availability, fallback warnings, launch configs.
+
+Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a kernel, i.e. when this package is
+imported: set ``TRITON_INTERPRET=1`` *before* importing ``fastlclip.kernels`` to run the kernels on
+CPU tensors through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # e.g. macOS wheels: the PyTorch paths still work.
+    HAS_TRITON = False
+
+    class _NoTriton:
+        """Stands in for ``triton`` / ``triton.language`` so the kernel modules import without Triton."""
+
+        constexpr = None
+
+        @staticmethod
+        def jit(fn):
+            return fn
+
+    triton = tl = _NoTriton()
+
+
+# Test hook: when True, kernel outputs are allocated filled with NaN, so an unwritten tile shows.
+POISON = False
+
+# Tuned launch configs per GPU: {torch.cuda.get_device_name(): {kernel name: [config dict, ...]}}.
+# A config dict holds the kernel's block-size meta-parameters plus num_warps / num_stages.
+# Empty until measured; kernels missing here autotune over their default candidate list.
+TUNED_CONFIGS: dict[str, dict[str, list[dict]]] = {}
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def kernels_available(device) -> bool:
+    """Whether the Triton kernels can run on ``device`` (a ``torch.device``, string or tensor).
+
+    True for CUDA devices, and for CPU when ``TRITON_INTERPRET=1`` was set before import.
+    """
+    return _unavailable_reason(device) is None
+
+
+def _unavailable_reason(device) -> str | None:
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    device = torch.device(device)
+    if not HAS_TRITON:
+        return "Triton is not installed"
+    if (device.type == "cuda" and torch.cuda.is_available()) or (device.type == "cpu" and INTERPRET):
+        return None
+    if device.type == "cuda":
+        return "torch.cuda.is_available() is False"
+    if device.type != "cpu":
+        return f"inputs are on {device.type}, which the Triton kernels do not support"
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+        return ("inputs are on cpu and TRITON_INTERPRET was set after fastlclip.kernels was imported "
+                "(set it before the import)")
+    return "no CUDA device and TRITON_INTERPRET is not set"
+
+
+def warn_fallback(op: str, device) -> None:
+    """Warn once per (op, reason) that ``op`` runs its PyTorch path on ``device``."""
+    reason = _unavailable_reason(device) or "the Triton kernels are unavailable"
+    if (op, reason) in _WARNED:
+        return
+    _WARNED.add((op, reason))
+    warnings.warn(f"fastlclip.kernels.{op}: {reason}: using the PyTorch path", RuntimeWarning, stacklevel=3)
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs (NaN-filled when the ``POISON`` test hook is on)."""
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like`` (same layout) for kernel outputs, NaN-filled under ``POISON``."""
+    out = torch.empty_like(t)
+    return out.fill_(float("nan")) if POISON else out
+
+
+def dot_args(dtype: torch.dtype) -> dict:
+    """``tl.dot`` settings for operands of ``dtype``.
+
+    fp32 uses IEEE products (no TF32), so fp32 results match PyTorch's default matmul. Under the
+    interpreter, bf16 operands are upcast to fp32 because its bf16 ``tl.dot`` returns garbage.
+    """
+    return {"PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            "UPCAST": INTERPRET and dtype == torch.bfloat16}
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation (see :func:`dot_args`)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+# True when the kernels were decorated for Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
+INTERPRET = HAS_TRITON and type(dot).__name__ == "InterpretedFunction"
+
+
+class Launcher:
+    """Launches a ``@triton.jit`` kernel with autotuned meta-parameters.
+
+    On a GPU it autotunes over ``TUNED_CONFIGS[device name][name]`` (else ``configs``), keyed on the
+    argument names in ``key`` and on ``size_hint`` (the parallel work, e.g. B * H) rounded up to a
+    power of two, so a new batch size within the same bucket reuses the tuned config. Under the
+    interpreter (whose autotuner cannot benchmark) it uses the single ``interpreter_config`` (block
+    sizes only). ``grid`` is a callable of the meta-parameter dict. Autotuning benchmarks on the first
+    launch of each key: run once before capturing a CUDA graph.
+    """
+
+    def __init__(self, kernel, name: str, configs: list[dict], key: list[str], interpreter_config: dict):
+        self.kernel = kernel
+        self.name = name
+        self.configs = configs
+        self.key = key
+        self.interpreter_config = interpreter_config
+        self._tuned: dict[tuple[str, int], object] = {}
+
+    def __call__(self, grid: Callable[[dict], tuple], device: torch.device, *args, size_hint: int, **kwargs) -> None:
+        if INTERPRET:
+            meta = self.interpreter_config
+            self.kernel[grid({**kwargs, **meta})](*args, **kwargs, **meta)
+            return
+        with torch.cuda.device(device):
+            self._autotuner(device, triton.next_power_of_2(size_hint))[grid](*args, **kwargs)
+
+    def _autotuner(self, device: torch.device, bucket: int):
+        gpu = _gpu_name(device.index)
+        if (gpu, bucket) not in self._tuned:
+            configs = TUNED_CONFIGS.get(gpu, {}).get(self.name, self.configs)
+            self._tuned[gpu, bucket] = triton.autotune([_to_config(c) for c in configs], key=self.key)(self.kernel)
+        return self._tuned[gpu, bucket]
+
+
+@functools.cache
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _to_config(config: dict):
+    meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    return triton.Config(meta, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))

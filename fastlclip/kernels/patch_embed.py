@@ -1,0 +1,304 @@
+"""Fused Latent-CLIP patch embedding.
+
+One kernel computes ``ln_pre(cat(class_embedding, conv1(latents * scale)) + positional_embedding)``
+for a bias-free ``conv1`` with stride = kernel = P, reading the latents in any stride layout. The
+backward recomputes the pre-norm activations and fuses LayerNorm backward, the transposed patch
+projection and un-patchify into one kernel that writes the latent gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _runtime
+from ._runtime import Launcher, dot, tl, triton
+
+MAX_WIDTH = 2048  # one program holds a (BLOCK_M, next_pow2(width)) fp32 tile in registers
+
+_CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=1),  # fits fp32 weights of width 2048
+    dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_K=64, num_warps=8, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_K=32, num_warps=16, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_K=32, num_warps=16, num_stages=2),
+]
+_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_K=32)
+
+
+@triton.jit
+def _normalized_tokens(
+    x_ptr, w_ptr, cls_ptr, pos_ptr, t, x_row, is_patch, cols, col_ok, scale, eps, K, WIDTH,
+    stride_xc, stride_xh, stride_xw,
+    stride_wo, stride_wc, stride_wi, stride_wj,
+    stride_cls, stride_pos_t, stride_pos_w,
+    P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """LayerNorm-normalized tokens ``xhat`` (fp32, zero outside ``col_ok``) and their ``rstd``.
+
+    The pre-norm token is ``patch @ W^T + pos`` (``class_embedding + pos`` for ``t == 0``).
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        c = k // (P * P)
+        i = (k // P) % P
+        j = k % P
+        x_col = c.to(tl.int64) * stride_xc + i.to(tl.int64) * stride_xh + j.to(tl.int64) * stride_xw
+        x = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=is_patch[:, None] & k_ok[None, :], other=0.0)
+        x = (x.to(tl.float32) * scale).to(w_ptr.dtype.element_ty)
+        w_col = c * stride_wc + i * stride_wi + j * stride_wj
+        w = tl.load(w_ptr + w_col[:, None] + cols[None, :] * stride_wo,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = dot(x, w, acc, PRECISION, UPCAST)
+    cls = tl.load(cls_ptr + cols * stride_cls, mask=col_ok, other=0.0).to(tl.float32)
+    acc = tl.where((t == 0)[:, None], cls[None, :], acc)
+    pos = tl.load(pos_ptr + t[:, None] * stride_pos_t + cols[None, :] * stride_pos_w,
+                  mask=col_ok[None, :], other=0.0)
+    y = acc + pos.to(tl.float32)
+    mean = tl.sum(y, axis=1) / WIDTH
+    yc = tl.where(col_ok[None, :], y - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(yc * yc, axis=1) / WIDTH + eps)
+    return yc * rstd[:, None], rstd
+
+
+@triton.jit
+def _patch_embed_fwd_kernel(
+    x_ptr, w_ptr, cls_ptr, pos_ptr, lnw_ptr, lnb_ptr, out_ptr,
+    scale, eps, n_rows, n_tokens, grid_w, K, WIDTH,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_wo, stride_wc, stride_wi, stride_wj,
+    stride_cls, stride_pos_t, stride_pos_w, stride_lnw, stride_lnb,
+    P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    rows = tl.where(row_ok, rows, 0)
+    cols = tl.arange(0, BLOCK_W)
+    col_ok = cols < WIDTH
+    b = rows // n_tokens
+    t = rows % n_tokens
+    p = tl.maximum(t - 1, 0)
+    x_row = (b.to(tl.int64) * stride_xb + (p // grid_w * P).to(tl.int64) * stride_xh
+             + (p % grid_w * P).to(tl.int64) * stride_xw)
+    xhat, rstd = _normalized_tokens(
+        x_ptr, w_ptr, cls_ptr, pos_ptr, t, x_row, row_ok & (t > 0), cols, col_ok, scale, eps, K, WIDTH,
+        stride_xc, stride_xh, stride_xw, stride_wo, stride_wc, stride_wi, stride_wj,
+        stride_cls, stride_pos_t, stride_pos_w, P, BLOCK_M, BLOCK_K, BLOCK_W, PRECISION, UPCAST)
+    lnw = tl.load(lnw_ptr + cols * stride_lnw, mask=col_ok, other=0.0).to(tl.float32)
+    lnb = tl.load(lnb_ptr + cols * stride_lnb, mask=col_ok, other=0.0).to(tl.float32)
+    out = xhat * lnw[None, :] + lnb[None, :]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * WIDTH + cols[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _patch_embed_bwd_kernel(
+    x_ptr, w_ptr, cls_ptr, pos_ptr, lnw_ptr, dout_ptr, dx_ptr,
+    scale, eps, n_rows, n_tokens, grid_w, K, WIDTH,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_dxb, stride_dxc, stride_dxh, stride_dxw,
+    stride_wo, stride_wc, stride_wi, stride_wj,
+    stride_cls, stride_pos_t, stride_pos_w, stride_lnw,
+    stride_dob, stride_dot, stride_dow,
+    P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Rows enumerate patch tokens only (b, 1 + p): the class token has no latent gradient.
+    n_patches = n_tokens - 1
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    rows = tl.where(row_ok, rows, 0)
+    cols = tl.arange(0, BLOCK_W)
+    col_ok = cols < WIDTH
+    b = rows // n_patches
+    p = rows % n_patches
+    t = p + 1
+    gh = p // grid_w * P
+    gw = p % grid_w * P
+    x_row = b.to(tl.int64) * stride_xb + gh.to(tl.int64) * stride_xh + gw.to(tl.int64) * stride_xw
+    xhat, rstd = _normalized_tokens(
+        x_ptr, w_ptr, cls_ptr, pos_ptr, t, x_row, row_ok, cols, col_ok, scale, eps, K, WIDTH,
+        stride_xc, stride_xh, stride_xw, stride_wo, stride_wc, stride_wi, stride_wj,
+        stride_cls, stride_pos_t, stride_pos_w, P, BLOCK_M, BLOCK_K, BLOCK_W, PRECISION, UPCAST)
+    # LayerNorm backward: dy = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * ln_weight.
+    lnw = tl.load(lnw_ptr + cols * stride_lnw, mask=col_ok, other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + b.to(tl.int64)[:, None] * stride_dob + t[:, None] * stride_dot
+                   + cols[None, :] * stride_dow, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    g = dout.to(tl.float32) * lnw[None, :]
+    mean_g = tl.sum(g, axis=1) / WIDTH
+    mean_gx = tl.sum(g * xhat, axis=1) / WIDTH
+    dy = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
+    dy = tl.where(col_ok[None, :], dy, 0.0).to(w_ptr.dtype.element_ty)
+    # d patch = dy @ W, scattered back to the latent pixels, times scale.
+    dx_row = b.to(tl.int64) * stride_dxb + gh.to(tl.int64) * stride_dxh + gw.to(tl.int64) * stride_dxw
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        c = k // (P * P)
+        i = (k // P) % P
+        j = k % P
+        w = tl.load(w_ptr + cols[:, None] * stride_wo + (c * stride_wc + i * stride_wi + j * stride_wj)[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        dx = dot(dy, w, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION, UPCAST) * scale
+        dx_col = c.to(tl.int64) * stride_dxc + i.to(tl.int64) * stride_dxh + j.to(tl.int64) * stride_dxw
+        tl.store(dx_ptr + dx_row[:, None] + dx_col[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & k_ok[None, :])
+
+
+_fwd = Launcher(_patch_embed_fwd_kernel, "patch_embed_fwd", _CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG)
+_bwd = Launcher(_patch_embed_bwd_kernel, "patch_embed_bwd", _CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG)
+
+
+def _check_inputs(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias) -> None:
+    if latents.ndim != 4:
+        raise ValueError(f"latents must be (B, C, H, W), got shape {tuple(latents.shape)}")
+    if conv_weight.ndim != 4 or conv_weight.shape[2] != conv_weight.shape[3]:
+        raise ValueError(f"conv_weight must be (width, C, P, P), got shape {tuple(conv_weight.shape)}")
+    width, channels, patch, _ = conv_weight.shape
+    _, c, h, w = latents.shape
+    if c != channels:
+        raise ValueError(f"latents have {c} channels but conv_weight expects {channels}: "
+                         "pass latents of the model's VAE (SDXL: 4 channels)")
+    if h < patch or w < patch:
+        raise ValueError(f"latents of {h}x{w} are smaller than the {patch}x{patch} patch")
+    n_tokens = 1 + (h // patch) * (w // patch)
+    expected = {"class_embedding": (width,), "pos_embedding": (n_tokens, width),
+                "ln_weight": (width,), "ln_bias": (width,)}
+    given = {"class_embedding": class_embedding, "pos_embedding": pos_embedding,
+             "ln_weight": ln_weight, "ln_bias": ln_bias}
+    for name, tensor in given.items():
+        if tuple(tensor.shape) != expected[name]:
+            hint = (f" (a {h // patch}x{w // patch} patch grid plus the class token: resize the latents to "
+                    "the model's input size or interpolate the positional embedding)"
+                    if name == "pos_embedding" else "")
+            raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(tensor.shape)}{hint}")
+    for name, tensor in {"latents": latents, "conv_weight": conv_weight, **given}.items():
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        if tensor.device != latents.device:
+            raise ValueError(f"{name} is on {tensor.device} but latents are on {latents.device}: "
+                             "move the inputs to one device")
+
+
+def patch_embed_torch(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, *,
+                      scale=1.0, eps=1e-5):
+    """Unfused PyTorch reference of :func:`patch_embed` (conv2d, cat, add, layer_norm)."""
+    _check_inputs(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias)
+    dtype = conv_weight.dtype
+    x = latents * scale if scale != 1.0 else latents
+    x = F.conv2d(x.to(dtype), conv_weight, stride=conv_weight.shape[-1])
+    x = x.flatten(2).transpose(1, 2)
+    cls = class_embedding.to(dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + pos_embedding.to(dtype)
+    return F.layer_norm(x, (x.shape[-1],), ln_weight.to(dtype), ln_bias.to(dtype), eps)
+
+
+def patch_embed(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, *,
+                scale=1.0, eps=1e-5):
+    """Latent-CLIP patch embedding, fused: ``ln_pre(cat(cls, conv1(latents * scale)) + pos)``.
+
+    Args:
+        latents: (B, C, H, W), fp32/fp16/bf16, any strides (channels_last, sliced, ...).
+        conv_weight: (width, C, P, P) bias-free patchify conv (stride = kernel = P); sets the
+            output dtype (fp32/fp16/bf16). Rows/columns of pixels past a multiple of P are
+            ignored, as ``conv2d`` does.
+        class_embedding: (width,). pos_embedding: (1 + (H//P)*(W//P), width).
+        ln_weight, ln_bias: (width,) of ``ln_pre``.
+        scale: multiplies the latents first (e.g. ``1 / 0.13025`` for diffusion-space latents).
+        eps: LayerNorm epsilon.
+
+    Returns:
+        (B, 1 + N, width) tokens in conv_weight's dtype, fp32 accumulation. Differentiable: the
+        latent gradient comes from a fused kernel; weights that require grad get theirs from autograd
+        through :func:`patch_embed_torch`. Without usable Triton (see
+        :func:`~fastlclip.kernels.kernels_available`) it warns once and runs :func:`patch_embed_torch`.
+    """
+    _check_inputs(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias)
+    if not _runtime.kernels_available(latents.device):
+        _runtime.warn_fallback("patch_embed", latents.device)
+        return patch_embed_torch(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias,
+                                 scale=scale, eps=eps)
+    for name, tensor in {"latents": latents, "conv_weight": conv_weight}.items():
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{name} must be float32, float16 or bfloat16 for the Triton kernel, got "
+                            f"{tensor.dtype}: cast it, or call patch_embed_torch")
+    if conv_weight.shape[0] > MAX_WIDTH:
+        raise ValueError(f"width {conv_weight.shape[0]} exceeds the fused kernel's limit of {MAX_WIDTH}: "
+                         "call patch_embed_torch")
+    return _PatchEmbed.apply(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias,
+                             float(scale), float(eps))
+
+
+class _PatchEmbed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, scale, eps):
+        ctx.save_for_backward(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias)
+        ctx.scale, ctx.eps = scale, eps
+        return _forward(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, scale, eps)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        latents, *params = ctx.saved_tensors
+        d_latents = None
+        if ctx.needs_input_grad[0]:
+            d_latents = _backward_latents(latents, *params, grad_out, ctx.scale, ctx.eps)
+        d_params = [None] * len(params)
+        if any(ctx.needs_input_grad[1:6]):
+            d_params = _param_grads(latents, params, ctx.needs_input_grad[1:6], grad_out, ctx.scale, ctx.eps)
+        return d_latents, *d_params, None, None
+
+
+def _meta(latents, conv_weight):
+    batch, _, h, w = latents.shape
+    width, channels, patch, _ = conv_weight.shape
+    return dict(batch=batch, width=width, patch=patch, grid_w=w // patch,
+                n_tokens=1 + (h // patch) * (w // patch), K=channels * patch * patch)
+
+
+def _forward(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, scale, eps):
+    m = _meta(latents, conv_weight)
+    out = _runtime.empty((m["batch"], m["n_tokens"], m["width"]), conv_weight.dtype, latents.device)
+    n_rows = m["batch"] * m["n_tokens"]
+    _fwd(lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),), latents.device,
+         latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, out,
+         scale, eps, n_rows, m["n_tokens"], m["grid_w"], m["K"], m["width"],
+         *latents.stride(), *conv_weight.stride(), class_embedding.stride(0), *pos_embedding.stride(),
+         ln_weight.stride(0), ln_bias.stride(0),
+         P=m["patch"], BLOCK_W=max(16, triton.next_power_of_2(m["width"])), size_hint=n_rows,
+         **_runtime.dot_args(conv_weight.dtype))
+    return out
+
+
+def _backward_latents(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, grad_out,
+                      scale, eps):
+    m = _meta(latents, conv_weight)
+    _, _, h, w = latents.shape
+    if h % m["patch"] or w % m["patch"]:
+        d_latents = torch.zeros_like(latents)  # pixels past the last whole patch get no gradient
+    else:
+        d_latents = _runtime.empty_like(latents)
+    n_rows = m["batch"] * (m["n_tokens"] - 1)
+    _bwd(lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),), latents.device,
+         latents, conv_weight, class_embedding, pos_embedding, ln_weight, grad_out, d_latents,
+         scale, eps, n_rows, m["n_tokens"], m["grid_w"], m["K"], m["width"],
+         *latents.stride(), *d_latents.stride(), *conv_weight.stride(), class_embedding.stride(0),
+         *pos_embedding.stride(), ln_weight.stride(0), *grad_out.stride(),
+         P=m["patch"], BLOCK_W=max(16, triton.next_power_of_2(m["width"])), size_hint=n_rows,
+         **_runtime.dot_args(conv_weight.dtype))
+    return d_latents
+
+
+def _param_grads(latents, params, needs_grad, grad_out, scale, eps):
+    """Weight gradients by autograd through the PyTorch path (weights are frozen in reward use)."""
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_(need) for p, need in zip(params, needs_grad)]
+        out = patch_embed_torch(latents.detach(), *leaves, scale=scale, eps=eps)
+        grads = iter(torch.autograd.grad(out, [p for p in leaves if p.requires_grad], grad_out))
+    return [next(grads) if need else None for need in needs_grad]

@@ -1,0 +1,217 @@
+"""The Triton attention kernels against a float64 reference (CPU interpreter, or CUDA if present)."""
+
+import os
+
+# Triton reads TRITON_INTERPRET when kernels are decorated: set it before fastlclip/triton are imported.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is not installed: the kernel tests need it")
+
+from fastlclip.kernels import _runtime, attention, attention_packed, attention_torch, kernels_available  # noqa: E402
+
+# The package exports the function `attention`, which shadows the submodule of the same name.
+attention_module = sys.modules["fastlclip.kernels.attention"]
+
+if _runtime.INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("fastlclip.kernels was imported without TRITON_INTERPRET=1 and there is no CUDA device",
+                allow_module_level=True)
+
+# Max abs error allowed, relative to max(1, |reference|): fp32 accumulates like the reference.
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Kernel outputs start as NaN, so a tile the kernel fails to write shows up."""
+    monkeypatch.setattr(_runtime, "POISON", True)
+
+
+def reference(q, k, v, causal, sm_scale=None):
+    """float64 softmax attention, (B, H, L, D) -> (B, L, H, D)."""
+    q, k, v = q.double(), k.double(), v.double()
+    s = q @ k.transpose(-1, -2) * (sm_scale or 1 / math.sqrt(q.shape[-1]))
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), -math.inf)
+    return (s.softmax(-1) @ v).transpose(1, 2)
+
+
+def packed_qkv(batch, length, heads, dim, dtype, seed):
+    torch.manual_seed(seed)
+    return torch.randn(batch, length, 3 * heads * dim, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+
+
+def split(qkv, heads):
+    return qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def assert_close(got, want, dtype, what):
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (an unwritten tile?)"
+    err = (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
+    assert err < TOL[dtype], f"{what}: relative max error {err:.3g} >= {TOL[dtype]}"
+
+
+def check_against_reference(q, k, v, causal, dtype, sm_scale=None):
+    """Forward and backward of attention(q, k, v) against float64, for leaf tensors q, k, v."""
+    out = attention(q, k, v, causal=causal, sm_scale=sm_scale)
+    batch, heads, length, dim = q.shape
+    assert out.shape == (batch, length, heads, dim) and out.is_contiguous() and out.dtype == dtype
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = reference(q64, k64, v64, causal, sm_scale)
+    assert_close(out, want, dtype, "out")
+    grad = torch.randn(want.shape, dtype=torch.float64, device=DEVICE)
+    out.backward(grad.to(dtype))
+    want.backward(grad)
+    for name, got, ref in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert got.dtype == dtype and got.shape == q.shape
+        assert_close(got, ref, dtype, name)
+
+
+@pytest.mark.parametrize("batch, heads, length, dim, dtype, causal", [
+    (3, 5, 65, 32, torch.float32, False),
+    (3, 5, 77, 32, torch.float32, True),
+    (3, 5, 17, 32, torch.float32, True),
+    (3, 5, 65, 32, torch.float16, False),
+    (3, 5, 77, 32, torch.float16, True),
+    (2, 3, 65, 64, torch.float32, False),
+    (1, 2, 33, 128, torch.float16, True),
+    (1, 2, 19, 16, torch.bfloat16, False),
+])
+def test_attention_packed_views_match_float64(batch, heads, length, dim, dtype, causal):
+    qkv = packed_qkv(batch, length, heads, dim, dtype, seed=length + dim)
+    q, k, v = (t.detach().requires_grad_() for t in split(qkv, heads))  # strided views, no copy
+    assert not q.is_contiguous()
+    check_against_reference(q, k, v, causal, dtype)
+
+
+def test_attention_other_layouts_and_scale():
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 65, 32, device=DEVICE, requires_grad=True)  # contiguous (B, H, L, D)
+    k = torch.randn(2, 3, 32, 65, device=DEVICE).transpose(-1, -2).requires_grad_()  # stride_d != 1
+    v = torch.randn(65, 2, 3, 32, device=DEVICE).permute(1, 2, 0, 3).requires_grad_()
+    check_against_reference(q, k, v, causal=False, dtype=torch.float32, sm_scale=0.3)
+
+
+def test_attention_packed_equals_split():
+    heads = 3
+    qkv = packed_qkv(2, 77, heads, 32, torch.float32, seed=7).requires_grad_()
+    out = attention_packed(qkv, heads, causal=True)
+    assert out.shape == (2, 77, heads * 32)
+    qkv2 = qkv.detach().clone().requires_grad_()
+    want = attention(*split(qkv2, heads), causal=True).reshape(2, 77, heads * 32)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want.backward(grad)
+    assert torch.isfinite(qkv.grad).all()
+    torch.testing.assert_close(qkv.grad, qkv2.grad, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not _runtime.INTERPRET, reason="on a GPU the autotuner picks among these configs itself")
+@pytest.mark.parametrize("index", range(max(len(attention_module._FWD_CONFIGS), len(attention_module._BWD_DKDV_CONFIGS),
+                                            len(attention_module._BWD_DQ_CONFIGS))))
+def test_attention_every_gpu_tile_shape(monkeypatch, index):
+    """Each GPU candidate's block sizes give correct results (the GPU autotuner may pick any)."""
+    for launcher, configs in ((attention_module._fwd, attention_module._FWD_CONFIGS),
+                              (attention_module._bwd_dkdv, attention_module._BWD_DKDV_CONFIGS),
+                              (attention_module._bwd_dq, attention_module._BWD_DQ_CONFIGS)):
+        blocks = {k: v for k, v in configs[index % len(configs)].items() if k.startswith("BLOCK")}
+        monkeypatch.setattr(launcher, "interpreter_config", blocks)
+    for causal in (False, True):
+        qkv = packed_qkv(1, 150, 1, 32, torch.float32, seed=index)
+        q, k, v = (t.detach().requires_grad_() for t in split(qkv, 1))
+        check_against_reference(q, k, v, causal, torch.float32)
+
+
+def test_attention_rejects_bad_input():
+    q = torch.randn(2, 3, 17, 32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"q must be \(B, H, L, D\)"):
+        attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="one shape"):
+        attention(q, q[:, :, :16], q)
+    with pytest.raises(TypeError, match="one dtype"):
+        attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="one device"):
+        attention(q, q.to("meta"), q)
+    with pytest.raises(ValueError, match="head dims"):
+        attention(*(torch.randn(1, 1, 8, 48, device=DEVICE),) * 3)
+    with pytest.raises(TypeError, match="floating point"):
+        attention(*(torch.ones(1, 1, 8, 32, dtype=torch.int32, device=DEVICE),) * 3)
+    with pytest.raises(ValueError, match="3 \\* num_heads"):
+        attention_packed(torch.randn(2, 17, 100, device=DEVICE), 3)
+
+
+def test_kernels_available():
+    assert kernels_available(DEVICE)
+    assert kernels_available(torch.empty(1, device=DEVICE))
+    assert not kernels_available("meta")
+
+
+def test_fallback_warns_once_and_matches(monkeypatch):
+    monkeypatch.setattr(_runtime, "kernels_available", lambda device: False)
+    monkeypatch.setattr(_runtime, "_WARNED", set())
+    qkv = packed_qkv(2, 17, 3, 32, torch.float32, seed=3)
+    q, k, v = split(qkv, 3)
+    want = reference(q, k, v, causal=True)
+    with pytest.warns(RuntimeWarning, match="attention: .*using the PyTorch path"):
+        out = attention(q, k, v, causal=True)
+    assert (out.double() - want).abs().max() < 1e-5
+    with pytest.warns(RuntimeWarning, match="attention_packed: .*using the PyTorch path"):
+        packed = attention_packed(qkv, 3, causal=True)
+    assert (packed.double() - want.flatten(2)).abs().max() < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attention(q, k, v)  # warned already: silent
+
+
+def test_attention_torch_matches_reference():
+    qkv = packed_qkv(2, 65, 3, 16, torch.float64, seed=4)
+    q, k, v = split(qkv, 3)
+    for causal in (False, True):
+        assert (attention_torch(q, k, v, causal=causal) - reference(q, k, v, causal)).abs().max() < 1e-12
+
+
+COMPILE_FOR_SM90 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastlclip.kernels
+module = sys.modules["fastlclip.kernels.attention"]
+for name, pointers, floats, constexprs in {cases!r}:
+    kernel = getattr(module, name)
+    signature = {{a: "constexpr" if a in constexprs else "*" + pointers[a] if a in pointers
+                 else "fp32" if a in floats else "i32" for a in kernel.arg_names}}
+    triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=4, num_stages=2))
+"""
+
+
+@pytest.mark.skipif(not _runtime.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
+def test_kernels_compile_for_gpu():
+    """Triton's real compiler (sm_90, bf16, causal) accepts the kernels: the interpreter checks less."""
+    blocks = dict(HEAD_DIM=64, CAUSAL=True, BLOCK_M=64, BLOCK_N=32, PRECISION="tf32", UPCAST=False)
+    io = dict(q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", do_ptr="bf16", lse_ptr="fp32", delta_ptr="fp32")
+    cases = [
+        ("_attn_fwd_kernel", dict(io, o_ptr="bf16"), ("qk_scale",), blocks),
+        ("_attn_bwd_preprocess_kernel", dict(o_ptr="bf16", do_ptr="bf16", delta_ptr="fp32"), (),
+         dict(HEAD_DIM=64, BLOCK_M=64)),
+        ("_attn_bwd_dkdv_kernel", dict(io, dk_ptr="bf16", dv_ptr="bf16"), ("sm_scale", "qk_scale"), blocks),
+        ("_attn_bwd_dq_kernel", dict(io, dq_ptr="bf16"), ("sm_scale", "qk_scale"), blocks),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90.format(cases=cases)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -1,0 +1,209 @@
+"""The fused patch-embedding kernel against a float64 reference (CPU interpreter, or CUDA if present)."""
+
+import os
+
+# Triton reads TRITON_INTERPRET when kernels are decorated: set it before fastlclip/triton are imported.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is not installed: the kernel tests need it")
+
+from fastlclip.kernels import _runtime, patch_embed, patch_embed_torch  # noqa: E402
+
+# The package exports the function `patch_embed`, which shadows the submodule of the same name.
+patch_embed_module = sys.modules["fastlclip.kernels.patch_embed"]
+
+if _runtime.INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("fastlclip.kernels was imported without TRITON_INTERPRET=1 and there is no CUDA device",
+                allow_module_level=True)
+
+# Max abs error allowed, relative to max(1, |reference|).
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+PARAM_NAMES = ("conv_weight", "class_embedding", "pos_embedding", "ln_weight", "ln_bias")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Kernel outputs start as NaN, so a tile the kernel fails to write shows up."""
+    monkeypatch.setattr(_runtime, "POISON", True)
+
+
+def reference(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, scale=1.0, eps=1e-5):
+    """float64 patchify-as-reshape + matmul + class token + pos + LayerNorm (no conv2d)."""
+    batch, channels, h, w = latents.shape
+    width, _, patch, _ = conv_weight.shape
+    gh, gw = h // patch, w // patch
+    x = latents[:, :, :gh * patch, :gw * patch].double() * scale
+    patches = x.reshape(batch, channels, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
+    y = patches @ conv_weight.double().reshape(width, -1).T
+    y = torch.cat([class_embedding.double().expand(batch, 1, -1), y], 1) + pos_embedding.double()
+    mean, var = y.mean(-1, keepdim=True), y.var(-1, unbiased=False, keepdim=True)
+    return (y - mean) / torch.sqrt(var + eps) * ln_weight.double() + ln_bias.double()
+
+
+def make_inputs(batch, channels, h, w, patch, width, seed, layout="contiguous"):
+    """float64 latents in the requested layout plus float64 weights (random, never zeros)."""
+    torch.manual_seed(seed)
+    if layout == "sliced":  # a non-contiguous window of a bigger tensor
+        latents = torch.randn(batch, channels + 1, h + 3, w + 5, dtype=torch.float64)[:, 1:, 2:h + 2, 1:w + 1]
+    else:
+        latents = torch.randn(batch, channels, h, w, dtype=torch.float64)
+        if layout == "channels_last":
+            latents = latents.contiguous(memory_format=torch.channels_last)
+    n_tokens = 1 + (h // patch) * (w // patch)
+    params = (torch.randn(width, channels, patch, patch, dtype=torch.float64) / patch,
+              torch.randn(width, dtype=torch.float64),
+              torch.randn(n_tokens, width, dtype=torch.float64),
+              1 + 0.5 * torch.randn(width, dtype=torch.float64),
+              0.5 * torch.randn(width, dtype=torch.float64))
+    return latents.to(DEVICE), [p.to(DEVICE) for p in params]
+
+
+def assert_close(got, want, dtype, what):
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (an unwritten tile?)"
+    err = (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
+    assert err < TOL[dtype], f"{what}: relative max error {err:.3g} >= {TOL[dtype]}"
+
+
+def check(latents64, params64, latent_dtype, weight_dtype, scale, params_grad=()):
+    """Fused forward + latent (and optionally weight) gradients against float64."""
+    latents = latents64.to(latent_dtype).requires_grad_()  # .to keeps the stride layout
+    params = [p.to(weight_dtype).requires_grad_(name in params_grad) for name, p in zip(PARAM_NAMES, params64)]
+    out = patch_embed(latents, *params, scale=scale)
+    lat64 = latents.detach().double().requires_grad_()
+    p64 = [p.detach().double().requires_grad_(p.requires_grad) for p in params]
+    want = reference(lat64, *p64, scale=scale)
+    assert out.shape == want.shape and out.dtype == weight_dtype
+    assert_close(out, want, weight_dtype, "tokens")
+    grad = torch.randn(want.shape, dtype=torch.float64, device=DEVICE)
+    out.backward(grad.to(weight_dtype))
+    want.backward(grad)
+    assert latents.grad.dtype == latent_dtype and latents.grad.shape == latents.shape
+    assert_close(latents.grad, lat64.grad, weight_dtype, "d_latents")
+    for name, p, ref in zip(PARAM_NAMES, params, p64):
+        if name in params_grad:
+            assert p.grad is not None and p.grad.abs().max() > 0, f"{name}: missing gradient"
+            assert_close(p.grad, ref.grad, weight_dtype, f"d_{name}")
+        else:
+            assert p.grad is None
+    return latents
+
+
+@pytest.mark.parametrize("shape, layout, latent_dtype, weight_dtype, scale", [
+    ((3, 4, 24, 40, 8, 48), "channels_last", torch.float32, torch.float32, 0.7),  # 3x5 grid, 16 tokens
+    ((3, 4, 24, 40, 4, 40), "sliced", torch.float32, torch.float32, 1 / 0.13025),  # 6x10 grid, width not 2^n
+    ((3, 4, 24, 40, 8, 48), "contiguous", torch.float16, torch.float16, 1.0),
+    ((2, 4, 16, 24, 4, 32), "channels_last", torch.float32, torch.float16, 0.5),
+    ((2, 4, 16, 16, 8, 32), "contiguous", torch.bfloat16, torch.bfloat16, 2.0),
+    ((2, 3, 13, 20, 3, 24), "sliced", torch.float32, torch.float32, 1.0),  # K = 27, ragged edges
+])
+def test_patch_embed_matches_float64(shape, layout, latent_dtype, weight_dtype, scale):
+    latents64, params64 = make_inputs(*shape, seed=sum(shape), layout=layout)
+    latents = check(latents64, params64, latent_dtype, weight_dtype, scale)
+    if layout == "channels_last":
+        assert latents.grad.is_contiguous(memory_format=torch.channels_last)
+    if shape[2] % shape[4] or shape[3] % shape[4]:  # pixels past the last whole patch: zero gradient
+        patch = shape[4]
+        assert latents.grad[:, :, (shape[2] // patch) * patch:].abs().max() == 0
+        assert latents.grad[:, :, :, (shape[3] // patch) * patch:].abs().max() == 0
+
+
+@pytest.mark.parametrize("params_grad", [PARAM_NAMES, ("conv_weight",), ("ln_bias", "pos_embedding")])
+def test_patch_embed_weight_gradients(params_grad):
+    latents64, params64 = make_inputs(2, 4, 16, 24, 8, 32, seed=11, layout="channels_last")
+    check(latents64, params64, torch.float32, torch.float32, 0.9, params_grad=params_grad)
+
+
+@pytest.mark.skipif(not _runtime.INTERPRET, reason="on a GPU the autotuner picks among these configs itself")
+@pytest.mark.parametrize("config", sorted({(c["BLOCK_M"], c["BLOCK_K"]) for c in patch_embed_module._CONFIGS}))
+def test_patch_embed_every_gpu_tile_shape(monkeypatch, config):
+    """Each GPU candidate's block sizes give correct results (the GPU autotuner may pick any)."""
+    blocks = dict(BLOCK_M=config[0], BLOCK_K=config[1])
+    monkeypatch.setattr(patch_embed_module._fwd, "interpreter_config", blocks)
+    monkeypatch.setattr(patch_embed_module._bwd, "interpreter_config", blocks)
+    latents64, params64 = make_inputs(5, 4, 24, 40, 8, 48, seed=3, layout="sliced")
+    check(latents64, params64, torch.float32, torch.float32, 0.7)
+
+
+def test_patch_embed_torch_matches_reference():
+    latents, params = make_inputs(2, 4, 24, 40, 8, 48, seed=5, layout="sliced")
+    got = patch_embed_torch(latents, *params, scale=0.3, eps=1e-6)
+    assert (got - reference(latents, *params, scale=0.3, eps=1e-6)).abs().max() < 1e-10
+
+
+def test_patch_embed_rejects_bad_input():
+    latents, (w, cls, pos, lnw, lnb) = make_inputs(1, 4, 16, 16, 8, 32, seed=0)
+    with pytest.raises(ValueError, match=r"latents must be \(B, C, H, W\)"):
+        patch_embed(latents[0], w, cls, pos, lnw, lnb)
+    with pytest.raises(ValueError, match="3 channels but conv_weight expects 4"):
+        patch_embed(latents[:, :3], w, cls, pos, lnw, lnb)
+    with pytest.raises(ValueError, match="pos_embedding must have shape"):
+        patch_embed(latents, w, cls, pos[:-1], lnw, lnb)
+    with pytest.raises(ValueError, match="smaller than the 8x8 patch"):
+        patch_embed(latents[..., :4, :4], w, cls, pos, lnw, lnb)
+    with pytest.raises(ValueError, match="conv_weight is on meta"):
+        patch_embed(latents, w.to("meta"), cls, pos, lnw, lnb)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        patch_embed(latents, w, cls, pos, lnw, lnb)  # float64 goes to patch_embed_torch only
+    wide = patch_embed_module.MAX_WIDTH + 1
+    vectors = [torch.randn(wide, device=DEVICE) for _ in range(3)]
+    with pytest.raises(ValueError, match="exceeds the fused kernel's limit"):
+        patch_embed(latents.float(), torch.randn(wide, 4, 8, 8, device=DEVICE), vectors[0],
+                    torch.randn(5, wide, device=DEVICE), *vectors[1:])
+
+
+def test_fallback_warns_once_and_matches(monkeypatch):
+    monkeypatch.setattr(_runtime, "kernels_available", lambda device: False)
+    monkeypatch.setattr(_runtime, "_WARNED", set())
+    latents, params = make_inputs(2, 4, 16, 24, 8, 32, seed=9)
+    latents, params = latents.float(), [p.float() for p in params]
+    with pytest.warns(RuntimeWarning, match="patch_embed: .*using the PyTorch path"):
+        out = patch_embed(latents, *params, scale=0.5)
+    assert (out.double() - reference(latents, *params, scale=0.5)).abs().max() < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_embed(latents, *params)  # warned already: silent
+
+
+COMPILE_FOR_SM90 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastlclip.kernels
+module = sys.modules["fastlclip.kernels.patch_embed"]
+for name, pointers, floats, constexprs in {cases!r}:
+    kernel = getattr(module, name)
+    signature = {{a: "constexpr" if a in constexprs else "*" + pointers[a] if a in pointers
+                 else "fp32" if a in floats else "i32" for a in kernel.arg_names}}
+    triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=8, num_stages=2))
+"""
+
+
+@pytest.mark.skipif(not _runtime.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
+def test_kernels_compile_for_gpu():
+    """Triton's real compiler (sm_90, bf16 ViT-B/8 shapes) accepts the kernels: the interpreter checks less."""
+    blocks = dict(P=8, BLOCK_M=16, BLOCK_K=32, BLOCK_W=1024, PRECISION="tf32", UPCAST=False)
+    params = dict(w_ptr="bf16", cls_ptr="bf16", pos_ptr="bf16", lnw_ptr="bf16")
+    cases = [
+        ("_patch_embed_fwd_kernel", dict(params, x_ptr="fp32", lnb_ptr="bf16", out_ptr="bf16"), ("scale", "eps"),
+         blocks),
+        ("_patch_embed_bwd_kernel", dict(params, x_ptr="fp32", dout_ptr="bf16", dx_ptr="fp32"), ("scale", "eps"),
+         blocks),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90.format(cases=cases)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
