@@ -75,12 +75,15 @@ def load(
         pretrained: an official ``.pt`` checkpoint, a ``.safetensors`` file, a folder, or
             ``hf-hub:<repo>[/<file>]``; ``None`` gives random weights (with a warning).
         device, dtype: where and in which precision (float32, float16, bfloat16) the model runs.
-        backend: ``"eager"`` (plain PyTorch) or ``"triton"`` (fused kernels, see ``fastlclip.kernels``).
+        backend: ``"eager"`` (plain PyTorch), ``"triton"`` (fused kernels, see ``fastlclip.kernels``),
+            ``"graph"`` (CUDA graphs of the image tower and reward step), ``"compile"`` (``torch.compile``)
+            or ``"auto"`` (the fastest here, measured once); see ``fastlclip.runtime``. ``"graph"`` and
+            ``"compile"`` freeze the image tower's weights and fall back to eager, with a warning, off CUDA.
     """
     if dtype not in _DTYPES:
         raise TypeError(f"dtype must be one of {[str(d) for d in _DTYPES]}, got {dtype}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown backend {backend!r}; choose one of {(*BACKENDS, 'auto')}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={str(device)!r} asked for, but CUDA is not available here; use device='cpu'")
@@ -98,6 +101,15 @@ def load(
         load_state_dict_strict(model, sd)
 
     model = model.to(device=device, dtype=dtype).eval()
+    if backend == "triton":
+        from . import kernels
+
+        if not kernels.kernels_available(device):
+            warnings.warn(
+                f"backend='triton' on {device}: the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set "
+                "before importing fastlclip to run on CPU; the model runs the equivalent PyTorch paths",
+                RuntimeWarning, stacklevel=2,
+            )
     return model.set_backend(backend)
 
 

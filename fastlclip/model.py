@@ -18,7 +18,9 @@ from torch import nn
 from . import inputs
 from .model_configs import ModelConfig, VisionConfig
 
-BACKENDS = ("eager", "triton")
+# Concrete backends; "auto" (set_backend / fastlclip.load) picks one of them. "graph" and "compile" are
+# fastlclip.runtime's, which installs itself as ``model.runtime``.
+BACKENDS = ("eager", "triton", "graph", "compile")
 
 
 class PackedAttention(nn.Module):
@@ -140,6 +142,7 @@ class LatentCLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backend = "eager"
+        self.runtime = None  # set by fastlclip.runtime for the "graph" and "compile" backends
         self.check_finite = True
         self.visual = LatentVisual(cfg, with_vae)
         # The text tower is open_clip's, its parameters at the top level of the state dict.
@@ -165,11 +168,11 @@ class LatentCLIP(nn.Module):
     def latent_size(self) -> int:
         return self.cfg.vision.latent_size
 
-    def set_backend(self, backend: str) -> "LatentCLIP":
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-        self.backend = backend
-        return self
+    def set_backend(self, backend: str, **options) -> "LatentCLIP":
+        """Switch backend: one of ``BACKENDS`` or ``"auto"``; ``options`` go to ``fastlclip.runtime.apply``."""
+        from . import runtime
+
+        return runtime.apply(self, backend, **options)
 
     # -- image side -----------------------------------------------------------------------------
     def encode_latents(self, latents: torch.Tensor, *, space: str = "diffusion", normalize: bool = True) -> torch.Tensor:
@@ -179,16 +182,27 @@ class LatentCLIP(nn.Module):
         scaling factor 0.13025 here). ``space="vae"``: raw ``AutoencoderKL.encode(x).latent_dist`` samples.
         Latents are cast to the model's dtype; gradients flow back to them.
         """
+        scale = self.latent_scale(latents, space)
+        if self.runtime is not None:  # "graph" / "compile": see fastlclip.runtime
+            feats = self.runtime.encode(latents, scale)
+        else:
+            fused = self.backend == "triton"
+            x = latents if fused else latents.to(self.dtype)
+            feats = self.visual.latent_vit(x, scale=scale, fused=fused)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def latent_scale(self, latents: torch.Tensor, space: str) -> float:
+        """Validate latents for the image tower; return the factor that maps them to VAE space.
+
+        The NaN/Inf check (``check_finite``, on by default) synchronises with the device; set
+        ``model.check_finite = False`` in loops that must not wait for the GPU.
+        """
         inputs.check_space(space)
         v = self.cfg.vision
         inputs.check_latents(latents, channels=v.latent_channels, size=v.latent_size, patch=v.patch_size,
                              check_finite=self.check_finite)
         self._check_device(latents, "latents")
-        scale = 1.0 / inputs.SDXL_SCALING_FACTOR if space == "diffusion" else 1.0
-        fused = self.backend == "triton"
-        x = latents if fused else latents.to(self.dtype)
-        feats = self.visual.latent_vit(x, scale=scale, fused=fused)
-        return F.normalize(feats, dim=-1) if normalize else feats
+        return 1.0 / inputs.SDXL_SCALING_FACTOR if space == "diffusion" else 1.0
 
     def encode_images(self, pixels: torch.Tensor, *, vae=None, sample: bool = False, normalize: bool = True) -> torch.Tensor:
         """Embed RGB images in [0, 1] (B, 3, H, W): SDXL VAE encoder -> latent -> image tower.

@@ -26,6 +26,14 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _prompt_list(prompts: str | Sequence[str], batch: int) -> list[str]:
+    """One prompt for the whole batch (a str or a 1-list), or one per latent."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if len(prompts) not in (1, batch):
+        raise ValueError(f"got {len(prompts)} prompts for a batch of {batch} latents; pass 1 or {batch}")
+    return prompts
+
+
 class _CLIPReward:
     name = "clip"
 
@@ -37,27 +45,27 @@ class _CLIPReward:
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
-    def _image_features(self, latents: torch.Tensor) -> torch.Tensor:
+    def _encode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def image_features(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised (B, D) image features of the latents, float32 or wider; differentiable."""
+        return F.normalize(_at_least_fp32(self._encode_latents(latents)), dim=-1)
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """Normalised (N, D) text features, each prompt encoded once and cached."""
         new = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if new:
-            with torch.no_grad():
+            # Not inference tensors, even under torch.inference_mode: later calls may need them in autograd.
+            with torch.inference_mode(False), torch.no_grad():
                 for p, f in zip(new, self._encode_texts(new)):
                     self._text_cache[p] = F.normalize(_at_least_fp32(f), dim=-1)
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def score(self, latents: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
         """Cosine similarity per sample, (B,), float32 or wider; differentiable w.r.t. ``latents``."""
-        if isinstance(prompts, str):
-            prompts = [prompts] * latents.shape[0]
-        prompts = list(prompts)
-        if len(prompts) not in (1, latents.shape[0]):
-            raise ValueError(f"got {len(prompts)} prompts for a batch of {latents.shape[0]} latents; pass 1 or {latents.shape[0]}")
-        txt = self.text_features(prompts).to(latents.device)
-        img = F.normalize(_at_least_fp32(self._image_features(latents)), dim=-1)
+        txt = self.text_features(_prompt_list(prompts, latents.shape[0])).to(latents.device)
+        img = self.image_features(latents)
         return (img * txt).sum(dim=-1)
 
     def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str]) -> torch.Tensor:
@@ -82,8 +90,23 @@ class LatentCLIPReward(_CLIPReward):
     def _encode_texts(self, texts):
         return self.model.encode_text(texts, normalize=False)
 
-    def _image_features(self, latents):
+    def _encode_latents(self, latents):
         return self.model.encode_latents(latents, space=self.space, normalize=False)
+
+    def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str]) -> torch.Tensor:
+        runtime = self.model.runtime
+        if runtime is None:
+            return super().__call__(latents, prompt)
+        # Backends "graph" / "compile": the whole step (tower, cosine, loss) is one captured or compiled graph.
+        scale = self.model.latent_scale(latents, self.space)
+        prompts = _prompt_list(prompt, latents.shape[0])
+        if len(prompts) == 1:  # the cached tensor itself, so the runtime sees the same text and skips its copy
+            if prompts[0] not in self._text_cache:
+                self.text_features(prompts)
+            txt = self._text_cache[prompts[0]]
+        else:
+            txt = self.text_features(prompts)
+        return runtime.reward_loss(latents, scale, txt, self.model.logit_scale)
 
 
 class PixelCLIPReward(_CLIPReward):
@@ -124,9 +147,11 @@ class PixelCLIPReward(_CLIPReward):
         x = F.interpolate(pixels.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
         top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
         x = x[..., top:top + self.image_size, left:left + self.image_size]
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if self.mean.device != x.device:  # move once: a host-to-device copy per call would sync every step
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - self.mean) / self.std
 
-    def _image_features(self, latents):
+    def _encode_latents(self, latents):
         x = self.preprocess(self.decode(latents))
         dtype = self.model.logit_scale.dtype
         return self.model.encode_image(x.to(dtype))

@@ -15,12 +15,12 @@ TINY_VAE = {
     "block_out_channels": [8, 8, 8, 8], "act_fn": "silu", "scaling_factor": 0.13025,
     "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
-# 16x16 latents (128 px), patch 4 -> 16 tokens + class token; 2 heads of width 32.
+# 16x16 latents (128 px), patch 4 -> 16 tokens + class token; vision and text: 2 heads of width 32.
 TINY = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 128, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4,
                    "latent_factor": 8, "latent_n_channels": 4},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
     "vae_cfg": TINY_VAE,
 }
 

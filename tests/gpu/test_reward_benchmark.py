@@ -1,0 +1,90 @@
+"""pytest-benchmark suite: one reward step (loss + gradient to the latents) at batch 1, per backend.
+
+Latent-ViT-B/8, bf16, random weights, NaN check off; the reference (open_clip's ViT with a 4-channel
+conv1, same weights, eager) is timed in the same group. Each case first checks its gradient against the
+eager backend (cosine >= 0.999). A round is ``CALLS`` back-to-back steps and one synchronize. Run alone:
+``pytest tests/gpu/test_reward_benchmark.py -m gpu`` (compile takes about a minute on first use).
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed")
+
+import fastlclip  # noqa: E402
+from fastlclip.kernels import _runtime  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(_runtime.INTERPRET, reason="TRITON_INTERPRET=1 was set when fastlclip.kernels was imported "
+                                                  "(run the GPU suite alone: pytest tests/gpu -m gpu)"),
+]
+
+MODEL = "Latent-ViT-B-8-512"
+PROMPT = "a photo of a red dog and a green cat"
+CALLS = 20
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*weights are random")
+        m = fastlclip.load(MODEL, device="cuda", dtype=torch.bfloat16)
+    m.check_finite = False
+    return m
+
+
+@pytest.fixture(scope="module")
+def latents(model):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return torch.randn(1, 4, model.latent_size, model.latent_size, device="cuda", generator=g).bfloat16()
+
+
+def step_fn(reward, latents):
+    x = latents.clone().requires_grad_(True)
+
+    def step():
+        return torch.autograd.grad(reward(x, PROMPT), x)[0]
+
+    return step
+
+
+def run_benchmark(benchmark, step):
+    def rounds():
+        for _ in range(CALLS):
+            step()
+        torch.cuda.synchronize()
+
+    step()  # capture / compile / autotune outside the timing
+    torch.cuda.synchronize()
+    benchmark.group = f"reward step {MODEL} b1 bf16"
+    benchmark.extra_info["calls_per_round"] = CALLS
+    benchmark.pedantic(rounds, rounds=30, warmup_rounds=2, iterations=1)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton", "graph", "compile"])
+def test_reward_step(benchmark, model, latents, backend):
+    model.set_backend("eager")
+    want = step_fn(fastlclip.LatentCLIPReward(model), latents)()
+    model.set_backend(backend)
+    step = step_fn(fastlclip.LatentCLIPReward(model), latents)
+    cos = F.cosine_similarity(step().float().flatten(), want.float().flatten(), dim=0).item()
+    assert cos >= 0.999, f"{backend}: gradient cosine {cos:.5f} < 0.999 against eager"
+    benchmark.extra_info["backend"] = backend
+    run_benchmark(benchmark, step)
+    model.set_backend("eager")
+
+
+def test_reward_step_reference(benchmark, model, latents):
+    from bench.reward import reference_system, reference_tower
+
+    txt = fastlclip.LatentCLIPReward(model).text_features([PROMPT])[0]
+    system = reference_system("", "reference eager", reference_tower(model), txt,
+                              model.logit_scale.detach().exp().item(), None)
+    benchmark.extra_info["backend"] = "reference open_clip eager"
+    run_benchmark(benchmark, step_fn(lambda x, prompt: system.reward(x), latents))

@@ -1,0 +1,483 @@
+"""fastlclip.runtime: backend selection and fallbacks, buckets, and the graph/compile runtimes' contracts.
+
+On CPU the graph runtime runs with ``emulate=True`` (same static buffers and replay semantics, eager
+re-execution) and the compile runtime with torch.compile's ``eager`` backend (Dynamo's tracing, guards
+and recompiles, no code generation). The ``gpu`` tests run the real CUDA graphs and Inductor.
+"""
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlclip
+from fastlclip import runtime
+from fastlclip.runtime import BackendFallbackWarning
+
+from conftest import TINY
+
+PROMPT = "a photo of a cat"
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def load(**kw):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*weights are random")
+        return fastlclip.load(TINY, **kw)
+
+
+def latents(batch, seed=0, device="cpu", dtype=torch.float32, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 16, 16, generator=g).to(device=device, dtype=dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def eager_step(model, x, prompt=PROMPT):
+    """Loss, latent gradient and features of the plain eager path (the model's runtime set aside)."""
+    rt, backend = model.runtime, model.backend
+    model.runtime, model.backend = None, "eager"
+    try:
+        x = x.detach().clone().requires_grad_(True)
+        loss = fastlclip.LatentCLIPReward(model)(x, prompt)
+        (grad,) = torch.autograd.grad(loss, x)
+        with torch.no_grad():
+            feats = model.encode_latents(x, normalize=False)
+        return loss.detach(), grad, feats
+    finally:
+        model.runtime, model.backend = rt, backend
+
+
+def emulated(model, buckets=(1, 2, 4), fused=False):
+    return runtime.install(model, runtime.GraphRuntime(model, buckets, fused=fused, emulate=True)).runtime
+
+
+# -- pure helpers -------------------------------------------------------------------------------------
+def test_bucket_for():
+    assert [runtime.bucket_for(b) for b in (1, 2, 3, 5, 16, 17, 256, 257, 1000)] == [1, 2, 4, 8, 16, 32, 256, 256, 256]
+    assert runtime.bucket_for(3, (2, 6)) == 6
+    with pytest.raises(ValueError, match=">= 1"):
+        runtime.bucket_for(0)
+
+
+def test_chunks_and_pad():
+    assert runtime.chunks(600, 256) == [(0, 256), (256, 512), (512, 600)]
+    assert runtime.chunks(3, 4) == [(0, 3)]
+    x = torch.randn(3, 2, requires_grad=True)
+    assert runtime.pad_batch(x, 3) is x
+    p = runtime.pad_batch(x, 5)
+    assert p.shape == (5, 2) and torch.equal(p[:3], x) and not p[3:].any()
+    p.sum().backward()
+    assert torch.equal(x.grad, torch.ones(3, 2))
+    with pytest.raises(ValueError):
+        runtime.pad_batch(x, 2)
+
+
+def test_bad_buckets():
+    model = load()
+    with pytest.raises(ValueError, match="positive ints"):
+        runtime.GraphRuntime(model, (0, 4), emulate=True)
+
+
+# -- selection and fallbacks --------------------------------------------------------------------------
+@pytest.mark.parametrize("backend, message", [
+    ("graph", "CUDA graphs need a CUDA device .*using the eager backend"),
+    ("compile", "'compile' backend is built for a CUDA device .*using the eager backend"),
+    ("auto", "backend='auto' on cpu: using 'eager'"),
+])
+def test_cpu_falls_back_to_eager_with_a_warning(backend, message):
+    with pytest.warns(BackendFallbackWarning, match=message) as record:
+        model = load(backend=backend)
+    assert model.backend == "eager" and model.runtime is None
+    assert all(w.filename == __file__ for w in record if w.category is BackendFallbackWarning)  # points at the caller
+    x = latents(2)
+    with torch.no_grad():
+        got = model.encode_latents(x)
+    assert torch.equal(got, load().encode_latents(x).detach())
+
+
+def test_set_backend_and_unknown_backend():
+    model = load()
+    with pytest.warns(BackendFallbackWarning):
+        assert model.set_backend("graph").backend == "eager"
+    assert model.set_backend("triton").backend == "triton"
+    for bad in (lambda: model.set_backend("tensorrt"), lambda: load(backend="tensorrt")):
+        with pytest.raises(ValueError, match="unknown backend 'tensorrt'.*'auto'"):
+            bad()
+    with pytest.raises(TypeError, match="takes no options"):
+        model.set_backend("eager", mode="default")
+    with pytest.raises(TypeError, match="only cache_path and refresh"):
+        model.set_backend("auto", buckets=(1,))
+
+
+def test_install_freezes_the_tower_and_checks_the_model():
+    model, other = load(), load()
+    rt = runtime.GraphRuntime(model, emulate=True)
+    with pytest.raises(ValueError, match="another model"):
+        runtime.install(other, rt)
+    runtime.install(model, rt)
+    assert model.backend == "graph" and not any(p.requires_grad for p in model.visual.latent_vit.parameters())
+    assert model.set_backend("eager").runtime is None
+
+
+def test_copying_a_model_with_a_runtime_says_how():
+    import copy
+
+    model = load()
+    emulated(model)
+    with pytest.raises(TypeError, match=r"set_backend\('eager'\) first"):
+        copy.deepcopy(model)
+    copy.deepcopy(model.set_backend("eager"))
+
+
+# -- graph runtime (emulated replays) -----------------------------------------------------------------
+@pytest.mark.parametrize("batch", [1, 3, 4, 9])  # exact bucket, padded, largest bucket, chunked (4 + 4 + 1)
+def test_graph_reward_and_features_match_eager(batch):
+    model = load()
+    rt = emulated(model)
+    reward = fastlclip.LatentCLIPReward(model)
+    x = latents(batch)
+    loss = reward(x, PROMPT)
+    (grad,) = torch.autograd.grad(loss, x)
+    feats = model.encode_latents(x, normalize=False)
+    (fgrad,) = torch.autograd.grad(feats.square().sum(), x)
+    want_loss, want_grad, want_feats = eager_step(model, x)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(grad, want_grad)
+    torch.testing.assert_close(feats.detach(), want_feats)
+    model.runtime = None
+    y = x.detach().clone().requires_grad_(True)
+    (want_fgrad,) = torch.autograd.grad(model.encode_latents(y, normalize=False).square().sum(), y)
+    torch.testing.assert_close(fgrad, want_fgrad)
+    assert rt.stats.uncaptured == 0
+
+
+def test_graph_per_sample_prompts_and_no_grad():
+    model = load()
+    emulated(model)
+    reward = fastlclip.LatentCLIPReward(model)
+    prompts = ["a cat", "a dog", "a red car"]
+    x = latents(3)
+    loss = reward(x, prompts)
+    (grad,) = torch.autograd.grad(loss, x)
+    want_loss, want_grad, want_feats = eager_step(model, x, prompts)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(grad, want_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(reward(x, prompts), want_loss)
+    with torch.inference_mode():
+        torch.testing.assert_close(reward(x, prompts), want_loss)
+        reward(x, "a new prompt")
+        torch.testing.assert_close(model.encode_latents(x), F.normalize(want_feats, dim=-1))
+    # a prompt first seen under inference_mode still works with autograd afterwards
+    loss = reward(x, "a new prompt")
+    (grad,) = torch.autograd.grad(loss, x)
+    want_loss, want_grad, _ = eager_step(model, x, "a new prompt")
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(grad, want_grad)
+
+
+def test_graph_padding_rows_are_cleared():
+    """Rows left from a larger earlier batch are zeroed: a NaN there must not reach a later, smaller batch."""
+    model = load()
+    model.check_finite = False
+    emulated(model)
+    reward = fastlclip.LatentCLIPReward(model)
+    bad = latents(4)
+    with torch.no_grad():
+        bad[3] = float("nan")
+    assert reward(bad, PROMPT).isnan()
+    x = latents(3)
+    loss = reward(x, PROMPT)
+    (grad,) = torch.autograd.grad(loss, x)
+    want_loss, want_grad, _ = eager_step(model, x)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(grad, want_grad)
+
+
+def test_graph_50_step_loop_captures_once():
+    """A ReNO-like loop: capture at the first step only, two replays per step, nothing recomputed."""
+    model = load()
+    rt = emulated(model)
+    reward = fastlclip.LatentCLIPReward(model)
+    z = latents(1).detach().requires_grad_(True)
+    opt = torch.optim.SGD([z], lr=0.1)
+    for i in range(50):
+        opt.zero_grad()
+        reward(torch.tanh(z), PROMPT).backward()
+        opt.step()
+        if i == 0:
+            first = (rt.stats.captures, rt.stats.compiles)
+    assert (rt.stats.captures, rt.stats.compiles) == first == (1, 0)
+    assert rt.stats.replays == 100 and rt.stats.recomputes == 0 and rt.stats.uncaptured == 0
+
+
+def test_graph_outputs_are_not_overwritten_by_the_next_replay():
+    model = load()
+    emulated(model)
+    reward = fastlclip.LatentCLIPReward(model)
+    x1, x2 = latents(1, seed=1), latents(1, seed=2)
+    f1 = model.encode_latents(x1)
+    f1_copy = f1.detach().clone()
+    model.encode_latents(x2)
+    assert torch.equal(f1.detach(), f1_copy)
+    l1 = reward(x1, PROMPT)
+    (g1,) = torch.autograd.grad(l1, x1)
+    l1_val, g1_copy = l1.detach().clone(), g1.clone()
+    (g2,) = torch.autograd.grad(reward(x2, PROMPT), x2)
+    assert torch.equal(l1.detach(), l1_val) and torch.equal(g1, g1_copy) and not torch.equal(g1, g2)
+
+
+def test_graph_backward_after_another_forward_recomputes():
+    """Two forwards through one captured shape, then both backwards: the stale one re-runs its forward."""
+    model = load()
+    rt = emulated(model)
+    reward = fastlclip.LatentCLIPReward(model)
+    x1, x2 = latents(2, seed=1), latents(2, seed=2)
+    (reward(x1, "a cat") + 2 * reward(x2, "a dog")).backward()
+    _, want1, _ = eager_step(model, x1, "a cat")
+    _, want2, _ = eager_step(model, x2, "a dog")
+    torch.testing.assert_close(x1.grad, want1)
+    torch.testing.assert_close(x2.grad, 2 * want2)
+    assert rt.stats.recomputes == 1
+    loss = reward(x1, "a cat")  # retain_graph: the second backward finds the state spent
+    (a,) = torch.autograd.grad(loss, x1, retain_graph=True)
+    (b,) = torch.autograd.grad(loss, x1)
+    torch.testing.assert_close(a, b)
+    assert rt.stats.recomputes == 2
+
+
+def test_graph_recaptures_when_the_weights_are_replaced():
+    model = load()
+    rt = emulated(model)
+    x = latents(1)
+    model.encode_latents(x)
+    with torch.no_grad():
+        model.visual.latent_vit.conv1.weight = torch.nn.Parameter(2 * model.visual.latent_vit.conv1.weight,
+                                                                  requires_grad=False)
+    got = model.encode_latents(x)
+    assert rt.stats.invalidations == 1
+    torch.testing.assert_close(got.detach(), F.normalize(eager_step(model, x)[2], dim=-1))
+
+
+def test_graph_weights_requiring_grad_run_uncaptured():
+    model = load()
+    rt = emulated(model)
+    reward = fastlclip.LatentCLIPReward(model)
+    model.visual.latent_vit.proj.requires_grad_(True)
+    x = latents(2)
+    with pytest.warns(BackendFallbackWarning, match="require grad: running uncaptured"):
+        loss = reward(x, PROMPT)
+    model.requires_grad_(False)
+    torch.testing.assert_close(loss, eager_step(model, x)[0])
+    assert rt.stats.uncaptured == 1 and rt.stats.captures == 0
+
+
+def test_graph_with_fused_kernels():
+    from fastlclip.kernels import kernels_available
+
+    if not kernels_available("cpu"):
+        pytest.skip("the Triton kernels do not run here (no GPU, TRITON_INTERPRET unset)")
+    model = load()
+    emulated(model, fused=True)
+    x = latents(1)
+    loss = fastlclip.LatentCLIPReward(model)(x, PROMPT)
+    (grad,) = torch.autograd.grad(loss, x)
+    want_loss, want_grad, _ = eager_step(model, x)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-3, atol=1e-6)
+
+
+# -- compile runtime (Dynamo with its eager backend) --------------------------------------------------
+def test_compiled_runtime_matches_eager_without_recompiles():
+    model = load()
+    rt = runtime.install(model, runtime.CompiledRuntime(model, (1, 2), compiler="eager")).runtime
+    reward = fastlclip.LatentCLIPReward(model)
+    for batch in (1, 3):  # bucket 1; 3 -> chunks of 2 + 1 (padded to 2)
+        x = latents(batch)
+        loss = reward(x, PROMPT)
+        (grad,) = torch.autograd.grad(loss, x)
+        want_loss, want_grad, want_feats = eager_step(model, x)
+        torch.testing.assert_close(loss, want_loss)
+        torch.testing.assert_close(grad, want_grad)
+    compiles = rt.stats.compiles
+    assert compiles == 2
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(5):
+            x = latents(1)
+            torch.autograd.grad(reward(x, PROMPT), x)
+    assert rt.stats.compiles == compiles
+
+
+def test_compile_mode_is_validated():
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        runtime.CompiledRuntime(load(), mode="fastest")
+
+
+# -- auto: the cache ----------------------------------------------------------------------------------
+def test_backend_cache_roundtrip(tmp_path):
+    path = tmp_path / "sub" / "backends.json"
+    assert runtime.read_cache(path) == {}
+    runtime.write_cache(path, "k1", {"backend": "graph"})
+    runtime.write_cache(path, "k2", {"backend": "eager"})
+    assert runtime.read_cache(path) == {"k1": {"backend": "graph"}, "k2": {"backend": "eager"}}
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable backend cache"):
+        assert runtime.read_cache(path) == {}
+
+
+def test_auto_uses_the_cached_choice(tmp_path, monkeypatch):
+    model = load()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    path = tmp_path / "backends.json"
+    key = runtime.cache_key("Fake GPU", f"{model.cfg.name} {model.cfg.vision}", model.dtype)
+    path.write_text(json.dumps({key: {"backend": "triton"}}))
+    monkeypatch.setattr(runtime, "time_backends", lambda *a, **k: pytest.fail("timed despite a cached choice"))
+    assert runtime.choose_backend(model, cache_path=path) == "triton"
+    monkeypatch.setattr(runtime, "time_backends", lambda *a, **k: ({"eager": 2.0, "graph": 1.0}, {"compile": "err"}))
+    assert runtime.choose_backend(model, cache_path=path, refresh=True) == "graph"
+    assert json.loads(path.read_text())[key]["reward_step_ms"] == {"eager": 2.0, "graph": 1.0}
+
+
+def test_default_cache_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTLCLIP_CACHE_DIR", str(tmp_path))
+    assert runtime.default_cache_path() == tmp_path / "backends.json"
+
+
+# -- on a GPU -----------------------------------------------------------------------------------------
+# Graph tests use Latent-ViT-B/8 (capture takes milliseconds); compile tests the tiny config (Inductor
+# compiles a 12-layer tower for a minute per shape; bench.reward checks the full models against the reference).
+B8 = "Latent-ViT-B-8-512"
+
+
+def _gpu_model(backend, config=B8, **options):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*weights are random")
+        model = fastlclip.load(config, device="cuda", dtype=torch.bfloat16)
+    model.check_finite = False
+    return model.set_backend(backend, **options)
+
+
+def _cos(a, b):
+    return F.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=-1).min().item()
+
+
+def _gpu_latents(model, batch, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    size = model.latent_size
+    return torch.randn(batch, 4, size, size, device="cuda", generator=g).bfloat16().requires_grad_(True)
+
+
+def _reward_grad(model, x, prompt=PROMPT):
+    x = x.detach().clone().requires_grad_(True)
+    loss = fastlclip.LatentCLIPReward(model)(x, prompt)
+    return loss.detach(), torch.autograd.grad(loss, x)[0]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("backend, config, options", [
+    ("graph", B8, {}),
+    ("compile", TINY, {"buckets": (1, 2, 4)}),  # batches 3 and 300 share bucket 4: fewer compiles
+])
+@pytest.mark.parametrize("batch", [1, 3, 300])  # a bucket, padded, over the largest bucket
+def test_gpu_matches_eager(backend, config, options, batch):
+    model = _gpu_model("eager", config)
+    x = _gpu_latents(model, batch)
+    want_loss, want_grad = _reward_grad(model, x)
+    with torch.no_grad():
+        want_feats = model.encode_latents(x)
+    model.set_backend(backend, **options)
+    loss, grad = _reward_grad(model, x)
+    with torch.no_grad():
+        feats = model.encode_latents(x)
+    assert abs(loss.item() - want_loss.item()) < 0.05
+    assert _cos(feats, want_feats) >= 0.999
+    assert _cos(grad, want_grad) >= 0.999
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_graph_loop_captures_once_never_syncs_and_keeps_outputs():
+    model = _gpu_model("graph")
+    rt = model.runtime
+    reward = fastlclip.LatentCLIPReward(model)
+    z = _gpu_latents(model, 1).detach().float().requires_grad_(True)
+    opt = torch.optim.SGD([z], lr=1.0, momentum=0.9, nesterov=True)
+    losses, grads = [], []
+    try:
+        for i in range(50):
+            opt.zero_grad()
+            if i == 1:
+                torch.cuda.set_sync_debug_mode("error")  # the steady state never waits for the GPU
+            loss = reward(z.bfloat16(), PROMPT)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append(z.grad.clone())
+            opt.step()
+            if i == 0:
+                captures = rt.stats.captures
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert rt.stats.captures == captures == 1 and rt.stats.recomputes == 0
+    assert rt.stats.replays == 100
+    assert len({round(v.item(), 5) for v in losses}) > 1
+    # step 0's loss and gradient were not overwritten by the 49 replays after it
+    model.set_backend("eager")
+    want_loss, want_grad = _reward_grad(model, _gpu_latents(model, 1).detach().float().bfloat16())
+    assert abs(losses[0].item() - want_loss.item()) < 0.05
+    assert _cos(grads[0], want_grad) >= 0.999
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_graph_stale_backward_is_recomputed():
+    model = _gpu_model("graph")
+    reward = fastlclip.LatentCLIPReward(model)
+    x1, x2 = _gpu_latents(model, 2, seed=1), _gpu_latents(model, 2, seed=2)
+    (reward(x1, "a cat") + reward(x2, "a dog")).backward()
+    assert model.runtime.stats.recomputes == 1
+    model.set_backend("eager")
+    assert _cos(x1.grad, _reward_grad(model, x1, "a cat")[1]) >= 0.999
+    assert _cos(x2.grad, _reward_grad(model, x2, "a dog")[1]) >= 0.999
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mode", runtime.COMPILE_MODES)
+def test_gpu_compile_modes_do_not_recompile(mode):
+    model = _gpu_model("compile", TINY, mode=mode)
+    rt = model.runtime
+    reward = fastlclip.LatentCLIPReward(model)
+    x = _gpu_latents(model, 1)
+    loss, grad = _reward_grad(model, x)
+    compiles = rt.stats.compiles
+    assert compiles >= 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(50):
+            y = _gpu_latents(model, 1, seed=i)
+            (g,) = torch.autograd.grad(reward(y, PROMPT), y)
+    assert rt.stats.compiles == compiles
+    prev = g.clone()
+    y = _gpu_latents(model, 1, seed=99)
+    torch.autograd.grad(reward(y, PROMPT), y)
+    assert torch.equal(g, prev)  # not overwritten by the next call (reduce-overhead's CUDA graphs included)
+    model.set_backend("eager")
+    assert _cos(grad, _reward_grad(model, x)[1]) >= 0.999
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_auto_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
+    timed = runtime.time_backends
+    monkeypatch.setattr(runtime, "time_backends", lambda model: timed(model, ("eager", "graph")))  # no compile wait
+    path = tmp_path / "backends.json"
+    model = _gpu_model("auto", cache_path=path)
+    assert model.backend in ("eager", "graph")
+    entry = next(iter(json.loads(path.read_text()).values()))
+    assert entry["backend"] == model.backend and set(entry["reward_step_ms"]) == {"eager", "graph"}
+    monkeypatch.setattr(runtime, "time_backends", lambda *a, **k: pytest.fail("timed twice"))
+    assert _gpu_model("auto", cache_path=path).backend == model.backend
