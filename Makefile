@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 bench: $(STAMP)
-	$(PY) -m bench.demo
+	$(PY) -m bench.reno_cost
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q

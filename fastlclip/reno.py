@@ -1,0 +1,431 @@
+"""ReNO (reward-based noise optimisation, Eyring et al. 2024) with SDXL-Turbo as a one-step generator.
+
+The initial noise is the parameter. Each iteration turns it into diffusion-space latents with one UNet
+step, scores them with the rewards (losses, lower is better), adds the norm regulariser, and takes a
+clipped Nesterov-SGD step; the latents of the iteration with the lowest reward loss are kept. Rewards
+take ``reward(latents, prompt) -> scalar loss`` on diffusion-space latents and carry ``.name`` and
+``.weighting`` (``fastlclip.LatentCLIPReward``, ``fastlclip.PixelCLIPReward``, or your own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .model_configs import sdxl_unet_config, sdxl_vae_config
+
+# stabilityai/sdxl-turbo's scheduler: SDXL's betas, epsilon prediction, trailing timestep spacing.
+SDXL_TURBO_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "trailing",
+}
+# Phases of one iteration reported to a PhaseTimer, in order (backward phases are marked from autograd hooks).
+PHASES = ("unet_fwd", "reward_fwd", "reward_bwd", "unet_bwd", "optimizer")
+
+
+@dataclass
+class PromptConditioning:
+    """SDXL UNet conditioning for one prompt; ``random`` when it is random embeddings, not a text encoder's."""
+
+    prompt_embeds: torch.Tensor  # (1, 77, cross_attention_dim)
+    pooled_prompt_embeds: torch.Tensor  # (1, pooled_dim)
+    time_ids: torch.Tensor  # (1, 6): original size, crop top-left, target size
+    random: bool
+
+
+class OneStepGenerator(nn.Module):
+    """SDXL-Turbo as a one-step generator: noise -> diffusion-space latents.
+
+    One EulerAncestral step (trailing spacing) from t=999 to the end of the schedule. That step lands on
+    sigma 0, so its ancestral noise is zero and it equals ``x - sigma * eps`` with ``x = noise * sigma``:
+    deterministic and differentiable in the noise. Build with ``from_config`` (random weights) or
+    ``from_pretrained`` (a local diffusers SDXL-Turbo folder).
+    """
+
+    def __init__(self, unet: nn.Module, *, scheduler_config: Mapping[str, Any] | None = None, vae: nn.Module | None = None,
+                 height: int = 512, width: int = 512, prompt_encoder: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 random_weights: bool):
+        super().__init__()
+        from diffusers import EulerAncestralDiscreteScheduler
+
+        cfg = unet.config
+        if cfg.get("addition_embed_type") != "text_time":
+            raise ValueError(f"the UNet must be SDXL-style (addition_embed_type 'text_time'), got {cfg.get('addition_embed_type')!r}")
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        for side, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % self.vae_scale_factor:
+                raise ValueError(f"{side} must be a positive multiple of {self.vae_scale_factor} (the VAE's downsampling), got {v!r}")
+        self.unet = unet.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.height, self.width = height, width
+        self.random_weights = random_weights
+        self._prompt_encoder = prompt_encoder
+
+        scheduler = EulerAncestralDiscreteScheduler.from_config(dict(scheduler_config or SDXL_TURBO_SCHEDULER),
+                                                                timestep_spacing="trailing")
+        if scheduler.config.prediction_type != "epsilon":
+            raise ValueError(f"the one-step generator needs an epsilon-prediction scheduler, got {scheduler.config.prediction_type!r}")
+        scheduler.set_timesteps(1)
+        sigmas = scheduler.sigmas.double()
+        if len(sigmas) != 2 or sigmas[1] != 0:
+            raise ValueError(f"expected one step ending at sigma 0, got sigmas {sigmas.tolist()}")
+        self.scheduler = scheduler  # defines the step; its constants are read once here
+        self.timestep = float(scheduler.timesteps[0])
+        self.sigma = float(sigmas[0])
+        self.init_noise_sigma = float(scheduler.init_noise_sigma)
+
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        if pooled <= 0:
+            raise ValueError(f"UNet config: projection_class_embeddings_input_dim {cfg.projection_class_embeddings_input_dim} "
+                             f"leaves no room for pooled text embeddings after 6 x addition_time_embed_dim {cfg.addition_time_embed_dim}")
+        self.pooled_dim = pooled
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, unet_config: Mapping[str, Any] | None = None, vae_config: Mapping[str, Any] | None = None, *,
+                    height: int = 512, width: int = 512, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, seed: int = 0, with_vae: bool = True) -> "OneStepGenerator":
+        """Random weights from configs (default: the shipped SDXL UNet and VAE configs), built on ``device``.
+
+        Prompts get random embeddings (see ``encode_prompt``): timing is faithful, images are not.
+        """
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        torch.manual_seed(seed)
+        with torch.device(device):
+            unet = UNet2DConditionModel.from_config(dict(unet_config or sdxl_unet_config()))
+            vae = AutoencoderKL.from_config(dict(vae_config or sdxl_vae_config())) if with_vae else None
+        # nn.Module.to, not ModelMixin.to: the latter warns about fp32-only modules, which these configs lack.
+        nn.Module.to(unet, dtype=dtype)
+        if vae is not None:
+            nn.Module.to(vae, dtype=dtype)
+        return cls(unet, vae=vae, height=height, width=width, random_weights=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        height: int = 512, width: int = 512) -> "OneStepGenerator":
+        """Load a local diffusers SDXL-Turbo folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizers, scheduler/)."""
+        path = Path(path)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json); pass a local SDXL-Turbo "
+                                    "folder, e.g. a snapshot of stabilityai/sdxl-turbo")
+        if importlib.util.find_spec("transformers") is None:
+            raise ImportError("real SDXL-Turbo weights need the SDXL text encoders, which need the 'transformers' package: "
+                              "pip install transformers")
+        from diffusers import StableDiffusionXLPipeline
+
+        unet_dir = path / "unet"
+        fp16_only = any(unet_dir.glob("*.fp16.safetensors")) and not any(unet_dir.glob("diffusion_pytorch_model.safetensors"))
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+                                                         variant="fp16" if fp16_only else None)
+        pipe.to(device)
+        for module in (pipe.text_encoder, pipe.text_encoder_2):
+            module.eval().requires_grad_(False)
+
+        def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, device=torch.device(device), num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+            return embeds, pooled
+
+        return cls(pipe.unet, scheduler_config=pipe.scheduler.config, vae=pipe.vae, height=height, width=width,
+                   prompt_encoder=encode, random_weights=False)
+
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return (1, self.unet.config.in_channels, self.height // self.vae_scale_factor, self.width // self.vae_scale_factor)
+
+    @property
+    def random_prompt(self) -> bool:
+        """True when prompts get random embeddings (no text encoders loaded)."""
+        return self._prompt_encoder is None
+
+    # -- use ------------------------------------------------------------------------------------
+    def compile(self, **kwargs) -> "OneStepGenerator":
+        """Compile the UNet in place (``nn.Module.compile(**kwargs)``); the first calls after pay for it."""
+        self.unet.compile(**kwargs)
+        return self
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+
+    def encode_prompt(self, prompt: str) -> PromptConditioning:
+        """UNet conditioning for ``prompt``: the SDXL text encoders, or seeded random embeddings without them."""
+        _check_prompt(prompt)
+        cfg = self.unet.config
+        if self._prompt_encoder is None:
+            g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little"))
+            embeds = torch.randn(1, 77, cfg.cross_attention_dim, generator=g)
+            pooled = torch.randn(1, self.pooled_dim, generator=g)
+        else:
+            embeds, pooled = self._prompt_encoder(prompt)
+            if embeds.shape[-1] != cfg.cross_attention_dim or pooled.shape[-1] != self.pooled_dim:
+                raise ValueError(f"text encoders give widths {embeds.shape[-1]}/{pooled.shape[-1]}, the UNet expects "
+                                 f"{cfg.cross_attention_dim}/{self.pooled_dim}")
+        time_ids = torch.tensor([[self.height, self.width, 0, 0, self.height, self.width]], dtype=torch.float32)
+        to = dict(device=self.device, dtype=self.dtype)
+        return PromptConditioning(embeds.to(**to), pooled.to(**to), time_ids.to(**to), random=self._prompt_encoder is None)
+
+    def forward(self, noise: torch.Tensor, cond: PromptConditioning) -> torch.Tensor:
+        """Diffusion-space latents (float32) from standard-normal ``noise`` of shape (B, C, H/8, W/8)."""
+        if noise.ndim != 4 or tuple(noise.shape[1:]) != self.latent_shape[1:]:
+            raise ValueError(f"noise must have shape (B, {', '.join(map(str, self.latent_shape[1:]))}) for "
+                             f"{self.height}x{self.width} images, got {tuple(noise.shape)}")
+        b = noise.shape[0]
+        x = noise.float() * self.init_noise_sigma
+        model_in = (x / math.sqrt(self.sigma**2 + 1)).to(self.dtype)
+        t = torch.full((), self.timestep, device=noise.device)  # a fill, not a host copy: no sync
+        added = {"text_embeds": cond.pooled_prompt_embeds.expand(b, -1), "time_ids": cond.time_ids.expand(b, -1)}
+        eps = self.unet(model_in, t, encoder_hidden_states=cond.prompt_embeds.expand(b, -1, -1), added_cond_kwargs=added,
+                        return_dict=False)[0]
+        return x - self.sigma * eps.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], (B, 3, H, W), from diffusion-space latents."""
+        if self.vae is None:
+            raise ValueError("this generator has no VAE to decode with; build it with with_vae=True or from_pretrained")
+        vae = self.vae
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+class Reward(Protocol):
+    """ReNO's reward interface: a differentiable loss (lower is better) on diffusion-space latents."""
+
+    name: str
+    weighting: float
+
+    def __call__(self, latents: torch.Tensor, prompt: str) -> torch.Tensor: ...
+
+
+class PhaseTimer(Protocol):
+    """Timing hook for ``optimize``: told when each phase of ``PHASES`` starts (phases may repeat in an iteration)."""
+
+    def phase(self, name: str) -> None: ...
+
+    def end_iteration(self) -> None: ...
+
+
+def _check_reward(reward: Any) -> None:
+    if not callable(reward) or not isinstance(getattr(reward, "name", None), str) \
+            or not isinstance(getattr(reward, "weighting", None), (int, float)):
+        raise TypeError(f"a reward must be callable as reward(latents, prompt) -> loss and have .name (str) and .weighting "
+                        f"(float), got {type(reward).__name__}")
+
+
+class WeightedReward:
+    """Weighted sum of rewards, itself a reward: ``sum_i w_i * reward_i(latents, prompt)``.
+
+    Weights default to each reward's ``.weighting`` (ReNO's convention).
+    """
+
+    def __init__(self, rewards: Sequence[Reward], weights: Sequence[float] | None = None):
+        rewards = list(rewards)
+        if not rewards:
+            raise ValueError("WeightedReward needs at least one reward")
+        for r in rewards:
+            _check_reward(r)
+        weights = [float(r.weighting) for r in rewards] if weights is None else [float(w) for w in weights]
+        if len(weights) != len(rewards):
+            raise ValueError(f"got {len(weights)} weights for {len(rewards)} rewards")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"weights must be finite, got {weights}")
+        self.rewards, self.weights = rewards, weights
+        self.name = " + ".join(f"{w:g}*{r.name}" for r, w in zip(rewards, weights))
+        self.weighting = 1.0
+
+    def losses(self, latents: torch.Tensor, prompt: str, checkpointed: Sequence[bool] | None = None) -> torch.Tensor:
+        """Unweighted losses, float32 (K,); ``checkpointed[i]`` runs reward i under ``torch.utils.checkpoint``."""
+        out = []
+        for i, r in enumerate(self.rewards):
+            if checkpointed is not None and checkpointed[i]:
+                loss = checkpoint(r, latents, prompt, use_reentrant=False)
+            else:
+                loss = r(latents, prompt)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError(f"reward {r.name!r} must return a scalar tensor, got "
+                                 f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
+            out.append(loss.reshape(()).float())
+        return torch.stack(out)
+
+    def __call__(self, latents: torch.Tensor, prompt: str) -> torch.Tensor:
+        losses = self.losses(latents, prompt)
+        return sum(w * losses[i] for i, w in enumerate(self.weights))  # Python-float weights: no host-to-device copy
+
+
+def set_reward_checkpointing(rewards: Sequence[Reward], enabled: bool) -> list[bool]:
+    """Set checkpointing on the rewards' own modules; returns, per reward, whether to checkpoint its whole forward.
+
+    A diffusers model inside a reward (the VAE of a decode-then-CLIP reward) gets its
+    ``enable_gradient_checkpointing``; a CLIP with per-block checkpointing (open_clip's
+    ``set_grad_checkpointing``) gets that. A reward with no such CLIP runs its whole forward under
+    ``torch.utils.checkpoint`` instead.
+    """
+    wrap = []
+    for reward in rewards:
+        if isinstance(reward, nn.Module):
+            modules = [reward, *reward.children()]
+        else:
+            modules = [m for m in getattr(reward, "__dict__", {}).values() if isinstance(m, nn.Module)]
+        per_block = False
+        for m in modules:
+            if hasattr(m, "enable_gradient_checkpointing"):
+                m.enable_gradient_checkpointing() if enabled else m.disable_gradient_checkpointing()
+            if hasattr(m, "set_grad_checkpointing"):
+                m.set_grad_checkpointing(enabled)
+                per_block = True
+        wrap.append(enabled and not per_block)
+    return wrap
+
+
+def norm_regularizer(noise: torch.Tensor, weight: float) -> torch.Tensor:
+    """ReNO's regulariser ``weight * (0.5 ||z||^2 - (d - 1) log ||z||)``, float32, d = elements per sample.
+
+    It is minus the log-density of the chi distribution of ||z|| for d-dimensional standard-normal noise.
+    """
+    d = math.prod(noise.shape[1:])
+    norm = torch.linalg.vector_norm(noise.float())
+    return weight * (0.5 * norm**2 - (d - 1) * torch.log(norm))
+
+
+@dataclass
+class ReNOResult:
+    """Outcome of ``optimize``; losses are the weighted reward losses, without the regulariser."""
+
+    best_latents: torch.Tensor  # diffusion-space latents of the best iteration
+    best_noise: torch.Tensor  # the noise that produced them
+    best_loss: float
+    best_iteration: int
+    losses: list[float]  # per iteration
+    component_losses: dict[str, list[float]]  # unweighted, per reward, per iteration
+    image: torch.Tensor | None = None  # best image in [0, 1] when decode=True
+    random_prompt: bool = False
+
+
+def _check_prompt(prompt: Any) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+
+
+def optimize(generator: OneStepGenerator, rewards: Reward | Sequence[Reward], prompt: str, *, iterations: int = 50,
+             lr: float = 5.0, momentum: float = 0.9, nesterov: bool = True, grad_clip: float | None = 0.1,
+             reg_weight: float = 0.01, seed: int = 0, noise: torch.Tensor | None = None,
+             gradient_checkpointing: bool = False, decode: bool = False, progress: bool = True,
+             timer: PhaseTimer | None = None) -> ReNOResult:
+    """Optimise the initial noise of ``generator`` for ``prompt`` against ``rewards``.
+
+    As ReNO: ``iterations`` evaluations, each followed by backward, ``clip_grad_norm_(grad_clip)`` and an
+    SGD step except the last (whose update could not be evaluated). A list of rewards is summed with
+    their ``.weighting``. ``gradient_checkpointing`` sets checkpointing on the UNet and the rewards for
+    this call (see ``set_reward_checkpointing``). The loop itself never synchronises with the device: the best
+    iterate is tracked on it and losses come back once, at the end. ``noise`` (default: standard normal
+    from ``seed``, drawn on the CPU so every device starts alike) must have ``generator.latent_shape``.
+    """
+    if not isinstance(generator, OneStepGenerator):
+        raise TypeError(f"generator must be a OneStepGenerator, got {type(generator).__name__}")
+    _check_prompt(prompt)
+    if isinstance(rewards, WeightedReward):
+        combined = rewards
+    else:
+        combined = WeightedReward([rewards] if callable(rewards) else list(rewards))
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if not 0 <= momentum < 1 or (nesterov and momentum == 0):
+        raise ValueError(f"momentum must lie in [0, 1) and be > 0 with nesterov=True, got {momentum!r}")
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"grad_clip must be positive or None (no clipping), got {grad_clip!r}")
+    if not reg_weight >= 0:
+        raise ValueError(f"reg_weight must be >= 0, got {reg_weight!r}")
+    if decode and generator.vae is None:
+        raise ValueError("decode=True needs a generator with a VAE")
+    device = generator.device
+    if noise is None:
+        noise = torch.randn(generator.latent_shape, generator=torch.Generator().manual_seed(seed))
+    elif tuple(noise.shape) != generator.latent_shape:
+        raise ValueError(f"noise must have shape {generator.latent_shape}, got {tuple(noise.shape)}")
+    noise = nn.Parameter(noise.detach().to(device=device, dtype=torch.float32).clone())
+
+    generator.set_gradient_checkpointing(gradient_checkpointing)
+    wrap = set_reward_checkpointing(combined.rewards, gradient_checkpointing)
+    weights = torch.tensor(combined.weights, device=device)
+    optimizer = torch.optim.SGD([noise], lr=lr, momentum=momentum, nesterov=nesterov)
+    cond = generator.encode_prompt(prompt)
+    mark = timer.phase if timer is not None else (lambda name: None)
+
+    all_losses = torch.empty(iterations, len(combined.rewards), device=device)
+    totals = torch.empty(iterations, device=device)
+    iteration_ids = torch.arange(iterations, device=device)
+    best_loss = best_latents = best_noise = best_iter = None
+    steps = range(iterations)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="ReNO", unit="it", leave=False)
+    for i in steps:
+        optimizer.zero_grad(set_to_none=True)
+        mark("unet_fwd")
+        latents = generator(noise, cond)
+        mark("reward_fwd")
+        losses = combined.losses(latents, prompt, wrap)
+        total = (losses * weights).sum()
+        mark("optimizer")
+        all_losses[i] = losses.detach()
+        totals[i] = total.detach()
+        if i == 0:
+            best_loss, best_latents, best_noise = total.detach().clone(), latents.detach().clone(), noise.detach().clone()
+            best_iter = iteration_ids[0]
+        else:
+            better = total.detach() < best_loss
+            best_loss = torch.where(better, total.detach(), best_loss)
+            best_latents = torch.where(better, latents.detach(), best_latents)
+            best_noise = torch.where(better, noise.detach(), best_noise)
+            best_iter = torch.where(better, iteration_ids[i], best_iter)
+        if i < iterations - 1:
+            loss = total + norm_regularizer(noise, reg_weight) if reg_weight else total
+            if timer is not None:
+                latents.register_hook(lambda grad: mark("unet_bwd"))
+            mark("reward_bwd")
+            loss.backward()
+            mark("optimizer")
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_([noise], grad_clip)
+            optimizer.step()
+        if timer is not None:
+            timer.end_iteration()
+
+    names = [r.name for r in combined.rewards]
+    per_reward = all_losses.T.tolist()
+    if len(set(names)) != len(names):
+        names = [f"{n}[{k}]" for k, n in enumerate(names)]
+    return ReNOResult(
+        best_latents=best_latents, best_noise=best_noise, best_loss=float(best_loss), best_iteration=int(best_iter),
+        losses=totals.tolist(), component_losses=dict(zip(names, per_reward)),
+        image=generator.decode(best_latents) if decode else None, random_prompt=generator.random_prompt,
+    )

@@ -1,0 +1,167 @@
+"""bench.reno_cost without a GPU: the CPU smoke run, GPU profiles, the floor and the derived figures."""
+
+import json
+
+import pytest
+import torch
+
+from bench import flops, profiles, reno_cost
+from bench.rewards import REWARDS
+
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU smoke path")
+
+
+@pytest.fixture(scope="module")
+def all_profiles():
+    return profiles.load_profiles()
+
+
+@needs_no_cuda
+def test_cpu_smoke_run_writes_results_and_labels_the_floor(tmp_path, capsys, all_profiles):
+    argv = ["--rewards", "latent-b8", "pixel-b32", "--pipelines", "fast", "--out", str(tmp_path)]
+    report = reno_cost.main(argv)
+    out = capsys.readouterr().out
+    assert "CPU SMOKE TEST on tiny configs" in out and "nothing is timed" in out
+    assert "FLOOR per iteration" in out and "NOT a measurement" in out
+    assert "No CUDA device" in out
+
+    folder = tmp_path / "cpu-smoke"
+    for ext in ("json", "md", "png"):
+        assert (folder / f"reno_cost.{ext}").stat().st_size > 0
+    saved = json.loads((folder / "reno_cost.json").read_text())
+    assert saved["command"] == "python -m bench.reno_cost " + " ".join(argv)
+    assert saved["device"] is None and saved["mode"] == "cpu-smoke"
+    assert saved["weights"]["statement"] == "random weights"
+    assert {"torch", "diffusers", "open_clip"} <= set(saved["versions"]) and saved["date"]
+    assert saved["targets"] == "not measured"
+    assert [(r["pipeline"], r["reward"]) for r in saved["results"]] == [("fast", "latent-b8"), ("fast", "pixel-b32")]
+    for row in saved["results"]:
+        assert "losses finite: yes" in row["smoke"]
+        assert row["seconds_per_image"] == row["usd_per_1000_images"] == "not measured"
+    assert "vae_fwd" in saved["results"][1]["smoke"] and "vae_bwd" in saved["results"][1]["smoke"]
+    assert set(saved["floors"]) == set(all_profiles)  # --gpu auto without a GPU: a floor for every profile
+    h100 = {e["reward"]: e for e in saved["floors"]["h100"]}
+    assert 0 < h100["latent-b8"]["floor_s_per_image"] < h100["pixel-b32"]["floor_s_per_image"]
+    assert "NOT a measurement" in (folder / "reno_cost.md").read_text()
+    assert report["floor_iterations"] == 50
+
+
+@needs_no_cuda
+def test_cpu_smoke_with_a_named_profile_floors_only_that_one(tmp_path, capsys):
+    report = reno_cost.main(["--gpu", "l4", "--rewards", "latent-b8", "--pipelines", "fast", "--iterations", "1",
+                             "--out", str(tmp_path)])
+    assert list(report["floors"]) == ["l4"]
+    assert "floor for profile l4" in capsys.readouterr().out
+    assert report["floor_iterations"] == 1
+
+
+def test_profiles_have_sourced_peaks_and_prices(all_profiles):
+    assert {"a100", "h100", "h200", "l4", "rtx4090"} <= set(all_profiles)
+    for p in all_profiles.values():
+        assert p.peak_bf16_tflops > 0 and p.memory_bandwidth_tbs > 0 and p.memory_gb > 0 and p.spec_source
+        assert (p.price_per_hour_usd is None) == (p.price_text == "price: not sourced")
+        if p.price_per_hour_usd is not None:
+            assert p.price_source and p.price_date
+    assert all_profiles["h100"].peak_bf16_tflops == 989 and all_profiles["h200"].memory_bandwidth_tbs == 4.8
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100"),
+    ("NVIDIA L4", "l4"), ("NVIDIA GeForce RTX 4090", "rtx4090"),
+    ("NVIDIA H100 PCIe", None), ("NVIDIA A100-SXM4-40GB", None), ("NVIDIA GeForce RTX 4090 D", None), ("Tesla T4", None),
+])
+def test_profile_detection(all_profiles, device, expected):
+    found = profiles.detect(device, all_profiles)
+    assert (found.name if found else None) == expected
+
+
+def test_mismatch_is_said_plainly_and_figures_keep_their_gpu(all_profiles):
+    sel = profiles.select("h100", "NVIDIA H200", all_profiles)
+    assert sel.measured.name == "h200" and [p.name for p in sel.floor] == ["h100", "h200"]
+    assert "You asked for --gpu h100" in sel.message and "never as h100's" in sel.message
+
+    sel = profiles.select("a100", "NVIDIA A10G", all_profiles)
+    assert sel.measured is None and "no profile" in sel.message
+
+    sel = profiles.select("auto", "NVIDIA H100 80GB HBM3", all_profiles)
+    assert sel.measured.name == "h100" and "Detected" in sel.message
+    with pytest.raises(ValueError, match="unknown GPU profile"):
+        profiles.select("v100", None, all_profiles)
+
+
+def test_bad_profile_files_get_clear_errors(tmp_path, all_profiles):
+    good = json.loads((profiles.PROFILES_DIR / "l4.json").read_text())
+    (tmp_path / "l4.json").write_text(json.dumps({k: v for k, v in good.items() if k != "memory_gb"}))
+    with pytest.raises(ValueError, match="lacks .*memory_gb"):
+        profiles.load_profiles(tmp_path)
+    (tmp_path / "l4.json").write_text(json.dumps({**good, "price_per_hour_usd": None, "price_date": None}))
+    assert profiles.load_profiles(tmp_path)["l4"].price_text == "price: not sourced"
+    (tmp_path / "l4.json").write_text(json.dumps({**good, "price_date": None}))
+    with pytest.raises(ValueError, match="price_date"):
+        profiles.load_profiles(tmp_path)
+
+
+def _measured(pipeline, reward, seconds, peak):
+    return {"pipeline": pipeline, "reward": reward, "seconds_per_image": seconds, "peak_allocated_gib": peak}
+
+
+def test_prices_savings_and_targets_from_measured_rows(all_profiles):
+    rows = [_measured("paper", "pixel-b32", 12.0, 20.0), _measured("paper", "latent-b8", 4.0, 12.0),
+            _measured("fast", "pixel-b32", 3.0, 30.0), _measured("fast", "latent-b8", 2.0, 25.0),
+            _measured("fast", "latent-b8", 1.0, 24.0)]
+    h100 = all_profiles["h100"]
+    reno_cost.add_savings(rows, h100)
+    assert rows[1]["saved_vs_pixel_b32_pct"] == pytest.approx(100 * (1 - 4 / 12))
+    assert rows[0]["usd_per_1000_images"] == pytest.approx(h100.price_per_hour_usd * 12.0 / 3600 * 1000)
+    unpriced = [_measured("fast", "pixel-b32", 3.0, 1.0)]
+    reno_cost.add_savings(unpriced, None)
+    assert unpriced[0]["usd_per_1000_images"].startswith("no profile")
+
+    targets = {t["target"]: t for t in reno_cost.evaluate_targets(rows, "NVIDIA H100 80GB HBM3")}
+    assert targets["fast: latent-b8 cheaper per image than pixel-b32"]["value"] == "3.00x"  # the fastest backend
+    assert targets["fast: latent-b8 cheaper per image than pixel-b32"]["met"]
+    assert targets["paper: latent-b8 peak VRAM (allocated) lower than pixel-b32"]["value"] == "40.0%"
+    assert not targets["fast: latent-b8 peak VRAM (allocated) lower than pixel-b32"]["met"]
+    assert targets["latent-b8: fast pipeline cheaper per image than paper-style"]["value"] == "4.00x"
+    assert targets["pixel-b32: fast pipeline cheaper per image than paper-style"]["met"] is True
+
+
+def test_floor_is_a_roofline_over_components(all_profiles):
+    p = all_profiles["h100"]
+    compute_bound = flops.Work("a", forward_flops=10**12, total_flops=3 * 10**12, weight_bytes=10**6)
+    memory_bound = flops.Work("b", forward_flops=10**6, total_flops=2 * 10**6, weight_bytes=10**9)
+    f = flops.floor([compute_bound, memory_bound], p, iterations=50)
+    full = 3e12 / 989e12 + 2e9 / 3.35e12
+    last = 1e12 / 989e12 + 1e9 / 3.35e12
+    assert f.per_iteration_s == pytest.approx(full)
+    assert f.per_image_s == pytest.approx(49 * full + last)
+
+
+def test_counted_work_matches_the_reference_counts():
+    unet = flops.unet_work(False)
+    assert unet.forward_flops / 1e12 == pytest.approx(1.59, rel=0.01)  # reference: 1.59 TFLOP at 512 px
+    assert unet.weight_bytes == pytest.approx(2 * 2.567e9, rel=0.001)
+    latent = flops.latent_tower_work(REWARDS["latent-b8"].model, False)
+    assert latent.forward_flops / 1e9 == pytest.approx(11.1, rel=0.02)  # ~11.1 GFLOP, 65 tokens
+    assert latent.weight_bytes == pytest.approx(2 * 85.7e6, rel=0.01)
+    # frozen weights: the backward is the input gradient only, about one more forward
+    assert 1.9 < latent.total_flops / latent.forward_flops < 2.1
+    assert flops.latent_tower_work(REWARDS["latent-b8"].model, True).total_flops == pytest.approx(
+        latent.total_flops + latent.forward_flops, rel=0.01)  # checkpointing recomputes the forward once
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_measured_run_is_self_consistent(tmp_path):
+    report = reno_cost.main(["--iterations", "4", "--images", "2", "--warmup", "2", "--rewards", "latent-b8", "pixel-b32",
+                             "--out", str(tmp_path)])
+    assert report["mode"] == "measured" and report["device"] == torch.cuda.get_device_name()
+    for row in report["results"]:
+        assert isinstance(row["seconds_per_image"], float) and row["peak_allocated_gib"] > 0
+        phases = row["breakdown_ms"]
+        assert {"unet_fwd", "reward_fwd", "reward_bwd", "unet_bwd", "optimizer"} <= set(phases)
+        assert ({"vae_fwd", "vae_bwd"} <= set(phases)) == (row["kind"] == "pixel")
+        # phases tile the iteration; 3 full iterations and a forward-only one make up the image
+        assert sum(phases.values()) == pytest.approx(row["iteration_ms_median"], rel=0.2)
+        assert 3 * row["iteration_ms_median"] / 1000 < row["seconds_per_image"] < 4.5 * row["iteration_ms_median"] / 1000
+    assert isinstance(report["targets"], list) and report["targets"]

@@ -1,0 +1,312 @@
+"""fastlclip.reno on tiny configs: the one-step generator, the ReNO loop, rewards and checkpointing."""
+
+import importlib.util
+import math
+import warnings
+
+import pytest
+import torch
+
+from bench import tiny
+from fastlclip import reno
+
+PROMPT = "a red dog and a green cat"
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=tiny.IMAGE_SIZE, width=tiny.IMAGE_SIZE)
+
+
+class Target:
+    """A simple differentiable stand-in reward: mean squared distance of the latents to a constant."""
+
+    name = "target"
+
+    def __init__(self, value=1.0, weighting=1.0, scale=1.0):
+        self.value, self.weighting, self.scale = value, weighting, scale
+
+    def __call__(self, latents, prompt):
+        return self.scale * (latents - self.value).pow(2).mean()
+
+
+class Scripted:
+    """Loss = a scripted offset per call (plus a tiny differentiable term); records the latents it saw."""
+
+    name = "scripted"
+    weighting = 1.0
+
+    def __init__(self, offsets):
+        self.offsets, self.seen = list(offsets), []
+
+    def __call__(self, latents, prompt):
+        self.seen.append(latents.detach().clone())
+        return 1e-6 * latents.pow(2).mean() + self.offsets[len(self.seen) - 1]
+
+
+def latent_clip_reward():
+    import fastlclip
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*weights are random")
+        return fastlclip.LatentCLIPReward(fastlclip.load(tiny.LATENT_CLIP))
+
+
+def pixel_clip_reward(vae):
+    import fastlclip
+
+    torch.manual_seed(0)
+    return fastlclip.PixelCLIPReward(vae, tiny.open_clip_model())
+
+
+def test_generator_is_one_euler_ancestral_trailing_step_at_999(generator):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    cond = generator.encode_prompt(PROMPT)
+    noise = torch.randn(generator.latent_shape, generator=torch.Generator().manual_seed(1))
+    sched = EulerAncestralDiscreteScheduler.from_config(reno.SDXL_TURBO_SCHEDULER)
+    sched.set_timesteps(1)
+    t = sched.timesteps[0]
+    assert float(t) == 999.0 and generator.timestep == 999.0
+    x = noise * sched.init_noise_sigma
+    with torch.no_grad():
+        eps = generator.unet(sched.scale_model_input(x, t), t, encoder_hidden_states=cond.prompt_embeds,
+                             added_cond_kwargs={"text_embeds": cond.pooled_prompt_embeds, "time_ids": cond.time_ids}).sample
+        expected = sched.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+        got = generator(noise, cond)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_random_prompt_embeddings_are_plain_and_deterministic(generator):
+    a, b, c = generator.encode_prompt(PROMPT), generator.encode_prompt(PROMPT), generator.encode_prompt("a boat")
+    assert a.random and generator.random_prompt and generator.random_weights
+    assert torch.equal(a.prompt_embeds, b.prompt_embeds) and not torch.equal(a.prompt_embeds, c.prompt_embeds)
+    assert a.prompt_embeds.shape == (1, 77, tiny.UNET["cross_attention_dim"])
+    assert a.pooled_prompt_embeds.shape == (1, 16)
+    assert a.time_ids.tolist() == [[64, 64, 0, 0, 64, 64]]
+
+
+def test_loop_decreases_a_simple_reward(generator):
+    result = reno.optimize(generator, Target(), PROMPT, iterations=15, seed=0, progress=False)
+    assert len(result.losses) == 15
+    assert result.best_loss < 0.5 * result.losses[0]
+    assert result.best_loss == min(result.losses)
+
+
+def test_best_iterate_is_kept(generator):
+    offsets = [5.0, 3.0, -2.0, 4.0, 1.0]
+    reward = Scripted(offsets)
+    result = reno.optimize(generator, reward, PROMPT, iterations=len(offsets), progress=False)
+    assert result.best_iteration == 2
+    assert result.best_loss == pytest.approx(min(result.losses)) and result.best_loss < -1.9
+    torch.testing.assert_close(result.best_latents, reward.seen[2])
+    with torch.no_grad():  # the kept noise regenerates the kept latents
+        torch.testing.assert_close(generator(result.best_noise, generator.encode_prompt(PROMPT)), reward.seen[2])
+
+
+def test_weighted_sum(generator):
+    a, b = Target(1.0, weighting=0.3), Target(-1.0, weighting=2.0)
+    latents = torch.randn(generator.latent_shape)
+    combined = reno.WeightedReward([a, b])
+    assert combined.weights == [0.3, 2.0] and combined.weighting == 1.0
+    torch.testing.assert_close(combined(latents, PROMPT), 0.3 * a(latents, PROMPT) + 2.0 * b(latents, PROMPT))
+    torch.testing.assert_close(reno.WeightedReward([a, b], [1.0, -1.0])(latents, PROMPT), a(latents, PROMPT) - b(latents, PROMPT))
+
+    result = reno.optimize(generator, [a, b], PROMPT, iterations=3, progress=False)
+    comps = list(result.component_losses.values())
+    for i in range(3):
+        assert result.losses[i] == pytest.approx(0.3 * comps[0][i] + 2.0 * comps[1][i], rel=1e-6)
+
+
+@pytest.mark.parametrize("grad_clip, scale", [(0.1, 1e3), (None, 1e-3)])
+def test_first_step_is_clipped_nesterov_sgd_on_reward_plus_regulariser(generator, grad_clip, scale):
+    lr, momentum, reg = 5.0, 0.9, 0.01
+    noise0 = torch.randn(generator.latent_shape, generator=torch.Generator().manual_seed(3))
+    reward = Target(scale=scale)
+
+    n = noise0.clone().requires_grad_(True)
+    loss = reward(generator(n, generator.encode_prompt(PROMPT)), PROMPT) + reno.norm_regularizer(n, reg)
+    (g,) = torch.autograd.grad(loss, n)
+    if grad_clip is not None:
+        assert g.norm() > 10 * grad_clip  # the clip matters
+        g = g * (grad_clip / g.norm())
+    expected = noise0 - lr * (1 + momentum) * g  # Nesterov's first step: g + momentum * (buffer = g)
+
+    scripted = Scripted([0.0, -100.0])  # make iteration 1 the best so its noise is returned
+    result = reno.optimize(generator, [reward, scripted], PROMPT, iterations=2, noise=noise0, lr=lr, momentum=momentum,
+                           grad_clip=grad_clip, reg_weight=reg, progress=False)
+    assert result.best_iteration == 1
+    torch.testing.assert_close(result.best_noise, expected, rtol=1e-4, atol=1e-4)
+    if grad_clip is not None:
+        assert (result.best_noise - noise0).norm().item() == pytest.approx(lr * (1 + momentum) * grad_clip, rel=1e-4)
+
+
+def test_regulariser_matches_float64_hand_computation():
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.7
+    d = 4 * 8 * 8
+    norm = math.sqrt(sum(float(v) ** 2 for v in z.double().flatten()))
+    expected = 0.01 * (0.5 * norm**2 - (d - 1) * math.log(norm))
+    got = reno.norm_regularizer(z, 0.01)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+
+
+def _grad_and_forward_counts(generator, rewards, checkpointing):
+    """Gradient of the summed rewards w.r.t. the noise, and how often each watched module ran forward."""
+    latent, pixel = rewards
+    watched = {"unet": generator.unet.down_blocks[0].resnets[0], "vae": generator.vae.decoder.up_blocks[0].resnets[0],
+               "latent tower": latent.model.visual.latent_vit.transformer,
+               "clip block": pixel.model.visual.transformer.resblocks[0]}
+    counts = dict.fromkeys(watched, 0)
+    # Pre-hooks: a checkpoint's recomputation may stop before a module returns, never before it starts.
+    handles = [m.register_forward_pre_hook(lambda *a, k=k: counts.__setitem__(k, counts[k] + 1)) for k, m in watched.items()]
+    try:
+        generator.set_gradient_checkpointing(checkpointing)
+        combined = reno.WeightedReward(rewards)
+        wrap = reno.set_reward_checkpointing(combined.rewards, checkpointing)
+        noise = torch.randn(generator.latent_shape, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+        combined.losses(generator(noise, generator.encode_prompt(PROMPT)), PROMPT, wrap).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+        generator.set_gradient_checkpointing(False)
+        reno.set_reward_checkpointing(rewards, False)
+    return noise.grad, counts, wrap
+
+
+def test_checkpointing_recomputes_and_gives_the_same_gradients(generator):
+    rewards = [latent_clip_reward(), pixel_clip_reward(generator.vae)]
+    g0, c0, wrap0 = _grad_and_forward_counts(generator, rewards, False)
+    g1, c1, wrap1 = _grad_and_forward_counts(generator, rewards, True)
+    assert set(c0.values()) == {1}
+    assert c1 == dict.fromkeys(c1, 2), c1  # each checkpointed forward ran again in backward
+    assert wrap0 == [False, False] and wrap1 == [True, False]  # open_clip checkpoints per block itself
+    assert g0.abs().max() > 0
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+
+
+def test_real_rewards_in_the_loop(generator):
+    rewards = [latent_clip_reward(), pixel_clip_reward(generator.vae)]
+    for checkpointing in (False, True):
+        result = reno.optimize(generator, rewards, PROMPT, iterations=3, gradient_checkpointing=checkpointing,
+                               decode=True, progress=False)
+        assert all(math.isfinite(v) for v in result.losses)
+        assert list(result.component_losses) == ["latent_clip", "pixel_clip"]
+        assert result.image.shape == (1, 3, 64, 64) and 0 <= result.image.min() and result.image.max() <= 1
+        assert result.random_prompt
+        assert generator.unet.is_gradient_checkpointing is checkpointing
+        assert rewards[1].vae.is_gradient_checkpointing is checkpointing
+
+
+def test_phase_timer_sees_every_phase(generator):
+    from bench.timing import PhaseLog
+
+    log = PhaseLog()
+    reno.optimize(generator, Target(), PROMPT, iterations=2, progress=False, timer=log)
+    assert log.iterations[0] == ["unet_fwd", "reward_fwd", "optimizer", "reward_bwd", "unet_bwd", "optimizer"]
+    assert log.iterations[1] == ["unet_fwd", "reward_fwd", "optimizer"]  # the last evaluation takes no step
+    assert set(log.iterations[0]) == set(reno.PHASES)
+
+
+def test_bad_input_gets_clear_errors(generator, tmp_path):
+    with pytest.raises(ValueError, match="non-empty string"):
+        reno.optimize(generator, Target(), "  ", progress=False)
+    with pytest.raises(ValueError, match="iterations"):
+        reno.optimize(generator, Target(), PROMPT, iterations=0, progress=False)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        reno.optimize(generator, Target(), PROMPT, noise=torch.randn(1, 4, 16, 16), progress=False)
+    with pytest.raises(ValueError, match="momentum"):
+        reno.optimize(generator, Target(), PROMPT, momentum=0.0, progress=False)
+    with pytest.raises(ValueError, match="grad_clip"):
+        reno.optimize(generator, Target(), PROMPT, grad_clip=0.0, progress=False)
+    with pytest.raises(TypeError, match=r"\.name"):
+        reno.optimize(generator, lambda latents, prompt: latents.sum(), PROMPT, progress=False)
+    with pytest.raises(ValueError, match="scalar"):
+        reno.optimize(generator, Target(scale=torch.ones(2)), PROMPT, iterations=1, progress=False)
+    with pytest.raises(ValueError, match="at least one reward"):
+        reno.WeightedReward([])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=60, width=64)
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        reno.OneStepGenerator.from_pretrained(tmp_path)
+    no_vae = reno.OneStepGenerator(generator.unet, random_weights=True, height=64, width=64)
+    with pytest.raises(ValueError, match="VAE"):
+        reno.optimize(no_vae, Target(), PROMPT, iterations=1, decode=True, progress=False)
+
+
+def _tiny_sdxl_folder(path):
+    """A tiny SDXL pipeline saved as a diffusers folder (two CLIP text encoders of width 16, a 52-token BPE vocab)."""
+    import json
+    import string
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=77)
+    torch.manual_seed(0)
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=len(vocab),
+                max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**tiny.VAE), unet=UNet2DConditionModel(**tiny.UNET),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=16)),
+        tokenizer=tokenizer, tokenizer_2=tokenizer,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1))
+    pipe.save_pretrained(path / "sdxl")
+    return pipe, path / "sdxl"
+
+
+def test_from_pretrained_matches_the_diffusers_sdxl_pipeline(tmp_path):
+    pytest.importorskip("transformers", reason="real SDXL weights need the SDXL text encoders (transformers)")
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe, folder = _tiny_sdxl_folder(tmp_path)
+    gen = reno.OneStepGenerator.from_pretrained(folder, height=64, width=64)
+    assert not gen.random_weights and not gen.random_prompt
+    cond = gen.encode_prompt(PROMPT)
+    embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    assert torch.equal(cond.prompt_embeds, embeds) and torch.equal(cond.pooled_prompt_embeds, pooled) and not cond.random
+
+    # ReNO's SDXL-Turbo setting: EulerAncestral, trailing spacing, one step, no guidance
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    noise = torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(0))
+    expected = pipe(PROMPT, height=64, width=64, num_inference_steps=1, guidance_scale=0.0, latents=noise,
+                    output_type="latent").images
+    with torch.no_grad():
+        torch.testing.assert_close(gen(noise, cond), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="checks the error without transformers")
+def test_from_pretrained_without_transformers_says_what_to_install(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ImportError, match="pip install transformers"):
+        reno.OneStepGenerator.from_pretrained(tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loop_on_cuda_in_bf16_starts_from_the_cpu_seeded_noise():
+    import fastlclip
+
+    gen = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=64, width=64, device="cuda", dtype=torch.bfloat16)
+    pixel = fastlclip.PixelCLIPReward(gen.vae, tiny.open_clip_model().to("cuda", torch.bfloat16))
+    result = reno.optimize(gen, [Target(), pixel], PROMPT, iterations=4, progress=False)
+    assert all(math.isfinite(v) for v in result.losses)
+    first = reno.optimize(gen, Target(), PROMPT, iterations=1, seed=0, progress=False)
+    torch.testing.assert_close(first.best_noise.cpu(), torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(0)))
+
+
+def test_compiled_unet_gives_the_same_losses():
+    gen = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=tiny.IMAGE_SIZE, width=tiny.IMAGE_SIZE)
+    eager = reno.optimize(gen, Target(), PROMPT, iterations=3, progress=False)
+    gen.compile(backend="eager")  # TorchDynamo capture without Inductor: cheap on a CPU
+    try:
+        compiled = reno.optimize(gen, Target(), PROMPT, iterations=3, progress=False)
+    finally:
+        torch._dynamo.reset()
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
