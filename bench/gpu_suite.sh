@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one call, for a lent H100/H200 (device tool) or any CUDA machine.
+#
+# Here, once:   ../shared/device/wheels.sh            (open_clip, diffusers, xformers wheels into .whl/)
+# Device call:  run(command="bash bench/gpu_suite.sh", carry=[".whl"], timeout_s=600)
+# Results land under $OUT (JSON, Markdown, PNG, logs, packed as results.tgz); a short table is printed
+# last. Copy them into profiles/results/<gpu>/ with the command above and commit.
+#
+# Steps (each under its own time limit, so one hang can't eat the call):
+#   1. pytest -m gpu: correctness on CUDA (bf16 included) + pytest-benchmark suites (--benchmark-json)
+#   2. python -m bench.kernels      attention / patch-embed kernels vs SDPA backends, xformers, torch
+#   3. python -m bench.reward       reward step latency and forward throughput per backend
+#   4. python -m bench.reno_cost    end-to-end ReNO cost per image, latent vs decode-then-CLIP
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fastlclip-gpu-out}
+RES=$OUT/results
+mkdir -p "$RES"
+export PYTHONUNBUFFERED=1
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+unset TRITON_INTERPRET
+
+{
+  echo "# fastlclip GPU suite"
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+  python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__)"
+  python3 -c "import diffusers, open_clip; print('diffusers', diffusers.__version__, '| open_clip', open_clip.__version__)" 2>&1
+  python3 -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1
+} > "$RES/env.txt"
+cat "$RES/env.txt"
+
+status=()
+step() {  # step NAME SECONDS CMD...: run, log to $RES/NAME.log, keep its exit code
+  local name=$1 secs=$2; shift 2
+  echo "== $name: $*" | tee -a "$RES/commands.txt"
+  local t0=$SECONDS
+  timeout "$secs" "$@" > "$RES/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$RES/$name.log"
+  status+=("$(printf '%-10s rc=%-4s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$*")")
+}
+
+step pytest   140 python3 -m pytest -m gpu -q -p no:cacheprovider tests --benchmark-json="$RES/pytest_benchmark.json"
+step kernels   90 python3 -m bench.kernels --out "$RES/kernels.json"
+step reward   150 python3 -m bench.reward --out "$RES/reward.json"
+step reno     170 python3 -m bench.reno_cost --images 2 --out "$RES"
+
+tar czf "$OUT/results.tgz" -C "$OUT" results
+echo
+echo "== summary (logs and JSON in results.tgz)"
+printf '%s\n' "${status[@]}"
