@@ -11,11 +11,14 @@ from .model import LatentCLIP
 from .model_configs import add_model_config, get_model_config, list_models
 from .inputs import SDXL_SCALING_FACTOR, tokenize
 from .rewards import LatentCLIPReward, PixelCLIPReward
+from .safety import LatentSafetyChecker, SafetyCallback, SafetyCheck, SafetyGuidance
+from .i2p import I2PPrompt, read_i2p
 from .zeroshot import ZeroShotClassifier, imagenet_classnames, imagenet_templates
 
 __version__ = "0.1.0"
 __all__ = [
-    "CheckpointError", "LatentCLIP", "LatentCLIPReward", "PixelCLIPReward", "SDXL_SCALING_FACTOR",
+    "CheckpointError", "I2PPrompt", "LatentCLIP", "LatentSafetyChecker", "SafetyCallback", "SafetyCheck",
+    "SafetyGuidance", "read_i2p", "LatentCLIPReward", "PixelCLIPReward", "SDXL_SCALING_FACTOR",
     "ZeroShotClassifier", "add_model_config", "get_model_config", "imagenet_classnames", "imagenet_templates",
     "list_models", "load", "tokenize",
 ]
