@@ -3,7 +3,6 @@
 On CPU this runs Triton's interpreter (TRITON_INTERPRET=1, set in conftest before any import).
 """
 
-import warnings
 
 import pytest
 import torch

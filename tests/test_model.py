@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastlclip
-from conftest import TINY, open_clip_reference, tiny_vae
+from conftest import TINY, tiny_vae
 
 LATENT = TINY["vision_cfg"]["image_size"] // 8
 
