@@ -2,17 +2,20 @@
 # Every GPU check and benchmark in one call, for a lent H100/H200 (device tool) or any CUDA machine.
 #
 # Here, once:   ../shared/device/wheels.sh            (open_clip, diffusers, xformers wheels into .whl/)
-# Device call:  run(command="bash bench/gpu_suite.sh", carry=[".whl"], timeout_s=600)
+# Device calls: run(command="bash bench/gpu_suite.sh 1", carry=[".whl"], timeout_s=600), then the same with 2
+#               (two parts, each under the 10-minute limit of one call; compiling is what takes long)
 # Results land under $OUT (JSON, Markdown, PNG, logs, packed as results.tgz); a short table is printed
 # last. Copy them into profiles/results/<gpu>/ with the command above and commit.
 #
 # Steps (each under its own time limit, so one hang can't eat the call):
-#   1. pytest -m gpu: correctness on CUDA (bf16 included) + pytest-benchmark suites (--benchmark-json)
-#   2. python -m bench.kernels      attention / patch-embed kernels vs SDPA backends, xformers, torch
-#   3. python -m bench.reward       reward step latency and forward throughput per backend
-#   4. python -m bench.reno_cost    end-to-end ReNO cost per image, latent vs decode-then-CLIP
+#   part 1: pytest -m gpu (correctness on CUDA, bf16 included, + pytest-benchmark suites, --benchmark-json)
+#           python -m bench.kernels   kernels vs SDPA backends, xformers, unfused torch
+#           python -m bench.reward    reward step / throughput: eager, triton, graph vs reference and decode+CLIP
+#   part 2: python -m bench.reward    the compile backend and torch.compile of the reference (slow to compile)
+#           python -m bench.reno_cost end-to-end ReNO cost per image, latent vs decode-then-CLIP
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PART=${1:?usage: bash bench/gpu_suite.sh 1|2}
 OUT=${OUT:-/tmp/fastlclip-gpu-out}
 RES=$OUT/results
 mkdir -p "$RES"
@@ -48,12 +51,16 @@ step() {  # step NAME SECONDS CMD...: run, log to $RES/NAME.log, keep its exit c
   status+=("$(printf '%-10s rc=%-4s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$*")")
 }
 
-step pytest   140 python3 -m pytest -m gpu -q -p no:cacheprovider tests --benchmark-json="$RES/pytest_benchmark.json"
-step kernels   90 python3 -m bench.kernels --out "$RES/kernels.json"
-step reward   150 python3 -m bench.reward --out "$RES/reward.json"
-step reno     170 python3 -m bench.reno_cost --images 2 --out "$RES"
+if [ "$PART" = 1 ]; then
+  step pytest  240 python3 -m pytest -m gpu -q -p no:cacheprovider tests --benchmark-json="$RES/pytest_benchmark.json"
+  step kernels 100 python3 -m bench.kernels --out "$RES/kernels.json"
+  step reward  200 python3 -m bench.reward --backends eager triton graph --compile-modes --baselines ViT-B-32 ViT-L-14 ViT-H-14 --out "$RES/reward.json"
+else
+  step reward_compile 300 python3 -m bench.reward --backends compile --baselines reference-compile --out "$RES/reward_compile.json"
+  step reno    260 python3 -m bench.reno_cost --images 2 --out "$RES"
+fi
 
-tar czf "$OUT/results.tgz" -C "$OUT" results
+tar czf "$OUT/results-part$PART.tgz" -C "$OUT" results
 echo
 echo "== summary (logs and JSON in results.tgz)"
 printf '%s\n' "${status[@]}"
