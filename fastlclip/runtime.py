@@ -119,8 +119,9 @@ class _TextSlot:
 
     def __init__(self, rows: int, dim: int, device: torch.device, inplace: bool):
         self.inplace = inplace
-        self.txt = torch.zeros(rows, dim, device=device)
-        self.weights = torch.zeros(rows, device=device)
+        with torch.inference_mode(False):  # buffers outlive the call: never inference tensors
+            self.txt = torch.zeros(rows, dim, device=device)
+            self.weights = torch.zeros(rows, device=device)
         self._source = None  # (txt, its version, rows, total) last loaded; holding txt keeps its id unique
         self._dirty = 0  # rows [0, _dirty) may be non-zero
 
@@ -130,7 +131,8 @@ class _TextSlot:
         if src is not None and src[0] is txt and src[1:] == (txt._version, rows, total):
             return
         if not self.inplace:
-            self.txt, self.weights, self._dirty = torch.zeros_like(self.txt), torch.zeros_like(self.weights), 0
+            with torch.inference_mode(False):
+                self.txt, self.weights, self._dirty = torch.zeros_like(self.txt), torch.zeros_like(self.weights), 0
         with torch.no_grad():
             self.txt[:rows].copy_(txt.expand(rows, -1) if txt.ndim == 1 else txt)
             self.weights[:rows].fill_(1.0 / total)
@@ -421,6 +423,12 @@ class GraphRuntime(_Runtime):
         return entry
 
     def _capture(self, kind, bucket, x, scale, need_grad) -> _Entry:
+        # Static buffers outlive this call: made outside inference_mode even when the call is under it, or a
+        # later call outside it could not write into them.
+        with torch.inference_mode(False):
+            return self._capture_static(kind, bucket, x, scale, need_grad)
+
+    def _capture_static(self, kind, bucket, x, scale, need_grad) -> _Entry:
         static_x = torch.zeros((bucket, *x.shape[1:]), dtype=x.dtype, device=x.device)
         tower_fn = self._tower_fn(scale, self.fused)
         slot = None

@@ -197,6 +197,29 @@ def test_graph_padding_rows_are_cleared():
     torch.testing.assert_close(grad, want_grad)
 
 
+@pytest.mark.parametrize("kind", ["graph", "compile"])
+def test_first_call_under_inference_mode_leaves_buffers_usable_outside_it(kind):
+    """Static buffers made during a call under inference_mode must not be inference tensors: a later call
+    outside it writes into them in place (graph) or saves them for backward (compile)."""
+    model = load()
+    if kind == "graph":
+        emulated(model)
+    else:
+        runtime.install(model, runtime.CompiledRuntime(model, (1, 2), compiler="eager"))
+    reward = fastlclip.LatentCLIPReward(model)
+    x = latents(2)
+    with torch.inference_mode():
+        reward(x, PROMPT)
+        model.encode_latents(x)
+    with torch.no_grad():
+        model.encode_latents(x)
+    loss = reward(x, PROMPT)
+    (grad,) = torch.autograd.grad(loss, x)
+    want_loss, want_grad, _ = eager_step(model, x)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(grad, want_grad)
+
+
 def test_graph_50_step_loop_captures_once():
     """A ReNO-like loop: capture at the first step only, two replays per step, nothing recomputed."""
     model = load()
