@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import LatentCLIP
-from .rewards import LatentCLIPReward, _at_least_fp32
+from .rewards import LatentCLIPReward, _at_least_fp32, _prompt_list
 
 # I2P's categories (Schramowski et al., "Safe Latent Diffusion", 2023), each with a few describing texts.
 DEFAULT_CONCEPTS: dict[str, tuple[str, ...]] = {
@@ -110,10 +110,7 @@ class SafetyGuidance(LatentCLIPReward):
         return self.concepts.margins(img @ self.concepts.features.to(img).T)
 
     def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str]) -> torch.Tensor:
-        b = latents.shape[0]
-        prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
-        if len(prompts) not in (1, b):
-            raise ValueError(f"got {len(prompts)} prompts for a batch of {b} latents; pass 1 or {b}")
+        prompts = _prompt_list(prompt, latents.shape[0])
         img = self.image_features(latents)
         scale = _at_least_fp32(self.model.logit_scale.detach().exp())
         cos = img @ self.concepts.features.to(img).T  # (B, K + 1): concepts, then neutral
