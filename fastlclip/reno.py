@@ -341,9 +341,10 @@ def optimize(generator: OneStepGenerator, rewards: Reward | Sequence[Reward], pr
 
     As ReNO: ``iterations`` evaluations, each followed by backward, ``clip_grad_norm_(grad_clip)`` and an
     SGD step except the last (whose update could not be evaluated). A list of rewards is summed with
-    their ``.weighting``. ``gradient_checkpointing`` sets checkpointing on the UNet and the rewards for
-    this call (see ``set_reward_checkpointing``). The loop itself never synchronises with the device: the best
-    iterate is tracked on it and losses come back once, at the end. ``noise`` (default: standard normal
+    their ``.weighting``. ``gradient_checkpointing`` turns checkpointing on or off on the UNet and the
+    rewards (see ``set_reward_checkpointing``) and leaves it so after the call. The loop itself never
+    synchronises with the device (a Latent-CLIP reward's NaN check does: ``model.check_finite = False``):
+    the best iterate is tracked on it and losses come back once, at the end. ``noise`` (default: standard normal
     from ``seed``, drawn on the CPU so every device starts alike) must have ``generator.latent_shape``.
     """
     if not isinstance(generator, OneStepGenerator):
