@@ -148,7 +148,8 @@ class PixelCLIPReward(_CLIPReward):
         top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
         x = x[..., top:top + self.image_size, left:left + self.image_size]
         if self.mean.device != x.device:  # move once: a host-to-device copy per call would sync every step
-            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+            with torch.inference_mode(False):  # kept for later calls, which may need them in autograd
+                self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
         return (x - self.mean) / self.std
 
     def _encode_latents(self, latents):
