@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.profiles import PROFILES_DIR, detect, load_profiles
+from fastlclip import SDXL_SCALING_FACTOR
 from fastlclip.kernels import _runtime, attention_packed, attention_torch, patch_embed, patch_embed_torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -39,7 +40,7 @@ HEAD_DIM = 64
 TEXT_LENGTH = 77  # causal, 8 heads (width 512); any other length: 12 heads (width 768), non-causal
 VISION_WIDTH = 768
 LATENT_SIDE = 64
-LATENT_SCALE = 1 / 0.13025  # diffusion-space latents, as in reward use
+LATENT_SCALE = 1 / SDXL_SCALING_FACTOR  # diffusion-space latents, as in reward use
 
 
 def main(argv: list[str] | None = None) -> int:
