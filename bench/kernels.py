@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench.profiles import PROFILES_DIR, detect, load_profiles
+from bench.profiles import PROFILES_DIR, detect, load_profiles, results_folder
 from fastlclip import SDXL_SCALING_FACTOR
 from fastlclip.kernels import _runtime, attention_packed, attention_torch, patch_embed, patch_embed_torch
 
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         add_peaks(row, profile)
 
-    short = profile.name if profile else re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    short = results_folder(profile, device_name)
     out = args.out or PROFILES_DIR / "results" / short / "kernels.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     import triton

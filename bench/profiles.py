@@ -76,6 +76,12 @@ def load_profiles(directory: Path = PROFILES_DIR) -> dict[str, Profile]:
     return {f.stem: load_profile(f) for f in files}
 
 
+def results_folder(profile: Profile | None, device_name: str) -> str:
+    """The folder name under ``profiles/results/`` for a run on ``device_name``: its profile's name, else the
+    device name made a slug (``"NVIDIA GH200 480GB"`` -> ``"nvidia-gh200-480gb"``)."""
+    return profile.name if profile else re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+
+
 def detect(device_name: str, profiles: dict[str, Profile]) -> Profile | None:
     """The profile whose patterns match ``device_name``; None when none does. Ambiguity is an error."""
     hits = [p for p in profiles.values() if p.matches(device_name)]

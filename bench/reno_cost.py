@@ -16,7 +16,6 @@ import argparse
 import datetime
 import gc
 import math
-import re
 import shlex
 import statistics
 import sys
@@ -27,7 +26,7 @@ import torch
 
 from . import flops, rewards as bench_rewards, tiny
 from .nvml import NvmlMonitor
-from .profiles import PROFILES_DIR, Profile, Selection, load_profiles, select
+from .profiles import PROFILES_DIR, Profile, Selection, load_profiles, results_folder, select
 from .timing import BREAKDOWN, CudaPhaseTimer, PhaseLog, instrument_vae, median_breakdown
 
 PIPELINES = {
@@ -426,10 +425,6 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -483,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "paper_saving": PAPER_SAVING,
         "targets": evaluate_targets(rows, device_name) if cuda else NOT_MEASURED,
     }
-    folder = selection.measured.name if selection.measured else (_slug(device_name) if cuda else "cpu-smoke")
+    folder = results_folder(selection.measured, device_name) if cuda else "cpu-smoke"
     paths = write_outputs(report, args.out / folder)
 
     print()

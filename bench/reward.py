@@ -53,7 +53,7 @@ import fastlclip
 from fastlclip import runtime
 
 from . import flops, rewards as bench_rewards, tiny
-from .profiles import PROFILES_DIR, Profile, load_profiles, select
+from .profiles import PROFILES_DIR, Profile, load_profiles, results_folder, select
 
 MODELS = {"Latent-ViT-B-8-512": "Latent-ViT-B/8", "Latent-ViT-B-4-512-plus": "Latent-ViT-B/4-plus"}
 BACKENDS = ("eager", "triton", "graph", "compile")
@@ -460,9 +460,7 @@ def write_report(rows: list[Row], checks: dict, argv: list[str], device_name: st
         "checks": [{"model": g, "system": s, **c} for (g, s), c in checks.items()],
         "rows": [asdict(r) for r in rows],
     }
-    gpu = (selection.measured.name if selection.measured
-           else re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-"))
-    out = out or PROFILES_DIR / "results" / gpu / "reward.json"
+    out = out or PROFILES_DIR / "results" / results_folder(selection.measured, device_name) / "reward.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     return out
