@@ -21,10 +21,14 @@ import torch
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_CONFIG_KEY = "fastlclip_config"
 
-# Published checkpoints: repo -> (file inside the repo, config name).
+# Published checkpoints: repo -> (config name, file inside the repo or None where it isn't known).
 PUBLISHED = {
-    "wendlerc/latent-clip-b-8-512-34b-80k": ("checkpoints/epoch_34.pt", "Latent-ViT-B-8-512"),
+    "wendlerc/latent-clip-b-8-512-34b-80k": ("Latent-ViT-B-8-512", "checkpoints/epoch_34.pt"),
+    "wendlerc/latent-clip-b-8-512-34b-40k": ("Latent-ViT-B-8-512", None),
+    "wendlerc/latent-clip-b-4-512-13b-80k": ("Latent-ViT-B-4-512", None),
+    "wendlerc/latent-clip-b-4-512-plus-13b-80k": ("Latent-ViT-B-4-512-plus", None),
 }
+# Tried in order when neither the spec nor PUBLISHED names the file.
 _DEFAULT_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "checkpoints/epoch_34.pt")
 
 
@@ -91,7 +95,12 @@ def _hub_download(spec: str) -> Path:
     if len(parts) < 2:
         raise CheckpointError(f"{spec!r}: expected hf-hub:<owner>/<repo>[/<file>]")
     repo = "/".join(parts[:2])
-    files = ["/".join(parts[2:])] if len(parts) > 2 else [PUBLISHED.get(repo, (None,))[0]] if repo in PUBLISHED else list(_DEFAULT_HUB_FILES)
+    if len(parts) > 2:
+        files = ["/".join(parts[2:])]
+    elif PUBLISHED.get(repo, (None, None))[1]:
+        files = [PUBLISHED[repo][1]]
+    else:
+        files = list(_DEFAULT_HUB_FILES)
     from huggingface_hub import hf_hub_download
 
     errors = []

@@ -117,8 +117,8 @@ def infer_config_name(sd, meta, pretrained) -> str:
     if ckpt.SAFETENSORS_CONFIG_KEY in meta:
         return meta[ckpt.SAFETENSORS_CONFIG_KEY]
     spec = str(pretrained)
-    for repo, (_, cfg_name) in ckpt.PUBLISHED.items():
-        if spec.startswith("hf-hub:" + repo):
+    for repo, (cfg_name, _) in ckpt.PUBLISHED.items():
+        if spec == "hf-hub:" + repo or spec.startswith(f"hf-hub:{repo}/"):
             return cfg_name
     fits = configs_fitting(sd)
     if len(fits) != 1:

@@ -122,6 +122,12 @@ def test_hf_hub_offline_not_cached_names_repo_and_file(tmp_path, monkeypatch):
         fastlclip.load(None, "hf-hub:wendlerc/latent-clip-b-8-512-34b-80k")
 
 
+def test_hf_hub_repo_without_known_file_lists_candidates(tmp_path, monkeypatch):
+    _reload_hub_constants(monkeypatch, tmp_path / "hf")
+    with pytest.raises(CheckpointError, match=r"latent-clip-b-4-512-plus-13b-80k.*open_clip_model.safetensors.*epoch_34.pt"):
+        fastlclip.load(None, "hf-hub:wendlerc/latent-clip-b-4-512-plus-13b-80k")
+
+
 def test_hf_hub_resolves_from_cache_offline(official_ckpt, tmp_path, monkeypatch):
     cache = tmp_path / "hf" / "hub"
     snap = cache / "models--org--tiny" / "snapshots" / ("a" * 40)
