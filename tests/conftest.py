@@ -91,3 +91,14 @@ def tiny_model():
 
     with pytest.warns(UserWarning, match="random"):
         return fastlclip.load(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _restore_model_registry():
+    """Configs a test registers with fastlclip.add_model_config don't leak into other tests."""
+    from fastlclip import model_configs
+
+    saved = dict(model_configs._REGISTRY)
+    yield
+    model_configs._REGISTRY.clear()
+    model_configs._REGISTRY.update(saved)
