@@ -211,6 +211,10 @@ class LatentCLIP(nn.Module):
         when the checkpoint has none. ``sample=False`` takes the posterior mean, ``True`` a sample.
         """
         inputs.check_pixels(pixels)
+        px = self.latent_size * 8
+        if tuple(pixels.shape[-2:]) != (px, px):
+            raise ValueError(f"images are {pixels.shape[-2]}x{pixels.shape[-1]} px, this model expects {px}x{px} "
+                             f"(its {self.latent_size}x{self.latent_size} latents); resize or centre-crop first")
         self._check_device(pixels, "pixels")
         x = pixels * 2 - 1
         if vae is not None:

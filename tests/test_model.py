@@ -125,6 +125,8 @@ def test_encode_images_errors(tiny_model):
         tiny_model.encode_images(torch.rand(1, 3, 128, 128) * 255)
     with pytest.raises(ValueError, match="RGB"):
         tiny_model.encode_images(torch.rand(1, 4, 128, 128))
+    with pytest.raises(ValueError, match="images are 256x256 px, this model expects 128x128"):
+        tiny_model.encode_images(torch.rand(1, 3, 256, 256))
 
 
 def test_all_shipped_configs_build():
