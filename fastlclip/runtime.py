@@ -668,11 +668,12 @@ def choose_backend(model: LatentCLIP, *, cache_path: Path | None = None, refresh
 def time_backends(model: LatentCLIP, backends=BACKENDS, *, trials: int = 5, steps: int = 20) -> tuple[dict, dict]:
     """Median ms of one batch-1 reward step (forward + backward to the latents) per backend, CUDA events
     over back-to-back steps; failures by backend. Leaves the model on ``"eager"`` with its weights'
-    ``requires_grad`` as they were."""
+    ``requires_grad`` and its train/eval mode as they were."""
     from .kernels import kernels_available
     from .rewards import LatentCLIPReward
 
     flags = [p.requires_grad for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
     check_finite = model.check_finite
     times, failures = {}, {}
     try:
@@ -700,6 +701,8 @@ def time_backends(model: LatentCLIP, backends=BACKENDS, *, trials: int = 5, step
         model.check_finite = check_finite
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
+        for m, training in zip(model.modules(), modes):  # LatentCLIPReward put it in eval mode
+            m.training = training
     return times, failures
 
 

@@ -364,6 +364,19 @@ def test_auto_uses_the_cached_choice(tmp_path, monkeypatch):
     assert json.loads(path.read_text())[key]["reward_step_ms"] == {"eager": 2.0, "graph": 1.0}
 
 
+def test_time_backends_leaves_the_model_as_it_was():
+    """Off CUDA the timing itself fails (recorded as a failure); the model's state is restored either way."""
+    model = load()
+    model.train()
+    model.visual.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    times, failures = runtime.time_backends(model, ("eager",), trials=1, steps=1)
+    assert set(times) | set(failures) == {"eager"}
+    assert all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert model.check_finite and model.backend == "eager" and model.runtime is None
+
+
 def test_default_cache_path(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTLCLIP_CACHE_DIR", str(tmp_path))
     assert runtime.default_cache_path() == tmp_path / "backends.json"
