@@ -28,12 +28,6 @@ class Profile:
     def matches(self, device_name: str) -> bool:
         return any(re.search(p, device_name, re.IGNORECASE) for p in self.device_name_patterns)
 
-    @property
-    def price_text(self) -> str:
-        if self.price_per_hour_usd is None:
-            return "price: not sourced"
-        return f"${self.price_per_hour_usd:.3f}/h ({self.price_source}; {self.price_date})"
-
 
 def load_profile(path: Path) -> Profile:
     """Read and validate one profile file."""

@@ -59,7 +59,6 @@ def test_profiles_have_sourced_peaks_and_prices(all_profiles):
     assert {"a100", "h100", "h200", "l4", "rtx4090"} <= set(all_profiles)
     for p in all_profiles.values():
         assert p.peak_bf16_tflops > 0 and p.memory_bandwidth_tbs > 0 and p.memory_gb > 0 and p.spec_source
-        assert (p.price_per_hour_usd is None) == (p.price_text == "price: not sourced")
         if p.price_per_hour_usd is not None:
             assert p.price_source and p.price_date
     assert all_profiles["h100"].peak_bf16_tflops == 989 and all_profiles["h200"].memory_bandwidth_tbs == 4.8
@@ -95,7 +94,7 @@ def test_bad_profile_files_get_clear_errors(tmp_path, all_profiles):
     with pytest.raises(ValueError, match="lacks .*memory_gb"):
         profiles.load_profiles(tmp_path)
     (tmp_path / "l4.json").write_text(json.dumps({**good, "price_per_hour_usd": None, "price_date": None}))
-    assert profiles.load_profiles(tmp_path)["l4"].price_text == "price: not sourced"
+    assert profiles.load_profiles(tmp_path)["l4"].price_per_hour_usd is None
     (tmp_path / "l4.json").write_text(json.dumps({**good, "price_date": None}))
     with pytest.raises(ValueError, match="price_date"):
         profiles.load_profiles(tmp_path)
