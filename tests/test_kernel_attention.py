@@ -2,8 +2,6 @@
 
 # tests/conftest.py sets TRITON_INTERPRET=1 where no GPU is visible, before anything imports Triton.
 import math
-import os
-import subprocess
 import sys
 import warnings
 
@@ -12,6 +10,7 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed: the kernel tests need it")
 
+from conftest import compile_kernels_for_sm90
 from fastlclip.kernels import _runtime, attention, attention_packed, attention_torch, kernels_available  # noqa: E402
 
 # The package exports the function `attention`, which shadows the submodule of the same name.
@@ -179,21 +178,6 @@ def test_attention_torch_matches_reference():
         assert (attention_torch(q, k, v, causal=causal) - reference(q, k, v, causal)).abs().max() < 1e-12
 
 
-COMPILE_FOR_SM90 = """
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import fastlclip.kernels
-module = sys.modules["fastlclip.kernels.attention"]
-for name, pointers, floats, constexprs in {cases!r}:
-    kernel = getattr(module, name)
-    signature = {{a: "constexpr" if a in constexprs else "*" + pointers[a] if a in pointers
-                 else "fp32" if a in floats else "i32" for a in kernel.arg_names}}
-    triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=4, num_stages=2))
-"""
-
 
 @pytest.mark.skipif(not _runtime.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
 def test_kernels_compile_for_gpu():
@@ -207,7 +191,4 @@ def test_kernels_compile_for_gpu():
         ("_attn_bwd_dkdv_kernel", dict(io, dk_ptr="bf16", dv_ptr="bf16"), ("sm_scale", "qk_scale"), blocks),
         ("_attn_bwd_dq_kernel", dict(io, dq_ptr="bf16"), ("sm_scale", "qk_scale"), blocks),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90.format(cases=cases)], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    compile_kernels_for_sm90("fastlclip.kernels.attention", cases, num_warps=4)

@@ -1,8 +1,6 @@
 """The fused patch-embedding kernel against a float64 reference (CPU interpreter, or CUDA if present)."""
 
 # tests/conftest.py sets TRITON_INTERPRET=1 where no GPU is visible, before anything imports Triton.
-import os
-import subprocess
 import sys
 import warnings
 
@@ -11,6 +9,7 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed: the kernel tests need it")
 
+from conftest import compile_kernels_for_sm90
 from fastlclip.kernels import _runtime, patch_embed, patch_embed_torch  # noqa: E402
 
 # The package exports the function `patch_embed`, which shadows the submodule of the same name.
@@ -172,21 +171,6 @@ def test_fallback_warns_once_and_matches(monkeypatch):
         patch_embed(latents, *params)  # warned already: silent
 
 
-COMPILE_FOR_SM90 = """
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import fastlclip.kernels
-module = sys.modules["fastlclip.kernels.patch_embed"]
-for name, pointers, floats, constexprs in {cases!r}:
-    kernel = getattr(module, name)
-    signature = {{a: "constexpr" if a in constexprs else "*" + pointers[a] if a in pointers
-                 else "fp32" if a in floats else "i32" for a in kernel.arg_names}}
-    triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=8, num_stages=2))
-"""
-
 
 @pytest.mark.skipif(not _runtime.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
 def test_kernels_compile_for_gpu():
@@ -199,7 +183,4 @@ def test_kernels_compile_for_gpu():
         ("_patch_embed_bwd_kernel", dict(params, x_ptr="fp32", dout_ptr="bf16", dx_ptr="fp32"), ("scale", "eps"),
          blocks),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90.format(cases=cases)], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    compile_kernels_for_sm90("fastlclip.kernels.patch_embed", cases, num_warps=8)
