@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import inspect
 import math
 import shlex
 import statistics
@@ -210,6 +211,16 @@ def run_smoke(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     info = {"generator": "tiny SDXL-style UNet and VAE (bench/tiny.py), random weights, random prompt embeddings; CPU, float32",
             "latent_backend": "eager (CPU)", "dtype": "float32"}
     return rows, info
+
+
+def optimizer_text() -> str:
+    """The optimiser settings the runs use: ``reno.optimize``'s defaults (``_run_once`` passes none of them)."""
+    from fastlclip import reno
+
+    d = {k: p.default for k, p in inspect.signature(reno.optimize).parameters.items()}
+    clip = "no grad-norm clip" if d["grad_clip"] is None else f"grad-norm clip {d['grad_clip']:g}"
+    return (f"SGD lr {d['lr']:g}, {'Nesterov ' if d['nesterov'] else ''}momentum {d['momentum']:g}, {clip}, "
+            f"norm regulariser {d['reg_weight']:g}")
 
 
 def _generator_text(generator, args) -> str:
@@ -470,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "prompt": args.prompt, "pipelines": args.pipelines, "rewards": args.rewards, "dtype": info["dtype"],
                      "latent_backend_requested": args.latent_backend, "latent_backend": info["latent_backend"],
                      "compile_unet": bool(args.compile_unet and cuda), "resolution": "512x512" if cuda else "64x64 (tiny)",
-                     "optimizer": "SGD lr 5, Nesterov momentum 0.9, grad-norm clip 0.1, norm regulariser 0.01"},
+                     "optimizer": optimizer_text()},
         "results": rows,
         "floors": floors,
         "floor_iterations": floor_iterations,

@@ -164,3 +164,16 @@ def test_measured_run_is_self_consistent(tmp_path):
         assert sum(phases.values()) == pytest.approx(row["iteration_ms_median"], rel=0.2)
         assert 3 * row["iteration_ms_median"] / 1000 < row["seconds_per_image"] < 4.5 * row["iteration_ms_median"] / 1000
     assert isinstance(report["targets"], list) and report["targets"]
+
+
+def test_optimizer_text_follows_reno_optimize_defaults(monkeypatch):
+    from fastlclip import reno
+
+    assert reno_cost.optimizer_text() == "SGD lr 5, Nesterov momentum 0.9, grad-norm clip 0.1, norm regulariser 0.01"
+
+    def changed(generator, rewards, prompt, *, iterations=50, lr=2.5, momentum=0.5, nesterov=False, grad_clip=None,
+                reg_weight=0.1, **kwargs):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(reno, "optimize", changed)
+    assert reno_cost.optimizer_text() == "SGD lr 2.5, momentum 0.5, no grad-norm clip, norm regulariser 0.1"
