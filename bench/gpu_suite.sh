@@ -8,7 +8,8 @@
 # last. Copy them into profiles/results/<gpu>/ with the command above and commit.
 #
 # Steps (each under its own time limit, so one hang can't eat the call):
-#   part 1: pytest -m gpu (correctness on CUDA, bf16 included, + pytest-benchmark suites, --benchmark-json)
+#   part 1: the kernel and triton-backend tests on CUDA (fp32, fp16, bf16 against float64 / eager)
+#           pytest -m gpu (runtime, ReNO and safety checks on CUDA + pytest-benchmark suites, --benchmark-json)
 #           python -m bench.kernels   kernels vs SDPA backends, xformers, unfused torch
 #           python -m bench.reward    reward step / throughput: eager, triton, graph vs reference and decode+CLIP
 #   part 2: python -m bench.reward    the compile backend and torch.compile of the reference (slow to compile)
@@ -52,9 +53,11 @@ step() {  # step NAME SECONDS CMD...: run, log to $RES/NAME.log, keep its exit c
 }
 
 if [ "$PART" = 1 ]; then
-  step pytest  240 python3 -m pytest -m gpu -q -p no:cacheprovider tests --benchmark-json="$RES/pytest_benchmark.json"
-  step kernels 100 python3 -m bench.kernels --out "$RES/kernels.json"
-  step reward  200 python3 -m bench.reward --backends eager triton graph --compile-modes --baselines ViT-B-32 ViT-L-14 ViT-H-14 --out "$RES/reward.json"
+  step kernel_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_attention.py \
+    tests/test_kernel_patch_embed.py tests/test_backend_triton.py
+  step pytest  200 python3 -m pytest -m gpu -q -p no:cacheprovider tests --benchmark-json="$RES/pytest_benchmark.json"
+  step kernels  90 python3 -m bench.kernels --out "$RES/kernels.json"
+  step reward  180 python3 -m bench.reward --backends eager triton graph --compile-modes --baselines ViT-B-32 ViT-L-14 ViT-H-14 --out "$RES/reward.json"
 else
   step reward_compile 300 python3 -m bench.reward --backends compile --baselines reference-compile --out "$RES/reward_compile.json"
   step reno    260 python3 -m bench.reno_cost --images 2 --out "$RES"
