@@ -126,20 +126,38 @@ def _measure(generator, reward, args, checkpointing: bool) -> dict[str, Any]:
     }
 
 
+def _oom_reason(e: BaseException) -> str:
+    """The first line of an out-of-memory error (torch's message goes on with allocator advice)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _measure_config(generator, reward, args, pipeline: str) -> tuple[dict[str, Any], bool]:
-    """Measure; in the fast pipeline, fall back to checkpointing when running without it is out of memory."""
+    """Measure; in the fast pipeline, fall back to checkpointing when running without it is out of memory.
+
+    Out of memory with checkpointing (at once in the paper pipeline, or in the fast pipeline's retry) gives an
+    error row, ``error`` saying what failed and ``error_detail`` why, instead of stopping the run.
+    """
     checkpointing = pipeline == "paper"
     try:
         return _measure(generator, reward, args, checkpointing), checkpointing
-    except torch.cuda.OutOfMemoryError:
-        pass  # free the failed run's tensors outside the except block, where its traceback no longer holds them
+    except torch.cuda.OutOfMemoryError as e:
+        first = _oom_reason(e)  # the rest is freed outside the except block, where its traceback no longer holds it
     gc.collect()
     torch.cuda.empty_cache()
     if checkpointing:
-        return {"error": "out of memory"}, checkpointing
-    result = _measure(generator, reward, args, True)
-    result["note"] = "out of memory without gradient checkpointing: measured with it"
-    return result, True
+        return {"error": "out of memory", "error_detail": first}, checkpointing
+    try:
+        result = _measure(generator, reward, args, True)
+    except torch.cuda.OutOfMemoryError as e:
+        second = _oom_reason(e)
+    else:
+        result["note"] = "out of memory without gradient checkpointing: measured with it"
+        return result, True
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"error": "out of memory, with gradient checkpointing too",
+            "error_detail": f"without checkpointing: {first}; with it: {second}"}, True
 
 
 def run_measured(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -359,6 +377,12 @@ def floor_table(floors: dict[str, Any]) -> str:
     return _table(headers, body)
 
 
+def error_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per configuration that failed: which, what, and why."""
+    return [f"{r['pipeline']} {r['reward_label']} {_backend(r)}: {r['error']}"
+            + (f" ({r['error_detail']})" if r.get("error_detail") else "") for r in rows if r.get("error")]
+
+
 def _nvml_notes(rows: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["nvml_note"] for r in rows if r.get("nvml_note")))
 
@@ -382,6 +406,7 @@ def write_outputs(report: dict[str, Any], directory: Path) -> dict[str, Path]:
     md += [f"- {line}" for line in _statements(report)] + [""]
     if report["mode"] == "measured":
         md += ["## Cost", "", cost_table(report["results"]), "", f"Saving vs decode + CLIP ViT-B/32: {PAPER_SAVING}.",
+               *(f"Failed: {n}." for n in error_notes(report["results"])),
                *(f"NVML: {n}." for n in _nvml_notes(report["results"])), ""]
         md += ["## Per-iteration breakdown (ms, median over iterations with a backward pass; CUDA events)", "",
                breakdown_table(report["results"]), ""]
@@ -499,6 +524,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("\nCost")
         print(cost_table(rows))
         print(f"Saving vs decode + CLIP ViT-B/32: {PAPER_SAVING}.")
+        for note in error_notes(rows):
+            print(f"Failed: {note}.")
         for note in _nvml_notes(rows):
             print(f"NVML: {note}.")
         print("\nPer-iteration breakdown, ms (median over iterations with a backward pass, CUDA events)")

@@ -177,3 +177,47 @@ def test_optimizer_text_follows_reno_optimize_defaults(monkeypatch):
 
     monkeypatch.setattr(reno, "optimize", changed)
     assert reno_cost.optimizer_text() == "SGD lr 2.5, momentum 0.5, no grad-norm clip, norm regulariser 0.1"
+
+
+def test_out_of_memory_with_checkpointing_too_is_an_error_row_not_a_crash(monkeypatch):
+    calls = []
+
+    def out_of_memory(generator, reward, args, checkpointing):
+        calls.append(checkpointing)
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(calls)} GiB.\nmore advice")
+
+    monkeypatch.setattr(reno_cost, "_measure", out_of_memory)
+    result, checkpointing = reno_cost._measure_config(None, None, None, "fast")
+    assert calls == [False, True] and checkpointing
+    assert result["error"] == "out of memory, with gradient checkpointing too"
+    assert result["error_detail"] == ("without checkpointing: CUDA out of memory. Tried to allocate 1 GiB.; "
+                                      "with it: CUDA out of memory. Tried to allocate 2 GiB.")
+
+    spec = REWARDS["latent-b8"]
+    row = {**reno_cost._row("fast", spec, "graph", checkpointing), "variant": "fast", **result}
+    rows = [row, {**reno_cost._row("fast", REWARDS["pixel-b32"], "eager", False), "variant": "fast",
+                  **_measured("fast", "pixel-b32", 3.0, 1.0)}]
+    reno_cost.add_savings(rows, None)
+    assert "out of memory, with gradient checkpointing too" in reno_cost.cost_table(rows)
+    assert "out of memory, with gradient checkpointing too" in reno_cost.breakdown_table(rows)
+    assert reno_cost.error_notes(rows) == [
+        "fast Latent-ViT-B/8 graph +ckpt: out of memory, with gradient checkpointing too (without checkpointing: CUDA "
+        "out of memory. Tried to allocate 1 GiB.; with it: CUDA out of memory. Tried to allocate 2 GiB.)"]
+    assert json.loads(json.dumps(rows, default=str))[0]["error_detail"].startswith("without checkpointing")
+    assert reno_cost.evaluate_targets(rows, "NVIDIA H100 80GB HBM3") == []
+
+    calls.clear()
+    result, checkpointing = reno_cost._measure_config(None, None, None, "paper")
+    assert calls == [True] and checkpointing
+    assert result == {"error": "out of memory", "error_detail": "CUDA out of memory. Tried to allocate 1 GiB."}
+
+
+def test_out_of_memory_without_checkpointing_retries_with_it(monkeypatch):
+    def measure(generator, reward, args, checkpointing):
+        if not checkpointing:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        return {"seconds_per_image": 1.0}
+
+    monkeypatch.setattr(reno_cost, "_measure", measure)
+    result, checkpointing = reno_cost._measure_config(None, None, None, "fast")
+    assert checkpointing and result["seconds_per_image"] == 1.0 and "measured with it" in result["note"]
