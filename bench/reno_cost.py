@@ -92,22 +92,23 @@ def _run_once(generator, reward, args, *, iterations: int, seed: int, checkpoint
 
 
 def _measure(generator, reward, args, checkpointing: bool) -> dict[str, Any]:
-    """Warm up, then time ``args.images`` images of ``args.iterations`` iterations."""
+    """Warm up, then time ``args.images`` images of ``args.iterations`` iterations on the generator's device."""
+    device = generator.device
     if args.warmup:
         _run_once(generator, reward, args, iterations=args.warmup, seed=10_000, checkpointing=checkpointing, timer=None)
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     gc.collect()
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats(device)
     seconds, iterations = [], []
-    with NvmlMonitor() as nvml:
+    with NvmlMonitor(device) as nvml:
         for image in range(args.images):
-            timer = CudaPhaseTimer()
+            timer = CudaPhaseTimer(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(torch.cuda.current_stream(device))
             _run_once(generator, reward, args, iterations=args.iterations, seed=image, checkpointing=checkpointing, timer=timer)
-            end.record()
-            torch.cuda.synchronize()
+            end.record(torch.cuda.current_stream(device))
+            torch.cuda.synchronize(device)
             seconds.append(start.elapsed_time(end) / 1000)
             iterations += timer.durations_ms()
     full = [it for it in iterations if "unet_bwd" in it] or iterations
@@ -117,7 +118,7 @@ def _measure(generator, reward, args, checkpointing: bool) -> dict[str, Any]:
         "seconds_per_image_each": seconds,
         "iteration_ms_median": statistics.median(sum(it.values()) for it in full),
         "breakdown_ms": median_breakdown(iterations),
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
         "nvml_peak_used_gib": nvml.peak_used_bytes / 2**30 if nvml.peak_used_bytes is not None else NOT_MEASURED,
         "energy_j_per_image": nvml.energy_j / args.images if nvml.energy_j is not None else NOT_MEASURED,
         "nvml_note": nvml.unavailable or "whole-device readings: memory includes the CUDA context, the allocator's "

@@ -113,15 +113,16 @@ def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> floa
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
+    with torch.cuda.device(device):  # the events and the synchronisation are the device's the work runs on
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
     estimate = max(start.elapsed_time(end), 1e-3)
     steps = max(1, min(50, round((20 if quick else 50) / estimate)))
     trials = 3 if quick or estimate > 200 else 7
-    return runtime.time_cuda(fn, trials=trials, steps=steps, warmup=1)
+    return runtime.time_cuda(fn, trials=trials, steps=steps, warmup=1, device=device)
 
 
 def latents_for(batch: int, size: int, device, requires_grad: bool, seed: int = 0) -> torch.Tensor:

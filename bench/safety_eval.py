@@ -78,9 +78,9 @@ def rate_tables(categories: list[str], rows: list[I2PPrompt], base: torch.Tensor
     return per_check, per_tag
 
 
-def _median_ms(fn: Callable[[], object]) -> float:
-    """Median of 20 CUDA-event timings of ``fn`` after 3 warm-up calls (``fastlclip.runtime.time_cuda``)."""
-    return time_cuda(fn, trials=20, steps=1, warmup=3)
+def _median_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Median of 20 CUDA-event timings of ``fn`` on ``device`` after 3 warm-up calls (``fastlclip.runtime.time_cuda``)."""
+    return time_cuda(fn, trials=20, steps=1, warmup=3, device=device)
 
 
 def timings(checker: LatentSafetyChecker, guidance: SafetyGuidance, shape: tuple[int, ...], batch: int,
@@ -95,9 +95,9 @@ def timings(checker: LatentSafetyChecker, guidance: SafetyGuidance, shape: tuple
     def step(reward):
         return lambda: torch.autograd.grad(reward(z, prompt), z)
 
-    checker_ms = _median_ms(lambda: checker(latents))
-    return {"checker_latents_per_s": batch / checker_ms * 1e3, "guidance_ms": _median_ms(step(guidance)),
-            "prompt_reward_ms": _median_ms(step(prompt_only))}
+    checker_ms = _median_ms(lambda: checker(latents), device)
+    return {"checker_latents_per_s": batch / checker_ms * 1e3, "guidance_ms": _median_ms(step(guidance), device),
+            "prompt_reward_ms": _median_ms(step(prompt_only), device)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,16 +31,18 @@ class CudaPhaseTimer(PhaseLog):
     """Records a CUDA event at each phase start; ``durations_ms`` synchronises once and attributes the gaps.
 
     The time between two marks goes to the phase begun at the first; a phase marked twice in an iteration
-    is summed.
+    is summed. ``device``: the CUDA device the timed work runs on (e.g. ``generator.device``); events go on
+    that device's current stream. None: the current device.
     """
 
-    def __init__(self):
+    def __init__(self, device: torch.device | str | int | None = None):
         super().__init__()
+        self.device = device
         self._events: list[list[tuple[str | None, torch.cuda.Event]]] = [[]]
 
     def _record(self, name: str | None) -> None:
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         self._events[-1].append((name, event))
 
     def phase(self, name: str) -> None:
@@ -54,7 +56,7 @@ class CudaPhaseTimer(PhaseLog):
 
     def durations_ms(self) -> list[dict[str, float]]:
         """Per finished iteration, milliseconds per phase."""
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(self.device)
         out = []
         for marks in self._events[:-1]:
             d: dict[str, float] = {}

@@ -691,7 +691,7 @@ def time_backends(model: LatentCLIP, backends=BACKENDS, *, trials: int = 5, step
                 continue
             try:
                 apply(model, backend)
-                times[backend] = time_cuda(step, trials=trials, steps=steps)
+                times[backend] = time_cuda(step, trials=trials, steps=steps, device=model.device)
             except Exception as e:  # noqa: BLE001 - a backend that fails is ruled out; the reason is kept
                 failures[backend] = f"{type(e).__name__}: {e}"
             finally:
@@ -706,20 +706,26 @@ def time_backends(model: LatentCLIP, backends=BACKENDS, *, trials: int = 5, step
     return times, failures
 
 
-def time_cuda(fn: Callable[[], object], *, trials: int = 5, steps: int = 20, warmup: int = 3) -> float:
+def time_cuda(fn: Callable[[], object], *, trials: int = 5, steps: int = 20, warmup: int = 3,
+              device: torch.device | str | int | None = None) -> float:
     """Median over ``trials`` of the mean ms per call of ``steps`` back-to-back calls (CUDA events, one
-    synchronisation at the end: calls pipeline as they do in a loop that never waits for the GPU)."""
-    for _ in range(warmup):
-        fn()
-    events = []
-    for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
+    synchronisation at the end: calls pipeline as they do in a loop that never waits for the GPU).
+
+    ``device``: the CUDA device ``fn`` runs on (its events and synchronisation are that device's); None:
+    the current device. Pass the model's (``model.device``) when it may not be the current one.
+    """
+    with torch.cuda.device(device):
+        for _ in range(warmup):
             fn()
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
+        events = []
+        for _ in range(trials):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) / steps for s, e in events)
 
 

@@ -377,6 +377,14 @@ def test_time_backends_leaves_the_model_as_it_was():
     assert model.check_finite and model.backend == "eager" and model.runtime is None
 
 
+def test_time_backends_times_on_the_models_device(monkeypatch):
+    model = load()
+    seen = []
+    monkeypatch.setattr(runtime, "time_cuda", lambda fn, **kw: seen.append(kw.get("device")) or 1.0)
+    times, failures = runtime.time_backends(model, ("eager",))
+    assert times == {"eager": 1.0} and not failures and seen == [model.device]
+
+
 def test_default_cache_path(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTLCLIP_CACHE_DIR", str(tmp_path))
     assert runtime.default_cache_path() == tmp_path / "backends.json"

@@ -1,0 +1,137 @@
+"""Timing on the device of the timed work, not the current one: runtime.time_cuda, bench.timing.CudaPhaseTimer,
+bench.nvml.NvmlMonitor, checked on the CPU against a fake torch.cuda (current device 0, the work on cuda:1)."""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from bench.nvml import NvmlMonitor
+from bench.timing import CudaPhaseTimer
+from fastlclip import runtime
+
+WORK = torch.device("cuda", 1)
+
+
+class FakeCuda:
+    """A current device, one stream per device, events stamped with a clock that the timed work advances."""
+
+    def __init__(self, monkeypatch, current: int = 0):
+        self.current, self.clock, self.synced, self.calls = current, 0.0, [], []
+        fake = self
+
+        def index(d):
+            if d is None:
+                return fake.current
+            return d if isinstance(d, int) else (torch.device(d).index if torch.device(d).index is not None else fake.current)
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.stream = self.t = None
+
+            def record(self, stream=None):
+                self.stream, self.t = stream if stream is not None else ("stream", fake.current), fake.clock
+
+            def elapsed_time(self, end):
+                return end.t - self.t
+
+        class device:
+            def __init__(self, d):
+                self.idx = index(d)
+
+            def __enter__(self):
+                self.prev, fake.current = fake.current, self.idx
+
+            def __exit__(self, *exc):
+                fake.current = self.prev
+
+        self.Event = Event
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "device", device)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: fake.current)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: ("stream", index(d)))
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: fake.synced.append(index(d)))
+
+    def work(self, ms: float = 2.0):
+        """The timed call: runs on whatever device is current, takes ``ms``."""
+        self.calls.append(self.current)
+        self.clock += ms
+
+
+def test_time_cuda_times_on_the_given_device(monkeypatch):
+    cuda = FakeCuda(monkeypatch)
+    events = []
+    record = cuda.Event.record
+    monkeypatch.setattr(cuda.Event, "record", lambda self, stream=None: (record(self, stream), events.append(self)))
+    assert runtime.time_cuda(cuda.work, trials=3, steps=4, warmup=2, device=WORK) == 2.0
+    assert cuda.calls == [1] * (2 + 3 * 4)
+    assert {e.stream for e in events} == {("stream", 1)} and cuda.synced == [1]
+    assert cuda.current == 0  # restored
+
+    cuda.synced.clear()
+    runtime.time_cuda(cuda.work, trials=1, steps=1, warmup=0)  # no device: the current one, as before
+    assert cuda.synced == [0]
+
+
+def test_phase_timer_records_on_the_work_device(monkeypatch):
+    cuda = FakeCuda(monkeypatch)
+    timer = CudaPhaseTimer(WORK)
+    timer.phase("unet_fwd")
+    cuda.work(3.0)
+    timer.phase("reward_fwd")
+    cuda.work(1.0)
+    timer.end_iteration()
+    assert timer.durations_ms() == [{"unet_fwd": 3.0, "reward_fwd": 1.0}]
+    assert {e.stream for _, e in timer._events[0]} == {("stream", 1)} and cuda.synced == [1]
+
+
+class FakeNvml(types.ModuleType):
+    """pynvml with one handle per PCI bus id; memory used and the energy counter per handle."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self):
+        super().__init__("pynvml")
+        self.inits = self.shutdowns = 0
+        self.used = {"00000000:00:0A.0": 1 << 30, "00000000:00:0B.0": 5 << 30}
+        self.energy = {"00000000:00:0A.0": 0, "00000000:00:0B.0": 0}
+
+    def nvmlInit(self):
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus):
+        return bus
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(used=self.used[handle])
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        self.energy[handle] += 1000 if handle.endswith("0B.0") else 7
+        return self.energy[handle]
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    nvml = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    props = {0: 0x0A, 1: 0x0B}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(
+        pci_domain_id=0, pci_bus_id=0, pci_device_id=props[i], uuid=f"uuid-{i}"))
+    return nvml
+
+
+def test_nvml_monitor_reads_the_work_device(monkeypatch, fake_nvml):
+    cuda = FakeCuda(monkeypatch)
+    with NvmlMonitor(WORK, interval_s=0.001) as nvml:
+        pass
+    assert nvml.index == 1 and nvml.unavailable is None
+    assert nvml.peak_used_bytes == 5 << 30 and nvml.energy_j == 1.0  # cuda:1's readings, not the current device's
+    assert cuda.synced == [1]
+    with NvmlMonitor("cuda:1") as by_name, NvmlMonitor(1) as by_index, NvmlMonitor() as current:
+        pass
+    assert by_name.index == by_index.index == 1 and current.index == 0
