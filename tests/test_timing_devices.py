@@ -2,6 +2,7 @@
 bench.nvml.NvmlMonitor, checked on the CPU against a fake torch.cuda (current device 0, the work on cuda:1)."""
 
 import sys
+import time
 import types
 
 import pytest
@@ -135,3 +136,45 @@ def test_nvml_monitor_reads_the_work_device(monkeypatch, fake_nvml):
     with NvmlMonitor("cuda:1") as by_name, NvmlMonitor(1) as by_index, NvmlMonitor() as current:
         pass
     assert by_name.index == by_index.index == 1 and current.index == 0
+
+
+def test_nvml_monitor_shuts_down_and_reports_a_sampling_failure(monkeypatch, fake_nvml):
+    FakeCuda(monkeypatch)
+    with NvmlMonitor(WORK) as ok:
+        pass
+    assert fake_nvml.inits == fake_nvml.shutdowns == 1 and ok.unavailable is None
+
+    calls = []
+
+    def failing(handle):
+        calls.append(handle)
+        if len(calls) > 1:
+            raise FakeNvml.NVMLError("GPU is lost")
+        return types.SimpleNamespace(used=3 << 30)
+
+    fake_nvml.nvmlDeviceGetMemoryInfo = failing
+    with NvmlMonitor(WORK, interval_s=0.001) as broken:
+        for _ in range(5000):  # until the sampling thread hits the error
+            if len(calls) >= 2:
+                break
+            time.sleep(0.001)
+    assert broken.peak_used_bytes is None  # not the partial peak of the samples before the error
+    assert broken.unavailable == "NVML sampling failed: NVMLError: GPU is lost"
+    assert broken.energy_j == 1.0 and fake_nvml.shutdowns == 2
+
+    def no_device(bus):
+        raise FakeNvml.NVMLError("not found")
+
+    fake_nvml.nvmlDeviceGetHandleByPciBusId = no_device
+    fake_nvml.nvmlDeviceGetHandleByUUID = no_device
+    with NvmlMonitor(WORK) as missing:
+        pass
+    assert missing.unavailable == "NVML error: not found" and missing.peak_used_bytes is None
+    assert fake_nvml.inits == fake_nvml.shutdowns == 3
+
+
+def test_nvml_monitor_without_pynvml(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    with NvmlMonitor(1) as nvml:
+        pass
+    assert nvml.unavailable == "pynvml (nvidia-ml-py) not installed" and nvml.energy_j is None
