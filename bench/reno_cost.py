@@ -186,8 +186,13 @@ def run_measured(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if pipeline == "fast" and args.compile_unet and not compiled:
             generator.compile()
             compiled = True
-        reward = bench_rewards.build(spec, vae=generator.vae, device=device, dtype=dtype, backend=backend)
-        result, checkpointing = _measure_config(generator, reward, args, pipeline)
+        try:
+            reward = bench_rewards.build(spec, vae=generator.vae, device=device, dtype=dtype, backend=backend)
+        except (ValueError, RuntimeError, ImportError) as e:  # e.g. a named --latent-backend that cannot run here
+            reward, checkpointing = None, pipeline == "paper"
+            result = {"error": f"backend {backend!r} failed to build", "error_detail": f"{type(e).__name__}: {e}"}
+        else:
+            result, checkpointing = _measure_config(generator, reward, args, pipeline)
         row = _row(pipeline, spec, backend, checkpointing)
         row["variant"] = ("paper-style" if pipeline == "paper" else
                           "fast, eager Latent-CLIP" if spec.kind == "latent" and backend != fast_backend[spec.key] else "fast")

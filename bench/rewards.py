@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import statistics
 import warnings
 from dataclasses import dataclass
 
@@ -66,72 +65,90 @@ def build(spec: RewardSpec, *, vae, device, dtype, backend: str = "eager", smoke
     return fastlclip.PixelCLIPReward(vae, clip, tokenizer=tokenizer)
 
 
-def _loss_grad_ms(reward, latents: torch.Tensor, prompt: str, repeats: int) -> tuple[float, torch.Tensor, float]:
-    """Loss, gradient w.r.t. the latents, and median ms (CUDA events, after one warm-up call) of fwd + bwd."""
-    times, loss, grad = [], None, None
-    for i in range(repeats + 1):
-        x = latents.detach().requires_grad_(True)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss = reward(x, prompt)
-        loss.backward()
-        end.record()
-        torch.cuda.synchronize()
-        grad = x.grad
-        if i:
-            times.append(start.elapsed_time(end))
-    return float(loss), grad, statistics.median(times)
-
-
-def choose_latent_backend(requested: str, spec: RewardSpec, *, device, dtype, latent_shape, prompt: str,
-                          repeats: int = 10) -> tuple[str, str]:
-    """The backend to run and why.
-
-    ``auto``: on CUDA, the fastest reward forward + backward among the backends whose loss and gradient
-    agree with eager's (same random weights); eager elsewhere. A named backend that fails to load falls
-    back to eager, said in the reason.
-    """
+def _loss_grad(model, latents: torch.Tensor, prompt: str) -> tuple[float, torch.Tensor]:
+    """Reward loss and its gradient w.r.t. ``latents`` with ``model``'s current backend."""
     import fastlclip
-    from fastlclip import model as fl_model
 
-    if requested != "auto":
-        try:
-            load_latent_clip(spec.model, device=device, dtype=dtype, backend=requested)
-        except (ValueError, RuntimeError, ImportError) as e:
-            return "eager", f"backend {requested!r} unavailable ({e}); fell back to eager"
-        return requested, f"backend {requested!r} as asked"
-    if torch.device(device).type != "cuda":
-        return "eager", "auto without CUDA: eager (the fast backends are CUDA-only)"
-    latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(0)).to(device)
-    results, failures = {}, {}
-    for backend in dict.fromkeys(("eager", *fl_model.BACKENDS)):
+    x = latents.detach().requires_grad_(True)
+    loss = fastlclip.LatentCLIPReward(model)(x, prompt)
+    (grad,) = torch.autograd.grad(loss, x)
+    return float(loss), grad
+
+
+def _fell_back(caught) -> list:
+    return [w for w in caught if issubclass(w.category, RuntimeWarning) or w.category.__name__ == "BackendFallbackWarning"]
+
+
+def fastest_agreeing_backend(model, latents: torch.Tensor, prompt: str, backends=None, *, trials: int = 5,
+                             steps: int = 20) -> tuple[str, str]:
+    """``auto`` on one loaded model: each backend timed by ``fastlclip.runtime.time_backends`` (the timing the
+    library's own ``backend="auto"`` uses), kept only when it runs as itself (no fallback warning) and its loss
+    and gradient on ``latents`` and ``prompt`` agree with eager's. Leaves ``model`` on eager."""
+    from fastlclip import model as fl_model, runtime
+
+    backends = list(dict.fromkeys(("eager", *(backends or fl_model.BACKENDS))))
+    times, failures, checks = {}, {}, {}
+    for backend in backends:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                torch.manual_seed(0)  # the same random weights for every backend
-                reward = fastlclip.LatentCLIPReward(load_latent_clip(spec.model, device=device, dtype=dtype, backend=backend))
-                results[backend] = _loss_grad_ms(reward, latents, prompt, repeats)
-            fell_back = [w for w in caught if issubclass(w.category, RuntimeWarning)
-                         or w.category.__name__ == "BackendFallbackWarning"]
-            if fell_back and backend != "eager":  # it ran a slower equivalent path: not this backend's own figure
-                failures[backend] = f"fell back: {fell_back[0].message}"
-                del results[backend]
+                timed, failed = runtime.time_backends(model, (backend,), trials=trials, steps=steps)
+                if backend in timed:
+                    model.set_backend(backend)
+                    checks[backend] = _loss_grad(model, latents, prompt)
         except Exception as e:  # noqa: BLE001 - any failure rules the backend out; the reason is reported
-            failures[backend] = f"{type(e).__name__}: {e}"
+            failed = {backend: f"{type(e).__name__}: {e}"}
+            timed = {}
         finally:
-            reward = None
-            gc.collect()  # drop the model (and any captured graphs) before the next backend loads
-            torch.cuda.empty_cache()
-    if "eager" not in results:
-        raise RuntimeError(f"the eager Latent-CLIP reward does not run here: {failures['eager']}")
-    ref_loss, ref_grad, _ = results["eager"]
-    for backend, (loss, grad, _) in list(results.items()):
-        cos = torch.nn.functional.cosine_similarity(grad.float().flatten(), ref_grad.float().flatten(), dim=0).item() \
-            if grad is not None else float("nan")
+            model.set_backend("eager")
+            gc.collect()  # drop captured graphs before the next backend
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        fell_back = _fell_back(caught)
+        if backend not in timed:
+            failures[backend] = failed.get(backend, "skipped by time_backends (its kernels cannot run here)")
+        elif fell_back and backend != "eager":  # it ran a slower equivalent path: not this backend's own figure
+            failures[backend] = f"fell back: {fell_back[0].message}"
+        else:
+            times[backend] = timed[backend]
+    if "eager" not in times:
+        raise RuntimeError(f"the eager Latent-CLIP reward does not run here: {failures.get('eager')}")
+    ref_loss, ref_grad = checks["eager"]
+    for backend in list(times):
+        loss, grad = checks[backend]
+        cos = torch.nn.functional.cosine_similarity(grad.float().flatten(), ref_grad.float().flatten(), dim=0).item()
         if not (abs(loss - ref_loss) <= 1e-2 * max(1.0, abs(ref_loss)) and cos >= 0.99):
             failures[backend] = f"disagrees with eager (loss {loss:.4g} vs {ref_loss:.4g}, gradient cosine {cos:.4f})"
-            del results[backend]
-    best = min(results, key=lambda b: results[b][2])
-    shown = ", ".join(f"{b} {r[2]:.2f} ms" for b, r in results.items())
+            del times[backend]
+    best = min(times, key=times.get)
+    shown = ", ".join(f"{b} {ms:.2f} ms" for b, ms in times.items())
     failed = f"; ruled out: {failures}" if failures else ""
-    return best, f"auto: fastest reward fwd+bwd agreeing with eager (median of {repeats}, CUDA events): {shown}{failed}"
+    return best, (f"auto: fastest batch-1 reward step (fastlclip.runtime.time_backends: median of {trials} x {steps} "
+                  f"back-to-back calls, CUDA events) agreeing with eager: {shown}{failed}")
+
+
+def choose_latent_backend(requested: str, spec: RewardSpec, *, device, dtype, latent_shape, prompt: str,
+                          trials: int = 5, steps: int = 20) -> tuple[str, str]:
+    """The backend to run and why.
+
+    ``auto``: on CUDA, :func:`fastest_agreeing_backend` on one model (random weights); eager elsewhere. A
+    named backend is taken as asked, without loading a model to probe it (an unknown name falls back to
+    eager, said in the reason); if it then fails to build, the benchmark records that configuration's error.
+    """
+    from fastlclip import model as fl_model
+
+    if requested != "auto":
+        if requested not in fl_model.BACKENDS:
+            return "eager", f"backend {requested!r} unknown (choose one of {fl_model.BACKENDS}); fell back to eager"
+        return requested, f"backend {requested!r} as asked"
+    if torch.device(device).type != "cuda":
+        return "eager", "auto without CUDA: eager (the fast backends are CUDA-only)"
+    torch.manual_seed(0)
+    model = load_latent_clip(spec.model, device=device, dtype=dtype, backend="eager")
+    latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    try:
+        return fastest_agreeing_backend(model, latents, prompt, trials=trials, steps=steps)
+    finally:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()

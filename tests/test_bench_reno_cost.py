@@ -221,3 +221,55 @@ def test_out_of_memory_without_checkpointing_retries_with_it(monkeypatch):
     monkeypatch.setattr(reno_cost, "_measure", measure)
     result, checkpointing = reno_cost._measure_config(None, None, None, "fast")
     assert checkpointing and result["seconds_per_image"] == 1.0 and "measured with it" in result["note"]
+
+
+def _tiny_latent_clip():
+    from bench import rewards as bench_rewards, tiny
+
+    torch.manual_seed(0)
+    model = bench_rewards.load_latent_clip(tiny.LATENT_CLIP, device="cpu", dtype=torch.float32, backend="eager")
+    v = model.cfg.vision
+    return model, torch.randn(1, v.latent_channels, v.latent_size, v.latent_size)
+
+
+def test_auto_backend_uses_the_librarys_timing_and_checks_agreement(monkeypatch):
+    from bench import rewards as bench_rewards
+    from fastlclip import runtime
+
+    model, latents = _tiny_latent_clip()
+    ms = {"eager": 3.0, "triton": 1.0, "graph": 0.5}
+    timed = []
+
+    def time_backends(m, backends, **kw):
+        assert m is model and kw == {"trials": 2, "steps": 3}
+        timed.append(tuple(backends))
+        return {b: ms[b] for b in backends}, {}
+
+    monkeypatch.setattr(runtime, "time_backends", time_backends)
+    best, reason = bench_rewards.fastest_agreeing_backend(model, latents, "a cat", ("triton", "graph"), trials=2, steps=3)
+    assert timed == [("eager",), ("triton",), ("graph",)]
+    # graph falls back to eager off CUDA: its figure is not its own; triton (interpreted) agrees with eager
+    assert best == "triton" and "triton 1.00 ms" in reason and "time_backends" in reason
+    assert "'graph': \"fell back: backend='graph'" in reason
+    assert model.backend == "eager"
+
+    original = model.set_backend
+
+    def disagreeing(backend, **options):  # triton "computes" with other weights
+        original(backend, **options)
+        with torch.no_grad():
+            model.logit_scale.add_(1.0 if backend == "triton" else 0.0)
+
+    monkeypatch.setattr(model, "set_backend", disagreeing)
+    best, reason = bench_rewards.fastest_agreeing_backend(model, latents, "a cat", ("triton",), trials=2, steps=3)
+    assert best == "eager" and "'triton': 'disagrees with eager" in reason
+
+
+def test_a_named_backend_loads_no_model_to_probe_it(monkeypatch):
+    from bench import rewards as bench_rewards
+
+    monkeypatch.setattr(bench_rewards, "load_latent_clip", lambda *a, **k: pytest.fail("loaded a model to probe"))
+    kw = dict(device="cuda", dtype=torch.bfloat16, latent_shape=(1, 4, 64, 64), prompt="a cat")
+    assert bench_rewards.choose_latent_backend("graph", REWARDS["latent-b8"], **kw) == ("graph", "backend 'graph' as asked")
+    backend, reason = bench_rewards.choose_latent_backend("flash", REWARDS["latent-b8"], **kw)
+    assert backend == "eager" and "unknown" in reason
