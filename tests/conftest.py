@@ -133,3 +133,15 @@ def compile_kernels_for_sm90(module: str, cases: list, num_warps: int) -> None:
     code = _COMPILE_FOR_SM90.format(module=module, cases=cases, num_warps=num_warps)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def kernel_device() -> str:
+    """Where the kernel tests run: "cpu" under the interpreter, else "cuda"; skips the module otherwise."""
+    from fastlclip.kernels import _runtime
+
+    if _runtime.INTERPRET:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("fastlclip.kernels was imported without TRITON_INTERPRET=1 and there is no CUDA device",
+                allow_module_level=True)

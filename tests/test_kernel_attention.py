@@ -10,19 +10,13 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed: the kernel tests need it")
 
-from conftest import compile_kernels_for_sm90
+from conftest import compile_kernels_for_sm90, kernel_device
 from fastlclip.kernels import _runtime, attention, attention_packed, attention_torch, kernels_available  # noqa: E402
 
 # The package exports the function `attention`, which shadows the submodule of the same name.
 attention_module = sys.modules["fastlclip.kernels.attention"]
 
-if _runtime.INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("fastlclip.kernels was imported without TRITON_INTERPRET=1 and there is no CUDA device",
-                allow_module_level=True)
+DEVICE = kernel_device()
 
 # Max abs error allowed, relative to max(1, |reference|): fp32 accumulates like the reference.
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-2}

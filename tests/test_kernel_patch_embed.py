@@ -9,19 +9,13 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed: the kernel tests need it")
 
-from conftest import compile_kernels_for_sm90
+from conftest import compile_kernels_for_sm90, kernel_device
 from fastlclip.kernels import _runtime, patch_embed, patch_embed_torch  # noqa: E402
 
 # The package exports the function `patch_embed`, which shadows the submodule of the same name.
 patch_embed_module = sys.modules["fastlclip.kernels.patch_embed"]
 
-if _runtime.INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("fastlclip.kernels was imported without TRITON_INTERPRET=1 and there is no CUDA device",
-                allow_module_level=True)
+DEVICE = kernel_device()
 
 # Max abs error allowed, relative to max(1, |reference|).
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-2}
