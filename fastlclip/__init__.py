@@ -7,18 +7,18 @@
 
 from .checkpoint import CheckpointError
 from .factory import load
+from .i2p import I2PPrompt, read_i2p
+from .inputs import SDXL_SCALING_FACTOR, tokenize
 from .model import LatentCLIP
 from .model_configs import add_model_config, get_model_config, list_models
-from .inputs import SDXL_SCALING_FACTOR, tokenize
 from .rewards import LatentCLIPReward, PixelCLIPReward
 from .safety import LatentSafetyChecker, SafetyCallback, SafetyCheck, SafetyGuidance
-from .i2p import I2PPrompt, read_i2p
 from .zeroshot import ZeroShotClassifier, imagenet_classnames, imagenet_templates
 
 __version__ = "0.1.0"
 __all__ = [
-    "CheckpointError", "I2PPrompt", "LatentCLIP", "LatentSafetyChecker", "SafetyCallback", "SafetyCheck",
-    "SafetyGuidance", "read_i2p", "LatentCLIPReward", "PixelCLIPReward", "SDXL_SCALING_FACTOR",
-    "ZeroShotClassifier", "add_model_config", "get_model_config", "imagenet_classnames", "imagenet_templates",
-    "list_models", "load", "tokenize",
+    "CheckpointError", "I2PPrompt", "LatentCLIP", "LatentCLIPReward", "LatentSafetyChecker", "PixelCLIPReward",
+    "SDXL_SCALING_FACTOR", "SafetyCallback", "SafetyCheck", "SafetyGuidance", "ZeroShotClassifier",
+    "add_model_config", "get_model_config", "imagenet_classnames", "imagenet_templates", "list_models", "load",
+    "read_i2p", "tokenize",
 ]
