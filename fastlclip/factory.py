@@ -101,15 +101,6 @@ def load(
         load_state_dict_strict(model, sd)
 
     model = model.to(device=device, dtype=dtype).eval()
-    if backend == "triton":
-        from . import kernels
-
-        if not kernels.kernels_available(device):
-            warnings.warn(
-                f"backend='triton' on {device}: the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set "
-                "before importing fastlclip to run on CPU; the model runs the equivalent PyTorch paths",
-                RuntimeWarning, stacklevel=2,
-            )
     return model.set_backend(backend)
 
 

@@ -594,6 +594,15 @@ def apply(model: LatentCLIP, backend: str, **options) -> LatentCLIP:
     if backend in ("eager", "triton"):
         if options:
             raise TypeError(f"backend {backend!r} takes no options, got {sorted(options)}")
+        if backend == "triton":
+            from . import kernels
+
+            if not kernels.kernels_available(model.device):
+                warnings.warn(
+                    f"backend='triton' on {model.device}: the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 "
+                    "set before importing fastlclip to run on CPU; the model runs the equivalent PyTorch paths",
+                    RuntimeWarning, stacklevel=3,
+                )
         install(model, None)
         model.backend = backend
         return model
