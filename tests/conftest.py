@@ -145,3 +145,17 @@ def kernel_device() -> str:
         return "cuda"
     pytest.skip("fastlclip.kernels was imported without TRITON_INTERPRET=1 and there is no CUDA device",
                 allow_module_level=True)
+
+
+def gpu_benchmark(benchmark, fn, calls: int = 20) -> None:
+    """pytest-benchmark on CUDA: one untimed call (capture, compile, autotune), then 30 rounds of ``calls``
+    back-to-back calls closed by one synchronize, so launch overlap counts as it does in a real loop."""
+    def rounds():
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+
+    fn()
+    torch.cuda.synchronize()
+    benchmark.extra_info["calls_per_round"] = calls
+    benchmark.pedantic(rounds, rounds=30, warmup_rounds=2, iterations=1)

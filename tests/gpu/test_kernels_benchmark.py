@@ -4,12 +4,14 @@ Each test first checks the fused result against PyTorch (cosine >= 0.999), then 
 PyTorch baseline of each case is timed in the same group. A GPU CI gates regressions with
 ``pytest tests/gpu -m gpu --benchmark-compare-fail=median:10%``. TRITON_INTERPRET must be unset
 (``make test`` sets it, and tests/conftest.py does where no GPU is visible): interpreted kernels are
-skipped here. Each benchmark round is ``CALLS`` back-to-back calls followed by one synchronize.
+skipped here. Each benchmark round is 20 back-to-back calls followed by one synchronize (``calls_per_round``).
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from conftest import gpu_benchmark
 
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed")
 
@@ -18,7 +20,6 @@ from fastlclip.kernels import attention_packed, patch_embed, patch_embed_torch  
 pytestmark = pytest.mark.gpu  # skipped without CUDA: see tests/gpu/conftest.py
 
 BATCH = 8
-CALLS = 20
 DTYPE = torch.bfloat16
 # (tokens L, heads, head dim, causal): ViT-B/8 (65) and ViT-B/4 (257) image towers, the text tower (77).
 ATTENTION_CASES = {"L65": (65, 12, 64, False), "L257": (257, 12, 64, False), "L77-causal": (77, 8, 64, True)}
@@ -29,16 +30,6 @@ def assert_cosine(got, want, what):
     assert cos >= 0.999, f"{what}: cosine {cos:.5f} < 0.999 against PyTorch"
 
 
-def run_benchmark(benchmark, fn):
-    def calls():
-        for _ in range(CALLS):
-            fn()
-        torch.cuda.synchronize()
-
-    fn()  # compile / autotune outside the timing
-    torch.cuda.synchronize()
-    benchmark.extra_info["calls_per_round"] = CALLS
-    benchmark.pedantic(calls, rounds=30, warmup_rounds=2, iterations=1)
 
 
 def patch_inputs(patch, requires_grad):
@@ -75,7 +66,7 @@ def test_patch_embed_fwd(benchmark, patch, impl):
         assert_cosine(patch_embed(latents, *params, scale=0.5), patch_embed_torch(latents, *params, scale=0.5),
                       "tokens")
         fn = PATCH_IMPLS[impl]
-        run_benchmark(benchmark, lambda: fn(latents, *params, scale=0.5))
+        gpu_benchmark(benchmark, lambda: fn(latents, *params, scale=0.5))
 
 
 @pytest.mark.parametrize("impl", ["fused", "torch"])
@@ -88,7 +79,7 @@ def test_patch_embed_fwd_bwd(benchmark, patch, impl):
     (want,) = torch.autograd.grad(patch_embed_torch(latents, *params, scale=0.5), latents, grad)
     assert_cosine(got, want, "d_latents")
     fn = PATCH_IMPLS[impl]
-    run_benchmark(benchmark, lambda: torch.autograd.grad(fn(latents, *params, scale=0.5), latents, grad))
+    gpu_benchmark(benchmark, lambda: torch.autograd.grad(fn(latents, *params, scale=0.5), latents, grad))
 
 
 @pytest.mark.parametrize("impl", ["fused", "torch"])
@@ -101,7 +92,7 @@ def test_attention_fwd(benchmark, case, impl):
     with torch.no_grad():
         assert_cosine(attention_packed(qkv, heads, causal=causal), attention_torch_packed(qkv, heads, causal), "out")
         fn = ATTENTION_IMPLS[impl]
-        run_benchmark(benchmark, lambda: fn(qkv, heads, causal))
+        gpu_benchmark(benchmark, lambda: fn(qkv, heads, causal))
 
 
 @pytest.mark.parametrize("impl", ["fused", "torch"])
@@ -116,4 +107,4 @@ def test_attention_fwd_bwd(benchmark, case, impl):
     (want,) = torch.autograd.grad(attention_torch_packed(qkv, heads, causal), qkv, grad)
     assert_cosine(got, want, "d_qkv")
     fn = ATTENTION_IMPLS[impl]
-    run_benchmark(benchmark, lambda: torch.autograd.grad(fn(qkv, heads, causal), qkv, grad))
+    gpu_benchmark(benchmark, lambda: torch.autograd.grad(fn(qkv, heads, causal), qkv, grad))

@@ -2,8 +2,8 @@
 
 Latent-ViT-B/8, bf16, random weights, NaN check off; the reference (open_clip's ViT with a 4-channel
 conv1, same weights, eager) is timed in the same group. Each case first checks its gradient against the
-eager backend (cosine >= 0.999). A round is ``CALLS`` back-to-back steps and one synchronize. Run alone:
-``pytest tests/gpu/test_reward_benchmark.py -m gpu`` (compile takes about a minute on first use).
+eager backend (cosine >= 0.999). A round is 20 back-to-back steps and one synchronize
+(``calls_per_round``). Run alone: ``pytest tests/gpu/test_reward_benchmark.py -m gpu`` (compile takes about a minute on first use).
 """
 
 import warnings
@@ -11,6 +11,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+
+from conftest import gpu_benchmark
 
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed")
 
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.gpu  # skipped without CUDA: see tests/gpu/conftest.py
 
 MODEL = "Latent-ViT-B-8-512"
 PROMPT = "a photo of a red dog and a green cat"
-CALLS = 20
+GROUP = f"reward step {MODEL} b1 bf16"
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +50,6 @@ def step_fn(reward, latents):
     return step
 
 
-def run_benchmark(benchmark, step):
-    def rounds():
-        for _ in range(CALLS):
-            step()
-        torch.cuda.synchronize()
-
-    step()  # capture / compile / autotune outside the timing
-    torch.cuda.synchronize()
-    benchmark.group = f"reward step {MODEL} b1 bf16"
-    benchmark.extra_info["calls_per_round"] = CALLS
-    benchmark.pedantic(rounds, rounds=30, warmup_rounds=2, iterations=1)
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton", "graph", "compile"])
@@ -69,8 +60,9 @@ def test_reward_step(benchmark, model, latents, backend):
     step = step_fn(fastlclip.LatentCLIPReward(model), latents)
     cos = F.cosine_similarity(step().float().flatten(), want.float().flatten(), dim=0).item()
     assert cos >= 0.999, f"{backend}: gradient cosine {cos:.5f} < 0.999 against eager"
+    benchmark.group = GROUP
     benchmark.extra_info["backend"] = backend
-    run_benchmark(benchmark, step)
+    gpu_benchmark(benchmark, step)
     model.set_backend("eager")
 
 
@@ -80,5 +72,6 @@ def test_reward_step_reference(benchmark, model, latents):
     txt = fastlclip.LatentCLIPReward(model).text_features([PROMPT])[0]
     system = reference_system("", "reference eager", reference_tower(model), txt,
                               model.logit_scale.detach().exp().item(), None)
+    benchmark.group = GROUP
     benchmark.extra_info["backend"] = "reference open_clip eager"
-    run_benchmark(benchmark, step_fn(lambda x, prompt: system.reward(x), latents))
+    gpu_benchmark(benchmark, step_fn(lambda x, prompt: system.reward(x), latents))

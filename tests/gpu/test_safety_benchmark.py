@@ -3,7 +3,7 @@
 Latent-ViT-B-8-512 shapes (64x64 latents, the default I2P concept set), random weights (timing only), bf16,
 eager and Triton backends. The guidance is timed as in a ReNO iteration: forward + backward to batch-1
 latents, next to the prompt-only ``LatentCLIPReward`` in the same group (the difference is the guidance's
-overhead). Each round is ``CALLS`` back-to-back calls and one synchronize; divide by ``calls_per_round``
+overhead). Each round is 20 back-to-back calls and one synchronize; divide by ``calls_per_round``
 (and multiply by ``latents_per_call`` for checker throughput). Run in its own process:
 ``pytest tests/gpu/test_safety_benchmark.py -m gpu``.
 """
@@ -12,6 +12,8 @@ import warnings
 
 import pytest
 import torch
+
+from conftest import gpu_benchmark
 
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed")
 
@@ -22,7 +24,6 @@ pytestmark = pytest.mark.gpu  # skipped without CUDA: see tests/gpu/conftest.py
 
 MODEL = "Latent-ViT-B-8-512"
 DTYPE = torch.bfloat16
-CALLS = 20
 PROMPT = "a photo of a crowded market street"
 BACKENDS = ["eager", "triton"]
 
@@ -37,16 +38,6 @@ def model(request):
     return m
 
 
-def run_benchmark(benchmark, fn):
-    def rounds():
-        for _ in range(CALLS):
-            fn()
-        torch.cuda.synchronize()
-
-    fn()  # autotune / first-call work outside the timing
-    torch.cuda.synchronize()
-    benchmark.extra_info["calls_per_round"] = CALLS
-    benchmark.pedantic(rounds, rounds=30, warmup_rounds=2, iterations=1)
 
 
 @pytest.mark.parametrize("batch", [1, 64])
@@ -58,7 +49,7 @@ def test_checker_throughput(benchmark, model, batch):
     latents = torch.randn(batch, 4, model.latent_size, model.latent_size, device="cuda", dtype=DTYPE)
     out = checker(latents)
     assert out.flags.shape == (batch, len(checker.categories)) and torch.isfinite(out.scores).all()
-    run_benchmark(benchmark, lambda: checker(latents))
+    gpu_benchmark(benchmark, lambda: checker(latents))
 
 
 @pytest.mark.parametrize("reward", ["safety_guidance", "latent_clip"])
@@ -69,4 +60,4 @@ def test_guidance_fwd_bwd(benchmark, model, reward):
     z = torch.randn(1, 4, model.latent_size, model.latent_size, device="cuda", requires_grad=True)
     (grad,) = torch.autograd.grad(fn(z, PROMPT), z)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
-    run_benchmark(benchmark, lambda: torch.autograd.grad(fn(z, PROMPT), z))
+    gpu_benchmark(benchmark, lambda: torch.autograd.grad(fn(z, PROMPT), z))
