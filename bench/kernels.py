@@ -21,7 +21,6 @@ TRITON_INTERPRET=1 is set.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.profiles import PROFILES_DIR, detect, load_profiles, results_folder
+from bench.provenance import run_record
 from fastlclip import SDXL_SCALING_FACTOR
 from fastlclip.kernels import _runtime, attention_packed, attention_torch, patch_embed, patch_embed_torch
 
@@ -72,23 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     short = results_folder(profile, device_name)
     out = args.out or PROFILES_DIR / "results" / short / "kernels.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    import triton
-
     report = {
+        **run_record("bench.kernels", sys.argv[1:] if argv is None else argv),
         "device": device_name,
         "profile": profile.name if profile else None,
         "peak_bf16_tflops": profile.peak_bf16_tflops if profile else "unknown",
         "memory_bandwidth_tbs": profile.memory_bandwidth_tbs if profile else "unknown",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "command": " ".join(["python -m bench.kernels", *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": args.dtype,
         "rows": rows,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{device_name} (profile {report['profile']}), torch {torch.__version__}, triton {triton.__version__}, "
+    v = report["versions"]
+    print(f"{device_name} (profile {report['profile']}), torch {v['torch']}, triton {v['triton']}, "
           f"{args.dtype}; JSON: {out}")
     print_table(rows)
     return 0

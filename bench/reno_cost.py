@@ -13,11 +13,9 @@ per iteration from FLOP and byte counts. Writes JSON, Markdown and a PNG under `
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import inspect
 import math
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 
 from . import flops, rewards as bench_rewards, tiny
 from .nvml import NvmlMonitor
+from .provenance import run_record
 from .profiles import PROFILES_DIR, Profile, Selection, load_profiles, results_folder, select
 from .timing import BREAKDOWN, CudaPhaseTimer, PhaseLog, instrument_vae, median_breakdown
 
@@ -472,8 +471,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     from tqdm.auto import tqdm
 
-    import diffusers
-    import open_clip
 
     profiles = load_profiles()
     cuda = torch.cuda.is_available()
@@ -494,15 +491,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     floors = compute_floors(args, selection, floor_iterations, tqdm)
     random_generator = not (cuda and args.weights)
     report = {
-        "command": "python -m bench.reno_cost " + shlex.join(argv),
+        **run_record("bench.reno_cost", argv),
         "python": sys.executable,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name,
         "mode": "measured" if cuda else "cpu-smoke",
         "mode_text": mode,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "open_clip": open_clip.__version__,
-                     "fastlclip": getattr(sys.modules.get("fastlclip"), "__version__", "unknown"),
-                     "cuda": torch.version.cuda},
         "weights": {"random": True, "generator": info["generator"],
                     "rewards": "random weights (Latent-CLIP and open_clip models built without checkpoints)",
                     "statement": "random weights" + ("" if random_generator else " (rewards only)")},

@@ -32,13 +32,10 @@ each run times its own reference eager rows, so its ratios stand on their own.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import logging
-import platform
 import re
-import shlex
 import statistics
 import sys
 import time
@@ -53,6 +50,7 @@ import fastlclip
 from fastlclip import runtime
 
 from . import flops, rewards as bench_rewards, tiny
+from .provenance import run_record
 from .profiles import PROFILES_DIR, Profile, load_profiles, results_folder, select
 
 MODELS = {"Latent-ViT-B-8-512": "Latent-ViT-B/8", "Latent-ViT-B-4-512-plus": "Latent-ViT-B/4-plus"}
@@ -379,21 +377,6 @@ def compile_mode_winner(rows: list[Row]) -> dict:
     return out
 
 
-def versions() -> dict:
-    import diffusers
-    import open_clip
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": triton_version, "open_clip": open_clip.__version__, "diffusers": diffusers.__version__,
-            "fastlclip": fastlclip.__version__}
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.reward", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=fastlclip.list_models())
@@ -446,13 +429,11 @@ def write_report(rows: list[Row], checks: dict, argv: list[str], device_name: st
     """The JSON record of a run; ``out`` defaults to ``profiles/results/<gpu>/reward.json``. Written after
     each model too (``complete`` False), so a run stopped by a time limit keeps what it measured."""
     report = {
+        **run_record("bench.reward", argv),
         "complete": complete,
         "device": device_name,
         "profile": vars(selection.measured) if selection.measured else None,
         "profile_note": selection.message,
-        "versions": versions(),
-        "command": shlex.join([sys.executable, "-m", "bench.reward", *argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "weights": RANDOM_WEIGHTS,
         "dtype": "bfloat16",
         "definitions": "\n\n".join(__doc__.split("\n\n")[2:4]),
