@@ -28,6 +28,10 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
+# The kernels live in kernels/ and import as fastlclip.kernels through the editable install's mapping
+# (setuptools comes in .whl; no registry is needed).
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+  || python3 -m pip install -q --no-index --no-deps --no-build-isolation --break-system-packages -e . || exit 1
 unset TRITON_INTERPRET
 
 {

@@ -137,9 +137,9 @@ def compile_kernels_for_sm90(module: str, cases: list, num_warps: int) -> None:
 
 def kernel_device() -> str:
     """Where the kernel tests run: "cpu" under the interpreter, else "cuda"; skips the module otherwise."""
-    from fastlclip.kernels import _runtime
+    from fastlclip.kernels import _launch
 
-    if _runtime.INTERPRET:
+    if _launch.INTERPRET:
         return "cpu"
     if torch.cuda.is_available():
         return "cuda"

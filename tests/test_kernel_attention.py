@@ -2,7 +2,6 @@
 
 # tests/conftest.py sets TRITON_INTERPRET=1 where no GPU is visible, before anything imports Triton.
 import math
-import sys
 import warnings
 
 import pytest
@@ -11,10 +10,8 @@ import torch
 pytest.importorskip("triton", reason="Triton is not installed: the kernel tests need it")
 
 from conftest import compile_kernels_for_sm90, kernel_device
-from fastlclip.kernels import _runtime, attention, attention_packed, attention_torch, kernels_available  # noqa: E402
-
-# The package exports the function `attention`, which shadows the submodule of the same name.
-attention_module = sys.modules["fastlclip.kernels.attention"]
+from fastlclip.kernels import _launch, attention, attention_packed, attention_torch, kernels_available  # noqa: E402
+from fastlclip.kernels import flash_attention as attention_module  # noqa: E402
 
 DEVICE = kernel_device()
 
@@ -25,7 +22,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Kernel outputs start as NaN, so a tile the kernel fails to write shows up."""
-    monkeypatch.setattr(_runtime, "POISON", True)
+    monkeypatch.setattr(_launch, "POISON", True)
 
 
 def reference(q, k, v, causal, sm_scale=None):
@@ -108,7 +105,7 @@ def test_attention_packed_equals_split():
     torch.testing.assert_close(qkv.grad, qkv2.grad, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not _runtime.INTERPRET, reason="on a GPU the autotuner picks among these configs itself")
+@pytest.mark.skipif(not _launch.INTERPRET, reason="on a GPU the autotuner picks among these configs itself")
 @pytest.mark.parametrize("index", range(max(len(attention_module._FWD_CONFIGS), len(attention_module._BWD_DKDV_CONFIGS),
                                             len(attention_module._BWD_DQ_CONFIGS))))
 def test_attention_every_gpu_tile_shape(monkeypatch, index):
@@ -149,8 +146,8 @@ def test_kernels_available():
 
 
 def test_fallback_warns_once_and_matches(monkeypatch):
-    monkeypatch.setattr(_runtime, "kernels_available", lambda device: False)
-    monkeypatch.setattr(_runtime, "_WARNED", set())
+    monkeypatch.setattr(_launch, "kernels_available", lambda device: False)
+    monkeypatch.setattr(_launch, "_WARNED", set())
     qkv = packed_qkv(2, 17, 3, 32, torch.float32, seed=3)
     q, k, v = split(qkv, 3)
     want = reference(q, k, v, causal=True)
@@ -173,7 +170,7 @@ def test_attention_torch_matches_reference():
 
 
 
-@pytest.mark.skipif(not _runtime.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
+@pytest.mark.skipif(not _launch.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
 def test_kernels_compile_for_gpu():
     """Triton's real compiler (sm_90, bf16, causal) accepts the kernels: the interpreter checks less."""
     blocks = dict(HEAD_DIM=64, CAUSAL=True, BLOCK_M=64, BLOCK_N=32, PRECISION="tf32", UPCAST=False)
@@ -185,4 +182,4 @@ def test_kernels_compile_for_gpu():
         ("_attn_bwd_dkdv_kernel", dict(io, dk_ptr="bf16", dv_ptr="bf16"), ("sm_scale", "qk_scale"), blocks),
         ("_attn_bwd_dq_kernel", dict(io, dq_ptr="bf16"), ("sm_scale", "qk_scale"), blocks),
     ]
-    compile_kernels_for_sm90("fastlclip.kernels.attention", cases, num_warps=4)
+    compile_kernels_for_sm90("fastlclip.kernels.flash_attention", cases, num_warps=4)

@@ -1,7 +1,6 @@
 """The fused patch-embedding kernel against a float64 reference (CPU interpreter, or CUDA if present)."""
 
 # tests/conftest.py sets TRITON_INTERPRET=1 where no GPU is visible, before anything imports Triton.
-import sys
 import warnings
 
 import pytest
@@ -10,10 +9,8 @@ import torch
 pytest.importorskip("triton", reason="Triton is not installed: the kernel tests need it")
 
 from conftest import compile_kernels_for_sm90, kernel_device
-from fastlclip.kernels import _runtime, patch_embed, patch_embed_torch  # noqa: E402
-
-# The package exports the function `patch_embed`, which shadows the submodule of the same name.
-patch_embed_module = sys.modules["fastlclip.kernels.patch_embed"]
+from fastlclip.kernels import _launch, patch_embed, patch_embed_torch  # noqa: E402
+from fastlclip.kernels import fused_patch_embed as patch_embed_module  # noqa: E402
 
 DEVICE = kernel_device()
 
@@ -25,7 +22,7 @@ PARAM_NAMES = ("conv_weight", "class_embedding", "pos_embedding", "ln_weight", "
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Kernel outputs start as NaN, so a tile the kernel fails to write shows up."""
-    monkeypatch.setattr(_runtime, "POISON", True)
+    monkeypatch.setattr(_launch, "POISON", True)
 
 
 def reference(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, scale=1.0, eps=1e-5):
@@ -114,7 +111,7 @@ def test_patch_embed_weight_gradients(params_grad):
     check(latents64, params64, torch.float32, torch.float32, 0.9, params_grad=params_grad)
 
 
-@pytest.mark.skipif(not _runtime.INTERPRET, reason="on a GPU the autotuner picks among these configs itself")
+@pytest.mark.skipif(not _launch.INTERPRET, reason="on a GPU the autotuner picks among these configs itself")
 @pytest.mark.parametrize("config", sorted({(c["BLOCK_M"], c["BLOCK_K"]) for c in patch_embed_module._CONFIGS}))
 def test_patch_embed_every_gpu_tile_shape(monkeypatch, config):
     """Each GPU candidate's block sizes give correct results (the GPU autotuner may pick any)."""
@@ -153,8 +150,8 @@ def test_patch_embed_rejects_bad_input():
 
 
 def test_fallback_warns_once_and_matches(monkeypatch):
-    monkeypatch.setattr(_runtime, "kernels_available", lambda device: False)
-    monkeypatch.setattr(_runtime, "_WARNED", set())
+    monkeypatch.setattr(_launch, "kernels_available", lambda device: False)
+    monkeypatch.setattr(_launch, "_WARNED", set())
     latents, params = make_inputs(2, 4, 16, 24, 8, 32, seed=9)
     latents, params = latents.float(), [p.float() for p in params]
     with pytest.warns(RuntimeWarning, match="patch_embed: .*using the PyTorch path"):
@@ -166,7 +163,7 @@ def test_fallback_warns_once_and_matches(monkeypatch):
 
 
 
-@pytest.mark.skipif(not _runtime.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
+@pytest.mark.skipif(not _launch.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
 def test_kernels_compile_for_gpu():
     """Triton's real compiler (sm_90, bf16 ViT-B/8 shapes) accepts the kernels: the interpreter checks less."""
     blocks = dict(P=8, BLOCK_M=16, BLOCK_K=32, BLOCK_W=1024, PRECISION="tf32", UPCAST=False)
@@ -177,4 +174,4 @@ def test_kernels_compile_for_gpu():
         ("_patch_embed_bwd_kernel", dict(params, x_ptr="fp32", dout_ptr="bf16", dx_ptr="fp32"), ("scale", "eps"),
          blocks),
     ]
-    compile_kernels_for_sm90("fastlclip.kernels.patch_embed", cases, num_warps=8)
+    compile_kernels_for_sm90("fastlclip.kernels.fused_patch_embed", cases, num_warps=8)

@@ -7,9 +7,9 @@ import torch
 def _skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "needs a CUDA GPU (torch.cuda.is_available() is False)"
-    from fastlclip.kernels import _runtime
+    from fastlclip.kernels import _launch
 
-    if _runtime.INTERPRET:
+    if _launch.INTERPRET:
         return ("TRITON_INTERPRET=1 was set when fastlclip.kernels was imported: "
                 "run the GPU suite without it (pytest tests/gpu -m gpu)")
     return None

@@ -9,9 +9,9 @@ The ``*_torch`` functions are the unfused PyTorch references, used as fallback w
 the kernels on CPU tensors through Triton's interpreter (Triton reads it when kernels are decorated).
 """
 
-from ._runtime import kernels_available
-from .attention import attention, attention_packed, attention_torch
-from .patch_embed import patch_embed, patch_embed_torch
+from ._launch import kernels_available
+from .flash_attention import attention, attention_packed, attention_torch
+from .fused_patch_embed import patch_embed, patch_embed_torch
 
 __all__ = [
     "attention",

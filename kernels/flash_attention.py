@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from . import _runtime
-from ._runtime import Launcher, dot, tl, triton
+from . import _launch
+from ._launch import Launcher, dot, tl, triton
 
 HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = math.log2(math.e)
@@ -238,12 +238,12 @@ def _attn_bwd_dq_kernel(
 
 
 # Interpreter configs use unequal BLOCK_M / BLOCK_N on purpose, so the tests exercise tile-edge logic.
-_fwd = Launcher(_attn_fwd_kernel, "attention_fwd", _FWD_CONFIGS, _KEY, dict(BLOCK_M=32, BLOCK_N=16))
-_preprocess = Launcher(_attn_bwd_preprocess_kernel, "attention_bwd_preprocess", _PREPROCESS_CONFIGS,
+_fwd = Launcher(_attn_fwd_kernel, _FWD_CONFIGS, _KEY, dict(BLOCK_M=32, BLOCK_N=16))
+_preprocess = Launcher(_attn_bwd_preprocess_kernel, _PREPROCESS_CONFIGS,
                        ["L", "HEAD_DIM"], dict(BLOCK_M=32))
-_bwd_dkdv = Launcher(_attn_bwd_dkdv_kernel, "attention_bwd_dkdv", _BWD_DKDV_CONFIGS, _KEY,
+_bwd_dkdv = Launcher(_attn_bwd_dkdv_kernel, _BWD_DKDV_CONFIGS, _KEY,
                      dict(BLOCK_M=16, BLOCK_N=32))
-_bwd_dq = Launcher(_attn_bwd_dq_kernel, "attention_bwd_dq", _BWD_DQ_CONFIGS, _KEY, dict(BLOCK_M=32, BLOCK_N=16))
+_bwd_dq = Launcher(_attn_bwd_dq_kernel, _BWD_DQ_CONFIGS, _KEY, dict(BLOCK_M=32, BLOCK_N=16))
 
 
 def _check_qkv(q, k, v) -> None:
@@ -298,8 +298,8 @@ def attention(q, k, v, *, causal=False, sm_scale=None):
     """
     _check_qkv(q, k, v)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    if not _runtime.kernels_available(q.device):
-        _runtime.warn_fallback("attention", q.device)
+    if not _launch.kernels_available(q.device):
+        _launch.warn_fallback("attention", q.device)
         return attention_torch(q, k, v, causal=causal, sm_scale=sm_scale)
     _check_kernel_support(q)
     return _Attention.apply(q, k, v, bool(causal), sm_scale)
@@ -316,8 +316,8 @@ def attention_packed(qkv, num_heads, *, causal=False, sm_scale=None):
         raise ValueError(f"qkv must be (B, L, 3 * num_heads * D), got shape {tuple(qkv.shape)} "
                          f"with num_heads={num_heads}")
     batch, length, width3 = qkv.shape
-    if not _runtime.kernels_available(qkv.device):
-        _runtime.warn_fallback("attention_packed", qkv.device)
+    if not _launch.kernels_available(qkv.device):
+        _launch.warn_fallback("attention_packed", qkv.device)
         return attention_torch(*_split_heads(qkv, num_heads), causal=causal, sm_scale=sm_scale).view(
             batch, length, width3 // 3)
     q = _split_heads(qkv, num_heads)[0]
@@ -348,7 +348,7 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         batch, heads, length, dim = q.shape
-        grads = [_runtime.empty((batch, length, heads, dim), q.dtype, q.device).transpose(1, 2) for _ in range(3)]
+        grads = [_launch.empty((batch, length, heads, dim), q.dtype, q.device).transpose(1, 2) for _ in range(3)]
         _backward(q, k, v, out.transpose(1, 2), lse, grad_out.transpose(1, 2), *grads, ctx.causal, ctx.sm_scale)
         return *grads, None, None
 
@@ -366,7 +366,7 @@ class _AttentionPacked(torch.autograd.Function):
     def backward(ctx, grad_out):
         qkv, out, lse = ctx.saved_tensors
         heads = ctx.num_heads
-        grad_qkv = _runtime.empty(qkv.shape, qkv.dtype, qkv.device)
+        grad_qkv = _launch.empty(qkv.shape, qkv.dtype, qkv.device)
         _backward(*_split_heads(qkv, heads), _as_heads(out, heads), lse, _as_heads(grad_out, heads),
                   *_split_heads(grad_qkv, heads), ctx.causal, ctx.sm_scale)
         return grad_qkv, None, None, None
@@ -379,23 +379,23 @@ def _grid(batch, heads, length, block):
 def _forward(q, k, v, causal, sm_scale):
     """Returns out (B, L, H, D) contiguous and the base-2 logsumexp (B * H, L) fp32."""
     batch, heads, length, dim = q.shape
-    out = _runtime.empty((batch, length, heads, dim), q.dtype, q.device)
-    lse = _runtime.empty((batch * heads, length), torch.float32, q.device)
+    out = _launch.empty((batch, length, heads, dim), q.dtype, q.device)
+    lse = _launch.empty((batch * heads, length), torch.float32, q.device)
     _fwd(_grid(batch, heads, length, "BLOCK_M"), q.device,
          q, k, v, out, lse, sm_scale * _LOG2E, length, heads,
          *q.stride(), *k.stride(), *v.stride(), *out.transpose(1, 2).stride(),
-         HEAD_DIM=dim, CAUSAL=causal, size_hint=batch * heads, **_runtime.dot_args(q.dtype))
+         HEAD_DIM=dim, CAUSAL=causal, size_hint=batch * heads, **_launch.dot_args(q.dtype))
     return out, lse
 
 
 def _backward(q, k, v, out, lse, grad_out, dq, dk, dv, causal, sm_scale):
     """Writes the gradients into dq, dk, dv; every tensor here is indexed as (B, H, L, D)."""
     batch, heads, length, dim = q.shape
-    delta = _runtime.empty((batch * heads, length), torch.float32, q.device)
+    delta = _launch.empty((batch * heads, length), torch.float32, q.device)
     _preprocess(_grid(batch, heads, length, "BLOCK_M"), q.device,
                 out, grad_out, delta, length, heads, *out.stride(), *grad_out.stride(), HEAD_DIM=dim,
                 size_hint=batch * heads)
-    common = dict(HEAD_DIM=dim, CAUSAL=causal, size_hint=batch * heads, **_runtime.dot_args(q.dtype))
+    common = dict(HEAD_DIM=dim, CAUSAL=causal, size_hint=batch * heads, **_launch.dot_args(q.dtype))
     _bwd_dkdv(_grid(batch, heads, length, "BLOCK_N"), q.device,
               q, k, v, grad_out, lse, delta, dk, dv, sm_scale, sm_scale * _LOG2E, length, heads,
               *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), **common)

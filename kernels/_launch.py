@@ -37,11 +37,6 @@ except ImportError:  # e.g. macOS wheels: the PyTorch paths still work.
 # Test hook: when True, kernel outputs are allocated filled with NaN, so an unwritten tile shows.
 POISON = False
 
-# Tuned launch configs per GPU: {torch.cuda.get_device_name(): {kernel name: [config dict, ...]}}.
-# A config dict holds the kernel's block-size meta-parameters plus num_warps / num_stages.
-# Empty until measured; kernels missing here autotune over their default candidate list.
-TUNED_CONFIGS: dict[str, dict[str, list[dict]]] = {}
-
 _WARNED: set[tuple[str, str]] = set()
 
 
@@ -119,7 +114,7 @@ INTERPRET = HAS_TRITON and type(dot).__name__ == "InterpretedFunction"
 class Launcher:
     """Launches a ``@triton.jit`` kernel with autotuned meta-parameters.
 
-    On a GPU it autotunes over ``TUNED_CONFIGS[device name][name]`` (else ``configs``), keyed on the
+    On a GPU it autotunes over ``configs`` (no tuned table: none has been measured), keyed on the
     argument names in ``key`` and on ``size_hint`` (the parallel work, e.g. B * H) rounded up to a
     power of two, so a new batch size within the same bucket reuses the tuned config. Under the
     interpreter (whose autotuner cannot benchmark) it uses the single ``interpreter_config`` (block
@@ -127,9 +122,8 @@ class Launcher:
     launch of each key: run once before capturing a CUDA graph.
     """
 
-    def __init__(self, kernel, name: str, configs: list[dict], key: list[str], interpreter_config: dict):
+    def __init__(self, kernel, configs: list[dict], key: list[str], interpreter_config: dict):
         self.kernel = kernel
-        self.name = name
         self.configs = configs
         self.key = key
         self.interpreter_config = interpreter_config
@@ -146,8 +140,7 @@ class Launcher:
     def _autotuner(self, device: torch.device, bucket: int):
         gpu = _gpu_name(device.index)
         if (gpu, bucket) not in self._tuned:
-            configs = TUNED_CONFIGS.get(gpu, {}).get(self.name, self.configs)
-            self._tuned[gpu, bucket] = triton.autotune([_to_config(c) for c in configs], key=self.key)(self.kernel)
+            self._tuned[gpu, bucket] = triton.autotune([_to_config(c) for c in self.configs], key=self.key)(self.kernel)
         return self._tuned[gpu, bucket]
 
 

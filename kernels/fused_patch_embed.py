@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _runtime
-from ._runtime import Launcher, dot, tl, triton
+from . import _launch
+from ._launch import Launcher, dot, tl, triton
 
 MAX_WIDTH = 2048  # one program holds a (BLOCK_M, next_pow2(width)) fp32 tile in registers
 
@@ -152,8 +152,8 @@ def _patch_embed_bwd_kernel(
                  mask=row_ok[:, None] & k_ok[None, :])
 
 
-_fwd = Launcher(_patch_embed_fwd_kernel, "patch_embed_fwd", _CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG)
-_bwd = Launcher(_patch_embed_bwd_kernel, "patch_embed_bwd", _CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG)
+_fwd = Launcher(_patch_embed_fwd_kernel, _CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG)
+_bwd = Launcher(_patch_embed_bwd_kernel, _CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG)
 
 
 def _check_inputs(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias) -> None:
@@ -221,8 +221,8 @@ def patch_embed(latents, conv_weight, class_embedding, pos_embedding, ln_weight,
         :func:`~fastlclip.kernels.kernels_available`) it warns once and runs :func:`patch_embed_torch`.
     """
     _check_inputs(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias)
-    if not _runtime.kernels_available(latents.device):
-        _runtime.warn_fallback("patch_embed", latents.device)
+    if not _launch.kernels_available(latents.device):
+        _launch.warn_fallback("patch_embed", latents.device)
         return patch_embed_torch(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias,
                                  scale=scale, eps=eps)
     for name, tensor in {"latents": latents, "conv_weight": conv_weight}.items():
@@ -264,7 +264,7 @@ def _meta(latents, conv_weight):
 
 def _forward(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, scale, eps):
     m = _meta(latents, conv_weight)
-    out = _runtime.empty((m["batch"], m["n_tokens"], m["width"]), conv_weight.dtype, latents.device)
+    out = _launch.empty((m["batch"], m["n_tokens"], m["width"]), conv_weight.dtype, latents.device)
     n_rows = m["batch"] * m["n_tokens"]
     _fwd(lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),), latents.device,
          latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, out,
@@ -272,7 +272,7 @@ def _forward(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln
          *latents.stride(), *conv_weight.stride(), class_embedding.stride(0), *pos_embedding.stride(),
          ln_weight.stride(0), ln_bias.stride(0),
          P=m["patch"], BLOCK_W=max(16, triton.next_power_of_2(m["width"])), size_hint=n_rows,
-         **_runtime.dot_args(conv_weight.dtype))
+         **_launch.dot_args(conv_weight.dtype))
     return out
 
 
@@ -283,7 +283,7 @@ def _backward_latents(latents, conv_weight, class_embedding, pos_embedding, ln_w
     if h % m["patch"] or w % m["patch"]:
         d_latents = torch.zeros_like(latents)  # pixels past the last whole patch get no gradient
     else:
-        d_latents = _runtime.empty_like(latents)
+        d_latents = _launch.empty_like(latents)
     n_rows = m["batch"] * (m["n_tokens"] - 1)
     _bwd(lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),), latents.device,
          latents, conv_weight, class_embedding, pos_embedding, ln_weight, grad_out, d_latents,
@@ -291,7 +291,7 @@ def _backward_latents(latents, conv_weight, class_embedding, pos_embedding, ln_w
          *latents.stride(), *d_latents.stride(), *conv_weight.stride(), class_embedding.stride(0),
          *pos_embedding.stride(), ln_weight.stride(0), *grad_out.stride(),
          P=m["patch"], BLOCK_W=max(16, triton.next_power_of_2(m["width"])), size_hint=n_rows,
-         **_runtime.dot_args(conv_weight.dtype))
+         **_launch.dot_args(conv_weight.dtype))
     return d_latents
 
 
