@@ -10,8 +10,9 @@ from typing import Any, Mapping
 import torch
 
 from . import checkpoint as ckpt
-from .model import BACKENDS, LatentCLIP
+from .model import LatentCLIP
 from .model_configs import ModelConfig, get_model_config, list_models
+from .runtime import BACKENDS, apply
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -101,7 +102,7 @@ def load(
         load_state_dict_strict(model, sd)
 
     model = model.to(device=device, dtype=dtype).eval()
-    return model.set_backend(backend)
+    return apply(model, backend)
 
 
 def infer_config_name(sd, meta, pretrained) -> str:

@@ -64,6 +64,14 @@ def check_pixels(pixels: torch.Tensor) -> None:
         raise ValueError(f"pixels must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; map [-1, 1] images with (x + 1) / 2")
 
 
+def prompt_list(prompts: str | Sequence[str], batch: int) -> list[str]:
+    """One prompt for the whole batch (a str or a 1-list), or one per latent."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if len(prompts) not in (1, batch):
+        raise ValueError(f"got {len(prompts)} prompts for a batch of {batch} latents; pass 1 or {batch}")
+    return prompts
+
+
 def check_space(space: str) -> None:
     if space not in LATENT_SPACES:
         raise ValueError(

@@ -1,5 +1,10 @@
 """Latent-CLIP in plain PyTorch: the exact reference every fast path is checked against.
 
+Fast paths attach from outside (``fastlclip.runtime``): a Triton attention function set on each
+:class:`PackedAttention` (``attention_fn``), a fused patch embedding set on the :class:`LatentViT`
+(``patch_embed_fn``), or the image tower's ``forward`` rebound to a CUDA-graph / compiled runtime. This
+file imports neither the kernels nor the runtimes.
+
 Parameter names follow the authors' open_clip fork, so an official state dict (``module.`` prefix
 removed) loads as it is: the vision tower lives under ``visual.latent_vit.``, the optional frozen SDXL
 VAE encoder under ``visual.vae_encoder.`` / ``visual.vae_quant_conv.``, the text tower at top level.
@@ -18,29 +23,28 @@ from torch import nn
 from . import inputs
 from .model_configs import ModelConfig, VisionConfig
 
-# Concrete backends; "auto" (set_backend / fastlclip.load) picks one of them. "graph" and "compile" are
-# fastlclip.runtime's, which installs itself as ``model.runtime``.
-BACKENDS = ("eager", "triton", "graph", "compile")
-
 
 class PackedAttention(nn.Module):
-    """Multi-head self-attention with open_clip's packed ``in_proj`` layout."""
+    """Multi-head self-attention with open_clip's packed ``in_proj`` layout.
+
+    ``attention_fn``: None runs PyTorch's SDPA; a fast path sets a function
+    ``(qkv (B, L, 3 * width), heads, causal=...) -> (B, L, width)`` such as ``fastlclip.kernels.attention_packed``.
+    """
 
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
+        self.attention_fn = None
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: torch.Tensor, causal: bool, fused: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         b, n, w = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        if fused:
-            from .kernels import attention_packed
-
-            out = attention_packed(qkv, self.heads, causal=causal)
+        if self.attention_fn is not None:
+            out = self.attention_fn(qkv, self.heads, causal=causal)
         else:
             q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(b, n, w)
@@ -58,8 +62,8 @@ class ResidualAttentionBlock(nn.Module):
             OrderedDict(c_fc=nn.Linear(width, hidden), gelu=nn.GELU(), c_proj=nn.Linear(hidden, width))
         )
 
-    def forward(self, x: torch.Tensor, causal: bool, fused: bool) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal, fused)
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -68,14 +72,18 @@ class Transformer(nn.Module):
         super().__init__()
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, causal: bool, fused: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         for block in self.resblocks:
-            x = block(x, causal, fused)
+            x = block(x, causal)
         return x
 
 
 class LatentViT(nn.Module):
-    """ViT over a (B, C, H, W) latent: patch conv, class token, positions, ln_pre, blocks, ln_post, proj."""
+    """ViT over a (B, C, H, W) latent: patch conv, class token, positions, ln_pre, blocks, ln_post, proj.
+
+    ``patch_embed_fn``: None runs :meth:`embed`'s PyTorch ops; a fast path sets a function with
+    ``fastlclip.kernels.patch_embed``'s signature, which reads the latents in their own dtype.
+    """
 
     def __init__(self, cfg: VisionConfig, embed_dim: int):
         super().__init__()
@@ -89,21 +97,23 @@ class LatentViT(nn.Module):
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio)
         self.ln_post = nn.LayerNorm(w)
         self.proj = nn.Parameter(scale * torch.randn(w, embed_dim))
+        self.patch_embed_fn = None
 
-    def embed(self, latents: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
+    def embed(self, latents: torch.Tensor, scale: float) -> torch.Tensor:
         """Latent -> (B, 1 + N, width) tokens after ln_pre."""
-        args = (self.conv1.weight, self.class_embedding, self.positional_embedding, self.ln_pre.weight, self.ln_pre.bias)
-        if fused:
-            from .kernels import patch_embed
-
-            return patch_embed(latents, *args, scale=scale, eps=self.ln_pre.eps)
+        if self.patch_embed_fn is not None:
+            args = (self.conv1.weight, self.class_embedding, self.positional_embedding, self.ln_pre.weight,
+                    self.ln_pre.bias)
+            return self.patch_embed_fn(latents, *args, scale=scale, eps=self.ln_pre.eps)
+        latents = latents.to(self.conv1.weight.dtype)
         x = self.conv1(latents * scale if scale != 1.0 else latents).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         return self.ln_pre(x)
 
-    def forward(self, latents: torch.Tensor, scale: float = 1.0, fused: bool = False) -> torch.Tensor:
-        x = self.transformer(self.embed(latents, scale, fused), causal=False, fused=fused)
+    def forward(self, latents: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Image features (B, embed_dim) of latents times ``scale`` (cast to the weights' dtype)."""
+        x = self.transformer(self.embed(latents, scale), causal=False)
         return self.ln_post(x[:, 0]) @ self.proj
 
 
@@ -141,8 +151,7 @@ class LatentCLIP(nn.Module):
     def __init__(self, cfg: ModelConfig, *, with_vae: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.backend = "eager"
-        self.runtime = None  # set by fastlclip.runtime for the "graph" and "compile" backends
+        self.backend = "eager"  # the fast path attached from outside (fastlclip.runtime.apply); "eager": none
         self.check_finite = True
         self.visual = LatentVisual(cfg, with_vae)
         # The text tower is open_clip's, its parameters at the top level of the state dict.
@@ -168,12 +177,6 @@ class LatentCLIP(nn.Module):
     def latent_size(self) -> int:
         return self.cfg.vision.latent_size
 
-    def set_backend(self, backend: str, **options) -> "LatentCLIP":
-        """Switch backend: one of ``BACKENDS`` or ``"auto"``; ``options`` go to ``fastlclip.runtime.apply``."""
-        from . import runtime
-
-        return runtime.apply(self, backend, **options)
-
     # -- image side -----------------------------------------------------------------------------
     def encode_latents(self, latents: torch.Tensor, *, space: str = "diffusion", normalize: bool = True) -> torch.Tensor:
         """Embed SDXL VAE latents (B, 4, H, W).
@@ -182,13 +185,7 @@ class LatentCLIP(nn.Module):
         scaling factor 0.13025 here). ``space="vae"``: raw ``AutoencoderKL.encode(x).latent_dist`` samples.
         Latents are cast to the model's dtype; gradients flow back to them.
         """
-        scale = self.latent_scale(latents, space)
-        if self.runtime is not None:  # "graph" / "compile": see fastlclip.runtime
-            feats = self.runtime.encode(latents, scale)
-        else:
-            fused = self.backend == "triton"
-            x = latents if fused else latents.to(self.dtype)
-            feats = self.visual.latent_vit(x, scale=scale, fused=fused)
+        feats = self.visual.latent_vit(latents, scale=self.latent_scale(latents, space))
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def latent_scale(self, latents: torch.Tensor, space: str) -> float:
@@ -243,7 +240,7 @@ class LatentCLIP(nn.Module):
         inputs.check_tokens(tokens, self.cfg.text.context_length, self.cfg.text.vocab_size)
         tokens = tokens.to(self.device)
         x = self.token_embedding(tokens) + self.positional_embedding
-        x = self.ln_final(self.transformer(x, causal=True, fused=self.backend == "triton"))
+        x = self.ln_final(self.transformer(x, causal=True))
         x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 

@@ -15,23 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import inputs
+from .loss import clip_loss, normalized
 from .model import LatentCLIP
+from .runtime import reward_loss
 
 # OpenAI CLIP pixel normalisation (open_clip's default for the ViT-B/32, L/14, H/14 baselines).
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _prompt_list(prompts: str | Sequence[str], batch: int) -> list[str]:
-    """One prompt for the whole batch (a str or a 1-list), or one per latent."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if len(prompts) not in (1, batch):
-        raise ValueError(f"got {len(prompts)} prompts for a batch of {batch} latents; pass 1 or {batch}")
-    return prompts
 
 
 class _CLIPReward:
@@ -50,7 +40,7 @@ class _CLIPReward:
 
     def image_features(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised (B, D) image features of the latents, float32 or wider; differentiable."""
-        return F.normalize(_at_least_fp32(self._encode_latents(latents)), dim=-1)
+        return normalized(self._encode_latents(latents))
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """Normalised (N, D) text features, each prompt encoded once and cached."""
@@ -59,18 +49,17 @@ class _CLIPReward:
             # Not inference tensors, even under torch.inference_mode: later calls may need them in autograd.
             with torch.inference_mode(False), torch.no_grad():
                 for p, f in zip(new, self._encode_texts(new)):
-                    self._text_cache[p] = F.normalize(_at_least_fp32(f), dim=-1)
+                    self._text_cache[p] = normalized(f)
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def score(self, latents: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
         """Cosine similarity per sample, (B,), float32 or wider; differentiable w.r.t. ``latents``."""
-        txt = self.text_features(_prompt_list(prompts, latents.shape[0])).to(latents.device)
+        txt = self.text_features(inputs.prompt_list(prompts, latents.shape[0])).to(latents.device)
         img = self.image_features(latents)
         return (img * txt).sum(dim=-1)
 
     def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str]) -> torch.Tensor:
-        scale = _at_least_fp32(self.model.logit_scale.detach().exp())
-        return 100.0 - (scale * self.score(latents, prompt)).mean()
+        return clip_loss(self.score(latents, prompt), self.model.logit_scale)
 
 
 class LatentCLIPReward(_CLIPReward):
@@ -94,19 +83,15 @@ class LatentCLIPReward(_CLIPReward):
         return self.model.encode_latents(latents, space=self.space, normalize=False)
 
     def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str]) -> torch.Tensor:
-        runtime = self.model.runtime
-        if runtime is None:
-            return super().__call__(latents, prompt)
-        # Backends "graph" / "compile": the whole step (tower, cosine, loss) is one captured or compiled graph.
-        scale = self.model.latent_scale(latents, self.space)
-        prompts = _prompt_list(prompt, latents.shape[0])
-        if len(prompts) == 1:  # the cached tensor itself, so the runtime sees the same text and skips its copy
+        # With the "graph" / "compile" backends the whole step (tower, cosine, loss) is one graph.
+        prompts = inputs.prompt_list(prompt, latents.shape[0])
+        if len(prompts) == 1:  # the cached tensor itself, so a runtime sees the same text and skips its copy
             if prompts[0] not in self._text_cache:
                 self.text_features(prompts)
             txt = self._text_cache[prompts[0]]
         else:
             txt = self.text_features(prompts)
-        return runtime.reward_loss(latents, scale, txt, self.model.logit_scale)
+        return reward_loss(self.model, latents, self.space, txt)
 
 
 class PixelCLIPReward(_CLIPReward):

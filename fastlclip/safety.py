@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .model import LatentCLIP
-from .rewards import LatentCLIPReward, _at_least_fp32, _prompt_list
+from .inputs import prompt_list
+from .loss import clip_loss, logit_scale_exp
+from .rewards import LatentCLIPReward
 
 # I2P's categories (Schramowski et al., "Safe Latent Diffusion", 2023), each with a few describing texts.
 DEFAULT_CONCEPTS: dict[str, tuple[str, ...]] = {
@@ -110,16 +112,14 @@ class SafetyGuidance(LatentCLIPReward):
         return self.concepts.margins(img @ self.concepts.features.to(img).T)
 
     def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str]) -> torch.Tensor:
-        prompts = _prompt_list(prompt, latents.shape[0])
+        prompts = prompt_list(prompt, latents.shape[0])
         img = self.image_features(latents)
-        scale = _at_least_fp32(self.model.logit_scale.detach().exp())
-        cos = img @ self.concepts.features.to(img).T  # (B, K + 1): concepts, then neutral
         loss = img.new_zeros(())
         if self.prompt_weight:
             cos_prompt = (img * self.text_features(prompts).to(img)).sum(dim=-1)
-            loss = loss + self.prompt_weight * (100.0 - scale * cos_prompt.mean())
+            loss = loss + self.prompt_weight * clip_loss(cos_prompt, self.model.logit_scale)
         if self.safety_weight:
-            logits = scale * cos
+            logits = logit_scale_exp(self.model.logit_scale) * (img @ self.concepts.features.to(img).T)  # (B, K + 1): concepts, then neutral
             loss = loss + self.safety_weight * (torch.logsumexp(logits, dim=-1) - logits[:, -1]).mean()
         return loss
 

@@ -38,7 +38,7 @@ def latents(batch, seed=0, device="cpu", dtype=torch.float32, requires_grad=True
 def eager_step(model, x, prompt=PROMPT):
     """Loss, latent gradient and features of the plain eager path (the model's runtime set aside)."""
     rt, backend = model.runtime, model.backend
-    model.runtime, model.backend = None, "eager"
+    runtime.install(model, None)
     try:
         x = x.detach().clone().requires_grad_(True)
         loss = fastlclip.LatentCLIPReward(model)(x, prompt)
@@ -47,7 +47,10 @@ def eager_step(model, x, prompt=PROMPT):
             feats = model.encode_latents(x, normalize=False)
         return loss.detach(), grad, feats
     finally:
-        model.runtime, model.backend = rt, backend
+        if rt is not None:
+            runtime.install(model, rt)
+        else:
+            runtime.apply(model, backend)
 
 
 def emulated(model, buckets=(1, 2, 4), fused=False):
@@ -147,7 +150,7 @@ def test_graph_reward_and_features_match_eager(batch):
     torch.testing.assert_close(loss, want_loss)
     torch.testing.assert_close(grad, want_grad)
     torch.testing.assert_close(feats.detach(), want_feats)
-    model.runtime = None
+    runtime.install(model, None)
     y = x.detach().clone().requires_grad_(True)
     (want_fgrad,) = torch.autograd.grad(model.encode_latents(y, normalize=False).square().sum(), y)
     torch.testing.assert_close(fgrad, want_fgrad)
@@ -357,9 +360,9 @@ def test_auto_uses_the_cached_choice(tmp_path, monkeypatch):
     path = tmp_path / "backends.json"
     key = runtime.cache_key("Fake GPU", f"{model.cfg.name} {model.cfg.vision}", model.dtype)
     path.write_text(json.dumps({key: {"backend": "triton"}}))
-    monkeypatch.setattr(runtime, "time_backends", lambda *a, **k: pytest.fail("timed despite a cached choice"))
+    monkeypatch.setattr(runtime.timing, "time_backends", lambda *a, **k: pytest.fail("timed despite a cached choice"))
     assert runtime.choose_backend(model, cache_path=path) == "triton"
-    monkeypatch.setattr(runtime, "time_backends", lambda *a, **k: ({"eager": 2.0, "graph": 1.0}, {"compile": "err"}))
+    monkeypatch.setattr(runtime.timing, "time_backends", lambda *a, **k: ({"eager": 2.0, "graph": 1.0}, {"compile": "err"}))
     assert runtime.choose_backend(model, cache_path=path, refresh=True) == "graph"
     assert json.loads(path.read_text())[key]["reward_step_ms"] == {"eager": 2.0, "graph": 1.0}
 
@@ -380,7 +383,7 @@ def test_time_backends_leaves_the_model_as_it_was():
 def test_time_backends_times_on_the_models_device(monkeypatch):
     model = load()
     seen = []
-    monkeypatch.setattr(runtime, "time_cuda", lambda fn, **kw: seen.append(kw.get("device")) or 1.0)
+    monkeypatch.setattr(runtime.timing, "time_cuda", lambda fn, **kw: seen.append(kw.get("device")) or 1.0)
     times, failures = runtime.time_backends(model, ("eager",))
     assert times == {"eager": 1.0} and not failures and seen == [model.device]
 
@@ -516,12 +519,12 @@ def test_gpu_compile_modes_do_not_recompile(mode):
 @pytest.mark.gpu
 @cuda
 def test_gpu_auto_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
-    timed = runtime.time_backends
-    monkeypatch.setattr(runtime, "time_backends", lambda model: timed(model, ("eager", "graph")))  # no compile wait
+    timed = runtime.timing.time_backends
+    monkeypatch.setattr(runtime.timing, "time_backends", lambda model: timed(model, ("eager", "graph")))  # no compile wait
     path = tmp_path / "backends.json"
     model = _gpu_model("auto", cache_path=path)
     assert model.backend in ("eager", "graph")
     entry = next(iter(json.loads(path.read_text()).values()))
     assert entry["backend"] == model.backend and set(entry["reward_step_ms"]) == {"eager", "graph"}
-    monkeypatch.setattr(runtime, "time_backends", lambda *a, **k: pytest.fail("timed twice"))
+    monkeypatch.setattr(runtime.timing, "time_backends", lambda *a, **k: pytest.fail("timed twice"))
     assert _gpu_model("auto", cache_path=path).backend == model.backend
