@@ -21,7 +21,6 @@ TRITON_INTERPRET=1 is set.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,8 +29,9 @@ import torch.nn.functional as F
 
 from bench.profiles import PROFILES_DIR, detect, load_profiles, results_folder
 from bench.provenance import run_record
+from bench.report import fmt, table, write_json
 from fastlclip import SDXL_SCALING_FACTOR
-from fastlclip.kernels import _runtime, attention_packed, attention_torch, patch_embed, patch_embed_torch
+from fastlclip.kernels import _launch, attention_packed, attention_torch, patch_embed, patch_embed_torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         print("bench.kernels: no CUDA device, nothing to time (run it on a GPU machine).")
-        if _runtime.INTERPRET:
+        if _launch.INTERPRET:
             smoke_check()
         return 0
 
@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
 
     short = results_folder(profile, device_name)
     out = args.out or PROFILES_DIR / "results" / short / "kernels.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         **run_record("bench.kernels", sys.argv[1:] if argv is None else argv),
         "device": device_name,
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "rows": rows,
     }
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
     v = report["versions"]
     print(f"{device_name} (profile {report['profile']}), torch {v['torch']}, triton {v['triton']}, "
           f"{args.dtype}; JSON: {out}")
@@ -247,19 +246,14 @@ def add_peaks(row: dict, profile) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'kernel':<12}{'pass':<9}{'impl':<26}{'batch':>6}{'shape':>14}{'ms':>10}{'rate':>16}{'%peak':>8}" \
-             f"{'speedup':>9}  note"
-    print(header)
-    print("-" * len(header))
+    body = []
     for r in rows:
         shape = f"L{r['L']}{' causal' if r['causal'] else ''}" if r["kernel"] == "attention" else f"p{r['patch']}"
-        ms = f"{r['ms']:.4f}" if r["ms"] else "-"
         rate = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else f"{r['gbps']:.0f} GB/s" if "gbps" in r else "-"
-        pct = f"{r['pct_peak']:.1f}" if isinstance(r.get("pct_peak"), float) else r.get("pct_peak", "-")
         speedup = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
-        note = r.get("skipped", "")
-        print(f"{r['kernel']:<12}{r['pass']:<9}{r['impl']:<26}{r['batch']:>6}{shape:>14}{ms:>10}{rate:>16}{pct:>8}"
-              f"{speedup:>9}  {note[:80]}")
+        body.append([r["kernel"], r["pass"], r["impl"], r["batch"], shape, fmt(r["ms"] or None, ".4f"), rate,
+                     fmt(r.get("pct_peak"), ".1f"), speedup, r.get("skipped", "")[:80]])
+    print(table(["kernel", "pass", "impl", "batch", "shape", "ms", "rate", "%peak", "speedup", "note"], body))
     print("speedup: attention vs the fastest SDPA backend of the same pass; patch_embed vs patch_embed_torch")
 
 

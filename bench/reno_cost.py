@@ -13,28 +13,20 @@ per iteration from FLOP and byte counts. Writes JSON, Markdown and a PNG under `
 from __future__ import annotations
 
 import argparse
-import gc
-import inspect
-import math
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from . import flops, rewards as bench_rewards, tiny
-from .nvml import NvmlMonitor
-from .provenance import run_record
+from . import flops, rewards as bench_rewards
 from .profiles import PROFILES_DIR, Profile, Selection, load_profiles, results_folder, select
-from .timing import BREAKDOWN, CudaPhaseTimer, PhaseLog, instrument_vae, median_breakdown
+from .provenance import run_record
+from .reno_pipelines import PIPELINES, optimizer_text, run_measured, run_smoke
+from .report import NOT_MEASURED, fmt, table, write_json
+from .timing import BREAKDOWN
 
-PIPELINES = {
-    "paper": "eager PyTorch, gradient checkpointing on the UNet, the VAE and the rewards (as ReNO)",
-    "fast": "fastlclip's fastest Latent-CLIP backend, no gradient checkpointing (unless it runs out of memory), "
-            "optionally the UNet through torch.compile",
-}
-NOT_MEASURED = "not measured"
 PAPER_SAVING = "the paper reports 21% (Latent-ViT-B/8 9.11 s vs decode + CLIP ViT-B/32 11.59 s per image; GPU not stated)"
 TARGETS = {"latent_vs_pixel_b32": 2.0, "fast_vs_paper": 3.0, "vram_saving_pct": 30.0}
 
@@ -63,194 +55,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.pipelines = [k for k in PIPELINES if k in args.pipelines]  # paper first: compiling is for fast only
     args.rewards = list(dict.fromkeys(args.rewards))
     return args
-
-
-# -- running ------------------------------------------------------------------------------------------
-def _variants(pipeline: str, spec, fast_backend: dict[str, str]) -> list[str]:
-    """Latent-CLIP backends to run: eager in the paper pipeline; the fastest and eager in the fast one."""
-    if spec.kind != "latent" or pipeline == "paper":
-        return ["eager"]
-    return list(dict.fromkeys([fast_backend[spec.key], "eager"]))
-
-
-def _row(pipeline: str, spec, backend: str, checkpointing: bool) -> dict[str, Any]:
-    return {"pipeline": pipeline, "reward": spec.key, "reward_label": spec.label, "kind": spec.kind,
-            "backend": backend if spec.kind == "latent" else "open_clip eager", "gradient_checkpointing": checkpointing}
-
-
-def _run_once(generator, reward, args, *, iterations: int, seed: int, checkpointing: bool, timer):
-    from fastlclip import reno
-
-    handles = instrument_vae(reward.vae, timer) if getattr(reward, "vae", None) is not None and timer is not None else []
-    try:
-        return reno.optimize(generator, reward, args.prompt, iterations=iterations, seed=seed,
-                             gradient_checkpointing=checkpointing, progress=False, timer=timer)
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _measure(generator, reward, args, checkpointing: bool) -> dict[str, Any]:
-    """Warm up, then time ``args.images`` images of ``args.iterations`` iterations on the generator's device."""
-    device = generator.device
-    if args.warmup:
-        _run_once(generator, reward, args, iterations=args.warmup, seed=10_000, checkpointing=checkpointing, timer=None)
-    torch.cuda.synchronize(device)
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    seconds, iterations = [], []
-    with NvmlMonitor(device) as nvml:
-        for image in range(args.images):
-            timer = CudaPhaseTimer(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(torch.cuda.current_stream(device))
-            _run_once(generator, reward, args, iterations=args.iterations, seed=image, checkpointing=checkpointing, timer=timer)
-            end.record(torch.cuda.current_stream(device))
-            torch.cuda.synchronize(device)
-            seconds.append(start.elapsed_time(end) / 1000)
-            iterations += timer.durations_ms()
-    full = [it for it in iterations if "unet_bwd" in it] or iterations
-    s = statistics.median(seconds)
-    return {
-        "seconds_per_image": s,
-        "seconds_per_image_each": seconds,
-        "iteration_ms_median": statistics.median(sum(it.values()) for it in full),
-        "breakdown_ms": median_breakdown(iterations),
-        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-        "nvml_peak_used_gib": nvml.peak_used_bytes / 2**30 if nvml.peak_used_bytes is not None else NOT_MEASURED,
-        "energy_j_per_image": nvml.energy_j / args.images if nvml.energy_j is not None else NOT_MEASURED,
-        "nvml_note": nvml.unavailable or "whole-device readings: memory includes the CUDA context, the allocator's "
-                                         "cache and other processes; energy is the device's counter over the timed images",
-        "images_per_hour": 3600 / s,
-    }
-
-
-def _oom_reason(e: BaseException) -> str:
-    """The first line of an out-of-memory error (torch's message goes on with allocator advice)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _measure_config(generator, reward, args, pipeline: str) -> tuple[dict[str, Any], bool]:
-    """Measure; in the fast pipeline, fall back to checkpointing when running without it is out of memory.
-
-    Out of memory with checkpointing (at once in the paper pipeline, or in the fast pipeline's retry) gives an
-    error row, ``error`` saying what failed and ``error_detail`` why, instead of stopping the run.
-    """
-    checkpointing = pipeline == "paper"
-    try:
-        return _measure(generator, reward, args, checkpointing), checkpointing
-    except torch.cuda.OutOfMemoryError as e:
-        first = _oom_reason(e)  # the rest is freed outside the except block, where its traceback no longer holds it
-    gc.collect()
-    torch.cuda.empty_cache()
-    if checkpointing:
-        return {"error": "out of memory", "error_detail": first}, checkpointing
-    try:
-        result = _measure(generator, reward, args, True)
-    except torch.cuda.OutOfMemoryError as e:
-        second = _oom_reason(e)
-    else:
-        result["note"] = "out of memory without gradient checkpointing: measured with it"
-        return result, True
-    gc.collect()
-    torch.cuda.empty_cache()
-    return {"error": "out of memory, with gradient checkpointing too",
-            "error_detail": f"without checkpointing: {first}; with it: {second}"}, True
-
-
-def run_measured(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from fastlclip.reno import OneStepGenerator
-
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    args.iterations, args.images = args.iterations or 50, args.images or 3
-    if args.weights:
-        generator = OneStepGenerator.from_pretrained(args.weights, device=device, dtype=dtype)
-    else:
-        generator = OneStepGenerator.from_config(device=device, dtype=dtype)
-    specs = [bench_rewards.REWARDS[k] for k in args.rewards]
-    fast_backend, backend_reason = {}, {}
-    if "fast" in args.pipelines:
-        for spec in specs:
-            if spec.kind == "latent":
-                fast_backend[spec.key], backend_reason[spec.key] = bench_rewards.choose_latent_backend(
-                    args.latent_backend, spec, device=device, dtype=dtype, latent_shape=generator.latent_shape,
-                    prompt=args.prompt)
-                progress.write(f"{spec.label}: {backend_reason[spec.key]}")
-    configs = [(p, s, b) for p in args.pipelines for s in specs for b in _variants(p, s, fast_backend)]
-    rows = []
-    compiled = False
-    for pipeline, spec, backend in progress(configs, desc="configurations", unit="config"):
-        if pipeline == "fast" and args.compile_unet and not compiled:
-            generator.compile()
-            compiled = True
-        try:
-            reward = bench_rewards.build(spec, vae=generator.vae, device=device, dtype=dtype, backend=backend)
-        except (ValueError, RuntimeError, ImportError) as e:  # e.g. a named --latent-backend that cannot run here
-            reward, checkpointing = None, pipeline == "paper"
-            result = {"error": f"backend {backend!r} failed to build", "error_detail": f"{type(e).__name__}: {e}"}
-        else:
-            result, checkpointing = _measure_config(generator, reward, args, pipeline)
-        row = _row(pipeline, spec, backend, checkpointing)
-        row["variant"] = ("paper-style" if pipeline == "paper" else
-                          "fast, eager Latent-CLIP" if spec.kind == "latent" and backend != fast_backend[spec.key] else "fast")
-        row["compiled_unet"] = compiled
-        row.update(result)
-        rows.append(row)
-        progress.write(f"{pipeline:5s} {spec.label:24s} {row['backend']:16s} "
-                       + (f"{row['seconds_per_image']:.2f} s/image" if "seconds_per_image" in row else row.get("error", "")))
-        del reward
-        gc.collect()
-        torch.cuda.empty_cache()
-    info = {"generator": _generator_text(generator, args), "latent_backend": backend_reason, "dtype": "bfloat16"}
-    return rows, info
-
-
-def run_smoke(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The whole pipeline on tiny configs, on the CPU: checks it runs and that every phase is reached."""
-    from fastlclip.reno import OneStepGenerator
-
-    args.iterations, args.images = args.iterations or 2, args.images or 1
-    generator = OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=tiny.IMAGE_SIZE, width=tiny.IMAGE_SIZE)
-    rows = []
-    configs = [(p, bench_rewards.REWARDS[k]) for p in args.pipelines for k in args.rewards]
-    for pipeline, spec in progress(configs, desc="smoke (tiny configs)", unit="config"):
-        checkpointing = pipeline == "paper"
-        reward = bench_rewards.build(spec, vae=generator.vae, device="cpu", dtype=torch.float32, smoke=True)
-        finite, phases = True, []
-        for image in range(args.images):
-            log = PhaseLog()
-            result = _run_once(generator, reward, args, iterations=args.iterations, seed=image,
-                               checkpointing=checkpointing, timer=log)
-            finite &= all(math.isfinite(v) for v in result.losses)
-            phases = log.iterations[0]
-        row = _row(pipeline, spec, "eager", checkpointing)
-        row["smoke"] = (f"ran {args.images} image(s) x {args.iterations} iterations; losses finite: "
-                        f"{'yes' if finite else 'NO'}; phases: {' > '.join(phases)}")
-        row.update({k: NOT_MEASURED for k in ("seconds_per_image", "breakdown_ms", "peak_allocated_gib", "nvml_peak_used_gib",
-                                              "energy_j_per_image", "images_per_hour", "usd_per_1000_images")})
-        rows.append(row)
-    info = {"generator": "tiny SDXL-style UNet and VAE (bench/tiny.py), random weights, random prompt embeddings; CPU, float32",
-            "latent_backend": "eager (CPU)", "dtype": "float32"}
-    return rows, info
-
-
-def optimizer_text() -> str:
-    """The optimiser settings the runs use: ``reno.optimize``'s defaults (``_run_once`` passes none of them)."""
-    from fastlclip import reno
-
-    d = {k: p.default for k, p in inspect.signature(reno.optimize).parameters.items()}
-    clip = "no grad-norm clip" if d["grad_clip"] is None else f"grad-norm clip {d['grad_clip']:g}"
-    return (f"SGD lr {d['lr']:g}, {'Nesterov ' if d['nesterov'] else ''}momentum {d['momentum']:g}, {clip}, "
-            f"norm regulariser {d['reg_weight']:g}")
-
-
-def _generator_text(generator, args) -> str:
-    if generator.random_weights:
-        return ("SDXL-Turbo UNet and VAE with RANDOM WEIGHTS built from the shipped SDXL configs, random prompt "
-                "embeddings: timing is faithful, images are noise")
-    return f"SDXL-Turbo weights from {args.weights} (SDXL text encoders for the prompt)"
 
 
 # -- derived figures ------------------------------------------------------------------------------------
@@ -330,16 +134,6 @@ def compute_floors(args, selection: Selection, iterations: int, progress) -> dic
 
 
 # -- output -------------------------------------------------------------------------------------------
-def _fmt(v: Any, spec: str = ".2f") -> str:
-    return format(v, spec) if isinstance(v, float) else str(v)
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
-
 def _backend(r: dict[str, Any]) -> str:
     return r["backend"] + (" +ckpt" if r["gradient_checkpointing"] and r["pipeline"] == "fast" else "")
 
@@ -349,13 +143,13 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
                "images/h", "$/1000 img", "saved vs B/32"]
     body = []
     for r in rows:
-        get = lambda k, spec=".2f": _fmt(r.get(k, r.get("error", NOT_MEASURED)), spec)  # noqa: E731
+        get = lambda k, spec=".2f": fmt(r.get(k, r.get("error", NOT_MEASURED)), spec)  # noqa: E731
         saved = r.get("saved_vs_pixel_b32_pct", NOT_MEASURED)
         body.append([r["pipeline"], r["reward_label"], _backend(r), get("seconds_per_image"), get("iteration_ms_median", ".1f"),
                      get("peak_allocated_gib"), get("nvml_peak_used_gib"), get("energy_j_per_image", ".0f"),
                      get("images_per_hour", ".0f"), get("usd_per_1000_images", ".3f"),
                      f"{saved:.1f}%" if isinstance(saved, float) else saved])
-    return _table(headers, body)
+    return table(headers, body, markdown=True)
 
 
 def breakdown_table(rows: list[dict[str, Any]]) -> str:
@@ -363,14 +157,15 @@ def breakdown_table(rows: list[dict[str, Any]]) -> str:
     def cell(r, phase):
         if not isinstance(r.get("breakdown_ms"), dict):
             return r.get("error", NOT_MEASURED)
-        return _fmt(r["breakdown_ms"][phase], ".2f") if phase in r["breakdown_ms"] else "-"
+        return fmt(r["breakdown_ms"][phase], ".2f") if phase in r["breakdown_ms"] else "-"
 
     body = [[r["pipeline"], r["reward_label"], _backend(r), *(cell(r, p) for p in BREAKDOWN)] for r in rows]
-    return _table(headers, body)
+    return table(headers, body, markdown=True)
 
 
 def smoke_table(rows: list[dict[str, Any]]) -> str:
-    return _table(["pipeline", "reward", "smoke test result"], [[r["pipeline"], r["reward_label"], r["smoke"]] for r in rows])
+    body = [[r["pipeline"], r["reward_label"], r["smoke"]] for r in rows]
+    return table(["pipeline", "reward", "smoke test result"], body, markdown=True)
 
 
 def floor_table(floors: dict[str, Any]) -> str:
@@ -379,7 +174,7 @@ def floor_table(floors: dict[str, Any]) -> str:
         for e in entries:
             body.append([name, e["pipeline"], bench_rewards.REWARDS[e["reward"]].label, f"{e['gflop_per_iteration']:.0f}",
                          f"{e['weight_gb_per_iteration']:.2f}", f"{e['floor_ms_per_iteration']:.2f}", f"{e['floor_s_per_image']:.3f}"])
-    return _table(headers, body)
+    return table(headers, body, markdown=True)
 
 
 def error_notes(rows: list[dict[str, Any]]) -> list[str]:
@@ -400,11 +195,8 @@ def _statements(report: dict[str, Any]) -> list[str]:
 
 
 def write_outputs(report: dict[str, Any], directory: Path) -> dict[str, Path]:
-    import json
-
-    directory.mkdir(parents=True, exist_ok=True)
     paths = {ext: directory / f"reno_cost.{ext}" for ext in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(paths["json"], report)
     md = [f"# ReNO cost per image: {report['device'] or 'no CUDA device (CPU smoke test)'}", "",
           f"`{report['command']}` on {report['date']}; torch {report['versions']['torch']}, diffusers "
           f"{report['versions']['diffusers']}, open_clip {report['versions']['open_clip']}.", ""]
@@ -469,8 +261,6 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from tqdm.auto import tqdm
-
 
     profiles = load_profiles()
     cuda = torch.cuda.is_available()

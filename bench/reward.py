@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import re
 import statistics
@@ -51,10 +50,11 @@ from fastlclip import runtime
 
 from . import flops, rewards as bench_rewards, tiny
 from .provenance import run_record
+from .report import fmt, table as table_text, write_json
 from .profiles import PROFILES_DIR, Profile, load_profiles, results_folder, select
 
 MODELS = {"Latent-ViT-B-8-512": "Latent-ViT-B/8", "Latent-ViT-B-4-512-plus": "Latent-ViT-B/4-plus"}
-BACKENDS = ("eager", "triton", "graph", "compile")
+BACKENDS = runtime.BACKENDS
 PIXEL_CLIPS = {"ViT-B-32": "pixel-b32", "ViT-L-14": "pixel-l14", "ViT-H-14": "pixel-h14"}
 BASELINES = ("reference-compile", *PIXEL_CLIPS)
 PROMPT = "a photo of a red dog and a green cat"
@@ -347,10 +347,6 @@ def add_ratios(rows: list[Row], profile: Profile | None) -> None:
 
 
 # -- output -------------------------------------------------------------------------------------------
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def table(rows: list[Row], checks: dict) -> str:
     head = ["model", "system", "task", "batch", "ms", "img/s", "x vs ref", "% wt floor", "% bf16 peak", "VRAM GiB",
             "setup s", "status"]
@@ -358,13 +354,10 @@ def table(rows: list[Row], checks: dict) -> str:
     for r in rows:
         chk = checks.get((r.group, r.system))
         status = r.status if chk is None or chk.get("ok") else f"{r.status}; CHECK FAILED"
-        body.append([r.group, r.system, r.task, str(r.batch), _fmt(r.ms, ".3f"), _fmt(r.images_per_s, ".0f"),
-                     _fmt(r.speedup_vs_reference, ".2f"), _fmt(r.pct_weight_floor, ".1f"), _fmt(r.pct_bf16_peak, ".1f"),
-                     _fmt(r.peak_vram_gib, ".2f"), _fmt(r.setup_s, ".1f"), status])
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+        body.append([r.group, r.system, r.task, r.batch, fmt(r.ms, ".3f"), fmt(r.images_per_s, ".0f"),
+                     fmt(r.speedup_vs_reference, ".2f"), fmt(r.pct_weight_floor, ".1f"), fmt(r.pct_bf16_peak, ".1f"),
+                     fmt(r.peak_vram_gib, ".2f"), fmt(r.setup_s, ".1f"), status])
+    return table_text(head, body)
 
 
 def compile_mode_winner(rows: list[Row]) -> dict:
@@ -443,9 +436,7 @@ def write_report(rows: list[Row], checks: dict, argv: list[str], device_name: st
         "rows": [asdict(r) for r in rows],
     }
     out = out or PROFILES_DIR / "results" / results_folder(selection.measured, device_name) / "reward.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    return out
+    return write_json(out, report)
 
 
 def _run(args, argv, device, device_name, selection, progress) -> int:

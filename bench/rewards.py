@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+import fastlclip
+from fastlclip import runtime
+
 from . import tiny
 
 
@@ -32,8 +35,6 @@ BASELINE = "pixel-b32"  # the paper's decode-then-CLIP baseline
 
 def load_latent_clip(model, *, device, dtype, backend: str):
     """``fastlclip.load`` with random weights (intended here, so its warning is silenced)."""
-    import fastlclip
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*weights are random")
         m = fastlclip.load(model, device=device, dtype=dtype, backend=backend)
@@ -44,8 +45,6 @@ def load_latent_clip(model, *, device, dtype, backend: str):
 
 def build(spec: RewardSpec, *, vae, device, dtype, backend: str = "eager", smoke: bool = False):
     """The reward for ``spec``; ``smoke`` swaps in the tiny configs of ``bench.tiny`` (same code path)."""
-    import fastlclip
-
     if spec.kind == "latent":
         model = load_latent_clip(tiny.LATENT_CLIP if smoke else spec.model, device=device, dtype=dtype, backend=backend)
         return fastlclip.LatentCLIPReward(model)
@@ -67,8 +66,6 @@ def build(spec: RewardSpec, *, vae, device, dtype, backend: str = "eager", smoke
 
 def _loss_grad(model, latents: torch.Tensor, prompt: str) -> tuple[float, torch.Tensor]:
     """Reward loss and its gradient w.r.t. ``latents`` with ``model``'s current backend."""
-    import fastlclip
-
     x = latents.detach().requires_grad_(True)
     loss = fastlclip.LatentCLIPReward(model)(x, prompt)
     (grad,) = torch.autograd.grad(loss, x)
@@ -84,9 +81,7 @@ def fastest_agreeing_backend(model, latents: torch.Tensor, prompt: str, backends
     """``auto`` on one loaded model: each backend timed by ``fastlclip.runtime.time_backends`` (the timing the
     library's own ``backend="auto"`` uses), kept only when it runs as itself (no fallback warning) and its loss
     and gradient on ``latents`` and ``prompt`` agree with eager's. Leaves ``model`` on eager."""
-    from fastlclip import model as fl_model, runtime
-
-    backends = list(dict.fromkeys(("eager", *(backends or fl_model.BACKENDS))))
+    backends = list(dict.fromkeys(("eager", *(backends or runtime.BACKENDS))))
     times, failures, checks = {}, {}, {}
     for backend in backends:
         try:
@@ -135,11 +130,9 @@ def choose_latent_backend(requested: str, spec: RewardSpec, *, device, dtype, la
     named backend is taken as asked, without loading a model to probe it (an unknown name falls back to
     eager, said in the reason); if it then fails to build, the benchmark records that configuration's error.
     """
-    from fastlclip import model as fl_model
-
     if requested != "auto":
-        if requested not in fl_model.BACKENDS:
-            return "eager", f"backend {requested!r} unknown (choose one of {fl_model.BACKENDS}); fell back to eager"
+        if requested not in runtime.BACKENDS:
+            return "eager", f"backend {requested!r} unknown (choose one of {runtime.BACKENDS}); fell back to eager"
         return requested, f"backend {requested!r} as asked"
     if torch.device(device).type != "cuda":
         return "eager", "auto without CUDA: eager (the fast backends are CUDA-only)"

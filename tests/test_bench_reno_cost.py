@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from bench import flops, profiles, reno_cost
+from bench import flops, profiles, reno_cost, reno_pipelines
 from bench.rewards import REWARDS
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU smoke path")
@@ -169,14 +169,14 @@ def test_measured_run_is_self_consistent(tmp_path):
 def test_optimizer_text_follows_reno_optimize_defaults(monkeypatch):
     from fastlclip import reno
 
-    assert reno_cost.optimizer_text() == "SGD lr 5, Nesterov momentum 0.9, grad-norm clip 0.1, norm regulariser 0.01"
+    assert reno_pipelines.optimizer_text() == "SGD lr 5, Nesterov momentum 0.9, grad-norm clip 0.1, norm regulariser 0.01"
 
     def changed(generator, rewards, prompt, *, iterations=50, lr=2.5, momentum=0.5, nesterov=False, grad_clip=None,
                 reg_weight=0.1, **kwargs):
         raise AssertionError("not called")
 
     monkeypatch.setattr(reno, "optimize", changed)
-    assert reno_cost.optimizer_text() == "SGD lr 2.5, momentum 0.5, no grad-norm clip, norm regulariser 0.1"
+    assert reno_pipelines.optimizer_text() == "SGD lr 2.5, momentum 0.5, no grad-norm clip, norm regulariser 0.1"
 
 
 def test_out_of_memory_with_checkpointing_too_is_an_error_row_not_a_crash(monkeypatch):
@@ -186,16 +186,16 @@ def test_out_of_memory_with_checkpointing_too_is_an_error_row_not_a_crash(monkey
         calls.append(checkpointing)
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(calls)} GiB.\nmore advice")
 
-    monkeypatch.setattr(reno_cost, "_measure", out_of_memory)
-    result, checkpointing = reno_cost._measure_config(None, None, None, "fast")
+    monkeypatch.setattr(reno_pipelines, "_measure", out_of_memory)
+    result, checkpointing = reno_pipelines._measure_config(None, None, None, "fast")
     assert calls == [False, True] and checkpointing
     assert result["error"] == "out of memory, with gradient checkpointing too"
     assert result["error_detail"] == ("without checkpointing: CUDA out of memory. Tried to allocate 1 GiB.; "
                                       "with it: CUDA out of memory. Tried to allocate 2 GiB.")
 
     spec = REWARDS["latent-b8"]
-    row = {**reno_cost._row("fast", spec, "graph", checkpointing), "variant": "fast", **result}
-    rows = [row, {**reno_cost._row("fast", REWARDS["pixel-b32"], "eager", False), "variant": "fast",
+    row = {**reno_pipelines._row("fast", spec, "graph", checkpointing), "variant": "fast", **result}
+    rows = [row, {**reno_pipelines._row("fast", REWARDS["pixel-b32"], "eager", False), "variant": "fast",
                   **_measured("fast", "pixel-b32", 3.0, 1.0)}]
     reno_cost.add_savings(rows, None)
     assert "out of memory, with gradient checkpointing too" in reno_cost.cost_table(rows)
@@ -207,7 +207,7 @@ def test_out_of_memory_with_checkpointing_too_is_an_error_row_not_a_crash(monkey
     assert reno_cost.evaluate_targets(rows, "NVIDIA H100 80GB HBM3") == []
 
     calls.clear()
-    result, checkpointing = reno_cost._measure_config(None, None, None, "paper")
+    result, checkpointing = reno_pipelines._measure_config(None, None, None, "paper")
     assert calls == [True] and checkpointing
     assert result == {"error": "out of memory", "error_detail": "CUDA out of memory. Tried to allocate 1 GiB."}
 
@@ -218,8 +218,8 @@ def test_out_of_memory_without_checkpointing_retries_with_it(monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
         return {"seconds_per_image": 1.0}
 
-    monkeypatch.setattr(reno_cost, "_measure", measure)
-    result, checkpointing = reno_cost._measure_config(None, None, None, "fast")
+    monkeypatch.setattr(reno_pipelines, "_measure", measure)
+    result, checkpointing = reno_pipelines._measure_config(None, None, None, "fast")
     assert checkpointing and result["seconds_per_image"] == 1.0 and "measured with it" in result["note"]
 
 
