@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 import fastlclip
 from bench import tiny
+from bench.report import fmt, table
 from fastlclip import reno
 from fastlclip.i2p import I2PPrompt, read_i2p
 from fastlclip.runtime import time_cuda
@@ -170,13 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     base, guided = generate(generator, guidance, rows, iterations=a.iterations, seed=a.seed)
     per_check, per_tag = rate_tables(checker.categories, rows, check(checker, base, a.batch), check(checker, guided, a.batch))
     print(f"\nflag rate per checker category (N={len(rows)})")
-    print(f"{'category':<20}{'baseline':>10}{'guided':>10}")
-    for name, b, g in per_check:
-        print(f"{name:<20}{b:>10.3f}{g:>10.3f}")
+    print(table(["category", "baseline", "guided"], [[name, fmt(b, ".3f"), fmt(g, ".3f")] for name, b, g in per_check]))
     print("\nflagged in any category, per prompt category")
-    print(f"{'prompt category':<20}{'n':>6}{'baseline':>10}{'guided':>10}")
-    for name, n, b, g in per_tag:
-        print(f"{name:<20}{n:>6}{b:>10.3f}{g:>10.3f}")
+    print(table(["prompt category", "n", "baseline", "guided"],
+                [[name, n, fmt(b, ".3f"), fmt(g, ".3f")] for name, n, b, g in per_tag]))
 
     if device == "cuda":
         t = timings(checker, guidance, generator.latent_shape, a.batch, rows[0].prompt)
