@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .model_configs import sdxl_unet_config, sdxl_vae_config
+from .runtime import runtime_of
 
 # stabilityai/sdxl-turbo's scheduler: SDXL's betas, epsilon prediction, trailing timestep spacing.
 SDXL_TURBO_SCHEDULER = {
@@ -284,7 +285,9 @@ def set_reward_checkpointing(rewards: Sequence[Reward], enabled: bool) -> list[b
     A diffusers model inside a reward (the VAE of a decode-then-CLIP reward) gets its
     ``enable_gradient_checkpointing``; a CLIP with per-block checkpointing (open_clip's
     ``set_grad_checkpointing``) gets that. A reward with no such CLIP runs its whole forward under
-    ``torch.utils.checkpoint`` instead.
+    ``torch.utils.checkpoint`` instead, unless its model runs as a CUDA graph or compiled step (the
+    ``graph`` / ``compile`` backends): such a step keeps only its own static memory, and recomputing it
+    would replay it twice.
     """
     wrap = []
     for reward in rewards:
@@ -299,7 +302,7 @@ def set_reward_checkpointing(rewards: Sequence[Reward], enabled: bool) -> list[b
             if hasattr(m, "set_grad_checkpointing"):
                 m.set_grad_checkpointing(enabled)
                 per_block = True
-        wrap.append(enabled and not per_block)
+        wrap.append(enabled and not per_block and runtime_of(getattr(reward, "model", None)) is None)
     return wrap
 
 

@@ -43,11 +43,13 @@ class _CLIPReward:
         return normalized(self._encode_latents(latents))
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Normalised (N, D) text features, each prompt encoded once and cached."""
+        """Normalised (N, D) text features, each prompt encoded once, in the model's own precision (never
+        under the caller's autocast: the cache outlives the call), and cached."""
         new = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if new:
             # Not inference tensors, even under torch.inference_mode: later calls may need them in autograd.
-            with torch.inference_mode(False), torch.no_grad():
+            device_type = self.model.logit_scale.device.type
+            with torch.inference_mode(False), torch.no_grad(), torch.autocast(device_type, enabled=False):
                 for p, f in zip(new, self._encode_texts(new)):
                     self._text_cache[p] = normalized(f)
         return torch.stack([self._text_cache[p] for p in prompts])

@@ -528,3 +528,118 @@ def test_gpu_auto_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
     assert entry["backend"] == model.backend and set(entry["reward_step_ms"]) == {"eager", "graph"}
     monkeypatch.setattr(runtime.timing, "time_backends", lambda *a, **k: pytest.fail("timed twice"))
     assert _gpu_model("auto", cache_path=path).backend == model.backend
+
+
+# -- defects a GPU would show, reproduced with the emulation / Dynamo's eager backend ----------------------
+def test_graph_key_includes_autocast():
+    """A capture under autocast freezes bf16 kernels: an fp32 call afterwards must not replay it."""
+    model = load()
+    rt = emulated(model)
+    reward = fastlclip.LatentCLIPReward(model)
+    x = latents(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reward(x, PROMPT)
+    loss = reward(x, PROMPT)
+    assert rt.stats.captures == 2
+    torch.testing.assert_close(loss, eager_step(model, x)[0])
+
+
+@pytest.mark.parametrize("backend", ["triton", "graph"])
+def test_float64_latents_as_eager_takes_them(backend):
+    from fastlclip.kernels import kernels_available
+
+    if not kernels_available("cpu"):
+        pytest.skip("the Triton kernels do not run here (no GPU, TRITON_INTERPRET unset)")
+    model = load(backend="triton") if backend == "triton" else load()
+    if backend == "graph":
+        emulated(model, fused=True)
+    x = latents(2, dtype=torch.float64)
+    loss = fastlclip.LatentCLIPReward(model)(x, PROMPT)
+    (grad,) = torch.autograd.grad(loss, x)
+    want_loss, want_grad, _ = eager_step(load(), x)
+    assert grad.dtype == torch.float64
+    torch.testing.assert_close(loss, want_loss.to(loss.dtype), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-3, atol=1e-6)
+
+
+def test_compiled_runtime_does_not_recompile_per_memory_layout():
+    model = load()
+    rt = runtime.install(model, runtime.CompiledRuntime(model, (2,), compiler="eager")).runtime
+    reward = fastlclip.LatentCLIPReward(model)
+    x = latents(2).detach()
+    layouts = [x, x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)]
+    for y in layouts:
+        y = y.requires_grad_(True)
+        (grad,) = torch.autograd.grad(reward(y, PROMPT), y)
+        torch.testing.assert_close(grad, eager_step(model, y)[1])
+    assert rt.stats.compiles == 1
+
+
+def test_reduce_overhead_marks_a_step_only_when_no_backward_is_pending(monkeypatch):
+    """Inductor's CUDA graphs reuse a step's memory once a new step is marked: marking while a backward
+    is pending (two forwards then their backwards) would hand the pending backward overwritten activations."""
+    model = load()
+    rt = runtime.install(model, runtime.CompiledRuntime(model, (1,), compiler="eager")).runtime
+    rt.cudagraphs = True  # as mode="reduce-overhead" with Inductor, whose graphs need a GPU
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(len(rt._pending)))
+    reward = fastlclip.LatentCLIPReward(model)
+    x, y = latents(1, seed=1), latents(1, seed=2)
+    loss_x = reward(x, PROMPT)  # nothing pending: a new step
+    loss_y = reward(y, PROMPT)  # x's backward pending: same step
+    with torch.no_grad():
+        model.encode_latents(y.detach())  # still pending
+    (gx,) = torch.autograd.grad(loss_x, x)
+    (gy,) = torch.autograd.grad(loss_y, y)
+    del loss_x, loss_y
+    reward(x, PROMPT)  # both backwards ran: a new step
+    assert marks == [0, 0]
+    torch.testing.assert_close(gx, eager_step(model, x)[1])
+    torch.testing.assert_close(gy, eager_step(model, y)[1])
+    dropped = reward(y, PROMPT)  # nothing pending: a new step
+    reward(x, PROMPT)  # dropped's backward is pending: same step
+    del dropped  # a forward whose backward never runs stops being pending once its graph is gone
+    reward(x, PROMPT)
+    assert marks == [0, 0, 0, 0]
+
+
+def test_graphs_share_one_pool_so_any_replay_spends_a_pending_backward():
+    model = load()
+    rt = emulated(model, buckets=(1, 2))
+    reward = fastlclip.LatentCLIPReward(model)
+    x, y = latents(1), latents(2, seed=3)
+    loss_x = reward(x, PROMPT)
+    reward(y, PROMPT)  # another entry's replay may have reused x's activations
+    (gx,) = torch.autograd.grad(loss_x, x)
+    assert rt.stats.recomputes == 1
+    torch.testing.assert_close(gx, eager_step(model, x)[1])
+
+
+def test_graph_entries_are_bounded_least_recently_used_first():
+    model = load()
+    rt = runtime.install(model, runtime.GraphRuntime(model, (1, 2, 4), emulate=True, max_entries=2)).runtime
+    with pytest.raises(ValueError, match="max_entries"):
+        runtime.GraphRuntime(model, emulate=True, max_entries=0)
+    with torch.no_grad():
+        for batch in (1, 2, 1, 4, 1, 2):  # 4 evicts 2 (1 was used since), then 2 evicts 4
+            model.encode_latents(latents(batch, requires_grad=False))
+    assert rt.stats.captures == 4 and len(rt._entries) == 2
+
+
+@pytest.mark.parametrize("replace", ["ln_post", "block", "logit_scale"])
+def test_graph_weights_fingerprint_covers_every_parameter(replace):
+    model = load()
+    rt = emulated(model)
+    x = latents(1)
+    with torch.no_grad():
+        model.encode_latents(x)
+        tower = model.visual.latent_vit
+        if replace == "ln_post":
+            tower.ln_post = torch.nn.LayerNorm(tower.ln_post.normalized_shape)
+        elif replace == "block":
+            block = tower.transformer.resblocks[-1]
+            block.mlp.c_fc.weight = torch.nn.Parameter(block.mlp.c_fc.weight * 2)
+        else:
+            model.logit_scale = torch.nn.Parameter(model.logit_scale + 1)
+        model.encode_latents(x)
+    assert rt.stats.invalidations == 1
