@@ -6,26 +6,25 @@
 
 The unit of work is one input shard (``readers``): one Parquet file per shard and one manifest line per
 shard (``writer``); shards whose output exists are skipped, so running the same command again resumes.
-Engines: ``engines``. Columns: ``scoring``. Command line: ``python -m fastlclip.corpus --help``.
+Engines: ``engines``. Columns: ``scoring``. Keep-lists: ``selection``. Command line: ``python -m fastlclip.corpus --help``.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..inputs import LATENT_SPACES
 from .engines import ENGINES, rank_split, run_local, run_ray
 from .readers import shard_kind, shard_stem
 from .runner import ON_ERROR, ShardOptions, report as _report_line
 from .scoring import DEFAULT_TEMPLATES, ScoreSpec, check_prompts
-from .select import select
+from .selection import select
 from .writer import check_run_file, read_manifest
 
+LATENT_SPACES = ("vae", "diffusion")
 __all__ = ["ScoreReport", "expand_inputs", "read_manifest", "score", "select"]
 
 
@@ -134,6 +133,10 @@ def score(inputs, out, *, model, pretrained=None, prompts=None, classes=None, te
         raise ValueError(f"every template needs a '{{}}' for the class name, got {templates!r}")
     if not (prompts or classes or safety or embeddings):
         raise ValueError("nothing to compute: pass prompts, classes, safety=True or embeddings=True")
+    if isinstance(model, str) and not os.path.exists(model):
+        from .. import get_model_config
+
+        get_model_config(model)  # an unknown name fails here, before any output
     if pretrained is not None and not str(pretrained).startswith("hf-hub:") and not os.path.exists(pretrained):
         raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
     if engine == "ray":

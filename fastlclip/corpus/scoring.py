@@ -52,7 +52,7 @@ class ScoreSpec:
 
 
 def _is_model(obj) -> bool:
-    from ..model import LatentCLIP
+    from .. import LatentCLIP
 
     return isinstance(obj, LatentCLIP)
 

@@ -91,7 +91,7 @@ def read_manifest(out: str | os.PathLike) -> list[dict]:
 def check_run_file(out: Path, identity: dict) -> None:
     """Record the run's settings in ``run.json``; refuse a folder whose outputs were made with other settings."""
     path = out / RUN_FILE
-    if path.exists():
+    if path.exists() and any(out.glob("*.parquet")):
         old = json.loads(path.read_text())
         if old != identity:
             diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
