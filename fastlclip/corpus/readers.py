@@ -124,7 +124,7 @@ def _read_tar(path: Path, member: str | None) -> Iterator[Sample]:
             return Sample(key, None, f"no {' or '.join(wanted)} member (has: {', '.join(sorted(members)) or 'none'})")
         data = members[ext]
         if isinstance(data, Exception):
-            return Sample(key, None, f"unreadable member {ext}: {data}")
+            return Sample(key, None, f"duplicate member: {data}")
         try:
             return Sample(key, decode_member(data, ext))
         except ValueError as e:
@@ -141,7 +141,9 @@ def _read_tar(path: Path, member: str | None) -> Iterator[Sample]:
                     if done is not None:
                         yield done
                     key, members = k, {}
-                if ext in wanted:
+                if ext in members:  # webdataset refuses a sample with two members of one name
+                    members[ext] = ValueError(f"member {info.name} appears twice in a row")
+                elif ext in wanted:
                     f = tf.extractfile(info)
                     members[ext] = f.read()
                     if len(members[ext]) != info.size:
@@ -200,7 +202,7 @@ def _read_parquet(path: Path, column: str) -> Iterator[Sample]:
 def _arrow_tensors(values, pa) -> list:
     """One tensor (or an error string) per element of an Arrow tensor column."""
     if isinstance(values.type, pa.FixedShapeTensorType):
-        return [_from_numpy(a) for a in values.to_numpy_ndarray()]
+        return [_from_numpy(a.copy()) for a in values.to_numpy_ndarray()]
     binary = pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type)
     if not binary:
         dense = _dense_lists(values, pa)
@@ -234,4 +236,5 @@ def _dense_lists(values, pa) -> np.ndarray | None:
         level = level.flatten()
     if level.null_count or not (pa.types.is_floating(level.type) or pa.types.is_integer(level.type)):
         return None
-    return level.to_numpy(zero_copy_only=False).reshape(shape)
+    arr = level.to_numpy(zero_copy_only=False)
+    return (arr if arr.flags.writeable else arr.copy()).reshape(shape)
