@@ -116,7 +116,7 @@ def run_ray(shards: list[str], spec: ScoreSpec, opts: ShardOptions, workers: int
         resources = {"num_gpus": 1, "num_cpus": 1}
     else:  # fractional: Ray Data's read and output tasks need CPUs of their own
         cpus = ray.cluster_resources().get("CPU", 1)
-        resources = {"num_cpus": max(0.1, min(1.0, (cpus - 1) / workers))}
+        resources = {"num_cpus": max(0.1, min(0.5, (cpus - 1) / workers))}
     ctx = ray.data.DataContext.get_current()
     saved = ctx.enable_progress_bars
     ctx.enable_progress_bars = False  # one line per shard comes from ``report`` instead
