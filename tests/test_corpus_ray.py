@@ -50,7 +50,7 @@ def test_ray_engine_gives_the_local_rows_and_resumes(tmp_path, cluster, capsys):
                 np.testing.assert_allclose(np.array(b, dtype=np.float64), np.array(a, dtype=np.float64), atol=1e-6)
 
     os.remove(tmp_path / "ray" / "b.parquet")
-    again = corpus.score(shards, tmp_path / "ray", engine="ray", workers=2, **kw)
+    again = corpus.score(shards, tmp_path / "ray", engine="ray", workers=1, **kw)
     status = {os.path.basename(r["shard"]): r["status"] for r in again.records}
     assert status == {"a.tar": "skipped", "b.tar": "ok", "c.parquet": "skipped", "d.tar": "error"}
     keys = [k for s in ("a", "b", "c") for k in pq.read_table(tmp_path / "ray" / f"{s}.parquet")["key"].to_pylist()]
