@@ -43,7 +43,7 @@ def list_models() -> list[str]:
 def add_model_config(name: str, config: Mapping[str, Any] | str | Path) -> None:
     """Register a config (a dict or a JSON file) under ``name``."""
     if not isinstance(config, Mapping):
-        config = json.loads(Path(config).read_text())
+        config = read_config_file(config)
     ModelConfig.from_dict(config, name=name)  # validate before registering
     _REGISTRY[name] = copy.deepcopy(dict(config))
 
@@ -184,13 +184,27 @@ def _estimated_params(vision: VisionConfig, text: TextConfig, embed_dim: int) ->
     return float(v + t + text.width * embed_dim)
 
 
+def read_config_file(path: str | Path) -> Any:
+    """The JSON in ``path``; a missing file or bad JSON is a ``ValueError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model config file {str(path)!r} does not exist; pass a JSON file or a registered name "
+                         f"({list_models()})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"model config file {str(path)!r} is not valid JSON ({e})") from None
+
+
 def get_model_config(model: str | Mapping[str, Any] | Path) -> ModelConfig:
     """Resolve a registered name, a config dict, or a path to a JSON config."""
     if isinstance(model, Mapping):
         return ModelConfig.from_dict(model)
+    if isinstance(model, str) and model in _REGISTRY:
+        return ModelConfig.from_dict(_REGISTRY[model], name=model)
     path = Path(model)
-    if path.suffix == ".json" and path.is_file():
-        return ModelConfig.from_dict(json.loads(path.read_text()), name=path.stem)
+    if path.suffix == ".json":
+        return ModelConfig.from_dict(read_config_file(path), name=path.stem)
     if model not in _REGISTRY:
         close = [n for n in _REGISTRY if str(model).lower() in n.lower()]
         hint = f" Did you mean {close}?" if close else ""

@@ -73,3 +73,106 @@ def test_config_that_is_not_a_mapping_is_named():
 def test_shipped_configs_pass_validation():
     for name in fastlclip.list_models():
         fastlclip.get_model_config(name)
+
+
+# -- conversion and the config stored in a .safetensors file ----------------------------------------------
+
+
+def _convert(argv, capsys):
+    """Run the command line; returns (exit code, stderr)."""
+    from fastlclip.convert import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def _one_line_error(rc, err, match):
+    import re
+
+    assert rc not in (0, None), err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(match, err), err
+
+
+def test_convert_into_missing_folder_or_unwritable_path(official_ckpt, tmp_path, capsys):
+    fastlclip.add_model_config("tiny-test", TINY)
+    rc, err = _convert([official_ckpt, tmp_path / "no" / "such" / "x.safetensors", "--model", "tiny-test"], capsys)
+    _one_line_error(rc, err, r"output folder .*no/such does not exist; create it")
+    (tmp_path / "a-file").write_text("x")
+    rc, err = _convert([official_ckpt, tmp_path / "a-file" / "x.safetensors", "--model", "tiny-test"], capsys)
+    _one_line_error(rc, err, r"a-file is not a folder")
+    (tmp_path / "dir.safetensors").mkdir()
+    rc, err = _convert([official_ckpt, tmp_path / "dir.safetensors", "--model", "tiny-test"], capsys)
+    _one_line_error(rc, err, r"dir.safetensors is a folder; pass a file path")
+
+
+def test_convert_with_a_json_config_fits_and_loads_back(official_ckpt, tmp_path, capsys):
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    out = tmp_path / "tiny.safetensors"
+    rc, err = _convert([official_ckpt, out, "--model", tmp_path / "tiny.json"], capsys)
+    assert rc == 0, err
+    (tmp_path / "tiny.json").unlink()  # the config travels inside the file, not as a path to it
+    a, b = fastlclip.load(TINY, official_ckpt), fastlclip.load(None, out)
+    z = torch.randn(2, 4, LATENT, LATENT)
+    assert torch.equal(a.encode_latents(z), b.encode_latents(z))
+    assert b.cfg.text == a.cfg.text and b.cfg.vision == a.cfg.vision
+
+
+def test_convert_command_line_errors_are_one_line(official_ckpt, tmp_path, capsys):
+    (tmp_path / "heads0.json").write_text(json.dumps(_cfg(vision_cfg__heads=0)))
+    rc, err = _convert([official_ckpt, tmp_path / "x.safetensors", "--model", tmp_path / "heads0.json"], capsys)
+    _one_line_error(rc, err, r"vision_cfg.heads must be a positive integer, got 0")
+    (tmp_path / "broken.json").write_text("{not json")
+    rc, err = _convert([official_ckpt, tmp_path / "x.safetensors", "--model", tmp_path / "broken.json"], capsys)
+    _one_line_error(rc, err, r"broken.json'? is not valid JSON")
+    rc, err = _convert([official_ckpt, tmp_path / "x.pt"], capsys)
+    _one_line_error(rc, err, r"must end in .safetensors")
+    rc, err = _convert([tmp_path / "missing.pt", tmp_path / "x.safetensors"], capsys)
+    _one_line_error(rc, err, r"missing.pt does not exist")
+    rc, err = _convert([], capsys)
+    _one_line_error(rc, err, r"the following arguments are required: src, dst")
+
+
+def test_convert_command_line_has_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    for argv in ([], [str(tmp_path / "missing.pt"), str(tmp_path / "no" / "x.safetensors")]):
+        r = subprocess.run([sys.executable, "-m", "fastlclip.convert", *argv], capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def _safetensors_with_config(path, sd, value):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"fastlclip_config": value})
+
+
+def test_safetensors_metadata_never_reads_a_path(official_ckpt, tmp_path):
+    from fastlclip.checkpoint import read_checkpoint
+
+    sd, _ = read_checkpoint(official_ckpt)
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))  # a config that would fit
+    _safetensors_with_config(tmp_path / "m.safetensors", sd, str(tmp_path / "tiny.json"))
+    with pytest.raises(fastlclip.CheckpointError, match=r"m.safetensors names the config .*tiny.json.* not a registered "
+                                                        r"config name.*paths in metadata are never read"):
+        fastlclip.load(None, tmp_path / "m.safetensors")
+    fastlclip.load(TINY, tmp_path / "m.safetensors")  # naming the config works
+
+
+def test_safetensors_metadata_with_an_embedded_config(official_ckpt, tmp_path):
+    from fastlclip.checkpoint import read_checkpoint
+
+    sd, _ = read_checkpoint(official_ckpt)
+    _safetensors_with_config(tmp_path / "ok.safetensors", sd, json.dumps(TINY))
+    assert fastlclip.load(None, tmp_path / "ok.safetensors").cfg.vision.layers == TINY["vision_cfg"]["layers"]
+    _safetensors_with_config(tmp_path / "huge.safetensors", sd, json.dumps(_cfg(vision_cfg__layers=10**9)))
+    with pytest.raises(fastlclip.CheckpointError, match=r"huge.safetensors: the config in its metadata is invalid: "
+                                                        r".*layers must be at most 256"):
+        fastlclip.load(None, tmp_path / "huge.safetensors")
+    _safetensors_with_config(tmp_path / "list.safetensors", sd, "[1, 2]")
+    with pytest.raises(fastlclip.CheckpointError, match=r"list.safetensors: the config in its metadata is invalid"):
+        fastlclip.load(None, tmp_path / "list.safetensors")
