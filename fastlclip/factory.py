@@ -64,6 +64,15 @@ def load_state_dict_strict(model: LatentCLIP, sd: Mapping[str, torch.Tensor]) ->
             f"checkpoint does not fit config {model.cfg.name!r}: {k} has shape {got}, the config expects {want}"
             + (f" ({len(bad)} mismatched tensors)" if len(bad) > 1 else "") + f"; {_fit_hint(sd)}"
         )
+    not_float = [(k, sd[k].dtype) for k, v in own.items() if v.is_floating_point() and not sd[k].is_floating_point()]
+    if not_float:
+        k, dtype = not_float[0]
+        raise ckpt.CheckpointError(
+            f"checkpoint tensor {k} is {dtype}, but the model's parameter is floating point"
+            + (f" ({len(not_float)} such tensors)" if len(not_float) > 1 else "")
+            + ": this is not a float checkpoint of this model (quantised or corrupted?); copying would round every "
+            "value. Load a float32/float16/bfloat16 checkpoint"
+        )
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(sd[k])

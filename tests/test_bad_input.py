@@ -176,3 +176,112 @@ def test_safetensors_metadata_with_an_embedded_config(official_ckpt, tmp_path):
     _safetensors_with_config(tmp_path / "list.safetensors", sd, "[1, 2]")
     with pytest.raises(fastlclip.CheckpointError, match=r"list.safetensors: the config in its metadata is invalid"):
         fastlclip.load(None, tmp_path / "list.safetensors")
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+
+
+def _official(reference, **changes):
+    from conftest import official_state
+
+    ck = official_state(reference)
+    ck["state_dict"].update(changes)
+    return ck
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
+def test_integer_or_bool_tensor_is_not_cast_into_a_float_parameter(reference, tmp_path, dtype):
+    ck = _official(reference)
+    key = "module.ln_final.weight"
+    ck["state_dict"][key] = ck["state_dict"][key].round().to(dtype)
+    torch.save(ck, tmp_path / "int.pt")
+    with pytest.raises(fastlclip.CheckpointError, match=rf"ln_final.weight is {dtype}, .*float.*not a float checkpoint"):
+        fastlclip.load(TINY, tmp_path / "int.pt")
+
+
+def test_duplicate_keys_after_prefix_stripping_are_an_error(reference, tmp_path):
+    ck = _official(reference)
+    ck["state_dict"]["ln_final.weight"] = torch.zeros_like(ck["state_dict"]["module.ln_final.weight"])
+    torch.save(ck, tmp_path / "dup.pt")
+    with pytest.raises(fastlclip.CheckpointError, match=r"'module.ln_final.weight' and 'ln_final.weight' both become "
+                                                        r"'ln_final.weight'"):
+        fastlclip.load(TINY, tmp_path / "dup.pt")
+
+
+def test_empty_pretrained_is_not_the_working_directory(tmp_path, monkeypatch, official_ckpt):
+    monkeypatch.chdir(official_ckpt.parent)  # a checkpoint right here: "" must not pick it up
+    for empty in ("", "  "):
+        with pytest.raises(fastlclip.CheckpointError, match="pretrained is an empty string"):
+            fastlclip.load(TINY, empty)
+
+
+def _marked(reference, value):
+    """An official checkpoint whose logit_scale is ``value``: tells which file was loaded."""
+    return _official(reference, **{"module.logit_scale": torch.tensor(float(value))})
+
+
+def _loaded_mark(folder, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fastlclip"):
+        m = fastlclip.load(TINY, folder)
+    return m.logit_scale.item()
+
+
+def test_folder_rule_highest_epoch_wins_and_is_logged(reference, tmp_path, caplog):
+    from safetensors.torch import save_file
+    from fastlclip.checkpoint import canonical_keys
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save(_marked(reference, 9), run / "checkpoints" / "epoch_9.pt")
+    torch.save(_marked(reference, 34), run / "checkpoints" / "epoch_34.pt")
+    sd = canonical_keys(_marked(reference, 1)["state_dict"])
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(run / "export.safetensors"))  # older export, no epoch
+    for hidden in (".ipynb_checkpoints", ".git", "backup", "old.bak", "epoch_99.pt~"):
+        (run / hidden).mkdir()
+        torch.save(_marked(reference, 99), run / hidden / "epoch_99.pt")
+    torch.save(_marked(reference, 98), run / "checkpoints" / ".epoch_98.pt")
+    torch.save(_marked(reference, 97), run / "checkpoints" / "epoch_97.pt.bak")
+    assert _loaded_mark(run, caplog) == 34
+    assert any("epoch_34.pt" in r.getMessage() and "chose" in r.getMessage() for r in caplog.records)
+
+
+def test_folder_rule_ambiguity_lists_the_candidates(reference, tmp_path):
+    torch.save(_marked(reference, 1), tmp_path / "model_a.pt")
+    torch.save(_marked(reference, 2), tmp_path / "model_b.pt")
+    with pytest.raises(fastlclip.CheckpointError, match=r"several checkpoints.*model_a.pt.*model_b.pt.*pass one file"):
+        fastlclip.load(TINY, tmp_path)
+    (tmp_path / "x").mkdir()
+    torch.save(_marked(reference, 1), tmp_path / "x" / "epoch_3.pt")
+    torch.save(_marked(reference, 2), tmp_path / "epoch_3.pt")
+    with pytest.raises(fastlclip.CheckpointError, match=r"several checkpoints of epoch 3.*epoch_3.pt.*x/epoch_3.pt"):
+        fastlclip.load(TINY, tmp_path)
+
+
+def test_folder_with_only_hidden_or_backup_checkpoints_has_none(reference, tmp_path):
+    (tmp_path / ".cache").mkdir()
+    torch.save(_marked(reference, 1), tmp_path / ".cache" / "epoch_1.pt")
+    torch.save(_marked(reference, 1), tmp_path / "epoch_2.pt.orig")
+    with pytest.raises(fastlclip.CheckpointError, match=r"no checkpoint .* found in folder.*hidden and backup"):
+        fastlclip.load(TINY, tmp_path)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 123\n",
+     r"git-LFS pointer.*git lfs pull"),
+    (b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>", r"HTML page.*download"),
+    (b"  <html><body>404</body></html>", r"HTML page"),
+    (b"epoch 34\nloss 1.25\n", r"text file, not a checkpoint"),
+    (bytes(range(7, 250)) * 3, r"not a readable (PyTorch checkpoint|.safetensors file): it starts with bytes 07 08"),
+    (b"\x80\x02" + bytes(range(200, 256)) * 2, r"not a readable PyTorch checkpoint"),
+])
+@pytest.mark.parametrize("suffix", [".pt", ".bin", ".safetensors"])
+def test_files_that_are_not_checkpoints_are_named(tmp_path, content, match, suffix):
+    if suffix == ".safetensors" and content.startswith(b"\x80"):
+        match = r"not a readable .safetensors file: it starts with bytes 80 02"  # a pickle header is no .safetensors one
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(fastlclip.CheckpointError, match=match) as e:
+        fastlclip.load(TINY, path)
+    assert "pickled object" not in str(e.value)
