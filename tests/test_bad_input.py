@@ -285,3 +285,87 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path, content, match, suff
     with pytest.raises(fastlclip.CheckpointError, match=match) as e:
         fastlclip.load(TINY, path)
     assert "pickled object" not in str(e.value)
+
+
+# -- zero-shot classifier and safety checker --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = fastlclip.load(TINY)
+    with torch.no_grad():
+        m.logit_scale.fill_(math.log(100.0))
+    return m
+
+
+@pytest.fixture
+def unchecked(model):
+    """The model with its NaN check off, as the README recommends for hot loops."""
+    model.check_finite = False
+    yield model
+    model.check_finite = True
+
+
+def _bad_batch():
+    """4 latents: 0 finite, 1 with a NaN, 2 with an Inf, 3 finite but so large the image tower overflows."""
+    torch.manual_seed(3)
+    z = torch.randn(4, 4, LATENT, LATENT)
+    z[1, 0, 0, 0] = float("nan")
+    z[2, 1, 2, 3] = float("inf")
+    z[3] *= 1e30
+    return z
+
+
+def test_overflowing_latents_give_non_finite_features(model):
+    z = _bad_batch()[3:]
+    assert torch.isfinite(z).all()
+    assert not torch.isfinite(model.encode_latents(z)).all()  # the premise of the fail-closed tests
+
+
+def test_safety_checker_fails_closed_on_non_finite_scores(unchecked):
+    from fastlclip.safety import LatentSafetyChecker
+
+    z = _bad_batch()
+    checker = LatentSafetyChecker(unchecked, concepts={"violence": ["an image of violence"]},
+                                  neutral=["an image of a landscape"], thresholds=2.0, blank="zeros")  # 2.0: nothing finite flags
+    out = checker(z)
+    assert out.flagged.tolist() == [False, True, True, True]
+    assert out.flags[:, 0].tolist() == [False, True, True, True]
+    assert out.blanked.tolist() == [False, True, True, True]
+    assert torch.equal(out.latents[0], z[0]) and (out.latents[1:] == 0).all()
+    assert not torch.isfinite(out.scores[1:]).any()  # scores stay honest: NaN, not a made-up number
+
+
+def test_safety_checker_fails_closed_with_the_check_on(model):
+    from fastlclip.safety import LatentSafetyChecker
+
+    checker = LatentSafetyChecker(model, concepts={"violence": ["an image of violence"]}, neutral=["an image of a landscape"],
+                                  thresholds=2.0)
+    assert checker(_bad_batch()[[0, 3]]).flagged.tolist() == [False, True]  # finite latents, overflow in the tower
+
+
+def test_zero_shot_does_not_turn_nan_into_class_0(unchecked):
+    clf = fastlclip.ZeroShotClassifier(unchecked, ["cat", "dog", "car"], ["a photo of a {}."])
+    z = _bad_batch()
+    with pytest.raises(ValueError, match=r"latents \[1, 2, 3\] have non-finite class scores.*NaN/Inf"):
+        clf.predict(z)
+    assert clf.predict(z[:1]).shape == (1,)
+    assert torch.isnan(clf.probs(z)[1:]).all()  # probabilities stay honest
+
+
+def test_zero_shot_argument_errors(model):
+    with pytest.raises(TypeError, match=r"classnames must be a list of strings, got the str 'cat'.*\['cat', 'dog'\]"):
+        fastlclip.ZeroShotClassifier(model, "cat", ["a photo of a {}."])
+    with pytest.raises(TypeError, match=r"templates must be a list .*got the str 'a photo of a \{\}.'"):
+        fastlclip.ZeroShotClassifier(model, ["cat", "dog"], "a photo of a {}.")
+    with pytest.raises(ValueError, match=r"template 'a photo' gives the same text for every class.*\{\}"):
+        fastlclip.ZeroShotClassifier(model, ["cat", "dog"], ["a photo of a {}.", "a photo"])
+    with pytest.raises(ValueError, match=r"template #0 gives the same text for every class"):
+        fastlclip.ZeroShotClassifier(model, ["cat", "dog"], [lambda c: "a photo"])
+    with pytest.raises(ValueError, match=r"needs at least two class names, got 1: \['cat'\]"):
+        fastlclip.ZeroShotClassifier(model, ["cat"], ["a photo of a {}."])
+    with pytest.raises(TypeError, match=r"classnames must be strings, got int"):
+        fastlclip.ZeroShotClassifier(model, ["cat", 3], ["a photo of a {}."])
