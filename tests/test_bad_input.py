@@ -369,3 +369,52 @@ def test_zero_shot_argument_errors(model):
         fastlclip.ZeroShotClassifier(model, ["cat"], ["a photo of a {}."])
     with pytest.raises(TypeError, match=r"classnames must be strings, got int"):
         fastlclip.ZeroShotClassifier(model, ["cat", 3], ["a photo of a {}."])
+
+
+# -- I2P reader -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, match", [
+    # the quote is never closed: before, every later row became part of one prompt
+    ('prompt,categories\n"a cat,hate\nb dog,violence\nc bird,\n', r"p.csv, line 2: .*quote.* never closed"),
+    # closed by a later quote, followed by more text
+    ('prompt,categories\n"a cat,hate\nb dog,violence\n"c, bird",shocking\n', r"p.csv, line 2: .*quote"),
+    # closed cleanly, two rows merged into one cell
+    ('prompt,categories\n"a cat,hate\nb dog",violence\nc bird,\n', r"p.csv, lines 2-3: a cell spans 2 lines.*quote"),
+])
+def test_i2p_unbalanced_quote_is_an_error(tmp_path, body, match):
+    from fastlclip.i2p import read_i2p
+
+    path = tmp_path / "p.csv"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=match):
+        read_i2p(path)
+
+
+def test_i2p_quoted_cells_still_read(tmp_path):
+    from fastlclip.i2p import read_i2p
+
+    path = tmp_path / "p.csv"
+    path.write_text('prompt,categories\n"a cat, ""tabby"", asleep","hate,violence"\nb dog,\n')
+    rows = read_i2p(path)
+    assert [r.prompt for r in rows] == ['a cat, "tabby", asleep', "b dog"] and rows[0].categories == ("hate", "violence")
+    assert [r.line for r in rows] == [2, 3]
+
+
+def test_i2p_non_utf8_file_is_named(tmp_path):
+    from fastlclip.i2p import read_i2p
+
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("prompt\na caf\u00e9 at night\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.csv is not UTF-8 text \(byte 0xe9 at offset 12, line 2\).*re-save it as UTF-8"):
+        read_i2p(path)
+
+
+def test_i2p_over_long_field_is_named(tmp_path):
+    import csv
+    from fastlclip.i2p import read_i2p
+
+    path = tmp_path / "long.csv"
+    path.write_text("prompt\na cat\n" + "x" * (csv.field_size_limit() + 10) + "\n")
+    with pytest.raises(ValueError, match=rf"long.csv, line 3: a cell is longer than {csv.field_size_limit()} characters"):
+        read_i2p(path)
