@@ -157,6 +157,9 @@ class SafetyCallback:
             raise ValueError(f"step_size must be positive, got {step_size!r}")
         if not 0 <= start < 1:
             raise ValueError(f"start must be a fraction of the schedule in [0, 1), got {start!r}")
+        for p in [prompt] if isinstance(prompt, str) else list(prompt):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompt must be a non-empty string, got {p!r}")
         self.guidance, self.prompt = guidance, prompt
         self.steps, self.step_size, self.start = steps, float(step_size), float(start)
 

@@ -418,3 +418,140 @@ def test_i2p_over_long_field_is_named(tmp_path):
     path.write_text("prompt\na cat\n" + "x" * (csv.field_size_limit() + 10) + "\n")
     with pytest.raises(ValueError, match=rf"long.csv, line 3: a cell is longer than {csv.field_size_limit()} characters"):
         read_i2p(path)
+
+
+# -- rewards and the ReNO loop ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pixel_reward():
+    import open_clip
+    from conftest import tiny_vae
+
+    torch.manual_seed(0)
+    clip = open_clip.model.CLIP(
+        embed_dim=32, vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    ).eval()
+    return fastlclip.PixelCLIPReward(tiny_vae(), clip)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (torch.rand(2, 3, 48, 64), ValueError, r"3-channel input \(2, 3, 48, 64\).*RGB pixel images.*4-channel"),
+    (torch.randn(2, 16, 6, 8), ValueError, r"16 channels, the VAE expects 4"),
+    (torch.randn(0, 4, 6, 8), ValueError, r"empty batch"),
+    (torch.randn(4, 6, 8), ValueError, r"shape \(B, 4, H, W\).*latents\[None\]"),
+    (torch.randint(0, 9, (1, 4, 6, 8)), TypeError, r"floating point"),
+    (torch.full((1, 4, 6, 8), float("nan")), ValueError, r"NaN or Inf"),
+])
+def test_pixel_reward_checks_its_latents(pixel_reward, bad, error, match):
+    with pytest.raises(error, match=match):
+        pixel_reward(bad, "a cat")
+
+
+def test_pixel_reward_nan_check_can_be_turned_off(pixel_reward):
+    pixel_reward.check_finite = False
+    try:
+        assert torch.isnan(pixel_reward(torch.full((1, 4, 6, 8), float("nan")), "a cat"))
+    finally:
+        pixel_reward.check_finite = True
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", ["a cat", ""]])
+def test_empty_prompts_are_refused_by_every_reward(model, pixel_reward, prompt):
+    from fastlclip.safety import SafetyGuidance
+
+    z = torch.randn(2, 4, LATENT, LATENT)
+    for reward in (fastlclip.LatentCLIPReward(model), SafetyGuidance(model, concepts={"v": ["violence"]}, neutral=["a dog"])):
+        with pytest.raises(ValueError, match="prompt must be a non-empty string"):
+            reward(z, prompt)
+        with pytest.raises(ValueError, match="prompt must be a non-empty string"):
+            reward.score(z, prompt)
+    with pytest.raises(ValueError, match="prompt must be a non-empty string"):
+        pixel_reward(torch.randn(2, 4, 6, 8), prompt)
+    with pytest.raises(ValueError, match="prompt must be a non-empty string"):
+        SafetyGuidance(model, concepts={"v": ["violence"]}, neutral=["a dog"]).callback(prompt)
+
+
+@pytest.fixture(scope="module")
+def generator():
+    from bench import tiny
+    from fastlclip import reno
+
+    return reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=tiny.IMAGE_SIZE, width=tiny.IMAGE_SIZE)
+
+
+class _Target:
+    name, weighting = "target", 1.0
+
+    def __call__(self, latents, prompt):
+        return (latents - 1.0).pow(2).mean()
+
+
+class _NaNAt:
+    """(latents - 1)^2 except at call ``at``, where it returns NaN."""
+
+    name, weighting = "flaky", 1.0
+
+    def __init__(self, at):
+        self.at, self.calls = at, 0
+
+    def __call__(self, latents, prompt):
+        self.calls += 1
+        loss = (latents - 1.0).pow(2).mean()
+        return loss * float("nan") if self.calls - 1 == self.at else loss
+
+
+def _optimize(generator, rewards, **kw):
+    from fastlclip import reno
+
+    return reno.optimize(generator, rewards, "a red dog", progress=False, **kw)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"lr": float("inf")}, r"lr must be a finite positive number, got inf"),
+    ({"lr": float("nan")}, r"lr must be a finite positive number, got nan"),
+    ({"reg_weight": float("inf")}, r"reg_weight must be a finite number >= 0, got inf"),
+    ({"noise": "zeros"}, r"noise is all zeros.*log \|\|z\|\| is -inf.*standard-normal noise or reg_weight=0"),
+    ({"noise": "nan"}, r"noise contains NaN or Inf"),
+])
+def test_reno_parameters_that_make_the_loss_non_finite(generator, kw, match):
+    if kw.get("noise") == "zeros":
+        kw["noise"] = torch.zeros(generator.latent_shape)
+    elif kw.get("noise") == "nan":
+        kw["noise"] = torch.full(generator.latent_shape, float("nan"))
+    with pytest.raises(ValueError, match=match):
+        _optimize(generator, _Target(), iterations=2, **kw)
+
+
+def test_zero_noise_without_the_regulariser_runs(generator):
+    result = _optimize(generator, _Target(), iterations=2, noise=torch.zeros(generator.latent_shape), reg_weight=0.0)
+    assert all(math.isfinite(x) for x in result.losses)
+
+
+@pytest.mark.parametrize("at", [0, 1])
+def test_reno_names_a_reward_returning_nan(generator, at):
+    with pytest.raises(FloatingPointError, match=rf"reward 'flaky' returned nan at iteration {at} from finite latents"):
+        _optimize(generator, [_Target(), _NaNAt(at)], iterations=3)
+
+
+def test_reno_names_a_too_large_learning_rate(generator):
+    with pytest.raises(FloatingPointError, match=r"iteration \d+.*noise norm .* standard-normal noise .* about 16.*lr=1e\+30 "
+                                                 r"is too large"):
+        _optimize(generator, _Target(), iterations=4, lr=1e30, grad_clip=None)
+
+
+def test_reno_with_latent_clip_reward_blames_lr_not_the_sampler(generator):
+    from bench import tiny
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reward = fastlclip.LatentCLIPReward(fastlclip.load(tiny.LATENT_CLIP))
+    with pytest.raises(FloatingPointError, match=r"lr=1e\+30 is too large") as e:
+        _optimize(generator, reward, iterations=4, lr=1e30, grad_clip=None)
+    assert "sampler" not in str(e.value)
+
+
+def test_reno_names_a_too_large_regulariser_weight(generator):
+    with pytest.raises(FloatingPointError, match=r"regulariser is -?inf at iteration 0 .*reg_weight=1e\+38 is too large"):
+        _optimize(generator, _Target(), iterations=3, reg_weight=1e38)
