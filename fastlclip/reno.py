@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -414,13 +415,13 @@ def optimize(generator: OneStepGenerator, rewards: Reward | Sequence[Reward], pr
         combined = WeightedReward([rewards] if callable(rewards) else list(rewards))
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite positive number, got {lr!r}")
     if not 0 <= momentum < 1 or (nesterov and momentum == 0):
         raise ValueError(f"momentum must lie in [0, 1) and be > 0 with nesterov=True, got {momentum!r}")
     if grad_clip is not None and not grad_clip > 0:
         raise ValueError(f"grad_clip must be positive or None (no clipping), got {grad_clip!r}")
-    if not (isinstance(reg_weight, (int, float)) and math.isfinite(reg_weight) and reg_weight >= 0):
+    if not (isinstance(reg_weight, numbers.Real) and math.isfinite(reg_weight) and reg_weight >= 0):
         raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight!r}")
     if decode and generator.vae is None:
         raise ValueError("decode=True needs a generator with a VAE")
