@@ -6,6 +6,7 @@ and recompiles, no code generation). The ``gpu`` tests run the real CUDA graphs 
 """
 
 import json
+import math
 import warnings
 
 import pytest
@@ -643,3 +644,59 @@ def test_graph_weights_fingerprint_covers_every_parameter(replace):
             model.logit_scale = torch.nn.Parameter(model.logit_scale + 1)
         model.encode_latents(x)
     assert rt.stats.invalidations == 1
+
+
+# -- the same defects on a GPU (one check each; the CPU tests above reproduce them without one) ------------
+@pytest.mark.gpu
+@cuda
+def test_gpu_graph_autocast_fp64_and_replaced_weights():
+    model = _gpu_model("graph", TINY)
+    rt, reward, tower = model.runtime, fastlclip.LatentCLIPReward(model), model.visual.latent_vit
+    x = _gpu_latents(model, 1).detach().float().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.float16):
+        reward(x, PROMPT)
+    loss, grad = _reward_grad(model, x)  # no autocast: a capture of its own, not the float16 one
+    loss64, grad64 = _reward_grad(model, x.double())
+    old_ln = tower.ln_post
+    tower.ln_post = torch.nn.LayerNorm(old_ln.normalized_shape).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        tower.ln_post.weight.uniform_(0.5, 1.5)
+    loss_new, _ = _reward_grad(model, x)
+    assert rt.stats.invalidations == 1 and rt.stats.captures >= 3
+    model.set_backend("eager")
+    want_new = _reward_grad(model, x)[0]
+    tower.ln_post = old_ln
+    want_loss, want_grad = _reward_grad(model, x)
+    assert abs(loss.item() - want_loss.item()) < 0.05 and _cos(grad, want_grad) >= 0.999
+    assert grad64.dtype == torch.float64 and abs(loss64.item() - want_loss.item()) < 0.05
+    assert abs(loss_new.item() - want_new.item()) < 0.05 and abs(want_new.item() - want_loss.item()) > 0.05
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("backend, options", [("graph", {"buckets": (1, 2)}), ("compile", {"buckets": (1, 2)})])
+def test_gpu_two_forwards_then_backwards(backend, options):
+    """Shared graph pool / reduce-overhead steps: a pending backward survives another shape's replay."""
+    model = _gpu_model(backend, TINY, **options)
+    reward = fastlclip.LatentCLIPReward(model)
+    x, y = _gpu_latents(model, 1, seed=1), _gpu_latents(model, 2, seed=2)
+    loss_x, loss_y = reward(x, PROMPT), reward(y, PROMPT)
+    with torch.no_grad():
+        model.encode_latents(y)
+    (gx,) = torch.autograd.grad(loss_x, x)
+    (gy,) = torch.autograd.grad(loss_y, y)
+    model.set_backend("eager")
+    assert _cos(gx, _reward_grad(model, x)[1]) >= 0.999 and _cos(gy, _reward_grad(model, y)[1]) >= 0.999
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_reno_with_a_captured_reward_and_checkpointing():
+    from bench import tiny
+    from fastlclip import reno
+
+    gen = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=64, width=64, device="cuda")
+    model = _gpu_model("graph", tiny.LATENT_CLIP)
+    result = reno.optimize(gen, fastlclip.LatentCLIPReward(model), PROMPT, iterations=3, gradient_checkpointing=True,
+                           progress=False)
+    assert model.runtime.stats.replays == 5 and all(map(math.isfinite, result.losses))
