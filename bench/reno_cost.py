@@ -12,7 +12,6 @@ per iteration from FLOP and byte counts. Writes JSON, Markdown and a PNG under `
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fastlclip import runtime
+
 from . import flops, rewards as bench_rewards
+from .cli import Parser, non_negative_int, positive_int, writable_dir
 from .profiles import PROFILES_DIR, Profile, Selection, load_profiles, results_folder, select
 from .provenance import run_record
 from .reno_pipelines import PIPELINES, optimizer_text, run_measured, run_smoke
@@ -32,26 +34,23 @@ TARGETS = {"latent_vs_pixel_b32": 2.0, "fast_vs_paper": 3.0, "vram_saving_pct": 
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.reno_cost", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m bench.reno_cost", description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", default="auto", choices=["auto", *sorted(load_profiles())],
                    help="GPU profile for prices and floors; auto detects it from the device name")
     p.add_argument("--weights", type=Path, help="local diffusers SDXL-Turbo folder (default: random weights from the shipped configs)")
-    p.add_argument("--iterations", type=int, help="ReNO iterations per image (default 50; 2 in the CPU smoke test)")
-    p.add_argument("--images", type=int, help="timed images per configuration (default 3; 1 in the CPU smoke test)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up iterations per configuration (CUDA)")
+    p.add_argument("--iterations", type=positive_int, help="ReNO iterations per image (default 50; 2 in the CPU smoke test)")
+    p.add_argument("--images", type=positive_int, help="timed images per configuration (default 3; 1 in the CPU smoke test)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed warm-up iterations per configuration (CUDA)")
     p.add_argument("--rewards", nargs="+", choices=list(bench_rewards.REWARDS), default=list(bench_rewards.REWARDS))
     p.add_argument("--pipelines", nargs="+", choices=list(PIPELINES), default=list(PIPELINES))
-    p.add_argument("--latent-backend", default="auto",
+    p.add_argument("--latent-backend", default="auto", choices=["auto", *runtime.BACKENDS],
                    help="fastlclip backend for the fast pipeline: auto (fastest that runs, measured) or a name")
     p.add_argument("--compile-unet", action="store_true", help="fast pipeline: run the UNet through torch.compile (CUDA)")
     p.add_argument("--prompt", default="A red dog and a green cat", help="prompt optimised for (ReNO's default)")
     p.add_argument("--out", type=Path, default=PROFILES_DIR / "results", help="results root; files go to <out>/<gpu>/")
     args = p.parse_args(argv)
-    for name in ("iterations", "images"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    if args.warmup < 0:
-        p.error("--warmup must be >= 0")
+    if why := writable_dir(args.out):
+        p.error(f"--out: {why}")
     args.pipelines = [k for k in PIPELINES if k in args.pipelines]  # paper first: compiling is for fast only
     args.rewards = list(dict.fromkeys(args.rewards))
     return args

@@ -31,7 +31,6 @@ each run times its own reference eager rows, so its ratios stand on their own.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import re
@@ -49,6 +48,7 @@ import fastlclip
 from fastlclip import runtime
 
 from . import flops, rewards as bench_rewards, tiny
+from .cli import Parser, positive_int, writable_file
 from .provenance import run_record
 from .report import fmt, table as table_text, write_json
 from .profiles import PROFILES_DIR, Profile, load_profiles, results_folder, select
@@ -371,22 +371,22 @@ def compile_mode_winner(rows: list[Row]) -> dict:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.reward", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m bench.reward", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=fastlclip.list_models())
     p.add_argument("--backends", nargs="*", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
                    help="besides the reference eager model, which is always timed (ratios need it)")
     p.add_argument("--compile-modes", nargs="*", default=list(runtime.COMPILE_MODES), choices=runtime.COMPILE_MODES,
                    help="fastlclip compile modes compared at the batch-1 reward step")
-    p.add_argument("--reward-batches", nargs="*", type=int, default=[1, 4, 16])
-    p.add_argument("--forward-batches", nargs="*", type=int, default=[64, 256])
+    p.add_argument("--reward-batches", nargs="*", type=positive_int, default=[1, 4, 16])
+    p.add_argument("--forward-batches", nargs="*", type=positive_int, default=[64, 256])
     p.add_argument("--gpu", default="auto", choices=["auto", *sorted(load_profiles())],
                    help="GPU profile for the floors; auto detects it from the device name")
     p.add_argument("--out", type=Path, help="JSON file (default profiles/results/<gpu>/reward.json)")
     p.add_argument("--quick", action="store_true", help="fewer, shorter trials")
     args = p.parse_args(argv)
-    if any(b < 1 for b in args.reward_batches + args.forward_batches):
-        p.error("batch sizes must be >= 1")
+    if args.out is not None and (why := writable_file(args.out)):
+        p.error(f"--out: {why}")
     return args
 
 

@@ -127,12 +127,12 @@ def choose_latent_backend(requested: str, spec: RewardSpec, *, device, dtype, la
     """The backend to run and why.
 
     ``auto``: on CUDA, :func:`fastest_agreeing_backend` on one model (random weights); eager elsewhere. A
-    named backend is taken as asked, without loading a model to probe it (an unknown name falls back to
-    eager, said in the reason); if it then fails to build, the benchmark records that configuration's error.
+    named backend is taken as asked, without loading a model to probe it (an unknown name is a ValueError,
+    never a silent eager run); if it then fails to build, the benchmark records that configuration's error.
     """
     if requested != "auto":
         if requested not in runtime.BACKENDS:
-            return "eager", f"backend {requested!r} unknown (choose one of {runtime.BACKENDS}); fell back to eager"
+            raise ValueError(f"unknown Latent-CLIP backend {requested!r}: choose auto or one of {', '.join(runtime.BACKENDS)}")
         return requested, f"backend {requested!r} as asked"
     if torch.device(device).type != "cuda":
         return "eager", "auto without CUDA: eager (the fast backends are CUDA-only)"
