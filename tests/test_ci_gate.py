@@ -73,3 +73,21 @@ def test_gate_without_a_baseline_says_so_and_runs(tmp_path):
     proc = _gate(tmp_path, 0.010)
     assert proc.returncode == 0 and "no baseline at" in proc.stdout
     assert (tmp_path / "run.json").is_file()
+
+
+def test_workflow_runs_the_gate_on_a_self_hosted_gpu_runner():
+    text = (ROOT / ".github/workflows/gpu-ci.yml").read_text()
+    assert "runs-on: [self-hosted, linux, gpu]" in text
+    assert "python -m bench.ci_gate --json" in text and "--threshold 10" in text
+    assert "bench.ci_gate --refresh" in text  # the documented refresh
+
+
+def test_gpu_suite_parts_and_summary(tmp_path):
+    proc = subprocess.run(["bash", "bench/gpu_suite.sh", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown part" in proc.stderr
+    text = (ROOT / "bench/gpu_suite.sh").read_text()
+    assert "quick)" in text and all(f"full{i})" in text for i in range(1, 6))
+    from bench import suite_summary
+
+    out = suite_summary.summary(tmp_path)  # a call whose steps all failed: said, never filled in
+    assert "no reward JSON" in out and "no kernels JSON" in out and "no reno_cost JSON" in out
