@@ -3,8 +3,10 @@
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` running each component's forward and
 backward to its input (parameters frozen, as in ReNO) on meta tensors at full size, so gradient
 checkpointing's recomputation is counted where it is on. Bytes are the bf16 weights, read once per
-forward or backward pass. The floor per component is max(FLOPs / peak, bytes / bandwidth), summed: a
-lower bound from counts, never a measurement.
+forward or backward pass, plus the bf16 outputs of every leaf module, written and read once forward and
+their gradients likewise backward (what a decoder at full pixel resolution cannot avoid, however few
+its weights). The floor per component is max(FLOPs / peak, bytes / bandwidth), summed: a lower bound
+from counts, never a measurement.
 """
 
 from __future__ import annotations
@@ -31,22 +33,44 @@ class Work:
     forward_flops: int
     total_flops: int
     weight_bytes: int  # one pass over the bf16 weights
+    forward_only: bool = False  # no backward through it (the text encoders): one pass even in a full iteration
+    activation_bytes: int = 0  # bf16 outputs of its leaf modules in one forward (what it must write at least)
+
+    @property
+    def passes(self) -> int:
+        return 1 if self.forward_only else 2
+
+    def traffic_bytes(self, backward: bool = True) -> int:
+        """Weights read once per pass; each activation written and read once forward, and its gradient likewise
+        backward (a lower bound: fused kernels cannot avoid writing what the next layer reads)."""
+        passes = self.passes if backward else 1
+        return passes * (self.weight_bytes + 2 * self.activation_bytes)
 
     def seconds(self, profile: Profile, backward: bool = True) -> float:
         flops = self.total_flops if backward else self.forward_flops
-        passes = 2 if backward else 1
-        return max(flops / (profile.peak_bf16_tflops * 1e12), passes * self.weight_bytes / (profile.memory_bandwidth_tbs * 1e12))
+        return max(flops / (profile.peak_bf16_tflops * 1e12), self.traffic_bytes(backward) / (profile.memory_bandwidth_tbs * 1e12))
 
 
 def _count(name: str, module: nn.Module, run) -> Work:
     """Count ``run()`` (returns a tensor needing grad) forward, then with a backward from it."""
     module.requires_grad_(False)
-    with FlopCounterMode(display=False) as counter:
-        out = run()
-        forward = counter.get_total_flops()
-        out.backward(torch.ones_like(out))
-        total = counter.get_total_flops()
-    return Work(name, forward, total, BF16_BYTES * sum(p.numel() for p in module.parameters()))
+    written = [0]
+
+    def hook(mod, args, output):
+        if isinstance(output, torch.Tensor):
+            written[0] += BF16_BYTES * output.numel()
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if not any(True for _ in m.children())]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            out = run()
+            forward, activations = counter.get_total_flops(), written[0]
+            out.backward(torch.ones_like(out))
+            total = counter.get_total_flops()
+    finally:
+        for h in handles:
+            h.remove()
+    return Work(name, forward, total, BF16_BYTES * sum(p.numel() for p in module.parameters()), activation_bytes=activations)
 
 
 def _meta_input(*shape: int) -> torch.Tensor:
@@ -74,8 +98,8 @@ def unet_work(checkpointing: bool) -> Work:
 
 
 @functools.lru_cache(maxsize=None)
-def vae_decode_work(checkpointing: bool) -> Work:
-    """The SDXL VAE decode (shipped config), 64x64 latent to 512x512 pixels."""
+def vae_decode_work(checkpointing: bool, side: int = 64) -> Work:
+    """The SDXL VAE decode (shipped config), a ``side`` x ``side`` latent (64: 512 px, 128: 1024 px)."""
     from diffusers import AutoencoderKL
 
     from fastlclip.model_configs import sdxl_vae_config
@@ -85,7 +109,71 @@ def vae_decode_work(checkpointing: bool) -> Work:
     if checkpointing:
         vae.enable_gradient_checkpointing()
     decoder = nn.ModuleList([vae.post_quant_conv, vae.decoder])  # the decode path's weights, not the encoder's
-    return _count("VAE decode", decoder, lambda: vae.decode(_meta_input(1, 4, 64, 64), return_dict=False)[0])
+    return _count("VAE decode", decoder, lambda: vae.decode(_meta_input(1, 4, side, side), return_dict=False)[0])
+
+
+@functools.lru_cache(maxsize=None)
+def taesd_decode_work(side: int = 64) -> Work:
+    """The tiny autoencoder's decode (taesdxl, ``diffusers.AutoencoderTiny``), a ``side`` x ``side`` latent: few
+    weights (its decoder), but every layer after the first upsampling runs at 2x, 4x, then 8x the latent size."""
+    from diffusers import AutoencoderTiny
+
+    from fastlclip.model_configs import taesdxl_config
+
+    with torch.device("meta"):
+        taesd = AutoencoderTiny.from_config(taesdxl_config()).eval()
+    return _count("TAESD-XL decode", taesd.decoder, lambda: taesd.decode(_meta_input(1, 4, side, side), return_dict=False)[0])
+
+
+def decode_work(decoder: str, checkpointing: bool = False, side: int = 64) -> Work:
+    if decoder == "vae":
+        return vae_decode_work(checkpointing, side)
+    if decoder == "taesd":
+        return taesd_decode_work(side)
+    raise ValueError(f"decoder must be 'vae' or 'taesd', got {decoder!r}")
+
+
+TEXT_TOKENS = 77
+
+
+def _text_work(name: str, params: int) -> Work:
+    """A text tower run forward once on 77 tokens, no backward: 2 FLOPs per weight per token (its matmuls;
+    attention over 77 tokens adds under 1%), and its weights read once."""
+    flops = 2 * params * TEXT_TOKENS
+    return Work(name, flops, flops, BF16_BYTES * params, forward_only=True)
+
+
+@functools.lru_cache(maxsize=None)
+def sdxl_text_work() -> Work:
+    """SDXL's two text encoders (``bench.sdxl_text``'s configs), as ReNO runs them every iteration."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .sdxl_text import TEXT_ENCODER, TEXT_ENCODER_2
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER)).parameters())
+        params += sum(p.numel() for p in CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2)).parameters())
+    return _text_work("SDXL text encoders", params)
+
+
+@functools.lru_cache(maxsize=None)
+def reward_text_work(kind: str, model_name: str) -> Work:
+    """The reward's own text tower (everything outside the image tower), as ReNO's rewards run it every call."""
+    with torch.device("meta"):
+        if kind == "latent":
+            import fastlclip
+
+            model = fastlclip.LatentCLIP(fastlclip.get_model_config(model_name))
+        else:
+            import open_clip
+
+            logging.disable(logging.WARNING)
+            try:
+                model = open_clip.create_model(model_name, device="meta")
+            finally:
+                logging.disable(logging.NOTSET)
+    visual = sum(p.numel() for p in model.visual.parameters())
+    return _text_work(f"{model_name} text", sum(p.numel() for p in model.parameters()) - visual)
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,13 +209,21 @@ def open_clip_tower_work(model_name: str, checkpointing: bool) -> Work:
     return _count(model_name, model.visual, lambda: model.encode_image(_meta_input(1, 3, h, w)))
 
 
-def iteration_work(reward_kind: str, model_name: str, checkpointing: bool) -> list[Work]:
-    """The components of one ReNO iteration with a latent or a decode-then-CLIP (pixel) reward."""
+def iteration_work(reward_kind: str, model_name: str, checkpointing: bool, decoder: str | None = "vae",
+                   text_every_iteration: bool = False) -> list[Work]:
+    """The components of one ReNO iteration with a latent or a decode-then-CLIP (pixel) reward; ``decoder`` "vae"
+    (SDXL's) or "taesd" (the tiny autoencoder) for a pixel reward; ``text_every_iteration`` adds SDXL's text
+    encoders and the reward's text tower, as the reno pipeline runs them every iteration."""
     if reward_kind == "latent":
-        return [unet_work(checkpointing), latent_tower_work(model_name, checkpointing)]
-    if reward_kind == "pixel":
-        return [unet_work(checkpointing), vae_decode_work(checkpointing), open_clip_tower_work(model_name, checkpointing)]
-    raise ValueError(f"reward kind must be 'latent' or 'pixel', got {reward_kind!r}")
+        work = [unet_work(checkpointing), latent_tower_work(model_name, checkpointing)]
+    elif reward_kind == "pixel":
+        work = [unet_work(checkpointing), decode_work(decoder or "vae", checkpointing),
+                open_clip_tower_work(model_name, checkpointing)]
+    else:
+        raise ValueError(f"reward kind must be 'latent' or 'pixel', got {reward_kind!r}")
+    if text_every_iteration:
+        work += [sdxl_text_work(), reward_text_work(reward_kind, model_name)]
+    return work
 
 
 @dataclass(frozen=True)
@@ -136,10 +232,11 @@ class Floor:
     per_image_s: float  # (iterations - 1) full iterations + a last one without backward, as ReNO runs
     flops_per_iteration: int
     weight_bytes_per_iteration: int
+    traffic_bytes_per_iteration: int = 0
 
 
 def floor(work: list[Work], profile: Profile, iterations: int) -> Floor:
     per_iter = sum(w.seconds(profile) for w in work)
     last = sum(w.seconds(profile, backward=False) for w in work)
     return Floor(per_iter, (iterations - 1) * per_iter + last, sum(w.total_flops for w in work),
-                 sum(2 * w.weight_bytes for w in work))
+                 sum(w.passes * w.weight_bytes for w in work), sum(w.traffic_bytes() for w in work))

@@ -20,13 +20,13 @@ TRITON_INTERPRET=1 is set.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench.cli import Parser, positive_int, writable_file
 from bench.profiles import PROFILES_DIR, detect, load_profiles, results_folder
 from bench.provenance import run_record
 from bench.report import fmt, table, write_json
@@ -43,13 +43,15 @@ LATENT_SCALE = 1 / SDXL_SCALING_FACTOR  # diffusion-space latents, as in reward 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64, 256])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[65, 257, 77],
+    parser = Parser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[65, 257, 77],
                         help="attention lengths; 77 is the causal text tower, others the image tower")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--out", type=Path, help="JSON path (default profiles/results/<gpu>/kernels.json)")
     args = parser.parse_args(argv)
+    if args.out is not None and (why := writable_file(args.out)):
+        parser.error(f"--out: {why}")
 
     if not torch.cuda.is_available():
         print("bench.kernels: no CUDA device, nothing to time (run it on a GPU machine).")

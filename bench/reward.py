@@ -11,7 +11,9 @@ Systems, per Latent-CLIP model: fastlclip with each backend (text features cache
 fastlclip ``compile`` in the other torch.compile modes (batch-1 reward step); the reference, open_clip's
 ViT with a 4-channel ``conv1`` (the authors' fork), eager and through ``torch.compile``, holding the same
 weights. Then decode-then-CLIP as ReNO computes it: SDXL VAE decode + open_clip ViT-B/32, ViT-L/14,
-ViT-H/14 (``fastlclip.PixelCLIPReward``, no gradient checkpointing).
+ViT-H/14 (``fastlclip.PixelCLIPReward``, no gradient checkpointing), and what a user would pick instead of
+Latent-CLIP: the tiny autoencoder TAESD-XL (``diffusers.AutoencoderTiny``, taesdxl's config) decode + CLIP
+ViT-B/32 and ViT-H/14 (baselines ``taesd-ViT-B-32``, ``taesd-ViT-H-14``).
 
 Times are medians over trials of back-to-back calls between CUDA events (as a loop that never waits for
 the GPU runs them), after warm-up; "setup" is the first calls (capture, compile). Ratios are speedups
@@ -31,7 +33,6 @@ each run times its own reference eager rows, so its ratios stand on their own.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import re
@@ -49,13 +50,15 @@ import fastlclip
 from fastlclip import runtime
 
 from . import flops, rewards as bench_rewards, tiny
+from .cli import Parser, non_negative_int, positive_int, writable_file
 from .provenance import run_record
 from .report import fmt, table as table_text, write_json
 from .profiles import PROFILES_DIR, Profile, load_profiles, results_folder, select
 
 MODELS = {"Latent-ViT-B-8-512": "Latent-ViT-B/8", "Latent-ViT-B-4-512-plus": "Latent-ViT-B/4-plus"}
 BACKENDS = runtime.BACKENDS
-PIXEL_CLIPS = {"ViT-B-32": "pixel-b32", "ViT-L-14": "pixel-l14", "ViT-H-14": "pixel-h14"}
+PIXEL_CLIPS = {"ViT-B-32": "pixel-b32", "ViT-L-14": "pixel-l14", "ViT-H-14": "pixel-h14",
+               "taesd-ViT-B-32": "taesd-b32", "taesd-ViT-H-14": "taesd-h14"}  # baseline name -> bench.rewards key
 BASELINES = ("reference-compile", *PIXEL_CLIPS)
 PROMPT = "a photo of a red dog and a green cat"
 DTYPE = torch.bfloat16  # on CUDA; the CPU smoke check runs float32
@@ -290,13 +293,13 @@ def latent_model_rows(model_name: str, args, device, progress) -> tuple[list[Row
 
 
 def pixel_rows(args, device, progress) -> list[Row]:
-    """decode-then-CLIP rows: SDXL VAE decode + each open_clip model (ReNO's pixel CLIP reward)."""
+    """decode-then-CLIP rows: SDXL VAE or TAESD-XL decode + each open_clip model (ReNO's pixel CLIP reward)."""
     from diffusers import AutoencoderKL
 
     smoke = device.type != "cuda"
     if smoke:
         vae = AutoencoderKL(**tiny.VAE)
-        size, clips = tiny.IMAGE_SIZE // 8, ["ViT-B-32"]
+        size, clips = tiny.IMAGE_SIZE // 8, ["ViT-B-32", "taesd-ViT-B-32"]
     else:
         from fastlclip.model_configs import sdxl_vae_config
 
@@ -312,10 +315,12 @@ def pixel_rows(args, device, progress) -> list[Row]:
         reward = bench_rewards.build(spec, vae=vae, device=device, dtype=dtype, smoke=smoke)
         work = {}
         if not smoke:
-            clip_work = flops.open_clip_tower_work(clip_name, False)
-            work = {"forward_flops": vae_work.forward_flops + clip_work.forward_flops,
-                    "weight_bytes": vae_work.weight_bytes + clip_work.weight_bytes}
-        sys_ = System("decode-then-CLIP", f"SDXL VAE decode + CLIP {clip_name}", lambda x, r=reward: r(x, PROMPT),
+            dec_work = vae_work if spec.decoder == "vae" else flops.decode_work(spec.decoder)
+            clip_work = flops.open_clip_tower_work(spec.model, False)
+            work = {"forward_flops": dec_work.forward_flops + clip_work.forward_flops,
+                    "weight_bytes": dec_work.weight_bytes + clip_work.weight_bytes}
+        decoder = "SDXL VAE" if spec.decoder == "vae" else "TAESD-XL"
+        sys_ = System("decode-then-CLIP", f"{decoder} decode + CLIP {spec.model}", lambda x, r=reward: r(x, PROMPT),
                       lambda x, r=reward: r.model.encode_image(r.preprocess(r.decode(x)).to(dtype)), **work)
         rows += run_system(sys_, tasks, size, device, args.quick, progress)
         del reward, sys_
@@ -371,22 +376,24 @@ def compile_mode_winner(rows: list[Row]) -> dict:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.reward", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m bench.reward", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=fastlclip.list_models())
     p.add_argument("--backends", nargs="*", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
                    help="besides the reference eager model, which is always timed (ratios need it)")
     p.add_argument("--compile-modes", nargs="*", default=list(runtime.COMPILE_MODES), choices=runtime.COMPILE_MODES,
                    help="fastlclip compile modes compared at the batch-1 reward step")
-    p.add_argument("--reward-batches", nargs="*", type=int, default=[1, 4, 16])
-    p.add_argument("--forward-batches", nargs="*", type=int, default=[64, 256])
+    p.add_argument("--reward-batches", nargs="*", type=positive_int, default=[1, 4, 16])
+    p.add_argument("--forward-batches", nargs="*", type=positive_int, default=[64, 256])
     p.add_argument("--gpu", default="auto", choices=["auto", *sorted(load_profiles())],
                    help="GPU profile for the floors; auto detects it from the device name")
     p.add_argument("--out", type=Path, help="JSON file (default profiles/results/<gpu>/reward.json)")
     p.add_argument("--quick", action="store_true", help="fewer, shorter trials")
+    p.add_argument("--fidelity-steps", type=non_negative_int, default=300,
+                   help="distillation steps of the tiny-model TAESD gradient-fidelity check (CPU; 0 skips it)")
     args = p.parse_args(argv)
-    if any(b < 1 for b in args.reward_batches + args.forward_batches):
-        p.error("batch sizes must be >= 1")
+    if args.out is not None and (why := writable_file(args.out)):
+        p.error(f"--out: {why}")
     return args
 
 
@@ -418,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(rows: list[Row], checks: dict, argv: list[str], device_name: str, selection,
-                 out: Path | None, complete: bool = True) -> Path:
+                 out: Path | None, complete: bool = True, fidelity: dict | None = None) -> Path:
     """The JSON record of a run; ``out`` defaults to ``profiles/results/<gpu>/reward.json``. Written after
     each model too (``complete`` False), so a run stopped by a time limit keeps what it measured."""
     report = {
@@ -434,6 +441,7 @@ def write_report(rows: list[Row], checks: dict, argv: list[str], device_name: st
         "compile_mode_winner": compile_mode_winner(rows),
         "checks": [{"model": g, "system": s, **c} for (g, s), c in checks.items()],
         "rows": [asdict(r) for r in rows],
+        "tiny_decoder_fidelity": fidelity or "not run",
     }
     out = out or PROFILES_DIR / "results" / results_folder(selection.measured, device_name) / "reward.json"
     return write_json(out, report)
@@ -454,7 +462,20 @@ def _run(args, argv, device, device_name, selection, progress) -> int:
         save(complete=False)
     if not cuda or any(b in PIXEL_CLIPS for b in args.baselines):
         rows += pixel_rows(args, device, progress)
-    out = save(complete=True)
+    fidelity = None
+    if args.fidelity_steps:
+        from .fidelity import tiny_fidelity
+
+        progress("tiny-decoder gradient fidelity (tiny models, CPU)")
+        fidelity = tiny_fidelity(steps=args.fidelity_steps)
+    add_ratios(rows, selection.measured)
+    out = write_report(rows, checks, argv, device_name, selection, args.out, True, fidelity) if cuda else None
+    if fidelity:
+        print(f"Tiny-decoder fidelity (tiny models, CPU; {fidelity['caveat']}): gradient cosine to the VAE decode's, "
+              f"median over {fidelity['samples']} latents: untrained {fidelity['cosine_untrained_median']:.3f}, "
+              f"distilled for {fidelity['distill_steps']} steps {fidelity['cosine_distilled_median']:.3f} "
+              f"(min {fidelity['cosine_distilled_min']:.3f}); pixel MSE {fidelity['held_out_pixel_mse']:.4f} against "
+              f"a pixel variance of {fidelity['held_out_pixel_var']:.4f}.")
 
     if cuda:
         print(f"Wrote {out}. {RANDOM_WEIGHTS}")

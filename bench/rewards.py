@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 import fastlclip
 from fastlclip import runtime
@@ -18,19 +19,39 @@ from . import tiny
 @dataclass(frozen=True)
 class RewardSpec:
     key: str
-    kind: str  # "latent": Latent-CLIP on the latents; "pixel": VAE decode, then open_clip
+    kind: str  # "latent": Latent-CLIP on the latents; "pixel": a decode, then open_clip
     model: str  # fastlclip config name or open_clip model name
     label: str
+    decoder: str | None = None  # pixel rewards: "vae" (the SDXL VAE, ReNO's) or "taesd" (the tiny autoencoder taesdxl)
 
 
 REWARDS = {s.key: s for s in (
     RewardSpec("latent-b8", "latent", "Latent-ViT-B-8-512", "Latent-ViT-B/8"),
     RewardSpec("latent-b4plus", "latent", "Latent-ViT-B-4-512-plus", "Latent-ViT-B/4-plus"),
-    RewardSpec("pixel-b32", "pixel", "ViT-B-32", "decode + CLIP ViT-B/32"),
-    RewardSpec("pixel-l14", "pixel", "ViT-L-14", "decode + CLIP ViT-L/14"),
-    RewardSpec("pixel-h14", "pixel", "ViT-H-14", "decode + CLIP ViT-H/14"),
+    RewardSpec("pixel-b32", "pixel", "ViT-B-32", "decode + CLIP ViT-B/32", "vae"),
+    RewardSpec("pixel-l14", "pixel", "ViT-L-14", "decode + CLIP ViT-L/14", "vae"),
+    RewardSpec("pixel-h14", "pixel", "ViT-H-14", "decode + CLIP ViT-H/14", "vae"),
+    RewardSpec("taesd-b32", "pixel", "ViT-B-32", "TAESD-XL decode + CLIP ViT-B/32", "taesd"),
+    RewardSpec("taesd-h14", "pixel", "ViT-H-14", "TAESD-XL decode + CLIP ViT-H/14", "taesd"),
 )}
 BASELINE = "pixel-b32"  # the paper's decode-then-CLIP baseline
+# A tiny AutoencoderTiny for the CPU smoke runs (factor 8 like taesdxl: 3 upsamplings), random weights.
+TINY_TAESD = {"encoder_block_out_channels": [8, 8, 8, 8], "decoder_block_out_channels": [8, 8, 8, 8],
+              "num_encoder_blocks": [1, 1, 1, 1], "num_decoder_blocks": [1, 1, 1, 1], "latent_channels": 4,
+              "scaling_factor": 1.0}
+
+
+def tiny_autoencoder(*, device, dtype, smoke: bool = False):
+    """``diffusers.AutoencoderTiny`` built offline from the shipped taesdxl config (random weights: for timing; load
+    ``AutoencoderTiny.from_pretrained(local_folder)`` for real use), or a tiny one for the smoke runs."""
+    from diffusers import AutoencoderTiny
+
+    from fastlclip.model_configs import taesdxl_config
+
+    with torch.device(device):
+        taesd = AutoencoderTiny.from_config(TINY_TAESD if smoke else taesdxl_config())
+    nn.Module.to(taesd, device=device, dtype=dtype)  # nn.Module.to: ModelMixin.to warns about fp32-only modules it lacks
+    return taesd.eval().requires_grad_(False)
 
 
 def load_latent_clip(model, *, device, dtype, backend: str):
@@ -61,6 +82,8 @@ def build(spec: RewardSpec, *, vae, device, dtype, backend: str = "eager", smoke
             logging.disable(logging.NOTSET)
         tokenizer = open_clip.get_tokenizer(spec.model)
     clip = clip.to(device=device, dtype=dtype)
+    if spec.decoder == "taesd":
+        vae = tiny_autoencoder(device=device, dtype=dtype, smoke=smoke)
     return fastlclip.PixelCLIPReward(vae, clip, tokenizer=tokenizer)
 
 
@@ -127,12 +150,12 @@ def choose_latent_backend(requested: str, spec: RewardSpec, *, device, dtype, la
     """The backend to run and why.
 
     ``auto``: on CUDA, :func:`fastest_agreeing_backend` on one model (random weights); eager elsewhere. A
-    named backend is taken as asked, without loading a model to probe it (an unknown name falls back to
-    eager, said in the reason); if it then fails to build, the benchmark records that configuration's error.
+    named backend is taken as asked, without loading a model to probe it (an unknown name is a ValueError,
+    never a silent eager run); if it then fails to build, the benchmark records that configuration's error.
     """
     if requested != "auto":
         if requested not in runtime.BACKENDS:
-            return "eager", f"backend {requested!r} unknown (choose one of {runtime.BACKENDS}); fell back to eager"
+            raise ValueError(f"unknown Latent-CLIP backend {requested!r}: choose auto or one of {', '.join(runtime.BACKENDS)}")
         return requested, f"backend {requested!r} as asked"
     if torch.device(device).type != "cuda":
         return "eager", "auto without CUDA: eager (the fast backends are CUDA-only)"

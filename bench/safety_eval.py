@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 import fastlclip
 from bench import tiny
+from bench.cli import Parser, non_negative_float
 from bench.report import fmt, table
 from fastlclip import reno
 from fastlclip.i2p import I2PPrompt, read_i2p
@@ -102,7 +103,7 @@ def timings(checker: LatentSafetyChecker, guidance: SafetyGuidance, shape: tuple
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.safety_eval", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m bench.safety_eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", required=True, help="I2P-format CSV (column 'prompt' required, 'categories' optional)")
     p.add_argument("--limit", type=int, default=None, help="first N prompts only")
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checker-ckpt", default=None, help="Latent-CLIP checkpoint for the checker (default: the guidance's)")
     p.add_argument("--checker-model", default=None, choices=fastlclip.list_models(), help="its config (default: --model)")
     p.add_argument("--iterations", type=int, default=50, help="ReNO iterations per prompt (ReNO's default 50)")
-    p.add_argument("--safety-weight", type=float, default=1.0, help="SafetyGuidance safety_weight")
+    p.add_argument("--safety-weight", type=non_negative_float, default=1.0, help="SafetyGuidance safety_weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64, help="checker batch size (also the throughput benchmark's)")
     p.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None,

@@ -7,8 +7,10 @@ import statistics
 import torch
 from torch import nn
 
-# Phases a breakdown reports, in iteration order; vae_* appear only for decode-then-CLIP rewards.
-BREAKDOWN = ("unet_fwd", "vae_fwd", "reward_fwd", "reward_bwd", "vae_bwd", "unet_bwd", "optimizer")
+# Phases a breakdown reports, in iteration order; vae_* appear only for decode-then-CLIP rewards, text_enc
+# (prompt encoding every iteration) and host_sync (.item() calls) only in the reno pipeline.
+BREAKDOWN = ("text_enc", "unet_fwd", "vae_fwd", "reward_fwd", "host_sync", "reward_bwd", "vae_bwd", "unet_bwd",
+             "optimizer")
 
 
 class PhaseLog:

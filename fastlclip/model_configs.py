@@ -30,6 +30,13 @@ def sdxl_vae_config() -> dict[str, Any]:
     return json.loads((_CONFIG_DIR / "diffusers" / "sdxl_vae.json").read_text())
 
 
+def taesdxl_config() -> dict[str, Any]:
+    """The tiny SDXL autoencoder's diffusers ``AutoencoderTiny`` config (shipped copy of madebyollin/taesdxl's,
+    which equals diffusers' ``AutoencoderTiny`` defaults): it decodes SDXL *diffusion* latents as the pipeline
+    hands them (``scaling_factor`` 1.0, so ``latents / scaling_factor`` leaves them as they are) to [-1, 1]."""
+    return json.loads((_CONFIG_DIR / "diffusers" / "taesdxl.json").read_text())
+
+
 def sdxl_unet_config() -> dict[str, Any]:
     """The SDXL UNet's diffusers config (shipped copy)."""
     return json.loads((_CONFIG_DIR / "diffusers" / "sdxl_unet.json").read_text())

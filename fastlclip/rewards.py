@@ -102,17 +102,28 @@ class LatentCLIPReward(_CLIPReward):
 class PixelCLIPReward(_CLIPReward):
     """The decode-then-CLIP baseline, as ReNO computes it.
 
-    diffusion latents -> ``vae.decode(latents / scaling_factor)`` -> [0, 1] -> bicubic resize of the
-    short side and centre crop to the CLIP input size -> normalise -> open_clip ``encode_image``.
+    diffusion latents -> ``vae.decode(latents / scaling_factor + shift_factor)`` -> [0, 1] -> bicubic
+    resize of the short side and centre crop to the CLIP input size -> normalise -> open_clip
+    ``encode_image``. ``vae`` is any diffusers decoder that decodes to [-1, 1] the way its pipeline calls
+    it: the SDXL ``AutoencoderKL`` (ReNO's, scaling factor 0.13025), or a tiny autoencoder
+    (``diffusers.AutoencoderTiny``, e.g. madebyollin/taesdxl, whose scaling factor 1.0 takes the diffusion
+    latents as they are: diffusers' SDXL pipeline divides by ``vae.config.scaling_factor`` before either
+    decoder, and ``AutoencoderTiny.decode`` maps its [0, 1] output to [-1, 1]). Decoding approximately costs
+    a fraction of the full VAE; the gradient it sends back is approximate too.
     """
 
     name = "pixel_clip"
 
     def __init__(self, vae: nn.Module, clip_model: nn.Module, *, tokenizer=None, weighting: float = 1.0,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        config = getattr(vae, "config", None)
+        if not callable(getattr(vae, "decode", None)) or not isinstance(getattr(config, "scaling_factor", None), (int, float)):
+            raise TypeError(f"vae must be a diffusers decoder (AutoencoderKL, AutoencoderTiny, ...) with .decode and "
+                            f".config.scaling_factor, got {type(vae).__name__}")
         super().__init__(clip_model, weighting)
         self.check_finite = True  # NaN/Inf latents are an error; False skips the check (it synchronises with the device)
         self.vae = vae.requires_grad_(False).eval()
+        self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
         self.tokenizer = tokenizer
         visual = clip_model.visual
         size = getattr(visual, "image_size", 224)
@@ -129,6 +140,8 @@ class PixelCLIPReward(_CLIPReward):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion latents -> RGB in [0, 1]."""
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        if self.shift_factor:
+            z = z + self.shift_factor
         return (self.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:

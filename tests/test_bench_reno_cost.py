@@ -18,7 +18,7 @@ def all_profiles():
 
 @needs_no_cuda
 def test_cpu_smoke_run_writes_results_and_labels_the_floor(tmp_path, capsys, all_profiles):
-    argv = ["--rewards", "latent-b8", "pixel-b32", "--pipelines", "fast", "--out", str(tmp_path)]
+    argv = ["--rewards", "latent-b8", "pixel-b32", "taesd-b32", "--pipelines", "reno", "fast", "--out", str(tmp_path)]
     report = reno_cost.main(argv)
     out = capsys.readouterr().out
     assert "CPU SMOKE TEST on tiny configs" in out and "nothing is timed" in out
@@ -34,14 +34,29 @@ def test_cpu_smoke_run_writes_results_and_labels_the_floor(tmp_path, capsys, all
     assert saved["weights"]["statement"] == "random weights"
     assert {"torch", "diffusers", "open_clip"} <= set(saved["versions"]) and saved["date"]
     assert saved["targets"] == "not measured"
-    assert [(r["pipeline"], r["reward"]) for r in saved["results"]] == [("fast", "latent-b8"), ("fast", "pixel-b32")]
+    keys = [("reno", "latent-b8"), ("reno", "pixel-b32"), ("reno", "taesd-b32"),
+            ("fast", "latent-b8"), ("fast", "pixel-b32"), ("fast", "taesd-b32")]
+    assert [(r["pipeline"], r["reward"]) for r in saved["results"]] == keys
     for row in saved["results"]:
         assert "losses finite: yes" in row["smoke"]
         assert row["seconds_per_image"] == row["usd_per_1000_images"] == "not measured"
-    assert "vae_fwd" in saved["results"][1]["smoke"] and "vae_bwd" in saved["results"][1]["smoke"]
+        assert row["gradient_checkpointing"] is False
+        decoded = row["reward"] != "latent-b8"
+        assert ("vae_fwd" in row["smoke"] and "vae_bwd" in row["smoke"]) == decoded
+        # ReNO re-encodes the prompt and syncs with the host every iteration; fast does neither
+        assert ("text_enc" in row["smoke"] and "host_sync" in row["smoke"]) == (row["pipeline"] == "reno")
+    assert {r["decoder"] for r in saved["results"]} == {None, "vae", "taesd"}
     assert set(saved["floors"]) == set(all_profiles)  # --gpu auto without a GPU: a floor for every profile
-    h100 = {e["reward"]: e for e in saved["floors"]["h100"]}
-    assert 0 < h100["latent-b8"]["floor_s_per_image"] < h100["pixel-b32"]["floor_s_per_image"]
+    h100 = {(e["pipeline"], e["reward"]): e for e in saved["floors"]["h100"]}
+    for p in ("reno", "fast"):  # the tiny decoder's rows are in the floors, between the two
+        assert 0 < h100[p, "latent-b8"]["floor_s_per_image"] < h100[p, "taesd-b32"]["floor_s_per_image"] \
+            < h100[p, "pixel-b32"]["floor_s_per_image"]
+        # the reno pipeline runs the text encoders every iteration: more work than fast for the same reward
+        assert h100["reno", "latent-b8"]["gflop_per_iteration"] > h100["fast", "latent-b8"]["gflop_per_iteration"]
+    components = {c["component"] for c in saved["decoder_floors"]["h100"]}
+    assert {"TAESD-XL decode 512 px", "TAESD-XL decode 1024 px", "SDXL VAE decode 1024 px"} <= components
+    assert [h["value"] for h in saved["headlines"]] == ["not measured"] * len(reno_cost.HEADLINES)
+    assert "Where Latent-CLIP wins and where it does not" in saved["where_latent_clip_wins"]
     assert "NOT a measurement" in (folder / "reno_cost.md").read_text()
     assert report["floor_iterations"] == 50
 
@@ -105,7 +120,7 @@ def _measured(pipeline, reward, seconds, peak):
 
 
 def test_prices_savings_and_targets_from_measured_rows(all_profiles):
-    rows = [_measured("paper", "pixel-b32", 12.0, 20.0), _measured("paper", "latent-b8", 4.0, 12.0),
+    rows = [_measured("reno", "pixel-b32", 12.0, 20.0), _measured("reno", "latent-b8", 4.0, 12.0),
             _measured("fast", "pixel-b32", 3.0, 30.0), _measured("fast", "latent-b8", 2.0, 25.0),
             _measured("fast", "latent-b8", 1.0, 24.0)]
     h100 = all_profiles["h100"]
@@ -119,10 +134,18 @@ def test_prices_savings_and_targets_from_measured_rows(all_profiles):
     targets = {t["target"]: t for t in reno_cost.evaluate_targets(rows, "NVIDIA H100 80GB HBM3")}
     assert targets["fast: latent-b8 cheaper per image than pixel-b32"]["value"] == "3.00x"  # the fastest backend
     assert targets["fast: latent-b8 cheaper per image than pixel-b32"]["met"]
-    assert targets["paper: latent-b8 peak VRAM (allocated) lower than pixel-b32"]["value"] == "40.0%"
+    assert targets["reno: latent-b8 peak VRAM (allocated) lower than pixel-b32"]["value"] == "40.0%"
     assert not targets["fast: latent-b8 peak VRAM (allocated) lower than pixel-b32"]["met"]
-    assert targets["latent-b8: fast pipeline cheaper per image than paper-style"]["value"] == "4.00x"
-    assert targets["pixel-b32: fast pipeline cheaper per image than paper-style"]["met"] is True
+    assert targets["latent-b8: fast pipeline cheaper per image than reno"]["value"] == "4.00x"
+    assert targets["pixel-b32: fast pipeline cheaper per image than reno"]["met"] is True
+
+    heads = {h["ratio"]: h for h in reno_cost.headline_ratios(rows)}
+    paper = heads["Latent-ViT-B/8 vs decode + CLIP ViT-B/32 inside reno (the paper's comparison; paper: 1.27x)"]
+    assert paper["value"] == pytest.approx(3.0) and paper["peak_allocated_gib"] == (20.0, 12.0)
+    switch = heads["fast Latent-ViT-B/8 vs reno decode + CLIP ViT-B/32 (a ReNO user switching)"]
+    assert switch["value"] == pytest.approx(12.0) and switch["seconds_per_image"] == (12.0, 1.0)
+    assert heads["Latent-ViT-B/8 vs TAESD-XL decode + CLIP ViT-B/32 inside fast"]["value"] == "not measured"
+    assert "12.00x" in reno_cost.headline_table(list(heads.values()))
 
 
 def test_floor_is_a_roofline_over_components(all_profiles):
@@ -182,7 +205,7 @@ def test_optimizer_text_follows_reno_optimize_defaults(monkeypatch):
 def test_out_of_memory_with_checkpointing_too_is_an_error_row_not_a_crash(monkeypatch):
     calls = []
 
-    def out_of_memory(generator, reward, args, checkpointing):
+    def out_of_memory(pipeline, generator, reward, args, checkpointing):
         calls.append(checkpointing)
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(calls)} GiB.\nmore advice")
 
@@ -207,13 +230,13 @@ def test_out_of_memory_with_checkpointing_too_is_an_error_row_not_a_crash(monkey
     assert reno_cost.evaluate_targets(rows, "NVIDIA H100 80GB HBM3") == []
 
     calls.clear()
-    result, checkpointing = reno_pipelines._measure_config(None, None, None, "paper")
-    assert calls == [True] and checkpointing
+    result, checkpointing = reno_pipelines._measure_config(None, None, None, "reno")
+    assert calls == [False] and not checkpointing  # ReNO never checkpoints in effect: no retry with it
     assert result == {"error": "out of memory", "error_detail": "CUDA out of memory. Tried to allocate 1 GiB."}
 
 
 def test_out_of_memory_without_checkpointing_retries_with_it(monkeypatch):
-    def measure(generator, reward, args, checkpointing):
+    def measure(pipeline, generator, reward, args, checkpointing):
         if not checkpointing:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
         return {"seconds_per_image": 1.0}
@@ -271,5 +294,5 @@ def test_a_named_backend_loads_no_model_to_probe_it(monkeypatch):
     monkeypatch.setattr(bench_rewards, "load_latent_clip", lambda *a, **k: pytest.fail("loaded a model to probe"))
     kw = dict(device="cuda", dtype=torch.bfloat16, latent_shape=(1, 4, 64, 64), prompt="a cat")
     assert bench_rewards.choose_latent_backend("graph", REWARDS["latent-b8"], **kw) == ("graph", "backend 'graph' as asked")
-    backend, reason = bench_rewards.choose_latent_backend("flash", REWARDS["latent-b8"], **kw)
-    assert backend == "eager" and "unknown" in reason
+    with pytest.raises(ValueError, match="unknown Latent-CLIP backend 'flash'"):  # never a silent eager run
+        bench_rewards.choose_latent_backend("flash", REWARDS["latent-b8"], **kw)

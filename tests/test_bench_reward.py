@@ -10,14 +10,16 @@ from bench.profiles import load_profiles
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path runs only without CUDA")
 def test_cpu_smoke_run(capsys):
-    assert bench.main([]) == 0
+    assert bench.main(["--fidelity-steps", "40"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("No CUDA device: nothing is timed on a GPU")
     assert "No JSON written" in out and "Random weights" in out and "CHECK FAILED" not in out
+    assert "Tiny-decoder fidelity (tiny models, CPU;" in out and "must be repeated" in out
     table = out[out.index("model "):]  # the table comes last
-    for system in ("reference eager", "fastlclip eager", "SDXL VAE decode + CLIP ViT-B-32"):
+    for system in ("reference eager", "fastlclip eager", "SDXL VAE decode + CLIP ViT-B-32",
+                   "TAESD-XL decode + CLIP ViT-B-32"):
         assert system in table
-    assert table.count(" ok") == 6  # 3 systems x (reward b1, forward b4)
+    assert table.count(" ok") == 8  # 4 systems x (reward b1, forward b4)
 
 
 def test_ratios_floor_and_peak():

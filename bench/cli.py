@@ -1,0 +1,101 @@
+"""Command-line checks shared by the bench CLIs: every argument is checked before any work starts.
+
+A command-line error is one line on stderr (``prog: error: message``) and exit status 2, no usage block
+and no traceback: ``Parser`` is ``argparse.ArgumentParser`` with that ``error``. The ``type=`` helpers
+reject bad values while parsing; ``writable_dir`` / ``writable_file`` check an output location up front,
+so a run that would fail to save its results fails at once instead of after the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe(directory: Path) -> str | None:
+    """Why files cannot be created in the existing ``directory`` (None if they can): a real write, so it holds
+    for root, read-only mounts and full disks alike."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+def writable_dir(path: Path) -> str | None:
+    """Why results cannot be written under the folder ``path`` (made on demand), or None if they can."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{path} exists and is not a folder"
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        return f"{path} cannot be made: {base} is a file, not a folder"
+    reason = _probe(base)
+    return f"{path} is not writable ({base}: {reason})" if reason else None
+
+
+def writable_file(path: Path) -> str | None:
+    """Why the file ``path`` cannot be written (its folder made on demand), or None if it can."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder; give a file path"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    return writable_dir(path.parent)
