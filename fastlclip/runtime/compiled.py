@@ -63,8 +63,8 @@ class CompiledRuntime(Runtime):
         self._fns: dict[tuple, Callable] = {}
         self._slots: dict[tuple, TextSlot] = {}
 
-    def _compiled(self, kind: str, bucket: int, scale: float, dtype: torch.dtype) -> Callable:
-        key = (kind, bucket, dtype, scale, self.model.dtype)
+    def _compiled(self, kind: str, bucket: int, grid: tuple[int, int], scale: float, dtype: torch.dtype) -> Callable:
+        key = (kind, bucket, grid, dtype, scale, self.model.dtype)  # one compiled function per latent grid
         fn = self._fns.get(key)
         if fn is None:
             tower_fn = self._tower_fn(scale)
@@ -96,12 +96,12 @@ class CompiledRuntime(Runtime):
 
     def _run_tower(self, x, scale):
         bucket = bucket_for(x.shape[0], self.buckets)
-        fn = self._compiled("tower", bucket, scale, x.dtype)
+        fn = self._compiled("tower", bucket, tuple(x.shape[-2:]), scale, x.dtype)
         return self._call(fn, pad_batch(x, bucket))[:x.shape[0]]
 
     def _run_reward(self, x, scale, txt, total, logit_scale, start):
         bucket = bucket_for(x.shape[0], self.buckets)
-        fn = self._compiled("reward", bucket, scale, x.dtype)
+        fn = self._compiled("reward", bucket, tuple(x.shape[-2:]), scale, x.dtype)
         slot = self._slots.get((bucket, start))
         if slot is None:
             slot = self._slots[bucket, start] = TextSlot(bucket, self.model.cfg.embed_dim, x.device, inplace=False)

@@ -191,7 +191,7 @@ class GraphRuntime(Runtime):
             self.reset()
             self.stats.invalidations += 1
         bucket = bucket_for(x.shape[0], self.buckets)
-        key = (kind, bucket, x.dtype, scale, need_grad)
+        key = (kind, bucket, tuple(x.shape[-2:]), x.dtype, scale, need_grad)  # one graph per latent grid
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = self._capture(kind, bucket, x, scale, need_grad)
