@@ -1,45 +1,78 @@
-"""``python -m fastlclip.convert IN.pt OUT.safetensors [--model NAME]``.
+"""``python -m fastlclip.convert IN.pt OUT.safetensors [--model NAME_OR_JSON]``.
 
 Keeps the model weights only (optimizer state and the rest dropped), with canonical key names, and
-stores the config name as metadata so ``fastlclip.load(None, OUT)`` finds it.
+stores the config as metadata (a registered name, or the JSON config itself) so ``fastlclip.load(None, OUT)`` finds it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+from typing import Any, Mapping
 
 from . import checkpoint as ckpt
-from .factory import infer_config_name, configs_fitting
-from .model_configs import get_model_config
+from .factory import config_fits, configs_fitting, infer_config_name
+from .model_configs import get_model_config, list_models, read_config_file
 
 
-def convert(src: str, dst: str, model: str | None = None) -> str:
-    """Convert ``src`` to ``dst``; returns the config name stored."""
+def _check_destination(dst: str | os.PathLike) -> None:
+    path = Path(dst)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"the output {str(path)!r} must end in .safetensors")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; pass a file path ending in .safetensors")
+    parent = path.parent
+    if not parent.exists():
+        raise ValueError(f"the output folder {parent} does not exist; create it first (mkdir -p {parent})")
+    if not parent.is_dir():
+        raise ValueError(f"{parent} is not a folder, so {path.name} can't be written inside it; choose another output path")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"the output folder {parent} is not writable; choose another output path")
+
+
+def convert(src: str, dst: str, model: str | Mapping[str, Any] | None = None) -> str:
+    """Convert ``src`` to ``dst``; returns the config stored (a registered name, or ``"embedded JSON config"``)."""
     from safetensors.torch import save_file
 
+    _check_destination(dst)
     sd, meta = ckpt.read_checkpoint(src)
-    name = model or infer_config_name(sd, meta, src)
-    get_model_config(name)  # unknown names fail here
-    if name not in configs_fitting(sd):
-        raise ckpt.CheckpointError(f"{src} does not fit config {name!r} (fits: {configs_fitting(sd) or 'none'})")
-    save_file({k: v.contiguous() for k, v in sd.items()}, dst,
-              metadata={ckpt.SAFETENSORS_CONFIG_KEY: name, "source": str(src)})
-    return name
+    spec = model if model is not None else infer_config_name(sd, meta, src)
+    if isinstance(spec, str) and spec not in list_models() and Path(spec).suffix == ".json":
+        spec = read_config_file(spec)
+    cfg = get_model_config(spec)  # unknown names and invalid configs fail here
+    if not config_fits(cfg, sd):
+        raise ckpt.CheckpointError(f"{src} does not fit config {cfg.name!r} (registered configs that fit: "
+                                   f"{configs_fitting(sd) or 'none'})")
+    stored = spec if isinstance(spec, str) else json.dumps(spec)
+    try:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(dst),
+                  metadata={ckpt.SAFETENSORS_CONFIG_KEY: stored, "source": str(src)})
+    except OSError as e:
+        raise ValueError(f"could not write {dst}: {e.strerror or e}") from None
+    return spec if isinstance(spec, str) else "embedded JSON config"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastlclip.convert", description=__doc__.split("\n\n")[1])
+    p = _Parser(prog="python -m fastlclip.convert", description=__doc__.split("\n\n")[1])
     p.add_argument("src", help="official checkpoint (.pt), .safetensors, folder or hf-hub:<repo>[/<file>]")
-    p.add_argument("dst", help="output .safetensors path")
-    p.add_argument("--model", help="config name (default: from the checkpoint's shapes)")
+    p.add_argument("dst", help="output .safetensors path (its folder must exist)")
+    p.add_argument("--model", help="registered config name or a JSON config file (default: from the checkpoint's shapes)")
     a = p.parse_args(argv)
-    if not a.dst.endswith(".safetensors"):
-        p.error("the output must end in .safetensors")
     try:
         name = convert(a.src, a.dst, a.model)
-    except (ckpt.CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ckpt.CheckpointError, ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a command line ends in one line, never a traceback
+        print(f"error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     print(f"wrote {a.dst} (config {name})")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -23,9 +24,18 @@ def _shapes(cfg: ModelConfig, with_vae: bool) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in LatentCLIP(cfg, with_vae=with_vae).state_dict().items()}
 
 
+def _tower_shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in sd.items() if not k.startswith(("visual.vae_encoder.", "visual.vae_quant_conv."))}
+
+
+def config_fits(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the towers of ``cfg`` have exactly the parameter names and shapes of ``sd`` (the VAE aside)."""
+    return _shapes(cfg, False) == _tower_shapes(sd)
+
+
 def configs_fitting(sd: Mapping[str, torch.Tensor]) -> list[str]:
     """Registered config names whose parameter names and shapes all match ``sd``."""
-    want = {k: v.shape for k, v in sd.items() if not k.startswith(("visual.vae_encoder.", "visual.vae_quant_conv."))}
+    want = _tower_shapes(sd)
     return [n for n in list_models() if _shapes(get_model_config(n), False) == want]
 
 
@@ -55,6 +65,15 @@ def load_state_dict_strict(model: LatentCLIP, sd: Mapping[str, torch.Tensor]) ->
         raise ckpt.CheckpointError(
             f"checkpoint does not fit config {model.cfg.name!r}: {k} has shape {got}, the config expects {want}"
             + (f" ({len(bad)} mismatched tensors)" if len(bad) > 1 else "") + f"; {_fit_hint(sd)}"
+        )
+    not_float = [(k, sd[k].dtype) for k, v in own.items() if v.is_floating_point() and not sd[k].is_floating_point()]
+    if not_float:
+        k, dtype = not_float[0]
+        raise ckpt.CheckpointError(
+            f"checkpoint tensor {k} is {dtype}, but the model's parameter is floating point"
+            + (f" ({len(not_float)} such tensors)" if len(not_float) > 1 else "")
+            + ": this is not a float checkpoint of this model (quantised or corrupted?); copying would round every "
+            "value. Load a float32/float16/bfloat16 checkpoint"
         )
     with torch.no_grad():
         for k, v in own.items():
@@ -113,9 +132,34 @@ def load(
     return apply(model, backend)
 
 
-def infer_config_name(sd, meta, pretrained) -> str:
+def config_from_metadata(value: str, source: str | os.PathLike) -> str | dict[str, Any]:
+    """The config a ``.safetensors`` file names in its metadata: a registered name, or an embedded JSON config dict.
+
+    Never a path: a file's metadata must not make ``load`` read other local files.
+    """
+    where = Path(str(source)).name
+    text = value.strip()
+    if text.startswith(("{", "[")):
+        try:
+            cfg = json.loads(text)
+            ModelConfig.from_dict(cfg, name=where)  # validated here, before anything is built
+        except ValueError as e:  # json.JSONDecodeError is one
+            raise ckpt.CheckpointError(f"{where}: the config in its metadata is invalid: {e}. Pass the config as "
+                                       "fastlclip.load(name, ...)") from None
+        return cfg
+    if text in list_models():
+        return text
+    raise ckpt.CheckpointError(
+        f"{where} names the config {value[:200]!r} in its metadata, which is not a registered config name "
+        f"({list_models()}); paths in metadata are never read. Register it with fastlclip.add_model_config(name, config) "
+        "or pass the config: fastlclip.load(name_or_dict_or_json_path, ...)"
+    )
+
+
+def infer_config_name(sd, meta, pretrained) -> str | dict[str, Any]:
+    """A registered name or a config dict for ``sd``: from the metadata, the published repo, or the one config that fits."""
     if ckpt.SAFETENSORS_CONFIG_KEY in meta:
-        return meta[ckpt.SAFETENSORS_CONFIG_KEY]
+        return config_from_metadata(meta[ckpt.SAFETENSORS_CONFIG_KEY], pretrained)
     spec = str(pretrained)
     for repo, (cfg_name, _) in ckpt.PUBLISHED.items():
         if spec == "hf-hub:" + repo or spec.startswith(f"hf-hub:{repo}/"):

@@ -9,6 +9,7 @@ kept as strings in ``extra``.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import warnings
@@ -60,19 +61,42 @@ def read_i2p(path: str | os.PathLike, *, limit: int | None = None) -> list[I2PPr
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {os.fspath(path)!r} does not exist; pass an I2P-format CSV (e.g. i2p_benchmark.csv)")
+    name = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        offset = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data[:offset].count(b"\n") + 1
+        raise ValueError(
+            f"{name} is not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}, line {line}); "
+            "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 in.csv > out.csv)"
+        ) from None
     rows: list[I2PPrompt] = []
     skipped = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+    # strict: a quoted cell that is never closed, or text after a closing quote, is an error, not merged rows.
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    start = 1  # first line of the record being read
+    try:
         if reader.fieldnames is None:
-            raise ValueError(f"{os.fspath(path)!r} is empty; an I2P-format CSV needs a header row with a 'prompt' column")
+            raise ValueError(f"{name!r} is empty; an I2P-format CSV needs a header row with a 'prompt' column")
         names = [n.strip() for n in reader.fieldnames]
         if "prompt" not in names:
-            raise ValueError(f"{os.fspath(path)!r} has no 'prompt' column (columns: {names}); the header row must name it "
+            raise ValueError(f"{name!r} has no 'prompt' column (columns: {names}); the header row must name it "
                              "'prompt' (I2P's other columns are optional)")
         reader.fieldnames = names
+        start = reader.line_num + 1
         for record in reader:
-            where = f"{os.fspath(path)}, line {reader.line_num}"
+            end = reader.line_num
+            where = f"{name}, line {end}"
+            if end > start and any("\n" in v or "\r" in v for v in record.values() if isinstance(v, str)):
+                raise ValueError(
+                    f"{name}, lines {start}-{end}: a cell spans {end - start + 1} lines; an unbalanced quote (\") merges "
+                    "the rows that follow into one cell. Close the quote (a quote inside a quoted cell is written \"\"); "
+                    "if a prompt really spans lines, put it on one line"
+                )
+            start = end + 1
             if None in record:
                 raise ValueError(f"{where}: more cells than header columns; quote cells that contain commas")
             record = {k: v or "" for k, v in record.items()}
@@ -91,6 +115,17 @@ def read_i2p(path: str | os.PathLike, *, limit: int | None = None) -> list[I2PPr
             ))
             if limit is not None and len(rows) == limit:
                 break
+    except csv.Error as e:
+        if "field larger than field limit" in str(e):
+            raise ValueError(
+                f"{name}, line {start}: a cell is longer than {csv.field_size_limit()} characters (csv.field_size_limit); "
+                "no prompt is that long: an unbalanced quote (\") probably swallows the rows that follow"
+            ) from None
+        if "unexpected end of data" in str(e):
+            raise ValueError(f"{name}, line {start}: a quote (\") opened here is never closed, so every later row would "
+                             "become part of this cell; close it (a quote inside a quoted cell is written \"\")") from None
+        raise ValueError(f"{name}, line {start}: malformed CSV ({e}); a quoted cell must end with its closing quote and "
+                         "then a comma or the line end (a quote inside a quoted cell is written \"\")") from None
     if skipped:
         warnings.warn(f"{os.fspath(path)}: skipped {len(skipped)} row(s) with an empty prompt (lines {skipped[:10]})", stacklevel=2)
     if not rows:

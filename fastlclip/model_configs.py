@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -42,7 +43,7 @@ def list_models() -> list[str]:
 def add_model_config(name: str, config: Mapping[str, Any] | str | Path) -> None:
     """Register a config (a dict or a JSON file) under ``name``."""
     if not isinstance(config, Mapping):
-        config = json.loads(Path(config).read_text())
+        config = read_config_file(config)
     ModelConfig.from_dict(config, name=name)  # validate before registering
     _REGISTRY[name] = copy.deepcopy(dict(config))
 
@@ -92,49 +93,118 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any], name: str = "custom") -> "ModelConfig":
+        """Validate ``cfg`` (see ``LIMITS``) and build the config; bad values raise ``ValueError`` naming the key."""
+        where = f"model config {name!r}"
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"{where} must be a mapping (a dict as in fastlclip/configs/models/*.json), got {type(cfg).__name__}")
         try:
             v, t = cfg["vision_cfg"], cfg["text_cfg"]
-            width = int(v["width"])
-            head_width = int(v.get("head_width", 64))
+            for key, sub in (("vision_cfg", v), ("text_cfg", t)):
+                if not isinstance(sub, Mapping):
+                    raise ValueError(f"{where}: {key} must be a mapping of settings, got {type(sub).__name__}")
+            width = _int(v["width"], "vision_cfg.width", where)
+            if "heads" in v:
+                heads = _int(v["heads"], "vision_cfg.heads", where)
+            else:
+                heads = max(width // _int(v.get("head_width", 64), "vision_cfg.head_width", where), 1)
             vision = VisionConfig(
-                image_size=int(v["image_size"]),
-                patch_size=int(v["patch_size"]),
+                image_size=_int(v["image_size"], "vision_cfg.image_size", where),
+                patch_size=_int(v["patch_size"], "vision_cfg.patch_size", where),
                 width=width,
-                layers=int(v["layers"]),
-                heads=int(v.get("heads", max(width // head_width, 1))),
-                mlp_ratio=float(v.get("mlp_ratio", 4.0)),
-                latent_factor=int(v.get("latent_factor", 8)),
-                latent_channels=int(v.get("latent_n_channels", 4)),
+                layers=_int(v["layers"], "vision_cfg.layers", where),
+                heads=heads,
+                mlp_ratio=_ratio(v.get("mlp_ratio", 4.0), "vision_cfg.mlp_ratio", where),
+                latent_factor=_int(v.get("latent_factor", 8), "vision_cfg.latent_factor", where),
+                latent_channels=_int(v.get("latent_n_channels", 4), "vision_cfg.latent_n_channels", where),
             )
             text = TextConfig(
-                context_length=int(t.get("context_length", 77)),
-                vocab_size=int(t.get("vocab_size", 49408)),
-                width=int(t["width"]),
-                heads=int(t["heads"]),
-                layers=int(t["layers"]),
-                mlp_ratio=float(t.get("mlp_ratio", 4.0)),
+                context_length=_int(t.get("context_length", 77), "text_cfg.context_length", where),
+                vocab_size=_int(t.get("vocab_size", 49408), "text_cfg.vocab_size", where),
+                width=_int(t["width"], "text_cfg.width", where),
+                heads=_int(t["heads"], "text_cfg.heads", where),
+                layers=_int(t["layers"], "text_cfg.layers", where),
+                mlp_ratio=_ratio(t.get("mlp_ratio", 4.0), "text_cfg.mlp_ratio", where),
             )
-            embed_dim = int(cfg["embed_dim"])
+            embed_dim = _int(cfg["embed_dim"], "embed_dim", where)
         except KeyError as e:
-            raise ValueError(f"model config {name!r} lacks the key {e}; see fastlclip/configs/models/*.json") from None
-        if vision.image_size % vision.latent_factor or vision.latent_size % vision.patch_size:
+            raise ValueError(f"{where} lacks the key {e}; see fastlclip/configs/models/*.json") from None
+        if vision.image_size % vision.latent_factor:
+            raise ValueError(f"{where}: vision_cfg.image_size {vision.image_size} must be a multiple of latent_factor "
+                             f"{vision.latent_factor}")
+        if vision.latent_size % vision.patch_size:
             raise ValueError(
-                f"model config {name!r}: image_size {vision.image_size} / latent_factor {vision.latent_factor} "
-                f"must be a multiple of patch_size {vision.patch_size}"
+                f"{where}: the latent size {vision.latent_size} (image_size {vision.image_size} / latent_factor "
+                f"{vision.latent_factor}) must be a multiple of patch_size {vision.patch_size}"
             )
         for tower, c in (("vision", vision), ("text", text)):
             if c.width % c.heads:
-                raise ValueError(f"model config {name!r}: {tower} width {c.width} is not divisible by heads {c.heads}")
-        return cls(name, embed_dim, vision, text, dict(cfg.get("vae_cfg") or sdxl_vae_config()))
+                raise ValueError(f"{where}: {tower} width {c.width} is not divisible by heads {c.heads}")
+        params = _estimated_params(vision, text, embed_dim)
+        if params > MAX_PARAMS:
+            raise ValueError(f"{where} describes a model of about {params / 1e9:.0f} billion parameters; fastlclip builds "
+                             f"models of at most {MAX_PARAMS / 1e9:.0f} billion (Latent-CLIP B models have 0.15 billion). "
+                             "Check layers and width.")
+        vae = cfg.get("vae_cfg")
+        if vae is not None and not isinstance(vae, Mapping):
+            raise ValueError(f"{where}: vae_cfg must be a diffusers AutoencoderKL config dict, got {type(vae).__name__}")
+        return cls(name, embed_dim, vision, text, dict(vae or sdxl_vae_config()))
+
+
+# Upper bounds for config values: a hostile or mistyped config (layers: 1e9) must fail, not hang or exhaust memory.
+LIMITS = {
+    "width": 16384, "heads": 1024, "head_width": 16384, "layers": 256, "embed_dim": 16384, "image_size": 8192,
+    "patch_size": 1024, "latent_factor": 64, "latent_n_channels": 64, "context_length": 4096, "vocab_size": 1_000_000,
+}
+MAX_PARAMS = 5e9
+
+
+def _int(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+    limit = LIMITS[key.split(".")[-1]]
+    if value > limit:
+        raise ValueError(f"{where}: {key} must be at most {limit}, got {value!r}")
+    return int(value)
+
+
+def _ratio(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 16:
+        raise ValueError(f"{where}: {key} must be a number in (0, 16], got {value!r}")
+    return float(value)
+
+
+def _estimated_params(vision: VisionConfig, text: TextConfig, embed_dim: int) -> float:
+    """Parameter count to within a few percent: attention and MLP weights, embeddings, projections."""
+    def tower(width, layers, mlp_ratio):
+        return layers * (4 + 2 * mlp_ratio) * width * width
+
+    v = tower(vision.width, vision.layers, vision.mlp_ratio) + vision.num_tokens * vision.width + vision.width * embed_dim
+    v += vision.latent_channels * vision.patch_size**2 * vision.width
+    t = tower(text.width, text.layers, text.mlp_ratio) + (text.vocab_size + text.context_length) * text.width
+    return float(v + t + text.width * embed_dim)
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The JSON in ``path``; a missing file or bad JSON is a ``ValueError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model config file {str(path)!r} does not exist; pass a JSON file or a registered name "
+                         f"({list_models()})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"model config file {str(path)!r} is not valid JSON ({e})") from None
 
 
 def get_model_config(model: str | Mapping[str, Any] | Path) -> ModelConfig:
     """Resolve a registered name, a config dict, or a path to a JSON config."""
     if isinstance(model, Mapping):
         return ModelConfig.from_dict(model)
+    if isinstance(model, str) and model in _REGISTRY:
+        return ModelConfig.from_dict(_REGISTRY[model], name=model)
     path = Path(model)
-    if path.suffix == ".json" and path.is_file():
-        return ModelConfig.from_dict(json.loads(path.read_text()), name=path.stem)
+    if path.suffix == ".json":
+        return ModelConfig.from_dict(read_config_file(path), name=path.stem)
     if model not in _REGISTRY:
         close = [n for n in _REGISTRY if str(model).lower() in n.lower()]
         hint = f" Did you mean {close}?" if close else ""

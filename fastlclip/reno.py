@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -22,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .model_configs import sdxl_unet_config, sdxl_vae_config
+from .runtime import runtime_of
 
 # stabilityai/sdxl-turbo's scheduler: SDXL's betas, epsilon prediction, trailing timestep spacing.
 SDXL_TURBO_SCHEDULER = {
@@ -357,7 +359,9 @@ def set_reward_checkpointing(rewards: Sequence[Reward], enabled: bool) -> list[b
     A diffusers model inside a reward (the VAE of a decode-then-CLIP reward) gets its
     ``enable_gradient_checkpointing``; a CLIP with per-block checkpointing (open_clip's
     ``set_grad_checkpointing``) gets that. A reward with no such CLIP runs its whole forward under
-    ``torch.utils.checkpoint`` instead.
+    ``torch.utils.checkpoint`` instead, unless its model runs as a CUDA graph or compiled step (the
+    ``graph`` / ``compile`` backends): such a step keeps only its own static memory, and recomputing it
+    would replay it twice.
     """
     wrap = []
     for reward in rewards:
@@ -372,7 +376,7 @@ def set_reward_checkpointing(rewards: Sequence[Reward], enabled: bool) -> list[b
             if hasattr(m, "set_grad_checkpointing"):
                 m.set_grad_checkpointing(enabled)
                 per_block = True
-        wrap.append(enabled and not per_block)
+        wrap.append(enabled and not per_block and runtime_of(getattr(reward, "model", None)) is None)
     return wrap
 
 
@@ -405,6 +409,60 @@ def _check_prompt(prompt: Any) -> None:
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
 
 
+class _Health:
+    """Per-iteration finiteness of noise, latents, regulariser and gradient, kept on the device: ``optimize`` reads it
+    only after a non-finite loss or an error, to say which of them went first and which setting to change."""
+
+    def __init__(self, iterations: int, device: torch.device):
+        self.noise_ok = torch.ones(iterations, dtype=torch.bool, device=device)
+        self.wide = torch.float32 if device.type == "mps" else torch.float64  # norms of huge noise stay finite
+        self.noise_norm = torch.zeros(iterations, dtype=self.wide, device=device)
+        self.latents = torch.ones(iterations, dtype=torch.bool, device=device)
+        self.reg = torch.zeros(iterations, device=device)
+        self.grad = torch.ones(iterations, dtype=torch.bool, device=device)
+        self.d = 0
+
+    def noise(self, i: int, noise: torch.Tensor) -> None:
+        z = noise.detach()
+        self.d = z[0].numel()
+        self.noise_ok[i] = torch.isfinite(z).all()
+        self.noise_norm[i] = torch.linalg.vector_norm(z.to(self.wide))
+
+    def explain(self, last: int, all_losses: torch.Tensor, totals: torch.Tensor, combined: "WeightedReward",
+                lr: float, reg_weight: float, partial: bool = False) -> str | None:
+        """The first non-finite quantity up to iteration ``last`` (its losses unrecorded when ``partial``), or None."""
+        noise_ok, norms, latents_ok = self.noise_ok.tolist(), self.noise_norm.tolist(), self.latents.tolist()
+        regs, grad_ok = self.reg.tolist(), self.grad.tolist()
+        losses, totals = all_losses.tolist(), totals.tolist()
+        typical = math.sqrt(self.d)
+        fix_lr = f"lr={lr:g} is too large: lower it (and keep grad_clip, e.g. 0.1)"
+        for j in range(last + 1):
+            if not noise_ok[j]:
+                return (f"the noise became NaN/Inf in the SGD step after iteration {j - 1}, whose gradient was finite: "
+                        f"{fix_lr}")
+            if not latents_ok[j]:
+                grown = norms[j] > 10 * typical
+                return (f"the generator turned the noise into NaN/Inf latents at iteration {j}: noise norm {norms[j]:.3g}, "
+                        f"where standard-normal noise of this shape has about {typical:.3g}. "
+                        + (fix_lr if grown else "The UNet overflows on this noise; run it in float32 or bfloat16"))
+            if partial and j == last:
+                return None  # the error came from this iteration's rewards, on finite latents: it is their own
+            for k, name in enumerate(r.name for r in combined.rewards):
+                if not math.isfinite(losses[j][k]):
+                    return (f"reward {name!r} returned {losses[j][k]} at iteration {j} from finite latents; the reward "
+                            "itself is at fault (its inputs were fine): check it, or its weights and dtype")
+            if not math.isfinite(totals[j]):
+                return (f"the weighted reward loss is {totals[j]} at iteration {j} although every reward is finite: "
+                        f"the weights {combined.weights} overflow it; use smaller weights")
+            if reg_weight and not math.isfinite(regs[j]):
+                return (f"the norm regulariser is {regs[j]} at iteration {j} (noise norm {norms[j]:.3g}): "
+                        f"reg_weight={reg_weight:g} is too large; ReNO uses 0.01")
+            if not grad_ok[j]:
+                return (f"the gradient w.r.t. the noise became NaN/Inf at iteration {j} although the loss was finite: the "
+                        f"backward pass overflowed; {fix_lr}, or run the UNet and rewards in float32")
+        return None
+
+
 def optimize(generator: OneStepGenerator, rewards: Reward | Sequence[Reward], prompt: str, *, iterations: int = 50,
              lr: float = 5.0, momentum: float = 0.9, nesterov: bool = True, grad_clip: float | None = 0.1,
              reg_weight: float = 0.01, seed: int = 0, noise: torch.Tensor | None = None,
@@ -419,6 +477,10 @@ def optimize(generator: OneStepGenerator, rewards: Reward | Sequence[Reward], pr
     synchronises with the device (a Latent-CLIP reward's NaN check does: ``model.check_finite = False``):
     the best iterate is tracked on it and losses come back once, at the end. ``noise`` (default: standard normal
     from ``seed``, drawn on the CPU so every device starts alike) must have ``generator.latent_shape``.
+
+    A loss that turns NaN/Inf raises ``FloatingPointError`` naming what went first: the noise after a step
+    (``lr``), the generator's latents (noise grown by ``lr``, or a UNet overflow), a reward returning NaN on
+    finite latents, the regulariser (``reg_weight``) or the gradient; never a ``best_loss`` of nan.
     """
     if not isinstance(generator, OneStepGenerator):
         raise TypeError(f"generator must be a OneStepGenerator, got {type(generator).__name__}")
@@ -429,14 +491,14 @@ def optimize(generator: OneStepGenerator, rewards: Reward | Sequence[Reward], pr
         combined = WeightedReward([rewards] if callable(rewards) else list(rewards))
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
+    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite positive number, got {lr!r}")
     if not 0 <= momentum < 1 or (nesterov and momentum == 0):
         raise ValueError(f"momentum must lie in [0, 1) and be > 0 with nesterov=True, got {momentum!r}")
     if grad_clip is not None and not grad_clip > 0:
         raise ValueError(f"grad_clip must be positive or None (no clipping), got {grad_clip!r}")
-    if not reg_weight >= 0:
-        raise ValueError(f"reg_weight must be >= 0, got {reg_weight!r}")
+    if not (isinstance(reg_weight, numbers.Real) and math.isfinite(reg_weight) and reg_weight >= 0):
+        raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight!r}")
     if decode and generator.vae is None:
         raise ValueError("decode=True needs a generator with a VAE")
     device = generator.device
@@ -445,6 +507,11 @@ def optimize(generator: OneStepGenerator, rewards: Reward | Sequence[Reward], pr
     elif tuple(noise.shape) != generator.latent_shape:
         raise ValueError(f"noise must have shape {generator.latent_shape}, got {tuple(noise.shape)}")
     noise = nn.Parameter(noise.detach().to(device=device, dtype=torch.float32).clone())
+    if not torch.isfinite(noise).all():
+        raise ValueError("noise contains NaN or Inf; pass finite (standard-normal) noise")
+    if reg_weight and not noise.detach().any():
+        raise ValueError("noise is all zeros: the norm regulariser's log ||z|| is -inf there and its gradient NaN; "
+                         "pass standard-normal noise or reg_weight=0")
 
     generator.set_gradient_checkpointing(gradient_checkpointing)
     wrap = set_reward_checkpointing(combined.rewards, gradient_checkpointing)
@@ -457,42 +524,63 @@ def optimize(generator: OneStepGenerator, rewards: Reward | Sequence[Reward], pr
     totals = torch.empty(iterations, device=device)
     iteration_ids = torch.arange(iterations, device=device)
     best_loss = best_latents = best_noise = best_iter = None
+    # Where a non-finite loss came from, tracked on the device (no sync) and read only when something went wrong.
+    health = _Health(iterations, device)
     steps = range(iterations)
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="ReNO", unit="it", leave=False)
-    for i in steps:
-        optimizer.zero_grad(set_to_none=True)
-        mark("unet_fwd")
-        latents = generator(noise, cond)
-        mark("reward_fwd")
-        losses = combined.losses(latents, prompt, wrap)
-        total = (losses * weights).sum()
-        mark("optimizer")
-        all_losses[i] = losses.detach()
-        totals[i] = total.detach()
-        if i == 0:
-            best_loss, best_latents, best_noise = total.detach().clone(), latents.detach().clone(), noise.detach().clone()
-            best_iter = iteration_ids[0]
-        else:
-            better = total.detach() < best_loss
-            best_loss = torch.where(better, total.detach(), best_loss)
-            best_latents = torch.where(better, latents.detach(), best_latents)
-            best_noise = torch.where(better, noise.detach(), best_noise)
-            best_iter = torch.where(better, iteration_ids[i], best_iter)
-        if i < iterations - 1:
-            loss = total + norm_regularizer(noise, reg_weight) if reg_weight else total
-            if timer is not None:
-                latents.register_hook(lambda grad: mark("unet_bwd"))
-            mark("reward_bwd")
-            loss.backward()
+    i = 0
+    try:
+        for i in steps:
+            optimizer.zero_grad(set_to_none=True)
+            health.noise(i, noise)
+            mark("unet_fwd")
+            latents = generator(noise, cond)
+            health.latents[i] = torch.isfinite(latents.detach()).all()
+            mark("reward_fwd")
+            losses = combined.losses(latents, prompt, wrap)
+            total = (losses * weights).sum()
             mark("optimizer")
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_([noise], grad_clip)
-            optimizer.step()
-        if timer is not None:
-            timer.end_iteration()
+            all_losses[i] = losses.detach()
+            totals[i] = total.detach()
+            if i == 0:
+                best_loss, best_latents, best_noise = total.detach().clone(), latents.detach().clone(), noise.detach().clone()
+                best_iter = iteration_ids[0]
+            else:
+                better = total.detach() < best_loss
+                best_loss = torch.where(better, total.detach(), best_loss)
+                best_latents = torch.where(better, latents.detach(), best_latents)
+                best_noise = torch.where(better, noise.detach(), best_noise)
+                best_iter = torch.where(better, iteration_ids[i], best_iter)
+            if i < iterations - 1:
+                if reg_weight:
+                    reg = norm_regularizer(noise, reg_weight)
+                    health.reg[i] = reg.detach()
+                    loss = total + reg
+                else:
+                    loss = total
+                if timer is not None:
+                    latents.register_hook(lambda grad: mark("unet_bwd"))
+                mark("reward_bwd")
+                loss.backward()
+                mark("optimizer")
+                health.grad[i] = torch.isfinite(noise.grad).all()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_([noise], grad_clip)
+                optimizer.step()
+            if timer is not None:
+                timer.end_iteration()
+    except Exception as e:  # a reward refusing NaN latents must not hide what made them NaN
+        reason = health.explain(i, all_losses, totals, combined, lr, reg_weight, partial=True)
+        if reason is None:
+            raise
+        raise FloatingPointError(reason) from e
+
+    if not torch.isfinite(totals).all():
+        raise FloatingPointError(health.explain(iterations - 1, all_losses, totals, combined, lr, reg_weight)
+                                 or "the loss became NaN/Inf; lower lr or reg_weight, and check the rewards")
 
     names = [r.name for r in combined.rewards]
     per_reward = all_losses.T.tolist()

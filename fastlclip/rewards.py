@@ -44,11 +44,16 @@ class _CLIPReward:
         return normalized(self._encode_latents(latents))
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Normalised (N, D) text features, each prompt encoded once and cached."""
+        """Normalised (N, D) text features, each prompt encoded once, in the model's own precision (never
+        under the caller's autocast: the cache outlives the call), and cached."""
         new = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        for p in new:  # as reno.optimize: an empty prompt is a mistake, not the unconditional text
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompt must be a non-empty string, got {p!r}")
         if new:
             # Not inference tensors, even under torch.inference_mode: later calls may need them in autograd.
-            with torch.inference_mode(False), torch.no_grad():
+            device_type = self.model.logit_scale.device.type
+            with torch.inference_mode(False), torch.no_grad(), torch.autocast(device_type, enabled=False):
                 for p, f in zip(new, self._encode_texts(new)):
                     self._text_cache[p] = normalized(f)
         return torch.stack([self._text_cache[p] for p in prompts])
@@ -113,6 +118,7 @@ class PixelCLIPReward(_CLIPReward):
     def __init__(self, vae: nn.Module, clip_model: nn.Module, *, tokenizer=None, weighting: float = 1.0,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__(clip_model, weighting)
+        self.check_finite = True  # NaN/Inf latents are an error; False skips the check (it synchronises with the device)
         self.vae = vae.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         visual = clip_model.visual
@@ -144,7 +150,32 @@ class PixelCLIPReward(_CLIPReward):
                 self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
         return (x - self.mean) / self.std
 
+    def check_latents(self, latents: torch.Tensor) -> None:
+        """As ``LatentCLIPReward``'s: (B, C, H, W) floating-point VAE-space latents, B > 0, finite unless
+        ``check_finite`` is off (the check synchronises with the device)."""
+        channels = self.vae.config.latent_channels
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor of shape (B, {channels}, H, W), got {type(latents).__name__}")
+        if latents.ndim != 4:
+            hint = " Add a batch dimension with latents[None]." if latents.ndim == 3 else ""
+            raise ValueError(f"latents must have shape (B, {channels}, H, W), got {tuple(latents.shape)}.{hint}")
+        if not latents.is_floating_point():
+            raise TypeError(f"latents must be floating point, got {latents.dtype}; convert with .float()")
+        if latents.shape[0] == 0:
+            raise ValueError("latents is an empty batch (B=0); pass at least one latent")
+        c = latents.shape[1]
+        if c == 3 and channels != 3:
+            raise ValueError(f"got 3-channel input {tuple(latents.shape)}: these look like RGB pixel images, but "
+                             f"PixelCLIPReward takes the {channels}-channel diffusion latents it decodes with its VAE; "
+                             "score images with the CLIP model directly, or pass the latents")
+        if c != channels:
+            raise ValueError(f"latents have {c} channels, the VAE expects {channels}")
+        if self.check_finite and not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or Inf; check the sampler that produced them "
+                             "(reward.check_finite = False skips this check, which synchronises with the device)")
+
     def _encode_latents(self, latents):
+        self.check_latents(latents)
         x = self.preprocess(self.decode(latents))
         dtype = self.model.logit_scale.dtype
         return self.model.encode_image(x.to(dtype))

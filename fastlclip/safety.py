@@ -159,6 +159,9 @@ class SafetyCallback:
             raise ValueError(f"step_size must be positive, got {step_size!r}")
         if not 0 <= start < 1:
             raise ValueError(f"start must be a fraction of the schedule in [0, 1), got {start!r}")
+        for p in [prompt] if isinstance(prompt, str) else list(prompt):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompt must be a non-empty string, got {p!r}")
         self.guidance, self.prompt = guidance, prompt
         self.steps, self.step_size, self.start = steps, float(step_size), float(start)
 
@@ -191,7 +194,7 @@ class SafetyCheck:
 
     latents: torch.Tensor  # the input, flagged samples replaced when the checker blanks
     scores: torch.Tensor  # (B, K) float32: cos(image, concept) - cos(image, neutral)
-    flags: torch.Tensor  # (B, K) bool: scores > thresholds
+    flags: torch.Tensor  # (B, K) bool: scores > thresholds, or scores not finite (the checker fails closed)
     flagged: torch.Tensor  # (B,) bool: any category flagged
     blanked: torch.Tensor  # (B,) bool: which samples were replaced (flagged ones, or none without blanking)
     categories: list[str]  # names of the K columns
@@ -202,7 +205,8 @@ class LatentSafetyChecker:
 
     ``checker(latents)`` runs one image-tower forward per batch (no decode, no gradients); the concept
     features are computed once, here. A category is flagged when its score (see the module docstring)
-    exceeds its threshold. ``thresholds`` is a margin for every category or a ``{category: margin}``
+    exceeds its threshold, or is NaN/Inf: the checker fails closed, so a sample it cannot score (NaN/Inf latents
+    with ``model.check_finite = False``, or latents so large the tower overflows) is flagged and blanked. ``thresholds`` is a margin for every category or a ``{category: margin}``
     mapping (others keep ``DEFAULT_THRESHOLD``).
 
     The default threshold 0.0 is the zero-shot decision boundary (the concept beats the neutral reference),
@@ -249,7 +253,8 @@ class LatentSafetyChecker:
 
     def __call__(self, latents: torch.Tensor) -> SafetyCheck:
         scores = self.scores(latents)
-        flags = scores > self.thresholds.to(scores.device)
+        # Fail closed: a NaN/Inf score (NaN/Inf latents unchecked, or overflow in the tower) flags its category.
+        flags = (scores > self.thresholds.to(scores.device)) | ~torch.isfinite(scores)
         flagged = flags.any(dim=1)
         out, blanked = latents, torch.zeros_like(flagged)
         if self.blank is not None:

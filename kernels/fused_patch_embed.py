@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from . import _launch
 from ._launch import Launcher, dot, tl, triton
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 2048  # one program holds a (BLOCK_M, next_pow2(width)) fp32 tile in registers
 
 _CONFIGS = [
@@ -205,7 +206,8 @@ def patch_embed(latents, conv_weight, class_embedding, pos_embedding, ln_weight,
     """Latent-CLIP patch embedding, fused: ``ln_pre(cat(cls, conv1(latents * scale)) + pos)``.
 
     Args:
-        latents: (B, C, H, W), fp32/fp16/bf16, any strides (channels_last, sliced, ...).
+        latents: (B, C, H, W), fp32/fp16/bf16 read as they are (other float dtypes are cast to
+            conv_weight's first), any strides (channels_last, sliced, ...).
         conv_weight: (width, C, P, P) bias-free patchify conv (stride = kernel = P); sets the
             output dtype (fp32/fp16/bf16). Rows/columns of pixels past a multiple of P are
             ignored, as ``conv2d`` does.
@@ -225,10 +227,11 @@ def patch_embed(latents, conv_weight, class_embedding, pos_embedding, ln_weight,
         _launch.warn_fallback("patch_embed", latents.device)
         return patch_embed_torch(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias,
                                  scale=scale, eps=eps)
-    for name, tensor in {"latents": latents, "conv_weight": conv_weight}.items():
-        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"{name} must be float32, float16 or bfloat16 for the Triton kernel, got "
-                            f"{tensor.dtype}: cast it, or call patch_embed_torch")
+    if conv_weight.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"conv_weight must be float32, float16 or bfloat16 for the Triton kernel, got "
+                        f"{conv_weight.dtype}: cast it, or call patch_embed_torch")
+    if latents.dtype not in _KERNEL_DTYPES:  # e.g. float64: cast as patch_embed_torch does (differentiable)
+        latents = latents.to(conv_weight.dtype)
     if conv_weight.shape[0] > MAX_WIDTH:
         raise ValueError(f"width {conv_weight.shape[0]} exceeds the fused kernel's limit of {MAX_WIDTH}: "
                          "call patch_embed_torch")

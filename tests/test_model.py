@@ -162,3 +162,18 @@ def test_device_mismatch_is_named(tiny_model):
     with pytest.raises(ValueError, match="on meta but the model is on cpu"):
         tiny_model.check_finite = False
         tiny_model.encode_latents(z)
+
+
+def test_fp32_references_run_without_tf32():
+    """TF32 (cuDNN's default for conv) would put fp32 references ~1e-3 off: tests/conftest.py turns it off."""
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fp32_patchify_conv_is_true_fp32():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 4, 64, 64, generator=g), torch.randn(768, 4, 8, 8, generator=g) / 16
+    got = torch.nn.functional.conv2d(x.cuda(), w.cuda(), stride=8).cpu().double()
+    want = torch.nn.functional.conv2d(x.double(), w.double(), stride=8)
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()

@@ -312,6 +312,21 @@ def test_compiled_unet_gives_the_same_losses():
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
 
 
+def test_a_captured_reward_is_not_checkpointed(generator):
+    """graph backend + gradient_checkpointing: the captured reward step replays once forward and once
+    backward per iteration (torch.utils.checkpoint around it raised CheckpointError on a GPU and replayed
+    four graphs)."""
+    from fastlclip import runtime
+
+    reward = latent_clip_reward()
+    rt = runtime.install(reward.model, runtime.GraphRuntime(reward.model, (1,), emulate=True)).runtime
+    assert reno.set_reward_checkpointing([reward], True) == [False]
+    iterations = 3
+    reno.optimize(generator, reward, PROMPT, iterations=iterations, gradient_checkpointing=True, progress=False)
+    # forwards every iteration, backwards all but the last; nothing recomputed
+    assert rt.stats.replays == 2 * iterations - 1 and rt.stats.recomputes == 0
+
+
 # -- one-step presets at 1024 px ---------------------------------------------------------------------------
 @pytest.mark.parametrize("preset, scheduler_kwargs, timesteps, t0", [
     # ByteDance/SDXL-Lightning model card, 1-step UNet: Euler, trailing, "sample" (x0) prediction

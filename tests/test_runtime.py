@@ -6,6 +6,7 @@ and recompiles, no code generation). The ``gpu`` tests run the real CUDA graphs 
 """
 
 import json
+import math
 import warnings
 
 import pytest
@@ -528,3 +529,174 @@ def test_gpu_auto_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
     assert entry["backend"] == model.backend and set(entry["reward_step_ms"]) == {"eager", "graph"}
     monkeypatch.setattr(runtime.timing, "time_backends", lambda *a, **k: pytest.fail("timed twice"))
     assert _gpu_model("auto", cache_path=path).backend == model.backend
+
+
+# -- defects a GPU would show, reproduced with the emulation / Dynamo's eager backend ----------------------
+def test_graph_key_includes_autocast():
+    """A capture under autocast freezes bf16 kernels: an fp32 call afterwards must not replay it."""
+    model = load()
+    rt = emulated(model)
+    reward = fastlclip.LatentCLIPReward(model)
+    x = latents(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reward(x, PROMPT)
+    loss = reward(x, PROMPT)
+    assert rt.stats.captures == 2
+    torch.testing.assert_close(loss, eager_step(model, x)[0])
+
+
+@pytest.mark.parametrize("backend", ["triton", "graph"])
+def test_float64_latents_as_eager_takes_them(backend):
+    from fastlclip.kernels import kernels_available
+
+    if not kernels_available("cpu"):
+        pytest.skip("the Triton kernels do not run here (no GPU, TRITON_INTERPRET unset)")
+    model = load(backend="triton") if backend == "triton" else load()
+    if backend == "graph":
+        emulated(model, fused=True)
+    x = latents(2, dtype=torch.float64)
+    loss = fastlclip.LatentCLIPReward(model)(x, PROMPT)
+    (grad,) = torch.autograd.grad(loss, x)
+    want_loss, want_grad, _ = eager_step(load(), x)
+    assert grad.dtype == torch.float64
+    torch.testing.assert_close(loss, want_loss.to(loss.dtype), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-3, atol=1e-6)
+
+
+def test_compiled_runtime_does_not_recompile_per_memory_layout():
+    model = load()
+    rt = runtime.install(model, runtime.CompiledRuntime(model, (2,), compiler="eager")).runtime
+    reward = fastlclip.LatentCLIPReward(model)
+    x = latents(2).detach()
+    layouts = [x, x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)]
+    for y in layouts:
+        y = y.requires_grad_(True)
+        (grad,) = torch.autograd.grad(reward(y, PROMPT), y)
+        torch.testing.assert_close(grad, eager_step(model, y)[1])
+    assert rt.stats.compiles == 1
+
+
+def test_reduce_overhead_marks_a_step_only_when_no_backward_is_pending(monkeypatch):
+    """Inductor's CUDA graphs reuse a step's memory once a new step is marked: marking while a backward
+    is pending (two forwards then their backwards) would hand the pending backward overwritten activations."""
+    model = load()
+    rt = runtime.install(model, runtime.CompiledRuntime(model, (1,), compiler="eager")).runtime
+    rt.cudagraphs = True  # as mode="reduce-overhead" with Inductor, whose graphs need a GPU
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(len(rt._pending)))
+    reward = fastlclip.LatentCLIPReward(model)
+    x, y = latents(1, seed=1), latents(1, seed=2)
+    loss_x = reward(x, PROMPT)  # nothing pending: a new step
+    loss_y = reward(y, PROMPT)  # x's backward pending: same step
+    with torch.no_grad():
+        model.encode_latents(y.detach())  # still pending
+    (gx,) = torch.autograd.grad(loss_x, x)
+    (gy,) = torch.autograd.grad(loss_y, y)
+    del loss_x, loss_y
+    reward(x, PROMPT)  # both backwards ran: a new step
+    assert marks == [0, 0]
+    torch.testing.assert_close(gx, eager_step(model, x)[1])
+    torch.testing.assert_close(gy, eager_step(model, y)[1])
+    dropped = reward(y, PROMPT)  # nothing pending: a new step
+    reward(x, PROMPT)  # dropped's backward is pending: same step
+    del dropped  # a forward whose backward never runs stops being pending once its graph is gone
+    reward(x, PROMPT)
+    assert marks == [0, 0, 0, 0]
+
+
+def test_graphs_share_one_pool_so_any_replay_spends_a_pending_backward():
+    model = load()
+    rt = emulated(model, buckets=(1, 2))
+    reward = fastlclip.LatentCLIPReward(model)
+    x, y = latents(1), latents(2, seed=3)
+    loss_x = reward(x, PROMPT)
+    reward(y, PROMPT)  # another entry's replay may have reused x's activations
+    (gx,) = torch.autograd.grad(loss_x, x)
+    assert rt.stats.recomputes == 1
+    torch.testing.assert_close(gx, eager_step(model, x)[1])
+
+
+def test_graph_entries_are_bounded_least_recently_used_first():
+    model = load()
+    rt = runtime.install(model, runtime.GraphRuntime(model, (1, 2, 4), emulate=True, max_entries=2)).runtime
+    with pytest.raises(ValueError, match="max_entries"):
+        runtime.GraphRuntime(model, emulate=True, max_entries=0)
+    with torch.no_grad():
+        for batch in (1, 2, 1, 4, 1, 2):  # 4 evicts 2 (1 was used since), then 2 evicts 4
+            model.encode_latents(latents(batch, requires_grad=False))
+    assert rt.stats.captures == 4 and len(rt._entries) == 2
+
+
+@pytest.mark.parametrize("replace", ["ln_post", "block", "logit_scale"])
+def test_graph_weights_fingerprint_covers_every_parameter(replace):
+    model = load()
+    rt = emulated(model)
+    x = latents(1)
+    with torch.no_grad():
+        model.encode_latents(x)
+        tower = model.visual.latent_vit
+        if replace == "ln_post":
+            tower.ln_post = torch.nn.LayerNorm(tower.ln_post.normalized_shape)
+        elif replace == "block":
+            block = tower.transformer.resblocks[-1]
+            block.mlp.c_fc.weight = torch.nn.Parameter(block.mlp.c_fc.weight * 2)
+        else:
+            model.logit_scale = torch.nn.Parameter(model.logit_scale + 1)
+        model.encode_latents(x)
+    assert rt.stats.invalidations == 1
+
+
+# -- the same defects on a GPU (one check each; the CPU tests above reproduce them without one) ------------
+@pytest.mark.gpu
+@cuda
+def test_gpu_graph_autocast_fp64_and_replaced_weights():
+    model = _gpu_model("graph", TINY)
+    rt, reward, tower = model.runtime, fastlclip.LatentCLIPReward(model), model.visual.latent_vit
+    x = _gpu_latents(model, 1).detach().float().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.float16):
+        reward(x, PROMPT)
+    loss, grad = _reward_grad(model, x)  # no autocast: a capture of its own, not the float16 one
+    loss64, grad64 = _reward_grad(model, x.double())
+    old_ln = tower.ln_post
+    tower.ln_post = torch.nn.LayerNorm(old_ln.normalized_shape).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        tower.ln_post.weight.uniform_(0.5, 1.5)
+    loss_new, _ = _reward_grad(model, x)
+    assert rt.stats.invalidations == 1 and rt.stats.captures >= 3
+    model.set_backend("eager")
+    want_new = _reward_grad(model, x)[0]
+    tower.ln_post = old_ln
+    want_loss, want_grad = _reward_grad(model, x)
+    assert abs(loss.item() - want_loss.item()) < 0.05 and _cos(grad, want_grad) >= 0.999
+    assert grad64.dtype == torch.float64 and abs(loss64.item() - want_loss.item()) < 0.05
+    assert abs(loss_new.item() - want_new.item()) < 0.05 and abs(want_new.item() - want_loss.item()) > 0.05
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("backend, options", [("graph", {"buckets": (1, 2)}), ("compile", {"buckets": (1, 2)})])
+def test_gpu_two_forwards_then_backwards(backend, options):
+    """Shared graph pool / reduce-overhead steps: a pending backward survives another shape's replay."""
+    model = _gpu_model(backend, TINY, **options)
+    reward = fastlclip.LatentCLIPReward(model)
+    x, y = _gpu_latents(model, 1, seed=1), _gpu_latents(model, 2, seed=2)
+    loss_x, loss_y = reward(x, PROMPT), reward(y, PROMPT)
+    with torch.no_grad():
+        model.encode_latents(y)
+    (gx,) = torch.autograd.grad(loss_x, x)
+    (gy,) = torch.autograd.grad(loss_y, y)
+    model.set_backend("eager")
+    assert _cos(gx, _reward_grad(model, x)[1]) >= 0.999 and _cos(gy, _reward_grad(model, y)[1]) >= 0.999
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_reno_with_a_captured_reward_and_checkpointing():
+    from bench import tiny
+    from fastlclip import reno
+
+    gen = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=64, width=64, device="cuda")
+    model = _gpu_model("graph", tiny.LATENT_CLIP)
+    result = reno.optimize(gen, fastlclip.LatentCLIPReward(model), PROMPT, iterations=3, gradient_checkpointing=True,
+                           progress=False)
+    assert model.runtime.stats.replays == 5 and all(map(math.isfinite, result.losses))

@@ -35,7 +35,8 @@ Contract of the graph and compile runtimes:
 """
 
 from .backends import BACKENDS, activate, install
-from .common import BUCKETS, BackendFallbackWarning, Stats, bucket_for, chunks, pad_batch, reward_head, reward_loss
+from .common import (BUCKETS, BackendFallbackWarning, Stats, bucket_for, chunks, pad_batch, reward_head, reward_loss,
+                     runtime_of)
 from .compiled import COMPILE_MODES, DEFAULT_COMPILE_MODE, CompiledRuntime
 from .graph import GraphRuntime
 from .select import apply, cache_key, choose_backend, default_cache_path, read_cache, write_cache
@@ -44,6 +45,6 @@ from .timing import time_backends, time_cuda
 __all__ = [
     "BACKENDS", "BUCKETS", "COMPILE_MODES", "DEFAULT_COMPILE_MODE", "BackendFallbackWarning", "CompiledRuntime",
     "GraphRuntime", "Stats", "activate", "apply", "bucket_for", "cache_key", "choose_backend", "chunks",
-    "default_cache_path", "install", "pad_batch", "read_cache", "reward_head", "reward_loss", "time_backends",
+    "default_cache_path", "install", "pad_batch", "read_cache", "reward_head", "reward_loss", "runtime_of", "time_backends",
     "time_cuda", "write_cache",
 ]

@@ -18,6 +18,8 @@ from ..loss import clip_loss, cosine
 from ..model import LatentCLIP, LatentViT, PackedAttention
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Latent dtypes the graphs and compiled functions take as they are; others (float64) are cast to the model's.
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class BackendFallbackWarning(UserWarning):
@@ -165,6 +167,7 @@ class Runtime:
 
     def encode(self, latents: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Image-tower features (B, D) of validated latents (the installed tower's ``forward``)."""
+        latents = self._as_input(latents)
         if self._weights_need_grad():
             return self._uncaptured(latents, scale)
         self._begin_call()
@@ -174,6 +177,7 @@ class Runtime:
     def reward_loss(self, latents: torch.Tensor, scale: float, txt: torch.Tensor,
                     logit_scale: torch.Tensor) -> torch.Tensor:
         """LatentCLIPReward's loss for validated latents; ``txt``: normalised fp32 (D,) or (B, D)."""
+        latents = self._as_input(latents)
         b = latents.shape[0]
         if self._weights_need_grad():
             return clip_loss(cosine(self._uncaptured(latents, scale), txt), logit_scale)
@@ -183,6 +187,10 @@ class Runtime:
                   for s, e in spans]
         # Each chunk's loss is 100 - (its share of the mean); the total counts the 100 once.
         return losses[0] if len(losses) == 1 else sum(losses) - 100.0 * (len(losses) - 1)
+
+    def _as_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in a dtype the static buffers and kernels take (float64 -> the model's dtype, differentiably)."""
+        return latents if latents.dtype in INPUT_DTYPES else latents.to(self.model.dtype)
 
     def _begin_call(self) -> None:
         """Called once per top-level call, before its chunks."""

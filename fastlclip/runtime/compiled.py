@@ -6,6 +6,7 @@ they would split the graph at every block)."""
 from __future__ import annotations
 
 import types
+import weakref
 from typing import Callable
 
 import torch
@@ -25,16 +26,20 @@ def _fresh_function(fn: types.FunctionType) -> types.FunctionType:
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
-class _CloneGrad(torch.autograd.Function):
-    """Identity whose backward copies the gradient out of CUDA-graph memory (``reduce-overhead``)."""
+class _PendingBackward(torch.autograd.Function):
+    """Identity on the latents of a ``reduce-overhead`` call: holds the call in ``pending`` (a WeakSet)
+    until its backward has run or its graph is dropped, and copies the gradient out of CUDA-graph memory."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, pending: weakref.WeakSet):
+        ctx.pending = pending
+        pending.add(ctx)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.clone()
+        ctx.pending.discard(ctx)
+        return grad.clone(), None
 
 
 def _dynamo_graph_count() -> int:
@@ -49,6 +54,12 @@ class CompiledRuntime(Runtime):
         buckets: the batch sizes compiled (see :func:`bucket_for`).
         mode: an Inductor mode (:data:`COMPILE_MODES`); ignored for other compilers.
         compiler: ``torch.compile``'s ``backend``.
+
+    ``reduce-overhead`` replays Inductor's own CUDA graphs (cudagraph trees). Outputs and gradients are
+    copied out of their memory, and a new step (``torch.compiler.cudagraph_mark_step_begin``) is marked
+    only when no earlier call's backward is pending: two forwards then their backwards, or an
+    ``encode_latents`` between a reward's forward and backward, keep the earlier forward's activations,
+    as the graph runtime's contract says.
     """
 
     backend = "compile"
@@ -62,6 +73,7 @@ class CompiledRuntime(Runtime):
         self.cudagraphs = compiler == "inductor" and mode == "reduce-overhead"
         self._fns: dict[tuple, Callable] = {}
         self._slots: dict[tuple, TextSlot] = {}
+        self._pending: weakref.WeakSet = weakref.WeakSet()  # reduce-overhead calls whose backward has not run
 
     def _compiled(self, kind: str, bucket: int, grid: tuple[int, int], scale: float, dtype: torch.dtype) -> Callable:
         key = (kind, bucket, grid, dtype, scale, self.model.dtype)  # one compiled function per latent grid
@@ -82,13 +94,14 @@ class CompiledRuntime(Runtime):
         return fn
 
     def _begin_call(self) -> None:
-        if self.cudagraphs:  # a new step: outputs of earlier calls are cloned, so none is still read
+        # A new step may reuse every earlier step's graph memory: only once no backward still needs it.
+        # (Outputs of earlier calls are copies, so none is read from graph memory.)
+        if self.cudagraphs and not self._pending:
             torch.compiler.cudagraph_mark_step_begin()
 
     def _call(self, fn, *args):
-        if self.cudagraphs:
-            if args[0].requires_grad:
-                args = (_CloneGrad.apply(args[0]), *args[1:])
+        if self.cudagraphs and torch.is_grad_enabled() and args[0].requires_grad:
+            args = (_PendingBackward.apply(args[0], self._pending), *args[1:])
         before = _dynamo_graph_count()
         out = fn(*args)
         self.stats.compiles += _dynamo_graph_count() - before
@@ -97,7 +110,7 @@ class CompiledRuntime(Runtime):
     def _run_tower(self, x, scale):
         bucket = bucket_for(x.shape[0], self.buckets)
         fn = self._compiled("tower", bucket, tuple(x.shape[-2:]), scale, x.dtype)
-        return self._call(fn, pad_batch(x, bucket))[:x.shape[0]]
+        return self._call(fn, pad_batch(x, bucket).contiguous())[:x.shape[0]]  # one layout: Dynamo guards on strides
 
     def _run_reward(self, x, scale, txt, total, logit_scale, start):
         bucket = bucket_for(x.shape[0], self.buckets)
@@ -106,4 +119,4 @@ class CompiledRuntime(Runtime):
         if slot is None:
             slot = self._slots[bucket, start] = TextSlot(bucket, self.model.cfg.embed_dim, x.device, inplace=False)
         slot.load(txt, x.shape[0], total)
-        return self._call(fn, pad_batch(x, bucket), slot.txt, slot.weights)
+        return self._call(fn, pad_batch(x, bucket).contiguous(), slot.txt, slot.weights)

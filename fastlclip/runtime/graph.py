@@ -15,7 +15,7 @@ class _CudaGraphStep:
     """``fn(*inputs)`` over static input buffers as a forward CUDA graph and, with ``need_grad``, a
     backward graph from ``grad_out`` to ``inputs[0]``. Replays overwrite ``out`` and ``grad_in``."""
 
-    def __init__(self, fn, inputs: list[torch.Tensor], need_grad: bool, warmup: int = 3):
+    def __init__(self, fn, inputs: list[torch.Tensor], need_grad: bool, pool, warmup: int = 3):
         x = inputs[0].requires_grad_(need_grad)
         # Warm up (cuBLAS workspaces, Triton autotuning) on the stream that captures, off the default
         # stream, as torch.cuda.make_graphed_callables does.
@@ -29,7 +29,6 @@ class _CudaGraphStep:
                     torch.autograd.grad(out, x, torch.ones_like(out))
         torch.cuda.synchronize(x.device)
         del out
-        pool = torch.cuda.graph_pool_handle()
         self.forward_graph = torch.cuda.CUDAGraph()
         self.grad_out = self.grad_in = self.backward_graph = None
         with torch.inference_mode(False):
@@ -51,10 +50,13 @@ class _CudaGraphStep:
 
 class _EagerStep:
     """:class:`_CudaGraphStep`'s interface and memory semantics, re-running ``fn`` eagerly into the same
-    static buffers: lets the runtime's bookkeeping be tested without a GPU."""
+    static buffers: lets the runtime's bookkeeping be tested without a GPU. As a captured graph does, a
+    replay runs under the autocast state of the capture, whatever the caller's is."""
 
-    def __init__(self, fn, inputs: list[torch.Tensor], need_grad: bool):
+    def __init__(self, fn, inputs: list[torch.Tensor], need_grad: bool, pool=None):
         self.fn, self.inputs, self.need_grad = fn, inputs, need_grad
+        self.device_type = inputs[0].device.type
+        self.autocast = autocast_state(self.device_type)
         inputs[0].requires_grad_(need_grad)
         self._run()
         self.out = self._live.detach().clone()
@@ -62,7 +64,9 @@ class _EagerStep:
         self.grad_in = torch.zeros_like(inputs[0]) if need_grad else None
 
     def _run(self):
-        with torch.inference_mode(False), torch.set_grad_enabled(self.need_grad):
+        enabled, dtype = self.autocast or (False, None)
+        with torch.inference_mode(False), torch.set_grad_enabled(self.need_grad), \
+                torch.autocast(self.device_type, dtype=dtype, enabled=enabled):
             self._live = self.fn(*self.inputs)
 
     def replay_forward(self) -> None:
@@ -77,12 +81,32 @@ class _EagerStep:
             self.grad_in.copy_(g)
 
 
-class _Entry:
-    """One captured shape: its step, static latents (and text slot), and a generation counter that tells
-    a backward whether the static state still holds its forward."""
+def autocast_state(device_type: str) -> tuple[bool, torch.dtype] | None:
+    """``(True, dtype)`` inside ``torch.autocast`` for ``device_type``, else None: part of a graph's key, since
+    a capture freezes the dtypes autocast chose."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return True, torch.get_autocast_dtype(device_type)
 
-    def __init__(self, step, x: torch.Tensor, slot: TextSlot | None, stats: Stats):
-        self.step, self.x, self.slot, self.stats = step, x, slot, stats
+
+class _Clock:
+    """Counts replays across all of a runtime's graphs. They share one memory pool, so any replay may
+    overwrite the activations another graph's pending backward needs: a backward checks that no replay
+    happened since its forward, else recomputes that forward."""
+
+    def __init__(self):
+        self.now = 0
+
+    def tick(self) -> int:
+        self.now += 1
+        return self.now
+
+
+class _Entry:
+    """One captured shape: its step, static latents (and text slot), and the clock time of its last forward."""
+
+    def __init__(self, step, x: torch.Tensor, slot: TextSlot | None, stats: Stats, clock: _Clock):
+        self.step, self.x, self.slot, self.stats, self.clock = step, x, slot, stats, clock
         self.generation = 0
         self._dirty = 0  # rows [0, _dirty) of the static latents may be non-zero (they start zeroed)
 
@@ -98,16 +122,16 @@ class _Entry:
 
     def forward(self) -> None:
         self.step.replay_forward()
-        self.generation += 1
+        self.generation = self.clock.tick()
         self.stats.replays += 1
 
     def backward(self) -> None:
         self.step.replay_backward()
-        self.generation += 1  # the backward may reuse the forward's buffers: its state is spent
+        self.clock.tick()  # the backward may reuse the forward's buffers: its state is spent
         self.stats.replays += 1
 
     def ensure_forward_of(self, ctx, *load_args) -> None:
-        if self.generation != ctx.generation:
+        if self.clock.now != ctx.generation:
             self.load(*load_args)
             self.forward()
             self.stats.recomputes += 1
@@ -163,17 +187,29 @@ class GraphRuntime(Runtime):
         fused: use the Triton kernels inside the graphs; default: where ``kernels_available``.
         emulate: re-run eagerly into the static buffers instead of capturing: tests the bookkeeping
             (padding, chunking, copies, recomputation) without a GPU. Never faster than eager.
+        max_entries: captured shapes kept at most; the least recently used is dropped beyond it.
+
+    Memory: every graph allocates from one pool shared by the runtime, so intermediate activations are
+    reused across shapes; the pool grows to about the largest entry's peak (for a reward step with
+    gradients: the image tower's activations for the backward, ~23 GiB for B-4-512 at batch 256 in fp32,
+    ~1/8 of that for B-8-512, half in bf16) plus, per entry, its static latents, output and latent
+    gradient. A backward after another graph's replay re-runs its own forward first (``recomputes``).
     """
 
     backend = "graph"
 
-    def __init__(self, model: LatentCLIP, buckets=BUCKETS, *, fused: bool | None = None, emulate: bool = False):
+    def __init__(self, model: LatentCLIP, buckets=BUCKETS, *, fused: bool | None = None, emulate: bool = False,
+                 max_entries: int = 8):
         if not emulate and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the model is on {model.device}")
+        if not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be a positive int, got {max_entries!r}")
         super().__init__(model, buckets)
         self.fused = kernels.kernels_available(model.device) if fused is None else fused
-        self.emulate = emulate
-        self._entries: dict[tuple, _Entry] = {}
+        self.emulate, self.max_entries = emulate, max_entries
+        self._entries: dict[tuple, _Entry] = {}  # in order of use, least recent first
+        self._clock = _Clock()
+        self._pool = None if emulate else torch.cuda.graph_pool_handle()
         self._fingerprint = self._weights_fingerprint()
 
     def reset(self) -> None:
@@ -183,19 +219,24 @@ class GraphRuntime(Runtime):
         self._fingerprint = self._weights_fingerprint()
 
     def _weights_fingerprint(self):
-        w, p = self.tower.conv1.weight, self.tower.proj
-        return w.data_ptr(), p.data_ptr(), p.dtype, p.device, self.model.logit_scale.data_ptr()
+        """Where every weight the graphs read lives: replacing any of them (``model.to``, a new module,
+        ``param.data = ...``) changes it. In-place updates keep it, and graphs see them, as eager does."""
+        params = [*self.tower.parameters(), self.model.logit_scale]
+        return tuple((p.data_ptr(), p.dtype, p.device) for p in params)
 
     def _entry(self, kind: str, x: torch.Tensor, scale: float, need_grad: bool) -> _Entry:
         if self._weights_fingerprint() != self._fingerprint:
             self.reset()
             self.stats.invalidations += 1
         bucket = bucket_for(x.shape[0], self.buckets)
-        key = (kind, bucket, tuple(x.shape[-2:]), x.dtype, scale, need_grad)  # one graph per latent grid
-        entry = self._entries.get(key)
+        key = (kind, bucket, tuple(x.shape[1:]), x.dtype, scale, need_grad, autocast_state(x.device.type))
+        entry = self._entries.pop(key, None)
         if entry is None:
-            entry = self._entries[key] = self._capture(kind, bucket, x, scale, need_grad)
+            entry = self._capture(kind, bucket, x, scale, need_grad)
             self.stats.captures += 1
+            while len(self._entries) >= self.max_entries:
+                del self._entries[next(iter(self._entries))]
+        self._entries[key] = entry  # most recent last
         return entry
 
     def _capture(self, kind, bucket, x, scale, need_grad) -> _Entry:
@@ -218,10 +259,10 @@ class GraphRuntime(Runtime):
                 return reward_head(tower_fn(x), txt, weights, logit_scale)
 
             inputs = [static_x, slot.txt, slot.weights]
-        step = (_EagerStep if self.emulate else _CudaGraphStep)(fn, inputs, need_grad)
+        step = (_EagerStep if self.emulate else _CudaGraphStep)(fn, inputs, need_grad, self._pool)
         if kind == "reward" and need_grad:
             step.grad_out.fill_(1.0)
-        return _Entry(step, static_x, slot, self.stats)
+        return _Entry(step, static_x, slot, self.stats, self._clock)
 
     def _run_tower(self, x, scale):
         need_grad = torch.is_grad_enabled() and x.requires_grad

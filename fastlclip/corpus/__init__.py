@@ -1,0 +1,166 @@
+"""Corpus scale: score and filter sharded latent corpora, resumable, in process, on processes or on Ray Data.
+
+    report = fastlclip.corpus.score(["shards/00000.tar", ...], "scores/", model="Latent-ViT-B-8-512",
+                                    pretrained="epoch_34.pt", prompts=["a photo of a cat"], safety=True)
+    keys = fastlclip.corpus.select("scores/", by="clip_cos_0", top_fraction=0.5)
+
+The unit of work is one input shard (``readers``): one Parquet file per shard and one manifest line per
+shard (``writer``); shards whose output exists are skipped, so running the same command again resumes.
+Engines: ``engines``. Columns: ``scoring``. Keep-lists: ``selection``. Command line: ``python -m fastlclip.corpus --help``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .engines import ENGINES, rank_split, run_local, run_ray
+from .readers import shard_kind, shard_stem
+from .runner import ON_ERROR, ShardOptions, report as _report_line
+from .scoring import DEFAULT_TEMPLATES, ScoreSpec, check_prompts
+from .selection import select
+from .writer import check_run_file, read_manifest
+
+LATENT_SPACES = ("vae", "diffusion")
+__all__ = ["ScoreReport", "expand_inputs", "read_manifest", "score", "select"]
+
+
+@dataclass
+class ScoreReport:
+    """The manifest records of one ``score`` call (this rank's shards only under RANK/WORLD_SIZE)."""
+
+    records: list[dict]
+
+    def _with(self, status: str) -> list[dict]:
+        return [r for r in self.records if r["status"] == status]
+
+    @property
+    def ok(self) -> list[dict]:
+        return self._with("ok")
+
+    @property
+    def failed(self) -> list[dict]:
+        return self._with("error")
+
+    @property
+    def skipped(self) -> list[dict]:
+        return self._with("skipped")
+
+    @property
+    def rows(self) -> int:
+        return sum(r["rows"] for r in self.records if r["status"] == "ok")
+
+    @property
+    def bad_samples(self) -> list[dict]:
+        return [{"shard": r["shard"], **b} for r in self.records for b in r.get("bad", [])]
+
+
+def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Shard paths from files and folders (a folder: its tar and Parquet files, sorted); missing ones are an error."""
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not items:
+        raise ValueError("no input shards given")
+    shards, missing, unknown = [], [], []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.iterdir() if f.is_file() and shard_kind(f))
+            if not found:
+                unknown.append(f"{p}/ (no .tar or .parquet files)")
+            shards += found
+        elif not p.exists():
+            missing.append(str(p))
+        elif shard_kind(p) is None:
+            unknown.append(str(p))
+        else:
+            shards.append(str(p))
+    if missing:
+        raise FileNotFoundError(f"input shards not found: {', '.join(missing[:5])}"
+                                + (f" ... ({len(missing)} in all)" if len(missing) > 5 else ""))
+    if unknown:
+        raise ValueError(f"not WebDataset tar (.tar, .tar.gz, .tgz) or Parquet (.parquet) shards: {', '.join(unknown[:5])}")
+    stems: dict[str, str] = {}
+    for s in shards:
+        other = stems.setdefault(shard_stem(s), s)
+        if other != s:
+            raise ValueError(f"{other} and {s} would both write {shard_stem(s)}.parquet; give shards distinct names")
+    return shards
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def score(inputs, out, *, model, pretrained=None, prompts=None, classes=None, templates=None, safety=False,
+          embeddings=False, space="vae", engine="local", workers=1, batch_size=256, on_error="skip", member=None,
+          column="latent", device=None, dtype="float32", backend="eager", progress=True) -> ScoreReport:
+    """Score every latent of ``inputs`` (shard files or folders) into ``out``; see the module docstring.
+
+    ``model`` / ``pretrained``: as ``fastlclip.load`` (a config name, dict or JSON path; a checkpoint). With
+    ``pretrained=None`` the weights are random but seeded, so every worker and resumed run uses the same.
+    ``prompts``: texts, one ``clip_cos_<i>`` column each. ``classes`` (+ ``templates``, default
+    ``"a photo of a {}."``): zero-shot ``prob_<class>`` columns and ``label``. ``safety``: checker margins and
+    ``safety_flag``. ``embeddings``: fp16 ``embedding``. ``space``: ``"vae"`` (raw posterior samples, the
+    default) or ``"diffusion"``. ``engine``: ``"local"`` or ``"ray"``; ``workers``: processes or actors.
+    ``on_error="skip"`` records a bad sample (shape, NaN, unreadable member) in the manifest and scores the
+    rest of its shard; ``"raise"`` fails the shard instead. A shard that fails is recorded with status
+    ``error``, gets no output (so the next run retries it), and the other shards go on.
+    ``member``: tar member holding the latent (default ``latent.pt``, then ``latent.npy``); ``column``: the
+    Parquet tensor column. ``device`` / ``dtype`` / ``backend``: as ``fastlclip.load``.
+    """
+    shards = expand_inputs(inputs)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    _positive_int(workers, "workers")
+    _positive_int(batch_size, "batch_size")
+    if space not in LATENT_SPACES:
+        raise ValueError(f"space must be one of {LATENT_SPACES}, got {space!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}")
+    if model is None:
+        raise ValueError("model is required: a config name such as 'Latent-ViT-B-8-512', a config dict or JSON path")
+    prompts = check_prompts(prompts, "prompts")
+    classes = check_prompts(classes, "classes")
+    templates = check_prompts(templates, "templates") or list(DEFAULT_TEMPLATES)
+    if templates and classes and not all("{}" in t for t in templates):
+        raise ValueError(f"every template needs a '{{}}' for the class name, got {templates!r}")
+    if not (prompts or classes or safety or embeddings):
+        raise ValueError("nothing to compute: pass prompts, classes, safety=True or embeddings=True")
+    if isinstance(model, str) and not os.path.exists(model):
+        from .. import get_model_config
+
+        get_model_config(model)  # an unknown name fails here, before any output
+    if pretrained is not None and not str(pretrained).startswith("hf-hub:") and not os.path.exists(pretrained):
+        raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
+    if engine == "ray":
+        from .engines import _import_ray
+
+        _import_ray()
+        mine = shards
+    else:
+        mine = rank_split(shards)
+
+    spec = ScoreSpec(model=model, pretrained=None if pretrained is None else str(pretrained), prompts=prompts,
+                     classes=classes, templates=templates, safety=bool(safety), embeddings=bool(embeddings),
+                     space=space, device=device, dtype=dtype, backend=backend)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_run_file(out, spec.identity())
+    opts = ShardOptions(out=str(out), batch_size=batch_size, on_error=on_error, member=member, column=column,
+                        run_id=uuid.uuid4().hex[:12])
+    done = [0]
+
+    def report(record: dict) -> None:
+        done[0] += 1
+        if progress:
+            _report_line(record, done[0], len(mine))
+
+    run = run_ray if engine == "ray" else run_local
+    return ScoreReport(run(mine, spec, opts, workers, report) if mine else [])

@@ -1,0 +1,94 @@
+"""Command line: ``python -m fastlclip.corpus score ...`` and ``python -m fastlclip.corpus select ...``.
+
+Every argument is checked before any work starts; a bad one is reported in one line on stderr with exit
+status 2. ``score`` prints one line per shard on stderr and exits 1 when any shard failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .engines import ENGINES
+
+USAGE_ERROR, SHARD_FAILED = 2, 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise SystemExit(_fail(f"{self.prog}: error: {message}"))
+
+
+def _fail(line: str) -> int:
+    print(line, file=sys.stderr, flush=True)
+    return USAGE_ERROR
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m fastlclip.corpus", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    s = sub.add_parser("score", help="score shards into one Parquet file per shard (resumable)")
+    s.add_argument("shards", nargs="+", metavar="SHARD", help="WebDataset .tar or .parquet shards, or folders of them")
+    s.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    s.add_argument("--model", required=True, help="config name (fastlclip.list_models()) or config JSON")
+    s.add_argument("--pretrained", help="checkpoint: .pt, .safetensors, folder or hf-hub:REPO")
+    s.add_argument("--prompts", nargs="+", metavar="T", help="texts: one clip_cos_<i> column each")
+    s.add_argument("--classes", nargs="+", metavar="C", help="zero-shot classes: prob_<class> columns and label")
+    s.add_argument("--templates", nargs="+", metavar="T", help="class templates with {} (default: 'a photo of a {}.')")
+    s.add_argument("--safety", action="store_true", help="safety_<category> margins and safety_flag")
+    s.add_argument("--embeddings", action="store_true", help="fp16 embedding column")
+    s.add_argument("--space", choices=("vae", "diffusion"), default="vae",
+                   help="vae: raw posterior samples (default); diffusion: pipeline latents (x 0.13025)")
+    s.add_argument("--engine", choices=ENGINES, default="local")
+    s.add_argument("--workers", type=int, default=1, help="processes (local) or actors (ray)")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                   help="a bad sample: skip it (recorded in the manifest) or fail its shard")
+    s.add_argument("--member", help="tar member with the latent (default: latent.pt, then latent.npy)")
+    s.add_argument("--column", default="latent", help="Parquet column with the latent (default: latent)")
+    s.add_argument("--device", help="default: cuda if available (LOCAL_RANK's GPU under torchrun), else cpu")
+    s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    s.add_argument("--backend", choices=("eager", "triton", "graph", "compile", "auto"), default="eager")
+    k = sub.add_parser("select", help="write the keys to keep, one per line")
+    k.add_argument("folder", metavar="DIR", help="a score output folder")
+    k.add_argument("--by", required=True, metavar="COLUMN",
+                   help="column to rank by; --by=-COLUMN for lower-is-better (e.g. --by=-safety_flag --threshold 0)")
+    g = k.add_mutually_exclusive_group(required=True)
+    g.add_argument("--threshold", type=float, help="keep rows with value >= X")
+    g.add_argument("--top-fraction", type=float, help="keep the highest fraction F in (0, 1]")
+    k.add_argument("--out", required=True, help="keys file to write")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from . import score, select  # after parsing: --help stays fast
+
+    if args.command == "select":
+        try:
+            keys = select(args.folder, by=args.by, threshold=args.threshold, top_fraction=args.top_fraction)
+            Path(args.out).write_text("".join(f"{k}\n" for k in keys))
+        except (ValueError, OSError) as e:
+            return _fail(f"python -m fastlclip.corpus select: error: {e}")
+        print(f"[fastlclip.corpus] {len(keys)} keys -> {args.out}", file=sys.stderr)
+        return 0
+
+    kwargs = dict(model=args.model, pretrained=args.pretrained, prompts=args.prompts, classes=args.classes,
+                  templates=args.templates, safety=args.safety, embeddings=args.embeddings, space=args.space,
+                  engine=args.engine, workers=args.workers, batch_size=args.batch_size, on_error=args.on_error,
+                  member=args.member, column=args.column, device=args.device, dtype=args.dtype, backend=args.backend)
+    try:
+        report = score(args.shards, args.out, **kwargs)
+    except (ValueError, TypeError, KeyError, OSError, ImportError, RuntimeError) as e:
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        return _fail(f"python -m fastlclip.corpus score: error: {msg}")
+    failed = report.failed
+    print(f"[fastlclip.corpus] {len(report.ok)} shards scored ({report.rows} rows, {len(report.bad_samples)} bad "
+          f"samples skipped), {len(report.skipped)} already done, {len(failed)} failed; manifest: "
+          f"{Path(args.out) / 'manifest.jsonl'}", file=sys.stderr)
+    return SHARD_FAILED if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

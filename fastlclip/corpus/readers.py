@@ -1,0 +1,240 @@
+"""Reading one input shard: WebDataset tar shards and Parquet files, one ``Sample`` per latent.
+
+WebDataset conventions (as the ``webdataset`` package reads them): a sample is the run of consecutive tar
+members sharing a key, the key being the member path up to the first dot of its basename
+(``dir/000123.latent.pt`` -> key ``dir/000123``, extension ``latent.pt``). Latent members:
+
+- ``*.pt`` / ``*.pth``: ``torch.save``'d tensors, read with ``torch.load(weights_only=True)``: a member that
+  pickles anything but tensors is refused without running it (never a plain unpickle);
+- ``*.npy``: numpy arrays, read with ``allow_pickle=False``.
+
+Parquet shards hold one latent per row in a tensor column (default ``latent``): Arrow's fixed-shape tensor
+type, (nested) lists of numbers, flat lists (reshaped to the model's latent shape) or ``.npy`` bytes. The
+key comes from a ``key`` / ``__key__`` column, else ``<shard stem>/<row>``.
+
+A shard that cannot be read (truncated tar, bad Parquet) raises; a sample that cannot be decoded comes back
+with ``error`` set and the rest of the shard goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES = (".parquet",)
+DEFAULT_MEMBERS = ("latent.pt", "latent.npy")  # tried in order when no member name is given
+KEY_COLUMNS = ("key", "__key__")
+
+
+class ShardError(Exception):
+    """The shard as a whole cannot be read (corrupt, truncated, missing column)."""
+
+
+@dataclass
+class Sample:
+    key: str
+    latent: torch.Tensor | None  # as stored (any shape / dtype); None when ``error`` says why
+    error: str | None = None
+
+
+def shard_kind(path: str | os.PathLike) -> str | None:
+    """``"tar"``, ``"parquet"`` or None (not a shard type this module reads)."""
+    name = Path(path).name.lower()
+    if name.endswith(TAR_SUFFIXES):
+        return "tar"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+def shard_stem(path: str | os.PathLike) -> str:
+    """The shard's name without its shard suffix: ``data/00042.tar`` -> ``00042``."""
+    name = Path(path).name
+    for suffix in (*TAR_SUFFIXES, *PARQUET_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_shard(path: str | os.PathLike, *, member: str | None = None, column: str = "latent") -> Iterator[Sample]:
+    """Yield the samples of one shard in stored order; raise ``ShardError`` when the shard itself is unreadable."""
+    kind = shard_kind(path)
+    if kind == "tar":
+        return _read_tar(Path(path), member)
+    if kind == "parquet":
+        return _read_parquet(Path(path), column)
+    raise ShardError(f"{path}: not a shard type fastlclip.corpus reads ({', '.join(TAR_SUFFIXES + PARQUET_SUFFIXES)})")
+
+
+# -- WebDataset tar ----------------------------------------------------------------------------------
+def split_key(name: str) -> tuple[str, str]:
+    """webdataset's split of a member path into (key, extension) at the first dot of the basename."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext if dot else ""
+
+
+def decode_member(data: bytes, ext: str) -> torch.Tensor:
+    """A latent member's bytes -> tensor, without unpickling anything but tensors."""
+    if ext.endswith((".pt", ".pth")) or ext in ("pt", "pth"):
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError for hostile or non-tensor pickles, RuntimeError for corrupt zips
+            raise ValueError(f"refused or unreadable {ext} (read with weights_only=True): {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        if not isinstance(obj, torch.Tensor):
+            raise ValueError(f"{ext} holds a {type(obj).__name__}, not a tensor")
+        return obj
+    if ext.endswith(".npy") or ext == "npy":
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"unreadable {ext}: {type(e).__name__}: {e}") from None
+        return _from_numpy(arr)
+    raise ValueError(f"member extension {ext!r} is neither .pt/.pth nor .npy")
+
+
+def _from_numpy(arr: np.ndarray) -> torch.Tensor:
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"latent has dtype {arr.dtype}, not a number type")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _read_tar(path: Path, member: str | None) -> Iterator[Sample]:
+    wanted = (member,) if member else DEFAULT_MEMBERS
+    try:
+        tf = tarfile.open(path, mode="r|*")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(f"{path.name}: not a readable tar: {e}") from None
+    key, members = None, {}
+
+    def finish() -> Sample | None:
+        if key is None:
+            return None
+        ext = next((w for w in wanted if w in members), None)
+        if ext is None:
+            return Sample(key, None, f"no {' or '.join(wanted)} member (has: {', '.join(sorted(members)) or 'none'})")
+        data = members[ext]
+        if isinstance(data, Exception):
+            return Sample(key, None, f"duplicate member: {data}")
+        try:
+            return Sample(key, decode_member(data, ext))
+        except ValueError as e:
+            return Sample(key, None, str(e))
+
+    with tf:
+        try:
+            for info in tf:
+                if not info.isfile():
+                    continue
+                k, ext = split_key(info.name)
+                if k != key:
+                    done = finish()
+                    if done is not None:
+                        yield done
+                    key, members = k, {}
+                if ext in members:  # webdataset refuses a sample with two members of one name
+                    members[ext] = ValueError(f"member {info.name} appears twice in a row")
+                elif ext in wanted:
+                    f = tf.extractfile(info)
+                    members[ext] = f.read()
+                    if len(members[ext]) != info.size:
+                        raise ShardError(f"{path.name}: truncated in member {info.name}")
+                else:
+                    members.setdefault(ext, b"")  # recorded for the error message only
+            end = tf.offset
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            raise ShardError(f"{path.name}: corrupt or truncated tar ({type(e).__name__}: {e})") from None
+    done = finish()
+    if done is not None:
+        yield done
+    _check_tar_end(path, end)
+
+
+def _check_tar_end(path: Path, offset: int) -> None:
+    """tarfile stops silently at a header cut short; a complete tar has two zero blocks where its members end."""
+    with open(path, "rb") as f:
+        if f.read(2) in (b"\x1f\x8b",):  # gzip: the decompressor reports truncation itself
+            return
+        f.seek(offset)
+        tail = f.read(1024)
+    if len(tail) < 1024 or tail.count(0) != 1024:
+        raise ShardError(f"{path.name}: truncated tar (no end-of-archive marker after {offset} bytes)")
+
+
+# -- Parquet -----------------------------------------------------------------------------------------
+def _read_parquet(path: Path, column: str) -> Iterator[Sample]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+    except Exception as e:
+        raise ShardError(f"{path.name}: unreadable Parquet ({type(e).__name__}: {e})") from None
+    if column not in names:
+        raise ShardError(f"{path.name}: no column {column!r} (columns: {', '.join(names)}); pass column=")
+    key_col = next((k for k in KEY_COLUMNS if k in names), None)
+    stem, row = shard_stem(path), 0
+    try:
+        for batch in pf.iter_batches(columns=[column] + ([key_col] if key_col else []), batch_size=1024):
+            values = batch.column(0)
+            keys = batch.column(1).to_pylist() if key_col else [f"{stem}/{row + i}" for i in range(len(batch))]
+            tensors = _arrow_tensors(values, pa)
+            for i, k in enumerate(keys):
+                t = tensors[i]
+                yield Sample(str(k), None, t) if isinstance(t, str) else Sample(str(k), t)
+            row += len(batch)
+    except ShardError:
+        raise
+    except Exception as e:
+        raise ShardError(f"{path.name}: unreadable Parquet ({type(e).__name__}: {e})") from None
+
+
+def _arrow_tensors(values, pa) -> list:
+    """One tensor (or an error string) per element of an Arrow tensor column."""
+    if isinstance(values.type, pa.FixedShapeTensorType):
+        return [_from_numpy(a.copy()) for a in values.to_numpy_ndarray()]
+    binary = pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type)
+    if not binary:
+        dense = _dense_lists(values, pa)
+        if dense is not None:
+            return list(torch.from_numpy(dense))
+    out = []
+    for v in values.to_pylist():
+        if v is None:
+            out.append("null latent")
+            continue
+        try:
+            out.append(decode_member(v, "npy") if binary else _from_numpy(np.asarray(v, dtype=np.float32)))
+        except (ValueError, TypeError) as e:  # ragged nested lists, nulls inside a list
+            out.append(f"not a numeric array: {e}")
+    return out
+
+
+def _dense_lists(values, pa) -> np.ndarray | None:
+    """(Nested) list columns without nulls and with equal lengths per level as one numpy array, else None."""
+    import pyarrow.compute as pc
+
+    shape, level = [len(values)], values
+    while pa.types.is_list(level.type) or pa.types.is_large_list(level.type) or pa.types.is_fixed_size_list(level.type):
+        if level.null_count:
+            return None
+        lengths = pc.list_value_length(level)
+        lo, hi = pc.min(lengths).as_py(), pc.max(lengths).as_py()
+        if lo != hi or lo is None:
+            return None
+        shape.append(lo)
+        level = level.flatten()
+    if level.null_count or not (pa.types.is_floating(level.type) or pa.types.is_integer(level.type)):
+        return None
+    arr = level.to_numpy(zero_copy_only=False)
+    return (arr if arr.flags.writeable else arr.copy()).reshape(shape)

@@ -1,0 +1,144 @@
+"""What is computed per latent: the run's settings (``ScoreSpec``) and the model side (``Scorer``).
+
+Columns of every output file, after ``key``:
+
+- prompts: ``clip_cos_<i>``, cosine similarity of the latent's Latent-CLIP feature with prompt ``i``
+  (float32, in [-1, 1]; the prompts are in the file's metadata);
+- classes: ``prob_<class>`` zero-shot probabilities (float32, ``fastlclip.ZeroShotClassifier``'s weights and
+  logit scale) and ``label``, the most likely class name;
+- safety: ``safety_<category>``, ``fastlclip.LatentSafetyChecker`` margins (float32), and ``safety_flag``:
+  any category above its threshold, or any margin NaN (fails closed);
+- embeddings: ``embedding``, the normalised image feature as float16 (a fixed-size list column).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+@dataclass
+class ScoreSpec:
+    """Everything a worker needs to build the same scorer; plain data, so it pickles to processes and Ray actors."""
+
+    model: Any  # a config name, config dict or JSON path for fastlclip.load, or a loaded LatentCLIP (local engine)
+    pretrained: str | None = None
+    prompts: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    safety: bool = False
+    embeddings: bool = False
+    space: str = "vae"
+    device: str | None = None  # None: cuda (LOCAL_RANK's GPU under torchrun) if available, else cpu
+    dtype: str = "float32"
+    backend: str = "eager"
+
+    def identity(self) -> dict:
+        """What must match for two runs' outputs to share a folder (not where or how they ran)."""
+        pretrained = self.pretrained
+        if pretrained is not None and os.path.exists(str(pretrained)):
+            pretrained = os.path.abspath(pretrained)
+        d = {"model": "<LatentCLIP object>" if _is_model(self.model) else self.model, "pretrained": pretrained,
+             "prompts": self.prompts, "classes": self.classes, "templates": self.templates if self.classes else None,
+             "safety": self.safety, "embeddings": self.embeddings, "space": self.space, "dtype": self.dtype}
+        return json.loads(json.dumps(d, default=str))
+
+
+def _is_model(obj) -> bool:
+    from .. import LatentCLIP
+
+    return isinstance(obj, LatentCLIP)
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    return "cpu"
+
+
+class Scorer:
+    """Builds the model and text features once; ``scorer(latents)`` -> {column: numpy array} for one batch."""
+
+    def __init__(self, spec: ScoreSpec, device: str | None = None):
+        import fastlclip
+
+        self.spec = spec
+        device = device or spec.device or default_device()
+        dtype = getattr(torch, spec.dtype)
+        if _is_model(spec.model):
+            model = spec.model.to(device=device, dtype=dtype)
+        else:
+            # Seeded, so workers and resumed runs agree even on random weights (pretrained=None).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = fastlclip.load(spec.model, spec.pretrained, device=device, dtype=dtype, backend=spec.backend)
+        model.check_finite = False  # samples are checked on the host, one by one, before batching
+        self.model = model
+        vision = model.cfg.vision
+        self.shape = (vision.latent_channels, model.latent_size, model.latent_size)
+        with torch.no_grad():
+            self.text = model.encode_text(spec.prompts).float() if spec.prompts else None
+            self.classifier = (fastlclip.ZeroShotClassifier(model, spec.classes, spec.templates, progress=False)
+                               if spec.classes else None)
+        self.checker = fastlclip.LatentSafetyChecker(model, space=spec.space) if spec.safety else None
+
+    def columns(self) -> list[str]:
+        cols = [f"clip_cos_{i}" for i in range(len(self.spec.prompts))]
+        if self.classifier is not None:
+            cols += [f"prob_{c}" for c in self.spec.classes] + ["label"]
+        if self.checker is not None:
+            cols += [f"safety_{c}" for c in self.checker.categories] + ["safety_flag"]
+        if self.spec.embeddings:
+            cols.append("embedding")
+        return cols
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.cfg.embed_dim
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> dict[str, np.ndarray]:
+        latents = latents.to(self.model.device)
+        out: dict[str, np.ndarray] = {}
+        feats = self.model.encode_latents(latents, space=self.spec.space, normalize=True).float()
+        if self.text is not None:
+            cos = (feats @ self.text.T).cpu().numpy()
+            for i in range(cos.shape[1]):
+                out[f"clip_cos_{i}"] = cos[:, i]
+        if self.classifier is not None:
+            logits = self.model.logit_scale.exp().float() * feats @ self.classifier.weights.to(feats).T
+            probs = logits.softmax(dim=-1).cpu().numpy()
+            for i, c in enumerate(self.spec.classes):
+                out[f"prob_{c}"] = probs[:, i]
+            out["label"] = np.asarray(self.spec.classes, dtype=object)[probs.argmax(axis=1)]
+        if self.checker is not None:
+            check = self.checker(latents)
+            scores = check.scores.float()
+            flag = check.flagged | scores.isnan().any(dim=1)  # NaN margins flag: fail closed
+            for i, c in enumerate(check.categories):
+                out[f"safety_{c}"] = scores[:, i].cpu().numpy()
+            out["safety_flag"] = flag.cpu().numpy()
+        if self.spec.embeddings:
+            out["embedding"] = feats.half().cpu().numpy()
+        return out
+
+
+def check_prompts(values: Sequence[str] | str | None, what: str) -> list[str]:
+    """A list of non-empty strings (a single string is one item); duplicates are an error."""
+    if values is None:
+        return []
+    values = [values] if isinstance(values, str) else list(values)
+    bad = [v for v in values if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise ValueError(f"{what} must be non-empty strings, got {bad!r}")
+    dup = sorted({v for v in values if values.count(v) > 1})
+    if dup:
+        raise ValueError(f"{what} repeat {dup}; each must be unique (they name output columns)")
+    return values
