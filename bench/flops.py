@@ -54,8 +54,8 @@ def _meta_input(*shape: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def unet_work(checkpointing: bool) -> Work:
-    """The SDXL UNet (shipped config) on a 64x64 latent (512 px)."""
+def unet_work(checkpointing: bool, latent: int = 64) -> Work:
+    """The SDXL UNet (shipped config) on a ``latent`` x ``latent`` latent (64: 512 px, 128: 1024 px)."""
     from diffusers import UNet2DConditionModel
 
     from fastlclip.model_configs import sdxl_unet_config
@@ -70,12 +70,12 @@ def unet_work(checkpointing: bool) -> Work:
                 added_cond_kwargs={"text_embeds": torch.empty(1, pooled, device="meta"),
                                    "time_ids": torch.empty(1, 6, device="meta")})
     t = torch.empty((), device="meta")
-    return _count("UNet", unet, lambda: unet(_meta_input(1, 4, 64, 64), t, **cond, return_dict=False)[0])
+    return _count("UNet", unet, lambda: unet(_meta_input(1, 4, latent, latent), t, **cond, return_dict=False)[0])
 
 
 @functools.lru_cache(maxsize=None)
-def vae_decode_work(checkpointing: bool) -> Work:
-    """The SDXL VAE decode (shipped config), 64x64 latent to 512x512 pixels."""
+def vae_decode_work(checkpointing: bool, latent: int = 64) -> Work:
+    """The SDXL VAE decode (shipped config), a ``latent`` x ``latent`` latent to 8x the pixels (64 -> 512 px)."""
     from diffusers import AutoencoderKL
 
     from fastlclip.model_configs import sdxl_vae_config
@@ -85,12 +85,16 @@ def vae_decode_work(checkpointing: bool) -> Work:
     if checkpointing:
         vae.enable_gradient_checkpointing()
     decoder = nn.ModuleList([vae.post_quant_conv, vae.decoder])  # the decode path's weights, not the encoder's
-    return _count("VAE decode", decoder, lambda: vae.decode(_meta_input(1, 4, 64, 64), return_dict=False)[0])
+    return _count("VAE decode", decoder, lambda: vae.decode(_meta_input(1, 4, latent, latent), return_dict=False)[0])
 
 
 @functools.lru_cache(maxsize=None)
-def latent_tower_work(model_name: str, checkpointing: bool) -> Work:
-    """A Latent-CLIP image tower on its latent; checkpointing recomputes its whole forward (as the reward does)."""
+def latent_tower_work(model_name: str, checkpointing: bool, latent: int | None = None) -> Work:
+    """A Latent-CLIP image tower on its latent; checkpointing recomputes its whole forward (as the reward does).
+
+    ``latent``: the generator's latent side when it is not the tower's trained one, counted under
+    ``resize="interpolate"`` (the tower over the whole grid: 257 tokens for B/8 at 128x128); ``"pool"``
+    costs what the trained grid costs (``latent=None``) plus a pooling too small to count."""
     import fastlclip
 
     with torch.device("meta"):
@@ -99,7 +103,7 @@ def latent_tower_work(model_name: str, checkpointing: bool) -> Work:
     if tower is None:
         raise AttributeError(f"{model_name}: expected the image tower at model.visual.latent_vit (the checkpoint layout)")
     tower.eval()
-    size = model.latent_size
+    size = model.latent_size if latent is None else latent
     if checkpointing:
         return _count(model_name, tower, lambda: checkpoint(tower, _meta_input(1, 4, size, size), use_reentrant=False))
     return _count(model_name, tower, lambda: tower(_meta_input(1, 4, size, size)))
@@ -121,13 +125,32 @@ def open_clip_tower_work(model_name: str, checkpointing: bool) -> Work:
     return _count(model_name, model.visual, lambda: model.encode_image(_meta_input(1, 3, h, w)))
 
 
-def iteration_work(reward_kind: str, model_name: str, checkpointing: bool) -> list[Work]:
-    """The components of one ReNO iteration with a latent or a decode-then-CLIP (pixel) reward."""
+def iteration_work(reward_kind: str, model_name: str, checkpointing: bool, resolution: int = 512) -> list[Work]:
+    """The components of one ReNO iteration with a latent or a decode-then-CLIP (pixel) reward, for a
+    one-step generator at ``resolution`` px (512: SDXL-Turbo; 1024: SDXL's native size, 4x the latent
+    and pixel area). The pixel reward's CLIP tower sees its own input size at any resolution; the latent
+    tower is counted at the generator's grid (``latent_tower_work``)."""
+    latent = resolution // 8
     if reward_kind == "latent":
-        return [unet_work(checkpointing), latent_tower_work(model_name, checkpointing)]
+        trained = fastlclip_latent_size(model_name)
+        return [unet_work(checkpointing, latent),
+                latent_tower_work(model_name, checkpointing, None if latent == trained else latent)]
     if reward_kind == "pixel":
-        return [unet_work(checkpointing), vae_decode_work(checkpointing), open_clip_tower_work(model_name, checkpointing)]
+        return [unet_work(checkpointing, latent), vae_decode_work(checkpointing, latent),
+                open_clip_tower_work(model_name, checkpointing)]
     raise ValueError(f"reward kind must be 'latent' or 'pixel', got {reward_kind!r}")
+
+
+def fastlclip_latent_size(model_name: str) -> int:
+    import fastlclip
+
+    return fastlclip.get_model_config(model_name).vision.latent_size
+
+
+def decode_share(work: list[Work], profile: Profile) -> float:
+    """The VAE decode's share of an iteration's floor (0 when the iteration has no decode)."""
+    total = sum(w.seconds(profile) for w in work)
+    return sum(w.seconds(profile) for w in work if w.name == "VAE decode") / total
 
 
 @dataclass(frozen=True)

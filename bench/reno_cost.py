@@ -2,12 +2,17 @@
 
     python -m bench.reno_cost [--gpu auto|a100|h100|h200|l4|rtx4090] [--weights DIR] [--iterations 50]
                               [--images N] [--rewards ...] [--pipelines paper fast] [--out DIR]
+                              [--resolution 512|1024] [--preset NAME] [--unet-weights F] [--resize interpolate|pool]
 
 On CUDA it measures, after warm-up, with CUDA events (medians): seconds per image, a per-phase
 breakdown of the iteration, peak VRAM (allocator and NVML), NVML energy, images per hour, dollars per
 1000 images at the profile's price, and the saving against decode-then-CLIP ViT-B/32 in the same
 pipeline. Without CUDA it runs the same pipeline on tiny configs as a smoke test and prints the floor
 per iteration from FLOP and byte counts. Writes JSON, Markdown and a PNG under ``--out/<gpu>/``.
+
+``--resolution 1024`` runs SDXL's native size (128x128 latents) with a 1024 px one-step model
+(``fastlclip.reno.ONE_STEP_PRESETS``), the Latent-CLIP reward under ``--resize``; the floors then count the
+UNet and the decode at 1024 px, and the VAE decode's share of the floor is printed at 512 and 1024 px.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fastlclip import reno
+
 from . import flops, rewards as bench_rewards
 from .profiles import PROFILES_DIR, Profile, Selection, load_profiles, results_folder, select
 from .provenance import run_record
-from .reno_pipelines import PIPELINES, optimizer_text, run_measured, run_smoke
+from .reno_pipelines import DEFAULT_PRESETS, PIPELINES, RESOLUTIONS, optimizer_text, preset_for, run_measured, run_smoke
 from .report import NOT_MEASURED, fmt, table, write_json
 from .timing import BREAKDOWN
 
@@ -35,7 +42,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.reno_cost", description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", default="auto", choices=["auto", *sorted(load_profiles())],
                    help="GPU profile for prices and floors; auto detects it from the device name")
-    p.add_argument("--weights", type=Path, help="local diffusers SDXL-Turbo folder (default: random weights from the shipped configs)")
+    p.add_argument("--weights", type=Path, help="local diffusers SDXL folder: SDXL-Turbo at 512, SDXL base with --unet-weights "
+                   "at 1024 (default: random weights from the shipped configs)")
+    p.add_argument("--resolution", type=int, default=512, choices=RESOLUTIONS,
+                   help=f"image side in px; the one-step generator per resolution: {DEFAULT_PRESETS}")
+    p.add_argument("--preset", choices=sorted(reno.ONE_STEP_PRESETS), help="one-step sampling (default: per --resolution)")
+    p.add_argument("--unet-weights", type=Path, help="a one-step UNet's .safetensors loaded into --weights' unet/")
+    p.add_argument("--resize", default="interpolate", choices=["interpolate", "pool"],
+                   help="Latent-CLIP's policy for latents larger than it was trained on (1024 px)")
     p.add_argument("--iterations", type=int, help="ReNO iterations per image (default 50; 2 in the CPU smoke test)")
     p.add_argument("--images", type=int, help="timed images per configuration (default 3; 1 in the CPU smoke test)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up iterations per configuration (CUDA)")
@@ -120,7 +134,8 @@ def compute_floors(args, selection: Selection, iterations: int, progress) -> dic
     work = {}
     for pipeline, key in progress(keys, desc="counting FLOPs (meta device)", unit="config"):
         spec = bench_rewards.REWARDS[key]
-        work[pipeline, key] = flops.iteration_work(spec.kind, spec.model, checkpointing=pipeline == "paper")
+        work[pipeline, key] = flops.iteration_work(spec.kind, spec.model, checkpointing=pipeline == "paper",
+                                                   resolution=getattr(args, "resolution", 512))
     for profile in selection.floor:
         entries = []
         for (pipeline, key), components in work.items():
@@ -128,9 +143,34 @@ def compute_floors(args, selection: Selection, iterations: int, progress) -> dic
             entries.append({"pipeline": pipeline, "reward": key, "floor_ms_per_iteration": 1000 * f.per_iteration_s,
                             "floor_s_per_image": f.per_image_s, "gflop_per_iteration": f.flops_per_iteration / 1e9,
                             "weight_gb_per_iteration": f.weight_bytes_per_iteration / 1e9,
-                            "components_gflop": {w.name: w.total_flops / 1e9 for w in components}})
+                            "components_gflop": {w.name: w.total_flops / 1e9 for w in components},
+                            "decode_share": flops.decode_share(components, profile)})
         out[profile.name] = entries
     return out
+
+
+def decode_shares(selection: Selection, reward: str = bench_rewards.BASELINE) -> list[dict[str, Any]]:
+    """The VAE decode's share of the decode-then-CLIP iteration floor (fast pipeline, no checkpointing)
+    at each resolution, per floor profile: the part of the iteration a latent reward removes."""
+    spec = bench_rewards.REWARDS[reward]
+    rows = []
+    for profile in selection.floor:
+        for resolution in RESOLUTIONS:
+            work = flops.iteration_work(spec.kind, spec.model, checkpointing=False, resolution=resolution)
+            decode = next(w for w in work if w.name == "VAE decode")
+            rows.append({"profile": profile.name, "resolution": resolution, "reward": reward,
+                         "decode_tflop_per_iteration": decode.total_flops / 1e12,
+                         "decode_floor_ms": 1000 * decode.seconds(profile),
+                         "iteration_floor_ms": 1000 * sum(w.seconds(profile) for w in work),
+                         "decode_share": flops.decode_share(work, profile)})
+    return rows
+
+
+def decode_share_table(rows: list[dict[str, Any]]) -> str:
+    headers = ["profile", "px", "decode TFLOP/iter", "decode FLOOR ms", "iteration FLOOR ms", "decode share"]
+    body = [[r["profile"], r["resolution"], f"{r['decode_tflop_per_iteration']:.1f}", f"{r['decode_floor_ms']:.2f}",
+             f"{r['iteration_floor_ms']:.2f}", f"{100 * r['decode_share']:.0f}%"] for r in rows]
+    return table(headers, body, markdown=True)
 
 
 # -- output -------------------------------------------------------------------------------------------
@@ -169,11 +209,14 @@ def smoke_table(rows: list[dict[str, Any]]) -> str:
 
 
 def floor_table(floors: dict[str, Any]) -> str:
-    headers, body = ["profile", "pipeline", "reward", "GFLOP/iter", "weight GB/iter", "FLOOR ms/iter", "FLOOR s/image"], []
+    headers, body = ["profile", "pipeline", "reward", "GFLOP/iter", "weight GB/iter", "FLOOR ms/iter", "FLOOR s/image",
+                     "decode share"], []
     for name, entries in floors.items():
         for e in entries:
+            share = e.get("decode_share", 0.0)
             body.append([name, e["pipeline"], bench_rewards.REWARDS[e["reward"]].label, f"{e['gflop_per_iteration']:.0f}",
-                         f"{e['weight_gb_per_iteration']:.2f}", f"{e['floor_ms_per_iteration']:.2f}", f"{e['floor_s_per_image']:.3f}"])
+                         f"{e['weight_gb_per_iteration']:.2f}", f"{e['floor_ms_per_iteration']:.2f}", f"{e['floor_s_per_image']:.3f}",
+                         f"{100 * share:.0f}%" if share else "-"])
     return table(headers, body, markdown=True)
 
 
@@ -212,6 +255,9 @@ def write_outputs(report: dict[str, Any], directory: Path) -> dict[str, Path]:
                f"Cost, breakdown, VRAM, energy: {NOT_MEASURED} (no CUDA device).", ""]
     if report["floors"]:
         md += ["## FLOOR from FLOP and weight-byte counts (a lower bound, NOT a measurement)", "", floor_table(report["floors"]), ""]
+    if report.get("decode_shares"):
+        md += ["## VAE decode's share of the decode + CLIP ViT-B/32 iteration FLOOR by resolution", "",
+               decode_share_table(report["decode_shares"]), ""]
     md += ["## Targets (stated for an H100/H200)", ""]
     md += [f"- {t['target']}: {t['value']} (needs {t['required']}): {'met' if t['met'] else 'NOT met'}" for t in report["targets"]] \
         if isinstance(report["targets"], list) and report["targets"] else [f"- {NOT_MEASURED}"]
@@ -258,6 +304,12 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def tiny_side(args) -> int:
+    from . import tiny
+
+    return tiny.IMAGE_SIZE * args.resolution // 512
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -279,6 +331,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows, info = (run_measured if cuda else run_smoke)(args, tqdm)
     add_savings(rows, selection.measured)
     floors = compute_floors(args, selection, floor_iterations, tqdm)
+    shares = decode_shares(selection) if selection.floor else []
     random_generator = not (cuda and args.weights)
     report = {
         **run_record("bench.reno_cost", argv),
@@ -294,10 +347,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {"iterations": args.iterations, "images": args.images, "warmup_iterations": args.warmup if cuda else 0,
                      "prompt": args.prompt, "pipelines": args.pipelines, "rewards": args.rewards, "dtype": info["dtype"],
                      "latent_backend_requested": args.latent_backend, "latent_backend": info["latent_backend"],
-                     "compile_unet": bool(args.compile_unet and cuda), "resolution": "512x512" if cuda else "64x64 (tiny)",
+                     "compile_unet": bool(args.compile_unet and cuda),
+                     "resolution": (f"{args.resolution}x{args.resolution}" if cuda else
+                                    f"{tiny_side(args)}x{tiny_side(args)} (tiny; --resolution {args.resolution})"),
+                     "floor_resolution": f"{args.resolution}x{args.resolution}", "one_step_preset": preset_for(args),
+                     "latent_resize": args.resize,
                      "optimizer": optimizer_text()},
         "results": rows,
         "floors": floors,
+        "decode_shares": shares,
         "floor_iterations": floor_iterations,
         "floor_note": "FLOOR: lower bound max(FLOPs/peak bf16, weight bytes/bandwidth) per component, summed; NOT a measurement",
         "paper_saving": PAPER_SAVING,
@@ -327,6 +385,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\nFLOOR per iteration and per image ({floor_iterations} iterations) from FLOP and weight-byte counts: "
               "a lower bound, NOT a measurement")
         print(floor_table(floors))
+    if shares:
+        print(f"\nVAE decode's share of the decode + CLIP ViT-B/32 iteration FLOOR (fast pipeline) by resolution: "
+              "what a latent reward removes")
+        print(decode_share_table(shares))
     if isinstance(report["targets"], list):
         print("\nTargets (stated for an H100/H200):")
         for t in report["targets"]:

@@ -116,13 +116,27 @@ def _measure_config(generator, reward, args, pipeline: str) -> tuple[dict[str, A
             "error_detail": f"without checkpointing: {first}; with it: {second}"}, True
 
 
+RESOLUTIONS = (512, 1024)
+# The one-step generator per resolution (fastlclip.reno.ONE_STEP_PRESETS); --preset overrides it.
+DEFAULT_PRESETS = {512: "sdxl-turbo", 1024: "sdxl-lightning-1step"}
+
+
+def preset_for(args) -> str:
+    return getattr(args, "preset", None) or DEFAULT_PRESETS[getattr(args, "resolution", 512)]
+
+
 def run_measured(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     device, dtype = torch.device("cuda"), torch.bfloat16
     args.iterations, args.images = args.iterations or 50, args.images or 3
+    size = getattr(args, "resolution", 512)
     if args.weights:
-        generator = reno.OneStepGenerator.from_pretrained(args.weights, device=device, dtype=dtype)
+        generator = reno.OneStepGenerator.from_pretrained(args.weights, device=device, dtype=dtype, preset=preset_for(args),
+                                                          height=size, width=size,
+                                                          unet_weights=getattr(args, "unet_weights", None))
     else:
-        generator = reno.OneStepGenerator.from_config(device=device, dtype=dtype)
+        generator = reno.OneStepGenerator.from_config(device=device, dtype=dtype, preset=preset_for(args),
+                                                      height=size, width=size)
+    resize = getattr(args, "resize", "interpolate")
     specs = [bench_rewards.REWARDS[k] for k in args.rewards]
     fast_backend, backend_reason = {}, {}
     if "fast" in args.pipelines:
@@ -130,7 +144,7 @@ def run_measured(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             if spec.kind == "latent":
                 fast_backend[spec.key], backend_reason[spec.key] = bench_rewards.choose_latent_backend(
                     args.latent_backend, spec, device=device, dtype=dtype, latent_shape=generator.latent_shape,
-                    prompt=args.prompt)
+                    prompt=args.prompt, resize=resize)
                 progress.write(f"{spec.label}: {backend_reason[spec.key]}")
     configs = [(p, s, b) for p in args.pipelines for s in specs for b in _variants(p, s, fast_backend)]
     rows = []
@@ -140,7 +154,7 @@ def run_measured(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             generator.compile()
             compiled = True
         try:
-            reward = bench_rewards.build(spec, vae=generator.vae, device=device, dtype=dtype, backend=backend)
+            reward = bench_rewards.build(spec, vae=generator.vae, device=device, dtype=dtype, backend=backend, resize=resize)
         except (ValueError, RuntimeError, ImportError) as e:  # e.g. a named --latent-backend that cannot run here
             reward, checkpointing = None, pipeline == "paper"
             result = {"error": f"backend {backend!r} failed to build", "error_detail": f"{type(e).__name__}: {e}"}
@@ -162,14 +176,18 @@ def run_measured(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
 
 def run_smoke(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The whole pipeline on tiny configs, on the CPU: checks it runs and that every phase is reached."""
+    """The whole pipeline on tiny configs, on the CPU: checks it runs and that every phase is reached.
+    ``--resolution 1024`` doubles the tiny image side (the tiny Latent-CLIP then sees twice its trained grid,
+    as a 512 px Latent-CLIP does at 1024 px) and takes that resolution's one-step preset."""
     args.iterations, args.images = args.iterations or 2, args.images or 1
-    generator = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=tiny.IMAGE_SIZE, width=tiny.IMAGE_SIZE)
+    size = tiny.IMAGE_SIZE * getattr(args, "resolution", 512) // 512
+    generator = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=size, width=size, preset=preset_for(args))
     rows = []
     configs = [(p, bench_rewards.REWARDS[k]) for p in args.pipelines for k in args.rewards]
     for pipeline, spec in progress(configs, desc="smoke (tiny configs)", unit="config"):
         checkpointing = pipeline == "paper"
-        reward = bench_rewards.build(spec, vae=generator.vae, device="cpu", dtype=torch.float32, smoke=True)
+        reward = bench_rewards.build(spec, vae=generator.vae, device="cpu", dtype=torch.float32, smoke=True,
+                                     resize=getattr(args, "resize", "interpolate"))
         finite, phases = True, []
         for image in range(args.images):
             log = PhaseLog()
@@ -183,7 +201,8 @@ def run_smoke(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         row.update({k: NOT_MEASURED for k in ("seconds_per_image", "breakdown_ms", "peak_allocated_gib", "nvml_peak_used_gib",
                                               "energy_j_per_image", "images_per_hour", "usd_per_1000_images")})
         rows.append(row)
-    info = {"generator": "tiny SDXL-style UNet and VAE (bench/tiny.py), random weights, random prompt embeddings; CPU, float32",
+    info = {"generator": f"tiny SDXL-style UNet and VAE (bench/tiny.py) at {size}x{size} px, {preset_for(args)} sampling, "
+                         "random weights, random prompt embeddings; CPU, float32",
             "latent_backend": "eager (CPU)", "dtype": "float32"}
     return rows, info
 
@@ -197,7 +216,8 @@ def optimizer_text() -> str:
 
 
 def _generator_text(generator, args) -> str:
+    what = f"{generator.preset.name} sampling at {generator.height}x{generator.width} px"
     if generator.random_weights:
-        return ("SDXL-Turbo UNet and VAE with RANDOM WEIGHTS built from the shipped SDXL configs, random prompt "
+        return (f"SDXL UNet and VAE with RANDOM WEIGHTS built from the shipped SDXL configs, {what}, random prompt "
                 "embeddings: timing is faithful, images are noise")
-    return f"SDXL-Turbo weights from {args.weights} (SDXL text encoders for the prompt)"
+    return f"weights from {args.weights}, {what} (SDXL text encoders for the prompt)"
