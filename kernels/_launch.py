@@ -17,6 +17,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources, PTXASError
 
     HAS_TRITON = True
 except ImportError:  # e.g. macOS wheels: the PyTorch paths still work.
@@ -32,6 +33,7 @@ except ImportError:  # e.g. macOS wheels: the PyTorch paths still work.
             return fn
 
     triton = tl = _NoTriton()
+    OutOfResources = PTXASError = RuntimeError  # never raised without Triton
 
 
 # Test hook: when True, kernel outputs are allocated filled with NaN, so an unwritten tile shows.
@@ -111,6 +113,10 @@ def dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 INTERPRET = HAS_TRITON and type(dot).__name__ == "InterpretedFunction"
 
 
+class NoConfigFits(RuntimeError):
+    """Every launch config of a kernel needs more shared memory or registers than this GPU has."""
+
+
 class Launcher:
     """Launches a ``@triton.jit`` kernel with autotuned meta-parameters.
 
@@ -135,7 +141,11 @@ class Launcher:
             self.kernel[grid({**kwargs, **meta})](*args, **kwargs, **meta)
             return
         with torch.cuda.device(device):
-            self._autotuner(device, triton.next_power_of_2(size_hint))[grid](*args, **kwargs)
+            try:
+                self._autotuner(device, triton.next_power_of_2(size_hint))[grid](*args, **kwargs)
+            except (OutOfResources, PTXASError) as e:  # the autotuner skips such configs; here every one failed
+                name = getattr(self.kernel, "__name__", "the kernel")
+                raise NoConfigFits(f"no launch config of {name} fits {_gpu_name(device.index)}: {e}") from e
 
     def _autotuner(self, device: torch.device, bucket: int):
         gpu = _gpu_name(device.index)

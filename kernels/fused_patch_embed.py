@@ -8,6 +8,8 @@ projection and un-patchify into one kernel that writes the latent gradient.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -17,15 +19,19 @@ from ._launch import Launcher, dot, tl, triton
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 2048  # one program holds a (BLOCK_M, next_pow2(width)) fp32 tile in registers
 
+# Shared memory grows with next_pow2(width) x (BLOCK_M + BLOCK_K x stages). Measured with Triton 3.8's
+# compiler at width 768 (tests/test_kernel_patch_embed.py checks the first row): the smallest config needs
+# 64 KiB (bf16) / 128 KiB (fp32) in the backward, so an fp32 backward at width 768 fits sm_80 (163 KiB)
+# and sm_90 (227 KiB) but not sm_86/sm_89 (99 KiB: A10, L4, RTX 4090, L40S), where it runs unfused (see
+# _backward_latents); every forward and every bf16/fp16 config list has a member that fits all three.
 _CONFIGS = [
-    dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=1),  # fits fp32 weights of width 2048
+    dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=1),
     dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
     dict(BLOCK_M=16, BLOCK_K=32, num_warps=8, num_stages=3),
     dict(BLOCK_M=16, BLOCK_K=64, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=32, BLOCK_K=32, num_warps=16, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_K=32, num_warps=16, num_stages=2),
 ]
 _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_K=32)
 
@@ -253,8 +259,10 @@ class _PatchEmbed(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_latents = _backward_latents(latents, *params, grad_out, ctx.scale, ctx.eps)
         d_params = [None] * len(params)
-        if any(ctx.needs_input_grad[1:6]):
-            d_params = _param_grads(latents, params, ctx.needs_input_grad[1:6], grad_out, ctx.scale, ctx.eps)
+        needs = ctx.needs_input_grad[1:6]
+        if any(needs):
+            grads = iter(_torch_grads((latents, *params), (False, *needs), grad_out, ctx.scale, ctx.eps))
+            d_params = [next(grads) if need else None for need in needs]
         return d_latents, *d_params, None, None
 
 
@@ -279,8 +287,30 @@ def _forward(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln
     return out
 
 
+# (device, width, dtype) where no backward config fits: the latent gradient runs unfused there.
+_UNFUSED_BACKWARD: set[tuple] = set()
+
+
 def _backward_latents(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, grad_out,
                       scale, eps):
+    """The latent gradient from the fused kernel or, where no launch config fits the GPU, from autograd
+    through :func:`patch_embed_torch` (warned once per GPU, width and dtype)."""
+    where = (latents.device, conv_weight.shape[0], conv_weight.dtype)
+    if where not in _UNFUSED_BACKWARD:
+        try:
+            return _fused_backward_latents(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias,
+                                           grad_out, scale, eps)
+        except _launch.NoConfigFits as e:
+            _UNFUSED_BACKWARD.add(where)
+            warnings.warn(f"fastlclip.kernels.patch_embed: {e}; the latent gradient for width {where[1]} in "
+                          f"{where[2]} runs unfused (PyTorch) on this GPU", RuntimeWarning, stacklevel=4)
+    params = (conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias)
+    (d_latents,) = _torch_grads((latents, *params), (True, *(False,) * 5), grad_out, scale, eps)
+    return d_latents.to(latents.dtype)
+
+
+def _fused_backward_latents(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, grad_out,
+                            scale, eps):
     m = _meta(latents, conv_weight)
     _, _, h, w = latents.shape
     if h % m["patch"] or w % m["patch"]:
@@ -298,10 +328,11 @@ def _backward_latents(latents, conv_weight, class_embedding, pos_embedding, ln_w
     return d_latents
 
 
-def _param_grads(latents, params, needs_grad, grad_out, scale, eps):
-    """Weight gradients by autograd through the PyTorch path (weights are frozen in reward use)."""
+def _torch_grads(inputs, needs_grad, grad_out, scale, eps):
+    """Gradients of ``(latents, *params)`` where ``needs_grad``, by autograd through the PyTorch path
+    (the weights' always: they are frozen in reward use; the latents' where no kernel config fits)."""
     with torch.enable_grad():
-        leaves = [p.detach().requires_grad_(need) for p, need in zip(params, needs_grad)]
-        out = patch_embed_torch(latents.detach(), *leaves, scale=scale, eps=eps)
-        grads = iter(torch.autograd.grad(out, [p for p in leaves if p.requires_grad], grad_out))
-    return [next(grads) if need else None for need in needs_grad]
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs_grad)]
+        out = patch_embed_torch(*leaves, scale=scale, eps=eps)
+        grads = iter(torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad_out))
+    return [next(grads) for need in needs_grad if need]

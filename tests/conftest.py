@@ -109,35 +109,43 @@ def _restore_model_registry():
     model_configs._REGISTRY.update(saved)
 
 
-_COMPILE_FOR_SM90 = """
+_COMPILE_FOR_GPU = """
+import json
 import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import fastlclip.kernels
 module = sys.modules[{module!r}]
-for name, pointers, floats, constexprs in {cases!r}:
+shared = []
+for name, pointers, floats, constexprs, options in {cases!r}:
     kernel = getattr(module, name)
     signature = {{a: "constexpr" if a in constexprs else "*" + pointers[a] if a in pointers
                  else "fp32" if a in floats else "i32" for a in kernel.arg_names}}
-    triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps={num_warps}, num_stages=2))
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", {arch}, 32), options=options)
+    shared.append(compiled.metadata.shared)
+print(json.dumps(shared))
 """
 
 
-def compile_kernels_for_sm90(module: str, cases: list, num_warps: int) -> None:
-    """Compile kernels of ``module`` with Triton's real compiler for sm_90, in a process without the interpreter.
+def compile_kernels_for_gpu(module: str, cases: list, arch: int = 90) -> list[int]:
+    """Compile kernels of ``module`` with Triton's real compiler for ``sm_<arch>``, in a process without the
+    interpreter; returns each kernel's shared memory in bytes.
 
-    ``cases``: (kernel name, {pointer arg: dtype}, (fp32 scalar args), {constexpr: value}); other args are i32.
-    The interpreter checks less than the compiler: this catches what only the compiler rejects.
+    ``cases``: (kernel name, {pointer arg: dtype}, (fp32 scalar args), {constexpr: value}, {num_warps,
+    num_stages}); other args are i32. The interpreter checks less than the compiler: this catches what only
+    the compiler rejects, and what a kernel needs of an architecture's shared memory.
     """
+    import json
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = _COMPILE_FOR_SM90.format(module=module, cases=cases, num_warps=num_warps)
+    code = _COMPILE_FOR_GPU.format(module=module, cases=cases, arch=arch)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def kernel_device() -> str:

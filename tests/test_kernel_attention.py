@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed: the kernel tests need it")
 
-from conftest import compile_kernels_for_sm90, kernel_device
+from conftest import compile_kernels_for_gpu, kernel_device
 from fastlclip.kernels import _launch, attention, attention_packed, attention_torch, kernels_available  # noqa: E402
 from fastlclip.kernels import flash_attention as attention_module  # noqa: E402
 
@@ -185,4 +185,5 @@ def test_kernels_compile_for_gpu():
         ("_attn_bwd_dkdv_kernel", dict(io, dk_ptr="bf16", dv_ptr="bf16"), ("sm_scale", "qk_scale"), blocks),
         ("_attn_bwd_dq_kernel", dict(io, dq_ptr="bf16"), ("sm_scale", "qk_scale"), blocks),
     ]
-    compile_kernels_for_sm90("fastlclip.kernels.flash_attention", cases, num_warps=4)
+    options = dict(num_warps=4, num_stages=2)
+    compile_kernels_for_gpu("fastlclip.kernels.flash_attention", [(*case, options) for case in cases], arch=90)

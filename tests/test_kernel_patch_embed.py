@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed: the kernel tests need it")
 
-from conftest import compile_kernels_for_sm90, kernel_device
+from conftest import compile_kernels_for_gpu, kernel_device
 from fastlclip.kernels import _launch, patch_embed, patch_embed_torch  # noqa: E402
 from fastlclip.kernels import fused_patch_embed as patch_embed_module  # noqa: E402
 
@@ -176,4 +176,62 @@ def test_kernels_compile_for_gpu():
         ("_patch_embed_bwd_kernel", dict(params, x_ptr="fp32", dout_ptr="bf16", dx_ptr="fp32"), ("scale", "eps"),
          blocks),
     ]
-    compile_kernels_for_sm90("fastlclip.kernels.fused_patch_embed", cases, num_warps=8)
+    options = dict(num_warps=8, num_stages=2)
+    compile_kernels_for_gpu("fastlclip.kernels.fused_patch_embed", [(*case, options) for case in cases], arch=90)
+
+
+@pytest.mark.skipif(not _launch.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
+def test_shared_memory_per_architecture():
+    """What the smallest launch config needs at width 768 (every shipped image tower), by Triton's compiler
+    for sm_86 (99 KiB per block: A10, L4, RTX 4090, L40S; sm_80 has 163 KiB, sm_90 227 KiB): the forward
+    and the bf16 backward fit every one; the fp32 backward fits sm_80 and sm_90 only, so on sm_86/89 it
+    must take the unfused fallback (test_backward_falls_back_where_no_config_fits)."""
+    limits = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
+    smallest = patch_embed_module._CONFIGS[0]
+    assert smallest == min(patch_embed_module._CONFIGS, key=lambda c: (c["BLOCK_M"] + c["BLOCK_K"] * c["num_stages"]))
+    options = dict(num_warps=smallest["num_warps"], num_stages=smallest["num_stages"])
+    cases = []
+    for dtype in ("fp32", "bf16"):
+        blocks = dict(P=8, BLOCK_M=smallest["BLOCK_M"], BLOCK_K=smallest["BLOCK_K"], BLOCK_W=1024,
+                      PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+        params = dict(x_ptr="fp32", w_ptr=dtype, cls_ptr=dtype, pos_ptr=dtype, lnw_ptr=dtype)
+        cases += [("_patch_embed_fwd_kernel", dict(params, lnb_ptr=dtype, out_ptr=dtype), ("scale", "eps"), blocks, options),
+                  ("_patch_embed_bwd_kernel", dict(params, dout_ptr=dtype, dx_ptr="fp32"), ("scale", "eps"), blocks, options)]
+    fwd32, bwd32, fwd16, bwd16 = compile_kernels_for_gpu("fastlclip.kernels.fused_patch_embed", cases, arch=86)
+    assert max(fwd32, fwd16, bwd16) <= limits[86]
+    assert limits[86] < bwd32 <= limits[80] <= limits[90]
+
+
+def test_backward_falls_back_where_no_config_fits(monkeypatch):
+    calls = []
+
+    def no_fit(*args, **kwargs):
+        calls.append(1)
+        raise _launch.NoConfigFits("no launch config of _patch_embed_bwd_kernel fits Fake GPU: out of resources")
+
+    monkeypatch.setattr(patch_embed_module, "_bwd", no_fit)
+    monkeypatch.setattr(patch_embed_module, "_UNFUSED_BACKWARD", set())
+    latents, params = make_inputs(2, 4, 16, 24, 8, 32, seed=4)
+    latents, params = latents.float().requires_grad_(True), [p.float() for p in params]
+    grad_out = torch.randn(2, 1 + 2 * 3, 32, dtype=torch.float64)
+    want = torch.autograd.grad(reference(latents, *params, scale=0.5), latents, grad_out)[0]
+    with pytest.warns(RuntimeWarning, match="latent gradient for width 32 in torch.float32 runs unfused"):
+        (got,) = torch.autograd.grad(patch_embed(latents, *params, scale=0.5), latents, grad_out.float())
+    assert (got.double() - want).abs().max() < 1e-4 * max(1.0, want.abs().max().item())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.autograd.grad(patch_embed(latents, *params, scale=0.5), latents, grad_out.float())
+    assert len(calls) == 1  # remembered: the kernel is not tried again on this device, width and dtype
+
+
+@pytest.mark.skipif(_launch.INTERPRET, reason="width 768 is slow under the interpreter; the CPU tests cover the fallback")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_width_768_backward_runs_on_this_gpu(dtype):
+    """Every shipped tower's width and dtype: fused where a config fits this GPU, else unfused with a warning."""
+    latents, params = make_inputs(2, 4, 64, 64, 8, 768, seed=5)
+    latents = latents.to(DEVICE, torch.float32).requires_grad_(True)
+    params = [p.to(DEVICE, dtype) for p in params]
+    grad_out = torch.randn(2, 65, 768, device=DEVICE, dtype=torch.float64)
+    want = torch.autograd.grad(reference(latents, *params), latents, grad_out)[0]
+    (got,) = torch.autograd.grad(patch_embed(latents, *params), latents, grad_out.to(dtype))
+    assert (got.double() - want).abs().max() < 50 * TOL[dtype] * max(1.0, want.abs().max().item())

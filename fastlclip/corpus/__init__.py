@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..inputs import check_space
 from .engines import ENGINES, rank_split, run_local, run_ray
 from .readers import shard_kind, shard_stem
 from .runner import ON_ERROR, ShardOptions, report as _report_line
@@ -24,7 +25,6 @@ from .scoring import DEFAULT_TEMPLATES, ScoreSpec, check_prompts
 from .selection import select
 from .writer import check_run_file, read_manifest
 
-LATENT_SPACES = ("vae", "diffusion")
 __all__ = ["ScoreReport", "expand_inputs", "read_manifest", "score", "select"]
 
 
@@ -118,8 +118,7 @@ def score(inputs, out, *, model, pretrained=None, prompts=None, classes=None, te
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     _positive_int(workers, "workers")
     _positive_int(batch_size, "batch_size")
-    if space not in LATENT_SPACES:
-        raise ValueError(f"space must be one of {LATENT_SPACES}, got {space!r}")
+    check_space(space)
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     if dtype not in ("float32", "float16", "bfloat16"):
