@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
+import fastlclip
+
 from .profiles import Profile
 
 BF16_BYTES = 2
@@ -78,8 +80,8 @@ def _meta_input(*shape: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def unet_work(checkpointing: bool) -> Work:
-    """The SDXL UNet (shipped config) on a 64x64 latent (512 px)."""
+def unet_work(checkpointing: bool, side: int = 64) -> Work:
+    """The SDXL UNet (shipped config) on a ``side`` x ``side`` latent (64: 512 px, 128: 1024 px)."""
     from diffusers import UNet2DConditionModel
 
     from fastlclip.model_configs import sdxl_unet_config
@@ -94,7 +96,7 @@ def unet_work(checkpointing: bool) -> Work:
                 added_cond_kwargs={"text_embeds": torch.empty(1, pooled, device="meta"),
                                    "time_ids": torch.empty(1, 6, device="meta")})
     t = torch.empty((), device="meta")
-    return _count("UNet", unet, lambda: unet(_meta_input(1, 4, 64, 64), t, **cond, return_dict=False)[0])
+    return _count("UNet", unet, lambda: unet(_meta_input(1, 4, side, side), t, **cond, return_dict=False)[0])
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,8 +163,6 @@ def reward_text_work(kind: str, model_name: str) -> Work:
     """The reward's own text tower (everything outside the image tower), as ReNO's rewards run it every call."""
     with torch.device("meta"):
         if kind == "latent":
-            import fastlclip
-
             model = fastlclip.LatentCLIP(fastlclip.get_model_config(model_name))
         else:
             import open_clip
@@ -177,17 +177,19 @@ def reward_text_work(kind: str, model_name: str) -> Work:
 
 
 @functools.lru_cache(maxsize=None)
-def latent_tower_work(model_name: str, checkpointing: bool) -> Work:
-    """A Latent-CLIP image tower on its latent; checkpointing recomputes its whole forward (as the reward does)."""
-    import fastlclip
+def latent_tower_work(model_name: str, checkpointing: bool, side: int | None = None) -> Work:
+    """A Latent-CLIP image tower on its latent; checkpointing recomputes its whole forward (as the reward does).
 
+    ``side``: the generator's latent side when it is not the tower's trained one, counted under
+    ``resize="interpolate"`` (the tower over the whole grid: 257 tokens for B/8 at 128x128); ``"pool"``
+    costs what the trained grid costs (``side=None``) plus a pooling too small to count."""
     with torch.device("meta"):
         model = fastlclip.LatentCLIP(fastlclip.get_model_config(model_name))
     tower = getattr(getattr(model, "visual", None), "latent_vit", None)
     if tower is None:
         raise AttributeError(f"{model_name}: expected the image tower at model.visual.latent_vit (the checkpoint layout)")
     tower.eval()
-    size = model.latent_size
+    size = model.latent_size if side is None else side
     if checkpointing:
         return _count(model_name, tower, lambda: checkpoint(tower, _meta_input(1, 4, size, size), use_reentrant=False))
     return _count(model_name, tower, lambda: tower(_meta_input(1, 4, size, size)))
@@ -210,20 +212,33 @@ def open_clip_tower_work(model_name: str, checkpointing: bool) -> Work:
 
 
 def iteration_work(reward_kind: str, model_name: str, checkpointing: bool, decoder: str | None = "vae",
-                   text_every_iteration: bool = False) -> list[Work]:
+                   text_every_iteration: bool = False, resolution: int = 512) -> list[Work]:
     """The components of one ReNO iteration with a latent or a decode-then-CLIP (pixel) reward; ``decoder`` "vae"
     (SDXL's) or "taesd" (the tiny autoencoder) for a pixel reward; ``text_every_iteration`` adds SDXL's text
-    encoders and the reward's text tower, as the reno pipeline runs them every iteration."""
+    encoders and the reward's text tower, as the reno pipeline runs them every iteration. ``resolution``: the
+    one-step generator's image side (512: SDXL-Turbo; 1024: SDXL's native size, 4x the latent and pixel area);
+    the pixel reward's CLIP tower sees its own input size at any resolution, the latent tower the generator's grid."""
+    side = resolution // 8
     if reward_kind == "latent":
-        work = [unet_work(checkpointing), latent_tower_work(model_name, checkpointing)]
+        trained = fastlclip.get_model_config(model_name).vision.latent_size
+        work = [unet_work(checkpointing, side), latent_tower_work(model_name, checkpointing, None if side == trained else side)]
     elif reward_kind == "pixel":
-        work = [unet_work(checkpointing), decode_work(decoder or "vae", checkpointing),
+        work = [unet_work(checkpointing, side), decode_work(decoder or "vae", checkpointing, side),
                 open_clip_tower_work(model_name, checkpointing)]
     else:
         raise ValueError(f"reward kind must be 'latent' or 'pixel', got {reward_kind!r}")
     if text_every_iteration:
         work += [sdxl_text_work(), reward_text_work(reward_kind, model_name)]
     return work
+
+
+DECODE_NAMES = ("VAE decode", "TAESD-XL decode")
+
+
+def decode_share(work: list[Work], profile: Profile) -> float:
+    """The decode's share of an iteration's floor (0 when the iteration has no decode)."""
+    total = sum(w.seconds(profile) for w in work)
+    return sum(w.seconds(profile) for w in work if w.name in DECODE_NAMES) / total
 
 
 @dataclass(frozen=True)

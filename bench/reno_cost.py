@@ -3,6 +3,7 @@ autoencoder TAESD-XL, then CLIP), in the ``reno`` pipeline (ReNO as its code run
 
     python -m bench.reno_cost [--gpu auto|a100|h100|h200|l4|rtx4090] [--weights DIR] [--iterations 50]
                               [--images N] [--rewards ...] [--pipelines reno fast] [--out DIR]
+                              [--resolution 512|1024] [--preset NAME] [--unet-weights F] [--resize interpolate|pool]
 
 The pipelines are described in ``bench/reno_pipelines.py``. Headline ratios, each with both rows' peak
 VRAM: Latent-CLIP vs decode-then-CLIP ViT-B/32 inside ``reno`` (the paper: 11.59 s -> 9.11 s per image,
@@ -14,6 +15,11 @@ breakdown of the iteration, peak VRAM (allocator and NVML), NVML energy, images 
 1000 images at the profile's price, and the saving against decode-then-CLIP ViT-B/32 in the same
 pipeline. Without CUDA it runs the same pipelines on tiny configs as a smoke test and prints the floor
 per iteration from FLOP and byte counts, and the decoders' floors at 512 and 1024 px. Writes JSON, Markdown and a PNG under ``--out/<gpu>/``.
+
+``--resolution 1024`` runs SDXL's native size (128x128 latents) with a 1024 px one-step model
+(``fastlclip.reno.ONE_STEP_PRESETS``; SDXL-Lightning's 1-step by default), the Latent-CLIP reward under
+``--resize``; the floors then count the UNet, the decode and the latent tower at 1024 px, and the decode's
+share of the decode-then-CLIP iteration floor is printed at 512 and 1024 px.
 """
 
 from __future__ import annotations
@@ -25,13 +31,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fastlclip import runtime
+from fastlclip import reno, runtime
 
-from . import flops, rewards as bench_rewards, sdxl_text
-from .cli import Parser, non_negative_int, positive_int, writable_dir
+from . import flops, rewards as bench_rewards, sdxl_text, tiny
+from .cli import Parser, existing_file, non_negative_int, positive_int, writable_dir
 from .profiles import PROFILES_DIR, Profile, Selection, load_profiles, results_folder, select
 from .provenance import run_record
-from .reno_pipelines import PIPELINES, optimizer_text, run_measured, run_smoke
+from .reno_pipelines import (DEFAULT_PRESETS, PIPELINES, RESOLUTIONS, optimizer_text, preset_for, resize_for,
+                             run_measured, run_smoke)
 from .report import NOT_MEASURED, fmt, table, write_json
 from .timing import BREAKDOWN
 
@@ -54,7 +61,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="python -m bench.reno_cost", description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", default="auto", choices=["auto", *sorted(load_profiles())],
                    help="GPU profile for prices and floors; auto detects it from the device name")
-    p.add_argument("--weights", type=Path, help="local diffusers SDXL-Turbo folder (default: random weights from the shipped configs)")
+    p.add_argument("--weights", type=Path, help="local diffusers SDXL folder: SDXL-Turbo at 512, SDXL base with "
+                   "--unet-weights at 1024 (default: random weights from the shipped configs)")
+    p.add_argument("--resolution", type=int, default=512, choices=RESOLUTIONS,
+                   help=f"image side in px; the one-step generator per resolution: {DEFAULT_PRESETS}")
+    p.add_argument("--preset", choices=sorted(reno.ONE_STEP_PRESETS), help="one-step sampling (default: per --resolution)")
+    p.add_argument("--unet-weights", type=existing_file, help="a one-step UNet's .safetensors loaded into --weights' unet/")
+    p.add_argument("--resize", default="interpolate", choices=["interpolate", "pool"],
+                   help="Latent-CLIP's policy for latents larger than it was trained on (1024 px)")
     p.add_argument("--iterations", type=positive_int, help="ReNO iterations per image (default 50; 2 in the CPU smoke test)")
     p.add_argument("--images", type=positive_int, help="timed images per configuration (default 3; 1 in the CPU smoke test)")
     p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed warm-up iterations per configuration (CUDA)")
@@ -137,7 +151,8 @@ def compute_floors(args, selection: Selection, iterations: int, progress) -> dic
     for pipeline, key in progress(keys, desc="counting FLOPs (meta device)", unit="config"):
         spec = bench_rewards.REWARDS[key]
         work[pipeline, key] = flops.iteration_work(spec.kind, spec.model, checkpointing=False, decoder=spec.decoder,
-                                                   text_every_iteration=pipeline == "reno" and sdxl_text.available())
+                                                   text_every_iteration=pipeline == "reno" and sdxl_text.available(),
+                                                   resolution=args.resolution)
     for profile in selection.floor:
         entries = []
         for (pipeline, key), components in work.items():
@@ -146,9 +161,37 @@ def compute_floors(args, selection: Selection, iterations: int, progress) -> dic
                             "floor_s_per_image": f.per_image_s, "gflop_per_iteration": f.flops_per_iteration / 1e9,
                             "weight_gb_per_iteration": f.weight_bytes_per_iteration / 1e9,
                             "traffic_gb_per_iteration": f.traffic_bytes_per_iteration / 1e9,
-                            "components_gflop": {w.name: w.total_flops / 1e9 for w in components}})
+                            "components_gflop": {w.name: w.total_flops / 1e9 for w in components},
+                            "decode_share": flops.decode_share(components, profile)})
         out[profile.name] = entries
     return out
+
+
+def decode_shares(selection: Selection) -> list[dict[str, Any]]:
+    """The decode's share of the decode-then-CLIP ViT-B/32 iteration floor (fast pipeline) per decoder,
+    resolution and floor profile: the part of the iteration a latent reward removes."""
+    rows = []
+    for key in ("pixel-b32", "taesd-b32"):
+        spec = bench_rewards.REWARDS[key]
+        for resolution in RESOLUTIONS:
+            work = flops.iteration_work(spec.kind, spec.model, checkpointing=False, decoder=spec.decoder,
+                                        resolution=resolution)
+            decode = next(w for w in work if w.name in flops.DECODE_NAMES)
+            for profile in selection.floor:
+                rows.append({"profile": profile.name, "resolution": resolution, "reward": key,
+                             "decode_tflop_per_iteration": decode.total_flops / 1e12,
+                             "decode_floor_ms": 1000 * decode.seconds(profile),
+                             "iteration_floor_ms": 1000 * sum(w.seconds(profile) for w in work),
+                             "decode_share": flops.decode_share(work, profile)})
+    return rows
+
+
+def decode_share_table(rows: list[dict[str, Any]]) -> str:
+    headers = ["profile", "reward", "px", "decode TFLOP/iter", "decode FLOOR ms", "iteration FLOOR ms", "decode share"]
+    body = [[r["profile"], bench_rewards.REWARDS[r["reward"]].label, r["resolution"],
+             fmt(r["decode_tflop_per_iteration"], ".2f"), fmt(r["decode_floor_ms"], ".2f"),
+             fmt(r["iteration_floor_ms"], ".2f"), f"{100 * r['decode_share']:.0f}%"] for r in rows]
+    return table(headers, body, markdown=True)
 
 
 def headline_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -172,13 +215,15 @@ DECODER_SIDES = {512: 64, 1024: 128}
 
 def decoder_floors(selection: Selection) -> dict[str, Any]:
     """Forward + backward floors of the decode alone (SDXL VAE, TAESD-XL) at 512 and 1024 px, next to the
-    Latent-CLIP B/8 tower (512 px; other latent sizes wait for issue 13): where the time of a pixel reward goes."""
+    Latent-CLIP B/8 tower (512 px, and 1024 px under resize="interpolate"): where the time of a pixel reward goes."""
     out: dict[str, Any] = {}
     comps = {}
     for px, side in DECODER_SIDES.items():
         comps[f"SDXL VAE decode {px} px"] = flops.decode_work("vae", False, side)
         comps[f"TAESD-XL decode {px} px"] = flops.decode_work("taesd", False, side)
     comps["Latent-ViT-B/8 tower 512 px"] = flops.latent_tower_work("Latent-ViT-B-8-512", False)
+    comps["Latent-ViT-B/8 tower 1024 px (interpolate)"] = flops.latent_tower_work("Latent-ViT-B-8-512", False,
+                                                                                 DECODER_SIDES[1024])
     comps["CLIP ViT-B/32 tower (224 px)"] = flops.open_clip_tower_work("ViT-B-32", False)
     comps["CLIP ViT-H/14 tower (224 px)"] = flops.open_clip_tower_work("ViT-H-14", False)
     for profile in selection.floor:
@@ -228,12 +273,14 @@ def smoke_table(rows: list[dict[str, Any]]) -> str:
 
 def floor_table(floors: dict[str, Any]) -> str:
     headers, body = ["profile", "pipeline", "reward", "GFLOP/iter", "weight GB/iter", "traffic GB/iter", "FLOOR ms/iter",
-                     "FLOOR s/image"], []
+                     "FLOOR s/image", "decode share"], []
     for name, entries in floors.items():
         for e in entries:
+            share = e.get("decode_share", 0.0)
             body.append([name, e["pipeline"], bench_rewards.REWARDS[e["reward"]].label, f"{e['gflop_per_iteration']:.0f}",
                          f"{e['weight_gb_per_iteration']:.2f}", f"{e['traffic_gb_per_iteration']:.2f}",
-                         f"{e['floor_ms_per_iteration']:.2f}", f"{e['floor_s_per_image']:.3f}"])
+                         f"{e['floor_ms_per_iteration']:.2f}", f"{e['floor_s_per_image']:.3f}",
+                         f"{100 * share:.0f}%" if share else "-"])
     return table(headers, body, markdown=True)
 
 
@@ -315,6 +362,9 @@ def write_outputs(report: dict[str, Any], directory: Path) -> dict[str, Path]:
     if report.get("decoder_floors"):
         md += ["## Decoders at 512 and 1024 px: FLOOR from FLOP and byte counts (NOT a measurement)", "",
                decoder_floor_table(report["decoder_floors"]), "", report["where_latent_clip_wins"], ""]
+    if report.get("decode_shares"):
+        md += ["## The decode's share of the decode + CLIP ViT-B/32 iteration FLOOR by resolution (NOT a measurement)",
+               "", decode_share_table(report["decode_shares"]), ""]
     md += ["## Targets (stated for an H100/H200)", ""]
     md += [f"- {t['target']}: {t['value']} (needs {t['required']}): {'met' if t['met'] else 'NOT met'}" for t in report["targets"]] \
         if isinstance(report["targets"], list) and report["targets"] else [f"- {NOT_MEASURED}"]
@@ -361,6 +411,11 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def tiny_side(args) -> int:
+    """The smoke run's image side: the tiny configs' 64 px, doubled at ``--resolution 1024``."""
+    return tiny.IMAGE_SIZE * args.resolution // 512
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -383,6 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_savings(rows, selection.measured)
     floors = compute_floors(args, selection, floor_iterations, tqdm)
     dec_floors = decoder_floors(selection)
+    shares = decode_shares(selection)
     headlines = headline_ratios(rows)
     random_generator = not (cuda and args.weights)
     report = {
@@ -400,13 +456,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "prompt": args.prompt, "pipelines": args.pipelines, "rewards": args.rewards, "dtype": info["dtype"],
                      "latent_backend_requested": args.latent_backend, "latent_backend": info["latent_backend"],
                      "compile_unet": bool(args.compile_unet and cuda),
-                     "resolution": "512x512" if cuda else "64x64 (tiny)",
-                     "resolution_1024": "pending: needs any latent size (issue 13); decoder floors are given at 1024 px",
+                     "resolution": (f"{args.resolution}x{args.resolution}" if cuda else
+                                    f"{tiny_side(args)}x{tiny_side(args)} (tiny; --resolution {args.resolution})"),
+                     "floor_resolution": f"{args.resolution}x{args.resolution}", "one_step_preset": preset_for(args),
+                     "latent_resize": resize_for(args),
                      "optimizer": optimizer_text()},
         "results": rows,
         "headlines": headlines,
         "floors": floors,
         "decoder_floors": dec_floors,
+        "decode_shares": shares,
         "where_latent_clip_wins": where_latent_clip_wins(),
         "floor_iterations": floor_iterations,
         "floor_note": "FLOOR: lower bound max(FLOPs/peak bf16, weight bytes/bandwidth) per component, summed; NOT a measurement",
@@ -441,6 +500,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("\nDecoders at 512 and 1024 px: FLOOR from FLOP and byte counts, NOT a measurement")
         print(decoder_floor_table(dec_floors))
         print(report["where_latent_clip_wins"])
+    if shares:
+        print("\nThe decode's share of the decode + CLIP ViT-B/32 iteration FLOOR (fast pipeline) by resolution: what a "
+              "latent reward removes (counts, NOT a measurement)")
+        print(decode_share_table(shares))
     if isinstance(report["targets"], list):
         print("\nTargets (stated for an H100/H200):")
         for t in report["targets"]:

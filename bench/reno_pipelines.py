@@ -41,6 +41,7 @@ GPUs, and nothing measured yet shows a third pipeline would earn its place.
 
 from __future__ import annotations
 
+import copy
 import gc
 import inspect
 import math
@@ -66,6 +67,18 @@ PIPELINES = {
             "--compile-unet; checkpointing only if out of memory without it",
 }
 DTYPES = {"reno": torch.float16, "fast": torch.bfloat16}
+RESOLUTIONS = (512, 1024)
+# The one-step generator per resolution (fastlclip.reno.ONE_STEP_PRESETS); --preset overrides it.
+DEFAULT_PRESETS = {512: "sdxl-turbo", 1024: "sdxl-lightning-1step"}
+
+
+def preset_for(args) -> str:
+    return getattr(args, "preset", None) or DEFAULT_PRESETS[getattr(args, "resolution", 512)]
+
+
+def resize_for(args) -> str:
+    """Latent-CLIP's policy for a generator grid other than its trained one (``--resize``)."""
+    return getattr(args, "resize", None) or "interpolate"
 
 
 @dataclass
@@ -80,11 +93,25 @@ class RenoRun:
     last_noise: torch.Tensor  # the parameter after the loop (not stepped after the last iteration)
 
 
+def reno_scheduler(generator: reno.OneStepGenerator):
+    """ReNO's scheduler for SDXL-Turbo (``EulerAncestral``, trailing spacing); for a 1024 px one-step preset,
+    which ReNO does not ship, the preset's own scheduler, set anew every iteration as ReNO does its own."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    if generator.preset.name == "sdxl-turbo":
+        return EulerAncestralDiscreteScheduler.from_config(generator.scheduler.config, timestep_spacing="trailing")
+    return copy.deepcopy(generator.scheduler)
+
+
 def one_step(generator: reno.OneStepGenerator, scheduler, noise: torch.Tensor, cond: reno.PromptConditioning,
              rng: torch.Generator) -> torch.Tensor:
     """``RewardStableDiffusionXL.apply`` without the decode: timesteps set anew, noise scaled by
-    ``init_noise_sigma``, the scheduler's input scaling, the UNet, one ``EulerAncestral`` step."""
-    scheduler.set_timesteps(1, device=noise.device)
+    ``init_noise_sigma``, the scheduler's input scaling, the UNet, one scheduler step."""
+    timesteps = generator.preset.timesteps
+    if timesteps is None:
+        scheduler.set_timesteps(1, device=noise.device)
+    else:
+        scheduler.set_timesteps(timesteps=list(timesteps), device=noise.device)
     t = scheduler.timesteps[0]
     latents = noise * scheduler.init_noise_sigma
     model_in = scheduler.scale_model_input(latents, t).to(generator.dtype)
@@ -105,8 +132,6 @@ def reno_optimize(generator: reno.OneStepGenerator, reward, prompt: str, *, iter
     ``.weighting`` multiplies its loss. Phases go to ``timer`` (``text_enc``, ``unet_fwd``, ``reward_fwd``,
     ``host_sync``, ``reward_bwd``, ``unet_bwd``, ``optimizer``).
     """
-    from diffusers import EulerAncestralDiscreteScheduler
-
     device = generator.device
     mark = timer.phase if timer is not None else (lambda name: None)
     if noise is None:
@@ -114,7 +139,7 @@ def reno_optimize(generator: reno.OneStepGenerator, reward, prompt: str, *, iter
                             generator=torch.Generator(device).manual_seed(seed))
     latents_param = nn.Parameter(noise.detach().to(device=device, dtype=noise_dtype).clone())
     optimizer = torch.optim.SGD([latents_param], lr=lr, nesterov=nesterov, momentum=momentum)
-    scheduler = EulerAncestralDiscreteScheduler.from_config(generator.scheduler.config, timestep_spacing="trailing")
+    scheduler = reno_scheduler(generator)
     d = math.prod(latents_param.shape[1:])
     weighting = float(getattr(reward, "weighting", 1.0))
     best_loss, best_noise, best_latents, best_iteration, losses = math.inf, None, None, -1, []
@@ -261,18 +286,23 @@ def build_generator(args, *, device, dtype, smoke: bool = False) -> reno.OneStep
     """The generator of one pipeline: SDXL-Turbo from ``--weights`` (its own text encoders), or random weights from
     the shipped configs with random SDXL text encoders (``bench.sdxl_text``); tiny configs when ``smoke``. Without
     ``transformers``, a smoke run falls back to random prompt embeddings (said in the row)."""
+    preset, side = preset_for(args), getattr(args, "resolution", 512)
     if args.weights and not smoke:
-        return reno.OneStepGenerator.from_pretrained(args.weights, device=device, dtype=dtype)
-    if smoke:
-        base = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=tiny.IMAGE_SIZE, width=tiny.IMAGE_SIZE,
-                                                 device=device, dtype=dtype)
+        return reno.OneStepGenerator.from_pretrained(args.weights, device=device, dtype=dtype, preset=preset,
+                                                     height=side, width=side,
+                                                     unet_weights=getattr(args, "unet_weights", None))
+    if smoke:  # --resolution 1024 doubles the tiny side: the tiny Latent-CLIP then sees twice its trained grid
+        side = tiny.IMAGE_SIZE * side // 512
+        base = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=side, width=side, device=device,
+                                                 dtype=dtype, preset=preset)
         if not sdxl_text.available():
             return base
         text = sdxl_text.TextEncoders.tiny(device=device, dtype=dtype)
     else:
-        base = reno.OneStepGenerator.from_config(device=device, dtype=dtype)
+        base = reno.OneStepGenerator.from_config(device=device, dtype=dtype, preset=preset, height=side, width=side)
         text = sdxl_text.TextEncoders.sdxl(device=device, dtype=dtype)
-    return sdxl_text.generator_with_text_encoders(base.unet, base.vae, text, height=base.height, width=base.width)
+    return sdxl_text.generator_with_text_encoders(base.unet, base.vae, text, height=base.height, width=base.width,
+                                                  preset=preset)
 
 
 def run_measured(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -290,7 +320,7 @@ def run_measured(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 if spec.kind == "latent":
                     fast_backend[spec.key], backend_reason[spec.key] = bench_rewards.choose_latent_backend(
                         args.latent_backend, spec, device=device, dtype=dtype, latent_shape=generator.latent_shape,
-                        prompt=args.prompt)
+                        prompt=args.prompt, resize=resize_for(args))
                     progress.write(f"{spec.label}: {backend_reason[spec.key]}")
         compiled = False
         for spec, backend in progress([(s, b) for s in specs for b in _variants(pipeline, s, fast_backend)],
@@ -299,7 +329,8 @@ def run_measured(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 generator.compile()
                 compiled = True
             try:
-                reward = bench_rewards.build(spec, vae=generator.vae, device=device, dtype=dtype, backend=backend)
+                reward = bench_rewards.build(spec, vae=generator.vae, device=device, dtype=dtype, backend=backend,
+                                             resize=resize_for(args))
             except (ValueError, RuntimeError, ImportError) as e:  # e.g. a named --latent-backend that cannot run here
                 reward, checkpointing = None, False
                 result = {"error": f"backend {backend!r} failed to build", "error_detail": f"{type(e).__name__}: {e}"}
@@ -334,7 +365,8 @@ def run_smoke(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     rows = []
     configs = [(p, bench_rewards.REWARDS[k]) for p in args.pipelines for k in args.rewards]
     for pipeline, spec in progress(configs, desc="smoke (tiny configs)", unit="config"):
-        reward = bench_rewards.build(spec, vae=generator.vae, device="cpu", dtype=torch.float32, smoke=True)
+        reward = bench_rewards.build(spec, vae=generator.vae, device="cpu", dtype=torch.float32, smoke=True,
+                                     resize=resize_for(args))
         finite, phases = True, []
         for image in range(args.images):
             log = PhaseLog()
@@ -352,7 +384,8 @@ def run_smoke(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         rows.append(row)
     text = ("random tiny SDXL text encoders (bench/sdxl_text.py)" if not generator.random_prompt
             else "random prompt embeddings (transformers not installed)")
-    info = {"generator": f"tiny SDXL-style UNet and VAE (bench/tiny.py), random weights, {text}; CPU, float32",
+    info = {"generator": f"tiny SDXL-style UNet and VAE (bench/tiny.py) at {generator.height}x{generator.width} px, "
+                         f"{generator.preset.name} sampling, random weights, {text}; CPU, float32",
             "latent_backend": "eager (CPU)", "dtype": "float32"}
     return rows, info
 
@@ -367,7 +400,8 @@ def optimizer_text() -> str:
 
 
 def _generator_text(generator, args) -> str:
+    what = f"{generator.preset.name} sampling at {generator.height}x{generator.width} px"
     if generator.random_weights:
-        return ("SDXL-Turbo UNet, VAE and both text encoders with RANDOM WEIGHTS built from SDXL's configs: timing is "
-                "faithful, images are noise")
-    return f"SDXL-Turbo weights from {args.weights} (its own text encoders and VAE)"
+        return (f"SDXL UNet, VAE and both text encoders with RANDOM WEIGHTS built from SDXL's configs, {what}: timing "
+                "is faithful, images are noise")
+    return f"weights from {args.weights}, {what} (its own text encoders and VAE)"

@@ -54,20 +54,23 @@ def tiny_autoencoder(*, device, dtype, smoke: bool = False):
     return taesd.eval().requires_grad_(False)
 
 
-def load_latent_clip(model, *, device, dtype, backend: str):
-    """``fastlclip.load`` with random weights (intended here, so its warning is silenced)."""
+def load_latent_clip(model, *, device, dtype, backend: str, resize: str | None = "interpolate"):
+    """``fastlclip.load`` with random weights (intended here, so its warning is silenced). ``resize``: the
+    latent-grid policy for generators at other sizes than the tower's (1024 px: 128x128 latents)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*weights are random")
-        m = fastlclip.load(model, device=device, dtype=dtype, backend=backend)
+        m = fastlclip.load(model, device=device, dtype=dtype, backend=backend, resize=resize)
     # The reward's per-call NaN check is a host sync every iteration; the benchmark times the compute.
     m.check_finite = False
     return m
 
 
-def build(spec: RewardSpec, *, vae, device, dtype, backend: str = "eager", smoke: bool = False):
+def build(spec: RewardSpec, *, vae, device, dtype, backend: str = "eager", smoke: bool = False,
+          resize: str | None = "interpolate"):
     """The reward for ``spec``; ``smoke`` swaps in the tiny configs of ``bench.tiny`` (same code path)."""
     if spec.kind == "latent":
-        model = load_latent_clip(tiny.LATENT_CLIP if smoke else spec.model, device=device, dtype=dtype, backend=backend)
+        model = load_latent_clip(tiny.LATENT_CLIP if smoke else spec.model, device=device, dtype=dtype, backend=backend,
+                                 resize=resize)
         return fastlclip.LatentCLIPReward(model)
     import open_clip
 
@@ -146,7 +149,7 @@ def fastest_agreeing_backend(model, latents: torch.Tensor, prompt: str, backends
 
 
 def choose_latent_backend(requested: str, spec: RewardSpec, *, device, dtype, latent_shape, prompt: str,
-                          trials: int = 5, steps: int = 20) -> tuple[str, str]:
+                          trials: int = 5, steps: int = 20, resize: str | None = "interpolate") -> tuple[str, str]:
     """The backend to run and why.
 
     ``auto``: on CUDA, :func:`fastest_agreeing_backend` on one model (random weights); eager elsewhere. A
@@ -160,7 +163,7 @@ def choose_latent_backend(requested: str, spec: RewardSpec, *, device, dtype, la
     if torch.device(device).type != "cuda":
         return "eager", "auto without CUDA: eager (the fast backends are CUDA-only)"
     torch.manual_seed(0)
-    model = load_latent_clip(spec.model, device=device, dtype=dtype, backend="eager")
+    model = load_latent_clip(spec.model, device=device, dtype=dtype, backend="eager", resize=resize)
     latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     try:
         return fastest_agreeing_backend(model, latents, prompt, trials=trials, steps=steps)

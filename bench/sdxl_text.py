@@ -75,8 +75,10 @@ class TextEncoders(nn.Module):
         return torch.cat(hidden, dim=-1), pooled
 
 
-def generator_with_text_encoders(unet, vae, text: TextEncoders, *, height: int, width: int) -> OneStepGenerator:
+def generator_with_text_encoders(unet, vae, text: TextEncoders, *, height: int, width: int,
+                                 preset: str = "sdxl-turbo") -> OneStepGenerator:
     """A random-weights ``OneStepGenerator`` whose ``encode_prompt`` runs ``text`` (random weights throughout)."""
-    gen = OneStepGenerator(unet, vae=vae, height=height, width=width, prompt_encoder=text.encode, random_weights=True)
+    gen = OneStepGenerator(unet, vae=vae, height=height, width=width, prompt_encoder=text.encode, random_weights=True,
+                           preset=preset)
     gen.text_encoders = text  # keeps them alive with the generator
     return gen

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from . import checkpoint as ckpt
+from . import grids
 from .model import LatentCLIP
 from .model_configs import ModelConfig, get_model_config, list_models
 from .runtime import BACKENDS, apply
@@ -86,6 +87,7 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     backend: str = "eager",
+    resize: str | None = None,
 ) -> LatentCLIP:
     """Build a Latent-CLIP model and load its weights.
 
@@ -99,7 +101,12 @@ def load(
             ``"graph"`` (CUDA graphs of the image tower and reward step), ``"compile"`` (``torch.compile``)
             or ``"auto"`` (the fastest here, measured once); see ``fastlclip.runtime``. ``"graph"`` and
             ``"compile"`` freeze the image tower's weights and fall back to eager, with a warning, off CUDA.
+        resize: the model's default policy for latent grids other than the trained one (``model.resize``;
+            ``encode_latents(..., resize=...)`` overrides it per call): ``None`` refuses them,
+            ``"interpolate"`` resamples the positional embeddings to the latents' grid, ``"pool"``
+            centre-crops and area-pools the latents to the trained grid (see ``fastlclip.grids``).
     """
+    grids.check_resize(resize)
     if dtype not in _DTYPES:
         raise TypeError(f"dtype must be one of {[str(d) for d in _DTYPES]}, got {dtype}")
     if backend not in (*BACKENDS, "auto"):
@@ -121,6 +128,7 @@ def load(
         load_state_dict_strict(model, sd)
 
     model = model.to(device=device, dtype=dtype).eval()
+    model.resize = resize
     return apply(model, backend)
 
 

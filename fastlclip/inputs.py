@@ -13,8 +13,11 @@ SDXL_SCALING_FACTOR = 0.13025
 LATENT_SPACES = ("diffusion", "vae")
 
 
-def check_latents(latents: torch.Tensor, *, channels: int, size: int, patch: int, check_finite: bool = True) -> None:
-    """Validate a (B, C, H, W) latent batch for an image tower trained on ``size`` x ``size`` latents."""
+def check_latents(latents: torch.Tensor, *, channels: int, size: int, patch: int, resize: str | None = None,
+                  check_finite: bool = True) -> None:
+    """Validate a (B, C, H, W) latent batch for an image tower trained on ``size`` x ``size`` latents,
+    under the grid policy ``resize`` (``fastlclip.grids``): None accepts only the trained grid,
+    ``"interpolate"`` any grid of whole ``patch`` x ``patch`` patches, ``"pool"`` any grid."""
     if not isinstance(latents, torch.Tensor):
         raise TypeError(f"latents must be a torch.Tensor of shape (B, {channels}, {size}, {size}), got {type(latents).__name__}")
     if latents.ndim != 4:
@@ -37,11 +40,21 @@ def check_latents(latents: torch.Tensor, *, channels: int, size: int, patch: int
             "(SD3, FLUX) are a different space this model does not understand."
         )
     if (h, w) != (size, size):
-        raise ValueError(
-            f"latents are {h}x{w}, this model was trained on {size}x{size} latents "
-            f"({size * 8}x{size * 8} px images); resize the latent or pick a config whose image_size/8 is {h}"
-            + (f" (size must also be a multiple of the patch size {patch})" if h % patch or w % patch else "")
-        )
+        if resize is None:
+            raise ValueError(
+                f"latents are {h}x{w}, this model was trained on {size}x{size} latents ({size * 8}x{size * 8} px "
+                f"images). Choose a policy for other sizes with resize= (in encode_latents or fastlclip.load): "
+                f"resize='interpolate' resamples the positional embeddings to the latents' patch grid"
+                + (f" (needs H and W multiples of the patch size {patch})" if h % patch or w % patch
+                   else f" ({h // patch}x{w // patch} patches)")
+                + f", resize='pool' centre-crops to a square and area-pools the latents to {size}x{size}"
+            )
+        if resize == "interpolate" and (h % patch or w % patch):
+            raise ValueError(
+                f"latents are {h}x{w}, not a whole number of {patch}x{patch} patches: resize='interpolate' needs H and "
+                f"W multiples of the patch size {patch}; crop them to {h - h % patch}x{w - w % patch}, or use "
+                f"resize='pool' (any size, pooled to {size}x{size})"
+            )
     if check_finite and not torch.isfinite(latents).all():
         raise ValueError("latents contain NaN or Inf; check the sampler or VAE that produced them")
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import inputs
+from . import grids, inputs
+from .grids import MODEL_DEFAULT
 from .model_configs import ModelConfig, VisionConfig
 
 
@@ -83,6 +84,10 @@ class LatentViT(nn.Module):
 
     ``patch_embed_fn``: None runs :meth:`embed`'s PyTorch ops; a fast path sets a function with
     ``fastlclip.kernels.patch_embed``'s signature, which reads the latents in their own dtype.
+
+    Any grid of whole patches runs: at a grid other than the trained one the positional table is
+    resampled to it (:meth:`pos_embed_for`). Which grids reach the tower is the caller's policy
+    (``LatentCLIP.encode_latents``'s ``resize``).
     """
 
     def __init__(self, cfg: VisionConfig, embed_dim: int):
@@ -98,17 +103,49 @@ class LatentViT(nn.Module):
         self.ln_post = nn.LayerNorm(w)
         self.proj = nn.Parameter(scale * torch.randn(w, embed_dim))
         self.patch_embed_fn = None
+        self._pos_cache: dict[tuple, tuple] = {}
+
+    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The ``(1 + rows*cols, width)`` positional table for a ``(rows, cols)`` patch grid.
+
+        The trained grid gets the parameter itself. Another grid gets
+        :func:`fastlclip.grids.resize_pos_embed` of it, cached per (grid, dtype, device). A cache entry
+        is stamped with the parameter's storage and version counter, so it is recomputed after the
+        weights change (an optimizer step, ``load_state_dict``, ``.to(...)``). Nothing is cached while the
+        table needs a gradient (the parameter requires grad and grad mode is on: the table's autograd
+        graph must be fresh per call), while ``torch.compile`` traces, or while a CUDA graph captures (the
+        graph then recomputes the table on every replay and sees in-place weight updates).
+        """
+        pos = self.positional_embedding
+        g = self.cfg.grid
+        if tuple(grid) == (g, g):
+            return pos
+        if ((torch.is_grad_enabled() and pos.requires_grad) or torch.compiler.is_compiling()
+                or (pos.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return grids.resize_pos_embed(pos, grid)
+        key = (tuple(grid), pos.dtype, pos.device)
+        stamp = (pos.data_ptr(), pos._version)
+        hit = self._pos_cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        # Outside inference mode even under it: the table is kept for later calls, which may need autograd.
+        with torch.inference_mode(False), torch.no_grad():
+            table = grids.resize_pos_embed(pos, grid)
+        self._pos_cache = {k: v for k, v in self._pos_cache.items() if v[0] == stamp}  # drop stale tables
+        self._pos_cache[key] = (stamp, table)
+        return table
 
     def embed(self, latents: torch.Tensor, scale: float) -> torch.Tensor:
-        """Latent -> (B, 1 + N, width) tokens after ln_pre."""
+        """Latent -> (B, 1 + N, width) tokens after ln_pre; N = (H // P) * (W // P)."""
+        p = self.cfg.patch_size
+        pos = self.pos_embed_for((latents.shape[-2] // p, latents.shape[-1] // p))
         if self.patch_embed_fn is not None:
-            args = (self.conv1.weight, self.class_embedding, self.positional_embedding, self.ln_pre.weight,
-                    self.ln_pre.bias)
+            args = (self.conv1.weight, self.class_embedding, pos, self.ln_pre.weight, self.ln_pre.bias)
             return self.patch_embed_fn(latents, *args, scale=scale, eps=self.ln_pre.eps)
         latents = latents.to(self.conv1.weight.dtype)
         x = self.conv1(latents * scale if scale != 1.0 else latents).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)
         return self.ln_pre(x)
 
     def forward(self, latents: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -153,6 +190,7 @@ class LatentCLIP(nn.Module):
         self.cfg = cfg
         self.backend = "eager"  # the fast path attached from outside (fastlclip.runtime.apply); "eager": none
         self.check_finite = True
+        self.resize = None  # the latent-grid policy when encode_latents gets none: None, "interpolate", "pool"
         self.visual = LatentVisual(cfg, with_vae)
         # The text tower is open_clip's, its parameters at the top level of the state dict.
         t = cfg.text
@@ -178,40 +216,59 @@ class LatentCLIP(nn.Module):
         return self.cfg.vision.latent_size
 
     # -- image side -----------------------------------------------------------------------------
-    def encode_latents(self, latents: torch.Tensor, *, space: str = "diffusion", normalize: bool = True) -> torch.Tensor:
+    def encode_latents(self, latents: torch.Tensor, *, space: str = "diffusion", normalize: bool = True,
+                       resize=MODEL_DEFAULT) -> torch.Tensor:
         """Embed SDXL VAE latents (B, 4, H, W).
 
         ``space="diffusion"``: latents as an SDXL pipeline or UNet produces them (divided by the VAE
         scaling factor 0.13025 here). ``space="vae"``: raw ``AutoencoderKL.encode(x).latent_dist`` samples.
+        ``resize``: the policy for a grid other than the trained one (``fastlclip.grids``): ``None``
+        refuses it, ``"interpolate"`` resamples the positional embeddings to it, ``"pool"`` area-pools
+        the latents to the trained grid; by default ``self.resize`` (``fastlclip.load(..., resize=...)``).
         Latents are cast to the model's dtype; gradients flow back to them.
         """
-        feats = self.visual.latent_vit(latents, scale=self.latent_scale(latents, space))
+        latents, scale = self.prepare_latents(latents, space, resize)
+        feats = self.visual.latent_vit(latents, scale=scale)
         return F.normalize(feats, dim=-1) if normalize else feats
 
-    def latent_scale(self, latents: torch.Tensor, space: str) -> float:
-        """Validate latents for the image tower; return the factor that maps them to VAE space.
+    def resize_policy(self, resize=MODEL_DEFAULT) -> str | None:
+        """``resize`` checked, or the model's default (``self.resize``) when it is not given."""
+        resize = self.resize if resize is MODEL_DEFAULT else resize
+        grids.check_resize(resize)
+        return resize
+
+    def prepare_latents(self, latents: torch.Tensor, space: str, resize=MODEL_DEFAULT) -> tuple[torch.Tensor, float]:
+        """Validate latents for the image tower and apply the grid policy: ``(latents for the tower,
+        the factor that maps them to VAE space)``. With ``"pool"`` the latents come back pooled to the
+        trained grid; otherwise as they are (the tower resamples its positions to their grid).
 
         The NaN/Inf check (``check_finite``, on by default) synchronises with the device; set
         ``model.check_finite = False`` in loops that must not wait for the GPU.
         """
         inputs.check_space(space)
+        resize = self.resize_policy(resize)
         v = self.cfg.vision
         inputs.check_latents(latents, channels=v.latent_channels, size=v.latent_size, patch=v.patch_size,
-                             check_finite=self.check_finite)
+                             resize=resize, check_finite=self.check_finite)
         self._check_device(latents, "latents")
-        return 1.0 / inputs.SDXL_SCALING_FACTOR if space == "diffusion" else 1.0
+        if resize == "pool":
+            latents = grids.pool_latents(latents, v.latent_size)
+        return latents, (1.0 / inputs.SDXL_SCALING_FACTOR if space == "diffusion" else 1.0)
 
-    def encode_images(self, pixels: torch.Tensor, *, vae=None, sample: bool = False, normalize: bool = True) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor, *, vae=None, sample: bool = False, normalize: bool = True,
+                      resize=MODEL_DEFAULT) -> torch.Tensor:
         """Embed RGB images in [0, 1] (B, 3, H, W): SDXL VAE encoder -> latent -> image tower.
 
         Uses the VAE encoder weights stored in the checkpoint; pass ``vae`` (a diffusers ``AutoencoderKL``)
         when the checkpoint has none. ``sample=False`` takes the posterior mean, ``True`` a sample.
+        ``resize``: the latent-grid policy, as in :meth:`encode_latents`.
         """
         inputs.check_pixels(pixels)
         px = self.latent_size * 8
-        if tuple(pixels.shape[-2:]) != (px, px):
+        if tuple(pixels.shape[-2:]) != (px, px) and self.resize_policy(resize) is None:
             raise ValueError(f"images are {pixels.shape[-2]}x{pixels.shape[-1]} px, this model expects {px}x{px} "
-                             f"(its {self.latent_size}x{self.latent_size} latents); resize or centre-crop first")
+                             f"(its {self.latent_size}x{self.latent_size} latents); resize or centre-crop first, "
+                             "or pass resize='interpolate' or resize='pool' (see encode_latents)")
         self._check_device(pixels, "pixels")
         x = pixels * 2 - 1
         if vae is not None:
@@ -228,7 +285,7 @@ class LatentCLIP(nn.Module):
                 "(the SDXL VAE, e.g. madebyollin/sdxl-vae-fp16-fix) or encode the images to latents yourself"
             )
         latents = mean + std * torch.randn_like(std) if sample else mean
-        return self.encode_latents(latents, space="vae", normalize=normalize)
+        return self.encode_latents(latents, space="vae", normalize=normalize, resize=resize)
 
     # -- text side ------------------------------------------------------------------------------
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
@@ -245,12 +302,13 @@ class LatentCLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     # -- both -----------------------------------------------------------------------------------
-    def forward(self, latents: torch.Tensor | None = None, texts=None, *, space: str = "diffusion"):
+    def forward(self, latents: torch.Tensor | None = None, texts=None, *, space: str = "diffusion",
+                resize=MODEL_DEFAULT):
         """As open_clip: ``(image_features, text_features, logit_scale.exp())``, features normalised.
 
         Logits are ``logit_scale * image_features @ text_features.T``.
         """
-        img = self.encode_latents(latents, space=space) if latents is not None else None
+        img = self.encode_latents(latents, space=space, resize=resize) if latents is not None else None
         txt = self.encode_text(texts) if texts is not None else None
         return img, txt, self.logit_scale.exp()
 

@@ -1,4 +1,5 @@
-"""ReNO (reward-based noise optimisation, Eyring et al. 2024) with SDXL-Turbo as a one-step generator.
+"""ReNO (reward-based noise optimisation, Eyring et al. 2024) with a one-step SDXL generator: SDXL-Turbo at
+512 px (ReNO's setting) or an SDXL-architecture one-step model at 1024 px (see :data:`ONE_STEP_PRESETS`).
 
 The initial noise is the parameter. Each iteration turns it into diffusion-space latents with one UNet
 step, scores them with the rewards (losses, lower is better), adds the norm regulariser, and takes a
@@ -34,6 +35,52 @@ SDXL_TURBO_SCHEDULER = {
     "steps_offset": 1,
     "timestep_spacing": "trailing",
 }
+
+
+@dataclass(frozen=True)
+class OneStepPreset:
+    """How a one-step SDXL-architecture model samples: a diffusers scheduler, the settings its authors
+    publish, and its native resolution. The step always lands on sigma 0, so it is deterministic:
+    ``x = noise * init_noise_sigma``, ``out = unet(x / sqrt(sigma^2 + 1), t)``, latents = ``x - sigma * out``
+    (epsilon prediction) or ``out`` (sample, i.e. x0, prediction)."""
+
+    name: str
+    scheduler: str  # diffusers scheduler class
+    overrides: Mapping[str, Any]  # over the pipeline's (or SDXL's) scheduler config
+    timesteps: tuple[int, ...] | None  # custom timesteps; None: set_timesteps(1)
+    resolution: int  # native image side, px
+    source: str
+
+
+ONE_STEP_PRESETS: dict[str, OneStepPreset] = {p.name: p for p in (
+    # ReNO's setting; stabilityai/sdxl-turbo's model card: guidance_scale=0.0, 1 step, trailing spacing, 512 px.
+    OneStepPreset("sdxl-turbo", "EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}, None, 512,
+                  "https://huggingface.co/stabilityai/sdxl-turbo"),
+    # ByteDance/SDXL-Lightning model card, "1-Step UNet": EulerDiscreteScheduler.from_config(..., timestep_spacing=
+    # "trailing", prediction_type="sample"), num_inference_steps=1, guidance_scale=0; the 1-step model predicts x0
+    # ("sample") where the 2/4/8-step ones predict epsilon. 1024 px, distilled from SDXL base 1.0.
+    OneStepPreset("sdxl-lightning-1step", "EulerDiscreteScheduler",
+                  {"timestep_spacing": "trailing", "prediction_type": "sample"}, None, 1024,
+                  "https://huggingface.co/ByteDance/SDXL-Lightning"),
+    # ByteDance/Hyper-SD, the authors' ComfyUI scheduler for Hyper-SDXL-1step-Unet
+    # (comfyui/ComfyUI-HyperSDXL1StepUnetScheduler/node.py): timesteps [800], sigmas [sigma(800), 0], i.e. one
+    # Euler step from t=800 to sigma 0 on noise scaled by sigma(800), epsilon prediction. diffusers' EulerDiscrete
+    # with timesteps=[800] and trailing spacing is that step. The model card's diffusers example (LCMScheduler,
+    # timesteps=[800]) could not be confirmed here; LCM would feed the UNet unit-variance noise where this feeds
+    # sqrt(1 - alpha_bar_800) * noise (0.981 * noise) and add a c_skip * x term of about 4e-9: not measured on
+    # the real weights.
+    OneStepPreset("hyper-sdxl-1step", "EulerDiscreteScheduler",
+                  {"timestep_spacing": "trailing", "prediction_type": "epsilon"}, (800,), 1024,
+                  "https://huggingface.co/ByteDance/Hyper-SD"),
+)}
+
+
+def one_step_preset(name: str) -> OneStepPreset:
+    if name not in ONE_STEP_PRESETS:
+        raise ValueError(f"unknown one-step preset {name!r}; choose one of {sorted(ONE_STEP_PRESETS)}")
+    return ONE_STEP_PRESETS[name]
+
+
 # Phases of one iteration reported to a PhaseTimer, in order (backward phases are marked from autograd hooks).
 PHASES = ("unet_fwd", "reward_fwd", "reward_bwd", "unet_bwd", "optimizer")
 
@@ -49,20 +96,26 @@ class PromptConditioning:
 
 
 class OneStepGenerator(nn.Module):
-    """SDXL-Turbo as a one-step generator: noise -> diffusion-space latents.
+    """A one-step SDXL-architecture model as a generator: noise -> diffusion-space latents.
 
-    One EulerAncestral step (trailing spacing) from t=999 to the end of the schedule. That step lands on
-    sigma 0, so its ancestral noise is zero and it equals ``x - sigma * eps`` with ``x = noise * sigma``:
-    deterministic and differentiable in the noise. Build with ``from_config`` (random weights) or
-    ``from_pretrained`` (a local diffusers SDXL-Turbo folder).
+    ``preset`` (:data:`ONE_STEP_PRESETS`) says how the model samples: ``"sdxl-turbo"`` (512 px, ReNO's
+    setting: one EulerAncestral step, trailing spacing, from t=999), ``"sdxl-lightning-1step"`` (1024 px,
+    one Euler step from t=999 with x0 prediction) or ``"hyper-sdxl-1step"`` (1024 px, one Euler step from
+    t=800, epsilon prediction). Each step ends at sigma 0: no ancestral noise, deterministic and
+    differentiable in the noise. ``height``/``width`` default to the preset's resolution. Build with
+    ``from_config`` (random weights) or ``from_pretrained`` (a local diffusers SDXL folder).
     """
 
     def __init__(self, unet: nn.Module, *, scheduler_config: Mapping[str, Any] | None = None, vae: nn.Module | None = None,
-                 height: int = 512, width: int = 512, prompt_encoder: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 random_weights: bool):
+                 height: int | None = None, width: int | None = None,
+                 prompt_encoder: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 random_weights: bool, preset: str = "sdxl-turbo"):
         super().__init__()
-        from diffusers import EulerAncestralDiscreteScheduler
+        import diffusers
 
+        self.preset = one_step_preset(preset)
+        height = self.preset.resolution if height is None else height
+        width = self.preset.resolution if width is None else width
         cfg = unet.config
         if cfg.get("addition_embed_type") != "text_time":
             raise ValueError(f"the UNet must be SDXL-style (addition_embed_type 'text_time'), got {cfg.get('addition_embed_type')!r}")
@@ -76,11 +129,15 @@ class OneStepGenerator(nn.Module):
         self.random_weights = random_weights
         self._prompt_encoder = prompt_encoder
 
-        scheduler = EulerAncestralDiscreteScheduler.from_config(dict(scheduler_config or SDXL_TURBO_SCHEDULER),
-                                                                timestep_spacing="trailing")
-        if scheduler.config.prediction_type != "epsilon":
-            raise ValueError(f"the one-step generator needs an epsilon-prediction scheduler, got {scheduler.config.prediction_type!r}")
-        scheduler.set_timesteps(1)
+        scheduler_cls = getattr(diffusers, self.preset.scheduler)
+        scheduler = scheduler_cls.from_config(dict(scheduler_config or SDXL_TURBO_SCHEDULER), **self.preset.overrides)
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "sample"):
+            raise ValueError(f"the one-step generator takes epsilon or sample (x0) prediction, got {self.prediction_type!r}")
+        if self.preset.timesteps is None:
+            scheduler.set_timesteps(1)
+        else:
+            scheduler.set_timesteps(timesteps=list(self.preset.timesteps))
         sigmas = scheduler.sigmas.double()
         if len(sigmas) != 2 or sigmas[1] != 0:
             raise ValueError(f"expected one step ending at sigma 0, got sigmas {sigmas.tolist()}")
@@ -98,9 +155,11 @@ class OneStepGenerator(nn.Module):
     # -- construction -----------------------------------------------------------------------------
     @classmethod
     def from_config(cls, unet_config: Mapping[str, Any] | None = None, vae_config: Mapping[str, Any] | None = None, *,
-                    height: int = 512, width: int = 512, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32, seed: int = 0, with_vae: bool = True) -> "OneStepGenerator":
+                    height: int | None = None, width: int | None = None, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, seed: int = 0, with_vae: bool = True,
+                    preset: str = "sdxl-turbo") -> "OneStepGenerator":
         """Random weights from configs (default: the shipped SDXL UNet and VAE configs), built on ``device``.
+        ``preset``: the sampling of :data:`ONE_STEP_PRESETS`; sizes default to its resolution.
 
         Prompts get random embeddings (see ``encode_prompt``): timing is faithful, images are not.
         """
@@ -114,18 +173,26 @@ class OneStepGenerator(nn.Module):
         nn.Module.to(unet, dtype=dtype)
         if vae is not None:
             nn.Module.to(vae, dtype=dtype)
-        return cls(unet, vae=vae, height=height, width=width, random_weights=True)
+        return cls(unet, vae=vae, height=height, width=width, random_weights=True, preset=preset)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        height: int = 512, width: int = 512) -> "OneStepGenerator":
-        """Load a local diffusers SDXL-Turbo folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizers, scheduler/)."""
+                        height: int | None = None, width: int | None = None, preset: str = "sdxl-turbo",
+                        unet_weights: str | Path | None = None) -> "OneStepGenerator":
+        """Load a local diffusers SDXL folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizers, scheduler/).
+
+        ``preset="sdxl-turbo"``: a snapshot of stabilityai/sdxl-turbo. For the 1024 px one-step models pass
+        a snapshot of stabilityai/stable-diffusion-xl-base-1.0 and the one-step UNet's ``.safetensors``
+        state dict as ``unet_weights`` (loaded into ``unet/`` as the model cards do), with
+        ``preset="sdxl-lightning-1step"`` or ``"hyper-sdxl-1step"``. The folder's scheduler config is
+        taken with the preset's settings over it."""
+        one_step_preset(preset)
         path = Path(path)
         if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json); pass a local SDXL-Turbo "
-                                    "folder, e.g. a snapshot of stabilityai/sdxl-turbo")
+            raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json); pass a local SDXL "
+                                    "folder, e.g. a snapshot of stabilityai/sdxl-turbo or stabilityai/stable-diffusion-xl-base-1.0")
         if importlib.util.find_spec("transformers") is None:
-            raise ImportError("real SDXL-Turbo weights need the SDXL text encoders, which need the 'transformers' package: "
+            raise ImportError("real SDXL weights need the SDXL text encoders, which need the 'transformers' package: "
                               "pip install transformers")
         from diffusers import StableDiffusionXLPipeline
 
@@ -133,6 +200,10 @@ class OneStepGenerator(nn.Module):
         fp16_only = any(unet_dir.glob("*.fp16.safetensors")) and not any(unet_dir.glob("diffusion_pytorch_model.safetensors"))
         pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
                                                          variant="fp16" if fp16_only else None)
+        if unet_weights is not None:
+            from safetensors.torch import load_file
+
+            pipe.unet.load_state_dict(load_file(str(unet_weights)))
         pipe.to(device)
         for module in (pipe.text_encoder, pipe.text_encoder_2):
             module.eval().requires_grad_(False)
@@ -143,7 +214,7 @@ class OneStepGenerator(nn.Module):
             return embeds, pooled
 
         return cls(pipe.unet, scheduler_config=pipe.scheduler.config, vae=pipe.vae, height=height, width=width,
-                   prompt_encoder=encode, random_weights=False)
+                   prompt_encoder=encode, random_weights=False, preset=preset)
 
     # -- properties -----------------------------------------------------------------------------
     @property
@@ -202,9 +273,11 @@ class OneStepGenerator(nn.Module):
         model_in = (x / math.sqrt(self.sigma**2 + 1)).to(self.dtype)
         t = torch.full((), self.timestep, device=noise.device)  # a fill, not a host copy: no sync
         added = {"text_embeds": cond.pooled_prompt_embeds.expand(b, -1), "time_ids": cond.time_ids.expand(b, -1)}
-        eps = self.unet(model_in, t, encoder_hidden_states=cond.prompt_embeds.expand(b, -1, -1), added_cond_kwargs=added,
+        out = self.unet(model_in, t, encoder_hidden_states=cond.prompt_embeds.expand(b, -1, -1), added_cond_kwargs=added,
                         return_dict=False)[0]
-        return x - self.sigma * eps.float()
+        if self.prediction_type == "sample":  # x0 prediction: the Euler step to sigma 0 lands on it
+            return out.float()
+        return x - self.sigma * out.float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

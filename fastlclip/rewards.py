@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import inputs
+from .grids import MODEL_DEFAULT
 from .loss import clip_loss, normalized
 from .model import LatentCLIP
 from .runtime import reward_loss
@@ -71,21 +72,27 @@ class LatentCLIPReward(_CLIPReward):
     """Latent-CLIP reward: scores diffusion latents directly, no VAE decode.
 
     ``space`` says what the latents are (see ``LatentCLIP.encode_latents``); ReNO's one-step generators
-    produce ``"diffusion"`` latents.
+    produce ``"diffusion"`` latents. ``resize``: the policy for latent grids other than the trained one
+    (``None``, ``"interpolate"``, ``"pool"``; see ``fastlclip.grids``); by default the model's
+    (``fastlclip.load(..., resize=...)``). SDXL at 1024 px gives 128x128 latents.
     """
 
     name = "latent_clip"
 
-    def __init__(self, model: LatentCLIP, weighting: float = 1.0, *, space: str = "diffusion"):
+    def __init__(self, model: LatentCLIP, weighting: float = 1.0, *, space: str = "diffusion",
+                 resize=MODEL_DEFAULT):
         inputs.check_space(space)
         super().__init__(model, weighting)
         self.space = space
+        if resize is not MODEL_DEFAULT:
+            model.resize_policy(resize)  # checked now, not at the first call
+        self.resize = resize
 
     def _encode_texts(self, texts):
         return self.model.encode_text(texts, normalize=False)
 
     def _encode_latents(self, latents):
-        return self.model.encode_latents(latents, space=self.space, normalize=False)
+        return self.model.encode_latents(latents, space=self.space, normalize=False, resize=self.resize)
 
     def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str]) -> torch.Tensor:
         # With the "graph" / "compile" backends the whole step (tower, cosine, loss) is one graph.
@@ -96,7 +103,7 @@ class LatentCLIPReward(_CLIPReward):
             txt = self._text_cache[prompts[0]]
         else:
             txt = self.text_features(prompts)
-        return reward_loss(self.model, latents, self.space, txt)
+        return reward_loss(self.model, latents, self.space, txt, self.resize)
 
 
 class PixelCLIPReward(_CLIPReward):

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from .grids import MODEL_DEFAULT
 from .model import LatentCLIP
 from .inputs import prompt_list
 from .loss import clip_loss, logit_scale_exp
@@ -85,15 +86,16 @@ class SafetyGuidance(LatentCLIPReward):
     averaged over the batch, with ``s = logit_scale.exp()``. The second term is the cross-entropy of a
     zero-shot classifier towards the neutral reference: it pushes hardest away from the concepts the latent
     is closest to and fades once every concept score is well below 0. ``prompt_weight=0`` leaves the pure
-    safety term, to sum with other rewards. For multi-step pipelines use ``callback``.
+    safety term, to sum with other rewards. For multi-step pipelines use ``callback``. ``resize``: the
+    latent-grid policy (see ``LatentCLIPReward``; by default the model's).
     """
 
     name = "latent_safety"
 
     def __init__(self, model: LatentCLIP, weighting: float = 1.0, *, concepts: Mapping[str, Sequence[str] | str] | None = None,
                  neutral: Sequence[str] | None = None, prompt_weight: float = 1.0, safety_weight: float = 1.0,
-                 space: str = "diffusion"):
-        super().__init__(model, weighting, space=space)
+                 space: str = "diffusion", resize=MODEL_DEFAULT):
+        super().__init__(model, weighting, space=space, resize=resize)
         for what, w in (("prompt_weight", prompt_weight), ("safety_weight", safety_weight)):
             if not isinstance(w, (int, float)) or not w >= 0:
                 raise ValueError(f"{what} must be a number >= 0, got {w!r}")
@@ -213,12 +215,14 @@ class LatentSafetyChecker:
 
     ``blank``: ``None`` (report only), ``"zeros"``, or a constant latent ``(C, H, W)`` / ``(1, C, H, W)``
     that replaces flagged samples (e.g. the VAE latent of a black image; zeros do not decode to black).
+    ``resize``: the latent-grid policy for latents of another size than the trained one (see
+    ``LatentCLIPReward``; by default the model's); blanking keeps the latents' own size.
     """
 
     def __init__(self, model: LatentCLIP, *, concepts: Mapping[str, Sequence[str] | str] | None = None,
                  neutral: Sequence[str] | None = None, thresholds: float | Mapping[str, float] = DEFAULT_THRESHOLD,
-                 blank: str | torch.Tensor | None = None, space: str = "diffusion"):
-        self._clip = LatentCLIPReward(model, space=space)
+                 blank: str | torch.Tensor | None = None, space: str = "diffusion", resize=MODEL_DEFAULT):
+        self._clip = LatentCLIPReward(model, space=space, resize=resize)
         self.concepts = _ConceptBank(self._clip, concepts, neutral)
         self.thresholds = self._thresholds(thresholds).to(self.concepts.features.device)
         if not (blank is None or isinstance(blank, torch.Tensor) or (isinstance(blank, str) and blank == "zeros")):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .grids import MODEL_DEFAULT
 from .model import LatentCLIP
 
 
@@ -68,19 +69,20 @@ class ZeroShotClassifier:
         per_class = torch.cat(feats).view(len(self.classnames), len(fmt), -1).mean(dim=1)
         self.weights = F.normalize(per_class, dim=-1)  # (classes, embed_dim), float32
 
-    def logits(self, latents: torch.Tensor, *, space: str = "diffusion") -> torch.Tensor:
-        feats = self.model.encode_latents(latents, space=space).float()
+    def logits(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT) -> torch.Tensor:
+        """(B, classes) logits; ``resize``: the latent-grid policy (``LatentCLIP.encode_latents``)."""
+        feats = self.model.encode_latents(latents, space=space, resize=resize).float()
         return self.model.logit_scale.exp().float() * feats @ self.weights.T
 
-    def probs(self, latents: torch.Tensor, *, space: str = "diffusion") -> torch.Tensor:
+    def probs(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT) -> torch.Tensor:
         """(B, classes) softmax probabilities."""
-        return self.logits(latents, space=space).softmax(dim=-1)
+        return self.logits(latents, space=space, resize=resize).softmax(dim=-1)
 
-    def predict(self, latents: torch.Tensor, *, space: str = "diffusion") -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT) -> torch.Tensor:
         """(B,) index of the most likely class per latent (names: ``self.classnames[i]``).
 
         Latents whose scores are not finite are a ``ValueError``, never a class."""
-        logits = self.logits(latents, space=space)
+        logits = self.logits(latents, space=space, resize=resize)
         bad = ~torch.isfinite(logits).all(dim=-1)
         if bad.any():  # argmax would call a NaN row class 0
             rows = bad.nonzero().flatten().tolist()

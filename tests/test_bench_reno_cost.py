@@ -70,6 +70,35 @@ def test_cpu_smoke_with_a_named_profile_floors_only_that_one(tmp_path, capsys):
     assert report["floor_iterations"] == 1
 
 
+@needs_no_cuda
+def test_cpu_smoke_at_1024_px_runs_and_floors_the_decode_share(tmp_path, capsys):
+    report = reno_cost.main(["--gpu", "h100", "--resolution", "1024", "--rewards", "latent-b8", "pixel-b32",
+                             "--pipelines", "fast", "--iterations", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    settings = report["settings"]
+    assert settings["floor_resolution"] == "1024x1024" and settings["one_step_preset"] == "sdxl-lightning-1step"
+    assert settings["resolution"].startswith("128x128 (tiny")  # twice the tiny side: the tiny tower's grid doubled
+    assert all("losses finite: yes" in r["smoke"] for r in report["results"])
+    assert "decode share" in out and "NOT a measurement" in out
+    shares = {r["resolution"]: r for r in report["decode_shares"] if r["reward"] == "pixel-b32" and r["profile"] == "h100"}
+    assert set(shares) == {512, 1024}
+    # the decode costs about 4x the FLOPs at 4x the pixels, and about 4x the floor; its share of the
+    # iteration stays near 60% on compute-bound profiles because the UNet grows as fast (see the README)
+    ratio = shares[1024]["decode_tflop_per_iteration"] / shares[512]["decode_tflop_per_iteration"]
+    assert 3.5 < ratio < 5 and shares[1024]["decode_floor_ms"] > 3.5 * shares[512]["decode_floor_ms"]
+    assert 0.5 < shares[1024]["decode_share"] < 0.7
+    h100 = {e["reward"]: e for e in report["floors"]["h100"]}
+    assert 0 < h100["latent-b8"]["floor_s_per_image"] < h100["pixel-b32"]["floor_s_per_image"]
+    assert h100["latent-b8"]["decode_share"] == 0 < h100["pixel-b32"]["decode_share"]
+
+
+def test_latent_tower_work_at_1024_px_counts_the_interpolated_grid():
+    trained = flops.latent_tower_work("Latent-ViT-B-8-512", False)
+    at_1024 = flops.iteration_work("latent", "Latent-ViT-B-8-512", False, resolution=1024)[1]
+    assert at_1024.total_flops > 4 * trained.total_flops  # 257 tokens vs 65: linear layers 4x, attention 16x
+    assert flops.iteration_work("latent", "Latent-ViT-B-8-512", False, resolution=512)[1] == trained
+
+
 def test_profiles_have_sourced_peaks_and_prices(all_profiles):
     assert {"a100", "h100", "h200", "l4", "rtx4090"} <= set(all_profiles)
     for p in all_profiles.values():

@@ -74,6 +74,9 @@ def check_against_reference(q, k, v, causal, dtype, sm_scale=None):
     (2, 3, 65, 64, torch.float32, False),
     (1, 2, 33, 128, torch.float16, True),
     (1, 2, 19, 16, torch.bfloat16, False),
+    (1, 2, 257, 16, torch.float32, False),  # B/8 at 128x128 latents (SDXL 1024 px): 16x16 patches + class
+    (1, 1, 1025, 16, torch.float32, False),  # B/4 at 128x128: 32x32 patches + class (one head: interpreter time)
+    (1, 2, 253, 16, torch.float16, False),  # B/8 at 144x112 (1152x896 px): 18x14 patches + class
 ])
 def test_attention_packed_views_match_float64(batch, heads, length, dim, dtype, causal):
     qkv = packed_qkv(batch, length, heads, dim, dtype, seed=length + dim)

@@ -93,6 +93,8 @@ def check(latents64, params64, latent_dtype, weight_dtype, scale, params_grad=()
     ((2, 4, 16, 24, 4, 32), "channels_last", torch.float32, torch.float16, 0.5),
     ((2, 4, 16, 16, 8, 32), "contiguous", torch.bfloat16, torch.bfloat16, 2.0),
     ((2, 3, 13, 20, 3, 24), "sliced", torch.float32, torch.float32, 1.0),  # K = 27, ragged edges
+    ((1, 4, 128, 128, 4, 32), "contiguous", torch.float32, torch.float32, 1 / 0.13025),  # B/4 at 1024 px: 1025 tokens
+    ((1, 4, 144, 112, 8, 32), "channels_last", torch.float32, torch.float32, 1.0),  # B/8 at 1152x896 px: 18x14
 ])
 def test_patch_embed_matches_float64(shape, layout, latent_dtype, weight_dtype, scale):
     latents64, params64 = make_inputs(*shape, seed=sum(shape), layout=layout)

@@ -325,3 +325,78 @@ def test_a_captured_reward_is_not_checkpointed(generator):
     reno.optimize(generator, reward, PROMPT, iterations=iterations, gradient_checkpointing=True, progress=False)
     # forwards every iteration, backwards all but the last; nothing recomputed
     assert rt.stats.replays == 2 * iterations - 1 and rt.stats.recomputes == 0
+
+
+# -- one-step presets at 1024 px ---------------------------------------------------------------------------
+@pytest.mark.parametrize("preset, scheduler_kwargs, timesteps, t0", [
+    # ByteDance/SDXL-Lightning model card, 1-step UNet: Euler, trailing, "sample" (x0) prediction
+    ("sdxl-lightning-1step", {"timestep_spacing": "trailing", "prediction_type": "sample"}, None, 999.0),
+    # ByteDance/Hyper-SD ComfyUI 1-step scheduler: timesteps [800] -> sigmas [sigma(800), 0], epsilon
+    ("hyper-sdxl-1step", {"timestep_spacing": "trailing"}, [800], 800.0),
+])
+def test_presets_are_one_diffusers_euler_step(generator, preset, scheduler_kwargs, timesteps, t0):
+    from diffusers import EulerDiscreteScheduler
+
+    gen = reno.OneStepGenerator(generator.unet, vae=generator.vae, random_weights=True, preset=preset,
+                                height=tiny.IMAGE_SIZE, width=tiny.IMAGE_SIZE)
+    cond = gen.encode_prompt(PROMPT)
+    noise = torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(2))
+    sched = EulerDiscreteScheduler.from_config(reno.SDXL_TURBO_SCHEDULER, **scheduler_kwargs)
+    sched.set_timesteps(1) if timesteps is None else sched.set_timesteps(timesteps=timesteps)
+    t = sched.timesteps[0]
+    assert float(t) == t0 == gen.timestep and len(sched.timesteps) == 1
+    x = noise * sched.init_noise_sigma
+    with torch.no_grad():
+        out = gen.unet(sched.scale_model_input(x, t), t, encoder_hidden_states=cond.prompt_embeds,
+                       added_cond_kwargs={"text_embeds": cond.pooled_prompt_embeds, "time_ids": cond.time_ids}).sample
+        expected = sched.step(out, t, x).prev_sample
+        got = gen(noise, cond)
+    # diffusers computes x + (x - x0) / sigma * (0 - sigma) for x0 prediction: rounding of |x| ~ 15 * |noise|
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_presets_default_to_their_resolution_and_are_validated():
+    gen = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, preset="hyper-sdxl-1step", with_vae=False)
+    assert (gen.height, gen.width) == (1024, 1024) and gen.latent_shape == (1, 4, 128, 128)
+    assert gen.encode_prompt(PROMPT).time_ids.tolist() == [[1024, 1024, 0, 0, 1024, 1024]]
+    assert reno.OneStepGenerator(gen.unet, random_weights=True).height == 512  # sdxl-turbo
+    with pytest.raises(ValueError, match="unknown one-step preset"):
+        reno.OneStepGenerator(gen.unet, random_weights=True, preset="sdxl-lightning-4step")
+
+
+def test_from_pretrained_one_step_unet_matches_the_lightning_pipeline(tmp_path):
+    pytest.importorskip("transformers", reason="real SDXL weights need the SDXL text encoders (transformers)")
+    from diffusers import EulerDiscreteScheduler
+    from safetensors.torch import save_file
+
+    pipe, folder = _tiny_sdxl_folder(tmp_path)
+    torch.manual_seed(3)
+    weights = {k: v + 0.01 * torch.randn_like(v) for k, v in pipe.unet.state_dict().items()}  # "the 1-step UNet"
+    save_file(weights, tmp_path / "one_step_unet.safetensors")
+    gen = reno.OneStepGenerator.from_pretrained(folder, height=64, width=64, preset="sdxl-lightning-1step",
+                                                unet_weights=tmp_path / "one_step_unet.safetensors")
+    pipe.unet.load_state_dict(weights)
+    # The model card's recipe: Euler, trailing, sample prediction, 1 step, guidance 0
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                        prediction_type="sample")
+    noise = torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(0))
+    expected = pipe(PROMPT, height=64, width=64, num_inference_steps=1, guidance_scale=0.0, latents=noise,
+                    output_type="latent").images
+    with torch.no_grad():
+        torch.testing.assert_close(gen(noise, gen.encode_prompt(PROMPT)), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["interpolate", "pool"])
+def test_reno_at_twice_the_trained_size(policy):
+    """ReNO's 1024 px shape on tiny configs: a Hyper-style generator at twice the Latent-CLIP's trained
+    size (16x16 latents for an 8x8-trained tower), the reward under each grid policy."""
+    import fastlclip
+
+    gen = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, preset="hyper-sdxl-1step",
+                                            height=2 * tiny.IMAGE_SIZE, width=2 * tiny.IMAGE_SIZE, with_vae=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*weights are random")
+        model = fastlclip.load(tiny.LATENT_CLIP, resize=policy)
+    result = reno.optimize(gen, fastlclip.LatentCLIPReward(model), PROMPT, iterations=3, progress=False)
+    assert result.best_latents.shape == (1, 4, 16, 16) and all(math.isfinite(v) for v in result.losses)
+    assert len(set(result.losses)) > 1  # the noise moved

@@ -18,15 +18,16 @@ per-backend reward-step times), ``select`` (:func:`apply`, ``"auto"`` and its ca
 Contract of the graph and compile runtimes:
 
 - Static shapes: a batch is zero-padded up to its bucket (:data:`BUCKETS`) and the result sliced; a
-  batch over the largest bucket runs in chunks. Each (kind, bucket, dtype, space scale) is captured or
-  compiled once, on first use; ``runtime.stats`` counts captures, compiles and replays.
+  batch over the largest bucket runs in chunks. Each (kind, bucket, latent grid, dtype, space scale) is
+  captured or compiled once, on first use (a grid other than the trained one under ``resize="interpolate"``
+  gets its own graphs; ``"pool"`` pools before the graph, which then sees the trained grid); ``runtime.stats`` counts captures, compiles and replays.
 - Outputs and gradients are fresh tensors, never views of graph memory: the next replay cannot
   overwrite them. A backward whose forward state was replayed over in between (two forwards, then both
   backwards; ``retain_graph``) re-runs its forward first, so it is correct, only slower (``recomputes``).
 - The image tower's weights are constants: installing a runtime freezes them (``requires_grad_(False)``);
   if they require grad again while grad mode is on, calls run uncaptured, with a warning. Replacing the
   weight tensors (``model.to(...)``) drops the graphs; they are re-captured on the next call.
-- Input checks run before the graph, in ``LatentCLIP.latent_scale``; its NaN check synchronises with
+- Input checks run before the graph, in ``LatentCLIP.prepare_latents``; its NaN check synchronises with
   the device: ``model.check_finite = False`` skips it.
 - Off CUDA, ``"graph"`` and ``"compile"`` fall back to ``"eager"`` with a warning. (Inductor can compile
   for CPU, but slowly, and no part of this project is tuned for it; construct :class:`CompiledRuntime`

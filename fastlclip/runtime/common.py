@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..grids import MODEL_DEFAULT
 from ..loss import clip_loss, cosine
 from ..model import LatentCLIP, LatentViT, PackedAttention
 
@@ -78,11 +79,13 @@ def runtime_of(model: LatentCLIP) -> "Runtime | None":
     return getattr(model, "runtime", None)
 
 
-def reward_loss(model: LatentCLIP, latents: torch.Tensor, space: str, txt: torch.Tensor) -> torch.Tensor:
+def reward_loss(model: LatentCLIP, latents: torch.Tensor, space: str, txt: torch.Tensor,
+                resize=MODEL_DEFAULT) -> torch.Tensor:
     """``LatentCLIPReward``'s loss: the image tower, the cosine to normalised text features ``txt`` ((D,)
     or (B, D), float32) and :func:`fastlclip.loss.clip_loss`; one captured or compiled graph when the
-    model carries a runtime."""
-    scale = model.latent_scale(latents, space)
+    model carries a runtime. ``resize``: the latent-grid policy (``LatentCLIP.encode_latents``); a pooled
+    batch enters the graph at the trained grid, an interpolated one at its own (its own graph)."""
+    latents, scale = model.prepare_latents(latents, space, resize)
     runtime = runtime_of(model)
     if runtime is not None:
         return runtime.reward_loss(latents, scale, txt, model.logit_scale)

@@ -75,8 +75,8 @@ class CompiledRuntime(Runtime):
         self._slots: dict[tuple, TextSlot] = {}
         self._pending: weakref.WeakSet = weakref.WeakSet()  # reduce-overhead calls whose backward has not run
 
-    def _compiled(self, kind: str, bucket: int, scale: float, dtype: torch.dtype) -> Callable:
-        key = (kind, bucket, dtype, scale, self.model.dtype)
+    def _compiled(self, kind: str, bucket: int, grid: tuple[int, int], scale: float, dtype: torch.dtype) -> Callable:
+        key = (kind, bucket, grid, dtype, scale, self.model.dtype)  # one compiled function per latent grid
         fn = self._fns.get(key)
         if fn is None:
             tower_fn = self._tower_fn(scale)
@@ -109,12 +109,12 @@ class CompiledRuntime(Runtime):
 
     def _run_tower(self, x, scale):
         bucket = bucket_for(x.shape[0], self.buckets)
-        fn = self._compiled("tower", bucket, scale, x.dtype)
+        fn = self._compiled("tower", bucket, tuple(x.shape[-2:]), scale, x.dtype)
         return self._call(fn, pad_batch(x, bucket).contiguous())[:x.shape[0]]  # one layout: Dynamo guards on strides
 
     def _run_reward(self, x, scale, txt, total, logit_scale, start):
         bucket = bucket_for(x.shape[0], self.buckets)
-        fn = self._compiled("reward", bucket, scale, x.dtype)
+        fn = self._compiled("reward", bucket, tuple(x.shape[-2:]), scale, x.dtype)
         slot = self._slots.get((bucket, start))
         if slot is None:
             slot = self._slots[bucket, start] = TextSlot(bucket, self.model.cfg.embed_dim, x.device, inplace=False)
