@@ -13,32 +13,40 @@ SDXL_SCALING_FACTOR = 0.13025
 LATENT_SPACES = ("diffusion", "vae")
 
 
-def check_latents(latents: torch.Tensor, *, channels: int, size: int, patch: int, resize: str | None = None,
-                  check_finite: bool = True) -> None:
-    """Validate a (B, C, H, W) latent batch for an image tower trained on ``size`` x ``size`` latents,
-    under the grid policy ``resize`` (``fastlclip.grids``): None accepts only the trained grid,
-    ``"interpolate"`` any grid of whole ``patch`` x ``patch`` patches, ``"pool"`` any grid."""
+def check_latent_batch(latents: torch.Tensor, *, channels: int, expects: str, rgb_hint: str,
+                       check_finite: bool = True, finite_hint: str = "check the sampler or VAE that produced them") -> None:
+    """What every consumer of a (B, C, H, W) latent batch checks: a floating-point 4-D tensor, B > 0,
+    ``channels`` channels (``expects`` names who expects them; 3 channels look like pixels: ``rgb_hint``
+    says what to do instead), finite unless ``check_finite`` is off (that check synchronises with the device)."""
     if not isinstance(latents, torch.Tensor):
-        raise TypeError(f"latents must be a torch.Tensor of shape (B, {channels}, {size}, {size}), got {type(latents).__name__}")
+        raise TypeError(f"latents must be a torch.Tensor of shape (B, {channels}, H, W), got {type(latents).__name__}")
     if latents.ndim != 4:
         hint = " Add a batch dimension with latents[None]." if latents.ndim == 3 else ""
         raise ValueError(f"latents must have shape (B, {channels}, H, W), got {tuple(latents.shape)}.{hint}")
     if not latents.is_floating_point():
         raise TypeError(f"latents must be floating point (float32/float16/bfloat16), got {latents.dtype}; convert with .float()")
-    b, c, h, w = latents.shape
+    b, c = latents.shape[:2]
     if b == 0:
         raise ValueError("latents is an empty batch (B=0); pass at least one latent")
     if c != channels:
         if c == 3:
-            raise ValueError(
-                f"got 3-channel input {tuple(latents.shape)}: these look like RGB pixel images, but encode_latents takes "
-                f"{channels}-channel SDXL VAE latents. Use model.encode_images(pixels) for RGB in [0, 1], or encode "
-                "with the SDXL VAE first."
-            )
-        raise ValueError(
-            f"latents have {c} channels, the model expects {channels} (SDXL VAE latents). Latents of 16-channel VAEs "
-            "(SD3, FLUX) are a different space this model does not understand."
-        )
+            raise ValueError(f"got 3-channel input {tuple(latents.shape)}: these look like RGB pixel images, but "
+                             f"{expects} {channels}-channel SDXL VAE latents. {rgb_hint}")
+        raise ValueError(f"latents have {c} channels, {expects} {channels} (SDXL VAE latents). Latents of 16-channel "
+                         "VAEs (SD3, FLUX) are a different space.")
+    if check_finite and not torch.isfinite(latents).all():
+        raise ValueError(f"latents contain NaN or Inf; {finite_hint}")
+
+
+def check_latents(latents: torch.Tensor, *, channels: int, size: int, patch: int, resize: str | None = None,
+                  check_finite: bool = True) -> None:
+    """Validate a (B, C, H, W) latent batch for an image tower trained on ``size`` x ``size`` latents,
+    under the grid policy ``resize`` (``fastlclip.grids``): None accepts only the trained grid,
+    ``"interpolate"`` any grid of whole ``patch`` x ``patch`` patches, ``"pool"`` any grid."""
+    check_latent_batch(latents, channels=channels, expects="the model expects",
+                       rgb_hint="Use model.encode_images(pixels) for RGB in [0, 1], or encode with the SDXL VAE first.",
+                       check_finite=check_finite)
+    h, w = latents.shape[-2:]
     if (h, w) != (size, size):
         if resize is None:
             raise ValueError(
@@ -55,8 +63,6 @@ def check_latents(latents: torch.Tensor, *, channels: int, size: int, patch: int
                 f"W multiples of the patch size {patch}; crop them to {h - h % patch}x{w - w % patch}, or use "
                 f"resize='pool' (any size, pooled to {size}x{size})"
             )
-    if check_finite and not torch.isfinite(latents).all():
-        raise ValueError("latents contain NaN or Inf; check the sampler or VAE that produced them")
 
 
 def check_pixels(pixels: torch.Tensor) -> None:

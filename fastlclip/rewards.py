@@ -166,26 +166,11 @@ class PixelCLIPReward(_CLIPReward):
     def check_latents(self, latents: torch.Tensor) -> None:
         """As ``LatentCLIPReward``'s: (B, C, H, W) floating-point VAE-space latents, B > 0, finite unless
         ``check_finite`` is off (the check synchronises with the device)."""
-        channels = self.vae.config.latent_channels
-        if not isinstance(latents, torch.Tensor):
-            raise TypeError(f"latents must be a torch.Tensor of shape (B, {channels}, H, W), got {type(latents).__name__}")
-        if latents.ndim != 4:
-            hint = " Add a batch dimension with latents[None]." if latents.ndim == 3 else ""
-            raise ValueError(f"latents must have shape (B, {channels}, H, W), got {tuple(latents.shape)}.{hint}")
-        if not latents.is_floating_point():
-            raise TypeError(f"latents must be floating point, got {latents.dtype}; convert with .float()")
-        if latents.shape[0] == 0:
-            raise ValueError("latents is an empty batch (B=0); pass at least one latent")
-        c = latents.shape[1]
-        if c == 3 and channels != 3:
-            raise ValueError(f"got 3-channel input {tuple(latents.shape)}: these look like RGB pixel images, but "
-                             f"PixelCLIPReward takes the {channels}-channel diffusion latents it decodes with its VAE; "
-                             "score images with the CLIP model directly, or pass the latents")
-        if c != channels:
-            raise ValueError(f"latents have {c} channels, the VAE expects {channels}")
-        if self.check_finite and not torch.isfinite(latents).all():
-            raise ValueError("latents contain NaN or Inf; check the sampler that produced them "
-                             "(reward.check_finite = False skips this check, which synchronises with the device)")
+        inputs.check_latent_batch(
+            latents, channels=self.vae.config.latent_channels, expects="the VAE expects",
+            rgb_hint="Score images with the CLIP model directly, or pass the latents.", check_finite=self.check_finite,
+            finite_hint="check the sampler that produced them (reward.check_finite = False skips this check, which "
+                        "synchronises with the device)")
 
     def _encode_latents(self, latents):
         self.check_latents(latents)
