@@ -232,15 +232,28 @@ def test_checkpointing_recomputes_and_gives_the_same_gradients(generator):
 
 def test_real_rewards_in_the_loop(generator):
     rewards = [latent_clip_reward(), pixel_clip_reward(generator.vae)]
+    cond = generator.encode_prompt(PROMPT)
+    noise0 = torch.randn(generator.latent_shape, generator=torch.Generator().manual_seed(0))  # optimize's seed=0 noise
+    with torch.no_grad():
+        first = [r(generator(noise0, cond), PROMPT).item() for r in rewards]
+    results = []
     for checkpointing in (False, True):
         result = reno.optimize(generator, rewards, PROMPT, iterations=3, gradient_checkpointing=checkpointing,
                                decode=True, progress=False)
-        assert all(math.isfinite(v) for v in result.losses)
+        results.append(result)
         assert list(result.component_losses) == ["latent_clip", "pixel_clip"]
+        assert [v[0] for v in result.component_losses.values()] == pytest.approx(first, abs=1e-4)
+        assert result.losses == pytest.approx([a + b for a, b in zip(*result.component_losses.values())], abs=1e-4)
+        with torch.no_grad():
+            image = (generator.vae.decode(result.best_latents / 0.13025).sample / 2 + 0.5).clamp(0, 1)
+        torch.testing.assert_close(result.image, image)
         assert result.image.shape == (1, 3, 64, 64) and 0 <= result.image.min() and result.image.max() <= 1
         assert result.random_prompt
         assert generator.unet.is_gradient_checkpointing is checkpointing
         assert rewards[1].vae.is_gradient_checkpointing is checkpointing
+    # checkpointing recomputes, it changes no value: the same losses, step for step
+    assert results[1].losses == pytest.approx(results[0].losses, abs=1e-4)
+    torch.testing.assert_close(results[1].best_noise, results[0].best_noise, rtol=0, atol=1e-5)
 
 
 def test_phase_timer_sees_every_phase(generator):

@@ -127,8 +127,15 @@ def test_guidance_in_reno_loop():
                                                   with_vae=False)
     result = reno.optimize(generator, g, PROMPT, iterations=3, progress=False)
     losses = result.component_losses["latent_safety"]
-    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
-    assert result.best_latents.shape == generator.latent_shape
+    assert len(losses) == 3 and result.losses == losses  # one reward of weighting 1
+    cond = generator.encode_prompt(PROMPT)
+    noise0 = torch.randn(generator.latent_shape, generator=torch.Generator().manual_seed(0))  # optimize's seed=0 noise
+    with torch.no_grad():
+        assert losses[0] == pytest.approx(g(generator(noise0, cond), PROMPT).item(), abs=1e-4)
+        assert result.best_loss == min(losses) and losses[result.best_iteration] == result.best_loss
+        torch.testing.assert_close(generator(result.best_noise, cond), result.best_latents)
+        assert result.best_loss == pytest.approx(g(result.best_latents, PROMPT).item(), abs=1e-4)
+    assert min(losses[1:]) < losses[0]  # the steps lowered the guidance loss
 
 
 # -- diffusers callback -----------------------------------------------------------------------------------
