@@ -281,3 +281,27 @@ def test_pixel_reward_normalisation_from_arguments_then_preprocess_cfg_then_open
         assert reward(z, "a cat").item() == pytest.approx(want, abs=1e-4), (kwargs, cfg)
         values.append(want)
     assert min(abs(a - b) for i, a in enumerate(values) for b in values[i + 1:]) > 1e-3  # the cases differ
+
+
+# -- survivors of the mutmut run (profiles/mutation.md) ---------------------------------------------------
+
+
+def test_loss_upcasts_half_precision_and_keeps_float64():
+    from fastlclip import loss
+
+    x = torch.tensor([[3.0, 4.0]], dtype=torch.bfloat16)
+    assert loss.at_least_fp32(x).dtype == torch.float32 and loss.normalized(x).dtype == torch.float32
+    assert loss.at_least_fp32(x.double()).dtype == torch.float64
+    assert loss.cosine(x, torch.tensor([0.6, 0.8])).dtype == torch.float32
+    assert loss.clip_loss(torch.tensor([0.5], dtype=torch.bfloat16), torch.tensor(0.0, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_forward_passes_space_and_skips_a_missing_side(model, ref64):
+    torch.manual_seed(13)
+    z = torch.randn(2, 4, LATENT, LATENT)
+    img, txt, _ = model(z, space="vae")
+    assert txt is None
+    torch.testing.assert_close(img.double(), ref_image(ref64, z), rtol=0, atol=2e-5)
+    img, txt, scale = model(texts=PROMPTS[:2])
+    assert img is None and txt.shape == (2, TINY["embed_dim"])
+    torch.testing.assert_close(txt.double(), ref_text(ref64, PROMPTS[:2]), rtol=0, atol=2e-5)
