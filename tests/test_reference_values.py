@@ -305,3 +305,14 @@ def test_forward_passes_space_and_skips_a_missing_side(model, ref64):
     img, txt, scale = model(texts=PROMPTS[:2])
     assert img is None and txt.shape == (2, TINY["embed_dim"])
     torch.testing.assert_close(txt.double(), ref_text(ref64, PROMPTS[:2]), rtol=0, atol=2e-5)
+
+
+def test_documented_defaults(model):
+    """ReNO sums rewards with their .weighting, 1.0 unless given; check_latents checks NaN unless told not to."""
+    from fastlclip import inputs
+
+    assert fastlclip.LatentCLIPReward(model).weighting == 1.0
+    assert SafetyGuidance(model, concepts=CONCEPTS, neutral=NEUTRAL).weighting == 1.0
+    bad = torch.full((1, 4, LATENT, LATENT), float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        inputs.check_latents(bad, channels=4, size=LATENT, patch=4)
