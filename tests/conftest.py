@@ -160,6 +160,23 @@ def kernel_device() -> str:
                 allow_module_level=True)
 
 
+# Per-row tolerances against float64, as the CPU kernel tests use them (bf16 keeps 8 significant bits).
+ROW_TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+
+
+def assert_rows_close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float) -> None:
+    """Every row (last dimension) of ``got`` against the float64 ``want``: max |got - want| over the row, relative
+    to max(1, the row's max |want|), below ``tol``. One cosine over a flattened tensor hides a wrong scale and a
+    single wrong row among thousands; this does not."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, want {tuple(want.shape)}"
+    got, want = got.detach().double().flatten(0, -2), want.detach().double().flatten(0, -2)
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    err = (got - want).abs().amax(dim=-1) / want.abs().amax(dim=-1).clamp_min(1.0)
+    worst = int(err.argmax())
+    assert err[worst] < tol, (f"{what}: row {worst} of {len(err)} off by {err[worst].item():.3g} (relative, tolerance "
+                              f"{tol}); {int((err >= tol).sum())} rows over")
+
+
 def gpu_benchmark(benchmark, fn, calls: int = 20) -> None:
     """pytest-benchmark on CUDA: one untimed call (capture, compile, autotune), then 30 rounds of ``calls``
     back-to-back calls closed by one synchronize, so launch overlap counts as it does in a real loop."""

@@ -152,3 +152,73 @@ def _reload_hub_constants(monkeypatch, hf_home):
 def test_random_weights_warn():
     with pytest.warns(UserWarning, match="random"):
         fastlclip.load(TINY)
+
+
+# -- key layouts and config inference, checked by the outputs they give (issue 16, item 7) ---------------
+
+
+def _reference_outputs(reference, model):
+    """The model's image and text features against open_clip's on the same inputs (VAE-space latents)."""
+    torch.manual_seed(21)
+    z = torch.randn(2, 4, LATENT, LATENT)
+    img = (model.encode_latents(z, space="vae", normalize=False) - reference.encode_image(z)).abs().max()
+    txt = (model.encode_text(["a cat", "a dog"], normalize=False)
+           - reference.encode_text(fastlclip.tokenize(["a cat", "a dog"]))).abs().max()
+    return max(img.item(), txt.item())
+
+
+def test_legacy_vae_attention_names_load_into_the_same_encoder(reference, tmp_path):
+    """Old diffusers names (query/key/value/proj_attn) in the VAE's mid-block attention map onto to_q/to_k/to_v/
+    to_out.0: dropping or swapping one rename fails (a missing key, or another encoder's output)."""
+    from conftest import tiny_vae
+
+    vae = tiny_vae()
+    with torch.no_grad():  # non-trivial attention weights, so a swapped rename shows in the output
+        for p in vae.encoder.mid_block.attentions.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ck = official_state(reference, vae)
+    renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    legacy = {}
+    for k, v in ck["state_dict"].items():
+        if k.startswith("module.visual.vae_encoder.mid_block.attentions."):
+            for new, old in renames.items():
+                k = k.replace(new, old)
+        legacy[k] = v
+    assert sum(".query." in k or ".proj_attn." in k for k in legacy) == 4  # weight and bias of two of the four
+    torch.save({**ck, "state_dict": legacy}, tmp_path / "legacy.pt")
+    model = fastlclip.load(TINY, tmp_path / "legacy.pt")
+    torch.manual_seed(22)
+    pixels = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        want = reference.encode_image(vae.encode(pixels * 2 - 1).latent_dist.mean)
+    assert (model.encode_images(pixels, normalize=False) - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["plain", "module-prefixed", "wrapped"])
+def test_plain_open_clip_visual_keys_load(reference, tmp_path, layout):
+    """A checkpoint saved from an open_clip CLIP (``visual.conv1.weight``, no ``latent_vit``), bare, with DDP's
+    ``module.`` prefix, or under ``state_dict``: the tower's weights land in ``visual.latent_vit``."""
+    sd = {k: v.clone() for k, v in reference.state_dict().items()}
+    assert "visual.conv1.weight" in sd and not any("latent_vit" in k for k in sd)
+    if layout != "plain":
+        sd = {"module." + k: v for k, v in sd.items()}
+    torch.save({"state_dict": sd, "epoch": 3} if layout == "wrapped" else sd, tmp_path / "open_clip.pt")
+    model = fastlclip.load(TINY, tmp_path / "open_clip.pt")
+    assert model.visual.vae_encoder is None
+    assert _reference_outputs(reference, model) < 1e-5
+
+
+def test_load_without_a_name_infers_the_one_config_that_fits(official_ckpt, reference):
+    fastlclip.add_model_config("tiny-test", TINY)
+    model = fastlclip.load(None, official_ckpt)
+    assert model.cfg.name == "tiny-test" and model.visual.vae_encoder is not None
+    assert _reference_outputs(reference, model) < 1e-5
+
+
+def test_load_without_a_name_refuses_zero_or_several_fitting_configs(official_ckpt):
+    with pytest.raises(CheckpointError, match="can't tell the config of epoch_34.pt: no registered config fits"):
+        fastlclip.load(None, official_ckpt)
+    fastlclip.add_model_config("tiny-a", TINY)
+    fastlclip.add_model_config("tiny-b", {**TINY, "vision_cfg": {**TINY["vision_cfg"], "latent_factor": 8}})
+    with pytest.raises(CheckpointError, match=r"configs that fit: \['tiny-a', 'tiny-b'\]; pass the model name"):
+        fastlclip.load(None, official_ckpt)

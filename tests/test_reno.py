@@ -141,6 +141,51 @@ def test_first_step_is_clipped_nesterov_sgd_on_reward_plus_regulariser(generator
         assert (result.best_noise - noise0).norm().item() == pytest.approx(lr * (1 + momentum) * grad_clip, rel=1e-4)
 
 
+def hand_written_reno(generator, noise0, offsets, *, steps, lr=5.0, momentum=0.9, nesterov=True, grad_clip=0.1,
+                      reg_weight=0.01, scale=1e-2):
+    """ReNO's loop written out (Eyring et al.; torch.optim.SGD's documented update), never calling reno.optimize:
+    per iteration the loss is Target(scale) + Scripted(offsets) on generator(z), plus reg_weight * (0.5 ||z||^2 -
+    (d - 1) log ||z||) whose gradient z - (d - 1) z / ||z||^2 is written by hand; the gradient is clipped to norm
+    grad_clip; buf = momentum * buf + g (buf = g on the first step); the step is g + momentum * buf (Nesterov) or
+    buf; z -= lr * step. Returns each iteration's reward loss and the noise after ``steps`` steps."""
+    cond = generator.encode_prompt(PROMPT)
+    z, buf, losses = noise0.clone(), None, []
+    for i in range(steps + 1):
+        n = z.clone().requires_grad_(True)
+        latents = generator(n, cond)
+        loss = scale * (latents - 1.0).pow(2).mean() + 1e-6 * latents.pow(2).mean() + offsets[i]
+        losses.append(loss.item())
+        if i == steps:
+            break
+        (g,) = torch.autograd.grad(loss, n)
+        zd = z.double()
+        d = zd[0].numel()
+        g = g.double() + reg_weight * (zd - (d - 1) * zd / zd.pow(2).sum())
+        if grad_clip is not None:
+            g = g * min(1.0, grad_clip / (g.norm().item() + 1e-6))
+        buf = g if buf is None else momentum * buf + g
+        z = (zd - lr * (g + momentum * buf if nesterov else buf)).float()
+    return losses, z
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"nesterov": False}, {"reg_weight": 0.05, "momentum": 0.5, "lr": 2.0}],
+                         ids=["defaults", "no-nesterov", "other-settings"])
+def test_several_iterations_follow_the_hand_written_update(generator, kwargs):
+    """Three SGD steps from noise of half the typical norm (so the regulariser's gradient, about 0.24, is as large
+    as the reward's, and both exceed the clip 0.1): a changed default (lr 5, momentum 0.9, Nesterov, clip 0.1,
+    regulariser 0.01), an ignored nesterov=/momentum=/reg_weight=, or a momentum buffer reset per step fails."""
+    noise0 = 0.5 * torch.randn(generator.latent_shape, generator=torch.Generator().manual_seed(3))
+    offsets = [0.0, 0.0, 0.0, -100.0]  # the last iteration is the best: its noise comes back
+    want_losses, want_noise = hand_written_reno(generator, noise0, offsets, steps=3, **kwargs)
+
+    result = reno.optimize(generator, [Target(scale=1e-2), Scripted(offsets)], PROMPT, iterations=4, noise=noise0,
+                           progress=False, **kwargs)
+    assert result.best_iteration == 3
+    assert result.losses == pytest.approx(want_losses, abs=1e-5)
+    torch.testing.assert_close(result.best_noise, want_noise, rtol=0, atol=1e-5)
+    assert (want_noise - noise0).norm() > 0.5  # the steps moved it
+
+
 def test_regulariser_matches_float64_hand_computation():
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.7
     d = 4 * 8 * 8
@@ -187,15 +232,28 @@ def test_checkpointing_recomputes_and_gives_the_same_gradients(generator):
 
 def test_real_rewards_in_the_loop(generator):
     rewards = [latent_clip_reward(), pixel_clip_reward(generator.vae)]
+    cond = generator.encode_prompt(PROMPT)
+    noise0 = torch.randn(generator.latent_shape, generator=torch.Generator().manual_seed(0))  # optimize's seed=0 noise
+    with torch.no_grad():
+        first = [r(generator(noise0, cond), PROMPT).item() for r in rewards]
+    results = []
     for checkpointing in (False, True):
         result = reno.optimize(generator, rewards, PROMPT, iterations=3, gradient_checkpointing=checkpointing,
                                decode=True, progress=False)
-        assert all(math.isfinite(v) for v in result.losses)
+        results.append(result)
         assert list(result.component_losses) == ["latent_clip", "pixel_clip"]
+        assert [v[0] for v in result.component_losses.values()] == pytest.approx(first, abs=1e-4)
+        assert result.losses == pytest.approx([a + b for a, b in zip(*result.component_losses.values())], abs=1e-4)
+        with torch.no_grad():
+            image = (generator.vae.decode(result.best_latents / 0.13025).sample / 2 + 0.5).clamp(0, 1)
+        torch.testing.assert_close(result.image, image)
         assert result.image.shape == (1, 3, 64, 64) and 0 <= result.image.min() and result.image.max() <= 1
         assert result.random_prompt
         assert generator.unet.is_gradient_checkpointing is checkpointing
         assert rewards[1].vae.is_gradient_checkpointing is checkpointing
+    # checkpointing recomputes, it changes no value: the same losses, step for step
+    assert results[1].losses == pytest.approx(results[0].losses, abs=1e-4)
+    torch.testing.assert_close(results[1].best_noise, results[0].best_noise, rtol=0, atol=1e-5)
 
 
 def test_phase_timer_sees_every_phase(generator):
@@ -281,8 +339,9 @@ def test_from_pretrained_matches_the_diffusers_sdxl_pipeline(tmp_path):
         torch.testing.assert_close(gen(noise, cond), expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="checks the error without transformers")
-def test_from_pretrained_without_transformers_says_what_to_install(tmp_path):
+def test_from_pretrained_without_transformers_says_what_to_install(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else find_spec(name, *a))
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(ImportError, match="pip install transformers"):
         reno.OneStepGenerator.from_pretrained(tmp_path)

@@ -127,8 +127,15 @@ def test_guidance_in_reno_loop():
                                                   with_vae=False)
     result = reno.optimize(generator, g, PROMPT, iterations=3, progress=False)
     losses = result.component_losses["latent_safety"]
-    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
-    assert result.best_latents.shape == generator.latent_shape
+    assert len(losses) == 3 and result.losses == losses  # one reward of weighting 1
+    cond = generator.encode_prompt(PROMPT)
+    noise0 = torch.randn(generator.latent_shape, generator=torch.Generator().manual_seed(0))  # optimize's seed=0 noise
+    with torch.no_grad():
+        assert losses[0] == pytest.approx(g(generator(noise0, cond), PROMPT).item(), abs=1e-4)
+        assert result.best_loss == min(losses) and losses[result.best_iteration] == result.best_loss
+        torch.testing.assert_close(generator(result.best_noise, cond), result.best_latents)
+        assert result.best_loss == pytest.approx(g(result.best_latents, PROMPT).item(), abs=1e-4)
+    assert min(losses[1:]) < losses[0]  # the steps lowered the guidance loss
 
 
 # -- diffusers callback -----------------------------------------------------------------------------------
@@ -325,3 +332,51 @@ def test_eval_smoke_on_tiny_configs(capsys):
     assert "flag rate per checker category (N=2)" in out
     for name in [*I2P_CATEGORIES, "any"]:
         assert re.search(rf"^{re.escape(name)}\s", out, re.M), name  # a row per category
+
+
+# -- the callback in the real diffusers SDXL pipeline (tiny, random weights) -----------------------------
+
+
+def test_callback_in_the_diffusers_sdxl_pipeline(tmp_path):
+    """diffusers' StableDiffusionXLPipeline calls the callback after each of 4 steps: steps 0 and 1 (before
+    start * num_timesteps = 2) pass through untouched, steps 2 and 3 get 3 normalised gradient steps of L2
+    length 0.5 per sample written out here, and the pipeline's output is what the last call returned."""
+    pytest.importorskip("transformers", reason="the SDXL pipeline's text encoders need transformers")
+    from bench import tiny
+    from test_reno import _tiny_sdxl_folder
+
+    pipe, _ = _tiny_sdxl_folder(tmp_path)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = fastlclip.load(tiny.LATENT_CLIP)
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(100.0))
+    g = SafetyGuidance(clip, concepts=CONCEPTS, neutral=NEUTRAL)
+    callback = g.callback(PROMPT, steps=3, step_size=0.5, start=0.5)
+    calls = []
+
+    def recorder(p, step, t, kwargs):
+        before = kwargs["latents"].clone()
+        out = callback(p, step, t, kwargs)
+        calls.append((step, before, out["latents"].clone()))
+        return out
+
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    run = dict(prompt=PROMPT, height=64, width=64, num_inference_steps=4, guidance_scale=0.0, output_type="latent")
+    out = pipe(**run, latents=noise.clone(), callback_on_step_end=recorder, callback_on_step_end_tensor_inputs=["latents"]).images
+    plain = pipe(**run, latents=noise.clone()).images
+    assert pipe.num_timesteps == 4 and [c[0] for c in calls] == [0, 1, 2, 3]
+    for step, before, after in calls:
+        if step < 2:
+            assert torch.equal(after, before)
+            continue
+        z = before.float()
+        for _ in range(3):
+            z.requires_grad_(True)
+            (grad,) = torch.autograd.grad(g(z, PROMPT), z)
+            z = (z - 0.5 * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)).detach()
+        torch.testing.assert_close(after, z, rtol=0, atol=1e-5)
+        assert 0.5 < (after - before).norm().item() <= 1.5 + 1e-4  # three steps of 0.5, not all in one direction
+    torch.testing.assert_close(out, calls[-1][2], rtol=0, atol=0)  # the pipeline returns the guided latents
+    assert (out - plain).abs().max() > 0.1
