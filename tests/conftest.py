@@ -30,6 +30,33 @@ TINY = {
 }
 
 
+def tiny_open_clip(seed: int = 0):
+    """A one-layer open_clip CLIP at 32 px: the pixel (decode-then-CLIP) reward's CLIP in tests."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    return open_clip.model.CLIP(
+        embed_dim=32, vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    ).eval()
+
+
+def tiny_model_with_trained_scale():
+    """The tiny config, random weights, with a trained CLIP's logit scale (100, as the released checkpoints)."""
+    import math
+    import warnings
+
+    import fastlclip
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = fastlclip.load(TINY)
+    with torch.no_grad():
+        m.logit_scale.fill_(math.log(100.0))
+    return m
+
+
 def open_clip_reference(seed: int = 0):
     """An open_clip CLIP with its conv1 swapped for a 4-channel conv: the independent reference."""
     import open_clip

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastlclip
-from conftest import TINY
+from conftest import TINY, tiny_model_with_trained_scale, tiny_open_clip, tiny_vae
 
 LATENT = TINY["vision_cfg"]["image_size"] // 8
 
@@ -292,13 +292,7 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path, content, match, suff
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = fastlclip.load(TINY)
-    with torch.no_grad():
-        m.logit_scale.fill_(math.log(100.0))
-    return m
+    return tiny_model_with_trained_scale()
 
 
 @pytest.fixture
@@ -425,15 +419,7 @@ def test_i2p_over_long_field_is_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def pixel_reward():
-    import open_clip
-    from conftest import tiny_vae
-
-    torch.manual_seed(0)
-    clip = open_clip.model.CLIP(
-        embed_dim=32, vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
-        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    ).eval()
-    return fastlclip.PixelCLIPReward(tiny_vae(), clip)
+    return fastlclip.PixelCLIPReward(tiny_vae(), tiny_open_clip())
 
 
 @pytest.mark.parametrize("bad, error, match", [

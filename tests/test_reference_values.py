@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlclip
-from conftest import TINY, official_state, tiny_vae
+from conftest import TINY, official_state, tiny_open_clip, tiny_vae
 from fastlclip.safety import LatentSafetyChecker, SafetyGuidance
 
 LATENT = TINY["vision_cfg"]["image_size"] // 8
@@ -220,13 +220,7 @@ def test_zero_shot_in_text_batches_smaller_than_the_class_count(model, ref64, ba
 
 @pytest.fixture
 def pixel_clip():
-    import open_clip
-
-    torch.manual_seed(0)
-    return open_clip.model.CLIP(
-        embed_dim=32, vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
-        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    ).eval()
+    return tiny_open_clip()
 
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

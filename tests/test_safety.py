@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlclip
-from conftest import TINY
+from conftest import TINY, tiny_model_with_trained_scale
 from fastlclip.i2p import I2P_CATEGORIES, read_i2p
 from fastlclip.safety import DEFAULT_CONCEPTS, LatentSafetyChecker, SafetyCallback, SafetyGuidance
 
@@ -23,13 +23,7 @@ PROMPT = "a bowl of fruit on a table"
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = fastlclip.load(TINY)
-    with torch.no_grad():
-        m.logit_scale.fill_(math.log(100.0))  # a trained CLIP's scale, as the released checkpoints have
-    return m
+    return tiny_model_with_trained_scale()
 
 
 def guidance(model, **kw):

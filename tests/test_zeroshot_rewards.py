@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlclip
-from conftest import TINY, tiny_vae
+from conftest import TINY, tiny_open_clip, tiny_vae
 
 LATENT = TINY["vision_cfg"]["image_size"] // 8
 
@@ -90,13 +90,7 @@ def test_reward_prompt_count_checked(model):
 
 @pytest.fixture
 def pixel_clip():
-    import open_clip
-
-    torch.manual_seed(0)
-    return open_clip.model.CLIP(
-        embed_dim=32, vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
-        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    ).eval()
+    return tiny_open_clip()
 
 
 def test_pixel_reward_is_decode_then_clip(pixel_clip):
