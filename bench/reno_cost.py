@@ -24,6 +24,7 @@ share of the decode-then-CLIP iteration floor is printed at 512 and 1024 px.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any

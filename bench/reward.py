@@ -33,6 +33,7 @@ each run times its own reference eager rows, so its ratios stand on their own.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import logging
 import re

@@ -32,7 +32,7 @@ def test_ray_engine_gives_the_local_rows_and_resumes(tmp_path, cluster, capsys):
     shards = [str(tmp_path / s) for s in ("a.tar", "b.tar", "c.parquet", "d.tar")]
     kw = dict(model=TINY, pretrained=str(ckpt), prompts=["a cat"], classes=["cat", "dog"], safety=True,
               embeddings=True, batch_size=2)
-    local = corpus.score(shards, tmp_path / "local", **kw)
+    corpus.score(shards, tmp_path / "local", **kw)
     remote = corpus.score(shards, tmp_path / "ray", engine="ray", workers=2, **kw)
     status = {os.path.basename(r["shard"]): r["status"] for r in remote.records}
     assert status == {"a.tar": "ok", "b.tar": "ok", "c.parquet": "ok", "d.tar": "error"}
