@@ -541,3 +541,63 @@ def test_reno_with_latent_clip_reward_blames_lr_not_the_sampler(generator):
 def test_reno_names_a_too_large_regulariser_weight(generator):
     with pytest.raises(FloatingPointError, match=r"regulariser is -?inf at iteration 0 .*reg_weight=1e\+38 is too large"):
         _optimize(generator, _Target(), iterations=3, reg_weight=1e38)
+
+
+# -- boundaries of the pixel, token and text checks (profiles/mutation.md's open survivors) ----------------
+@pytest.mark.parametrize("pixels, error, match", [
+    (torch.rand(1, 2, 3, 64, 64), ValueError, r"shape \(B, 3, H, W\)"),
+    (torch.rand(3, 64, 64), ValueError, r"shape \(B, 3, H, W\)"),
+    (torch.rand(1, 4, 64, 64), ValueError, r"shape \(B, 3, H, W\)"),
+    ("an image", ValueError, r"shape \(B, 3, H, W\).*got str"),
+    (torch.randint(0, 255, (1, 3, 64, 64)), TypeError, r"floating point.*float\(\) / 255"),
+    (torch.rand(0, 3, 64, 64), ValueError, r"empty batch"),
+    (torch.rand(1, 3, 64, 60), ValueError, r"multiples of 8"),
+    (torch.rand(1, 3, 60, 64), ValueError, r"multiples of 8"),
+    (torch.full((1, 3, 64, 64), float("nan")), ValueError, r"NaN or Inf"),
+    (torch.full((1, 3, 64, 64), 1.0011), ValueError, r"\[0, 1\]"),
+    (torch.full((1, 3, 64, 64), -0.0011), ValueError, r"\[0, 1\]"),
+    (torch.rand(1, 3, 64, 64) * 2 - 1, ValueError, r"\(x \+ 1\) / 2"),
+])
+def test_pixel_checks_at_their_boundaries(pixels, error, match):
+    with pytest.raises(error, match=match):
+        fastlclip.inputs.check_pixels(pixels)
+
+
+def test_pixels_just_inside_the_range_pass():
+    for value in (0.0, 1.0, 1.0009, -0.0009):
+        fastlclip.inputs.check_pixels(torch.full((1, 3, 8, 8), value))
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda v: torch.zeros(2, 76, dtype=torch.long), ValueError, r"shape \(N, 77\)"),
+    (lambda v: torch.zeros(77, dtype=torch.long), ValueError, r"shape \(N, 77\)"),
+    (lambda v: torch.zeros(1, 77), TypeError, r"integer tensor"),
+    (lambda v: torch.zeros(0, 77, dtype=torch.long), ValueError, r"empty batch"),
+    (lambda v: torch.full((1, 77), v, dtype=torch.long), ValueError, rf"\[0, 49408\), got \[49408, 49408\]"),
+    (lambda v: torch.full((1, 77), -1, dtype=torch.long), ValueError, r"\[0, 49408\), got \[-1, -1\]"),
+])
+def test_token_checks_at_their_boundaries(model, make, error, match):
+    with pytest.raises(error, match=match):
+        model.encode_text(make(model.cfg.text.vocab_size))
+
+
+def test_token_ids_up_to_the_last_in_the_vocabulary_pass(model):
+    last = model.cfg.text.vocab_size - 1
+    assert model.encode_text(torch.full((1, 77), last, dtype=torch.int32)).shape == (1, model.cfg.embed_dim)
+
+
+def test_tokenize_boundaries():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    words = SimpleTokenizer().encode  # one BPE token per "cat" (the start and end tokens make 2 more)
+    assert len(words("cat " * 75)) == 75
+    assert fastlclip.tokenize("a cat").shape == (1, 77)  # a bare string is one text, not a list of characters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastlclip.tokenize(["cat " * 75])  # 75 + 2 = 77: fits exactly
+    with pytest.warns(UserWarning, match="1 text\\(s\\) exceed 77 tokens"):
+        fastlclip.tokenize(["cat " * 76, "a dog"])
+    with pytest.raises(ValueError, match="empty list"):
+        fastlclip.tokenize([])
+    with pytest.raises(TypeError, match="got int"):
+        fastlclip.tokenize(["a cat", 3])

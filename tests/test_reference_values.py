@@ -310,3 +310,37 @@ def test_documented_defaults(model):
     bad = torch.full((1, 4, LATENT, LATENT), float("nan"))
     with pytest.raises(ValueError, match="NaN"):
         inputs.check_latents(bad, channels=4, size=LATENT, patch=4)
+
+
+# -- boundaries the mutation run found untested (profiles/mutation.md) ------------------------------------
+@pytest.mark.parametrize("bias", [100.0, -100.0])
+def test_encode_images_clamps_the_log_variance_as_diffusers_does(tmp_path, reference, monkeypatch, bias):
+    """std = exp(logvar / 2) with logvar clamped to [-30, 20], as diffusers' DiagonalGaussianDistribution:
+    a VAE whose log-variance sits far outside reaches both bounds. The noise is fixed at 1e6 so that even
+    exp(-15) is visible in float32."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    vae = tiny_vae()
+    with torch.no_grad():
+        vae.quant_conv.bias[4:] += bias
+    path = tmp_path / "epoch_1.pt"
+    torch.save(official_state(reference, vae), path)
+    model = fastlclip.load(TINY, path)
+    pixels = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dist = DiagonalGaussianDistribution(vae.quant_conv(vae.encoder(pixels * 2 - 1)))
+    monkeypatch.setattr(torch, "randn_like", lambda t: torch.full_like(t, 1e6))
+    _, latents, _ = tower_inputs(model, lambda: model.encode_images(pixels, sample=True))
+    torch.testing.assert_close(latents, (dist.mean + 1e6 * dist.std).double(), rtol=1e-5, atol=1e-5)
+
+
+def test_encode_images_casts_pixels_to_a_half_precision_model_and_vae(tmp_path, reference):
+    """float32 pixels into a bfloat16 model: cast to the checkpoint encoder's dtype, and to a passed VAE's."""
+    path = tmp_path / "epoch_1.pt"
+    torch.save(official_state(reference, tiny_vae()), path)
+    full, half = fastlclip.load(TINY, path), fastlclip.load(TINY, path, dtype=torch.bfloat16)
+    pixels = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    want = full.encode_images(pixels).double()
+    for kw in ({}, {"vae": tiny_vae().to(torch.bfloat16)}):
+        got = half.encode_images(pixels, **kw).double()
+        assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() > 0.99, kw
