@@ -248,13 +248,22 @@ class LatentSafetyChecker:
     @torch.no_grad()
     def scores(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, K) float32 cosine margins, one column per category."""
-        img = self._clip.image_features(latents).float()
-        return self.concepts.margins(img @ self.concepts.features.float().T)
+        return self.scores_of_features(self._clip.image_features(latents))
+
+    def scores_of_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """:meth:`scores` from normalised image features (``encode_latents``'s, in this checker's space), for
+        callers that use the features for more than this (one tower forward for several scores)."""
+        feats = feats.float()
+        return self.concepts.margins(feats @ self.concepts.features.to(feats).T)
+
+    def flags(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, K) bool: a score over its threshold. Fails closed: a NaN/Inf score (NaN/Inf latents unchecked, or
+        overflow in the tower) flags its category."""
+        return (scores > self.thresholds.to(scores.device)) | ~torch.isfinite(scores)
 
     def __call__(self, latents: torch.Tensor) -> SafetyCheck:
         scores = self.scores(latents)
-        # Fail closed: a NaN/Inf score (NaN/Inf latents unchecked, or overflow in the tower) flags its category.
-        flags = (scores > self.thresholds.to(scores.device)) | ~torch.isfinite(scores)
+        flags = self.flags(scores)
         flagged = flags.any(dim=1)
         out, blanked = latents, torch.zeros_like(flagged)
         if self.blank is not None:

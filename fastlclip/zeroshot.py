@@ -71,8 +71,12 @@ class ZeroShotClassifier:
 
     def logits(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT) -> torch.Tensor:
         """(B, classes) logits; ``resize``: the latent-grid policy (``LatentCLIP.encode_latents``)."""
-        feats = self.model.encode_latents(latents, space=space, resize=resize).float()
-        return self.model.logit_scale.exp().float() * feats @ self.weights.T
+        return self.logits_of_features(self.model.encode_latents(latents, space=space, resize=resize))
+
+    def logits_of_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, classes) logits of normalised image features (``encode_latents``'s), for callers that use the
+        features for more than this (one tower forward for several scores)."""
+        return self.model.logit_scale.exp().float() * feats.float() @ self.weights.to(feats.device).T
 
     def probs(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT) -> torch.Tensor:
         """(B, classes) softmax probabilities."""

@@ -374,3 +374,17 @@ def test_callback_in_the_diffusers_sdxl_pipeline(tmp_path):
         assert 0.5 < (after - before).norm().item() <= 1.5 + 1e-4  # three steps of 0.5, not all in one direction
     torch.testing.assert_close(out, calls[-1][2], rtol=0, atol=0)  # the pipeline returns the guided latents
     assert (out - plain).abs().max() > 0.1
+
+
+def test_checker_and_classifier_score_features_as_they_score_latents(model):
+    """One tower forward for several scores (corpus scoring): the feature-level entry points equal the
+    latent-level ones, NaN features included (they flag)."""
+    checker = fastlclip.LatentSafetyChecker(model)
+    clf = fastlclip.ZeroShotClassifier(model, ["cat", "dog"], ["a photo of a {}."])
+    latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        feats = model.encode_latents(latents)
+        torch.testing.assert_close(checker.scores_of_features(feats), checker.scores(latents))
+        torch.testing.assert_close(clf.logits_of_features(feats), clf.logits(latents))
+        flags = checker.flags(checker.scores_of_features(torch.full_like(feats, float("nan"))))
+    assert torch.equal(checker(latents).flags, checker.flags(checker.scores(latents))) and flags.all()

@@ -113,18 +113,15 @@ class Scorer:
             for i in range(cos.shape[1]):
                 out[f"clip_cos_{i}"] = cos[:, i]
         if self.classifier is not None:
-            logits = self.model.logit_scale.exp().float() * feats @ self.classifier.weights.to(feats).T
-            probs = logits.softmax(dim=-1).cpu().numpy()
+            probs = self.classifier.logits_of_features(feats).softmax(dim=-1).cpu().numpy()
             for i, c in enumerate(self.spec.classes):
                 out[f"prob_{c}"] = probs[:, i]
             out["label"] = np.asarray(self.spec.classes, dtype=object)[probs.argmax(axis=1)]
-        if self.checker is not None:
-            check = self.checker(latents)
-            scores = check.scores.float()
-            flag = check.flagged | scores.isnan().any(dim=1)  # NaN margins flag: fail closed
-            for i, c in enumerate(check.categories):
+        if self.checker is not None:  # from the same features: one tower forward per batch
+            scores = self.checker.scores_of_features(feats)
+            for i, c in enumerate(self.checker.categories):
                 out[f"safety_{c}"] = scores[:, i].cpu().numpy()
-            out["safety_flag"] = flag.cpu().numpy()
+            out["safety_flag"] = self.checker.flags(scores).any(dim=1).cpu().numpy()  # NaN flags: fail closed
         if self.spec.embeddings:
             out["embedding"] = feats.half().cpu().numpy()
         return out
