@@ -601,3 +601,16 @@ def test_tokenize_boundaries():
         fastlclip.tokenize([])
     with pytest.raises(TypeError, match="got int"):
         fastlclip.tokenize(["a cat", 3])
+
+
+def test_latent_batch_checks_finiteness_unless_told_not_to():
+    nan = torch.full((1, 4, 8, 8), float("nan"))
+    with pytest.raises(ValueError, match="NaN or Inf; check the sampler or VAE"):
+        fastlclip.inputs.check_latent_batch(nan, channels=4, expects="the model expects", rgb_hint="")
+    fastlclip.inputs.check_latent_batch(nan, channels=4, expects="the model expects", rgb_hint="", check_finite=False)
+
+
+def test_pixels_exactly_at_the_tolerance_pass():
+    """The range check allows 1e-3 either side, bounds included (float64 holds them exactly)."""
+    for value in (1 + 1e-3, -1e-3):
+        fastlclip.inputs.check_pixels(torch.full((1, 3, 8, 8), value, dtype=torch.float64))

@@ -332,3 +332,13 @@ def test_gpu_backends_at_1024px_match_eager(backend, shape):
         loss, grad = step()
     assert abs(loss.item() - want_loss.item()) < 0.05
     assert F.cosine_similarity(grad.flatten(), want_grad.flatten(), dim=0) >= 0.999
+
+
+def test_forward_passes_the_resize_policy():
+    model = load()
+    x = torch.randn(2, 4, 24, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        img, _, _ = model(x, resize="interpolate")
+        torch.testing.assert_close(img, model.encode_latents(x, resize="interpolate"))
+        with pytest.raises(ValueError, match="resize="):
+            model(x)
