@@ -342,3 +342,12 @@ def test_forward_passes_the_resize_policy():
         torch.testing.assert_close(img, model.encode_latents(x, resize="interpolate"))
         with pytest.raises(ValueError, match="resize="):
             model(x)
+
+
+def test_a_rewards_own_resize_overrides_the_models_default():
+    model = load()  # default resize=None: other grids are refused unless the reward says how
+    x = torch.randn(1, 4, 24, 16, generator=torch.Generator().manual_seed(6))
+    reward = fastlclip.LatentCLIPReward(model, resize="interpolate")
+    with torch.no_grad():
+        img = F.normalize(model.encode_latents(x, normalize=False, resize="interpolate").float(), dim=-1)
+        torch.testing.assert_close(reward.image_features(x), img)
