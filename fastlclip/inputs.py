@@ -83,6 +83,12 @@ def check_pixels(pixels: torch.Tensor) -> None:
         raise ValueError(f"pixels must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; map [-1, 1] images with (x + 1) / 2")
 
 
+def check_prompt(prompt) -> None:
+    """A prompt is a non-empty string: an empty one is a mistake, not the unconditional text."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+
+
 def prompt_list(prompts: str | Sequence[str], batch: int) -> list[str]:
     """One prompt for the whole batch (a str or a 1-list), or one per latent."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)

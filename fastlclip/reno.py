@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .inputs import check_prompt
 from .model_configs import sdxl_unet_config, sdxl_vae_config
 from .runtime import runtime_of
 
@@ -248,7 +249,7 @@ class OneStepGenerator(nn.Module):
 
     def encode_prompt(self, prompt: str) -> PromptConditioning:
         """UNet conditioning for ``prompt``: the SDXL text encoders, or seeded random embeddings without them."""
-        _check_prompt(prompt)
+        check_prompt(prompt)
         cfg = self.unet.config
         if self._prompt_encoder is None:
             g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little"))
@@ -404,11 +405,6 @@ class ReNOResult:
     random_prompt: bool = False
 
 
-def _check_prompt(prompt: Any) -> None:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-
-
 class _Health:
     """Per-iteration finiteness of noise, latents, regulariser and gradient, kept on the device: ``optimize`` reads it
     only after a non-finite loss or an error, to say which of them went first and which setting to change."""
@@ -484,7 +480,7 @@ def optimize(generator: OneStepGenerator, rewards: Reward | Sequence[Reward], pr
     """
     if not isinstance(generator, OneStepGenerator):
         raise TypeError(f"generator must be a OneStepGenerator, got {type(generator).__name__}")
-    _check_prompt(prompt)
+    check_prompt(prompt)
     if isinstance(rewards, WeightedReward):
         combined = rewards
     else:

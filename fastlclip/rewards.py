@@ -47,9 +47,8 @@ class _CLIPReward:
         """Normalised (N, D) text features, each prompt encoded once, in the model's own precision (never
         under the caller's autocast: the cache outlives the call), and cached."""
         new = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        for p in new:  # as reno.optimize: an empty prompt is a mistake, not the unconditional text
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"prompt must be a non-empty string, got {p!r}")
+        for p in new:
+            inputs.check_prompt(p)
         if new:
             # Not inference tensors, even under torch.inference_mode: later calls may need them in autograd.
             device_type = self.model.logit_scale.device.type

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .grids import MODEL_DEFAULT
 from .model import LatentCLIP
-from .inputs import prompt_list
+from .inputs import check_prompt, prompt_list
 from .loss import clip_loss, logit_scale_exp
 from .rewards import LatentCLIPReward
 
@@ -160,8 +160,7 @@ class SafetyCallback:
         if not 0 <= start < 1:
             raise ValueError(f"start must be a fraction of the schedule in [0, 1), got {start!r}")
         for p in [prompt] if isinstance(prompt, str) else list(prompt):
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"prompt must be a non-empty string, got {p!r}")
+            check_prompt(p)
         self.guidance, self.prompt = guidance, prompt
         self.steps, self.step_size, self.start = steps, float(step_size), float(start)
 
