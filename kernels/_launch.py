@@ -135,14 +135,17 @@ class Launcher:
         self.interpreter_config = interpreter_config
         self._tuned: dict[tuple[str, int], object] = {}
 
-    def __call__(self, grid: Callable[[dict], tuple], device: torch.device, *args, size_hint: int, **kwargs) -> None:
+    def __call__(self, grid: Callable[[dict], tuple], device: torch.device, *args, size_hint: int, **kwargs) -> dict:
+        """Launches the kernel; returns the meta-parameters (block sizes) it ran with."""
         if INTERPRET:
             meta = self.interpreter_config
             self.kernel[grid({**kwargs, **meta})](*args, **kwargs, **meta)
-            return
+            return meta
         with torch.cuda.device(device):
             try:
-                self._autotuner(device, triton.next_power_of_2(size_hint))[grid](*args, **kwargs)
+                tuner = self._autotuner(device, triton.next_power_of_2(size_hint))
+                tuner[grid](*args, **kwargs)
+                return tuner.best_config.kwargs
             except (OutOfResources, PTXASError) as e:  # the autotuner skips such configs; here every one failed
                 name = getattr(self.kernel, "__name__", "the kernel")
                 raise NoConfigFits(f"no launch config of {name} fits {_gpu_name(device.index)}: {e}") from e

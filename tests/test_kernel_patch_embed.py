@@ -16,6 +16,7 @@ DEVICE = kernel_device()
 
 # Max abs error allowed, relative to max(1, |reference|).
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+WGRAD_PTRS = dict(dy_ptr="fp32", dlnw_ptr="fp32", dlnb_ptr="fp32")
 PARAM_NAMES = ("conv_weight", "class_embedding", "pos_embedding", "ln_weight", "ln_bias")
 
 
@@ -62,12 +63,12 @@ def assert_close(got, want, dtype, what):
     assert err < TOL[dtype], f"{what}: relative max error {err:.3g} >= {TOL[dtype]}"
 
 
-def check(latents64, params64, latent_dtype, weight_dtype, scale, params_grad=()):
+def check(latents64, params64, latent_dtype, weight_dtype, scale, params_grad=(), latent_grad=True):
     """Fused forward + latent (and optionally weight) gradients against float64."""
-    latents = latents64.to(latent_dtype).requires_grad_()  # .to keeps the stride layout
+    latents = latents64.to(latent_dtype).requires_grad_(latent_grad)  # .to keeps the stride layout
     params = [p.to(weight_dtype).requires_grad_(name in params_grad) for name, p in zip(PARAM_NAMES, params64)]
     out = patch_embed(latents, *params, scale=scale)
-    lat64 = latents.detach().double().requires_grad_()
+    lat64 = latents.detach().double().requires_grad_(latent_grad)
     p64 = [p.detach().double().requires_grad_(p.requires_grad) for p in params]
     want = reference(lat64, *p64, scale=scale)
     assert out.shape == want.shape and out.dtype == weight_dtype
@@ -75,11 +76,13 @@ def check(latents64, params64, latent_dtype, weight_dtype, scale, params_grad=()
     grad = torch.randn(want.shape, dtype=torch.float64, device=DEVICE)
     out.backward(grad.to(weight_dtype))
     want.backward(grad)
-    assert latents.grad.dtype == latent_dtype and latents.grad.shape == latents.shape
-    assert_close(latents.grad, lat64.grad, weight_dtype, "d_latents")
+    if latent_grad:
+        assert latents.grad.dtype == latent_dtype and latents.grad.shape == latents.shape
+        assert_close(latents.grad, lat64.grad, weight_dtype, "d_latents")
     for name, p, ref in zip(PARAM_NAMES, params, p64):
         if name in params_grad:
             assert p.grad is not None and p.grad.abs().max() > 0, f"{name}: missing gradient"
+            assert p.grad.dtype == p.dtype and p.grad.shape == p.shape
             assert_close(p.grad, ref.grad, weight_dtype, f"d_{name}")
         else:
             assert p.grad is None
@@ -111,6 +114,32 @@ def test_patch_embed_matches_float64(shape, layout, latent_dtype, weight_dtype, 
 def test_patch_embed_weight_gradients(params_grad):
     latents64, params64 = make_inputs(2, 4, 16, 24, 8, 32, seed=11, layout="channels_last")
     check(latents64, params64, torch.float32, torch.float32, 0.9, params_grad=params_grad)
+
+
+@pytest.mark.parametrize("shape, layout, dtype, latent_grad", [
+    ((3, 4, 64, 64, 8, 40), "sliced", torch.float32, True),  # 65 tokens, batch 3, width not 2^n
+    ((3, 4, 64, 64, 8, 40), "channels_last", torch.float16, False),  # training: frozen latents
+    ((3, 4, 64, 64, 4, 24), "sliced", torch.float32, False),  # 257 tokens
+    ((3, 4, 66, 67, 4, 24), "channels_last", torch.float16, True),  # 257 tokens, ragged edges
+])
+def test_fused_weight_gradients_match_float64(monkeypatch, shape, layout, dtype, latent_grad):
+    """Training: every weight's gradient comes from the fused backward (the PyTorch path is never run), at odd
+    sizes, against float64."""
+    def unfused(*args, **kwargs):
+        raise AssertionError("the fused backward ran the PyTorch path")
+
+    monkeypatch.setattr(patch_embed_module, "patch_embed_torch", unfused)
+    latents64, params64 = make_inputs(*shape, seed=sum(shape), layout=layout)
+    check(latents64, params64, dtype, dtype, 1 / 0.13025, params_grad=PARAM_NAMES, latent_grad=latent_grad)
+
+
+def test_pytorch_path_weight_gradients_match_float64(monkeypatch):
+    """Without usable Triton the PyTorch path gives the same gradients (65 tokens, batch 3, non-contiguous)."""
+    monkeypatch.setattr(_launch, "kernels_available", lambda device: False)
+    monkeypatch.setattr(_launch, "_WARNED", set())
+    latents64, params64 = make_inputs(3, 4, 64, 64, 8, 40, seed=21, layout="sliced")
+    with pytest.warns(RuntimeWarning, match="using the PyTorch path"):
+        check(latents64, params64, torch.float32, torch.float32, 0.7, params_grad=PARAM_NAMES)
 
 
 @pytest.mark.skipif(not _launch.INTERPRET, reason="on a GPU the autotuner picks among these configs itself")
@@ -173,8 +202,9 @@ def test_kernels_compile_for_gpu():
     cases = [
         ("_patch_embed_fwd_kernel", dict(params, x_ptr="fp32", lnb_ptr="bf16", out_ptr="bf16"), ("scale", "eps"),
          blocks),
-        ("_patch_embed_bwd_kernel", dict(params, x_ptr="fp32", dout_ptr="bf16", dx_ptr="fp32"), ("scale", "eps"),
-         blocks),
+        *(("_patch_embed_bwd_kernel", dict(params, x_ptr="fp32", dout_ptr="bf16", dx_ptr="fp32", **WGRAD_PTRS),
+           ("scale", "eps"), dict(blocks, LATENT_GRAD=latent, WEIGHT_GRAD=weight))
+          for latent, weight in ((True, False), (False, True), (True, True))),
     ]
     options = dict(num_warps=8, num_stages=2)
     compile_kernels_for_gpu("fastlclip.kernels.fused_patch_embed", [(*case, options) for case in cases], arch=90)
@@ -196,7 +226,8 @@ def test_shared_memory_per_architecture():
                       PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
         params = dict(x_ptr="fp32", w_ptr=dtype, cls_ptr=dtype, pos_ptr=dtype, lnw_ptr=dtype)
         cases += [("_patch_embed_fwd_kernel", dict(params, lnb_ptr=dtype, out_ptr=dtype), ("scale", "eps"), blocks, options),
-                  ("_patch_embed_bwd_kernel", dict(params, dout_ptr=dtype, dx_ptr="fp32"), ("scale", "eps"), blocks, options)]
+                  ("_patch_embed_bwd_kernel", dict(params, dout_ptr=dtype, dx_ptr="fp32", **WGRAD_PTRS), ("scale", "eps"),
+                   dict(blocks, LATENT_GRAD=True, WEIGHT_GRAD=False), options)]
     fwd32, bwd32, fwd16, bwd16 = compile_kernels_for_gpu("fastlclip.kernels.fused_patch_embed", cases, arch=86)
     assert max(fwd32, fwd16, bwd16) <= limits[86]
     assert limits[86] < bwd32 <= limits[80] <= limits[90]
@@ -215,7 +246,7 @@ def test_backward_falls_back_where_no_config_fits(monkeypatch):
     latents, params = latents.float().requires_grad_(True), [p.float() for p in params]
     grad_out = torch.randn(2, 1 + 2 * 3, 32, dtype=torch.float64)
     want = torch.autograd.grad(reference(latents, *params, scale=0.5), latents, grad_out)[0]
-    with pytest.warns(RuntimeWarning, match="latent gradient for width 32 in torch.float32 runs unfused"):
+    with pytest.warns(RuntimeWarning, match="gradients for width 32 in torch.float32 run unfused"):
         (got,) = torch.autograd.grad(patch_embed(latents, *params, scale=0.5), latents, grad_out.float())
     assert (got.double() - want).abs().max() < 1e-4 * max(1.0, want.abs().max().item())
     with warnings.catch_warnings():
