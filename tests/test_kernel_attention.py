@@ -187,3 +187,51 @@ def test_kernels_compile_for_gpu():
     ]
     options = dict(num_warps=4, num_stages=2)
     compile_kernels_for_gpu("fastlclip.kernels.flash_attention", [(*case, options) for case in cases], arch=90)
+
+
+def _attention_block_float64(x, w_in, b_in, w_out, b_out, heads, causal):
+    """float64 open_clip attention: packed in_proj, softmax attention, out_proj (no SDPA, no kernel)."""
+    batch, length, width = x.shape
+    q, k, v = split(x @ w_in.T + b_in, heads)
+    return reference(q, k, v, causal).reshape(batch, length, width) @ w_out.T + b_out
+
+
+@pytest.mark.parametrize("length, heads, dtype, causal, fused", [
+    (65, 2, torch.float32, False, True),
+    (257, 1, torch.float16, False, True),  # one head: interpreter time
+    (77, 2, torch.float32, True, True),
+    (65, 2, torch.float32, False, False),  # the PyTorch path (no usable Triton)
+])
+def test_attention_feeds_in_proj_weight_gradients(monkeypatch, length, heads, dtype, causal, fused):
+    """Training: the kernel has no weights, so its q/k/v gradient must reach the packed in_proj's weight and bias
+    (and out_proj's, and the input's) exactly as float64 autograd gives them; batch 3, non-contiguous input."""
+    from fastlclip.model import PackedAttention
+
+    if not fused:
+        monkeypatch.setattr(_launch, "kernels_available", lambda device: False)
+        monkeypatch.setattr(_launch, "_WARNED", set())
+    width = 16 * heads
+    torch.manual_seed(length)
+    module = PackedAttention(width, heads).double()
+    with torch.no_grad():
+        module.in_proj_bias.normal_()
+    module = module.to(DEVICE, dtype)
+    module.attention_fn = attention_packed
+    x64 = torch.randn(length, 3, width, dtype=torch.float64, device=DEVICE).transpose(0, 1)  # (B, L, W), strided
+    x = x64.to(dtype).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = module(x, causal)
+    params = dict(module.named_parameters())
+    p64 = {name: p.detach().double().requires_grad_() for name, p in params.items()}
+    xd = x.detach().double().requires_grad_()
+    want = _attention_block_float64(xd, p64["in_proj_weight"], p64["in_proj_bias"], p64["out_proj.weight"],
+                                    p64["out_proj.bias"], heads, causal)
+    assert_close(out, want, dtype, "out")
+    grad = torch.randn(want.shape, dtype=torch.float64, device=DEVICE)
+    out.backward(grad.to(dtype))
+    want.backward(grad)
+    assert_close(x.grad, xd.grad, dtype, "d_x")
+    for name, p in params.items():
+        assert p.grad is not None and p.grad.dtype == dtype, name
+        assert_close(p.grad, p64[name].grad, dtype, f"d_{name}")
