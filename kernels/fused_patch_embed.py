@@ -19,19 +19,24 @@ from ._launch import Launcher, dot, tl, triton
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 2048  # one program holds a (BLOCK_M, next_pow2(width)) fp32 tile in registers
 
-# Shared memory grows with next_pow2(width) x (BLOCK_M + BLOCK_K x stages). Measured with Triton 3.8's
-# compiler at width 768 (tests/test_kernel_patch_embed.py checks the first row): the smallest config needs
-# 64 KiB (bf16) / 128 KiB (fp32) in the backward, so an fp32 backward at width 768 fits sm_80 (163 KiB)
-# and sm_90 (227 KiB) but not sm_86/sm_89 (99 KiB: A10, L4, RTX 4090, L40S), where it runs unfused (see
-# _backward_latents); every forward and every bf16/fp16 config list has a member that fits all three.
-_CONFIGS = [
-    dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=1),
-    dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
+# Launch configs, kept by compiling every candidate with Triton 3.8's compiler for sm_90 at width 768 (every
+# shipped image tower) in bf16 and fp32 and reading ptxas's report: each one listed here neither spills registers
+# nor exceeds sm_90's shared memory there (tests/test_kernel_patch_embed.py compiles them again). Candidates that
+# spilled (e.g. BLOCK_M=32 or BLOCK_K=64 at 8 warps, any 4-warp config: a (BLOCK_M, 1024) fp32 tile is 128
+# registers a thread at 4 warps) are gone. At other widths and on other GPUs, ``_estimate`` prunes the configs
+# that would not fit before anything is compiled.
+_FWD_CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_K=16, num_warps=8, num_stages=1),
+    dict(BLOCK_M=16, BLOCK_K=16, num_warps=8, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_K=32, num_warps=8, num_stages=2),
     dict(BLOCK_M=16, BLOCK_K=32, num_warps=8, num_stages=3),
-    dict(BLOCK_M=16, BLOCK_K=64, num_warps=8, num_stages=2),
-    dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=2),
-    dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=32, BLOCK_K=32, num_warps=16, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_K=16, num_warps=16, num_stages=2),
+]
+# The backward holds about twice the forward's fp32 tiles (normalized tokens and their gradient).
+_BWD_CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_K=16, num_warps=8, num_stages=1),
+    dict(BLOCK_M=16, BLOCK_K=16, num_warps=8, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_K=32, num_warps=8, num_stages=2),  # narrower towers only: pruned at width 768
 ]
 _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_K=32)
 
@@ -138,17 +143,16 @@ def _patch_embed_bwd_kernel(
     lnw = tl.load(lnw_ptr + cols * stride_lnw, mask=col_ok, other=0.0).to(tl.float32)
     dout = tl.load(dout_ptr + b.to(tl.int64)[:, None] * stride_dob + t[:, None] * stride_dot
                    + cols[None, :] * stride_dow, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    if WEIGHT_GRAD:  # this block's share of the LayerNorm weight and bias gradients: one row of partial sums each
+        tl.store(dlnw_ptr + tl.program_id(0) * WIDTH + cols, tl.sum(dout * xhat, axis=0), mask=col_ok)
+        tl.store(dlnb_ptr + tl.program_id(0) * WIDTH + cols, tl.sum(dout, axis=0), mask=col_ok)
     g = dout * lnw[None, :]
     mean_g = tl.sum(g, axis=1) / WIDTH
     mean_gx = tl.sum(g * xhat, axis=1) / WIDTH
     dy = tl.where(col_ok[None, :], (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None], 0.0)
-    if WEIGHT_GRAD:
-        # dy (fp32, one row per token) feeds the conv, class and positional gradients; this block's share of the
-        # LayerNorm weight and bias gradients is one row of partial sums each.
+    if WEIGHT_GRAD:  # dy (fp32, one row per token) feeds the conv, class and positional gradients
         tl.store(dy_ptr + rows.to(tl.int64)[:, None] * WIDTH + cols[None, :], dy,
                  mask=row_ok[:, None] & col_ok[None, :])
-        tl.store(dlnw_ptr + tl.program_id(0) * WIDTH + cols, tl.sum(dout * xhat, axis=0), mask=col_ok)
-        tl.store(dlnb_ptr + tl.program_id(0) * WIDTH + cols, tl.sum(dout, axis=0), mask=col_ok)
     if LATENT_GRAD:
         # d patch = dy @ W, scattered back to the latent pixels, times scale.
         dy = dy.to(w_ptr.dtype.element_ty)
@@ -167,8 +171,29 @@ def _patch_embed_bwd_kernel(
                      mask=is_patch[:, None] & k_ok[None, :])
 
 
-_fwd = Launcher(_patch_embed_fwd_kernel, _CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG)
-_bwd = Launcher(_patch_embed_bwd_kernel, _CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG)
+def _estimate(backward: bool):
+    """``(shared bytes, registers per thread)`` a config needs, estimated from its tiles (see ``_launch.fits``).
+
+    Registers: 64 for addresses and scalars, plus the fp32 (BLOCK_M, BLOCK_W) tiles a thread holds (one in the
+    forward, two in the backward) and its share of the (BLOCK_K, BLOCK_W) weight tile, counted at 2 bytes an
+    element in every dtype (fp32 ``ieee`` products stream it). Shared memory: the weight tile (pipelined over
+    ``num_stages - 1`` buffers in fp32), the backward's (BLOCK_M, BLOCK_W) gradient operand, the latent tiles
+    and 4 KiB of scratch. Calibrated on the compiled sizes at width 768 (tests/test_kernel_patch_embed.py): no
+    config estimated to fit spilled or overflowed, every one estimated not to did.
+    """
+    def estimate(config: dict, args: dict) -> tuple[int, int]:
+        bm, bk, bw = config["BLOCK_M"], config["BLOCK_K"], args["BLOCK_W"]
+        stages, threads = config.get("num_stages", 2), 32 * config.get("num_warps", 4)
+        elt = _launch.element_size(args["w_ptr"])
+        registers = 64 + ((2 if backward else 1) * bm * bw * 4 + bk * bw * 2) // (4 * threads)
+        weight_buffers = max(1, stages - 1) if elt == 4 else 1
+        shared = bk * bw * elt * weight_buffers + (bm * bw * elt if backward else 0) + bm * bk * elt * stages + 4096
+        return shared, registers
+    return estimate
+
+
+_fwd = Launcher(_patch_embed_fwd_kernel, _FWD_CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG, _estimate(False))
+_bwd = Launcher(_patch_embed_bwd_kernel, _BWD_CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG, _estimate(True))
 
 
 def _check_inputs(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias) -> None:

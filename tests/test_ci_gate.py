@@ -67,12 +67,79 @@ def test_gate_passes_on_a_5_percent_slowdown_and_without_one(baseline):
         assert "PASSED against" in proc.stdout
 
 
-def test_gate_without_a_baseline_says_so_and_runs(tmp_path):
+def _fake_suite(tmp_path, test_code=BENCHMARK):
     (tmp_path / "fake_timer.py").write_text(textwrap.dedent(FAKE_TIMER))
-    (tmp_path / "test_fake_benchmark.py").write_text(textwrap.dedent(BENCHMARK))
+    (tmp_path / "test_fake_benchmark.py").write_text(textwrap.dedent(test_code))
+
+
+def test_gate_without_a_baseline_compared_nothing_and_fails(tmp_path):
+    _fake_suite(tmp_path)
     proc = _gate(tmp_path, 0.010)
-    assert proc.returncode == 0 and "no baseline at" in proc.stdout
-    assert (tmp_path / "run.json").is_file()
+    assert proc.returncode == 1 and "FAILED: no baseline at" in proc.stdout and "nothing was compared" in proc.stdout
+    assert (tmp_path / "run.json").is_file()  # the run's timings are kept for the refresh
+
+
+def test_gate_fails_when_every_test_is_skipped(baseline):
+    """No CUDA device: every GPU test skips, pytest exits 0, and the gate must not pass."""
+    (baseline / "test_fake_benchmark.py").write_text(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.skip(reason="needs a CUDA GPU")
+        def test_kernel(benchmark):
+            benchmark(lambda: None)
+    """))
+    proc = _gate(baseline, 0.010)
+    assert proc.returncode == 1 and "FAILED: no test ran (1 skipped)" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_gate_fails_when_tests_ran_but_no_benchmark(baseline):
+    (baseline / "test_fake_benchmark.py").write_text("def test_correct():\n    assert True\n")
+    proc = _gate(baseline, 0.010)
+    assert proc.returncode == 1 and "but no benchmark did" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_gate_fails_when_no_benchmark_is_in_the_baseline(baseline):
+    (baseline / "test_fake_benchmark.py").write_text(textwrap.dedent(BENCHMARK).replace("test_kernel", "test_other"))
+    proc = _gate(baseline, 0.010)
+    assert proc.returncode == 1 and "none of this run's 1 benchmarks is in the baseline" in proc.stdout
+
+
+@pytest.mark.parametrize("content, why", [
+    (bytes(range(256)) * 4, "not JSON"),
+    (b"[]", "no benchmarks in it"),
+    (b'{"benchmarks": []}', "no benchmarks in it"),
+    (b'{"benchmarks": [{"fullname": "t.py::test_kernel", "stats": {"median": "fast"}}]}', "no positive finite median"),
+    (b'{"benchmarks": [{"fullname": "t.py::test_kernel", "stats": {"median": 0}}]}', "no positive finite median"),
+    (b'{"benchmarks": [{"stats": {"median": 1.0}}]}', "has no fullname"),
+])
+def test_bad_baseline_is_one_line_and_exit_2_before_running(tmp_path, content, why):
+    _fake_suite(tmp_path, "raise SystemExit('the tests ran')\n")
+    (tmp_path / "baseline.json").write_bytes(content)
+    proc = _gate(tmp_path, 0.010)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and f"baseline {tmp_path / 'baseline.json'}: " in proc.stderr and why in proc.stderr
+    assert "--refresh" in proc.stderr
+
+
+def test_refresh_that_measured_nothing_keeps_the_old_baseline(baseline):
+    before = (baseline / "baseline.json").read_bytes()
+    (baseline / "test_fake_benchmark.py").write_text("def test_correct():\n    assert True\n")
+    proc = _gate(baseline, 0.020, "--refresh")
+    assert proc.returncode == 1 and "no benchmark did" in proc.stdout
+    assert (baseline / "baseline.json").read_bytes() == before
+
+
+def test_gate_runs_every_gpu_marked_test_file(monkeypatch, tmp_path):
+    """By default the gate runs `pytest -m gpu` over all of tests/, so the gpu-marked tests outside tests/gpu run."""
+    from bench import ci_gate
+
+    calls = []
+    monkeypatch.setattr(ci_gate.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
+    assert ci_gate.main(["--baseline", str(tmp_path / "none.json"), "--json", str(tmp_path / "run.json")]) == 1
+    cmd = calls[0]
+    assert cmd[cmd.index("no:cacheprovider") + 1] == "tests" and cmd[-2:] == ["-m", "gpu"]
+    for name in ("runtime", "model", "latent_grids", "reno", "bench_reno_cost"):
+        assert "pytest.mark.gpu" in (ROOT / f"tests/test_{name}.py").read_text(), name
 
 
 def test_workflow_runs_the_gate_on_a_self_hosted_gpu_runner():
