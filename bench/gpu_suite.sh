@@ -109,8 +109,9 @@ JOBS=$(nproc)
 run_part() {
   case "$1" in
   quick)  # 30 s install + 50 + 90 + 60 + 120 = 350 s (estimates)
-    # 69 kernel compiles (bench.precompile --list counts them) of 4-33 s of CPU each, measured with Triton's compiler
-    # for sm_90 on a CPU; over 16 processes, plus 15 s of imports per process: about 50 s.
+    # 42 jobs (bench.precompile --list) of about 81 kernel compiles in all (attention: 20 configs at each of 3
+    # lengths; patch embedding: 5 forward + 2 backward at each of 3 shapes), 4-30 s of CPU each by Triton's compiler
+    # for sm_90 on a CPU: over 16 processes about 5 rounds of 10 s, plus 15 s of imports: about 65 s.
     step quick_compile  90 python3 -m bench.precompile --jobs "$JOBS" --batch 8 --lengths 65 257 77
     # compiled already: model builds, warm-up, timing of 3 backends and 2 baselines at batch 1: 60 s
     step quick_reward   90 python3 -m bench.reward --quick --models Latent-ViT-B-8-512 --backends eager triton graph \

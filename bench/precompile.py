@@ -75,6 +75,8 @@ def run_case(case: tuple, index: int) -> tuple[tuple, int, float, str | None]:
         error = None
     except Exception as e:  # noqa: BLE001 - reported; the other jobs go on
         error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+    finally:
+        _launch.FORCE_CONFIG = None
     return case, index, time.perf_counter() - t0, error
 
 

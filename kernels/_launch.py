@@ -113,6 +113,26 @@ def dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 INTERPRET = HAS_TRITON and type(dot).__name__ == "InterpretedFunction"
 
 
+def interpreter_numpy_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter will fail with this NumPy, or None. Triton 3.6's interpreter fails with
+    NumPy >= 2.4 (``TypeError: only 0-dimensional arrays can be converted to Python scalars`` at a
+    ``range(0, K, ...)`` loop); 3.8's does not; 3.7 was not tried."""
+    def version(text):
+        return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
+
+    if version(triton_version) < (3, 7) and version(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) fails with NumPy {numpy_version}: "
+                "install 'numpy<2.4', or Triton >= 3.8 (whose interpreter works with it)")
+    return None
+
+
+if INTERPRET:
+    import numpy
+
+    if _problem := interpreter_numpy_problem(triton.__version__, numpy.__version__):
+        warnings.warn(_problem, RuntimeWarning, stacklevel=2)
+
+
 class NoConfigFits(RuntimeError):
     """Every launch config of a kernel needs more shared memory or registers than this GPU has."""
 
@@ -137,19 +157,25 @@ class Launcher:
     """
 
     def __init__(self, kernel, configs: list[dict], key: list[str], interpreter_config: dict,
-                 estimate: Callable[[dict, dict], tuple[int, int]] | None = None):
+                 estimate: Callable[[dict, dict], tuple[int, int]] | None = None, keep_smallest: bool = False):
         self.kernel = kernel
         self.configs = configs
         self.key = key
         self.interpreter_config = interpreter_config
         self.estimate = estimate
+        self.keep_smallest = keep_smallest
         self._tuned: dict[tuple, object] = {}
 
     def fitting(self, args: dict, shared_limit: int) -> list[dict]:
-        """The configs whose estimated shared memory and registers fit (see :func:`fits`)."""
+        """The configs whose estimated shared memory and registers fit (see :func:`fits`); when none does and
+        ``keep_smallest`` (a kernel without a fallback), the one with the least estimated shared memory, which
+        the compiler and the loader then judge."""
         if self.estimate is None:
             return list(self.configs)
-        return [c for c in self.configs if fits(*self.estimate(c, args), c.get("num_warps", 4), shared_limit)]
+        kept = [c for c in self.configs if fits(*self.estimate(c, args), c.get("num_warps", 4), shared_limit)]
+        if not kept and self.keep_smallest:
+            kept = [min(self.configs, key=lambda c: self.estimate(c, args))]
+        return kept
 
     def _prune(self, device: torch.device):
         limit = max_shared_memory(device.index)

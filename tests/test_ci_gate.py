@@ -150,7 +150,7 @@ def test_workflow_runs_the_gate_on_a_self_hosted_gpu_runner():
 
 
 def test_gpu_suite_parts_and_summary(tmp_path):
-    proc = subprocess.run(["bash", "bench/gpu_suite.sh", "nope"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(["bash", "bench/gpu_suite.sh", "nope", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown part" in proc.stderr
     text = (ROOT / "bench/gpu_suite.sh").read_text()
     assert "quick)" in text and all(f"full{i})" in text for i in range(1, 6))
@@ -158,3 +158,56 @@ def test_gpu_suite_parts_and_summary(tmp_path):
 
     out = suite_summary.summary(tmp_path)  # a call whose steps all failed: said, never filled in
     assert "no reward JSON" in out and "no kernels JSON" in out and "no reno_cost JSON" in out
+
+
+def _no_gpu() -> bool:
+    import shutil
+
+    return shutil.which("nvidia-smi") is None or subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode != 0
+
+
+@pytest.mark.skipif(not _no_gpu(), reason="a GPU is visible: the suite would run")
+def test_gpu_suite_without_cuda_says_so_in_one_line_and_fails(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "bench/gpu_suite.sh", "quick", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "no CUDA device" in proc.stderr and "nothing was run" in proc.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_gpu_suite_needs_an_output_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run(["bash", "bench/gpu_suite.sh", "quick"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no output folder given" in proc.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = subprocess.run(["bash", "bench/gpu_suite.sh", "quick", str(blocker / "out")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not writable" in proc.stderr
+
+
+def test_gpu_suite_speaks_of_itself_only():
+    """Its header describes the offline route in neutral terms (which wheels, installed without an index), and it
+    writes only into the output folder it is given: one archive and one summary per part."""
+    text = (ROOT / "bench/gpu_suite.sh").read_text()
+    for foreign in ("../shared", "run(", "carry=", "/tmp/", "device tool"):
+        assert foreign not in text, foreign
+    assert "pip download" in text and "--no-index" in text and ".whl" in text
+    assert 'results-$PART.tgz' in text and 'summary-$PART.txt' in text
+    assert "mktemp -d" in text  # staging outside $OUT: at most two files come back, none nested
+
+
+def test_precompile_lists_its_jobs_and_reports_a_failed_one():
+    from bench import precompile
+
+    proc = subprocess.run([sys.executable, "-m", "bench.precompile", "--list", "--batch", "8", "--lengths", "65", "257",
+                           "77"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cases = precompile.cases([8], [65, 257, 77], "bf16")
+    assert proc.stdout.strip().splitlines()[-1] == f"{len(cases) * precompile.CONFIGS_PER_CASE} jobs"
+    assert ("attention", (1, 77, 8, True), "bf16") in cases and ("patch_embed", (1, 8, "fp32"), "bf16") in cases
+    assert len(cases) == len(set(cases)) == 6  # the reward's attention at sequence 65 is bench.kernels' own
+    case, index, _, error = precompile.run_case(("attention", (1, 65, 12, False), "bf16"), 3)
+    if not __import__("torch").cuda.is_available():
+        assert error and index == 3  # no CUDA here: reported, not raised

@@ -235,3 +235,35 @@ def test_attention_feeds_in_proj_weight_gradients(monkeypatch, length, heads, dt
     for name, p in params.items():
         assert p.grad is not None and p.grad.dtype == dtype, name
         assert_close(p.grad, p64[name].grad, dtype, f"d_{name}")
+
+
+def test_interpreter_numpy_problem_is_named():
+    """Triton 3.6's interpreter fails with NumPy >= 2.4: importing the kernels under it warns with the fix."""
+    problem = _launch.interpreter_numpy_problem("3.6.0", "2.4.1")
+    assert "fails with NumPy 2.4.1" in problem and "numpy<2.4" in problem
+    assert _launch.interpreter_numpy_problem("3.6.0", "2.3.5") is None
+    assert _launch.interpreter_numpy_problem("3.8.0", "2.4.6") is None
+
+
+def test_config_pruning_keeps_the_towers_configs_and_drops_what_cannot_fit():
+    """At head dim 64 in bf16 (every shipped tower) no config is pruned on sm_90; fp32 at head dim 128 (kernel
+    tests) drops the largest backward tiles, which Triton 3.8's compiler for sm_90 gave 229,888 (dK/dV, 64x128) and
+    229,376 (dQ, 128x64) bytes of shared memory and 56,384 / 37,488 bytes of spill stores; a kernel with nothing
+    estimated to fit keeps its smallest config (attention has no unfused fallback)."""
+    sm90, sm86 = 227 * 1024, 99 * 1024
+    launchers = {"fwd": attention_module._fwd, "dkdv": attention_module._bwd_dkdv, "dq": attention_module._bwd_dq}
+
+    def args(dtype, dim):
+        return {"HEAD_DIM": dim, "q_ptr": torch.empty(0, dtype=dtype)}
+
+    for name, launcher in launchers.items():
+        assert launcher.fitting(args(torch.bfloat16, 64), sm90) == launcher.configs, name
+    compiled = [("dkdv", dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2), 229888),
+                ("dq", dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2), 229376)]
+    for name, config, shared in compiled:
+        launcher = launchers[name]
+        assert config in launcher.configs and config not in launcher.fitting(args(torch.float32, 128), sm90)
+        est_shared, _ = launcher.estimate(config, args(torch.float32, 128))
+        assert shared <= est_shared <= 1.15 * shared
+    for launcher in launchers.values():
+        assert len(launcher.fitting(args(torch.float32, 128), sm86)) >= 1
