@@ -33,7 +33,6 @@ import runpy
 import shlex
 import subprocess
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
@@ -41,6 +40,11 @@ import pytest
 
 import fastlclip
 from fastlclip import checkpoint
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
