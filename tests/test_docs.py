@@ -135,6 +135,17 @@ class _Checker(ast.NodeVisitor):
         self.errors.append(f"{self.where}+{node.lineno - 1}: {msg}")
 
     def value(self, node) -> object:
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):  # for-loop and with targets
+            self.env[node.id] = _UNKNOWN
+            return _UNKNOWN
+        if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            inner = {a.arg for a in ast.walk(node) if isinstance(a, ast.arg)}
+            inner |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            outer, self.given = self.given, self.given | inner
+            for child in ast.iter_child_nodes(node):
+                self.value(child)
+            self.given = outer
+            return _UNKNOWN
         if isinstance(node, ast.Name):
             if node.id in self.env:
                 return self.env[node.id]
@@ -420,5 +431,8 @@ def test_the_checker_catches_drift(capsys):
     assert check_no_run("import fastlclip\nfastlclip.LatentCLIPReward(m)\n", "no-run", {}, "t")  # m undefined
     assert not check_no_run("import fastlclip\nm = fastlclip.load('x')\nm.encode_latents(z, space='vae')\nm.cfg\n",
                             "no-run; given: z", {}, "t")
+    assert not check_no_run("import fastlclip\nm = fastlclip.load('x')\n"
+                            "fastlclip.ZeroShotClassifier(m, ['a', 'b'], [lambda c: f'{c}.'])\n"
+                            "for name in [n for n in fastlclip.list_models()]:\n    print(name)\n", "no-run", {}, "t")
     with pytest.raises(AssertionError, match="the page says"):
         exec(compile(_with_output_checks("print(1 + 1)  # 3"), "t", "exec"), {})
