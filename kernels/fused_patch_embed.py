@@ -19,12 +19,13 @@ from ._launch import Launcher, dot, tl, triton
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 2048  # one program holds a (BLOCK_M, next_pow2(width)) fp32 tile in registers
 
-# Launch configs, kept by compiling every candidate with Triton 3.8's compiler for sm_90 at width 768 (every
-# shipped image tower) in bf16 and fp32 and reading ptxas's report: each one listed here neither spills registers
-# nor exceeds sm_90's shared memory there (tests/test_kernel_patch_embed.py compiles them again). Candidates that
-# spilled (e.g. BLOCK_M=32 or BLOCK_K=64 at 8 warps, any 4-warp config: a (BLOCK_M, 1024) fp32 tile is 128
-# registers a thread at 4 warps) are gone. At other widths and on other GPUs, ``_estimate`` prunes the configs
-# that would not fit before anything is compiled.
+# Launch configs, kept by compiling candidates with Triton 3.8's compiler for sm_90 at width 768 (every shipped
+# image tower) and reading ptxas's report: in bf16 every forward config and the first two backward ones (the
+# reward's latent gradient and the training weight gradients) neither spill registers nor exceed sm_90's shared
+# memory (tests/test_kernel_patch_embed.py compiles them again; its COMPILED_SM90 table has the fp32 figures).
+# Candidates that spilled (BLOCK_M=32 or BLOCK_K=64 at 8 warps, any 4-warp config: a (BLOCK_M, 1024) fp32 tile is
+# 128 registers a thread at 4 warps) are gone. On every GPU, ``_estimate`` prunes the configs that would not fit
+# (at width 768: the third backward config, and in fp32 the forward's BLOCK_K=32 ones) before anything is compiled.
 _FWD_CONFIGS = [
     dict(BLOCK_M=16, BLOCK_K=16, num_warps=8, num_stages=1),
     dict(BLOCK_M=16, BLOCK_K=16, num_warps=8, num_stages=2),
@@ -192,7 +193,9 @@ def _estimate(backward: bool):
     return estimate
 
 
-_fwd = Launcher(_patch_embed_fwd_kernel, _FWD_CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG, _estimate(False))
+# The forward has no unfused fallback: past width 1024 (nothing estimated to fit) it keeps its smallest config.
+_fwd = Launcher(_patch_embed_fwd_kernel, _FWD_CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG, _estimate(False),
+                keep_smallest=True)
 _bwd = Launcher(_patch_embed_bwd_kernel, _BWD_CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG, _estimate(True))
 
 
