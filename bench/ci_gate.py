@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = Parser(prog="python -m bench.ci_gate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", type=Path, default=Path(os.environ.get("OUT") or tempfile.gettempdir()) / "pytest_benchmark.json",
+    default_json = Path(os.environ.get("OUT") or tempfile.gettempdir()) / "pytest_benchmark.json"
+    p.add_argument("--json", type=Path, default=default_json,
                    help="this run's pytest-benchmark JSON (default $OUT/pytest_benchmark.json, else the temp folder)")
     p.add_argument("--threshold", type=finite_float, default=10.0, help="fail on a median regression over this %%")
     p.add_argument("--baseline", type=Path, help=f"baseline JSON (default profiles/results/<gpu>/{BASELINE_NAME})")
