@@ -24,7 +24,7 @@ class QueueFull(Exception):
     """More latents are waiting than the queue holds (HTTP 503, retry later)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Item:
     request: ScoreRequest
     key: tuple
@@ -62,25 +62,28 @@ class Batcher:
     async def submit(self, request: ScoreRequest) -> list[float]:
         if self._waiting + request.size > self.max_queue and self._waiting:
             raise QueueFull(f"{self._waiting} latents are queued (the limit is {self.max_queue}); retry later")
-        if self._worker is None:  # started in the serving event loop, on first use
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+            # Started in the serving event loop on first use (and anew if the app moves to another loop).
+            self._pending, self._waiting = [], 0
             self._wake = asyncio.Event()
-            self._worker = asyncio.get_running_loop().create_task(self._run())
+            self._worker = loop.create_task(self._run())
         key = (tuple(request.latents.shape[1:]), request.noise_level if self.noise_key else None)
-        item = _Item(request, key, asyncio.get_running_loop().create_future())
+        item = _Item(request, key, loop.create_future())
         self._pending.append(item)
         self._waiting += request.size
         self._wake.set()
         return await item.future
 
     async def close(self) -> None:
-        """Stop the worker (after the server has answered its in-flight requests) and its thread."""
-        if self._worker is not None:
+        """Stop the worker, once the server has answered its in-flight requests."""
+        if self._worker is not None and not self._worker.done() and self._worker.get_loop() is asyncio.get_running_loop():
             self._worker.cancel()
             try:
                 await self._worker
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=True)
+        self._worker = None
 
     def _take(self) -> list[_Item]:
         """The oldest request and the next ones of its key, up to ``max_batch_size`` latents."""
@@ -89,8 +92,8 @@ class Batcher:
             if item.key == key and (not batch or n + item.request.size <= self.max_batch_size):
                 batch.append(item)
                 n += item.request.size
-        for item in batch:
-            self._pending.remove(item)
+        taken = set(map(id, batch))
+        self._pending = [i for i in self._pending if id(i) not in taken]
         self._waiting -= n
         return batch
 

@@ -25,7 +25,7 @@ class ProtocolError(ValueError):
     """A request this server refuses (HTTP 400); the message says what is wrong and how to fix it."""
 
 
-@dataclass
+@dataclass(eq=False)
 class ScoreRequest:
     latents: torch.Tensor  # (B, C, H, W) float32, diffusion space, on the host
     prompts: list[str]  # B prompts
