@@ -206,11 +206,24 @@ class OneStepGenerator(nn.Module):
 
             pipe.unet.load_state_dict(load_file(str(unet_weights)))
         pipe.to(device)
-        for module in (pipe.text_encoder, pipe.text_encoder_2):
-            module.eval().requires_grad_(False)
+        return cls.from_pipeline(pipe, height=height, width=width, preset=preset)
+
+    @classmethod
+    def from_pipeline(cls, pipe, *, height: int | None = None, width: int | None = None,
+                      preset: str = "sdxl-turbo") -> "OneStepGenerator":
+        """The generator of a loaded diffusers SDXL pipeline (``StableDiffusionXLPipeline`` or a subclass, such as
+        ReNO's ``RewardStableDiffusionXL``): its UNet, VAE, scheduler config and text encoders, shared, not copied,
+        on the pipeline's device and dtype."""
+        for name in ("unet", "vae", "scheduler", "encode_prompt"):
+            if getattr(pipe, name, None) is None:
+                raise TypeError(f"pipe must be a diffusers SDXL pipeline (unet, vae, scheduler, encode_prompt); "
+                                f"{type(pipe).__name__} has no {name!r}")
+        for module in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                module.eval().requires_grad_(False)
 
         def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-            embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, device=torch.device(device), num_images_per_prompt=1,
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, device=pipe.unet.device, num_images_per_prompt=1,
                                                       do_classifier_free_guidance=False)
             return embeds, pooled
 
@@ -587,3 +600,69 @@ def optimize(generator: OneStepGenerator, rewards: Reward | Sequence[Reward], pr
         losses=totals.tolist(), component_losses=dict(zip(names, per_reward)),
         image=generator.decode(best_latents) if decode else None, random_prompt=generator.random_prompt,
     )
+
+
+class LatentCLIPLoss:
+    """ReNO drop-in: a Latent-CLIP reward loss with the constructor of ReNO's ``BaseRewardLoss`` subclasses
+    (``rewards/utils.py`` builds them as ``Loss(weighting, dtype, device, cache_dir, ...)``), its ``name`` /
+    ``weighting`` attributes and its call ``loss(image, prompt) -> loss``.
+
+    The loss scores latents, not the image: :meth:`attach` hooks the pipeline's ``decode_latents_tensors``
+    (ReNO's ``RewardStableDiffusionXL``) so the diffusion-space latents it is given are kept, and the next
+    call scores those, whatever image it is passed. ``model`` / ``pretrained``: the Latent-CLIP config and
+    checkpoint, as ``fastlclip.load`` takes them (``model`` may also be a loaded ``LatentCLIP``); ``cache_dir``
+    is where a ``hf-hub:`` checkpoint is downloaded. ``memsave`` is accepted for ReNO's call and unused: there
+    is no decode in this reward to save memory in. The loss is ReNO's CLIP form
+    ``100 - logit_scale.exp() * cos`` (``LatentCLIPReward``).
+    """
+
+    reads_latents = True
+
+    def __init__(self, weighting: float, dtype: torch.dtype, device: str | torch.device, cache_dir: str | None = None,
+                 *, model="Latent-ViT-B-8-512", pretrained="hf-hub:wendlerc/latent-clip-b-8-512-34b-80k",
+                 memsave: bool = False, backend: str = "eager", resize: str | None = None, name: str = "LatentCLIP"):
+        from .factory import load
+        from .model import LatentCLIP
+        from .rewards import LatentCLIPReward
+
+        if isinstance(model, LatentCLIP):
+            net = model
+        else:
+            net = load(model, pretrained, device=device, dtype=dtype, backend=backend, resize=resize, cache_dir=cache_dir)
+        self.reward = LatentCLIPReward(net, weighting)
+        self.name = name
+        self.weighting = float(weighting)
+        self._latents: torch.Tensor | None = None
+
+    def attach(self, pipe, *, decode: str = "no_grad"):
+        """Keep the latents ``pipe.decode_latents_tensors(latents)`` decodes, for the next call of this loss.
+
+        ``decode="no_grad"`` (default) still decodes, for the image ReNO logs and saves, but outside autograd:
+        the decode keeps no activations and its backward never runs. ``decode="full"`` leaves the decode as it
+        is: use it when pixel rewards (HPS, ImageReward, CLIP, ...) share the loop, since they need its gradient.
+        Returns ``pipe``.
+        """
+        if decode not in ("no_grad", "full"):
+            raise ValueError(f"decode must be 'no_grad' or 'full', got {decode!r}")
+        original = getattr(pipe, "decode_latents_tensors", None)
+        if not callable(original):
+            raise TypeError(f"attach needs ReNO's pipeline (decode_latents_tensors(latents) -> image); "
+                            f"{type(pipe).__name__} has none")
+
+        def decode_latents_tensors(latents):
+            self._latents = latents
+            if decode == "full":
+                return original(latents)
+            with torch.no_grad():
+                return original(latents)
+
+        pipe.decode_latents_tensors = decode_latents_tensors
+        return pipe
+
+    def __call__(self, image: torch.Tensor, prompt: str) -> torch.Tensor:
+        """The loss of the latents the attached pipeline last decoded (``image`` is not read)."""
+        if self._latents is None:
+            raise RuntimeError("LatentCLIPLoss has no latents to score: call loss.attach(pipe) once after building the "
+                               "pipeline, so each decode hands its latents over (each decode's latents are scored once)")
+        latents, self._latents = self._latents, None
+        return self.reward(latents, prompt)
