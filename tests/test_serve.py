@@ -4,7 +4,6 @@ rule, SIGTERM drains in-flight requests and exits 0). Tiny model, loopback only,
 
 import asyncio
 import json
-import os
 import pickle
 import signal
 import socket

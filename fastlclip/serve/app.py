@@ -44,6 +44,7 @@ class _Metrics:
         self.batch_size = Histogram("fastlclip_batch_size", "Latents per batch", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.queued = Gauge("fastlclip_queued_latents", "Latents waiting for a batch", registry=r)
+        self.in_flight = Gauge("fastlclip_requests_in_flight", "Score requests received and not yet answered", registry=r)
 
     def batch(self, n: int) -> None:
         self.batches.inc()
@@ -155,7 +156,8 @@ def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_m
 
     async def score(request: Request) -> JSONResponse:
         start = time.monotonic()
-        response = await reply(request)
+        with metrics.in_flight.track_inprogress():
+            response = await reply(request)
         metrics.requests.labels(code=str(response.status_code)).inc()
         metrics.latency.observe(time.monotonic() - start)
         return response
