@@ -60,7 +60,7 @@ def test_healthz(reward):
     r = run(create_app(reward), lambda c: c.get("/healthz"))
     assert r.status_code == 200
     info = r.json()
-    assert info["status"] == "ok" and info["channels"] == 4 and info["device"] == "cpu" and info["vae"] == "sdxl"
+    assert info["status"] == "ok" and info["channels"] == 4 and info["device"] == "cpu" and info["vae"] == reward.model.cfg.vae_name
     assert info["protocol_version"] == "1" and info["noise_aware"] is False
 
 
@@ -92,6 +92,32 @@ def test_v1_client_tensors_accepted_and_noise_level_ignored_by_a_clean_model(rew
     torch.testing.assert_close(torch.tensor(r.json()["raw_scores"]), reward.score(x, "a dog"), rtol=0, atol=1e-5)
 
 
+def test_noise_aware_model_scores_latents_renoised_to_u_batched_by_noise_level():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastlclip.load({**TINY, "vision_cfg": {**TINY["vision_cfg"], "noise_aware": True}})
+    with torch.no_grad():  # a noise embedding that matters
+        for p in model.visual.latent_vit.noise_embed.parameters():
+            p.normal_(0, 0.5)
+    reward = fastlclip.LatentCLIPReward(model)
+    app = create_app(reward, max_batch_size=32, max_wait_ms=300)
+    xs, us, seeds = [latents(1, 300 + i) for i in range(4)], [0.2, 0.6, 0.2, 0.6], [5, 6, 7, 8]
+
+    async def go(c):
+        return await asyncio.gather(*[c.post("/v1/score", content=body(x, "a dog", u=torch.tensor([u]), seeds=torch.tensor([s])),
+                                             headers=V1) for x, u, s in zip(xs, us, seeds)])
+
+    replies = run(app, go)
+    assert app.state.metrics.batches._value.get() == 2  # one batch per noise level
+    for x, u, s, r in zip(xs, us, seeds, replies):
+        assert r.status_code == 200 and r.json()["noise_level"] == pytest.approx(u)
+        eps = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(s))  # v1: (1 - u) x + u eps
+        want = reward.score((1 - u) * x + u * eps, "a dog", noise_level=u)
+        torch.testing.assert_close(torch.tensor(r.json()["raw_scores"]), want, rtol=0, atol=1e-5)
+        assert abs(want.item() - reward.score(x, "a dog").item()) > 1e-3  # the noise level changed the score
+
+
 class _Boom:
     """Unpickling this would create a file: the payload a pickle-based reward server would run."""
 
@@ -120,6 +146,7 @@ class _Boom:
     ("prompts not json", lambda: save({"latents": latents()}, metadata={"prompts": "[a"}), "not JSON"),
     ("u range", lambda: body(latents(), "a", u=torch.tensor([1.5])), "[0, 1]"),
     ("u count", lambda: body(latents(3), "a", u=torch.tensor([0.1, 0.2])), "noise level"),
+    ("seeds", lambda: body(latents(1), "a", seeds=torch.tensor([0.5])), "'seeds'"),
     ("unknown tensor", lambda: save({"latents": latents(), "images": torch.zeros(1)}, metadata={"prompt": "a"}), "unknown"),
     ("space", lambda: save({"latents": latents()}, metadata={"prompt": "a", "space": "pixel"}), "space"),
 ])

@@ -53,21 +53,11 @@ class _Metrics:
 
 
 def _model_info(model) -> dict:
-    v = model.cfg.vision
-    space = getattr(model, "latent_space", None)
-    return {"model": model.cfg.name, "vae": getattr(model.cfg, "vae_name", "sdxl"), "channels": v.latent_channels,
+    v, space = model.cfg.vision, model.latent_space
+    return {"model": model.cfg.name, "vae": model.cfg.vae_name, "channels": v.latent_channels,
             "latent_size": v.latent_size, "resize": model.resize, "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."), "backend": model.backend,
-            "noise_aware": bool(getattr(model, "noise_aware", False)),
-            "scaling_factor": getattr(space, "scaling_factor", inputs.SDXL_SCALING_FACTOR)}
-
-
-def _to_diffusion(model):
-    """VAE-space latents -> diffusion space, in the model's latent space (SDXL's without a registry)."""
-    space = getattr(model, "latent_space", None)
-    if space is not None:
-        return space.to_diffusion
-    return lambda raw: raw * inputs.SDXL_SCALING_FACTOR
+            "noise_aware": model.noise_aware, "scaling_factor": space.scaling_factor, "shift_factor": space.shift_factor}
 
 
 def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_ms: float = 10.0,
@@ -79,10 +69,9 @@ def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_m
     request but ``/healthz`` needs ``Authorization: Bearer <token>``.
     """
     model = reward.model
-    noise_aware = bool(getattr(model, "noise_aware", False))
+    noise_aware = model.noise_aware
     metrics = _Metrics()
     limit = int(max_body_mb * 2**20)
-    to_diffusion = _to_diffusion(model)
     v = model.cfg.vision
 
     def score_fn(latents: torch.Tensor, prompts: list[str], noise) -> torch.Tensor:
@@ -138,9 +127,11 @@ def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_m
             return _error(413, f"the body is over the server's limit of {max_body_mb:g} MiB (--max-body-mb); send "
                                "fewer latents per request")
         try:
-            req = protocol.parse(body, channels=v.latent_channels, to_diffusion=to_diffusion)
+            req = protocol.parse(body, channels=v.latent_channels, to_diffusion=model.latent_space.to_diffusion)
             inputs.check_latents(req.latents, channels=v.latent_channels, size=v.latent_size, patch=v.patch_size,
-                                 resize=model.resize, check_finite=False)
+                                 resize=model.resize, check_finite=False, vae=model.cfg.vae_name)
+            if noise_aware and req.noise_level is not None:
+                req.latents = protocol.renoise(req)
         except ValueError as e:  # ProtocolError is one; so are the model's own checks
             return _error(400, str(e))
         try:

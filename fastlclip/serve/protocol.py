@@ -3,9 +3,14 @@
 A request is ``POST /v1/score`` with the header ``x-drm-protocol-version: 1`` and a body written by
 ``safetensors.torch.save``: ``latents`` (B, C, H, W) float16/bfloat16/float32 in diffusion space (metadata
 ``space`` may say ``vae``); the prompts in ``__metadata__`` as ``prompts`` (a JSON list of B strings) or
-``prompt`` (one string for all); optionally ``u`` (the noise level, a scalar, (1,) or (B,) in [0, 1]) and
-the tensors v1 clients also send (``prompt_embeds``, ``pooled_prompt_embeds``, ``seeds``), which are
-accepted and not used. The body is parsed by the safetensors library only: nothing is ever unpickled.
+``prompt`` (one string for all); optionally ``u`` (the noise level, a scalar, (1,) or (B,) in [0, 1]),
+``seeds`` (int64, (1,) or (B,)) and the tensors v1 clients also send (``prompt_embeds``,
+``pooled_prompt_embeds``), which are accepted and not used. The body is parsed by the safetensors library
+only: nothing is ever unpickled.
+
+Latents are clean; as in v1 (DiNa-LRM's server), a noise-aware model scores them re-noised to ``u``:
+``(1 - u) x + u eps`` in diffusion space (rectified flow), ``eps`` standard normal from ``seeds`` (per latent;
+seed 0 when none are sent), drawn on the host so every device gets the same noise (:func:`renoise`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class ScoreRequest:
     latents: torch.Tensor  # (B, C, H, W) float32, diffusion space, on the host
     prompts: list[str]  # B prompts
     noise_level: float | tuple[float, ...] | None  # u: one value, one per latent, or not sent
+    seeds: tuple[int, ...] = (0,)  # one, or one per latent
 
     @property
     def size(self) -> int:
@@ -88,6 +94,26 @@ def _noise_level(u: torch.Tensor | None, batch: int) -> float | tuple[float, ...
     return values[0] if len(set(values)) == 1 else tuple(values)
 
 
+def _seeds(seeds: torch.Tensor | None, batch: int) -> tuple[int, ...]:
+    if seeds is None:
+        return (0,)
+    if seeds.is_floating_point() or seeds.is_complex() or seeds.dtype == torch.bool or seeds.ndim > 1 \
+            or seeds.numel() not in (1, batch):
+        raise ProtocolError(f"'seeds' must be an integer scalar, (1,) or ({batch},) tensor, got {seeds.dtype} "
+                            f"{tuple(seeds.shape)}")
+    return tuple(int(v) for v in seeds.flatten().tolist())
+
+
+def renoise(request: ScoreRequest) -> torch.Tensor:
+    """The request's clean latents re-noised to its ``u``: ``(1 - u) x + u eps``, ``eps`` from its seeds."""
+    x = request.latents
+    u = request.noise_level
+    seeds = request.seeds * x.shape[0] if len(request.seeds) == 1 else request.seeds
+    eps = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+    u = torch.tensor([u] * x.shape[0] if isinstance(u, float) else u, dtype=x.dtype).view(-1, 1, 1, 1)
+    return (1 - u) * x + u * eps
+
+
 def parse(body: bytes, *, channels: int, to_diffusion=None) -> ScoreRequest:
     """The request in ``body``, checked: latents, prompts and noise level; raises ProtocolError (HTTP 400).
 
@@ -123,4 +149,5 @@ def parse(body: bytes, *, channels: int, to_diffusion=None) -> ScoreRequest:
     if space == "vae":
         latents = to_diffusion(latents)
     batch = latents.shape[0]
-    return ScoreRequest(latents, _prompts(meta, batch), _noise_level(tensors.get("u"), batch))
+    return ScoreRequest(latents, _prompts(meta, batch), _noise_level(tensors.get("u"), batch),
+                        _seeds(tensors.get("seeds"), batch))
