@@ -10,8 +10,9 @@
           weight: 1.0
 
 Rollouts skip the VAE decode with ``output_type="latent"``; the clean latent goes to the server as protocol v1
-(a safetensors body, the prompt in its metadata). Only what is worth retrying is retried: connection errors,
-429 and 503 (after its ``Retry-After``); any other error status is raised at once with the server's reason.
+(a safetensors body, the prompt in its metadata). Only what is worth retrying is retried: connection errors and
+timeouts, 429, and 503 (after its ``Retry-After``); any other error status is raised at once with the server's
+reason.
 """
 
 from __future__ import annotations

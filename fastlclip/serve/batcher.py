@@ -106,7 +106,7 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            self._pending = [i for i in self._pending if not i.future.done()]  # clients that went away
+            self._pending = [i for i in self._pending if not i.future.done()]  # requests cancelled while queued
             self._waiting = sum(i.request.size for i in self._pending)
             if not self._pending:
                 self._wake.clear()
