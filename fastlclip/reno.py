@@ -633,26 +633,57 @@ class LatentCLIPLoss:
         self.name = name
         self.weighting = float(weighting)
         self._latents: torch.Tensor | None = None
+        self._placeholder = None  # decode="best": (the image handed out, the decode)
+        self._run, self._best = None, math.inf  # decode="best": (noise parameter, prompt) and its lowest loss
 
     def attach(self, pipe, *, decode: str = "no_grad"):
         """Keep the latents ``pipe.decode_latents_tensors(latents)`` decodes, for the next call of this loss.
 
-        ``decode="no_grad"`` (default) still decodes, for the image ReNO logs and saves, but outside autograd:
-        the decode keeps no activations and its backward never runs. ``decode="full"`` leaves the decode as it
-        is: use it when pixel rewards (HPS, ImageReward, CLIP, ...) share the loop, since they need its gradient.
+        ``decode`` says what becomes of the decode:
+
+        - ``"no_grad"`` (default): it still runs, for the image ReNO logs and saves, but outside autograd: it
+          keeps no activations and its backward never runs.
+        - ``"best"``: it runs only when the loss improves. The pipeline returns a black image of the right
+          shape; when this loss's weighted value is the lowest of the run (ReNO's rule for its best image,
+          strictly lower), the latents are decoded into that very tensor, which ReNO keeps as its best image.
+          Only for Latent-CLIP as ReNO's sole reward: the other images (``--save_all_images``) stay black.
+          A run is one noise parameter and prompt (``pipe.apply(latents, prompt, ...)``).
+        - ``"full"``: the decode as it was, for when pixel rewards (HPS, ImageReward, CLIP, ...) share the
+          loop: they need its gradient.
+
         Returns ``pipe``.
         """
-        if decode not in ("no_grad", "full"):
-            raise ValueError(f"decode must be 'no_grad' or 'full', got {decode!r}")
+        if decode not in ("no_grad", "best", "full"):
+            raise ValueError(f"decode must be 'no_grad', 'best' or 'full', got {decode!r}")
         original = getattr(pipe, "decode_latents_tensors", None)
         if not callable(original):
             raise TypeError(f"attach needs ReNO's pipeline (decode_latents_tensors(latents) -> image); "
                             f"{type(pipe).__name__} has none")
+        if decode == "best":
+            apply = getattr(pipe, "apply", None)
+            if not callable(apply):
+                raise TypeError(f"decode='best' needs ReNO's pipeline (apply(latents, prompt, ...)); "
+                                f"{type(pipe).__name__} has none")
+
+            def apply_tracking_runs(latents, prompt=None, *args, **kwargs):
+                if self._run is None or latents is not self._run[0] or prompt != self._run[1]:  # a new run
+                    self._run, self._best = (latents, prompt), math.inf
+                return apply(latents, prompt, *args, **kwargs)
+
+            pipe.apply = apply_tracking_runs
+            factor = getattr(pipe, "vae_scale_factor", 8)
 
         def decode_latents_tensors(latents):
             self._latents = latents
             if decode == "full":
                 return original(latents)
+            if decode == "best":
+                # In the pipeline's dtype: ReNO's Hyper-SD path decodes fp32 latents and casts the image to fp16, a
+                # cast that must not copy the tensor it keeps.
+                image = latents.new_zeros(latents.shape[0], 3, latents.shape[-2] * factor, latents.shape[-1] * factor,
+                                          dtype=getattr(getattr(pipe, "unet", None), "dtype", latents.dtype))
+                self._placeholder = (image, original)
+                return image
             with torch.no_grad():
                 return original(latents)
 
@@ -665,4 +696,13 @@ class LatentCLIPLoss:
             raise RuntimeError("LatentCLIPLoss has no latents to score: call loss.attach(pipe) once after building the "
                                "pipeline, so each decode hands its latents over (each decode's latents are scored once)")
         latents, self._latents = self._latents, None
-        return self.reward(latents, prompt)
+        loss = self.reward(latents, prompt)
+        if self._placeholder is not None:
+            placeholder, decode = self._placeholder
+            self._placeholder = None
+            value = (0 + loss * self.weighting).item()  # as ReNO's trainer totals it
+            if value < self._best:
+                self._best = value
+                with torch.no_grad():
+                    placeholder.copy_(decode(latents.detach()))
+        return loss

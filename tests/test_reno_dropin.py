@@ -35,6 +35,7 @@ class TinyRewardSDXL:
         self.text_encoder, self.text_encoder_2 = self.text.text_encoder, self.text.text_encoder_2
         self.scheduler = EulerAncestralDiscreteScheduler.from_config(SDXL_TURBO_SCHEDULER, timestep_spacing="trailing")
         self.side = tiny.IMAGE_SIZE
+        self.vae_scale_factor = 8
         self.decodes = 0
 
     def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance):
@@ -59,9 +60,10 @@ class TinyRewardSDXL:
         return self.decode_latents_tensors(x)
 
 
-def renos_train(pipe, reward_losses, z0, iterations, lr=5.0):
+def renos_train(pipe, reward_losses, z0, iterations, lr=5.0, keep_best=False):
     """``LatentNoiseTrainer.train`` with main.py's fp16 parameter and ``get_optimizer`` (SGD, Nesterov, 0.9):
-    returns the reward losses, the noise before each iteration and the last image."""
+    returns the reward losses, the noise before each iteration and the last image (``keep_best``: and ReNO's
+    best image and every iteration's image)."""
     from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize
 
     preprocess_fn = Compose([Resize(224, interpolation=InterpolationMode.BICUBIC), CenterCrop(224),
@@ -69,7 +71,7 @@ def renos_train(pipe, reward_losses, z0, iterations, lr=5.0):
     latents = nn.Parameter(z0.clone())
     optimizer = torch.optim.SGD([latents], lr=lr, momentum=0.9, nesterov=True)
     latent_dim = math.prod(latents.shape[1:])
-    losses, zs, image = [], [], None
+    losses, zs, image, images, best_loss, best_image = [], [], None, [], math.inf, None
     for iteration in range(iterations):
         zs.append(latents.detach().clone())
         optimizer.zero_grad()
@@ -81,13 +83,16 @@ def renos_train(pipe, reward_losses, z0, iterations, lr=5.0):
             loss = reward_loss(preprocessed_image, PROMPT)
             total_loss += loss * reward_loss.weighting
         losses.append(total_loss.item())
+        images.append(image)
+        if total_loss.item() < best_loss:
+            best_loss, best_image = total_loss.item(), image
         latent_norm = torch.linalg.vector_norm(latents).to(torch.float32)
         total_loss += (0.01 * (0.5 * latent_norm**2 - (latent_dim - 1) * torch.log(latent_norm))).to(total_loss.dtype)
         if iteration != iterations - 1:
             total_loss.backward()
             torch.nn.utils.clip_grad_norm_(latents, 0.1)
             optimizer.step()
-    return losses, zs, image
+    return (losses, zs, best_image, images) if keep_best else (losses, zs, image)
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +136,29 @@ def test_full_decode_keeps_the_image_in_autograd_and_each_decode_is_scored_once(
         loss(image, PROMPT)
     with pytest.raises(ValueError, match="decode"):
         loss.attach(pipe, decode="skip")
+    with pytest.raises(TypeError, match="apply"):
+        loss.attach(type("DecodeOnly", (), {"decode_latents_tensors": lambda self, x: x})(), decode="best")
     with pytest.raises(TypeError, match="decode_latents_tensors"):
         loss.attach(object())
+
+
+def test_decode_best_decodes_only_improvements_into_the_image_reno_keeps(latent_clip):
+    pipe = TinyRewardSDXL()
+    reference_decode = pipe.decode_latents_tensors
+    loss = LatentCLIPLoss(1.0, torch.float32, "cpu", model=latent_clip)
+    loss.attach(pipe, decode="best")
+    z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)).half()
+    for run in range(2):  # a second run (a new noise parameter) starts its own best
+        pipe.decodes = 0
+        losses, zs, best_image, images = renos_train(pipe, [loss], z0, iterations=6, lr=500.0, keep_best=True)
+        improvements = [i for i in range(6) if losses[i] < min(losses[:i], default=math.inf)]
+        assert pipe.decodes == len(improvements) and 0 < len(improvements) < 6
+        best = improvements[-1]
+        generator = OneStepGenerator.from_pipeline(pipe, height=64, width=64)
+        with torch.no_grad():
+            want = reference_decode(generator(zs[best].float(), generator.encode_prompt(PROMPT)))
+        torch.testing.assert_close(best_image.float(), want, rtol=0, atol=2e-3)  # fp16 noise: pipe and generator round apart
+        assert all(not img.any() for i, img in enumerate(images) if i not in improvements)  # never decoded: black
 
 
 def test_from_pipeline_needs_an_sdxl_pipeline():
