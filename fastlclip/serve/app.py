@@ -148,7 +148,10 @@ def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_m
     async def score(request: Request) -> JSONResponse:
         start = time.monotonic()
         with metrics.in_flight.track_inprogress():
-            response = await reply(request)
+            try:
+                response = await reply(request)
+            except Exception as e:  # a failure of the server itself (out of memory, ...): counted, and JSON
+                response = _error(500, f"internal error: {type(e).__name__}: {e}")
         metrics.requests.labels(code=str(response.status_code)).inc()
         metrics.latency.observe(time.monotonic() - start)
         return response

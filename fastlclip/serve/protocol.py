@@ -114,11 +114,10 @@ def renoise(request: ScoreRequest) -> torch.Tensor:
     return (1 - u) * x + u * eps
 
 
-def parse(body: bytes, *, channels: int, to_diffusion=None) -> ScoreRequest:
-    """The request in ``body``, checked: latents, prompts and noise level; raises ProtocolError (HTTP 400).
-
-    ``to_diffusion`` maps ``space="vae"`` latents to diffusion space (the model's latent space); grids and
-    finiteness are the model's to check (``check``)."""
+def parse(body: bytes, *, channels: int, to_diffusion) -> ScoreRequest:
+    """The request in ``body``, checked: latents (dtype, shape, ``channels``, finite), prompts, noise level and
+    seeds; raises ProtocolError (HTTP 400). ``to_diffusion`` maps ``space="vae"`` latents to diffusion space
+    (``model.latent_space.to_diffusion``); the latent grid is the model's to check."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
