@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from bench import tiny
+from fastlclip.runtime import BACKENDS
 from bench.cli import Parser, positive_int, writable_file
 from bench.profiles import PROFILES_DIR, results_folder
 from bench.provenance import run_record
@@ -66,7 +67,7 @@ def parse_args(argv):
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--model", default="Latent-ViT-B-8-512", help="config on CUDA (CPU: bench.tiny's)")
     p.add_argument("--pretrained", type=Path, help="checkpoint (default: random weights)")
-    p.add_argument("--backend", default="auto", help="server backend on CUDA (CPU: eager)")
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="server backend on CUDA (CPU: eager)")
     p.add_argument("--no-fault", action="store_true", help="skip the fault run")
     p.add_argument("--json", type=Path, help="results file (default on CUDA: profiles/results/<gpu>/serve.json)")
     a = p.parse_args(argv)

@@ -12,6 +12,7 @@ from bench import serve
     (["--requests-per-client", "0"], "--requests-per-client"),
     (["--max-wait-ms", "-1"], "--max-wait-ms"),
     (["--pretrained", "/nonexistent.pt"], "no such file"),
+    (["--backend", "fast"], "--backend"),
 ])
 def test_arguments_checked_in_one_line(capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
