@@ -11,10 +11,9 @@ scores clean ones. Rewards that read latents (not decoded pixels) carry ``reads_
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Sequence
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +29,7 @@ from .vaes import latent_space
 # OpenAI CLIP pixel normalisation (open_clip's default for the ViT-B/32, L/14, H/14 baselines).
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-TEXT_CACHE_SIZE = 4096
+TEXT_CACHE_SIZE = 4096  # prompts whose text features a reward keeps by default
 
 
 class _CLIPReward:
