@@ -173,7 +173,7 @@ def _pick_file(folder: Path) -> Path:
     return chosen
 
 
-def _hub_download(spec: str) -> Path:
+def _hub_download(spec: str, cache_dir: str | os.PathLike | None = None) -> Path:
     repo_and_file = spec[len("hf-hub:"):].strip("/")
     parts = repo_and_file.split("/")
     if len(parts) < 2:
@@ -190,7 +190,7 @@ def _hub_download(spec: str) -> Path:
     errors = []
     for name in files:
         try:
-            return Path(hf_hub_download(repo, name))
+            return Path(hf_hub_download(repo, name, cache_dir=cache_dir))
         except Exception as e:  # offline, not cached, missing file, no network: report all tried
             errors.append(f"{name}: {type(e).__name__}")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -202,13 +202,15 @@ def _hub_download(spec: str) -> Path:
     )
 
 
-def read_checkpoint(pretrained: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a checkpoint into (state_dict with canonical key names, metadata)."""
+def read_checkpoint(pretrained: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a checkpoint into (state_dict with canonical key names, metadata); ``hf-hub:`` files are downloaded to
+    ``cache_dir`` (huggingface_hub's cache by default)."""
     spec = str(pretrained)
     if not spec.strip():
         raise CheckpointError("pretrained is an empty string; pass a checkpoint file or folder ('.' for the working "
                               "directory), hf-hub:<repo>, or None for random weights")
-    path = _hub_download(spec) if spec.startswith("hf-hub:") else Path(spec).expanduser()
+    path = _hub_download(spec, cache_dir) if spec.startswith("hf-hub:") else Path(spec).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():

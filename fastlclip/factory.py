@@ -88,6 +88,7 @@ def load(
     dtype: torch.dtype = torch.float32,
     backend: str = "eager",
     resize: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> LatentCLIP:
     """Build a Latent-CLIP model and load its weights.
 
@@ -105,6 +106,7 @@ def load(
             ``encode_latents(..., resize=...)`` overrides it per call): ``None`` refuses them,
             ``"interpolate"`` resamples the positional embeddings to the latents' grid, ``"pool"``
             centre-crops and area-pools the latents to the trained grid (see ``fastlclip.grids``).
+        cache_dir: where ``hf-hub:`` checkpoints are downloaded (huggingface_hub's cache by default).
     """
     grids.check_resize(resize)
     if dtype not in _DTYPES:
@@ -122,7 +124,7 @@ def load(
         warnings.warn(f"fastlclip.load({cfg.name!r}) without pretrained=: the weights are random", stacklevel=2)
         model = LatentCLIP(cfg)
     else:
-        sd, meta = ckpt.read_checkpoint(pretrained)
+        sd, meta = ckpt.read_checkpoint(pretrained, cache_dir=cache_dir)
         cfg = get_model_config(name if name is not None else infer_config_name(sd, meta, pretrained))
         model = LatentCLIP(cfg, with_vae=ckpt.has_vae(sd))
         load_state_dict_strict(model, sd)

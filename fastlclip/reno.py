@@ -206,11 +206,24 @@ class OneStepGenerator(nn.Module):
 
             pipe.unet.load_state_dict(load_file(str(unet_weights)))
         pipe.to(device)
-        for module in (pipe.text_encoder, pipe.text_encoder_2):
-            module.eval().requires_grad_(False)
+        return cls.from_pipeline(pipe, height=height, width=width, preset=preset)
+
+    @classmethod
+    def from_pipeline(cls, pipe, *, height: int | None = None, width: int | None = None,
+                      preset: str = "sdxl-turbo") -> "OneStepGenerator":
+        """The generator of a loaded diffusers SDXL pipeline (``StableDiffusionXLPipeline`` or a subclass, such as
+        ReNO's ``RewardStableDiffusionXL``): its UNet, VAE, scheduler config and text encoders, shared, not copied,
+        on the pipeline's device and dtype."""
+        for name in ("unet", "vae", "scheduler", "encode_prompt"):
+            if getattr(pipe, name, None) is None:
+                raise TypeError(f"pipe must be a diffusers SDXL pipeline (unet, vae, scheduler, encode_prompt); "
+                                f"{type(pipe).__name__} has no {name!r}")
+        for module in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                module.eval().requires_grad_(False)
 
         def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-            embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, device=torch.device(device), num_images_per_prompt=1,
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, device=pipe.unet.device, num_images_per_prompt=1,
                                                       do_classifier_free_guidance=False)
             return embeds, pooled
 
@@ -587,3 +600,109 @@ def optimize(generator: OneStepGenerator, rewards: Reward | Sequence[Reward], pr
         losses=totals.tolist(), component_losses=dict(zip(names, per_reward)),
         image=generator.decode(best_latents) if decode else None, random_prompt=generator.random_prompt,
     )
+
+
+class LatentCLIPLoss:
+    """ReNO drop-in: a Latent-CLIP reward loss with the constructor of ReNO's ``BaseRewardLoss`` subclasses
+    (``rewards/utils.py`` builds them as ``Loss(weighting, dtype, device, cache_dir, ...)``), its ``name`` /
+    ``weighting`` attributes and its call ``loss(image, prompt) -> loss``.
+
+    The loss scores latents, not the image: :meth:`attach` hooks the pipeline's ``decode_latents_tensors``
+    (ReNO's ``RewardStableDiffusionXL``) so the diffusion-space latents it is given are kept, and the next
+    call scores those, whatever image it is passed. ``model`` / ``pretrained``: the Latent-CLIP config and
+    checkpoint, as ``fastlclip.load`` takes them (``model`` may also be a loaded ``LatentCLIP``); ``cache_dir``
+    is where a ``hf-hub:`` checkpoint is downloaded. ``memsave`` is accepted for ReNO's call and unused: there
+    is no decode in this reward to save memory in. The loss is ReNO's CLIP form
+    ``100 - logit_scale.exp() * cos`` (``LatentCLIPReward``).
+    """
+
+    reads_latents = True
+
+    def __init__(self, weighting: float, dtype: torch.dtype, device: str | torch.device, cache_dir: str | None = None,
+                 *, model="Latent-ViT-B-8-512", pretrained="hf-hub:wendlerc/latent-clip-b-8-512-34b-80k",
+                 memsave: bool = False, backend: str = "eager", resize: str | None = None, name: str = "LatentCLIP"):
+        from .factory import load
+        from .model import LatentCLIP
+        from .rewards import LatentCLIPReward
+
+        if isinstance(model, LatentCLIP):
+            net = model
+        else:
+            net = load(model, pretrained, device=device, dtype=dtype, backend=backend, resize=resize, cache_dir=cache_dir)
+        self.reward = LatentCLIPReward(net, weighting)
+        self.name = name
+        self.weighting = float(weighting)
+        self._latents: torch.Tensor | None = None
+        self._placeholder = None  # decode="best": (the image handed out, the decode)
+        self._run, self._best = None, math.inf  # decode="best": (noise parameter, prompt) and its lowest loss
+
+    def attach(self, pipe, *, decode: str = "no_grad"):
+        """Keep the latents ``pipe.decode_latents_tensors(latents)`` decodes, for the next call of this loss.
+
+        ``decode`` says what becomes of the decode:
+
+        - ``"no_grad"`` (default): it still runs, for the image ReNO logs and saves, but outside autograd: it
+          keeps no activations and its backward never runs.
+        - ``"best"``: it runs only when the loss improves. The pipeline returns a black image of the right
+          shape; when this loss's weighted value is the lowest of the run (ReNO's rule for its best image,
+          strictly lower), the latents are decoded into that very tensor, which ReNO keeps as its best image.
+          Only for Latent-CLIP as ReNO's sole reward: the other images (``--save_all_images``) stay black.
+          A run is one noise parameter and prompt (``pipe.apply(latents, prompt, ...)``).
+        - ``"full"``: the decode as it was, for when pixel rewards (HPS, ImageReward, CLIP, ...) share the
+          loop: they need its gradient.
+
+        Returns ``pipe``.
+        """
+        if decode not in ("no_grad", "best", "full"):
+            raise ValueError(f"decode must be 'no_grad', 'best' or 'full', got {decode!r}")
+        original = getattr(pipe, "decode_latents_tensors", None)
+        if not callable(original):
+            raise TypeError(f"attach needs ReNO's pipeline (decode_latents_tensors(latents) -> image); "
+                            f"{type(pipe).__name__} has none")
+        if decode == "best":
+            apply = getattr(pipe, "apply", None)
+            if not callable(apply):
+                raise TypeError(f"decode='best' needs ReNO's pipeline (apply(latents, prompt, ...)); "
+                                f"{type(pipe).__name__} has none")
+
+            def apply_tracking_runs(latents, prompt=None, *args, **kwargs):
+                if self._run is None or latents is not self._run[0] or prompt != self._run[1]:  # a new run
+                    self._run, self._best = (latents, prompt), math.inf
+                return apply(latents, prompt, *args, **kwargs)
+
+            pipe.apply = apply_tracking_runs
+            factor = getattr(pipe, "vae_scale_factor", 8)
+
+        def decode_latents_tensors(latents):
+            self._latents = latents
+            if decode == "full":
+                return original(latents)
+            if decode == "best":
+                # In the pipeline's dtype: ReNO's Hyper-SD path decodes fp32 latents and casts the image to fp16, a
+                # cast that must not copy the tensor it keeps.
+                image = latents.new_zeros(latents.shape[0], 3, latents.shape[-2] * factor, latents.shape[-1] * factor,
+                                          dtype=getattr(getattr(pipe, "unet", None), "dtype", latents.dtype))
+                self._placeholder = (image, original)
+                return image
+            with torch.no_grad():
+                return original(latents)
+
+        pipe.decode_latents_tensors = decode_latents_tensors
+        return pipe
+
+    def __call__(self, image: torch.Tensor, prompt: str) -> torch.Tensor:
+        """The loss of the latents the attached pipeline last decoded (``image`` is not read)."""
+        if self._latents is None:
+            raise RuntimeError("LatentCLIPLoss has no latents to score: call loss.attach(pipe) once after building the "
+                               "pipeline, so each decode hands its latents over (each decode's latents are scored once)")
+        latents, self._latents = self._latents, None
+        loss = self.reward(latents, prompt)
+        if self._placeholder is not None:
+            placeholder, decode = self._placeholder
+            self._placeholder = None
+            value = (0 + loss * self.weighting).item()  # as ReNO's trainer totals it
+            if value < self._best:
+                self._best = value
+                with torch.no_grad():
+                    placeholder.copy_(decode(latents.detach()))
+        return loss

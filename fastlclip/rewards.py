@@ -3,12 +3,16 @@
 ``reward(latents, prompt) -> loss``: a scalar, lower is better, ReNO's CLIP form
 ``100 - logit_scale.exp() * cos(image, text)`` averaged over the batch; gradients flow to the latents,
 the weights are frozen. ``reward.weighting`` is applied by whoever sums several rewards (as in ReNO).
-Text features are computed once per prompt and cached. ``noise_level``: the noise level ``s`` of
-intermediate latents for a noise-aware Latent-CLIP (``LatentCLIP.encode_latents``); None scores clean ones.
+Text features are computed once per prompt and kept in a least-recently-used cache of ``text_cache_size``
+prompts (default 4096), so an RL run over millions of prompts holds a bounded number. ``noise_level``: the
+noise level ``s`` of intermediate latents for a noise-aware Latent-CLIP (``LatentCLIP.encode_latents``); None
+scores clean ones. Rewards that read latents (not decoded pixels) carry ``reads_latents = True``.
 """
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -17,7 +21,7 @@ from torch import nn
 
 from . import inputs
 from .grids import MODEL_DEFAULT
-from .loss import clip_loss, normalized
+from .loss import clip_loss, logit_scale_exp, normalized
 from .model import LatentCLIP
 from .runtime import reward_loss
 from .vaes import latent_space
@@ -25,15 +29,20 @@ from .vaes import latent_space
 # OpenAI CLIP pixel normalisation (open_clip's default for the ViT-B/32, L/14, H/14 baselines).
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+TEXT_CACHE_SIZE = 4096  # prompts whose text features a reward keeps by default
 
 
 class _CLIPReward:
     name = "clip"
+    reads_latents = False
 
-    def __init__(self, model: nn.Module, weighting: float):
+    def __init__(self, model: nn.Module, weighting: float, text_cache_size: int = TEXT_CACHE_SIZE):
+        if isinstance(text_cache_size, bool) or not isinstance(text_cache_size, int) or text_cache_size < 1:
+            raise ValueError(f"text_cache_size must be a positive integer (prompts kept), got {text_cache_size!r}")
         self.weighting = float(weighting)
         self.model = model.requires_grad_(False).eval()
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self.text_cache_size = text_cache_size
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -47,8 +56,13 @@ class _CLIPReward:
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """Normalised (N, D) text features, each prompt encoded once, in the model's own precision (never
-        under the caller's autocast: the cache outlives the call), and cached."""
-        new = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        under the caller's autocast: the cache outlives the call), and cached (least recently used first out)."""
+        feats = {}
+        for p in dict.fromkeys(prompts):
+            if p in self._text_cache:
+                self._text_cache.move_to_end(p)
+                feats[p] = self._text_cache[p]
+        new = [p for p in dict.fromkeys(prompts) if p not in feats]
         for p in new:
             inputs.check_prompt(p)
         if new:
@@ -56,14 +70,41 @@ class _CLIPReward:
             device_type = self.model.logit_scale.device.type
             with torch.inference_mode(False), torch.no_grad(), torch.autocast(device_type, enabled=False):
                 for p, f in zip(new, self._encode_texts(new)):
-                    self._text_cache[p] = normalized(f)
-        return torch.stack([self._text_cache[p] for p in prompts])
+                    feats[p] = self._text_cache[p] = normalized(f)
+            while len(self._text_cache) > self.text_cache_size:
+                self._text_cache.popitem(last=False)
+        return torch.stack([feats[p] for p in prompts])
 
-    def score(self, latents: torch.Tensor, prompts: str | Sequence[str], *, noise_level=None) -> torch.Tensor:
-        """Cosine similarity per sample, (B,), float32 or wider; differentiable w.r.t. ``latents``."""
-        txt = self.text_features(inputs.prompt_list(prompts, latents.shape[0])).to(latents.device)
-        img = self.image_features(latents, noise_level)
-        return (img * txt).sum(dim=-1)
+    def score(self, latents: torch.Tensor, prompts: str | Sequence[str], *, batch_size: int | None = None,
+              noise_level=None, scale: float | str = 1.0) -> torch.Tensor:
+        """Cosine similarity per sample, (B,), float32 or wider; differentiable w.r.t. ``latents``.
+
+        ``batch_size``: score at most this many latents per image-tower pass (an RL step's thousands of
+        samples in bounded memory); the result is the same. ``noise_level``: a float, or one per latent (B,), for
+        a noise-aware model (see the module docstring). ``scale`` multiplies the cosine: ``1.0`` (the
+        default) gives it in [-1, 1]; ``"logit"`` multiplies by the model's ``logit_scale.exp()`` (100 for
+        the released checkpoints: the CLIP logit, the scale of the loss ``100 - logit``); any float as given.
+        """
+        if scale == "logit":
+            factor = logit_scale_exp(self.model.logit_scale).item()
+        elif isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale):
+            factor = float(scale)
+        else:
+            raise ValueError(f"scale must be a finite number or 'logit', got {scale!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None (one pass), got {batch_size!r}")
+        if batch_size is None or not isinstance(latents, torch.Tensor) or latents.ndim != 4 or len(latents) <= batch_size:
+            txt = self.text_features(inputs.prompt_list(prompts, latents.shape[0])).to(latents.device)
+            out = (self.image_features(latents, noise_level) * txt).sum(dim=-1)
+        else:
+            prompts = inputs.prompt_list(prompts, len(latents))
+            txt = self.text_features(prompts).to(latents.device)
+            per_latent = isinstance(noise_level, torch.Tensor) and noise_level.ndim > 0 and len(noise_level) > 1
+            out = torch.cat([(self.image_features(latents[s:s + batch_size],
+                                                  noise_level[s:s + batch_size] if per_latent else noise_level)
+                              * (txt if len(txt) == 1 else txt[s:s + batch_size])).sum(dim=-1)
+                             for s in range(0, len(latents), batch_size)])
+        return out if factor == 1.0 else out * factor
 
     def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str], noise_level=None) -> torch.Tensor:
         return clip_loss(self.score(latents, prompt, noise_level=noise_level), self.model.logit_scale)
@@ -79,11 +120,12 @@ class LatentCLIPReward(_CLIPReward):
     """
 
     name = "latent_clip"
+    reads_latents = True
 
     def __init__(self, model: LatentCLIP, weighting: float = 1.0, *, space: str = "diffusion",
-                 resize=MODEL_DEFAULT):
+                 resize=MODEL_DEFAULT, text_cache_size: int = TEXT_CACHE_SIZE):
         inputs.check_space(space)
-        super().__init__(model, weighting)
+        super().__init__(model, weighting, text_cache_size)
         self.space = space
         if resize is not MODEL_DEFAULT:
             model.resize_policy(resize)  # checked now, not at the first call
@@ -127,12 +169,13 @@ class PixelCLIPReward(_CLIPReward):
     name = "pixel_clip"
 
     def __init__(self, vae: nn.Module, clip_model: nn.Module, *, tokenizer=None, weighting: float = 1.0,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 text_cache_size: int = TEXT_CACHE_SIZE):
         config = getattr(vae, "config", None)
         if not callable(getattr(vae, "decode", None)) or not isinstance(getattr(config, "scaling_factor", None), (int, float)):
             raise TypeError(f"vae must be a diffusers decoder (AutoencoderKL, AutoencoderTiny, ...) with .decode and "
                             f".config.scaling_factor, got {type(vae).__name__}")
-        super().__init__(clip_model, weighting)
+        super().__init__(clip_model, weighting, text_cache_size)
         self.check_finite = True  # NaN/Inf latents are an error; False skips the check (it synchronises with the device)
         self.vae = vae.requires_grad_(False).eval()
         self.latent_space = latent_space(vae)

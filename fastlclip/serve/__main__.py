@@ -1,0 +1,151 @@
+"""``python -m fastlclip.serve --model NAME --pretrained FILE``: the batching Latent-CLIP reward server.
+
+Every argument is checked before the model loads; an error is one line on stderr and exit status 2. The
+server binds 127.0.0.1 unless told otherwise, and refuses a non-loopback ``--host`` without
+``--token-file``. SIGTERM (or Ctrl+C) stops accepting connections, answers the requests in flight, and
+exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import signal
+import sys
+from pathlib import Path
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D102 - argparse's hook: one line, exit 2
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+        return value
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 65535], got {text!r}")
+    return int(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    from ..runtime import BACKENDS
+
+    p = _Parser(prog="python -m fastlclip.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="registered config name (fastlclip.list_models()) or a JSON config")
+    p.add_argument("--pretrained", required=True, help="checkpoint: .pt, .safetensors, a folder, or hf-hub:<repo>")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --token-file)")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="see fastlclip.runtime (auto: eager on CPU)")
+    p.add_argument("--max-batch-size", type=_positive(int), default=32, help="latents per forward")
+    p.add_argument("--max-wait-ms", type=_non_negative_float, default=10.0, help="longest a batch waits to fill")
+    p.add_argument("--max-body-mb", type=_positive(float), default=64.0, help="larger bodies get 413")
+    p.add_argument("--max-queue", type=_positive(int), default=4096, help="latents waiting; beyond, 503 + Retry-After")
+    p.add_argument("--text-cache-size", type=_positive(int), default=4096, help="prompts whose text features are kept")
+    p.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send")
+    p.add_argument("--resize", choices=("none", "interpolate", "pool"), default="none",
+                   help="policy for latent grids other than the trained one (fastlclip.grids)")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    return p
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"--token-file {path}: cannot read it ({e.strerror or e})") from None
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"--token-file {path}: must hold one token (no spaces), got "
+                         f"{'an empty file' if not token else 'whitespace inside'}")
+    return token
+
+
+def check_args(args) -> tuple[str, str | None]:
+    """The device, and the token; raises ValueError naming the bad argument."""
+    import torch
+
+    if not is_loopback(args.host) and args.token_file is None:
+        raise ValueError(f"--host {args.host} is not a loopback address: anyone who reaches it could use the server; "
+                         "pass --token-file FILE (clients send 'Authorization: Bearer <token>'), or bind 127.0.0.1")
+    token = read_token(args.token_file) if args.token_file is not None else None
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available here; use --device cpu")
+    spec = args.pretrained
+    if not spec.startswith("hf-hub:") and not Path(spec).expanduser().exists():
+        raise ValueError(f"--pretrained {spec}: no such file or folder")
+    return device, token
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        device, token = check_args(args)
+    except ValueError as e:
+        p.error(str(e))
+
+    import torch
+    import uvicorn
+
+    import fastlclip
+
+    from ..checkpoint import CheckpointError
+    from .app import create_app
+
+    dtype = torch.bfloat16 if args.dtype == "auto" and device == "cuda" else getattr(torch, args.dtype, torch.float32)
+    backend = "eager" if args.backend == "auto" and device == "cpu" else args.backend
+    try:
+        model = fastlclip.load(args.model, args.pretrained, device=device, dtype=dtype, backend=backend,
+                               resize=None if args.resize == "none" else args.resize)
+    except (CheckpointError, ValueError, TypeError, FileNotFoundError, KeyError) as e:
+        p.error(f"could not load the model: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    model.check_finite = False  # the server checks each request's latents itself, on the host
+    reward = fastlclip.LatentCLIPReward(model, text_cache_size=args.text_cache_size)
+    app = create_app(reward, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                     max_body_mb=args.max_body_mb, max_queue=args.max_queue, token=token)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host.strip("[]"), port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=None))
+    # uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully; with these handlers that ends in exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The reward server as an ASGI app (Starlette): ``create_app(reward) -> app``, run by ``python -m fastlclip.serve``.
+
+Endpoints: ``GET /healthz`` (model, VAE, channels, device), ``POST /v1/score`` (verl-omni latent protocol v1,
+see ``fastlclip.serve.protocol``), ``GET /metrics`` (Prometheus text). Every error is JSON ``{"error": ...}``:
+400 bad request, 401 missing or wrong bearer token, 404, 405, 413 body over the limit, 503 with
+``Retry-After`` when the queue is full, 500 for a failure of the server itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import time
+
+import torch
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import inputs
+from ..rewards import LatentCLIPReward
+from . import protocol
+from .batcher import Batcher, QueueFull
+
+RETRY_AFTER_S = 1
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class _Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("fastlclip_requests", "Score requests answered, by HTTP status", ["code"], registry=r)
+        self.batches = Counter("fastlclip_batches", "Batches scored (one forward each)", registry=r)
+        self.latents = Counter("fastlclip_latents", "Latents scored", registry=r)
+        self.latency = Histogram("fastlclip_request_latency_seconds", "Time from request to reply, /v1/score",
+                                 registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.batch_size = Histogram("fastlclip_batch_size", "Latents per batch", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.queued = Gauge("fastlclip_queued_latents", "Latents waiting for a batch", registry=r)
+        self.in_flight = Gauge("fastlclip_requests_in_flight", "Score requests received and not yet answered", registry=r)
+
+    def batch(self, n: int) -> None:
+        self.batches.inc()
+        self.latents.inc(n)
+        self.batch_size.observe(n)
+
+
+def _model_info(model) -> dict:
+    v, space = model.cfg.vision, model.latent_space
+    return {"model": model.cfg.name, "vae": model.cfg.vae_name, "channels": v.latent_channels,
+            "latent_size": v.latent_size, "resize": model.resize, "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."), "backend": model.backend,
+            "noise_aware": model.noise_aware, "scaling_factor": space.scaling_factor, "shift_factor": space.shift_factor}
+
+
+def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_ms: float = 10.0,
+               max_body_mb: float = 64.0, max_queue: int = 4096, token: str | None = None) -> Starlette:
+    """The server's app around ``reward`` (a ``LatentCLIPReward`` on diffusion-space latents).
+
+    ``max_batch_size`` latents per forward, batches leave after ``max_wait_ms``; ``max_queue`` latents may
+    wait before requests are refused with 503; bodies over ``max_body_mb`` get 413; with ``token`` every
+    request but ``/healthz`` needs ``Authorization: Bearer <token>``.
+    """
+    model = reward.model
+    noise_aware = model.noise_aware
+    metrics = _Metrics()
+    limit = int(max_body_mb * 2**20)
+    v = model.cfg.vision
+
+    def score_fn(latents: torch.Tensor, prompts: list[str], noise) -> torch.Tensor:
+        kw = {}
+        if noise is not None:
+            kw["noise_level"] = noise if isinstance(noise, float) else torch.tensor(noise, device=model.device)
+        with torch.inference_mode():
+            return reward.score(latents.to(model.device), prompts, batch_size=max_batch_size, **kw).float().cpu()
+
+    batcher = Batcher(score_fn, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                      noise_key=noise_aware, on_batch=metrics.batch)
+
+    def authorized(request: Request) -> bool:
+        if token is None:
+            return True
+        given = request.headers.get("authorization", "")
+        return given.startswith("Bearer ") and hmac.compare_digest(given[len("Bearer "):].encode(), token.encode())
+
+    def unauthorized() -> JSONResponse:
+        return _error(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' (the server's "
+                           "--token-file)", {"WWW-Authenticate": "Bearer"})
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "protocol_version": protocol.PROTOCOL_VERSION, **_model_info(model)})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        if not authorized(request):
+            return unauthorized()
+        metrics.queued.set(batcher.queued)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def read_body(request: Request) -> bytes | None:
+        """The body, or None once it is over the limit (read no further)."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return None
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return None
+        return bytes(body)
+
+    async def reply(request: Request) -> JSONResponse:
+        if not authorized(request):
+            return unauthorized()
+        version = request.headers.get("x-drm-protocol-version")
+        if version != protocol.PROTOCOL_VERSION:
+            return _error(400, f"header x-drm-protocol-version must be {protocol.PROTOCOL_VERSION!r}, got "
+                               f"{version!r}: this server speaks verl-omni latent protocol v1")
+        body = await read_body(request)
+        if body is None:
+            return _error(413, f"the body is over the server's limit of {max_body_mb:g} MiB (--max-body-mb); send "
+                               "fewer latents per request")
+        try:
+            req = protocol.parse(body, channels=v.latent_channels, to_diffusion=model.latent_space.to_diffusion)
+            inputs.check_latents(req.latents, channels=v.latent_channels, size=v.latent_size, patch=v.patch_size,
+                                 resize=model.resize, check_finite=False, vae=model.cfg.vae_name)
+            if noise_aware and req.noise_level is not None:
+                req.latents = protocol.renoise(req)
+        except ValueError as e:  # ProtocolError is one; so are the model's own checks
+            return _error(400, str(e))
+        try:
+            scores = await batcher.submit(req)
+        except QueueFull as e:
+            return _error(503, str(e), {"Retry-After": str(RETRY_AFTER_S)})
+        except (ValueError, TypeError) as e:  # refused by the model for this request alone
+            return _error(400, str(e))
+        out = {"protocol_version": protocol.PROTOCOL_VERSION, "raw_scores": scores, "model": model.cfg.name}
+        if req.noise_level is not None:
+            out["noise_level"] = req.noise_level if noise_aware else "ignored"
+        return JSONResponse(out)
+
+    async def score(request: Request) -> JSONResponse:
+        start = time.monotonic()
+        with metrics.in_flight.track_inprogress():
+            try:
+                response = await reply(request)
+            except Exception as e:  # a failure of the server itself (out of memory, ...): counted, and JSON
+                response = _error(500, f"internal error: {type(e).__name__}: {e}")
+        metrics.requests.labels(code=str(response.status_code)).inc()
+        metrics.latency.observe(time.monotonic() - start)
+        return response
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", exc.headers)
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await batcher.close()
+
+    app = Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics_endpoint, methods=["GET"]),
+                            Route("/v1/score", score, methods=["POST"])],
+                    exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan)
+    app.state.batcher, app.state.metrics, app.state.reward = batcher, metrics, reward
+    return app

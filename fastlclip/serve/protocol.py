@@ -1,0 +1,152 @@
+"""verl-omni's latent protocol v1, as this server reads it: a safetensors body, prompts in its metadata.
+
+A request is ``POST /v1/score`` with the header ``x-drm-protocol-version: 1`` and a body written by
+``safetensors.torch.save``: ``latents`` (B, C, H, W) float16/bfloat16/float32 in diffusion space (metadata
+``space`` may say ``vae``); the prompts in ``__metadata__`` as ``prompts`` (a JSON list of B strings) or
+``prompt`` (one string for all); optionally ``u`` (the noise level, a scalar, (1,) or (B,) in [0, 1]),
+``seeds`` (int64, (1,) or (B,)) and the tensors v1 clients also send (``prompt_embeds``,
+``pooled_prompt_embeds``), which are accepted and not used. The body is parsed by the safetensors library
+only: nothing is ever unpickled.
+
+Latents are clean; as in v1 (DiNa-LRM's server), a noise-aware model scores them re-noised to ``u``:
+``(1 - u) x + u eps`` in diffusion space (rectified flow), ``eps`` standard normal from ``seeds`` (per latent;
+seed 0 when none are sent), drawn on the host so every device gets the same noise (:func:`renoise`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import torch
+
+PROTOCOL_VERSION = "1"
+LATENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KNOWN_TENSORS = {"latents", "u", "prompt_embeds", "pooled_prompt_embeds", "seeds"}
+
+
+class ProtocolError(ValueError):
+    """A request this server refuses (HTTP 400); the message says what is wrong and how to fix it."""
+
+
+@dataclass(eq=False)
+class ScoreRequest:
+    latents: torch.Tensor  # (B, C, H, W) float32, diffusion space, on the host
+    prompts: list[str]  # B prompts
+    noise_level: float | tuple[float, ...] | None  # u: one value, one per latent, or not sent
+    seeds: tuple[int, ...] = (0,)  # one, or one per latent
+
+    @property
+    def size(self) -> int:
+        return self.latents.shape[0]
+
+
+def read_metadata(body: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (``safetensors.torch.load`` drops it): an 8-byte little-endian
+    header length, then that many bytes of JSON."""
+    if len(body) < 8:
+        raise ProtocolError(f"the body ({len(body)} bytes) is not a safetensors file; write it with safetensors.torch.save")
+    (n,) = struct.unpack("<Q", body[:8])
+    if n > len(body) - 8:
+        raise ProtocolError("the body is not a safetensors file (its header length exceeds the body); write it with "
+                            "safetensors.torch.save")
+    try:
+        header = json.loads(body[8:8 + n])
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("the body is not a safetensors file (its header is not JSON); write it with "
+                            "safetensors.torch.save") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _prompts(meta: dict[str, str], batch: int) -> list[str]:
+    if "prompts" in meta:
+        try:
+            prompts = json.loads(meta["prompts"])
+        except ValueError:
+            raise ProtocolError("metadata 'prompts' is not JSON; send a JSON list of strings") from None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ProtocolError("metadata 'prompts' must be a JSON list of strings")
+    elif "prompt" in meta:
+        prompts = [meta["prompt"]]
+    else:
+        raise ProtocolError("no prompts: put them in the safetensors metadata as 'prompts' (a JSON list, one per latent) "
+                            "or 'prompt' (one string for all)")
+    if len(prompts) == 1:
+        prompts = prompts * batch
+    if len(prompts) != batch:
+        raise ProtocolError(f"got {len(prompts)} prompts for {batch} latents; send 1 or {batch}")
+    if not all(p.strip() for p in prompts):
+        raise ProtocolError("a prompt is empty; every latent needs a non-empty prompt")
+    return prompts
+
+
+def _noise_level(u: torch.Tensor | None, batch: int) -> float | tuple[float, ...] | None:
+    if u is None:
+        return None
+    if not u.is_floating_point() or u.numel() not in (1, batch) or u.ndim > 1:
+        raise ProtocolError(f"'u' (the noise level) must be a float scalar, (1,) or ({batch},) tensor, got "
+                            f"{u.dtype} {tuple(u.shape)}")
+    values = u.double().flatten().tolist()
+    if not all(0.0 <= v <= 1.0 for v in values):  # NaN fails too
+        raise ProtocolError(f"'u' (the noise level) must lie in [0, 1], got {values[:4]}")
+    return values[0] if len(set(values)) == 1 else tuple(values)
+
+
+def _seeds(seeds: torch.Tensor | None, batch: int) -> tuple[int, ...]:
+    if seeds is None:
+        return (0,)
+    if seeds.is_floating_point() or seeds.is_complex() or seeds.dtype == torch.bool or seeds.ndim > 1 \
+            or seeds.numel() not in (1, batch):
+        raise ProtocolError(f"'seeds' must be an integer scalar, (1,) or ({batch},) tensor, got {seeds.dtype} "
+                            f"{tuple(seeds.shape)}")
+    return tuple(int(v) for v in seeds.flatten().tolist())
+
+
+def renoise(request: ScoreRequest) -> torch.Tensor:
+    """The request's clean latents re-noised to its ``u``: ``(1 - u) x + u eps``, ``eps`` from its seeds."""
+    x = request.latents
+    u = request.noise_level
+    seeds = request.seeds * x.shape[0] if len(request.seeds) == 1 else request.seeds
+    eps = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+    u = torch.tensor([u] * x.shape[0] if isinstance(u, float) else u, dtype=x.dtype).view(-1, 1, 1, 1)
+    return (1 - u) * x + u * eps
+
+
+def parse(body: bytes, *, channels: int, to_diffusion) -> ScoreRequest:
+    """The request in ``body``, checked: latents (dtype, shape, ``channels``, finite), prompts, noise level and
+    seeds; raises ProtocolError (HTTP 400). ``to_diffusion`` maps ``space="vae"`` latents to diffusion space
+    (``model.latent_space.to_diffusion``); the latent grid is the model's to check."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    meta = read_metadata(body)
+    try:
+        tensors = load(body)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ProtocolError(f"the body is not a valid safetensors file ({str(e).splitlines()[0][:200]}); write it with "
+                            "safetensors.torch.save") from None
+    unknown = sorted(set(tensors) - KNOWN_TENSORS)
+    if unknown:
+        raise ProtocolError(f"unknown tensors {unknown}; protocol v1 sends {sorted(KNOWN_TENSORS)}")
+    latents = tensors.get("latents")
+    if latents is None:
+        raise ProtocolError("the body has no 'latents' tensor")
+    if latents.dtype not in LATENT_DTYPES:
+        raise ProtocolError(f"'latents' must be float16, bfloat16 or float32, got {latents.dtype}")
+    if latents.ndim != 4 or latents.shape[0] == 0:
+        raise ProtocolError(f"'latents' must have shape (B, {channels}, H, W) with B > 0, got {tuple(latents.shape)}")
+    if latents.shape[1] != channels:
+        raise ProtocolError(f"'latents' have {latents.shape[1]} channels, the model takes {channels}")
+    latents = latents.float()
+    if not torch.isfinite(latents).all():
+        raise ProtocolError("'latents' contain NaN or Inf; check the sampler that produced them")
+    space = meta.get("space", "diffusion")
+    if space not in ("diffusion", "vae"):
+        raise ProtocolError(f"metadata 'space' must be 'diffusion' or 'vae', got {space[:40]!r}")
+    if space == "vae":
+        latents = to_diffusion(latents)
+    batch = latents.shape[0]
+    return ScoreRequest(latents, _prompts(meta, batch), _noise_level(tensors.get("u"), batch),
+                        _seeds(tensors.get("seeds"), batch))

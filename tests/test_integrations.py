@@ -1,0 +1,155 @@
+"""The RL adapters against a server and models built here: verl-omni's async ``compute_score`` (scores, scale and
+bias, where latents and prompts come from, what is retried and what is not) and flow_grpo's scorer (latents
+without a decode, images through the VAE encoder)."""
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import fastlclip
+from fastlclip.integrations import flow_grpo, verl_omni
+from fastlclip.loss import normalized
+from fastlclip.serve import create_app
+
+from conftest import TINY, tiny_vae
+
+
+@pytest.fixture(scope="module")
+def reward():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastlclip.load(TINY)
+    return fastlclip.LatentCLIPReward(model)
+
+
+@contextlib.contextmanager
+def serving(app):
+    """``app`` on uvicorn in a thread, on a free loopback port; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server_url(reward):
+    with serving(create_app(reward, token="tok")) as url:
+        yield url + "/v1/score"
+
+
+def latent(seed, b=1):
+    return torch.randn(b, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def test_verl_omni_scores_as_in_process(reward, server_url):
+    x = latent(1)
+    want = reward.score(x, "a red dog").item()
+    out = asyncio.run(verl_omni.compute_score(None, "a red dog", {"latents_clean": x}, server_url, token="tok",
+                                              score_scale=2.0, score_bias=-0.5, unused_config_key=1))
+    assert out["clip_raw_score"] == pytest.approx(want, abs=1e-5)
+    assert out["score"] == pytest.approx(2.0 * want - 0.5, abs=1e-5)
+    # The latent as solution_image (C, H, W, bf16 on the wire), the prompt from extra_info["raw_prompt"].
+    y = latent(2)[0].bfloat16()
+    out = asyncio.run(verl_omni.compute_score(y, None, {"raw_prompt": "a cat"}, server_url, token="tok", noise_level=0.4))
+    assert out["clip_raw_score"] == pytest.approx(reward.score(y[None].float(), "a cat").item(), abs=1e-5)
+
+
+def test_verl_omni_refuses_what_it_cannot_send(server_url):
+    with pytest.raises(ValueError, match="latents_clean"):
+        asyncio.run(verl_omni.compute_score(torch.rand(3, 32, 32), "a dog", {}, server_url))
+    with pytest.raises(ValueError, match="raw_prompt"):
+        asyncio.run(verl_omni.compute_score(latent(0), "", {}, server_url))
+
+
+def test_verl_omni_does_not_retry_client_errors(server_url):
+    with pytest.raises(RuntimeError, match="401"):  # no token
+        asyncio.run(verl_omni.compute_score(latent(0), "a dog", {}, server_url))
+    with pytest.raises(RuntimeError, match="400: 'latents' have 8 channels"):
+        asyncio.run(verl_omni.compute_score(torch.zeros(1, 8, 16, 16), "a dog", {}, server_url, token="tok"))
+
+
+def scripted_server(statuses):
+    """A stub answering each POST with the next status of ``statuses``; counts the calls."""
+    calls = []
+
+    async def score(request):
+        await request.body()
+        status = statuses[min(len(calls), len(statuses) - 1)]
+        calls.append(status)
+        if status == 200:
+            return JSONResponse({"protocol_version": "1", "raw_scores": [0.25]})
+        return JSONResponse({"error": f"status {status}"}, status_code=status, headers={"Retry-After": "0"})
+
+    return Starlette(routes=[Route("/v1/score", score, methods=["POST"])]), calls
+
+
+@pytest.mark.parametrize("statuses, retries, ok, calls_made", [
+    ([503, 429, 200], 2, True, 3),  # worth retrying
+    ([503, 503, 503], 1, False, 2),  # retries spent
+    ([400, 200], 2, False, 1),  # a client error is final
+    ([500, 200], 2, False, 1),  # so is a server error other than 503
+])
+def test_verl_omni_retries_only_429_and_503(statuses, retries, ok, calls_made):
+    app, calls = scripted_server(statuses)
+    with serving(app) as url:
+        call = verl_omni.compute_score(latent(0), "a dog", {}, url + "/v1/score", max_retries=retries, retry_backoff=0.01)
+        if ok:
+            assert asyncio.run(call) == {"score": 0.25, "clip_raw_score": 0.25}
+        else:
+            with pytest.raises(RuntimeError, match=f"answered {statuses[calls_made - 1]}"):
+                asyncio.run(call)
+    assert len(calls) == calls_made
+
+
+def test_verl_omni_retries_connection_errors_then_says_so():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConnectionError, match="after 3 tries"):
+        asyncio.run(verl_omni.compute_score(latent(0), "a dog", {}, f"http://127.0.0.1:{port}/v1/score",
+                                            max_retries=2, retry_backoff=0.01))
+
+
+def test_flow_grpo_scores_latents_without_decode_and_images_through_the_encoder(reward):
+    vae = tiny_vae()
+    fn = flow_grpo.latent_clip_score("cpu", model=reward.model, batch_size=3, vae=vae)
+    x, prompts = latent(5, b=5), ["a dog", "a cat", "a car", "a tree", "a cup"]
+    scores, info = fn(x, prompts, [{}] * 5)
+    assert info == {} and isinstance(scores, np.ndarray) and scores.shape == (5,)
+    np.testing.assert_allclose(scores, reward.score(x, prompts).numpy(), atol=1e-5)
+
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(6))
+    scores, _ = fn(images, prompts[:2], None)
+    with torch.no_grad():  # independent path: the VAE's posterior mean by diffusers, then the tower on VAE latents
+        raw = vae.encode(images * 2 - 1).latent_dist.mean
+        img = normalized(reward.model.encode_latents(raw, space="vae", normalize=False))
+        want = (img * reward.text_features(prompts[:2])).sum(-1)
+    np.testing.assert_allclose(scores, want.numpy(), atol=1e-5)
+    uint8 = (images.permute(0, 2, 3, 1) * 255).round().byte().numpy()  # flow_grpo's NHWC arrays
+    scores_u8, _ = fn(uint8, prompts[:2], None)
+    np.testing.assert_allclose(scores_u8, scores, atol=2e-2)
+    with pytest.raises(ValueError, match="channels"):
+        fn(torch.zeros(1, 5, 16, 16), ["a"], None)
