@@ -1,0 +1,245 @@
+"""fastlclip.distill on a tiny world (tests/distill_world.py): targets, training, exact resume, DDP, evaluation."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distill_world as W
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = dict(steps=30, batch_size=16, lr=1e-3, warmup_steps=5, save_every=10, seed=3)
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """VAE, teacher (module and open_clip files), shards and targets; torch on one thread (2 busy cores)."""
+    from fastlclip import distill
+    from fastlclip.distill.teacher import register_teacher_config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("distill")
+    vae = W.make_vae()
+    teacher = W.make_teacher(vae)
+    cfg_file, weights = W.save_teacher(teacher, root / "teacher")
+    register_teacher_config("tiny-teacher", cfg_file)
+    shards = W.write_shards(vae, root / "shards", 384, 96)
+    report = distill.make_targets(shards, root / "targets", vae=vae, teacher=teacher, progress=False)
+    assert len(report.ok) == 4 and report.rows == 384
+    student = root / "student.json"
+    student.write_text(json.dumps(W.STUDENT))
+    yield dict(root=root, vae=vae, teacher=teacher, cfg_file=cfg_file, weights=weights, shards=shards,
+               targets=root / "targets", student=student)
+    torch.set_num_threads(threads)
+
+
+def _train(world, out, **kw):
+    from fastlclip import distill
+
+    args = dict(student=str(world["student"]), teacher="tiny-teacher", teacher_pretrained=str(world["weights"]),
+                progress=False, **RUN)
+    args.update(kw)
+    return distill.train(world["targets"], out, **args)
+
+
+def _cli_train(world, out) -> list[str]:
+    return ["train", str(world["targets"]), "--out", str(out), "--student", str(world["student"]),
+            "--teacher", "tiny-teacher", "--teacher-config", str(world["cfg_file"]),
+            "--teacher-pretrained", str(world["weights"]), "--steps", str(RUN["steps"]),
+            "--batch-size", str(RUN["batch_size"]), "--lr", str(RUN["lr"]), "--warmup-steps", str(RUN["warmup_steps"]),
+            "--save-every", str(RUN["save_every"]), "--seed", str(RUN["seed"])]
+
+
+@pytest.fixture(scope="module")
+def reference_run(world):
+    """One uninterrupted single-process run: what resumed and DDP runs must reproduce."""
+    return _train(world, world["root"] / "reference")
+
+
+@pytest.fixture(scope="module")
+def plain_student(world):
+    return _train(world, world["root"] / "plain", steps=150, batch_size=32, lr=2e-3, warmup_steps=10,
+                  save_every=150, eval_every=75, holdout=0.1, seed=0)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_targets_are_the_teachers_embeddings_of_decoded_latents(world):
+    """Against an independent float64 decode, preprocessing (32 px: no resize; OpenAI mean/std) and teacher."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    from fastlclip.distill import read_targets
+
+    t = read_targets(world["targets"])
+    assert len(t) == 384 and t.info["latent_shape"] == [16, 8, 8] and len(set(t.keys)) == 384
+    vae, teacher = copy.deepcopy(world["vae"]).double(), copy.deepcopy(world["teacher"]).double()
+    raw = t.latents[:24].double()
+    with torch.no_grad():
+        img = ((vae.decode(raw).sample + 1) / 2).clamp(0, 1)
+        mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+        want = F.normalize(teacher.encode_image((img - mean) / std), dim=-1)
+    assert (t.embeddings[:24].double() - want).abs().max() < 2e-3  # stored as float16
+    # the teacher is not degenerate: its embeddings do not all point one way
+    e = F.normalize(t.embeddings.float(), dim=-1)
+    assert (e @ F.normalize(e.mean(0), dim=0)).mean() < 0.5
+
+
+def test_targets_resume_skips_finished_shards_and_refuses_other_settings(world):
+    from fastlclip import distill
+
+    report = distill.make_targets(world["shards"], world["targets"], vae=world["vae"], teacher=world["teacher"],
+                                  progress=False)
+    assert len(report.skipped) == 4 and not report.ok
+    with pytest.raises(ValueError, match="other settings"):
+        distill.make_targets(world["shards"], world["targets"], vae=world["vae"], teacher=world["teacher"],
+                             space="diffusion", progress=False)
+
+
+def test_student_beats_the_mean_embedding_baseline(world, plain_student):
+    from fastlclip import distill
+
+    result = distill.evaluate(plain_student, world["targets"], classes=["red", "green", "blue", "grey"])
+    assert result["rows"] > 20
+    assert result["cosine"] > result["baseline_cosine"] + 0.3, result
+    assert result["zeroshot_agreement"] > 0.4
+    lines = [json.loads(x) for x in (plain_student.parent / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert [x["step"] for x in lines if "loss" in x] == list(range(10, 151, 10))
+    assert losses[-1] < losses[0] - 0.3
+    assert [x["step"] for x in lines if "eval" in x] == [75, 150]
+
+
+def test_checkpoint_is_a_complete_latent_clip_with_the_teachers_text_tower(world, plain_student):
+    import fastlclip
+
+    model = fastlclip.load(None, plain_student)
+    tokens = fastlclip.tokenize(["a red square", "a photo of a dog"])
+    with torch.no_grad():
+        want = world["teacher"].encode_text(tokens, normalize=True)
+        got = model.encode_text(tokens)
+    assert (got - want).abs().max() < 1e-5
+    assert model.logit_scale.item() == world["teacher"].logit_scale.item()
+    assert model.cfg.vision.latent_channels == 16
+    zs = fastlclip.ZeroShotClassifier(model, ["red", "blue"], ["a photo of a {}."], progress=False)
+    raw = fastlclip.distill.read_targets(world["targets"]).latents[:4].float()
+    assert zs.probs(raw, space="vae").shape == (4, 2)
+
+
+def test_resume_after_sigkill_is_exact(world, reference_run):
+    out = world["root"] / "killed"
+    cmd = [sys.executable, "-m", "fastlclip.distill", *_cli_train(world, out)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final.safetensors").exists(), "the run ended before it could be killed"
+    assert (out / "checkpoint.pt").exists(), proc.stderr.read().decode()[-2000:]
+    final = _train(world, out)  # the same settings: resumes
+    got, want = _weights(final), _weights(reference_run)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(10, 31, 10))
+
+
+def test_torchrun_two_processes_match_one(world, reference_run):
+    out = world["root"] / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+           "-m", "fastlclip.distill", *_cli_train(world, out)]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got, want = _weights(out / "final.safetensors"), _weights(reference_run)
+    worst = max((got[k] - want[k]).abs().max().item() for k in want)
+    assert worst < 1e-5, worst
+
+
+def test_init_teacher_copies_the_tower_and_resamples_positions(world):
+    import fastlclip
+    from fastlclip import grids
+    from fastlclip.distill.teacher import copy_image_tower
+    from fastlclip.model_configs import ModelConfig
+
+    cfg = dict(W.STUDENT, vision_cfg=dict(W.STUDENT["vision_cfg"], layers=1))
+    model = fastlclip.LatentCLIP(ModelConfig.from_dict(cfg))
+    vit, src = model.visual.latent_vit, world["teacher"].visual
+    conv = vit.conv1.weight.clone()
+    copy_image_tower(vit, world["teacher"])
+    assert torch.equal(vit.proj, src.proj) and torch.equal(vit.ln_post.weight, src.ln_post.weight)
+    assert torch.equal(vit.transformer.resblocks[0].attn.in_proj_weight,
+                       src.transformer.resblocks[0].attn.in_proj_weight)
+    assert torch.equal(vit.conv1.weight, conv)  # the patch embedding is the student's own
+    assert vit.positional_embedding.shape == (17, 64)
+    assert torch.allclose(vit.positional_embedding, grids.resize_pos_embed(src.positional_embedding, (4, 4)))
+    with pytest.raises(ValueError, match="match the teacher"):
+        copy_image_tower(fastlclip.LatentCLIP(ModelConfig.from_dict(W.STUDENT)).visual.latent_vit, world["teacher"])
+
+
+def test_two_stage_schedule():
+    from fastlclip.distill.train import lr_lambda
+
+    patch, rest = lr_lambda(0, 2, 10), lr_lambda(4, 2, 10)
+    assert [patch(s) for s in (0, 1)] == [0.5, 1.0] and patch(10) == 0.0
+    assert [rest(s) for s in range(6)] == [0, 0, 0, 0, 0.5, 1.0] and rest(10) == 0.0
+
+
+def _main(argv) -> int:
+    from fastlclip.distill.__main__ import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps"),
+    (["--lr", "x"], "--lr"),
+    (["--lr", "2"], "lr must be"),
+    (["--batch-size", "-3"], "--batch-size"),
+    (["--holdout", "1.5"], "holdout"),
+    (["--teacher", "no-such-model", "--teacher-config", None], "not an open_clip model"),
+    (["--student", "nope.json"], "nope.json"),
+    (["--teacher-pretrained", "/no/such/file.pt"], "does not exist"),
+])
+def test_cli_refuses_bad_arguments_in_one_line(world, capsys, args, message):
+    argv = _cli_train(world, world["root"] / "never")
+    for flag, value in zip(args[::2], args[1::2]):
+        if value is None:  # drop the flag
+            i = argv.index(flag)
+            del argv[i:i + 2]
+        elif flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    assert _main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (world["root"] / "never").exists()
+
+
+def test_cli_refuses_a_folder_that_is_not_targets(world, capsys, tmp_path):
+    argv = _cli_train(world, tmp_path / "run")
+    argv[1] = str(tmp_path)
+    assert _main(argv) == 2
+    assert "not a targets folder" in capsys.readouterr().err
