@@ -243,3 +243,54 @@ def test_cli_refuses_a_folder_that_is_not_targets(world, capsys, tmp_path):
     argv[1] = str(tmp_path)
     assert _main(argv) == 2
     assert "not a targets folder" in capsys.readouterr().err
+
+
+def test_image_shards_are_vae_encoded_and_the_image_itself_embedded(world, tmp_path):
+    """PNG members (one wider than tall: centre-cropped); against float64 encode and teacher on the same pixels."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from PIL import Image
+
+    from fastlclip import distill
+
+    rng = np.random.default_rng(0)
+    pics = [rng.integers(0, 256, (32, 40 if i == 0 else 32, 3), dtype=np.uint8) for i in range(5)]
+    shard = tmp_path / "images.tar"
+    with tarfile.open(shard, "w") as tf:
+        for i, p in enumerate(pics):
+            buf = io.BytesIO()
+            Image.fromarray(p).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = buf.tell()
+            buf.seek(0)
+            tf.addfile(info, buf)
+    report = distill.make_targets([shard], tmp_path / "t", vae=world["vae"], teacher=world["teacher"], progress=False)
+    assert report.rows == 5 and not report.bad_samples
+    t = distill.read_targets(tmp_path / "t")
+    assert t.info["image_size"] == 32 and t.info["latent_shape"] == [16, 8, 8]
+    x = torch.stack([torch.from_numpy(p[:, 4:36] if i == 0 else p).permute(2, 0, 1) for i, p in enumerate(pics)])
+    x = x.double() / 255
+    vae, teacher = copy.deepcopy(world["vae"]).double(), copy.deepcopy(world["teacher"]).double()
+    mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    with torch.no_grad():
+        raw = vae.encode(x * 2 - 1).latent_dist.mean
+        emb = F.normalize(teacher.encode_image((x - mean) / std), dim=-1)
+    assert (t.latents.double() - raw).abs().max() < 2e-3 * max(1.0, raw.abs().max().item())
+    assert (t.embeddings.double() - emb).abs().max() < 2e-3
+
+
+def test_bench_cpu_smoke_run(tmp_path, capsys):
+    from bench import distill as bench_distill
+
+    out = tmp_path / "distill.json"
+    assert bench_distill.main(["--samples", "32", "--steps", "4", "--backends", "eager", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "CPU SMOKE RUN" in printed and "NOT throughput results" in printed and "384 GPU-h" in printed
+    report = json.loads(out.read_text())
+    assert report["smoke_test"] and report["command"].startswith("python -m bench.distill --samples 32")
+    assert report["make_targets"]["rows"] == 32 and report["make_targets"]["samples_per_s"] > 0
+    assert report["anchors"]["e_latentlpips_imagenet_top1"]["flux"] == 66.2

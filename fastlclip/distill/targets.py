@@ -8,6 +8,11 @@ Built on ``fastlclip.corpus``: the same shard readers, one atomic Parquet file p
 - ``embedding``: the teacher's normalised image embedding (float16, ``embed_dim`` wide);
 - ``latent``: the latent in VAE space (``raw = z / scaling + shift`` for diffusion-space input), float16,
   flattened; its shape is ``latent_shape`` in the folder's ``run.json``.
+
+Shards of images (``jpg`` / ``jpeg`` / ``png`` / ``webp`` members, found when a shard's first sample has no
+latent member) are accepted too: each image is resized (shorter side, bicubic) and centre-cropped to
+``image_size``, VAE-encoded (the posterior mean) to give the latent, and the teacher embeds that image itself
+rather than its decode, the better target.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import torch
 
 from .. import corpus
 from ..corpus.engines import ENGINES, rank_split, run_local, run_ray
-from ..corpus.readers import ShardError, read_shard
-from ..corpus.runner import ON_ERROR, ShardOptions, report as report_line
+from ..corpus.readers import DEFAULT_MEMBERS, IMAGE_MEMBERS, ShardError, read_shard
+from ..corpus.runner import ON_ERROR, BadSample, ShardOptions, check_sample, report as report_line
 from ..corpus.writer import RUN_FILE, check_run_file
 from . import teacher as teachers
 
@@ -66,6 +71,7 @@ class TargetSpec:
     space: str = "vae"
     shape: tuple[int, int, int] = (16, 64, 64)
     vae_cfg: dict = field(default_factory=dict)
+    image_size: int | None = None  # image shards: the side images are cropped to; None: latent shards
     device: str | None = None
     dtype: str = "float32"
 
@@ -79,7 +85,7 @@ class TargetSpec:
         teacher = self.teacher if isinstance(self.teacher, str) else f"<{type(self.teacher).__name__} module>"
         d = {"kind": KIND, "vae": _vae_label(self.vae), "vae_cfg": self.vae_cfg, "teacher": teacher,
              "teacher_pretrained": pretrained, "teacher_config": self.teacher_config, "space": self.space,
-             "latent_shape": list(self.shape), "dtype": self.dtype}
+             "latent_shape": list(self.shape), "image_size": self.image_size, "dtype": self.dtype}
         return json.loads(json.dumps(d, default=str))
 
 
@@ -105,35 +111,57 @@ class TargetScorer:
     def columns(self) -> list[str]:
         return ["embedding", "latent"]
 
+    def check(self, sample) -> torch.Tensor:
+        """A latent of the folder's shape, or an image resized and centre-cropped to ``image_size`` (in [0, 1])."""
+        size = self.spec.image_size
+        if size is None:
+            return check_sample(sample, self.shape)
+        if sample.error is not None:
+            raise BadSample(sample.error)
+        x = sample.latent
+        if x.dtype != torch.uint8 or x.ndim != 3 or x.shape[0] != 3:
+            raise BadSample(f"not an RGB image: {tuple(x.shape)} {x.dtype}")
+        return teachers.resize_crop(x.float()[None] / 255, size)[0]
+
     @torch.no_grad()
-    def __call__(self, latents: torch.Tensor) -> dict[str, np.ndarray]:
-        raw = latents.to(self.device, torch.float32)
-        if self.spec.space == "diffusion":
-            raw = self.space.to_vae(raw)
-        images = self.vae.decode(raw.to(self.vae.dtype)).sample
+    def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        if self.spec.image_size is not None:
+            images = (batch.to(self.device, torch.float32) * 2 - 1).to(self.vae.dtype)
+            out = self.vae.encode(images)
+            raw = (out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents).float()
+        else:
+            raw = batch.to(self.device, torch.float32)
+            if self.spec.space == "diffusion":
+                raw = self.space.to_vae(raw)
+            images = self.vae.decode(raw.to(self.vae.dtype)).sample
         emb = teachers.embed_images(self.teacher, images)
         return {"embedding": emb.half().cpu().numpy(), "latent": raw.half().flatten(1).cpu().numpy()}
 
 
-def _first_shape(shards: list[str], member, column) -> tuple[int, int, int]:
+def _first_sample(shards: list[str], member, column) -> torch.Tensor:
+    """The first readable latent or image of the shards (latent members first, then images)."""
+    wanted = member or (*DEFAULT_MEMBERS, *IMAGE_MEMBERS)
     for shard in shards:
         try:
-            for sample in read_shard(shard, member=member, column=column):
+            for sample in read_shard(shard, member=wanted, column=column):
                 x = sample.latent
-                if x is None:
-                    continue
-                if x.ndim == 4 and x.shape[0] == 1:
+                if x is not None and x.ndim == 4 and x.shape[0] == 1:
                     x = x[0]
-                if x.ndim == 3:
-                    return tuple(int(s) for s in x.shape)
+                if x is not None and x.ndim == 3:
+                    return x
         except ShardError:
             continue
-    raise ValueError("no readable (C, H, W) latent in the input shards: can't tell the latent shape")
+    raise ValueError("no readable (C, H, W) latent or image in the input shards: can't tell their shape")
+
+
+def _downsampling(cfg: dict) -> int:
+    blocks = cfg.get("block_out_channels") or cfg.get("encoder_block_out_channels") or (0,) * 4
+    return 2 ** (len(blocks) - 1)
 
 
 def make_targets(shards, out, *, vae, teacher, teacher_pretrained=None, teacher_config=None, space="vae",
                  batch_size=64, engine="local", workers=1, on_error="skip", member=None, column="latent",
-                 device=None, dtype="float32", progress=True) -> corpus.ScoreReport:
+                 image_size=None, device=None, dtype="float32", progress=True) -> corpus.ScoreReport:
     """Decode every latent of ``shards`` with ``vae`` and store the teacher's normalised embedding per key.
 
     ``vae``: a registered name (``fastlclip.list_vaes()``), a diffusers folder, or a module (an
@@ -141,7 +169,9 @@ def make_targets(shards, out, *, vae, teacher, teacher_pretrained=None, teacher_
     ``teacher_pretrained``; ``teacher_config``, a dict or JSON file, registers the name first) or an open_clip
     ``CLIP`` module. ``space``: the shards' latents, ``"vae"`` (raw posterior samples) or ``"diffusion"``.
     ``engine`` / ``workers`` / ``on_error`` / ``member`` / ``column`` / ``device``: as
-    ``fastlclip.corpus.score``; rerunning the same call resumes, skipping finished shards.
+    ``fastlclip.corpus.score``; rerunning the same call resumes, skipping finished shards. Image shards (see
+    the module docstring): ``image_size`` (default: the first image's shorter side, down to a multiple of the
+    VAE's downsampling).
     """
     shard_list = corpus.expand_inputs(shards)
     if engine not in ENGINES:
@@ -160,14 +190,24 @@ def make_targets(shards, out, *, vae, teacher, teacher_pretrained=None, teacher_
     cfg = vae_config(vae)
     if not isinstance(teacher, torch.nn.Module):
         teachers.load_teacher(teacher, teacher_pretrained, teacher_config)  # a bad name or file fails before work
-    shape = _first_shape(shard_list, member, column)
-    channels = cfg.get("latent_channels", 4)
-    if shape[0] != channels:
-        raise ValueError(f"the shards' latents have {shape[0]} channels, the VAE {channels}: wrong --vae for them")
+    first = _first_sample(shard_list, member, column)
+    channels, factor = cfg.get("latent_channels", 4), _downsampling(cfg)
+    if first.dtype == torch.uint8:  # image shards
+        if image_size is None:
+            image_size = min(first.shape[-2:]) // factor * factor
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < factor or image_size % factor:
+            raise ValueError(f"image_size must be a positive multiple of the VAE's downsampling {factor}, got {image_size!r}")
+        shape = (channels, image_size // factor, image_size // factor)
+        member = member or IMAGE_MEMBERS
+    else:
+        image_size = None
+        shape = tuple(int(s) for s in first.shape)
+        if shape[0] != channels:
+            raise ValueError(f"the shards' latents have {shape[0]} channels, the VAE {channels}: wrong --vae for them")
 
     spec = TargetSpec(vae=vae, teacher=teacher, teacher_pretrained=None if teacher_pretrained is None
                       else str(teacher_pretrained), teacher_config=teacher_config, space=space, shape=shape,
-                      vae_cfg=cfg, device=device, dtype=dtype)
+                      vae_cfg=cfg, image_size=image_size, device=device, dtype=dtype)
     mine = shard_list if engine == "ray" else rank_split(shard_list)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

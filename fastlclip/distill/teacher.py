@@ -75,19 +75,23 @@ def teacher_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, 
     return tuple(mean), tuple(std)
 
 
+def resize_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1]: the shorter side resized to ``size`` (bicubic, antialiased), centre-cropped."""
+    h, w = images.shape[-2:]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        images = F.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        images = images[..., top:top + size, left:left + size]
+    return images
+
+
 def preprocess(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] (B, 3, H, W) -> the teacher's input: open_clip's default transform on tensors
     (bicubic resize of the shorter side to the tower's size, centre crop, its mean / std)."""
     size = model.visual.image_size
-    size = size if isinstance(size, int) else size[0]
-    x = ((images.float() + 1) / 2).clamp(0, 1)
-    h, w = x.shape[-2:]
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        x = x[..., top:top + size, left:left + size]
+    x = resize_crop(((images.float() + 1) / 2).clamp(0, 1), size if isinstance(size, int) else size[0])
     mean, std = teacher_mean_std(model)
     mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
