@@ -294,3 +294,14 @@ def test_bench_cpu_smoke_run(tmp_path, capsys):
     assert report["smoke_test"] and report["command"].startswith("python -m bench.distill --samples 32")
     assert report["make_targets"]["rows"] == 32 and report["make_targets"]["samples_per_s"] > 0
     assert report["anchors"]["e_latentlpips_imagenet_top1"]["flux"] == 66.2
+
+
+def test_triton_backend_trains_as_eager(world):
+    """The fused kernels (under the interpreter on CPU) in training: same weights after two steps as eager."""
+    from fastlclip.kernels import _launch
+
+    if not _launch.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("no Triton here: neither the interpreter nor a CUDA device")
+    runs = {b: _weights(_train(world, world["root"] / f"backend-{b}", steps=2, batch_size=8, warmup_steps=0,
+                               save_every=2, backend=b)) for b in ("eager", "triton")}
+    assert max((runs["eager"][k] - runs["triton"][k]).abs().max().item() for k in runs["eager"]) < 1e-5

@@ -60,6 +60,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--vae", required=True, help="registered VAE (fastlclip.list_vaes()) or a diffusers folder")
     _teacher_args(t)
     t.add_argument("--space", choices=("vae", "diffusion"), default="vae", help="the shards' latents (default: vae)")
+    t.add_argument("--image-size", type=_int(8), help="image shards: crop side in px (default: the first image's)")
     t.add_argument("--batch-size", type=_int(1), default=64)
     t.add_argument("--engine", choices=("local", "ray"), default="local")
     t.add_argument("--workers", type=_int(1), default=1, help="processes (local) or actors (ray)")
@@ -148,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as e:
         return _fail(f"{prog}: error: {e}")
 
-    teacher = dict(teacher=getattr(args, "teacher", None), teacher_pretrained=getattr(args, "teacher_pretrained", None))
+    teacher = dict(teacher=getattr(args, "teacher", None), teacher_pretrained=getattr(args, "teacher_pretrained", None),
+                   teacher_config=getattr(args, "teacher_config", None))
     try:
         if args.command == "targets":
-            report = make_targets(args.shards, args.out, vae=args.vae, space=args.space, batch_size=args.batch_size,
-                                  engine=args.engine, workers=args.workers, device=args.device, dtype=args.dtype,
-                                  **teacher)
+            report = make_targets(args.shards, args.out, vae=args.vae, space=args.space, image_size=args.image_size,
+                                  batch_size=args.batch_size, engine=args.engine, workers=args.workers,
+                                  device=args.device, dtype=args.dtype, **teacher)
             print(f"[fastlclip.distill] {len(report.ok)} shards ({report.rows} targets), {len(report.skipped)} already "
                   f"done, {len(report.failed)} failed -> {args.out}", file=sys.stderr)
             return 1 if report.failed else 0

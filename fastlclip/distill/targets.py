@@ -105,7 +105,7 @@ class TargetScorer:
         self.space = vaes.latent_space(spec.vae_cfg)
         self.teacher = teachers.load_teacher(spec.teacher, spec.teacher_pretrained, spec.teacher_config, device)
         self.teacher.to(dtype)
-        self.embed_dim = int(self.teacher.visual.proj.shape[1]) if self.teacher.visual.proj is not None else None
+        self.embed_dim = int(self.teacher.visual.output_dim)
         self.device = torch.device(device)
 
     def columns(self) -> list[str]:

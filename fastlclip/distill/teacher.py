@@ -40,8 +40,9 @@ def register_teacher_config(name: str, config: Mapping[str, Any] | str | os.Path
         open_clip.add_model_config(d)
 
 
-def load_teacher(teacher, pretrained=None, config=None, device="cpu") -> nn.Module:
-    """An open_clip ``CLIP`` in eval mode, frozen: a module as it is, or a name (``config`` registers it first)."""
+def load_teacher(teacher, pretrained=None, config=None, device=None) -> nn.Module:
+    """An open_clip ``CLIP`` in eval mode, frozen, on ``device`` (None: where it is): a module as it is, or a
+    name (``config``, a dict or JSON file, registers it first)."""
     import open_clip
 
     if isinstance(teacher, nn.Module):
@@ -56,7 +57,9 @@ def load_teacher(teacher, pretrained=None, config=None, device="cpu") -> nn.Modu
             raise FileNotFoundError(f"teacher weights not found: {pretrained}")
         model = open_clip.create_model(teacher, pretrained=None if pretrained is None else str(pretrained))
     check_teacher(model)
-    return model.to(device).eval().requires_grad_(False)
+    if device is not None:
+        model = model.to(device)
+    return model.eval().requires_grad_(False)
 
 
 def check_teacher(model: nn.Module) -> None:
