@@ -76,6 +76,12 @@ def plain_student(world):
                   save_every=150, eval_every=75, holdout=0.1, seed=0)
 
 
+@pytest.fixture(scope="module")
+def noise_aware_student(world):
+    return _train(world, world["root"] / "noise-aware", steps=150, batch_size=32, lr=2e-3, warmup_steps=10,
+                  save_every=150, holdout=0.1, seed=0, noise_aware=True)
+
+
 def _weights(path):
     from safetensors.torch import load_file
 
@@ -139,9 +145,32 @@ def test_checkpoint_is_a_complete_latent_clip_with_the_teachers_text_tower(world
     assert (got - want).abs().max() < 1e-5
     assert model.logit_scale.item() == world["teacher"].logit_scale.item()
     assert model.cfg.vision.latent_channels == 16
+    vae = world["vae"].config
+    assert (model.latent_space.scaling_factor, model.latent_space.shift_factor) == (vae.scaling_factor,
+                                                                                    vae.shift_factor)
     zs = fastlclip.ZeroShotClassifier(model, ["red", "blue"], ["a photo of a {}."], progress=False)
     raw = fastlclip.distill.read_targets(world["targets"]).latents[:4].float()
     assert zs.probs(raw, space="vae").shape == (4, 2)
+
+
+def test_noise_aware_student_beats_a_plain_one_on_noised_latents(world, plain_student, noise_aware_student):
+    """x_s = (1 - s) z + s eps in diffusion space (the VAE's own constants): the plain student reads it as a clean
+    latent, the noise-aware one is told s. The noise is evaluate's (seed 0), so both see the same x_s."""
+    import fastlclip
+    from fastlclip import distill
+
+    result = distill.evaluate(noise_aware_student, world["targets"], noise_levels=(0.5,))
+    assert set(result["per_noise_level"]) == {"0.5"}
+    plain = fastlclip.load(None, plain_student)
+    held = distill.read_targets(world["targets"]).split(0.1)[1]
+    eps = torch.randn(len(held), *held.latents.shape[1:], generator=torch.Generator().manual_seed(0))
+    x = 0.5 * plain.latent_space.to_diffusion(held.latents.float()) + 0.5 * eps
+    with torch.no_grad():
+        plain_cos = (plain.encode_latents(x) * F.normalize(held.embeddings.float(), dim=-1)).sum(-1).mean().item()
+    assert result["per_noise_level"]["0.5"]["cosine"] > plain_cos + 0.1, (result, plain_cos)
+    assert result["per_noise_level"]["0.5"]["cosine"] > result["baseline_cosine"] + 0.1
+    with pytest.raises(ValueError):
+        plain.encode_latents(x, noise_level=0.5)
 
 
 def test_resume_after_sigkill_is_exact(world, reference_run):
