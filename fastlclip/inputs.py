@@ -8,16 +8,20 @@ from typing import Sequence
 
 import torch
 
+from .vaes import latent_space, list_vaes
+
 # SDXL VAE scaling factor: diffusion-space latents = VAE latents * this.
 SDXL_SCALING_FACTOR = 0.13025
 LATENT_SPACES = ("diffusion", "vae")
 
 
 def check_latent_batch(latents: torch.Tensor, *, channels: int, expects: str, rgb_hint: str,
-                       check_finite: bool = True, finite_hint: str = "check the sampler or VAE that produced them") -> None:
+                       check_finite: bool = True, finite_hint: str = "check the sampler or VAE that produced them",
+                       vae: str = "sdxl") -> None:
     """What every consumer of a (B, C, H, W) latent batch checks: a floating-point 4-D tensor, B > 0,
-    ``channels`` channels (``expects`` names who expects them; 3 channels look like pixels: ``rgb_hint``
-    says what to do instead), finite unless ``check_finite`` is off (that check synchronises with the device)."""
+    ``channels`` channels of the VAE ``vae`` (``expects`` names who expects them; 3 channels look like pixels:
+    ``rgb_hint`` says what to do instead), finite unless ``check_finite`` is off (that check synchronises with
+    the device)."""
     if not isinstance(latents, torch.Tensor):
         raise TypeError(f"latents must be a torch.Tensor of shape (B, {channels}, H, W), got {type(latents).__name__}")
     if latents.ndim != 4:
@@ -31,21 +35,26 @@ def check_latent_batch(latents: torch.Tensor, *, channels: int, expects: str, rg
     if c != channels:
         if c == 3:
             raise ValueError(f"got 3-channel input {tuple(latents.shape)}: these look like RGB pixel images, but "
-                             f"{expects} {channels}-channel SDXL VAE latents. {rgb_hint}")
-        raise ValueError(f"latents have {c} channels, {expects} {channels} (SDXL VAE latents). Latents of 16-channel "
-                         "VAEs (SD3, FLUX) are a different space.")
+                             f"{expects} {channels}-channel latents of the {vae!r} VAE. {rgb_hint}")
+        raise ValueError(f"latents have {c} channels, {expects} {channels}-channel latents of the {vae!r} VAE. Latents "
+                         f"of another VAE are a different space: score them with a model for that VAE "
+                         f"(fastlclip.list_vaes(): {_vae_channels()})")
     if check_finite and not torch.isfinite(latents).all():
         raise ValueError(f"latents contain NaN or Inf; {finite_hint}")
 
 
+def _vae_channels() -> str:
+    return ", ".join(f"{n} {latent_space(n).channels}" for n in list_vaes() if not n.startswith("tae"))
+
+
 def check_latents(latents: torch.Tensor, *, channels: int, size: int, patch: int, resize: str | None = None,
-                  check_finite: bool = True) -> None:
+                  check_finite: bool = True, vae: str = "sdxl") -> None:
     """Validate a (B, C, H, W) latent batch for an image tower trained on ``size`` x ``size`` latents,
     under the grid policy ``resize`` (``fastlclip.grids``): None accepts only the trained grid,
     ``"interpolate"`` any grid of whole ``patch`` x ``patch`` patches, ``"pool"`` any grid."""
     check_latent_batch(latents, channels=channels, expects="the model expects",
-                       rgb_hint="Use model.encode_images(pixels) for RGB in [0, 1], or encode with the SDXL VAE first.",
-                       check_finite=check_finite)
+                       rgb_hint=f"Use model.encode_images(pixels) for RGB in [0, 1], or encode with the {vae!r} VAE first.",
+                       check_finite=check_finite, vae=vae)
     h, w = latents.shape[-2:]
     if (h, w) != (size, size):
         if resize is None:
@@ -100,9 +109,45 @@ def prompt_list(prompts: str | Sequence[str], batch: int) -> list[str]:
 def check_space(space: str) -> None:
     if space not in LATENT_SPACES:
         raise ValueError(
-            f"space must be 'diffusion' (latents from an SDXL pipeline/UNet, i.e. VAE latents * {SDXL_SCALING_FACTOR}) "
-            f"or 'vae' (raw AutoencoderKL.encode(x).latent_dist samples), got {space!r}"
+            "space must be 'diffusion' (latents from the pipeline's denoiser: (VAE latents - shift_factor) * "
+            f"scaling_factor, e.g. x {SDXL_SCALING_FACTOR} for SDXL) or 'vae' (raw AutoencoderKL.encode(x).latent_dist "
+            f"samples), got {space!r}"
         )
+
+
+def check_noise_level(noise_level, batch: int, *, noise_aware: bool, model: str,
+                      check_values: bool = True) -> torch.Tensor | None:
+    """A noise level ``s`` (None, a float, or a 0-d / (B,) tensor in [0, 1]) as a (B,) tensor (float32 or wider), or None
+    when there is none to apply: None, or zero for a model that is not noise-aware (which refuses any
+    other level). ``check_values``: check a tensor's values (NaN, range; synchronises with its device);
+    they are always checked for a model that is not noise-aware."""
+    if noise_level is None:
+        return None
+    if isinstance(noise_level, torch.Tensor):
+        if not noise_level.is_floating_point() or noise_level.ndim > 1:
+            raise ValueError(f"noise_level must be a float or a (B,) float tensor, got a {noise_level.dtype} tensor of "
+                             f"shape {tuple(noise_level.shape)}")
+        if noise_level.ndim == 1 and noise_level.shape[0] != batch:
+            raise ValueError(f"noise_level has {noise_level.shape[0]} values for a batch of {batch} latents; pass one "
+                             f"float or {batch} values")
+        s = noise_level.detach().to(torch.promote_types(noise_level.dtype, torch.float32)).expand(batch)
+    elif isinstance(noise_level, (int, float)) and not isinstance(noise_level, bool):
+        s = torch.full((batch,), float(noise_level))
+    else:
+        raise TypeError(f"noise_level must be None, a float or a (B,) tensor in [0, 1], got {type(noise_level).__name__}")
+    if check_values or not noise_aware or not isinstance(noise_level, torch.Tensor):
+        if not torch.isfinite(s).all():
+            raise ValueError("noise_level contains NaN or Inf; pass levels in [0, 1]")
+        lo, hi = s.min().item(), s.max().item()
+        if lo < 0 or hi > 1:
+            raise ValueError(f"noise_level must lie in [0, 1] (0: clean, 1: pure noise), got values in [{lo:.4g}, {hi:.4g}]")
+        if not noise_aware:
+            if hi > 0:
+                raise ValueError(f"model {model!r} is not noise-aware (its vision_cfg has no \"noise_aware\": true): "
+                                 "it scores clean latents only; pass noise_level=None, or use a noise-aware model "
+                                 "(fastlclip.distill train --noise-aware)")
+            return None
+    return s
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,6 +12,7 @@ VAE encoder under ``visual.vae_encoder.`` / ``visual.vae_quant_conv.``, the text
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from typing import Sequence
@@ -20,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import grids, inputs
+from . import grids, inputs, vaes
 from .grids import MODEL_DEFAULT
 from .model_configs import ModelConfig, VisionConfig
+from .vaes import LatentSpace
 
 
 class PackedAttention(nn.Module):
@@ -88,6 +90,9 @@ class LatentViT(nn.Module):
     Any grid of whole patches runs: at a grid other than the trained one the positional table is
     resampled to it (:meth:`pos_embed_for`). Which grids reach the tower is the caller's policy
     (``LatentCLIP.encode_latents``'s ``resize``).
+
+    A noise-aware tower (``cfg.noise_aware``) adds ``noise_embed(noise_level)`` (:class:`NoiseEmbedding`)
+    to every token after ln_pre: it scores intermediate latents ``(1 - s) x + s eps`` of a rectified flow.
     """
 
     def __init__(self, cfg: VisionConfig, embed_dim: int):
@@ -102,6 +107,7 @@ class LatentViT(nn.Module):
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio)
         self.ln_post = nn.LayerNorm(w)
         self.proj = nn.Parameter(scale * torch.randn(w, embed_dim))
+        self.noise_embed = NoiseEmbedding(w) if cfg.noise_aware else None
         self.patch_embed_fn = None
         self._pos_cache: dict[tuple, tuple] = {}
 
@@ -135,27 +141,64 @@ class LatentViT(nn.Module):
         self._pos_cache[key] = (stamp, table)
         return table
 
-    def embed(self, latents: torch.Tensor, scale: float) -> torch.Tensor:
-        """Latent -> (B, 1 + N, width) tokens after ln_pre; N = (H // P) * (W // P)."""
+    def embed(self, latents: torch.Tensor, scale: float, shift: float = 0.0,
+              noise_level: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent -> (B, 1 + N, width) tokens after ln_pre (plus the noise embedding of a noise-aware
+        tower); N = (H // P) * (W // P). The conv reads ``latents * scale + shift``."""
         p = self.cfg.patch_size
         pos = self.pos_embed_for((latents.shape[-2] // p, latents.shape[-1] // p))
         if self.patch_embed_fn is not None:
+            if shift:  # conv1 has no bias: conv1(x + shift) = conv1(x) + shift * (its weight summed per output)
+                rows = (shift * self.conv1.weight.sum((1, 2, 3))).to(pos.dtype)
+                pos = torch.cat([pos[:1], pos[1:] + rows])
             args = (self.conv1.weight, self.class_embedding, pos, self.ln_pre.weight, self.ln_pre.bias)
-            return self.patch_embed_fn(latents, *args, scale=scale, eps=self.ln_pre.eps)
-        latents = latents.to(self.conv1.weight.dtype)
-        x = self.conv1(latents * scale if scale != 1.0 else latents).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)
-        return self.ln_pre(x)
+            x = self.patch_embed_fn(latents, *args, scale=scale, eps=self.ln_pre.eps)
+        else:
+            latents = latents.to(self.conv1.weight.dtype)
+            if scale != 1.0:
+                latents = latents * scale
+            x = self.conv1(latents + shift if shift else latents).flatten(2).transpose(1, 2)
+            cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = self.ln_pre(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
+        if self.noise_embed is not None:
+            if noise_level is None:
+                noise_level = x.new_zeros(x.shape[0])
+            x = x + self.noise_embed(noise_level)[:, None].to(x.dtype)
+        return x
 
-    def forward(self, latents: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """Image features (B, embed_dim) of latents times ``scale`` (cast to the weights' dtype)."""
-        x = self.transformer(self.embed(latents, scale), causal=False)
+    def forward(self, latents: torch.Tensor, scale: float = 1.0, shift: float = 0.0,
+                noise_level: torch.Tensor | None = None) -> torch.Tensor:
+        """Image features (B, embed_dim) of ``latents * scale + shift`` (cast to the weights' dtype) at the
+        noise level ``noise_level`` ((B,) in [0, 1]; None: clean) when the tower is noise-aware."""
+        x = self.transformer(self.embed(latents, scale, shift, noise_level), causal=False)
         return self.ln_post(x[:, 0]) @ self.proj
 
 
+class NoiseEmbedding(nn.Module):
+    """A noise level ``s`` in [0, 1] -> sinusoidal features of ``1000 s`` -> MLP -> (B, width).
+
+    The last layer starts at zero, so a fresh noise-aware tower computes what the plain one does.
+    """
+
+    def __init__(self, width: int, features: int = 256):
+        super().__init__()
+        self.features = features
+        self.mlp = nn.Sequential(nn.Linear(features, width), nn.SiLU(), nn.Linear(width, width))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        weight = self.mlp[0].weight
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # the features in float32 at least
+        half = self.features // 2
+        freqs = torch.exp(torch.arange(half, device=s.device, dtype=dtype) * (-math.log(10000.0) / half))
+        angles = 1000.0 * s.to(dtype)[:, None] * freqs
+        feats = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return self.mlp(feats.to(weight.dtype))
+
+
 class LatentVisual(nn.Module):
-    """The vision side: ``latent_vit`` plus, when the checkpoint carries one, the frozen SDXL VAE encoder."""
+    """The vision side: ``latent_vit`` plus, when the checkpoint carries one, the frozen VAE encoder."""
 
     def __init__(self, cfg: ModelConfig, with_vae: bool):
         super().__init__()
@@ -174,13 +217,15 @@ class LatentVisual(nn.Module):
                 act_fn=v.get("act_fn", "silu"),
                 double_z=True,
             )
-            self.vae_quant_conv = nn.Conv2d(2 * v["latent_channels"], 2 * v["latent_channels"], 1)
+            quant = v.get("use_quant_conv", True)  # SD3 and FLUX VAEs have none
+            self.vae_quant_conv = nn.Conv2d(2 * v["latent_channels"], 2 * v["latent_channels"], 1) if quant else None
         else:
             self.vae_encoder = self.vae_quant_conv = None
 
 
 class LatentCLIP(nn.Module):
-    """Latent-CLIP: an image tower on SDXL VAE latents and open_clip's text tower.
+    """Latent-CLIP: an image tower on a VAE's latents (``cfg.vae_name``, SDXL's by default) and open_clip's
+    text tower.
 
     Call ``fastlclip.load`` rather than this constructor: it resolves configs and loads checkpoints.
     """
@@ -215,20 +260,34 @@ class LatentCLIP(nn.Module):
     def latent_size(self) -> int:
         return self.cfg.vision.latent_size
 
+    @property
+    def latent_space(self) -> LatentSpace:
+        """The latent space of the model's VAE (``cfg.vae_name``): channels, scaling and shift factors."""
+        return dataclasses.replace(vaes.latent_space(self.cfg.vae), name=self.cfg.vae_name)
+
+    @property
+    def noise_aware(self) -> bool:
+        """Whether the image tower takes a noise level (``encode_latents(..., noise_level=)``)."""
+        return self.cfg.vision.noise_aware
+
     # -- image side -----------------------------------------------------------------------------
     def encode_latents(self, latents: torch.Tensor, *, space: str = "diffusion", normalize: bool = True,
-                       resize=MODEL_DEFAULT) -> torch.Tensor:
-        """Embed SDXL VAE latents (B, 4, H, W).
+                       resize=MODEL_DEFAULT, noise_level=None) -> torch.Tensor:
+        """Embed latents (B, C, H, W) of the model's VAE (``model.latent_space``: SDXL's unless its config names
+        another).
 
-        ``space="diffusion"``: latents as an SDXL pipeline or UNet produces them (divided by the VAE
-        scaling factor 0.13025 here). ``space="vae"``: raw ``AutoencoderKL.encode(x).latent_dist`` samples.
+        ``space="diffusion"``: latents as the pipeline's denoiser produces them; converted here with the
+        VAE's constants as diffusers' pipelines do before decoding, ``z / scaling_factor + shift_factor``.
+        ``space="vae"``: raw ``AutoencoderKL.encode(x).latent_dist`` samples.
         ``resize``: the policy for a grid other than the trained one (``fastlclip.grids``): ``None``
         refuses it, ``"interpolate"`` resamples the positional embeddings to it, ``"pool"`` area-pools
         the latents to the trained grid; by default ``self.resize`` (``fastlclip.load(..., resize=...)``).
+        ``noise_level``: None (clean), a float or a (B,) tensor in [0, 1], the ``s`` of intermediate latents
+        ``(1 - s) x + s eps`` (diffusion space); a model that is not noise-aware refuses non-zero levels.
         Latents are cast to the model's dtype; gradients flow back to them.
         """
-        latents, scale = self.prepare_latents(latents, space, resize)
-        feats = self.visual.latent_vit(latents, scale=scale)
+        latents, scale, shift, noise = self.prepare_latents(latents, space, resize, noise_level)
+        feats = self.visual.latent_vit(latents, scale=scale, shift=shift, noise_level=noise)
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def resize_policy(self, resize=MODEL_DEFAULT) -> str | None:
@@ -237,30 +296,40 @@ class LatentCLIP(nn.Module):
         grids.check_resize(resize)
         return resize
 
-    def prepare_latents(self, latents: torch.Tensor, space: str, resize=MODEL_DEFAULT) -> tuple[torch.Tensor, float]:
-        """Validate latents for the image tower and apply the grid policy: ``(latents for the tower,
-        the factor that maps them to VAE space)``. With ``"pool"`` the latents come back pooled to the
-        trained grid; otherwise as they are (the tower resamples its positions to their grid).
+    def prepare_latents(self, latents: torch.Tensor, space: str, resize=MODEL_DEFAULT, noise_level=None
+                        ) -> tuple[torch.Tensor, float, float, torch.Tensor | None]:
+        """Validate latents (and a noise level) for the image tower and apply the grid policy:
+        ``(latents for the tower, scale, shift, noise)``: the tower reads ``latents * scale + shift`` (VAE
+        space) at ``noise`` ((B,) float32 or wider on the model's device, or None: clean). With ``"pool"`` the
+        latents come back pooled to the trained grid; otherwise as they are (the tower resamples its
+        positions to their grid).
 
-        The NaN/Inf check (``check_finite``, on by default) synchronises with the device; set
+        The NaN/Inf checks (``check_finite``, on by default) synchronise with the device; set
         ``model.check_finite = False`` in loops that must not wait for the GPU.
         """
         inputs.check_space(space)
         resize = self.resize_policy(resize)
         v = self.cfg.vision
         inputs.check_latents(latents, channels=v.latent_channels, size=v.latent_size, patch=v.patch_size,
-                             resize=resize, check_finite=self.check_finite)
+                             resize=resize, check_finite=self.check_finite, vae=self.cfg.vae_name)
         self._check_device(latents, "latents")
+        noise = inputs.check_noise_level(noise_level, latents.shape[0], noise_aware=self.noise_aware,
+                                         model=self.cfg.name, check_values=self.check_finite)
+        if noise is not None:
+            noise = noise.to(self.device)
         if resize == "pool":
             latents = grids.pool_latents(latents, v.latent_size)
-        return latents, (1.0 / inputs.SDXL_SCALING_FACTOR if space == "diffusion" else 1.0)
+        if space == "vae":
+            return latents, 1.0, 0.0, noise
+        ls = self.latent_space
+        return latents, 1.0 / ls.scaling_factor, ls.shift_factor, noise
 
     def encode_images(self, pixels: torch.Tensor, *, vae=None, sample: bool = False, normalize: bool = True,
                       resize=MODEL_DEFAULT) -> torch.Tensor:
-        """Embed RGB images in [0, 1] (B, 3, H, W): SDXL VAE encoder -> latent -> image tower.
+        """Embed RGB images in [0, 1] (B, 3, H, W): VAE encoder -> latent -> image tower.
 
-        Uses the VAE encoder weights stored in the checkpoint; pass ``vae`` (a diffusers ``AutoencoderKL``)
-        when the checkpoint has none. ``sample=False`` takes the posterior mean, ``True`` a sample.
+        Uses the VAE encoder weights stored in the checkpoint; pass ``vae`` (a diffusers ``AutoencoderKL`` of
+        the model's VAE, ``fastlclip.vaes.build_vae``) when the checkpoint has none. ``sample=False`` takes the posterior mean, ``True`` a sample.
         ``resize``: the latent-grid policy, as in :meth:`encode_latents`.
         """
         inputs.check_pixels(pixels)
@@ -276,13 +345,15 @@ class LatentCLIP(nn.Module):
             mean, std = dist.mean, dist.std
         elif self.visual.vae_encoder is not None:
             x = x.to(self.dtype)
-            moments = self.visual.vae_quant_conv(self.visual.vae_encoder(x))
+            moments = self.visual.vae_encoder(x)
+            if self.visual.vae_quant_conv is not None:
+                moments = self.visual.vae_quant_conv(moments)
             mean, logvar = moments.chunk(2, dim=1)
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         else:
             raise ValueError(
-                "this model has no VAE encoder weights (its checkpoint carried none): pass vae=AutoencoderKL "
-                "(the SDXL VAE, e.g. madebyollin/sdxl-vae-fp16-fix) or encode the images to latents yourself"
+                f"this model has no VAE encoder weights (its checkpoint carried none): pass vae=AutoencoderKL (the "
+                f"{self.cfg.vae_name} VAE, fastlclip.vaes.build_vae(folder)) or encode the images to latents yourself"
             )
         latents = mean + std * torch.randn_like(std) if sample else mean
         return self.encode_latents(latents, space="vae", normalize=normalize, resize=resize)
@@ -303,12 +374,13 @@ class LatentCLIP(nn.Module):
 
     # -- both -----------------------------------------------------------------------------------
     def forward(self, latents: torch.Tensor | None = None, texts=None, *, space: str = "diffusion",
-                resize=MODEL_DEFAULT):
+                resize=MODEL_DEFAULT, noise_level=None):
         """As open_clip: ``(image_features, text_features, logit_scale.exp())``, features normalised.
 
         Logits are ``logit_scale * image_features @ text_features.T``.
         """
-        img = self.encode_latents(latents, space=space, resize=resize) if latents is not None else None
+        img = (self.encode_latents(latents, space=space, resize=resize, noise_level=noise_level)
+               if latents is not None else None)
         txt = self.encode_text(texts) if texts is not None else None
         return img, txt, self.logit_scale.exp()
 

@@ -1,8 +1,10 @@
 """Latent-CLIP model configs: the authors' JSON files, shipped as package data.
 
-A config follows open_clip's schema plus the Latent-CLIP vision keys ``latent_factor`` and
-``latent_n_channels``. Optionally ``vae_cfg`` (a diffusers ``AutoencoderKL`` config dict) sets the VAE
-encoder used by ``encode_images``; by default it is SDXL's.
+A config follows open_clip's schema plus the Latent-CLIP vision keys ``latent_factor``,
+``latent_n_channels`` (by default the VAE's channel count) and ``noise_aware`` (a learned noise-level
+embedding, see ``LatentViT``). The model's VAE, whose latent space the tower reads: ``"vae": NAME``
+(``fastlclip.list_vaes()``) or an embedded diffusers ``AutoencoderKL`` config ``"vae_cfg"``; neither means
+``sdxl``. It sets the constants of ``encode_latents(space="diffusion")`` and the encoder of ``encode_images``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
+
+from .vaes import list_vaes, model_vae
 
 _CONFIG_DIR = resources.files("fastlclip") / "configs"
 _REGISTRY: dict[str, dict[str, Any]] = {}
@@ -65,6 +69,7 @@ class VisionConfig:
     mlp_ratio: float
     latent_factor: int
     latent_channels: int
+    noise_aware: bool = False
 
     @property
     def latent_size(self) -> int:
@@ -97,6 +102,7 @@ class ModelConfig:
     vision: VisionConfig
     text: TextConfig
     vae: dict[str, Any]
+    vae_name: str = "sdxl"
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any], name: str = "custom") -> "ModelConfig":
@@ -109,6 +115,7 @@ class ModelConfig:
             for key, sub in (("vision_cfg", v), ("text_cfg", t)):
                 if not isinstance(sub, Mapping):
                     raise ValueError(f"{where}: {key} must be a mapping of settings, got {type(sub).__name__}")
+            vae_name, vae = model_vae(cfg, where)
             width = _int(v["width"], "vision_cfg.width", where)
             if "heads" in v:
                 heads = _int(v["heads"], "vision_cfg.heads", where)
@@ -122,7 +129,9 @@ class ModelConfig:
                 heads=heads,
                 mlp_ratio=_ratio(v.get("mlp_ratio", 4.0), "vision_cfg.mlp_ratio", where),
                 latent_factor=_int(v.get("latent_factor", 8), "vision_cfg.latent_factor", where),
-                latent_channels=_int(v.get("latent_n_channels", 4), "vision_cfg.latent_n_channels", where),
+                latent_channels=_int(v.get("latent_n_channels", vae["latent_channels"]), "vision_cfg.latent_n_channels",
+                                     where),
+                noise_aware=_bool(v.get("noise_aware", False), "vision_cfg.noise_aware", where),
             )
             text = TextConfig(
                 context_length=_int(t.get("context_length", 77), "text_cfg.context_length", where),
@@ -151,10 +160,11 @@ class ModelConfig:
             raise ValueError(f"{where} describes a model of about {params / 1e9:.0f} billion parameters; fastlclip builds "
                              f"models of at most {MAX_PARAMS / 1e9:.0f} billion (Latent-CLIP B models have 0.15 billion). "
                              "Check layers and width.")
-        vae = cfg.get("vae_cfg")
-        if vae is not None and not isinstance(vae, Mapping):
-            raise ValueError(f"{where}: vae_cfg must be a diffusers AutoencoderKL config dict, got {type(vae).__name__}")
-        return cls(name, embed_dim, vision, text, dict(vae or sdxl_vae_config()))
+        if vision.latent_channels != vae["latent_channels"]:
+            raise ValueError(f"{where}: vision_cfg.latent_n_channels is {vision.latent_channels} but its VAE {vae_name!r} "
+                             f"has {vae['latent_channels']}-channel latents; name the VAE the tower reads (\"vae\": "
+                             f"one of {list_vaes()}) or drop latent_n_channels")
+        return cls(name, embed_dim, vision, text, vae, vae_name)
 
 
 # Upper bounds for config values: a hostile or mistyped config (layers: 1e9) must fail, not hang or exhaust memory.
@@ -172,6 +182,12 @@ def _int(value: Any, key: str, where: str) -> int:
     if value > limit:
         raise ValueError(f"{where}: {key} must be at most {limit}, got {value!r}")
     return int(value)
+
+
+def _bool(value: Any, key: str, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
 
 
 def _ratio(value: Any, key: str, where: str) -> float:

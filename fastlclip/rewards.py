@@ -3,7 +3,8 @@
 ``reward(latents, prompt) -> loss``: a scalar, lower is better, ReNO's CLIP form
 ``100 - logit_scale.exp() * cos(image, text)`` averaged over the batch; gradients flow to the latents,
 the weights are frozen. ``reward.weighting`` is applied by whoever sums several rewards (as in ReNO).
-Text features are computed once per prompt and cached.
+Text features are computed once per prompt and cached. ``noise_level``: the noise level ``s`` of
+intermediate latents for a noise-aware Latent-CLIP (``LatentCLIP.encode_latents``); None scores clean ones.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .grids import MODEL_DEFAULT
 from .loss import clip_loss, normalized
 from .model import LatentCLIP
 from .runtime import reward_loss
+from .vaes import latent_space
 
 # OpenAI CLIP pixel normalisation (open_clip's default for the ViT-B/32, L/14, H/14 baselines).
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -36,12 +38,12 @@ class _CLIPReward:
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
-    def _encode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def _encode_latents(self, latents: torch.Tensor, noise_level=None) -> torch.Tensor:
         raise NotImplementedError
 
-    def image_features(self, latents: torch.Tensor) -> torch.Tensor:
+    def image_features(self, latents: torch.Tensor, noise_level=None) -> torch.Tensor:
         """Normalised (B, D) image features of the latents, float32 or wider; differentiable."""
-        return normalized(self._encode_latents(latents))
+        return normalized(self._encode_latents(latents, noise_level))
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """Normalised (N, D) text features, each prompt encoded once, in the model's own precision (never
@@ -57,14 +59,14 @@ class _CLIPReward:
                     self._text_cache[p] = normalized(f)
         return torch.stack([self._text_cache[p] for p in prompts])
 
-    def score(self, latents: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
+    def score(self, latents: torch.Tensor, prompts: str | Sequence[str], *, noise_level=None) -> torch.Tensor:
         """Cosine similarity per sample, (B,), float32 or wider; differentiable w.r.t. ``latents``."""
         txt = self.text_features(inputs.prompt_list(prompts, latents.shape[0])).to(latents.device)
-        img = self.image_features(latents)
+        img = self.image_features(latents, noise_level)
         return (img * txt).sum(dim=-1)
 
-    def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str]) -> torch.Tensor:
-        return clip_loss(self.score(latents, prompt), self.model.logit_scale)
+    def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str], noise_level=None) -> torch.Tensor:
+        return clip_loss(self.score(latents, prompt, noise_level=noise_level), self.model.logit_scale)
 
 
 class LatentCLIPReward(_CLIPReward):
@@ -90,10 +92,11 @@ class LatentCLIPReward(_CLIPReward):
     def _encode_texts(self, texts):
         return self.model.encode_text(texts, normalize=False)
 
-    def _encode_latents(self, latents):
-        return self.model.encode_latents(latents, space=self.space, normalize=False, resize=self.resize)
+    def _encode_latents(self, latents, noise_level=None):
+        return self.model.encode_latents(latents, space=self.space, normalize=False, resize=self.resize,
+                                         noise_level=noise_level)
 
-    def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str]) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str], noise_level=None) -> torch.Tensor:
         # With the "graph" / "compile" backends the whole step (tower, cosine, loss) is one graph.
         prompts = inputs.prompt_list(prompt, latents.shape[0])
         if len(prompts) == 1:  # the cached tensor itself, so a runtime sees the same text and skips its copy
@@ -102,20 +105,23 @@ class LatentCLIPReward(_CLIPReward):
             txt = self._text_cache[prompts[0]]
         else:
             txt = self.text_features(prompts)
-        return reward_loss(self.model, latents, self.space, txt, self.resize)
+        return reward_loss(self.model, latents, self.space, txt, self.resize, noise_level)
 
 
 class PixelCLIPReward(_CLIPReward):
     """The decode-then-CLIP baseline, as ReNO computes it.
 
-    diffusion latents -> ``vae.decode(latents / scaling_factor + shift_factor)`` -> [0, 1] -> bicubic
+    diffusion latents -> ``vae.decode(latents / scaling_factor + shift_factor)`` (the constants of the
+    ``vae``'s own config, ``fastlclip.vaes.latent_space(vae)``) -> [0, 1] -> bicubic
     resize of the short side and centre crop to the CLIP input size -> normalise -> open_clip
     ``encode_image``. ``vae`` is any diffusers decoder that decodes to [-1, 1] the way its pipeline calls
     it: the SDXL ``AutoencoderKL`` (ReNO's, scaling factor 0.13025), or a tiny autoencoder
     (``diffusers.AutoencoderTiny``, e.g. madebyollin/taesdxl, whose scaling factor 1.0 takes the diffusion
     latents as they are: diffusers' SDXL pipeline divides by ``vae.config.scaling_factor`` before either
     decoder, and ``AutoencoderTiny.decode`` maps its [0, 1] output to [-1, 1]). Decoding approximately costs
-    a fraction of the full VAE; the gradient it sends back is approximate too.
+    a fraction of the full VAE; the gradient it sends back is approximate too. 16-channel VAEs (SD3, FLUX
+    ``AutoencoderKL`` with their shift; taesd3, taef1) work alike. It scores clean latents only: a non-zero
+    ``noise_level`` is refused.
     """
 
     name = "pixel_clip"
@@ -129,7 +135,7 @@ class PixelCLIPReward(_CLIPReward):
         super().__init__(clip_model, weighting)
         self.check_finite = True  # NaN/Inf latents are an error; False skips the check (it synchronises with the device)
         self.vae = vae.requires_grad_(False).eval()
-        self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
+        self.latent_space = latent_space(vae)
         self.tokenizer = tokenizer
         visual = clip_model.visual
         size = getattr(visual, "image_size", 224)
@@ -145,9 +151,7 @@ class PixelCLIPReward(_CLIPReward):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion latents -> RGB in [0, 1]."""
-        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        if self.shift_factor:
-            z = z + self.shift_factor
+        z = self.latent_space.to_vae(latents.to(self.vae.dtype))
         return (self.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -168,11 +172,13 @@ class PixelCLIPReward(_CLIPReward):
         inputs.check_latent_batch(
             latents, channels=self.vae.config.latent_channels, expects="the VAE expects",
             rgb_hint="Score images with the CLIP model directly, or pass the latents.", check_finite=self.check_finite,
+            vae=self.latent_space.name,
             finite_hint="check the sampler that produced them (reward.check_finite = False skips this check, which "
                         "synchronises with the device)")
 
-    def _encode_latents(self, latents):
+    def _encode_latents(self, latents, noise_level=None):
         self.check_latents(latents)
+        inputs.check_noise_level(noise_level, latents.shape[0], noise_aware=False, model="decode-then-CLIP")
         x = self.preprocess(self.decode(latents))
         dtype = self.model.logit_scale.dtype
         return self.model.encode_image(x.to(dtype))

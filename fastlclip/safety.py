@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import inputs
 from .grids import MODEL_DEFAULT
 from .model import LatentCLIP
 from .inputs import check_prompt, prompt_list
@@ -87,7 +88,8 @@ class SafetyGuidance(LatentCLIPReward):
     zero-shot classifier towards the neutral reference: it pushes hardest away from the concepts the latent
     is closest to and fades once every concept score is well below 0. ``prompt_weight=0`` leaves the pure
     safety term, to sum with other rewards. For multi-step pipelines use ``callback``. ``resize``: the
-    latent-grid policy (see ``LatentCLIPReward``; by default the model's).
+    latent-grid policy (see ``LatentCLIPReward``; by default the model's). ``noise_level``: the noise level
+    of intermediate latents, for a noise-aware model (``LatentCLIP.encode_latents``).
     """
 
     name = "latent_safety"
@@ -108,14 +110,14 @@ class SafetyGuidance(LatentCLIPReward):
     def categories(self) -> list[str]:
         return self.concepts.categories
 
-    def concept_scores(self, latents: torch.Tensor) -> torch.Tensor:
+    def concept_scores(self, latents: torch.Tensor, noise_level=None) -> torch.Tensor:
         """(B, K) cosine margins ``cos(image, concept) - cos(image, neutral)``; differentiable w.r.t. ``latents``."""
-        img = self.image_features(latents)
+        img = self.image_features(latents, noise_level)
         return self.concepts.margins(img @ self.concepts.features.to(img).T)
 
-    def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str]) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str], noise_level=None) -> torch.Tensor:
         prompts = prompt_list(prompt, latents.shape[0])
-        img = self.image_features(latents)
+        img = self.image_features(latents, noise_level)
         loss = img.new_zeros(())
         if self.prompt_weight:
             cos_prompt = (img * self.text_features(prompts).to(img)).sum(dim=-1)
@@ -126,9 +128,9 @@ class SafetyGuidance(LatentCLIPReward):
         return loss
 
     def callback(self, prompt: str | Sequence[str], *, steps: int = 3, step_size: float = 0.5,
-                 start: float = 0.5) -> "SafetyCallback":
+                 start: float = 0.5, noise_level=None) -> "SafetyCallback":
         """A diffusers ``callback_on_step_end`` applying this guidance to the pipeline's latents (see ``SafetyCallback``)."""
-        return SafetyCallback(self, prompt, steps=steps, step_size=step_size, start=start)
+        return SafetyCallback(self, prompt, steps=steps, step_size=step_size, start=start, noise_level=noise_level)
 
 
 class SafetyCallback:
@@ -147,12 +149,16 @@ class SafetyCallback:
     The latents must have the size the Latent-CLIP config was trained on (64x64 for 512 px configs).
     Intermediate latents are noisy while Latent-CLIP was trained on clean ones, hence ``start``; the
     defaults (``step_size`` is ReNO's lr x grad-clip, 5.0 x 0.1) are reasonable guesses, not tuned values.
+
+    ``noise_level``: None scores the latents as clean; with a noise-aware model, ``"scheduler"`` passes the
+    flow-matching scheduler's current sigma (``pipe.scheduler.sigmas[pipe.scheduler.step_index]``, the
+    ``s`` of ``(1 - s) x + s eps`` in SD3 / FLUX pipelines), or pass a fixed float.
     """
 
     tensor_inputs = ("latents",)
 
     def __init__(self, guidance: SafetyGuidance, prompt: str | Sequence[str], *, steps: int = 3,
-                 step_size: float = 0.5, start: float = 0.5):
+                 step_size: float = 0.5, start: float = 0.5, noise_level=None):
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if not step_size > 0:
@@ -161,7 +167,12 @@ class SafetyCallback:
             raise ValueError(f"start must be a fraction of the schedule in [0, 1), got {start!r}")
         for p in [prompt] if isinstance(prompt, str) else list(prompt):
             check_prompt(p)
-        self.guidance, self.prompt = guidance, prompt
+        if not (noise_level is None or noise_level == "scheduler"):
+            inputs.check_noise_level(noise_level, 1, noise_aware=guidance.model.noise_aware, model=guidance.model.cfg.name)
+        elif noise_level == "scheduler" and not guidance.model.noise_aware:
+            raise ValueError(f"noise_level='scheduler' needs a noise-aware model; {guidance.model.cfg.name!r} is not "
+                             "(it scores clean latents only): pass noise_level=None")
+        self.guidance, self.prompt, self.noise_level = guidance, prompt, noise_level
         self.steps, self.step_size, self.start = steps, float(step_size), float(start)
 
     def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -176,15 +187,30 @@ class SafetyCallback:
             if step < self.start * total:
                 return callback_kwargs
         latents = callback_kwargs["latents"]
+        noise_level = self._scheduler_sigma(pipe) if self.noise_level == "scheduler" else self.noise_level
         z = latents.detach().float()
         with torch.enable_grad():  # pipelines run under no_grad
             for _ in range(self.steps):
                 z.requires_grad_(True)
-                (grad,) = torch.autograd.grad(self.guidance(z, self.prompt), z)
+                (grad,) = torch.autograd.grad(self.guidance(z, self.prompt, noise_level), z)
                 norm = torch.linalg.vector_norm(grad.flatten(1), dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.ndim - 1))
                 z = (z - self.step_size * grad / norm).detach()
         callback_kwargs["latents"] = z.to(latents.dtype)
         return callback_kwargs
+
+    @staticmethod
+    def _scheduler_sigma(pipe: Any) -> float:
+        scheduler = getattr(pipe, "scheduler", None)
+        sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
+        if not isinstance(sigmas, torch.Tensor) or not isinstance(index, int) or not 0 <= index < len(sigmas):
+            raise AttributeError(f"noise_level='scheduler' reads pipe.scheduler.sigmas[pipe.scheduler.step_index], which "
+                                 f"{type(scheduler).__name__} does not provide; use a flow-matching scheduler (SD3, FLUX) "
+                                 "or pass a float noise_level")
+        sigma = float(sigmas[index])
+        if not 0 <= sigma <= 1:
+            raise ValueError(f"the scheduler's sigma {sigma:.4g} is not a flow-matching noise level in [0, 1] "
+                             f"({type(scheduler).__name__}); pass a float noise_level instead")
+        return sigma
 
 
 @dataclass
@@ -215,7 +241,8 @@ class LatentSafetyChecker:
     ``blank``: ``None`` (report only), ``"zeros"``, or a constant latent ``(C, H, W)`` / ``(1, C, H, W)``
     that replaces flagged samples (e.g. the VAE latent of a black image; zeros do not decode to black).
     ``resize``: the latent-grid policy for latents of another size than the trained one (see
-    ``LatentCLIPReward``; by default the model's); blanking keeps the latents' own size.
+    ``LatentCLIPReward``; by default the model's); blanking keeps the latents' own size. ``noise_level``
+    (in ``scores`` and calls): the noise level of intermediate latents, for a noise-aware model.
     """
 
     def __init__(self, model: LatentCLIP, *, concepts: Mapping[str, Sequence[str] | str] | None = None,
@@ -245,9 +272,9 @@ class LatentSafetyChecker:
         return torch.tensor(values, dtype=torch.float32)
 
     @torch.no_grad()
-    def scores(self, latents: torch.Tensor) -> torch.Tensor:
+    def scores(self, latents: torch.Tensor, noise_level=None) -> torch.Tensor:
         """(B, K) float32 cosine margins, one column per category."""
-        return self.scores_of_features(self._clip.image_features(latents))
+        return self.scores_of_features(self._clip.image_features(latents, noise_level))
 
     def scores_of_features(self, feats: torch.Tensor) -> torch.Tensor:
         """:meth:`scores` from normalised image features (``encode_latents``'s, in this checker's space), for
@@ -260,8 +287,8 @@ class LatentSafetyChecker:
         overflow in the tower) flags its category."""
         return (scores > self.thresholds.to(scores.device)) | ~torch.isfinite(scores)
 
-    def __call__(self, latents: torch.Tensor) -> SafetyCheck:
-        scores = self.scores(latents)
+    def __call__(self, latents: torch.Tensor, noise_level=None) -> SafetyCheck:
+        scores = self.scores(latents, noise_level)
         flags = self.flags(scores)
         flagged = flags.any(dim=1)
         out, blanked = latents, torch.zeros_like(flagged)

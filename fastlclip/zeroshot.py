@@ -69,24 +69,28 @@ class ZeroShotClassifier:
         per_class = torch.cat(feats).view(len(self.classnames), len(fmt), -1).mean(dim=1)
         self.weights = F.normalize(per_class, dim=-1)  # (classes, embed_dim), float32
 
-    def logits(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT) -> torch.Tensor:
-        """(B, classes) logits; ``resize``: the latent-grid policy (``LatentCLIP.encode_latents``)."""
-        return self.logits_of_features(self.model.encode_latents(latents, space=space, resize=resize))
+    def logits(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT,
+               noise_level=None) -> torch.Tensor:
+        """(B, classes) logits; ``resize``, ``noise_level``: as in ``LatentCLIP.encode_latents``."""
+        feats = self.model.encode_latents(latents, space=space, resize=resize, noise_level=noise_level)
+        return self.logits_of_features(feats)
 
     def logits_of_features(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, classes) logits of normalised image features (``encode_latents``'s), for callers that use the
         features for more than this (one tower forward for several scores)."""
         return self.model.logit_scale.exp().float() * feats.float() @ self.weights.to(feats.device).T
 
-    def probs(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT) -> torch.Tensor:
+    def probs(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT,
+              noise_level=None) -> torch.Tensor:
         """(B, classes) softmax probabilities."""
-        return self.logits(latents, space=space, resize=resize).softmax(dim=-1)
+        return self.logits(latents, space=space, resize=resize, noise_level=noise_level).softmax(dim=-1)
 
-    def predict(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT,
+                noise_level=None) -> torch.Tensor:
         """(B,) index of the most likely class per latent (names: ``self.classnames[i]``).
 
         Latents whose scores are not finite are a ``ValueError``, never a class."""
-        logits = self.logits(latents, space=space, resize=resize)
+        logits = self.logits(latents, space=space, resize=resize, noise_level=noise_level)
         bad = ~torch.isfinite(logits).all(dim=-1)
         if bad.any():  # argmax would call a NaN row class 0
             rows = bad.nonzero().flatten().tolist()

@@ -80,16 +80,18 @@ def runtime_of(model: LatentCLIP) -> "Runtime | None":
 
 
 def reward_loss(model: LatentCLIP, latents: torch.Tensor, space: str, txt: torch.Tensor,
-                resize=MODEL_DEFAULT) -> torch.Tensor:
+                resize=MODEL_DEFAULT, noise_level=None) -> torch.Tensor:
     """``LatentCLIPReward``'s loss: the image tower, the cosine to normalised text features ``txt`` ((D,)
     or (B, D), float32) and :func:`fastlclip.loss.clip_loss`; one captured or compiled graph when the
     model carries a runtime. ``resize``: the latent-grid policy (``LatentCLIP.encode_latents``); a pooled
-    batch enters the graph at the trained grid, an interpolated one at its own (its own graph)."""
-    latents, scale = model.prepare_latents(latents, space, resize)
+    batch enters the graph at the trained grid, an interpolated one at its own (its own graph).
+    ``noise_level``: as in ``encode_latents`` (a runtime runs such calls uncaptured, see :meth:`Runtime.encode`)."""
+    latents, scale, shift, noise = model.prepare_latents(latents, space, resize, noise_level)
     runtime = runtime_of(model)
     if runtime is not None:
-        return runtime.reward_loss(latents, scale, txt, model.logit_scale)
-    return clip_loss(cosine(model.visual.latent_vit(latents, scale=scale), txt), model.logit_scale)
+        return runtime.reward_loss(latents, scale, shift, txt, model.logit_scale, noise)
+    feats = model.visual.latent_vit(latents, scale=scale, shift=shift, noise_level=noise)
+    return clip_loss(cosine(feats, txt), model.logit_scale)
 
 
 def reward_head(feats: torch.Tensor, txt: torch.Tensor, weights: torch.Tensor,
@@ -160,30 +162,35 @@ class Runtime:
         self.stats = Stats()
         self._params = list(self.tower.parameters())
         self._warned_grad = False
+        self._warned_noise = False
 
     def __getstate__(self):
         raise TypeError(f"a model with backend {self.backend!r} cannot be copied or pickled (its graphs are tied to "
                         "its memory): call model.set_backend('eager') first, then set the backend on the copy")
 
-    def encode(self, latents: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """Image-tower features (B, D) of validated latents (the installed tower's ``forward``)."""
+    def encode(self, latents: torch.Tensor, scale: float = 1.0, shift: float = 0.0,
+               noise_level: torch.Tensor | None = None) -> torch.Tensor:
+        """Image-tower features (B, D) of validated latents (the installed tower's ``forward``).
+
+        A noise level (a per-sample input no graph holds) runs the tower's own forward uncaptured, with
+        the Triton kernels when the runtime uses them, warned once; None (clean latents) is captured."""
         latents = self._as_input(latents)
-        if self._weights_need_grad():
-            return self._uncaptured(latents, scale)
+        if noise_level is not None or self._weights_need_grad():
+            return self._uncaptured(latents, scale, shift, noise_level)
         self._begin_call()
-        parts = [self._run_tower(latents[s:e], scale) for s, e in chunks(latents.shape[0], self.buckets[-1])]
+        parts = [self._run_tower(latents[s:e], scale, shift) for s, e in chunks(latents.shape[0], self.buckets[-1])]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def reward_loss(self, latents: torch.Tensor, scale: float, txt: torch.Tensor,
-                    logit_scale: torch.Tensor) -> torch.Tensor:
+    def reward_loss(self, latents: torch.Tensor, scale: float, shift: float, txt: torch.Tensor,
+                    logit_scale: torch.Tensor, noise_level: torch.Tensor | None = None) -> torch.Tensor:
         """LatentCLIPReward's loss for validated latents; ``txt``: normalised fp32 (D,) or (B, D)."""
         latents = self._as_input(latents)
         b = latents.shape[0]
-        if self._weights_need_grad():
-            return clip_loss(cosine(self._uncaptured(latents, scale), txt), logit_scale)
+        if noise_level is not None or self._weights_need_grad():
+            return clip_loss(cosine(self._uncaptured(latents, scale, shift, noise_level), txt), logit_scale)
         self._begin_call()
         spans = chunks(b, self.buckets[-1])
-        losses = [self._run_reward(latents[s:e], scale, txt if txt.ndim == 1 else txt[s:e], b, logit_scale, s)
+        losses = [self._run_reward(latents[s:e], scale, shift, txt if txt.ndim == 1 else txt[s:e], b, logit_scale, s)
                   for s, e in spans]
         # Each chunk's loss is 100 - (its share of the mean); the total counts the 100 once.
         return losses[0] if len(losses) == 1 else sum(losses) - 100.0 * (len(losses) - 1)
@@ -195,24 +202,28 @@ class Runtime:
     def _begin_call(self) -> None:
         """Called once per top-level call, before its chunks."""
 
-    def _run_tower(self, x, scale):
+    def _run_tower(self, x, scale, shift):
         raise NotImplementedError
 
-    def _run_reward(self, x, scale, txt, total, logit_scale, start):
+    def _run_reward(self, x, scale, shift, txt, total, logit_scale, start):
         raise NotImplementedError
 
-    def _tower_fn(self, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The tower's own forward (not the installed :meth:`encode`) at a fixed latent scale."""
+    def _tower_fn(self, scale: float, shift: float = 0.0) -> Callable[..., torch.Tensor]:
+        """The tower's own forward (not the installed :meth:`encode`) at a fixed latent scale and shift."""
         tower, forward = self.tower, type(self.tower).forward
 
-        def tower_fn(x):
-            return forward(tower, x, scale)
+        def tower_fn(x, noise_level=None):
+            return forward(tower, x, scale, shift, noise_level)
 
         return tower_fn
 
-    def _uncaptured(self, latents, scale):
+    def _uncaptured(self, latents, scale, shift=0.0, noise_level=None):
         self.stats.uncaptured += 1
-        return self._tower_fn(scale)(latents)
+        if noise_level is not None and not self._warned_noise:
+            self._warned_noise = True
+            warn(f"backend {self.backend!r} captures clean-latent calls only: calls with a noise_level run the image "
+                 "tower uncaptured" + (" (with the Triton kernels)" if self.fused else ""))
+        return self._tower_fn(scale, shift)(latents, noise_level)
 
     def _weights_need_grad(self) -> bool:
         if not torch.is_grad_enabled() or not any(p.requires_grad for p in self._params):

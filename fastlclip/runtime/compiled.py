@@ -75,11 +75,12 @@ class CompiledRuntime(Runtime):
         self._slots: dict[tuple, TextSlot] = {}
         self._pending: weakref.WeakSet = weakref.WeakSet()  # reduce-overhead calls whose backward has not run
 
-    def _compiled(self, kind: str, bucket: int, grid: tuple[int, int], scale: float, dtype: torch.dtype) -> Callable:
-        key = (kind, bucket, grid, dtype, scale, self.model.dtype)  # one compiled function per latent grid
+    def _compiled(self, kind: str, bucket: int, grid: tuple[int, int], scale: float, shift: float,
+                  dtype: torch.dtype) -> Callable:
+        key = (kind, bucket, grid, dtype, scale, shift, self.model.dtype)  # one compiled function per latent grid
         fn = self._fns.get(key)
         if fn is None:
-            tower_fn = self._tower_fn(scale)
+            tower_fn = self._tower_fn(scale, shift)
             if kind == "tower":
                 base = tower_fn
             else:
@@ -107,14 +108,14 @@ class CompiledRuntime(Runtime):
         self.stats.compiles += _dynamo_graph_count() - before
         return out.clone() if self.cudagraphs else out
 
-    def _run_tower(self, x, scale):
+    def _run_tower(self, x, scale, shift):
         bucket = bucket_for(x.shape[0], self.buckets)
-        fn = self._compiled("tower", bucket, tuple(x.shape[-2:]), scale, x.dtype)
+        fn = self._compiled("tower", bucket, tuple(x.shape[-2:]), scale, shift, x.dtype)
         return self._call(fn, pad_batch(x, bucket).contiguous())[:x.shape[0]]  # one layout: Dynamo guards on strides
 
-    def _run_reward(self, x, scale, txt, total, logit_scale, start):
+    def _run_reward(self, x, scale, shift, txt, total, logit_scale, start):
         bucket = bucket_for(x.shape[0], self.buckets)
-        fn = self._compiled("reward", bucket, tuple(x.shape[-2:]), scale, x.dtype)
+        fn = self._compiled("reward", bucket, tuple(x.shape[-2:]), scale, shift, x.dtype)
         slot = self._slots.get((bucket, start))
         if slot is None:
             slot = self._slots[bucket, start] = TextSlot(bucket, self.model.cfg.embed_dim, x.device, inplace=False)

@@ -224,30 +224,30 @@ class GraphRuntime(Runtime):
         params = [*self.tower.parameters(), self.model.logit_scale]
         return tuple((p.data_ptr(), p.dtype, p.device) for p in params)
 
-    def _entry(self, kind: str, x: torch.Tensor, scale: float, need_grad: bool) -> _Entry:
+    def _entry(self, kind: str, x: torch.Tensor, scale: float, shift: float, need_grad: bool) -> _Entry:
         if self._weights_fingerprint() != self._fingerprint:
             self.reset()
             self.stats.invalidations += 1
         bucket = bucket_for(x.shape[0], self.buckets)
-        key = (kind, bucket, tuple(x.shape[1:]), x.dtype, scale, need_grad, autocast_state(x.device.type))
+        key = (kind, bucket, tuple(x.shape[1:]), x.dtype, scale, shift, need_grad, autocast_state(x.device.type))
         entry = self._entries.pop(key, None)
         if entry is None:
-            entry = self._capture(kind, bucket, x, scale, need_grad)
+            entry = self._capture(kind, bucket, x, scale, shift, need_grad)
             self.stats.captures += 1
             while len(self._entries) >= self.max_entries:
                 del self._entries[next(iter(self._entries))]
         self._entries[key] = entry  # most recent last
         return entry
 
-    def _capture(self, kind, bucket, x, scale, need_grad) -> _Entry:
+    def _capture(self, kind, bucket, x, scale, shift, need_grad) -> _Entry:
         # Static buffers outlive this call: made outside inference_mode even when the call is under it, or a
         # later call outside it could not write into them.
         with torch.inference_mode(False):
-            return self._capture_static(kind, bucket, x, scale, need_grad)
+            return self._capture_static(kind, bucket, x, scale, shift, need_grad)
 
-    def _capture_static(self, kind, bucket, x, scale, need_grad) -> _Entry:
+    def _capture_static(self, kind, bucket, x, scale, shift, need_grad) -> _Entry:
         static_x = torch.zeros((bucket, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        tower_fn = self._tower_fn(scale)
+        tower_fn = self._tower_fn(scale, shift)
         slot = None
         if kind == "tower":
             fn, inputs = tower_fn, [static_x]
@@ -264,18 +264,18 @@ class GraphRuntime(Runtime):
             step.grad_out.fill_(1.0)
         return _Entry(step, static_x, slot, self.stats, self._clock)
 
-    def _run_tower(self, x, scale):
+    def _run_tower(self, x, scale, shift):
         need_grad = torch.is_grad_enabled() and x.requires_grad
-        entry = self._entry("tower", x, scale, need_grad)
+        entry = self._entry("tower", x, scale, shift, need_grad)
         if need_grad:
             return _ReplayTower.apply(entry, x)
         entry.load(x)
         entry.forward()
         return entry.step.out[:x.shape[0]].clone()
 
-    def _run_reward(self, x, scale, txt, total, logit_scale, start):
+    def _run_reward(self, x, scale, shift, txt, total, logit_scale, start):
         need_grad = torch.is_grad_enabled() and x.requires_grad
-        entry = self._entry("reward", x, scale, need_grad)
+        entry = self._entry("reward", x, scale, shift, need_grad)
         if need_grad:
             return _ReplayReward.apply(entry, x, txt, total)
         entry.load(x, txt, total)
