@@ -113,16 +113,24 @@ def _check_teacher(args) -> None:
         raise ValueError(f"--teacher-pretrained {args.teacher_pretrained} does not exist")
 
 
-def _check_targets_folder(path: str) -> None:
-    if not (Path(path) / "run.json").is_file():
-        raise ValueError(f"{path} is not a targets folder (no run.json); make one with python -m fastlclip.distill targets")
+def _check_targets_folder(path: str) -> dict:
+    """The folder's ``run.json``; an error unless it is a targets folder."""
+    from .targets import KIND
+
+    run = Path(path) / "run.json"
+    info = json.loads(run.read_text()) if run.is_file() else {}
+    if info.get("kind") != KIND:
+        raise ValueError(f"{path} is not a targets folder (no targets run.json); make one with "
+                         "python -m fastlclip.distill targets")
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from . import evaluate, make_targets, train
     from .targets import vae_config
-    from .train import check_train_args, resolve_student
+    from ..model_configs import ModelConfig
+    from .train import check_train_args, resolve_student, with_targets_vae
 
     prog = f"python -m fastlclip.distill {args.command}"
     try:  # every argument, before any work
@@ -137,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                              init=args.init, save_every=args.save_every, eval_every=args.eval_every,
                              patch_steps=args.patch_steps, holdout=args.holdout, weight_decay=args.weight_decay,
                              log_every=args.log_every, backend=args.backend)
-            _check_targets_folder(args.targets)
-            resolve_student(args.student)
+            info = _check_targets_folder(args.targets)
+            ModelConfig.from_dict(with_targets_vae(resolve_student(args.student), info), name=args.student)
             _check_teacher(args)
         else:
             if not os.path.isfile(args.checkpoint):

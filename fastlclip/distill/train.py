@@ -44,7 +44,8 @@ TRAIN_BACKENDS = ("eager", "triton")
 
 
 def resolve_student(student) -> dict[str, Any]:
-    """A student config dict from a registered name, a JSON file or a dict (a copy)."""
+    """A student config dict from a registered name, a JSON file or a dict (a copy; validated by ``student_config``
+    once its VAE is known)."""
     if isinstance(student, Mapping):
         cfg = copy.deepcopy(dict(student))
     elif isinstance(student, str) and student in _REGISTRY:
@@ -53,29 +54,35 @@ def resolve_student(student) -> dict[str, Any]:
         cfg = read_config_file(student)
     else:
         raise ValueError(f"student {student!r} is neither a registered config ({sorted(_REGISTRY)}) nor a JSON file")
-    ModelConfig.from_dict(cfg, name="student")
+    if not isinstance(cfg, Mapping) or not isinstance(cfg.get("vision_cfg"), Mapping):
+        raise ValueError(f"student {student!r}: a fastlclip model config (a JSON object with vision_cfg, embed_dim)")
+    return cfg
+
+
+def with_targets_vae(cfg: dict[str, Any], info: dict) -> dict[str, Any]:
+    """``cfg`` naming the VAE the targets were made with (its name when registered, else its embedded config)."""
+    from .. import vaes
+
+    cfg, vae = copy.deepcopy(cfg), info["vae"]
+    if vae in vaes.list_vaes():
+        if cfg.get("vae", vae) != vae:
+            raise ValueError(f"the student config names the VAE {cfg['vae']!r}, the targets were made with {vae!r}")
+        cfg.pop("vae_cfg", None)
+        cfg["vae"] = vae
+    else:
+        cfg.pop("vae", None)
+        cfg["vae_cfg"] = info["vae_cfg"]
     return cfg
 
 
 def student_config(student, teacher: nn.Module, info: dict, noise_aware: bool) -> dict[str, Any]:
     """The student's full config: its image tower, the teacher's text tower and embed_dim, the targets' VAE."""
-    from .. import vaes
-
-    cfg = resolve_student(student)
+    cfg = with_targets_vae(resolve_student(student), info)
     text = teachers.text_config(teacher)
-    if cfg["embed_dim"] != text["embed_dim"]:
-        raise ValueError(f"the student's embed_dim is {cfg['embed_dim']}, the teacher's {text['embed_dim']}: they "
+    if cfg.get("embed_dim") != text["embed_dim"]:
+        raise ValueError(f"the student's embed_dim is {cfg.get('embed_dim')}, the teacher's {text['embed_dim']}: they "
                          "must match (the student is scored against the teacher's text tower)")
     cfg["text_cfg"] = text["text_cfg"]
-    vae = info["vae"]
-    cfg.pop("vae_cfg", None)
-    if vae in vaes.list_vaes():
-        if cfg.get("vae", vae) != vae:
-            raise ValueError(f"the student config names the VAE {cfg['vae']!r}, the targets were made with {vae!r}")
-        cfg["vae"] = vae
-    else:
-        cfg.pop("vae", None)
-        cfg["vae_cfg"] = info["vae_cfg"]
     v = cfg["vision_cfg"] = dict(cfg["vision_cfg"])
     if noise_aware:
         v["noise_aware"] = True
