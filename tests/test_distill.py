@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -42,9 +43,33 @@ def world(tmp_path_factory):
     assert len(report.ok) == 4 and report.rows == 384
     student = root / "student.json"
     student.write_text(json.dumps(W.STUDENT))
-    yield dict(root=root, vae=vae, teacher=teacher, cfg_file=cfg_file, weights=weights, shards=shards,
-               targets=root / "targets", student=student)
+    w = dict(root=root, vae=vae, teacher=teacher, cfg_file=cfg_file, weights=weights, shards=shards,
+             targets=root / "targets", student=student)
+    # The torchrun run starts now, in the background: its processes' start-up overlaps the other tests.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+           "-m", "fastlclip.distill", *_cli_train(w, root / "ddp")]
+    w["ddp"] = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # So does the run that is SIGKILLed as soon as its first checkpoint exists.
+    killed = root / "killed"
+    cmd = [sys.executable, "-m", "fastlclip.distill", *_cli_train(w, killed)]
+    w["killed"] = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    w["killer"] = threading.Thread(target=_kill_at_first_checkpoint, args=(w["killed"], killed / "checkpoint.pt"))
+    w["killer"].start()
+    yield w
+    for proc in (w["ddp"], w["killed"]):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    w["killer"].join()
     torch.set_num_threads(threads)
+
+
+def _kill_at_first_checkpoint(proc, checkpoint: Path) -> None:
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def _train(world, out, **kw):
@@ -178,16 +203,12 @@ def test_noise_aware_student_beats_a_plain_one_on_noised_latents(world, plain_st
 
 
 def test_resume_after_sigkill_is_exact(world, reference_run):
+    """The CLI run started by ``world``, SIGKILLed at its first checkpoint, then the same settings again."""
     out = world["root"] / "killed"
-    cmd = [sys.executable, "-m", "fastlclip.distill", *_cli_train(world, out)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    world["killer"].join()
+    assert world["killed"].returncode == -signal.SIGKILL
     assert not (out / "final.safetensors").exists(), "the run ended before it could be killed"
-    assert (out / "checkpoint.pt").exists(), proc.stderr.read().decode()[-2000:]
+    assert (out / "checkpoint.pt").exists(), world["killed"].stderr.read()[-2000:]
     final = _train(world, out)  # the same settings: resumes
     got, want = _weights(final), _weights(reference_run)
     assert got.keys() == want.keys()
@@ -197,12 +218,10 @@ def test_resume_after_sigkill_is_exact(world, reference_run):
 
 
 def test_torchrun_two_processes_match_one(world, reference_run):
-    out = world["root"] / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
-           "-m", "fastlclip.distill", *_cli_train(world, out)]
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    got, want = _weights(out / "final.safetensors"), _weights(reference_run)
+    """python -m torch.distributed.run --nproc_per_node 2 -m fastlclip.distill train ... (started by ``world``)."""
+    _, err = world["ddp"].communicate(timeout=300)
+    assert world["ddp"].returncode == 0, err[-3000:]
+    got, want = _weights(world["root"] / "ddp" / "final.safetensors"), _weights(reference_run)
     worst = max((got[k] - want[k]).abs().max().item() for k in want)
     assert worst < 1e-5, worst
 
