@@ -216,7 +216,9 @@ DECODER_SIDES = {512: 64, 1024: 128}
 
 def decoder_floors(selection: Selection) -> dict[str, Any]:
     """Forward + backward floors of the decode alone (SDXL VAE, TAESD-XL) at 512 and 1024 px, next to the
-    Latent-CLIP B/8 tower (512 px, and 1024 px under resize="interpolate"): where the time of a pixel reward goes."""
+    Latent-CLIP B/8 tower (512 px, and 1024 px under resize="interpolate"): where the time of a pixel reward goes.
+    The 16-channel spaces at 1024 px: the SD3 and FLUX.1 VAE decodes and their tiny decoders, beside the B/8
+    tower widened to 16 input channels (FLUX.1's latents)."""
     out: dict[str, Any] = {}
     comps = {}
     for px, side in DECODER_SIDES.items():
@@ -225,6 +227,11 @@ def decoder_floors(selection: Selection) -> dict[str, Any]:
     comps["Latent-ViT-B/8 tower 512 px"] = flops.latent_tower_work("Latent-ViT-B-8-512", False)
     comps["Latent-ViT-B/8 tower 1024 px (interpolate)"] = flops.latent_tower_work("Latent-ViT-B-8-512", False,
                                                                                  DECODER_SIDES[1024])
+    side = DECODER_SIDES[1024]
+    for vae in ("sd3", "flux1", "taesd3", "taef1"):
+        comps[f"{flops.DECODER_LABELS[vae]} 1024 px"] = flops.decode_work(vae, False, side)
+    comps["Latent-ViT-B/8 tower 1024 px, 16 channels (interpolate)"] = flops.latent_tower_work(
+        "Latent-ViT-B-8-512", False, side, vae="flux1")
     comps["CLIP ViT-B/32 tower (224 px)"] = flops.open_clip_tower_work("ViT-B-32", False)
     comps["CLIP ViT-H/14 tower (224 px)"] = flops.open_clip_tower_work("ViT-H-14", False)
     for profile in selection.floor:
