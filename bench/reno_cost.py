@@ -40,7 +40,7 @@ from .profiles import PROFILES_DIR, Profile, Selection, load_profiles, results_f
 from .provenance import run_record
 from .reno_pipelines import (DEFAULT_PRESETS, PIPELINES, RESOLUTIONS, optimizer_text, preset_for, resize_for,
                              run_measured, run_smoke)
-from .report import NOT_MEASURED, fmt, table, write_json
+from .report import NOT_MEASURED, fmt, plot_reno_cost, result_stem, table, write_json
 from .timing import BREAKDOWN
 
 PAPER_SAVING = "the paper reports 21% (Latent-ViT-B/8 9.11 s vs decode + CLIP ViT-B/32 11.59 s per image; GPU not stated)"
@@ -349,7 +349,8 @@ def _statements(report: dict[str, Any]) -> list[str]:
 
 
 def write_outputs(report: dict[str, Any], directory: Path) -> dict[str, Path]:
-    paths = {ext: directory / f"reno_cost.{ext}" for ext in ("json", "md", "png")}
+    stem = result_stem("reno_cost", report["settings"]["floor_resolution"])  # 1024 px never overwrites 512 px
+    paths = {ext: directory / f"{stem}.{ext}" for ext in ("json", "md", "png")}
     write_json(paths["json"], report)
     md = [f"# ReNO cost per image: {report['device'] or 'no CUDA device (CPU smoke test)'}", "",
           f"`{report['command']}` on {report['date']}; torch {report['versions']['torch']}, diffusers "
@@ -377,46 +378,8 @@ def write_outputs(report: dict[str, Any], directory: Path) -> dict[str, Path]:
     md += [f"- {t['target']}: {t['value']} (needs {t['required']}): {'met' if t['met'] else 'NOT met'}" for t in report["targets"]] \
         if isinstance(report["targets"], list) and report["targets"] else [f"- {NOT_MEASURED}"]
     paths["md"].write_text("\n".join(md) + "\n")
-    _plot(report, paths["png"])
+    plot_reno_cost(report, paths["png"])
     return paths
-
-
-def _plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["results"]
-    measured = any(isinstance(r.get("seconds_per_image"), float) for r in rows)
-    if measured:
-        variants = list(dict.fromkeys(r["variant"] for r in rows))
-        panels = [("seconds per image (median)", "seconds_per_image"), ("peak VRAM allocated (GiB)", "peak_allocated_gib")]
-        series = {v: {r["reward_label"]: r for r in rows if r["variant"] == v} for v in variants}
-        title = f"ReNO cost, {report['settings']['iterations']} iterations: {report['device']}"
-    else:
-        variants = list(report["floors"])
-        panels = [(f"{p}: FLOOR s/image", p) for p in report["settings"]["pipelines"]]
-        series = {v: {(e["pipeline"], bench_rewards.REWARDS[e["reward"]].label): e for e in report["floors"][v]} for v in variants}
-        title = "FLOOR from FLOP/byte counts, NOT a measurement (CPU smoke run)"
-    labels = list(dict.fromkeys(r["reward_label"] for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    width = 0.8 / max(len(variants), 1)
-    for ax, (ylabel, key) in zip(axes[0], panels):
-        for i, v in enumerate(variants):
-            if measured:
-                ys = [series[v].get(lab, {}).get(key) for lab in labels]
-            else:
-                ys = [series[v].get((key, lab), {}).get("floor_s_per_image") for lab in labels]
-            ys = [y if isinstance(y, float) else 0.0 for y in ys]
-            ax.bar([x + i * width for x in range(len(labels))], ys, width, label=v)
-        ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(labels))], labels, rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
-    fig.suptitle(title + (" (random weights)" if measured else ""), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def tiny_side(args) -> int:

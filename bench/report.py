@@ -42,3 +42,80 @@ def write_json(path: Path, report: dict) -> Path:
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
     tmp.replace(path)
     return path
+
+
+def result_stem(name: str, resolution: int | str) -> str:
+    """A result file's name without extension: ``name`` at 512 px, ``name_<R>px`` at another resolution, so a
+    run at 1024 px never overwrites the 512 px files (``resolution``: 1024 or ``"1024x1024"``)."""
+    side = int(str(resolution).split("x")[0])
+    return name if side == 512 else f"{name}_{side}px"
+
+
+def reno_cost_figure(report: dict[str, Any]):
+    """``bench.reno_cost``'s bar charts: per-image cost per reward, one bar per backend (measured) or per GPU
+    profile (the FLOP/byte lower bound of a CPU run). Log-scale time axes, so a slow GPU (L4) does not flatten the
+    fast ones; every panel titled; resolution and iteration count in the figure title."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, settings = report["results"], report["settings"]
+    measured = any(isinstance(r.get("seconds_per_image"), float) for r in rows)
+    labels = list(dict.fromkeys(r["reward_label"] for r in rows))
+    if measured:
+        variants = list(dict.fromkeys(r["variant"] for r in rows))
+        panels = [("seconds per image, median (log scale)", "seconds_per_image", True, "ReNO: time per image"),
+                  ("peak VRAM allocated (GiB)", "peak_allocated_gib", False, "ReNO: peak memory")]
+        series = {v: {r["reward_label"]: r for r in rows if r["variant"] == v} for v in variants}
+        title = (f"ReNO cost per image, measured on {report['device']}: {settings['resolution']} px, "
+                 f"{settings['iterations']} iterations, random weights")
+
+        def value(v, key, lab):
+            return series[v].get(lab, {}).get(key)
+    else:
+        variants = list(report["floors"])
+        panels = [("lower bound, s per image (log scale)", p, True, f"pipeline '{p}'") for p in settings["pipelines"]]
+        label_of = {r["reward"]: r["reward_label"] for r in rows}
+        series = {v: {(e["pipeline"], label_of.get(e["reward"], e["reward"])): e for e in report["floors"][v]}
+                  for v in variants}
+        title = (f"ReNO per image, LOWER BOUND from FLOP/byte counts, NOT a measurement: {settings['floor_resolution']} "
+                 f"px, {report['floor_iterations']} iterations, one bar per GPU profile")
+
+        def value(v, key, lab):
+            return series[v].get((key, lab), {}).get("floor_s_per_image")
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    width = 0.8 / max(len(variants), 1)
+    for ax, (ylabel, key, log, panel_title) in zip(axes[0], panels):
+        shown = []
+        for i, v in enumerate(variants):
+            ys = [value(v, key, lab) for lab in labels]
+            ys = [y if isinstance(y, (int, float)) and y > 0 and math.isfinite(y) else float("nan") for y in ys]
+            shown += [y for y in ys if math.isfinite(y)]
+            bars = ax.bar([x + i * width for x in range(len(labels))], ys, width, label=v)
+            ax.bar_label(bars, labels=[fmt(y, ".3g") if math.isfinite(y) else "" for y in ys], fontsize=6, rotation=90,
+                         padding=2)
+        if log:
+            ax.set_yscale("log")
+            if shown:  # half a decade below the shortest bar, so it stands clear of the axis; room for labels above
+                ax.set_ylim(min(shown) / 3, max(shown) * 3)
+        ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(labels))], labels, rotation=20,
+                      ha="right", fontsize=8)
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_reno_cost(report: dict[str, Any], path: Path) -> Path:
+    """:func:`reno_cost_figure` written to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = reno_cost_figure(report)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

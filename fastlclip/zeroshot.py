@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -26,14 +31,52 @@ def imagenet_templates(simple: bool = False) -> list[Callable[[str], str]]:
     return list(SIMPLE_IMAGENET_TEMPLATES if simple else OPENAI_IMAGENET_TEMPLATES)
 
 
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$FASTLCLIP_CACHE/zeroshot``, else ``$XDG_CACHE_HOME/fastlclip/zeroshot`` (``~/.cache`` by default)."""
+    root = os.environ.get("FASTLCLIP_CACHE")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastlclip"
+    return Path(root) / "zeroshot"
+
+
+def text_tower_digest(model: LatentCLIP) -> str:
+    """SHA-256 of the text tower's parameters (names, dtypes, shapes and bytes): the image tower and
+    ``logit_scale`` do not change class embeddings, so they are left out."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if name.startswith("visual.") or name == "logit_scale":
+            continue
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 class ZeroShotClassifier:
     """Class weights = mean of each class's normalised template embeddings, renormalised.
 
     ``templates`` are callables (``lambda c: f"a photo of a {c}."``) or format strings with ``{}``.
+
+    Cost: the text tower encodes ``len(classnames) * len(templates)`` prompts once, here. ImageNet's 1,000
+    classes with OpenAI's 80 templates (``imagenet_classnames()``, ``imagenet_templates()``) are 80,000
+    prompts, ~0.8 PFLOP through a B text tower (77 tokens each): hours on a CPU (about 2.5 hours was
+    reported on one machine), seconds to minutes on a GPU (not measured). A progress bar shows when there
+    are more than 4 batches (``progress`` forces it on or off).
+
+    ``cache``: the class weights are kept on disk, keyed by a SHA-256 of the text tower's weights and of the
+    prompt texts (so of the class names and templates, in order), as ``.safetensors`` (nothing is
+    unpickled); a later classifier with the same tower and prompts reads them instead of encoding. ``None``
+    (default): cache in :func:`default_cache_dir` when there are more than 4 batches of prompts (hashing the
+    tower costs more than encoding a few prompts); ``True``: always there; ``False``: never; a folder: always
+    there. The model's dtype is part of the key (its weights' bytes are); its device and backend are not.
     """
 
     def __init__(self, model: LatentCLIP, classnames: Sequence[str], templates: Sequence, *,
-                 batch_size: int = 256, progress: bool | None = None):
+                 batch_size: int = 256, progress: bool | None = None,
+                 cache: bool | str | os.PathLike | None = None):
         for what, seq, example in (("classnames must be a list of strings", classnames, "['cat', 'dog']"),
                                    ("templates must be a list of format strings or callables", templates, "['a photo of a {}.']")):
             if isinstance(seq, (str, bytes)):
@@ -61,13 +104,57 @@ class ZeroShotClassifier:
                 shown = repr(t) if isinstance(t, str) else f"#{j}"
                 raise ValueError(f"template {shown} gives the same text for every class ({per_class[0]!r}), so it can't "
                                  "tell them apart; put {} where the class name goes, e.g. 'a photo of a {}.'")
-        show = progress if progress is not None else len(texts) > 4 * batch_size
-        feats = []
-        with torch.no_grad():
-            for i in tqdm(range(0, len(texts), batch_size), desc="zero-shot text", disable=not show):
-                feats.append(model.encode_text(texts[i:i + batch_size]).float())
-        per_class = torch.cat(feats).view(len(self.classnames), len(fmt), -1).mean(dim=1)
-        self.weights = F.normalize(per_class, dim=-1)  # (classes, embed_dim), float32
+        large = len(texts) > 4 * batch_size
+        folder = default_cache_dir() if cache is True or (cache is None and large) else cache or None
+        path = Path(folder) / f"{self._key(model, texts, len(fmt))}.safetensors" if folder else None
+        self.weights = self._read(path, len(self.classnames)) if path else None  # (classes, embed_dim), float32
+        if self.weights is None:
+            feats = []
+            with torch.no_grad():
+                for i in tqdm(range(0, len(texts), batch_size), desc="zero-shot text",
+                              disable=not (progress if progress is not None else large)):
+                    feats.append(model.encode_text(texts[i:i + batch_size]).float())
+            per_class = torch.cat(feats).view(len(self.classnames), len(fmt), -1).mean(dim=1)
+            self.weights = F.normalize(per_class, dim=-1)
+            if path:
+                self._write(path, self.weights)
+
+    @staticmethod
+    def _key(model: LatentCLIP, texts: list[str], n_templates: int) -> str:
+        what = json.dumps({"text_tower": text_tower_digest(model), "templates": n_templates, "texts": texts})
+        return "zeroshot-" + hashlib.sha256(what.encode()).hexdigest()[:40]
+
+    @staticmethod
+    def _read(path: Path, n_classes: int) -> torch.Tensor | None:
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            weights = load_file(path)["weights"]
+        except Exception as e:  # a truncated or foreign file: encode again and overwrite it
+            log.warning("zero-shot cache %s is unreadable (%s: %s); encoding the prompts again", path, type(e).__name__, e)
+            return None
+        if weights.dim() != 2 or weights.shape[0] != n_classes or weights.dtype != torch.float32:
+            log.warning("zero-shot cache %s holds %s %s, not (%d, D) float32; encoding again", path,
+                        tuple(weights.shape), weights.dtype, n_classes)
+            return None
+        log.info("zero-shot class weights read from %s", path)
+        return weights
+
+    @staticmethod
+    def _write(path: Path, weights: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            save_file({"weights": weights.detach().cpu().contiguous()}, tmp)
+            tmp.replace(path)  # atomic: a killed run never leaves a half file under the final name
+        except OSError as e:
+            log.warning("zero-shot cache %s could not be written (%s); the classifier works without it", path, e)
+            return
+        log.info("zero-shot class weights cached in %s", path)
 
     def logits(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT,
                noise_level=None) -> torch.Tensor:
