@@ -48,7 +48,8 @@ def world(tmp_path_factory):
     # The torchrun run starts now, in the background: its processes' start-up overlaps the other tests.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
            "-m", "fastlclip.distill", *_cli_train(w, root / "ddp")]
-    w["ddp"] = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    w["ddp"] = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # its own process group: torchrun and its workers
     # So does the run that is SIGKILLed as soon as its first checkpoint exists.
     killed = root / "killed"
     cmd = [sys.executable, "-m", "fastlclip.distill", *_cli_train(w, killed)]
@@ -56,10 +57,9 @@ def world(tmp_path_factory):
     w["killer"] = threading.Thread(target=_kill_at_first_checkpoint, args=(w["killed"], killed / "checkpoint.pt"))
     w["killer"].start()
     yield w
-    for proc in (w["ddp"], w["killed"]):
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    if w["ddp"].poll() is None:  # a test that did not wait for it
+        os.killpg(w["ddp"].pid, signal.SIGKILL)
+        w["ddp"].wait()
     w["killer"].join()
     torch.set_num_threads(threads)
 
@@ -143,6 +143,36 @@ def test_targets_resume_skips_finished_shards_and_refuses_other_settings(world):
     with pytest.raises(ValueError, match="other settings"):
         distill.make_targets(world["shards"], world["targets"], vae=world["vae"], teacher=world["teacher"],
                              space="diffusion", progress=False)
+
+
+def test_diffusion_space_shards_give_the_same_targets(world, tmp_path):
+    """Shards of pipeline latents (z = (raw - shift) * scaling, the VAE's own constants) with space='diffusion'."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from fastlclip import distill
+    from fastlclip.corpus.readers import read_shard
+    from fastlclip.vaes import latent_space
+
+    space = latent_space(world["vae"])
+    shard = tmp_path / "diffusion.tar"
+    with tarfile.open(shard, "w") as tf:
+        for sample in list(read_shard(world["shards"][0]))[:16]:
+            buf = io.BytesIO()
+            np.save(buf, space.to_diffusion(sample.latent.double()).numpy())
+            info = tarfile.TarInfo(f"{sample.key}.latent.npy")
+            info.size = buf.tell()
+            buf.seek(0)
+            tf.addfile(info, buf)
+    distill.make_targets([shard], tmp_path / "t", vae=world["vae"], teacher=world["teacher"], space="diffusion",
+                         progress=False)
+    got, want = distill.read_targets(tmp_path / "t"), distill.read_targets(world["targets"])
+    rows = [want.keys.index(k) for k in got.keys]
+    assert len(rows) == 16
+    assert (got.latents.float() - want.latents[rows].float()).abs().max() < 1e-2
+    assert (got.embeddings.float() - want.embeddings[rows].float()).abs().max() < 2e-3
 
 
 def test_student_beats_the_mean_embedding_baseline(world, plain_student):
