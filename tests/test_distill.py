@@ -175,6 +175,26 @@ def test_diffusion_space_shards_give_the_same_targets(world, tmp_path):
     assert (got.embeddings.float() - want.embeddings[rows].float()).abs().max() < 2e-3
 
 
+def test_cli_targets_from_a_diffusers_folder_and_open_clip_files(world, tmp_path):
+    from fastlclip.distill import read_targets
+
+    world["vae"].save_pretrained(tmp_path / "vae")
+    argv = ["targets", str(world["shards"][0]), "--out", str(tmp_path / "t"), "--vae", str(tmp_path / "vae"),
+            "--teacher", "tiny-teacher", "--teacher-config", str(world["cfg_file"]),
+            "--teacher-pretrained", str(world["weights"])]
+    assert _main(argv) == 0
+    got, want = read_targets(tmp_path / "t"), read_targets(world["targets"])
+    rows = [want.keys.index(k) for k in got.keys]
+    assert len(rows) == 96 and torch.equal(got.latents, want.latents[rows])
+    assert (got.embeddings.float() - want.embeddings[rows].float()).abs().max() < 2e-3
+
+
+def test_cli_eval_prints_the_figures(world, plain_student, capsys):
+    assert _main(["eval", str(plain_student), str(world["targets"]), "--classes", "red", "blue"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"rows", "cosine", "zeroshot_agreement", "baseline_cosine"}
+
+
 def test_student_beats_the_mean_embedding_baseline(world, plain_student):
     from fastlclip import distill
 
