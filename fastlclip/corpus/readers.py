@@ -127,7 +127,7 @@ def _from_numpy(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def _read_tar(path: Path, member: str | None) -> Iterator[Sample]:
+def _read_tar(path: Path, member: str | Sequence[str] | None) -> Iterator[Sample]:
     wanted = (member,) if isinstance(member, str) else tuple(member) if member else DEFAULT_MEMBERS
     try:
         tf = tarfile.open(path, mode="r|*")

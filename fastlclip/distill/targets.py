@@ -272,6 +272,8 @@ def read_targets(folder) -> Targets:
     keys, lat, emb = [], [], []
     for f in files:
         t = pq.read_table(f, columns=["key", "embedding", "latent"])
+        if len(t) == 0:  # a shard whose every sample was bad
+            continue
         keys += t.column("key").to_pylist()
         emb.append(np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(len(t), -1))
         lat.append(np.asarray(t.column("latent").combine_chunks().flatten()).reshape(len(t), *shape))
