@@ -277,6 +277,8 @@ def read_targets(folder) -> Targets:
         keys += t.column("key").to_pylist()
         emb.append(np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(len(t), -1))
         lat.append(np.asarray(t.column("latent").combine_chunks().flatten()).reshape(len(t), *shape))
+    if not keys:
+        raise ValueError(f"{folder} holds no target rows (every sample was bad: see its manifest.jsonl)")
     if len(set(keys)) != len(keys):
         raise ValueError(f"{folder}: a key appears in more than one row; keys must be unique across shards")
     return Targets(keys, torch.from_numpy(np.concatenate(lat)), torch.from_numpy(np.concatenate(emb)), info)
