@@ -269,7 +269,7 @@ def train(targets, run_dir, *, student, teacher, teacher_pretrained=None, teache
     run_dir = Path(run_dir)
     teacher_label = teacher if isinstance(teacher, str) else f"<{type(teacher).__name__} module>"
     identity = json.loads(json.dumps({
-        "targets": str(Path(targets).resolve()), "student": cfg, "teacher": teacher_label,
+        "targets": str(Path(targets).resolve()), "target_rows": len(data), "student": cfg, "teacher": teacher_label,
         "teacher_pretrained": None if teacher_pretrained is None else str(Path(teacher_pretrained).resolve()),
         "steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "init": init,
         "noise_aware": noise_aware, "seed": seed, "patch_steps": patch_steps, "holdout": holdout,
