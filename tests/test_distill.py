@@ -46,7 +46,7 @@ def world(tmp_path_factory):
     w = dict(root=root, vae=vae, teacher=teacher, cfg_file=cfg_file, weights=weights, shards=shards,
              targets=root / "targets", student=student)
     # The torchrun run starts now, in the background: its processes' start-up overlaps the other tests.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "fastlclip.distill", *_cli_train(w, root / "ddp")]
     w["ddp"] = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)  # its own process group: torchrun and its workers
