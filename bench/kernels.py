@@ -13,7 +13,8 @@ Median of triton.testing.do_bench after warm-up (autotuning happens before timin
 inputs; forward, and forward + backward to the inputs (weights frozen). Attention FLOPs: forward
 4*B*H*L*L*D (halved when causal), backward 2.5x forward. Patch-embedding bytes: everything read and
 written once. Percentages are of the GPU's dense bf16 peak / memory bandwidth (profiles/*.json).
-Writes JSON to --out (default profiles/results/<gpu>/kernels.json) and prints a table last.
+Writes JSON to --out (default profiles/results/<gpu>/kernels.json) after every case, so a run cut short
+keeps what it measured (``complete`` says whether it finished), and prints a table last.
 Without CUDA it prints a message and exits 0, after a small interpreter correctness check when
 TRITON_INTERPRET=1 is set.
 """
@@ -62,17 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name()
     profile = detect(device_name, load_profiles())
     dtype = DTYPES[args.dtype]
-    rows = []
-    for batch in args.batch:
-        for length in args.lengths:
-            rows += bench_attention(batch, length, dtype)
-        for patch in (8, 4):
-            rows += bench_patch_embed(batch, patch, dtype)
-    for row in rows:
-        add_peaks(row, profile)
-
-    short = results_folder(profile, device_name)
-    out = args.out or PROFILES_DIR / "results" / short / "kernels.json"
+    out = args.out or PROFILES_DIR / "results" / results_folder(profile, device_name) / "kernels.json"
     report = {
         **run_record("bench.kernels", sys.argv[1:] if argv is None else argv),
         "device": device_name,
@@ -80,14 +71,34 @@ def main(argv: list[str] | None = None) -> int:
         "peak_bf16_tflops": profile.peak_bf16_tflops if profile else "unknown",
         "memory_bandwidth_tbs": profile.memory_bandwidth_tbs if profile else "unknown",
         "dtype": args.dtype,
-        "rows": rows,
+        "complete": False,
+        "rows": [],
     }
+    cases = [(bench_attention, batch, length) for batch in args.batch for length in args.lengths]
+    cases += [(bench_patch_embed, batch, patch) for batch in args.batch for patch in (8, 4)]
+    cases.sort(key=lambda case: case[1])  # batch by batch, as before
+    rows = run_cases(cases, dtype, profile, report, out)
+    report["complete"] = True
     write_json(out, report)
     v = report["versions"]
     print(f"{device_name} (profile {report['profile']}), torch {v['torch']}, triton {v['triton']}, "
           f"{args.dtype}; JSON: {out}")
     print_table(rows)
     return 0
+
+
+def run_cases(cases, dtype, profile, report: dict, out: Path) -> list[dict]:
+    """Runs each ``(bench function, batch, length or patch)`` and rewrites ``out`` after each with the rows so far
+    (``report["rows"]``, ``complete`` false): a run killed later keeps every finished case."""
+    rows = report["rows"]
+    for i, (bench, batch, size) in enumerate(cases):
+        new = bench(batch, size, dtype)
+        for row in new:
+            add_peaks(row, profile)
+        rows += new
+        report["note"] = f"{i + 1} of {len(cases)} cases measured"
+        write_json(out, report)
+    return rows
 
 
 def do_bench(fn) -> float:

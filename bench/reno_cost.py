@@ -405,7 +405,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mode += f" --weights {args.weights} is not used: the smoke test runs tiny configs."
 
     floor_iterations = args.iterations or 50  # the floor is for the full-size models, whatever the smoke test runs
-    rows, info = (run_measured if cuda else run_smoke)(args, tqdm)
+    folder = results_folder(selection.measured, device_name) if cuda else "cpu-smoke"
+    partial = args.out / folder / "reno_cost.json"
+
+    def save_partial(rows: list[dict[str, Any]]) -> None:
+        """Each configuration's row as soon as it is measured: a run killed later keeps the finished ones."""
+        write_json(partial, {**run_record("bench.reno_cost", argv), "device": device_name,
+                             "mode": "measured" if cuda else "cpu-smoke", "complete": False,
+                             "note": f"partial: {len(rows)} configuration(s) finished; the run had not ended",
+                             "results": rows})
+
+    rows, info = (run_measured if cuda else run_smoke)(args, tqdm, on_row=save_partial)
     add_savings(rows, selection.measured)
     floors = compute_floors(args, selection, floor_iterations, tqdm)
     dec_floors = decoder_floors(selection)
@@ -417,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "python": sys.executable,
         "device": device_name,
         "mode": "measured" if cuda else "cpu-smoke",
+        "complete": True,
         "mode_text": mode,
         "weights": {"random": True, "generator": info["generator"],
                     "rewards": "random weights (Latent-CLIP and open_clip models built without checkpoints)",
@@ -443,7 +454,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "paper_saving": PAPER_SAVING,
         "targets": evaluate_targets(rows, device_name) if cuda else NOT_MEASURED,
     }
-    folder = results_folder(selection.measured, device_name) if cuda else "cpu-smoke"
     paths = write_outputs(report, args.out / folder)
 
     print()

@@ -305,7 +305,8 @@ def build_generator(args, *, device, dtype, smoke: bool = False) -> reno.OneStep
                                                   preset=preset)
 
 
-def run_measured(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_measured(args, progress, on_row=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Measures every (pipeline, reward, backend); ``on_row(rows)`` is called after each, with the rows so far."""
     device = torch.device("cuda")
     args.iterations, args.images = args.iterations or 50, args.images or 3
     specs = [bench_rewards.REWARDS[k] for k in args.rewards]
@@ -343,6 +344,8 @@ def run_measured(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             row["compiled_unet"] = compiled
             row.update(result)
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             progress.write(f"{pipeline:5s} {spec.label:34s} {row['backend']:16s} "
                            + (f"{row['seconds_per_image']:.2f} s/image" if "seconds_per_image" in row
                               else row.get("error", "")))
@@ -357,7 +360,7 @@ def run_measured(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return rows, info
 
 
-def run_smoke(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_smoke(args, progress, on_row=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Both pipelines on tiny configs, on the CPU, float32 models (the reno pipeline's noise in fp16, as ReNO's):
     checks they run and that every phase is reached."""
     args.iterations, args.images = args.iterations or 2, args.images or 1
@@ -382,6 +385,8 @@ def run_smoke(args, progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                                               "peak_allocated_gib", "nvml_peak_used_gib", "energy_j_per_image",
                                               "images_per_hour", "usd_per_1000_images")})
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     text = ("random tiny SDXL text encoders (bench/sdxl_text.py)" if not generator.random_prompt
             else "random prompt embeddings (transformers not installed)")
     info = {"generator": f"tiny SDXL-style UNet and VAE (bench/tiny.py) at {generator.height}x{generator.width} px, "

@@ -113,8 +113,33 @@ def dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 INTERPRET = HAS_TRITON and type(dot).__name__ == "InterpretedFunction"
 
 
+def interpreter_numpy_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter will fail with this NumPy, or None. Triton 3.6's interpreter fails with
+    NumPy >= 2.4 (``TypeError: only 0-dimensional arrays can be converted to Python scalars`` at a
+    ``range(0, K, ...)`` loop); 3.8's does not; 3.7 was not tried."""
+    def version(text):
+        return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
+
+    if version(triton_version) < (3, 7) and version(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) fails with NumPy {numpy_version}: "
+                "install 'numpy<2.4', or Triton >= 3.8 (whose interpreter works with it)")
+    return None
+
+
+if INTERPRET:
+    import numpy
+
+    if _problem := interpreter_numpy_problem(triton.__version__, numpy.__version__):
+        warnings.warn(_problem, RuntimeWarning, stacklevel=2)
+
+
 class NoConfigFits(RuntimeError):
     """Every launch config of a kernel needs more shared memory or registers than this GPU has."""
+
+
+# Test and precompile hook: when an int i, every Launcher runs its i-th fitting config (modulo their number)
+# instead of autotuning, so that parallel processes can each compile one config (bench.precompile).
+FORCE_CONFIG: int | None = None
 
 
 class Launcher:
@@ -122,27 +147,63 @@ class Launcher:
 
     On a GPU it autotunes over ``configs`` (no tuned table: none has been measured), keyed on the
     argument names in ``key`` and on ``size_hint`` (the parallel work, e.g. B * H) rounded up to a
-    power of two, so a new batch size within the same bucket reuses the tuned config. Under the
-    interpreter (whose autotuner cannot benchmark) it uses the single ``interpreter_config`` (block
+    power of two, so a new batch size within the same bucket reuses the tuned config. Configs whose
+    ``estimate(config, args)`` (estimated bytes of shared memory and 32-bit registers per thread, from
+    the launch arguments by name) exceed the GPU's shared memory per block or the registers a thread
+    can have without spilling are pruned before anything is compiled (``early_config_prune``). Under
+    the interpreter (whose autotuner cannot benchmark) it uses the single ``interpreter_config`` (block
     sizes only). ``grid`` is a callable of the meta-parameter dict. Autotuning benchmarks on the first
     launch of each key: run once before capturing a CUDA graph.
     """
 
-    def __init__(self, kernel, configs: list[dict], key: list[str], interpreter_config: dict):
+    def __init__(self, kernel, configs: list[dict], key: list[str], interpreter_config: dict,
+                 estimate: Callable[[dict, dict], tuple[int, int]] | None = None, keep_smallest: bool = False):
         self.kernel = kernel
         self.configs = configs
         self.key = key
         self.interpreter_config = interpreter_config
-        self._tuned: dict[tuple[str, int], object] = {}
+        self.estimate = estimate
+        self.keep_smallest = keep_smallest
+        self._tuned: dict[tuple, object] = {}
 
-    def __call__(self, grid: Callable[[dict], tuple], device: torch.device, *args, size_hint: int, **kwargs) -> None:
+    def fitting(self, args: dict, shared_limit: int) -> list[dict]:
+        """The configs whose estimated shared memory and registers fit (see :func:`fits`); when none does and
+        ``keep_smallest`` (a kernel without a fallback), the one with the least estimated shared memory, which
+        the compiler and the loader then judge."""
+        if self.estimate is None:
+            return list(self.configs)
+        kept = [c for c in self.configs if fits(*self.estimate(c, args), c.get("num_warps", 4), shared_limit)]
+        if not kept and self.keep_smallest:
+            kept = [min(self.configs, key=lambda c: self.estimate(c, args))]
+        return kept
+
+    def _prune(self, device: torch.device):
+        limit = max_shared_memory(device.index)
+        name = getattr(self.kernel, "__name__", "the kernel")
+
+        def early_config_prune(configs, named_args, **kwargs):
+            fitting = self.fitting({**named_args, **kwargs}, limit)
+            kept = [c for c in configs if _as_dict(c) in fitting]
+            if not kept:
+                raise NoConfigFits(f"no launch config of {name} fits {_gpu_name(device.index)}: every config's "
+                                   f"estimated shared memory or registers exceed it ({limit} bytes of shared memory)")
+            return kept
+        return early_config_prune
+
+    def __call__(self, grid: Callable[[dict], tuple], device: torch.device, *args, size_hint: int, **kwargs) -> dict:
+        """Launches the kernel; returns the meta-parameters (block sizes) it ran with."""
         if INTERPRET:
             meta = self.interpreter_config
             self.kernel[grid({**kwargs, **meta})](*args, **kwargs, **meta)
-            return
+            return meta
         with torch.cuda.device(device):
             try:
-                self._autotuner(device, triton.next_power_of_2(size_hint))[grid](*args, **kwargs)
+                if FORCE_CONFIG is not None:
+                    tuner = self._forced(device, dict(zip(self.kernel.arg_names, args)) | kwargs)
+                else:
+                    tuner = self._autotuner(device, triton.next_power_of_2(size_hint))
+                tuner[grid](*args, **kwargs)
+                return tuner.best_config.kwargs
             except (OutOfResources, PTXASError) as e:  # the autotuner skips such configs; here every one failed
                 name = getattr(self.kernel, "__name__", "the kernel")
                 raise NoConfigFits(f"no launch config of {name} fits {_gpu_name(device.index)}: {e}") from e
@@ -150,8 +211,45 @@ class Launcher:
     def _autotuner(self, device: torch.device, bucket: int):
         gpu = _gpu_name(device.index)
         if (gpu, bucket) not in self._tuned:
-            self._tuned[gpu, bucket] = triton.autotune([_to_config(c) for c in self.configs], key=self.key)(self.kernel)
+            prune = {"early_config_prune": self._prune(device)} if self.estimate is not None else None
+            self._tuned[gpu, bucket] = triton.autotune([_to_config(c) for c in self.configs], key=self.key,
+                                                       prune_configs_by=prune)(self.kernel)
         return self._tuned[gpu, bucket]
+
+    def _forced(self, device: torch.device, args: dict):
+        """A one-config autotuner (it launches without benchmarking) for config ``FORCE_CONFIG``."""
+        candidates = self.fitting(args, max_shared_memory(device.index)) or self.configs
+        config = candidates[FORCE_CONFIG % len(candidates)]
+        key = ("forced", _gpu_name(device.index), tuple(sorted(config.items())))
+        if key not in self._tuned:
+            self._tuned[key] = triton.autotune([_to_config(config)], key=self.key)(self.kernel)
+        return self._tuned[key]
+
+
+# Registers a thread may hold: 255, and 64 Ki per block (sm_80 .. sm_90) shared by its threads.
+MAX_REGISTERS = 255
+REGISTERS_PER_BLOCK = 65536
+
+
+def fits(shared_bytes: int, registers: int, num_warps: int, shared_limit: int) -> bool:
+    """Whether an estimate of shared memory (bytes) and registers per thread fits ``shared_limit`` and the
+    registers a thread of a ``num_warps`` block can have (the estimate carries its own margin)."""
+    return shared_bytes <= shared_limit and registers <= min(MAX_REGISTERS, REGISTERS_PER_BLOCK // (32 * num_warps))
+
+
+@functools.cache
+def max_shared_memory(index: int) -> int:
+    """Shared memory one block may use on CUDA device ``index`` (opt-in maximum), in bytes."""
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def element_size(arg) -> int:
+    """Bytes per element of a tensor argument (4 for anything else)."""
+    return arg.element_size() if isinstance(arg, torch.Tensor) else 4
+
+
+def _as_dict(config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 @functools.cache

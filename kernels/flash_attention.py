@@ -237,13 +237,39 @@ def _attn_bwd_dq_kernel(
     tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=m_ok[:, None])
 
 
+def _estimate(kernel: str):
+    """``(shared bytes, registers per thread)`` a config of ``kernel`` needs, estimated from its tiles, so configs
+    that cannot load (fp32 at head dim 128 needs about 230 KiB for the largest backward tiles, compiled for sm_90)
+    or would spill are pruned before they are compiled.
+
+    Shared memory: the tiles loaded in the loop, one buffer per stage, plus the tiles loaded once. Registers: 64
+    for addresses and scalars plus the fp32 accumulators, the operand tiles and the fp32 score tiles a thread
+    holds. Rough (within about 15% of the compiled shared memory checked), and never the only guard: the
+    autotuner still skips a config that fails to compile or load, and a kernel keeps its smallest config when
+    none is estimated to fit.
+    """
+    def estimate(config: dict, args: dict) -> tuple[int, int]:
+        bm, bn, d = config["BLOCK_M"], config["BLOCK_N"], args["HEAD_DIM"]
+        stages, threads = config.get("num_stages", 2), 32 * config.get("num_warps", 4)
+        e = _launch.element_size(args["q_ptr"])
+        if kernel == "fwd":  # loop: k, v tiles; once: q; registers: acc, q, scores and probabilities
+            shared, tiles = e * (stages * 2 * bn * d + bm * d), bm * d * 4 + bm * d * e + 2 * bm * bn * 4
+        elif kernel == "dkdv":  # loop: q, dO tiles; once: k, v; registers: dk, dv, k, v, two (BN, BM) scores
+            shared, tiles = e * (stages * 2 * bm * d + 2 * bn * d), 2 * bn * d * 4 + 2 * bn * d * e + 2 * bn * bm * 4
+        else:  # dq: loop: k, v tiles; once: q, dO; registers: dq, q, dO, two (BM, BN) scores
+            shared, tiles = e * (stages * 2 * bn * d + 2 * bm * d), bm * d * 4 + 2 * bm * d * e + 2 * bm * bn * 4
+        return shared, 64 + tiles // (4 * threads)
+    return estimate
+
+
 # Interpreter configs use unequal BLOCK_M / BLOCK_N on purpose, so the tests exercise tile-edge logic.
-_fwd = Launcher(_attn_fwd_kernel, _FWD_CONFIGS, _KEY, dict(BLOCK_M=32, BLOCK_N=16))
+_fwd = Launcher(_attn_fwd_kernel, _FWD_CONFIGS, _KEY, dict(BLOCK_M=32, BLOCK_N=16), _estimate("fwd"), keep_smallest=True)
 _preprocess = Launcher(_attn_bwd_preprocess_kernel, _PREPROCESS_CONFIGS,
                        ["L", "HEAD_DIM"], dict(BLOCK_M=32))
 _bwd_dkdv = Launcher(_attn_bwd_dkdv_kernel, _BWD_DKDV_CONFIGS, _KEY,
-                     dict(BLOCK_M=16, BLOCK_N=32))
-_bwd_dq = Launcher(_attn_bwd_dq_kernel, _BWD_DQ_CONFIGS, _KEY, dict(BLOCK_M=32, BLOCK_N=16))
+                     dict(BLOCK_M=16, BLOCK_N=32), _estimate("dkdv"), keep_smallest=True)
+_bwd_dq = Launcher(_attn_bwd_dq_kernel, _BWD_DQ_CONFIGS, _KEY, dict(BLOCK_M=32, BLOCK_N=16), _estimate("dq"),
+                   keep_smallest=True)
 
 
 def _check_qkv(q, k, v) -> None:

@@ -19,19 +19,25 @@ from ._launch import Launcher, dot, tl, triton
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 2048  # one program holds a (BLOCK_M, next_pow2(width)) fp32 tile in registers
 
-# Shared memory grows with next_pow2(width) x (BLOCK_M + BLOCK_K x stages). Measured with Triton 3.8's
-# compiler at width 768 (tests/test_kernel_patch_embed.py checks the first row): the smallest config needs
-# 64 KiB (bf16) / 128 KiB (fp32) in the backward, so an fp32 backward at width 768 fits sm_80 (163 KiB)
-# and sm_90 (227 KiB) but not sm_86/sm_89 (99 KiB: A10, L4, RTX 4090, L40S), where it runs unfused (see
-# _backward_latents); every forward and every bf16/fp16 config list has a member that fits all three.
-_CONFIGS = [
-    dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=1),
-    dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
+# Launch configs, kept by compiling candidates with Triton 3.8's compiler for sm_90 at width 768 (every shipped
+# image tower) and reading ptxas's report: in bf16 every forward config and the first two backward ones (the
+# reward's latent gradient and the training weight gradients) neither spill registers nor exceed sm_90's shared
+# memory (tests/test_kernel_patch_embed.py compiles them again; its COMPILED_SM90 table has the fp32 figures).
+# Candidates that spilled (BLOCK_M=32 or BLOCK_K=64 at 8 warps, any 4-warp config: a (BLOCK_M, 1024) fp32 tile is
+# 128 registers a thread at 4 warps) are gone. On every GPU, ``_estimate`` prunes the configs that would not fit
+# (at width 768: the third backward config, and in fp32 the forward's BLOCK_K=32 ones) before anything is compiled.
+_FWD_CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_K=16, num_warps=8, num_stages=1),
+    dict(BLOCK_M=16, BLOCK_K=16, num_warps=8, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_K=32, num_warps=8, num_stages=2),
     dict(BLOCK_M=16, BLOCK_K=32, num_warps=8, num_stages=3),
-    dict(BLOCK_M=16, BLOCK_K=64, num_warps=8, num_stages=2),
-    dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=2),
-    dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=32, BLOCK_K=32, num_warps=16, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_K=16, num_warps=16, num_stages=2),
+]
+# The backward holds about twice the forward's fp32 tiles (normalized tokens and their gradient).
+_BWD_CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_K=16, num_warps=8, num_stages=1),
+    dict(BLOCK_M=16, BLOCK_K=16, num_warps=8, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_K=32, num_warps=8, num_stages=2),  # narrower towers only: pruned at width 768
 ]
 _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_K=32)
 
@@ -107,7 +113,7 @@ def _patch_embed_fwd_kernel(
 
 @triton.jit
 def _patch_embed_bwd_kernel(
-    x_ptr, w_ptr, cls_ptr, pos_ptr, lnw_ptr, dout_ptr, dx_ptr,
+    x_ptr, w_ptr, cls_ptr, pos_ptr, lnw_ptr, dout_ptr, dx_ptr, dy_ptr, dlnw_ptr, dlnb_ptr,
     scale, eps, n_rows, n_tokens, grid_w, K, WIDTH,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_dxb, stride_dxc, stride_dxh, stride_dxw,
@@ -115,52 +121,82 @@ def _patch_embed_bwd_kernel(
     stride_cls, stride_pos_t, stride_pos_w, stride_lnw,
     stride_dob, stride_dot, stride_dow,
     P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, LATENT_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
 ):
-    # Rows enumerate patch tokens only (b, 1 + p): the class token has no latent gradient.
-    n_patches = n_tokens - 1
+    # Rows enumerate every token (b, t); the class token (t == 0) has no latent gradient.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     rows = tl.where(row_ok, rows, 0)
     cols = tl.arange(0, BLOCK_W)
     col_ok = cols < WIDTH
-    b = rows // n_patches
-    p = rows % n_patches
-    t = p + 1
+    b = rows // n_tokens
+    t = rows % n_tokens
+    is_patch = row_ok & (t > 0)
+    p = tl.maximum(t - 1, 0)
     gh = p // grid_w * P
     gw = p % grid_w * P
     x_row = b.to(tl.int64) * stride_xb + gh.to(tl.int64) * stride_xh + gw.to(tl.int64) * stride_xw
     xhat, rstd = _normalized_tokens(
-        x_ptr, w_ptr, cls_ptr, pos_ptr, t, x_row, row_ok, cols, col_ok, scale, eps, K, WIDTH,
+        x_ptr, w_ptr, cls_ptr, pos_ptr, t, x_row, is_patch, cols, col_ok, scale, eps, K, WIDTH,
         stride_xc, stride_xh, stride_xw, stride_wo, stride_wc, stride_wi, stride_wj,
         stride_cls, stride_pos_t, stride_pos_w, P, BLOCK_M, BLOCK_K, BLOCK_W, PRECISION, UPCAST)
     # LayerNorm backward: dy = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * ln_weight.
     lnw = tl.load(lnw_ptr + cols * stride_lnw, mask=col_ok, other=0.0).to(tl.float32)
     dout = tl.load(dout_ptr + b.to(tl.int64)[:, None] * stride_dob + t[:, None] * stride_dot
-                   + cols[None, :] * stride_dow, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    g = dout.to(tl.float32) * lnw[None, :]
+                   + cols[None, :] * stride_dow, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    if WEIGHT_GRAD:  # this block's share of the LayerNorm weight and bias gradients: one row of partial sums each
+        tl.store(dlnw_ptr + tl.program_id(0) * WIDTH + cols, tl.sum(dout * xhat, axis=0), mask=col_ok)
+        tl.store(dlnb_ptr + tl.program_id(0) * WIDTH + cols, tl.sum(dout, axis=0), mask=col_ok)
+    g = dout * lnw[None, :]
     mean_g = tl.sum(g, axis=1) / WIDTH
     mean_gx = tl.sum(g * xhat, axis=1) / WIDTH
-    dy = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
-    dy = tl.where(col_ok[None, :], dy, 0.0).to(w_ptr.dtype.element_ty)
-    # d patch = dy @ W, scattered back to the latent pixels, times scale.
-    dx_row = b.to(tl.int64) * stride_dxb + gh.to(tl.int64) * stride_dxh + gw.to(tl.int64) * stride_dxw
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        c = k // (P * P)
-        i = (k // P) % P
-        j = k % P
-        w = tl.load(w_ptr + cols[:, None] * stride_wo + (c * stride_wc + i * stride_wi + j * stride_wj)[None, :],
-                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        dx = dot(dy, w, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION, UPCAST) * scale
-        dx_col = c.to(tl.int64) * stride_dxc + i.to(tl.int64) * stride_dxh + j.to(tl.int64) * stride_dxw
-        tl.store(dx_ptr + dx_row[:, None] + dx_col[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & k_ok[None, :])
+    dy = tl.where(col_ok[None, :], (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None], 0.0)
+    if WEIGHT_GRAD:  # dy (fp32, one row per token) feeds the conv, class and positional gradients
+        tl.store(dy_ptr + rows.to(tl.int64)[:, None] * WIDTH + cols[None, :], dy,
+                 mask=row_ok[:, None] & col_ok[None, :])
+    if LATENT_GRAD:
+        # d patch = dy @ W, scattered back to the latent pixels, times scale.
+        dy = dy.to(w_ptr.dtype.element_ty)
+        dx_row = b.to(tl.int64) * stride_dxb + gh.to(tl.int64) * stride_dxh + gw.to(tl.int64) * stride_dxw
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            c = k // (P * P)
+            i = (k // P) % P
+            j = k % P
+            w = tl.load(w_ptr + cols[:, None] * stride_wo + (c * stride_wc + i * stride_wi + j * stride_wj)[None, :],
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            dx = dot(dy, w, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION, UPCAST) * scale
+            dx_col = c.to(tl.int64) * stride_dxc + i.to(tl.int64) * stride_dxh + j.to(tl.int64) * stride_dxw
+            tl.store(dx_ptr + dx_row[:, None] + dx_col[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=is_patch[:, None] & k_ok[None, :])
 
 
-_fwd = Launcher(_patch_embed_fwd_kernel, _CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG)
-_bwd = Launcher(_patch_embed_bwd_kernel, _CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG)
+def _estimate(backward: bool):
+    """``(shared bytes, registers per thread)`` a config needs, estimated from its tiles (see ``_launch.fits``).
+
+    Registers: 64 for addresses and scalars, plus the fp32 (BLOCK_M, BLOCK_W) tiles a thread holds (one in the
+    forward, two in the backward) and its share of the (BLOCK_K, BLOCK_W) weight tile, counted at 2 bytes an
+    element in every dtype (fp32 ``ieee`` products stream it). Shared memory: the weight tile (pipelined over
+    ``num_stages - 1`` buffers in fp32), the backward's (BLOCK_M, BLOCK_W) gradient operand, the latent tiles
+    and 4 KiB of scratch. Calibrated on the compiled sizes at width 768 (tests/test_kernel_patch_embed.py): no
+    config estimated to fit spilled or overflowed, every one estimated not to did.
+    """
+    def estimate(config: dict, args: dict) -> tuple[int, int]:
+        bm, bk, bw = config["BLOCK_M"], config["BLOCK_K"], args["BLOCK_W"]
+        stages, threads = config.get("num_stages", 2), 32 * config.get("num_warps", 4)
+        elt = _launch.element_size(args["w_ptr"])
+        registers = 64 + ((2 if backward else 1) * bm * bw * 4 + bk * bw * 2) // (4 * threads)
+        weight_buffers = max(1, stages - 1) if elt == 4 else 1
+        shared = bk * bw * elt * weight_buffers + (bm * bw * elt if backward else 0) + bm * bk * elt * stages + 4096
+        return shared, registers
+    return estimate
+
+
+# The forward has no unfused fallback: past width 1024 (nothing estimated to fit) it keeps its smallest config.
+_fwd = Launcher(_patch_embed_fwd_kernel, _FWD_CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG, _estimate(False),
+                keep_smallest=True)
+_bwd = Launcher(_patch_embed_bwd_kernel, _BWD_CONFIGS, ["K", "WIDTH"], _INTERPRETER_CONFIG, _estimate(True))
 
 
 def _check_inputs(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias) -> None:
@@ -223,9 +259,9 @@ def patch_embed(latents, conv_weight, class_embedding, pos_embedding, ln_weight,
         eps: LayerNorm epsilon.
 
     Returns:
-        (B, 1 + N, width) tokens in conv_weight's dtype, fp32 accumulation. Differentiable: the
-        latent gradient comes from a fused kernel; weights that require grad get theirs from autograd
-        through :func:`patch_embed_torch`. Without usable Triton (see
+        (B, 1 + N, width) tokens in conv_weight's dtype, fp32 accumulation. Differentiable in every
+        input: one fused backward kernel gives the latent gradient and, for weights that require grad
+        (training), the pre-norm token gradient their gradients are reduced from. Without usable Triton (see
         :func:`~fastlclip.kernels.kernels_available`) it warns once and runs :func:`patch_embed_torch`.
     """
     _check_inputs(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias)
@@ -254,16 +290,8 @@ class _PatchEmbed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        latents, *params = ctx.saved_tensors
-        d_latents = None
-        if ctx.needs_input_grad[0]:
-            d_latents = _backward_latents(latents, *params, grad_out, ctx.scale, ctx.eps)
-        d_params = [None] * len(params)
-        needs = ctx.needs_input_grad[1:6]
-        if any(needs):
-            grads = iter(_torch_grads((latents, *params), (False, *needs), grad_out, ctx.scale, ctx.eps))
-            d_params = [next(grads) if need else None for need in needs]
-        return d_latents, *d_params, None, None
+        grads = _backward(*ctx.saved_tensors, grad_out, ctx.scale, ctx.eps, ctx.needs_input_grad[:6])
+        return *grads, None, None
 
 
 def _meta(latents, conv_weight):
@@ -287,50 +315,80 @@ def _forward(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln
     return out
 
 
-# (device, width, dtype) where no backward config fits: the latent gradient runs unfused there.
+# (device, width, dtype) where no backward config fits: the gradients run unfused there.
 _UNFUSED_BACKWARD: set[tuple] = set()
 
 
-def _backward_latents(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, grad_out,
-                      scale, eps):
-    """The latent gradient from the fused kernel or, where no launch config fits the GPU, from autograd
-    through :func:`patch_embed_torch` (warned once per GPU, width and dtype)."""
+def _backward(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, grad_out, scale, eps, needs):
+    """Gradients of ``(latents, *params)`` where ``needs`` (None elsewhere), from the fused kernel or, where no
+    launch config fits the GPU, from autograd through :func:`patch_embed_torch` (warned once per GPU, width and
+    dtype)."""
+    inputs = (latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias)
     where = (latents.device, conv_weight.shape[0], conv_weight.dtype)
     if where not in _UNFUSED_BACKWARD:
         try:
-            return _fused_backward_latents(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias,
-                                           grad_out, scale, eps)
+            return _fused_backward(*inputs, grad_out, scale, eps, needs)
         except _launch.NoConfigFits as e:
             _UNFUSED_BACKWARD.add(where)
-            warnings.warn(f"fastlclip.kernels.patch_embed: {e}; the latent gradient for width {where[1]} in "
-                          f"{where[2]} runs unfused (PyTorch) on this GPU", RuntimeWarning, stacklevel=4)
-    params = (conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias)
-    (d_latents,) = _torch_grads((latents, *params), (True, *(False,) * 5), grad_out, scale, eps)
-    return d_latents.to(latents.dtype)
+            warnings.warn(f"fastlclip.kernels.patch_embed: {e}; the gradients for width {where[1]} in "
+                          f"{where[2]} run unfused (PyTorch) on this GPU", RuntimeWarning, stacklevel=4)
+    grads = iter(_torch_grads(inputs, needs, grad_out, scale, eps))
+    return [next(grads).to(t.dtype) if need else None for t, need in zip(inputs, needs)]
 
 
-def _fused_backward_latents(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, grad_out,
-                            scale, eps):
+def _fused_backward(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, grad_out, scale, eps,
+                    needs):
+    """One kernel recomputes the normalized tokens and writes the latent gradient and, when a weight needs one,
+    the pre-norm token gradient ``dy`` (fp32) and per-block LayerNorm partial sums; the conv, class and positional
+    gradients are reductions of ``dy`` (one small GEMM for the conv)."""
     m = _meta(latents, conv_weight)
+    batch, width, patch, n_tokens = m["batch"], m["width"], m["patch"], m["n_tokens"]
     _, _, h, w = latents.shape
-    if h % m["patch"] or w % m["patch"]:
-        d_latents = torch.zeros_like(latents)  # pixels past the last whole patch get no gradient
-    else:
-        d_latents = _launch.empty_like(latents)
-    n_rows = m["batch"] * (m["n_tokens"] - 1)
-    _bwd(lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),), latents.device,
-         latents, conv_weight, class_embedding, pos_embedding, ln_weight, grad_out, d_latents,
-         scale, eps, n_rows, m["n_tokens"], m["grid_w"], m["K"], m["width"],
-         *latents.stride(), *d_latents.stride(), *conv_weight.stride(), class_embedding.stride(0),
+    latent_grad, weight_grad = needs[0], any(needs[1:])
+    d_latents = None
+    if latent_grad:
+        if h % patch or w % patch:
+            d_latents = torch.zeros_like(latents)  # pixels past the last whole patch get no gradient
+        else:
+            d_latents = _launch.empty_like(latents)
+    n_rows = batch * n_tokens
+    dy = d_lnw = d_lnb = latents.new_empty(0, dtype=torch.float32)  # placeholders, unused without WEIGHT_GRAD
+    if weight_grad:
+        dy = _launch.empty((n_rows, width), torch.float32, latents.device)
+        # One row of LayerNorm partial sums per program: room for the most programs any config launches.
+        most = triton.cdiv(n_rows, min(c["BLOCK_M"] for c in (*_bwd.configs, _bwd.interpreter_config)))
+        d_lnw, d_lnb = (_launch.empty((most, width), torch.float32, latents.device) for _ in range(2))
+    dx = d_latents if d_latents is not None else latents
+    used = _bwd(lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),), latents.device,
+         latents, conv_weight, class_embedding, pos_embedding, ln_weight, grad_out, dx, dy, d_lnw, d_lnb,
+         scale, eps, n_rows, n_tokens, m["grid_w"], m["K"], width,
+         *latents.stride(), *dx.stride(), *conv_weight.stride(), class_embedding.stride(0),
          *pos_embedding.stride(), ln_weight.stride(0), *grad_out.stride(),
-         P=m["patch"], BLOCK_W=max(16, triton.next_power_of_2(m["width"])), size_hint=n_rows,
-         **_launch.dot_args(conv_weight.dtype))
-    return d_latents
+         P=patch, BLOCK_W=max(16, triton.next_power_of_2(width)), size_hint=n_rows,
+         LATENT_GRAD=bool(latent_grad), WEIGHT_GRAD=weight_grad, **_launch.dot_args(conv_weight.dtype))
+    grads = [d_latents, None, None, None, None, None]
+    if weight_grad:
+        dy = dy.view(batch, n_tokens, width)
+        if needs[1]:
+            gh, gw = h // patch, w // patch
+            x = latents[:, :, :gh * patch, :gw * patch].float() * scale
+            patches = x.reshape(batch, -1, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5).reshape(-1, m["K"])
+            grads[1] = (dy[:, 1:].reshape(-1, width).T @ patches).view(conv_weight.shape).to(conv_weight.dtype)
+        if needs[2]:
+            grads[2] = dy[:, 0].sum(0).to(class_embedding.dtype)
+        if needs[3]:
+            grads[3] = dy.sum(0).to(pos_embedding.dtype)
+        n_programs = triton.cdiv(n_rows, used["BLOCK_M"])  # rows past these hold no partial sums of this launch
+        if needs[4]:
+            grads[4] = d_lnw[:n_programs].sum(0).to(ln_weight.dtype)
+        if needs[5]:
+            grads[5] = d_lnb[:n_programs].sum(0).to(ln_bias.dtype)
+    return grads
 
 
 def _torch_grads(inputs, needs_grad, grad_out, scale, eps):
-    """Gradients of ``(latents, *params)`` where ``needs_grad``, by autograd through the PyTorch path
-    (the weights' always: they are frozen in reward use; the latents' where no kernel config fits)."""
+    """Gradients of ``(latents, *params)`` where ``needs_grad``, by autograd through :func:`patch_embed_torch`
+    (where no kernel config fits the GPU)."""
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs_grad)]
         out = patch_embed_torch(*leaves, scale=scale, eps=eps)

@@ -137,7 +137,10 @@ def _restore_model_registry():
 
 
 _COMPILE_FOR_GPU = """
+import contextlib
+import io
 import json
+import re
 import sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -149,9 +152,12 @@ for name, pointers, floats, constexprs, options in {cases!r}:
     kernel = getattr(module, name)
     signature = {{a: "constexpr" if a in constexprs else "*" + pointers[a] if a in pointers
                  else "fp32" if a in floats else "i32" for a in kernel.arg_names}}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", {arch}, 32), options=options)
-    shared.append(compiled.metadata.shared)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG=1: ptxas -v's report is printed
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", {arch}, 32), options=options)
+    spills = [int(n) for n in re.findall(r"(\\d+) bytes spill stores", log.getvalue())]
+    shared.append(dict(shared=compiled.metadata.shared, spill_stores=spills[0] if spills else None))
 print(json.dumps(shared))
 """
 
@@ -164,13 +170,22 @@ def compile_kernels_for_gpu(module: str, cases: list, arch: int = 90) -> list[in
     num_stages}); other args are i32. The interpreter checks less than the compiler: this catches what only
     the compiler rejects, and what a kernel needs of an architecture's shared memory.
     """
+    return [r["shared"] for r in compile_report_for_gpu(module, cases, arch, spills=False)]
+
+
+def compile_report_for_gpu(module: str, cases: list, arch: int = 90, spills: bool = True) -> list[dict]:
+    """As :func:`compile_kernels_for_gpu`, each kernel's ``{"shared": bytes, "spill_stores": bytes}``; the spill
+    bytes are ptxas's own report (None when ``spills`` is False: a cached kernel has no report, and reading it
+    means compiling again)."""
     import json
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if spills:
+        env.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")
     code = _COMPILE_FOR_GPU.format(module=module, cases=cases, arch=arch)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

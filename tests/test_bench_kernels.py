@@ -30,3 +30,24 @@ def test_bench_kernels_smoke_check_fails_on_a_wrong_kernel(monkeypatch):
         *bench_kernels.split_heads(qkv, heads), causal=causal).flatten(2))
     with pytest.raises(AssertionError, match="attention"):
         bench_kernels.smoke_check()
+
+
+def test_each_case_is_written_as_it_is_measured(tmp_path):
+    """A run killed during its second case keeps the first case's rows on disk, marked incomplete."""
+    import json
+
+    from bench import kernels as bench_kernels
+
+    def first(batch, size, dtype):
+        return [{"kernel": "attention", "impl": "triton", "batch": batch, "L": size, "pass": "fwd", "ms": 0.5}]
+
+    def killed(batch, size, dtype):
+        raise KeyboardInterrupt  # what the step's timeout does
+
+    out = tmp_path / "kernels.json"
+    report = {"device": "test", "complete": False, "rows": []}
+    with pytest.raises(KeyboardInterrupt):
+        bench_kernels.run_cases([(first, 8, 65), (killed, 8, 257)], torch.bfloat16, None, report, out)
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is False and saved["note"] == "1 of 2 cases measured"
+    assert [(r["L"], r["ms"], r["pct_peak"]) for r in saved["rows"]] == [(65, 0.5, "unknown")]

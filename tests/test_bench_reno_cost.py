@@ -325,3 +325,35 @@ def test_a_named_backend_loads_no_model_to_probe_it(monkeypatch):
     assert bench_rewards.choose_latent_backend("graph", REWARDS["latent-b8"], **kw) == ("graph", "backend 'graph' as asked")
     with pytest.raises(ValueError, match="unknown Latent-CLIP backend 'flash'"):  # never a silent eager run
         bench_rewards.choose_latent_backend("flash", REWARDS["latent-b8"], **kw)
+
+
+@needs_no_cuda
+def test_each_configuration_is_written_as_it_finishes(tmp_path, monkeypatch, capsys):
+    """A run killed after its first configuration keeps that row on disk (complete: false); a finished run says
+    complete: true."""
+    real = reno_cost.run_smoke
+
+    def killed_after_one(args, progress, on_row):
+        def save_then_die(rows):
+            on_row(rows)
+            raise KeyboardInterrupt  # what a timeout's signal does to the run
+
+        return real(args, progress, on_row=save_then_die)
+
+    monkeypatch.setattr(reno_cost, "run_smoke", killed_after_one)
+    for name in ("compute_floors", "decoder_floors"):  # counted FLOPs: other tests check them, they take long
+        monkeypatch.setattr(reno_cost, name, lambda *args: {})
+    monkeypatch.setattr(reno_cost, "decode_shares", lambda *args: [])
+    monkeypatch.setattr(reno_cost, "where_latent_clip_wins", lambda: "")
+    argv = ["--gpu", "l4", "--rewards", "latent-b8", "pixel-b32", "--pipelines", "fast", "--iterations", "1",
+            "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        reno_cost.main(argv)
+    saved = json.loads((tmp_path / "cpu-smoke" / "reno_cost.json").read_text())
+    assert saved["complete"] is False and "1 configuration(s) finished" in saved["note"]
+    assert [(r["pipeline"], r["reward"]) for r in saved["results"]] == [("fast", "latent-b8")]
+    assert "losses finite: yes" in saved["results"][0]["smoke"]
+    monkeypatch.setattr(reno_cost, "run_smoke", real)
+    reno_cost.main(argv)
+    saved = json.loads((tmp_path / "cpu-smoke" / "reno_cost.json").read_text())
+    assert saved["complete"] is True and len(saved["results"]) == 2

@@ -187,3 +187,83 @@ def test_kernels_compile_for_gpu():
     ]
     options = dict(num_warps=4, num_stages=2)
     compile_kernels_for_gpu("fastlclip.kernels.flash_attention", [(*case, options) for case in cases], arch=90)
+
+
+def _attention_block_float64(x, w_in, b_in, w_out, b_out, heads, causal):
+    """float64 open_clip attention: packed in_proj, softmax attention, out_proj (no SDPA, no kernel)."""
+    batch, length, width = x.shape
+    q, k, v = split(x @ w_in.T + b_in, heads)
+    return reference(q, k, v, causal).reshape(batch, length, width) @ w_out.T + b_out
+
+
+@pytest.mark.parametrize("length, heads, dtype, causal, fused", [
+    (65, 2, torch.float32, False, True),
+    (257, 1, torch.float16, False, True),  # one head: interpreter time
+    (77, 2, torch.float32, True, True),
+    (65, 2, torch.float32, False, False),  # the PyTorch path (no usable Triton)
+])
+def test_attention_feeds_in_proj_weight_gradients(monkeypatch, length, heads, dtype, causal, fused):
+    """Training: the kernel has no weights, so its q/k/v gradient must reach the packed in_proj's weight and bias
+    (and out_proj's, and the input's) exactly as float64 autograd gives them; batch 3, non-contiguous input."""
+    from fastlclip.model import PackedAttention
+
+    if not fused:
+        monkeypatch.setattr(_launch, "kernels_available", lambda device: False)
+        monkeypatch.setattr(_launch, "_WARNED", set())
+    width = 16 * heads
+    torch.manual_seed(length)
+    module = PackedAttention(width, heads).double()
+    with torch.no_grad():
+        module.in_proj_bias.normal_()
+    module = module.to(DEVICE, dtype)
+    module.attention_fn = attention_packed
+    x64 = torch.randn(length, 3, width, dtype=torch.float64, device=DEVICE).transpose(0, 1)  # (B, L, W), strided
+    x = x64.to(dtype).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = module(x, causal)
+    params = dict(module.named_parameters())
+    p64 = {name: p.detach().double().requires_grad_() for name, p in params.items()}
+    xd = x.detach().double().requires_grad_()
+    want = _attention_block_float64(xd, p64["in_proj_weight"], p64["in_proj_bias"], p64["out_proj.weight"],
+                                    p64["out_proj.bias"], heads, causal)
+    assert_close(out, want, dtype, "out")
+    grad = torch.randn(want.shape, dtype=torch.float64, device=DEVICE)
+    out.backward(grad.to(dtype))
+    want.backward(grad)
+    assert_close(x.grad, xd.grad, dtype, "d_x")
+    for name, p in params.items():
+        assert p.grad is not None and p.grad.dtype == dtype, name
+        assert_close(p.grad, p64[name].grad, dtype, f"d_{name}")
+
+
+def test_interpreter_numpy_problem_is_named():
+    """Triton 3.6's interpreter fails with NumPy >= 2.4: importing the kernels under it warns with the fix."""
+    problem = _launch.interpreter_numpy_problem("3.6.0", "2.4.1")
+    assert "fails with NumPy 2.4.1" in problem and "numpy<2.4" in problem
+    assert _launch.interpreter_numpy_problem("3.6.0", "2.3.5") is None
+    assert _launch.interpreter_numpy_problem("3.8.0", "2.4.6") is None
+
+
+def test_config_pruning_keeps_the_towers_configs_and_drops_what_cannot_fit():
+    """At head dim 64 in bf16 (every shipped tower) no config is pruned on sm_90; fp32 at head dim 128 (kernel
+    tests) drops the largest backward tiles, which Triton 3.8's compiler for sm_90 gave 229,888 (dK/dV, 64x128) and
+    229,376 (dQ, 128x64) bytes of shared memory and 56,384 / 37,488 bytes of spill stores; a kernel with nothing
+    estimated to fit keeps its smallest config (attention has no unfused fallback)."""
+    sm90, sm86 = 227 * 1024, 99 * 1024
+    launchers = {"fwd": attention_module._fwd, "dkdv": attention_module._bwd_dkdv, "dq": attention_module._bwd_dq}
+
+    def args(dtype, dim):
+        return {"HEAD_DIM": dim, "q_ptr": torch.empty(0, dtype=dtype)}
+
+    for name, launcher in launchers.items():
+        assert launcher.fitting(args(torch.bfloat16, 64), sm90) == launcher.configs, name
+    compiled = [("dkdv", dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2), 229888),
+                ("dq", dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2), 229376)]
+    for name, config, shared in compiled:
+        launcher = launchers[name]
+        assert config in launcher.configs and config not in launcher.fitting(args(torch.float32, 128), sm90)
+        est_shared, _ = launcher.estimate(config, args(torch.float32, 128))
+        assert shared <= est_shared <= 1.15 * shared
+    for launcher in launchers.values():
+        assert len(launcher.fitting(args(torch.float32, 128), sm86)) >= 1

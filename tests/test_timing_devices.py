@@ -178,3 +178,20 @@ def test_nvml_monitor_without_pynvml(monkeypatch):
     with NvmlMonitor(1) as nvml:
         pass
     assert nvml.unavailable == "pynvml (nvidia-ml-py) not installed" and nvml.energy_j is None
+
+
+def test_both_sides_of_a_comparison_are_timed_alike():
+    """The pixel baselines skip the per-call NaN check (a host sync) as the Latent-CLIP rows do, and the NVML
+    sampler polls slowly enough not to compete for the GIL with launch-bound loops."""
+    import inspect
+
+    from diffusers import AutoencoderKL
+
+    from bench import rewards as bench_rewards, tiny
+
+    vae = AutoencoderKL(**tiny.VAE)
+    built = {key: bench_rewards.build(bench_rewards.REWARDS[key], vae=vae, device="cpu", dtype=torch.float32, smoke=True)
+             for key in ("latent-b8", "pixel-b32", "taesd-b32")}
+    assert built["latent-b8"].model.check_finite is False
+    assert built["pixel-b32"].check_finite is False and built["taesd-b32"].check_finite is False
+    assert inspect.signature(NvmlMonitor).parameters["interval_s"].default >= 0.05
