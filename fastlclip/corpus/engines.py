@@ -44,7 +44,7 @@ def rank_split(shards: list[str], env=os.environ) -> list[str]:
 
 def run_local(shards: list[str], spec: ScoreSpec, opts: ShardOptions, workers: int, report: Report) -> list[dict]:
     if workers == 1 or len(shards) <= 1:
-        scorer = Scorer(spec)
+        scorer = spec.build()
         records = []
         for shard in shards:
             records.append(process_shard(shard, scorer, opts))
@@ -77,7 +77,7 @@ def _init_worker(spec: ScoreSpec, opts: ShardOptions, workers: int, counter) -> 
         device = f"cuda:{index % torch.cuda.device_count()}"
     elif device in (None, "cpu"):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    _WORKER = (Scorer(spec, device), opts)
+    _WORKER = (spec.build(device), opts)
 
 
 def _work(shard: str) -> dict:
@@ -99,7 +99,7 @@ class ShardScorer:
     """Ray Data actor: builds the scorer once, then scores whole shards, one per batch row."""
 
     def __init__(self, spec: ScoreSpec, opts: ShardOptions):
-        self.scorer = Scorer(spec)
+        self.scorer = spec.build()
         self.opts = opts
 
     def __call__(self, batch: dict) -> dict:

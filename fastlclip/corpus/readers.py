@@ -6,7 +6,9 @@ members sharing a key, the key being the member path up to the first dot of its 
 
 - ``*.pt`` / ``*.pth``: ``torch.save``'d tensors, read with ``torch.load(weights_only=True)``: a member that
   pickles anything but tensors is refused without running it (never a plain unpickle);
-- ``*.npy``: numpy arrays, read with ``allow_pickle=False``.
+- ``*.npy``: numpy arrays, read with ``allow_pickle=False``;
+- images (``jpg``, ``jpeg``, ``png``, ``webp``; when asked for by ``member``): decoded by Pillow to a uint8
+  (3, H, W) RGB tensor (``fastlclip.distill`` VAE-encodes image shards).
 
 Parquet shards hold one latent per row in a tensor column (default ``latent``): Arrow's fixed-shape tensor
 type, (nested) lists of numbers, flat lists (reshaped to the model's latent shape) or ``.npy`` bytes. The
@@ -23,7 +25,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ import torch
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
 DEFAULT_MEMBERS = ("latent.pt", "latent.npy")  # tried in order when no member name is given
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 KEY_COLUMNS = ("key", "__key__")
 
 
@@ -64,8 +67,11 @@ def shard_stem(path: str | os.PathLike) -> str:
     return name
 
 
-def read_shard(path: str | os.PathLike, *, member: str | None = None, column: str = "latent") -> Iterator[Sample]:
-    """Yield the samples of one shard in stored order; raise ``ShardError`` when the shard itself is unreadable."""
+def read_shard(path: str | os.PathLike, *, member: str | Sequence[str] | None = None,
+               column: str = "latent") -> Iterator[Sample]:
+    """Yield the samples of one shard in stored order; raise ``ShardError`` when the shard itself is unreadable.
+
+    ``member``: the tar member to read, or several tried in order (default ``DEFAULT_MEMBERS``)."""
     kind = shard_kind(path)
     if kind == "tar":
         return _read_tar(Path(path), member)
@@ -93,6 +99,8 @@ def decode_member(data: bytes, ext: str) -> torch.Tensor:
         if not isinstance(obj, torch.Tensor):
             raise ValueError(f"{ext} holds a {type(obj).__name__}, not a tensor")
         return obj
+    if ext.rpartition(".")[2].lower() in IMAGE_MEMBERS:
+        return _decode_image(data, ext)
     if ext.endswith(".npy") or ext == "npy":
         try:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
@@ -102,14 +110,25 @@ def decode_member(data: bytes, ext: str) -> torch.Tensor:
     raise ValueError(f"member extension {ext!r} is neither .pt/.pth nor .npy")
 
 
+def _decode_image(data: bytes, ext: str) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            arr = np.asarray(img.convert("RGB"))
+    except Exception as e:  # PIL.UnidentifiedImageError, truncated files
+        raise ValueError(f"unreadable {ext} image: {type(e).__name__}: {e}") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
 def _from_numpy(arr: np.ndarray) -> torch.Tensor:
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"latent has dtype {arr.dtype}, not a number type")
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def _read_tar(path: Path, member: str | None) -> Iterator[Sample]:
-    wanted = (member,) if member else DEFAULT_MEMBERS
+def _read_tar(path: Path, member: str | Sequence[str] | None) -> Iterator[Sample]:
+    wanted = (member,) if isinstance(member, str) else tuple(member) if member else DEFAULT_MEMBERS
     try:
         tf = tarfile.open(path, mode="r|*")
     except (tarfile.TarError, OSError, EOFError) as e:

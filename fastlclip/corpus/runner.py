@@ -21,7 +21,7 @@ class ShardOptions:
     out: str
     batch_size: int = 256
     on_error: str = "skip"  # a bad sample: "skip" (recorded in the manifest) or "raise" (the shard fails)
-    member: str | None = None  # tar member with the latent; None: latent.pt, then latent.npy
+    member: str | tuple[str, ...] | None = None  # tar member(s) with the latent; None: latent.pt, then latent.npy
     column: str = "latent"  # Parquet column with the latent
     run_id: str = ""
 
@@ -83,7 +83,7 @@ def process_shard(shard: str, scorer: Scorer, opts: ShardOptions) -> dict:
                 try:
                     if sample.key in seen:
                         raise BadSample("duplicate key in this shard")
-                    latent = check_sample(sample, scorer.shape)
+                    latent = scorer.check(sample) if hasattr(scorer, "check") else check_sample(sample, scorer.shape)
                 except BadSample as e:
                     if opts.on_error == "raise":
                         raise BadSample(f"sample {sample.key!r}: {e}") from None

@@ -40,6 +40,10 @@ class ScoreSpec:
     dtype: str = "float32"
     backend: str = "eager"
 
+    def build(self, device: str | None = None) -> "Scorer":
+        """The scorer the engines run (another spec type, e.g. ``fastlclip.distill``'s, builds its own)."""
+        return Scorer(self, device)
+
     def identity(self) -> dict:
         """What must match for two runs' outputs to share a folder (not where or how they ran)."""
         pretrained = self.pretrained

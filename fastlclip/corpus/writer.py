@@ -50,6 +50,9 @@ def build_table(keys: Sequence[str], columns: dict[str, list[np.ndarray]], names
             arr = pa.array(np.concatenate(chunks).tolist() if chunks else [], type=pa.string())
         elif name == "safety_flag":
             arr = pa.array(np.concatenate(chunks) if chunks else np.zeros(0, bool), type=pa.bool_())
+        elif chunks and chunks[0].ndim == 2:  # one fixed-size vector per row, in its own dtype (e.g. a flat latent)
+            flat = np.concatenate(chunks)
+            arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
         else:
             arr = pa.array(np.concatenate(chunks) if chunks else np.zeros(0, np.float32), type=pa.float32())
         arrays.append(arr)
