@@ -4,6 +4,7 @@ identity, odd members as bad samples, no writes through links, select's checks, 
 import io
 import json
 import os
+import signal
 import tarfile
 import warnings
 
@@ -118,9 +119,17 @@ def test_inputs_that_are_not_regular_files_or_empty_paths_are_refused(tmp_path, 
     (tmp_path / "fifos").mkdir()
     os.mkfifo(tmp_path / "f.tar")
     os.mkfifo(tmp_path / "fifos" / "g.tar")
-    for shards in ([tmp_path / "f.tar"], [tmp_path / "fifos"]):  # opening a FIFO would hang
-        with pytest.raises(ValueError, match="not regular files"):
-            score(shards, tmp_path / "out", model)
+    def hung(*_):
+        raise TimeoutError("the run hung on a FIFO")
+
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)  # opening a FIFO would hang: fail instead
+    try:
+        for shards in ([tmp_path / "f.tar"], [tmp_path / "fifos"]):
+            with pytest.raises(ValueError, match="not regular files"):
+                score(shards, tmp_path / "out", model)
+    finally:
+        signal.alarm(0)
     with pytest.raises(ValueError, match="non-empty paths"):
         score([tmp_path / "a.tar", ""], tmp_path / "out", model)
     with pytest.raises(ValueError, match="non-empty folder path"):

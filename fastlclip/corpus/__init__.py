@@ -24,7 +24,7 @@ from ..runtime import BACKENDS as _RUNTIME_BACKENDS
 from .engines import ENGINES, rank_split, run_local, run_ray
 from .readers import shard_kind, shard_stem
 from .runner import ON_ERROR, ShardOptions, report as _report_line, run_identity
-from .scoring import DEFAULT_TEMPLATES, ScoreSpec, check_prompts, fingerprint
+from .scoring import DEFAULT_TEMPLATES, Scorer, ScoreSpec, check_prompts, fingerprint
 from .selection import MissingShards, select
 from .writer import check_run_file, read_manifest, record_inputs
 
@@ -243,6 +243,12 @@ def _prepare(inputs, out, *, model, pretrained, prompts, classes, templates, saf
                      backend=backend, weights=fingerprint(model, pretrained))
     opts = ShardOptions(out=str(out), batch_size=batch_size, on_error=on_error, member=member, column=column,
                         run_id=uuid.uuid4().hex[:12])
+    single = engine == "local" and (workers == 1 or len(mine) <= 1)
+    # The model is built before anything is written: a checkpoint or config that does not load is a bad argument,
+    # not a worker or actor dying later. One local process keeps it; other engines' workers build their own.
+    scorer = Scorer(spec, None if single else "cpu") if mine else None
+    if not single:
+        scorer = None  # that was the check: workers and actors build their own
     out.mkdir(parents=True, exist_ok=True)
     check_run_file(out, run_identity(spec, opts))
     record_inputs(out, opts.run_id, shards)
@@ -254,7 +260,10 @@ def _prepare(inputs, out, *, model, pretrained, prompts, classes, templates, saf
             _report_line(record, done[0], len(mine))
 
     def run() -> ScoreReport:
-        engine_run = run_ray if engine == "ray" else run_local
-        return ScoreReport(engine_run(mine, spec, opts, workers, report) if mine else [])
+        if not mine:
+            return ScoreReport([])
+        if single:
+            return ScoreReport(run_local(mine, spec, opts, workers, report, scorer=scorer))
+        return ScoreReport((run_ray if engine == "ray" else run_local)(mine, spec, opts, workers, report))
 
     return run

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -29,16 +30,19 @@ def _fail(line: str, code: int = USAGE_ERROR) -> int:
 
 
 def error_line(e: BaseException, with_type: bool = True) -> str:
-    """The innermost cause of ``e`` (Ray wraps a worker's error in its own), as ``Type: message``."""
-    seen = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        inner = getattr(e, "cause", None) or e.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        e = inner
+    """``e`` in one line, ``Type: message``. Ray wraps a worker's error: its cause (``cause`` / ``__cause__``) when
+    that says more, and from a Ray error's many-line text the last ``SomeError: message`` line (the worker's own)."""
+    seen = {id(e)}
+    inner = getattr(e, "cause", None) or e.__cause__
+    while isinstance(inner, BaseException) and id(inner) not in seen and str(inner).strip():
+        seen.add(id(inner))
+        e, inner = inner, getattr(inner, "cause", None) or inner.__cause__
     msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     lines = [line.strip() for line in msg.splitlines() if line.strip()]
+    if type(e).__module__.startswith("ray.") and len(lines) > 1:
+        raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+        if raised:
+            return raised[-1]
     first = lines[0] if lines else ""
     return f"{type(e).__name__}: {first}" if with_type else first
 
