@@ -340,7 +340,7 @@ def test_cli_argument_errors_exit_2_and_run_failures_exit_1_in_one_line(tmp_path
     code, err = run_cli([*base, "--out", tmp_path / "o3", "--member", "latent.txt"], capsys)
     assert code == 2 and "member must name" in one_line(err)
 
-    def killed(*args):
+    def killed(*args, **kwargs):
         raise BrokenProcessPool("A process in the process pool was terminated abruptly")
 
     monkeypatch.setattr(corpus, "run_local", killed)
@@ -352,7 +352,7 @@ def test_cli_argument_errors_exit_2_and_run_failures_exit_1_in_one_line(tmp_path
     class RayTaskError(Exception):  # as Ray wraps a worker's error: a multi-line message, the cause inside
         cause = ValueError("the checkpoint does not fit the config")
 
-    def ray_fails(*args):
+    def ray_fails(*args, **kwargs):
         raise RayTaskError("ray::MapBatches(ShardScorer)() (pid=1, ip=1)\n  File x, line 1\nValueError: ...")
 
     monkeypatch.setattr(corpus, "run_ray", ray_fails)
