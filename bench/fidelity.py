@@ -86,3 +86,25 @@ def tiny_fidelity(steps: int = 300, samples: int = 8, seed: int = 0) -> dict:
                   "kind of approximation, not taesdxl's; with real weights (SDXL VAE, taesdxl) the comparison must be "
                   "repeated (bench.fidelity.gradient_cosines)",
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .cli import positive_int
+
+    p = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=positive_int, default=300, help="distillation steps (default 300)")
+    p.add_argument("--samples", type=positive_int, default=8, help="held-out latents (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    r = tiny_fidelity(args.steps, args.samples, args.seed)
+    print(f"{r['what']}, median over {r['samples']} latents: untrained {r['cosine_untrained_median']:.3f}, "
+          f"distilled for {r['distill_steps']} steps {r['cosine_distilled_median']:.3f} "
+          f"(min {r['cosine_distilled_min']:.3f}); pixel MSE {r['held_out_pixel_mse']:.4f} against a pixel variance "
+          f"of {r['held_out_pixel_var']:.4f}.\nCaveat: {r['caveat']}.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
