@@ -5,7 +5,8 @@
     keys = fastlclip.corpus.select("scores/", by="clip_cos_0", top_fraction=0.5)
 
 The unit of work is one input shard (``readers``): one Parquet file per shard and one manifest line per
-shard (``writer``); shards whose output exists are skipped, so running the same command again resumes.
+shard (``writer``); shards whose output is complete are skipped, so running the same command again resumes
+(into a folder made with the same settings and weights only).
 Engines: ``engines``. Columns: ``scoring``. Keep-lists: ``selection``. Command line: ``python -m fastlclip.corpus --help``.
 """
 
@@ -174,9 +175,11 @@ def score(inputs, out, *, model, pretrained=None, prompts=None, classes=None, te
     ``"a photo of a {}."``): zero-shot ``prob_<class>`` columns and ``label``. ``safety``: checker margins and
     ``safety_flag``. ``embeddings``: fp16 ``embedding``. ``space``: ``"vae"`` (raw posterior samples, the
     default) or ``"diffusion"``. ``engine``: ``"local"`` or ``"ray"``; ``workers``: processes or actors.
-    ``on_error="skip"`` records a bad sample (shape, NaN, unreadable member) in the manifest and scores the
-    rest of its shard; ``"raise"`` fails the shard instead. A shard that fails is recorded with status
-    ``error``, gets no output (so the next run retries it), and the other shards go on.
+    ``on_error="skip"`` records a bad sample (shape, NaN, overflow in the model's dtype or inside the model, a
+    bad key, an unreadable member) in the manifest and scores the rest of its shard; ``"raise"`` fails the
+    shard instead. A shard that fails (unreadable, or no sample has the member) is recorded with status
+    ``error``, gets no output (so the next run retries it), and the other shards go on. ``out`` may not be,
+    lie inside, or hold an input. Every argument is checked, and the model built, before anything is written.
     ``member``: tar member holding the latent (default ``latent.pt``, then ``latent.npy``); ``column``: the
     Parquet tensor column. ``device`` / ``dtype`` / ``backend``: as ``fastlclip.load``.
     """
