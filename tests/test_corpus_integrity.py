@@ -372,3 +372,17 @@ def test_bench_corpus_checks_json_and_pretrained_before_any_work(tmp_path, capsy
             bench_corpus.main(["--no-ray", "--shards", "1", *argv])
         captured = capsys.readouterr()
         assert e.value.code == 2 and pattern in one_line(captured.err) and "SMOKE" not in captured.out
+
+
+def test_select_names_an_empty_or_damaged_output_instead_of_reading_it(tmp_path, model):
+    for name in ("a", "b"):
+        pt_shard(tmp_path / f"{name}.tar", name, latents(2, 26))
+    out = tmp_path / "out"
+    score([tmp_path / "a.tar", tmp_path / "b.tar"], out, model)
+    (out / "b.parquet").write_bytes(b"")  # a shard's output emptied
+    (out / "stray.parquet").write_bytes(b"PAR1 torn")  # a file no run wrote
+    with pytest.raises(corpus.MissingShards) as e:
+        corpus.select(out, by="clip_cos_0", threshold=-2)
+    assert e.value.missing == {str(tmp_path / "b.tar"): "b.parquet is empty, unreadable or a link",
+                               str(out / "stray.parquet"): "empty, unreadable or a link"}
+    assert corpus.select(out, by="clip_cos_0", threshold=-2, allow_missing=True) == ["a0000", "a0001"]
