@@ -386,3 +386,57 @@ def test_select_names_an_empty_or_damaged_output_instead_of_reading_it(tmp_path,
     assert e.value.missing == {str(tmp_path / "b.tar"): "b.parquet is empty, unreadable or a link",
                                str(out / "stray.parquet"): "empty, unreadable or a link"}
     assert corpus.select(out, by="clip_cos_0", threshold=-2, allow_missing=True) == ["a0000", "a0001"]
+
+
+# -- independent references for the readers and select (mutation testing found these gaps) ----------------
+def test_parquet_reader_keys_batches_and_column_types(tmp_path):
+    from fastlclip.corpus.readers import ShardError, read_shard
+
+    def read(table, name="s.parquet"):
+        pq.write_table(table, tmp_path / name)
+        return list(read_shard(tmp_path / name))
+
+    rows = np.arange(1030 * 3, dtype=np.float32).reshape(1030, 3)
+    got = read(pa.table({"latent": pa.array(rows.tolist(), pa.list_(pa.float32()))}))  # no key column, 2 batches
+    assert [s.key for s in got] == [f"s/{i}" for i in range(1030)]
+    assert all(s.latent.dtype == torch.float32 and s.latent.tolist() == r.tolist() for s, r in zip(got, rows))
+
+    got = read(pa.table({"key": pa.array([7, 8], pa.int64()), "latent": pa.array(rows[:2].tolist(), pa.large_list(pa.float64()))}))
+    assert [(s.key, s.latent.dtype) for s in got] == [("7", torch.float64), ("8", torch.float64)]
+    got = read(pa.table({"key": pa.array([b"a", b"b"], pa.large_binary()),
+                         "latent": pa.array(rows[:2].tolist(), pa.list_(pa.float16(), 3))}))
+    assert [s.key for s in got] == ["a", "b"] and got[0].latent.tolist() == [0, 1, 2]
+    with pytest.raises(ShardError, match="keys must be text"):
+        read(pa.table({"key": pa.array([1.5]), "latent": pa.array(rows[:1].tolist())}))
+    with pytest.raises(ShardError, match="holds string values"):
+        read(pa.table({"latent": pa.array([["1"]], pa.large_list(pa.string()))}))
+
+    npy = [npy_bytes(rows[0]), None, b"garbage", npy_bytes(np.array(["x"]))]
+    got = read(pa.table({"key": ["a", "b", "c", "d"], "latent": pa.array(npy, pa.binary())}))
+    assert got[0].latent.tolist() == rows[0].tolist() and got[0].error is None
+    assert got[1].error == "null latent" and "unreadable npy" in got[2].error and "not a number type" in got[3].error
+    got = read(pa.table({"key": ["a", "b", "c", None], "latent": pa.array([[1.0, 2.0], [1.0, 2.0, 3.0], None, [1.0]])}))
+    assert got[0].latent.tolist() == [1.0, 2.0] and got[1].latent.tolist() == [1.0, 2.0, 3.0]  # ragged
+    assert got[2].error == "null latent" and got[3].error == "row 3: key is null, not text" and got[3].key == "None"
+    got = read(pa.table({"key": ["a", "b"], "latent": pa.array([[1.0, None], [1.0, 2.0]])}))
+    assert torch.isnan(got[0].latent[1]) and got[1].latent.tolist() == [1.0, 2.0]  # a null inside: NaN, a bad sample
+    nulls = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float32(), (1, 3)),
+                                           pa.array([None, None], pa.list_(pa.float32(), 3)))
+    assert [s.error for s in read(pa.table({"key": ["a", "b"], "latent": nulls}))] == ["null latent"] * 2
+
+
+def test_select_scales_by_the_sign_and_breaks_ties_in_order(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"key": list("abcde"), "s": pa.array([0.1, 0.9, 0.5, 0.5, 0.5], pa.float32()),
+                             "n": pa.array([1, 2, 3, 4, 5], pa.int64())}), out / "x.parquet")
+    assert corpus.select(out, by="s", threshold=0.2) == ["b", "c", "d", "e"]
+    assert corpus.select(out, by="-s", threshold=-0.3) == ["a"]
+    assert corpus.select(out, by="-s", threshold=-0.5) == ["a", "c", "d", "e"]
+    assert corpus.select(out, by="s", top_fraction=0.6) == ["b", "c", "d"]  # 3 rows: 0.9 and the first two 0.5s
+    assert corpus.select(out, by="s", top_fraction=0.4) == ["b", "c"]
+    assert corpus.select(out, by="n", threshold=4) == ["d", "e"]
+    for bad in (dict(by="s", top_fraction=0), dict(by="", threshold=0), dict(by="-", threshold=0),
+                dict(by=3, threshold=0), dict(by="s", threshold=float("nan"))):
+        with pytest.raises(ValueError):
+            corpus.select(out, **bad)
