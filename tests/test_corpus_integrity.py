@@ -440,3 +440,52 @@ def test_select_scales_by_the_sign_and_breaks_ties_in_order(tmp_path):
                 dict(by=3, threshold=0), dict(by="s", threshold=float("nan"))):
         with pytest.raises(ValueError):
             corpus.select(out, **bad)
+
+
+def test_tar_reader_directories_gzip_silent_truncation_and_pickled_npy(tmp_path):
+    import gzip
+
+    from fastlclip.corpus.readers import ShardError, read_shard
+
+    x = np.arange(6, dtype=np.float32)
+    with tarfile.open(tmp_path / "d.tar", "w") as tf:  # a directory entry first, then members
+        tf.addfile(_dir_info("d"))
+        for key in ("d/a", "d/b"):
+            info = tarfile.TarInfo(f"{key}.latent.pth")
+            data = pt_bytes(torch.from_numpy(x))
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    got = list(read_shard(tmp_path / "d.tar", member="latent.pth"))
+    assert [s.key for s in got] == ["d/a", "d/b"] and got[1].latent.tolist() == x.tolist()
+
+    (tmp_path / "z.tar.gz").write_bytes(gzip.compress((tmp_path / "d.tar").read_bytes()))
+    assert [s.key for s in read_shard(tmp_path / "z.tar.gz", member="latent.pth")] == ["d/a", "d/b"]
+
+    data = (tmp_path / "d.tar").read_bytes()
+    first = 512 + 512 * -(-len(pt_bytes(torch.from_numpy(x))) // 512)
+    (tmp_path / "cut.tar").write_bytes(data[:512 + first])  # the directory and one whole member, no end marker
+    with pytest.raises(ShardError, match="truncated tar"):
+        list(read_shard(tmp_path / "cut.tar", member="latent.pth"))
+
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    payload = np.empty(1, dtype=object)
+    payload[0] = _Exec(f"open({str(marker)!r}, 'w').write('x')")
+    np.save(buf, payload, allow_pickle=True)
+    write_tar(tmp_path / "p.tar", [("k", {"latent.npy": buf.getvalue()})])
+    (s,) = read_shard(tmp_path / "p.tar")
+    assert s.latent is None and "allow_pickle" in s.error and not marker.exists()
+
+
+def _dir_info(name):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+class _Exec:
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
