@@ -489,3 +489,32 @@ class _Exec:
 
     def __reduce__(self):
         return exec, (self.code,)
+
+
+def test_a_shard_of_only_bad_samples_writes_typed_empty_columns_and_its_settings(tmp_path, model):
+    from fastlclip.corpus import writer
+
+    nan = torch.full((4, 16, 16), float("nan"))
+    write_tar(tmp_path / "a.tar", [("k0", {"latent.pt": pt_bytes(nan)})])
+    old = os.umask(0o022)
+    try:
+        report = score([tmp_path / "a.tar"], tmp_path / "out", model, classes=["cat", "dog"], safety=True,
+                       embeddings=True)
+    finally:
+        os.umask(old)
+    assert report.records[0]["status"] == "ok" and report.rows == 0
+    table = pq.read_table(tmp_path / "out" / "a.parquet")
+    types = {f.name: str(f.type) for f in table.schema}
+    assert types["key"] == "string" and types["clip_cos_0"] == "float" and types["prob_cat"] == "float"
+    assert types["label"] == "string" and types["safety_flag"] == "bool" and types["embedding"].endswith("halffloat>[32]")
+    meta = {k.decode(): json.loads(v) for k, v in table.schema.metadata.items() if k.startswith(b"fastlclip.")}
+    assert meta["fastlclip.settings"] == json.loads((tmp_path / "out" / "run.json").read_text())
+    assert meta["fastlclip.shard"] == str(tmp_path / "a.tar") and meta["fastlclip.bad"][0]["key"] == "k0"
+    for name in ("a.parquet", "manifest.jsonl", "run.json", "inputs.jsonl"):
+        assert os.stat(tmp_path / "out" / name).st_mode & 0o777 == 0o644, name
+    victim = tmp_path / "victim"
+    victim.write_text("")
+    os.symlink(victim, tmp_path / "link.jsonl")
+    with pytest.raises(OSError):
+        writer._append(tmp_path / "link.jsonl", {"a": 1})  # O_NOFOLLOW, even without check_folder first
+    assert victim.read_text() == ""
