@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .inputs import check_prompt
+from .inputs import check_count, check_number, check_prompt
 from .model_configs import sdxl_unet_config, sdxl_vae_config
 from .runtime import runtime_of
 
@@ -166,7 +166,7 @@ class OneStepGenerator(nn.Module):
         """
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
-        torch.manual_seed(seed)
+        torch.manual_seed(check_seed(seed))
         with torch.device(device):
             unet = UNet2DConditionModel.from_config(dict(unet_config or sdxl_unet_config()))
             vae = AutoencoderKL.from_config(dict(vae_config or sdxl_vae_config())) if with_vae else None
@@ -309,9 +309,17 @@ class PhaseTimer(Protocol):
 
 def _check_reward(reward: Any) -> None:
     if not callable(reward) or not isinstance(getattr(reward, "name", None), str) \
-            or not isinstance(getattr(reward, "weighting", None), (int, float)):
+            or not isinstance(getattr(reward, "weighting", None), numbers.Real):
         raise TypeError(f"a reward must be callable as reward(latents, prompt) -> loss and have .name (str) and .weighting "
                         f"(float), got {type(reward).__name__}")
+    check_number(reward.weighting, f"reward {reward.name!r}: weighting", minimum=0)
+
+
+def check_seed(seed: Any) -> int:
+    """A seed ``torch.Generator.manual_seed`` takes: an int in [0, 2**64)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
 
 
 class WeightedReward:
@@ -326,11 +334,10 @@ class WeightedReward:
             raise ValueError("WeightedReward needs at least one reward")
         for r in rewards:
             _check_reward(r)
-        weights = [float(r.weighting) for r in rewards] if weights is None else [float(w) for w in weights]
+        weights = [r.weighting for r in rewards] if weights is None else list(weights)
         if len(weights) != len(rewards):
             raise ValueError(f"got {len(weights)} weights for {len(rewards)} rewards")
-        if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"weights must be finite, got {weights}")
+        weights = [check_number(w, f"weights[{i}]", minimum=0) for i, w in enumerate(weights)]
         self.rewards, self.weights = rewards, weights
         self.name = " + ".join(f"{w:g}*{r.name}" for r, w in zip(rewards, weights))
         self.weighting = 1.0
@@ -485,16 +492,14 @@ def optimize(generator: OneStepGenerator, rewards: Reward | Sequence[Reward], pr
         combined = rewards
     else:
         combined = WeightedReward([rewards] if callable(rewards) else list(rewards))
-    if not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite positive number, got {lr!r}")
-    if not 0 <= momentum < 1 or (nesterov and momentum == 0):
+    check_count(iterations, "iterations")
+    check_number(lr, "lr", positive=True)
+    if not 0 <= check_number(momentum, "momentum") < 1 or (nesterov and momentum == 0):
         raise ValueError(f"momentum must lie in [0, 1) and be > 0 with nesterov=True, got {momentum!r}")
-    if grad_clip is not None and not grad_clip > 0:
-        raise ValueError(f"grad_clip must be positive or None (no clipping), got {grad_clip!r}")
-    if not (isinstance(reg_weight, numbers.Real) and math.isfinite(reg_weight) and reg_weight >= 0):
-        raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight!r}")
+    if grad_clip is not None:
+        check_number(grad_clip, "grad_clip (None: no clipping)", positive=True)
+    check_number(reg_weight, "reg_weight", minimum=0)
+    seed = check_seed(seed)
     if decode and generator.vae is None:
         raise ValueError("decode=True needs a generator with a VAE")
     device = generator.device

@@ -29,7 +29,7 @@ class _CLIPReward:
     name = "clip"
 
     def __init__(self, model: nn.Module, weighting: float):
-        self.weighting = float(weighting)
+        self.weighting = inputs.check_number(weighting, "weighting", minimum=0)
         self.model = model.requires_grad_(False).eval()
         self._text_cache: dict[str, torch.Tensor] = {}
 
@@ -61,7 +61,11 @@ class _CLIPReward:
         """Cosine similarity per sample, (B,), float32 or wider; differentiable w.r.t. ``latents``."""
         txt = self.text_features(inputs.prompt_list(prompts, latents.shape[0])).to(latents.device)
         img = self.image_features(latents)
-        return (img * txt).sum(dim=-1)
+        return self._checked((img * txt).sum(dim=-1), latents, "score")
+
+    def _checked(self, values: torch.Tensor, latents: torch.Tensor, what: str) -> torch.Tensor:
+        """``values`` computed from ``latents``; with ``check_finite`` on, NaN/Inf ones are an error naming the overflow."""
+        return inputs.check_outputs(values, latents, what) if self.check_finite else values
 
     def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str]) -> torch.Tensor:
         return clip_loss(self.score(latents, prompt), self.model.logit_scale)
@@ -87,6 +91,11 @@ class LatentCLIPReward(_CLIPReward):
             model.resize_policy(resize)  # checked now, not at the first call
         self.resize = resize
 
+    @property
+    def check_finite(self) -> bool:
+        """The model's ``check_finite``: NaN/Inf latents, and losses that overflow inside the tower, are errors."""
+        return self.model.check_finite
+
     def _encode_texts(self, texts):
         return self.model.encode_text(texts, normalize=False)
 
@@ -102,7 +111,7 @@ class LatentCLIPReward(_CLIPReward):
             txt = self._text_cache[prompts[0]]
         else:
             txt = self.text_features(prompts)
-        return reward_loss(self.model, latents, self.space, txt, self.resize)
+        return self._checked(reward_loss(self.model, latents, self.space, txt, self.resize), latents, "reward loss")
 
 
 class PixelCLIPReward(_CLIPReward):
