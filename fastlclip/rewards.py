@@ -114,43 +114,74 @@ class LatentCLIPReward(_CLIPReward):
         return self._checked(reward_loss(self.model, latents, self.space, txt, self.resize), latents, "reward loss")
 
 
+def _is_transformers_clip(model: nn.Module) -> bool:
+    """A transformers ``CLIPModel`` (ReNO's CLIP), told from open_clip's by its feature methods."""
+    return callable(getattr(model, "get_image_features", None)) and callable(getattr(model, "get_text_features", None))
+
+
 class PixelCLIPReward(_CLIPReward):
     """The decode-then-CLIP baseline, as ReNO computes it.
 
     diffusion latents -> ``vae.decode(latents / scaling_factor + shift_factor)`` -> [0, 1] -> bicubic
-    resize of the short side and centre crop to the CLIP input size -> normalise -> open_clip
-    ``encode_image``. ``vae`` is any diffusers decoder that decodes to [-1, 1] the way its pipeline calls
-    it: the SDXL ``AutoencoderKL`` (ReNO's, scaling factor 0.13025), or a tiny autoencoder
-    (``diffusers.AutoencoderTiny``, e.g. madebyollin/taesdxl, whose scaling factor 1.0 takes the diffusion
-    latents as they are: diffusers' SDXL pipeline divides by ``vae.config.scaling_factor`` before either
-    decoder, and ``AutoencoderTiny.decode`` maps its [0, 1] output to [-1, 1]). Decoding approximately costs
-    a fraction of the full VAE; the gradient it sends back is approximate too.
+    resize of the short side and centre crop to the CLIP input size -> normalise -> the CLIP image
+    tower. The resize and crop are torchvision's ``Resize(size)`` + ``CenterCrop(size)`` (the long side
+    floored, the crop offset rounded), as ReNO's ``clip_img_transform``. ``vae`` is any diffusers decoder
+    that decodes to [-1, 1] the way its pipeline calls it: the SDXL ``AutoencoderKL`` (ReNO's, scaling
+    factor 0.13025), or a tiny autoencoder (``diffusers.AutoencoderTiny``, e.g. madebyollin/taesdxl, whose
+    scaling factor 1.0 takes the diffusion latents as they are: diffusers' SDXL pipeline divides by
+    ``vae.config.scaling_factor`` before either decoder, and ``AutoencoderTiny.decode`` maps its [0, 1]
+    output to [-1, 1]). Decoding approximately costs a fraction of the full VAE; the gradient it sends
+    back is approximate too.
+
+    ``clip_model``: an open_clip CLIP (its ``preprocess_cfg`` mean/std and image size), or a transformers
+    ``CLIPModel`` as ReNO's ``CLIPLoss`` uses, with its ``processor`` (``CLIPProcessor``: the tokenizer,
+    ``image_mean``, ``image_std``, ``size`` and ``crop_size``) or a ``tokenizer``; the text is tokenised
+    as ReNO does (``padding=True, max_length=77, truncation=True``). ``mean`` / ``std`` override either.
     """
 
     name = "pixel_clip"
 
-    def __init__(self, vae: nn.Module, clip_model: nn.Module, *, tokenizer=None, weighting: float = 1.0,
+    def __init__(self, vae: nn.Module, clip_model: nn.Module, *, tokenizer=None, processor=None, weighting: float = 1.0,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         config = getattr(vae, "config", None)
         if not callable(getattr(vae, "decode", None)) or not isinstance(getattr(config, "scaling_factor", None), (int, float)):
             raise TypeError(f"vae must be a diffusers decoder (AutoencoderKL, AutoencoderTiny, ...) with .decode and "
                             f".config.scaling_factor, got {type(vae).__name__}")
+        self.transformers = _is_transformers_clip(clip_model)
+        if not self.transformers and not hasattr(clip_model, "visual"):
+            raise TypeError(f"clip_model must be an open_clip CLIP or a transformers CLIPModel, got {type(clip_model).__name__}")
         super().__init__(clip_model, weighting)
         self.check_finite = True  # NaN/Inf latents are an error; False skips the check (it synchronises with the device)
         self.vae = vae.requires_grad_(False).eval()
         self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
-        self.tokenizer = tokenizer
-        visual = clip_model.visual
-        size = getattr(visual, "image_size", 224)
-        self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
-        pre = getattr(visual, "preprocess_cfg", {}) or {}
-        self.mean = torch.tensor(mean or pre.get("mean") or _OPENAI_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(std or pre.get("std") or _OPENAI_STD).view(1, 3, 1, 1)
+        images = getattr(processor, "image_processor", processor)
+        if self.transformers:
+            self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
+            if self.tokenizer is None:
+                raise ValueError("a transformers CLIPModel needs its tokenizer: pass processor=CLIPProcessor.from_pretrained"
+                                 "(...) (ReNO's) or tokenizer=")
+            crop = _side(getattr(images, "crop_size", None)) or clip_model.config.vision_config.image_size
+            pre = {"mean": getattr(images, "image_mean", None), "std": getattr(images, "image_std", None),
+                   "resize": _side(getattr(images, "size", None)) or crop}
+        else:
+            self.tokenizer = tokenizer
+            size = getattr(clip_model.visual, "image_size", 224)
+            crop = size[0] if isinstance(size, (tuple, list)) else int(size)
+            pre = {**(getattr(clip_model.visual, "preprocess_cfg", {}) or {}), "resize": crop}
+        self.image_size, self.resize_size = int(crop), int(pre["resize"])
+        if self.resize_size < self.image_size:
+            raise ValueError(f"the resize size {self.resize_size} is below the crop size {self.image_size}")
+        self.mean = torch.tensor(mean or pre.get("mean") or _OPENAI_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std or pre.get("std") or _OPENAI_STD, dtype=torch.float32).view(1, 3, 1, 1)
 
     def _encode_texts(self, texts):
+        device = self.model.logit_scale.device
+        if self.transformers:  # as ReNO's CLIPLoss.get_text_features
+            tokens = self.tokenizer(texts, return_tensors="pt", padding=True, max_length=77, truncation=True)
+            return _features(self.model.get_text_features(**{k: v.to(device) for k, v in tokens.items()}))
         ctx = getattr(self.model, "context_length", 77)
         tokens = self.tokenizer(texts) if self.tokenizer is not None else inputs.tokenize(texts, ctx)
-        return self.model.encode_text(tokens.to(self.model.logit_scale.device))
+        return self.model.encode_text(tokens.to(device))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion latents -> RGB in [0, 1]."""
@@ -160,12 +191,15 @@ class PixelCLIPReward(_CLIPReward):
         return (self.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] RGB -> the CLIP input: torchvision's ``Resize(resize_size, BICUBIC, antialias=True)`` (short
+        side to ``resize_size``, the long side ``int(resize_size * long / short)``, floored), its
+        ``CenterCrop(image_size)`` (offsets ``round((side - image_size) / 2)``), then the mean/std normalisation."""
         h, w = pixels.shape[-2:]
-        s = self.image_size / min(h, w)
-        size = (max(self.image_size, round(h * s)), max(self.image_size, round(w * s)))
+        r, c = self.resize_size, self.image_size
+        size = (r, int(r * w / h)) if h <= w else (int(r * h / w), r)
         x = F.interpolate(pixels.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
-        top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
-        x = x[..., top:top + self.image_size, left:left + self.image_size]
+        top, left = int(round((size[0] - c) / 2.0)), int(round((size[1] - c) / 2.0))
+        x = x[..., top:top + c, left:left + c]
         if self.mean.device != x.device:  # move once: a host-to-device copy per call would sync every step
             with torch.inference_mode(False):  # kept for later calls, which may need them in autograd
                 self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
@@ -182,6 +216,24 @@ class PixelCLIPReward(_CLIPReward):
 
     def _encode_latents(self, latents):
         self.check_latents(latents)
-        x = self.preprocess(self.decode(latents))
-        dtype = self.model.logit_scale.dtype
-        return self.model.encode_image(x.to(dtype))
+        x = self.preprocess(self.decode(latents)).to(self.model.logit_scale.dtype)
+        return _features(self.model.get_image_features(pixel_values=x)) if self.transformers else self.model.encode_image(x)
+
+
+def _side(size) -> int | None:
+    """The square side an image processor's ``size`` / ``crop_size`` names (an int, or a dict with
+    ``shortest_edge`` or equal ``height`` and ``width``); None when it names none."""
+    if isinstance(size, int) or size is None:
+        return size
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)  # transformers 5: a SizeDict
+    if get("shortest_edge") is not None:
+        return int(get("shortest_edge"))
+    if get("height") is not None and get("height") != get("width"):
+        raise ValueError(f"only square CLIP inputs are supported, got a crop of {size}")
+    return None if get("height") is None else int(get("height"))
+
+
+def _features(out) -> torch.Tensor:
+    """A transformers feature method's result: the tensor (transformers 4.x), or the projected
+    ``pooler_output`` of the output object newer versions return."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
