@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastlclip
+from fastlclip.reno import checkpoint_diffusers
 
 from .profiles import Profile
 
@@ -90,7 +91,7 @@ def unet_work(checkpointing: bool, side: int = 64) -> Work:
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(cfg).eval()
     if checkpointing:
-        unet.enable_gradient_checkpointing()
+        checkpoint_diffusers(unet, True)
     pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
     cond = dict(encoder_hidden_states=torch.empty(1, 77, cfg["cross_attention_dim"], device="meta"),
                 added_cond_kwargs={"text_embeds": torch.empty(1, pooled, device="meta"),
@@ -109,7 +110,7 @@ def vae_decode_work(checkpointing: bool, side: int = 64) -> Work:
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(sdxl_vae_config()).eval()
     if checkpointing:
-        vae.enable_gradient_checkpointing()
+        checkpoint_diffusers(vae, True)
     decoder = nn.ModuleList([vae.post_quant_conv, vae.decoder])  # the decode path's weights, not the encoder's
     return _count("VAE decode", decoder, lambda: vae.decode(_meta_input(1, 4, side, side), return_dict=False)[0])
 

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import math
 import numbers
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -242,10 +243,8 @@ class OneStepGenerator(nn.Module):
         return self
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        if enabled:
-            self.unet.enable_gradient_checkpointing()
-        else:
-            self.unet.disable_gradient_checkpointing()
+        """Checkpoint the UNet's resnets and transformer blocks (see :func:`checkpoint_diffusers`)."""
+        checkpoint_diffusers(self.unet, enabled)
 
     def encode_prompt(self, prompt: str) -> PromptConditioning:
         """UNet conditioning for ``prompt``: the SDXL text encoders, or seeded random embeddings without them."""
@@ -361,11 +360,50 @@ class WeightedReward:
         return sum(w * losses[i] for i, w in enumerate(self.weights))  # Python-float weights: no host-to-device copy
 
 
+# What diffusers checkpoints inside its models, by class name (diffusers 0.30 to current).
+_CHECKPOINT_UNITS = frozenset({"ResnetBlock2D", "BasicTransformerBlock", "Attention", "AutoencoderTinyBlock"})
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    forward = type(self).forward.__get__(self)
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def checkpoint_diffusers(model: nn.Module, enabled: bool) -> None:
+    """Gradient checkpointing of a diffusers model (UNet, VAE, tiny autoencoder), done here: each resnet,
+    transformer block, attention and tiny-autoencoder block runs under ``torch.utils.checkpoint``
+    whenever gradients are on, in eval mode too.
+
+    diffusers' own switch (``enable_gradient_checkpointing``) checkpoints only in training mode up to at
+    least 0.30 (ReNO's pin and this package's floor), where ReNO's models run in eval: it would silently
+    do nothing. It is turned off here, so the two never nest. The switch is an instance ``forward`` on
+    each of those modules (the state dict is unchanged); ``enabled=False`` removes it.
+    """
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.disable_gradient_checkpointing()
+    stack = [model]
+    while stack:
+        for child in stack.pop().children():
+            if type(child).__name__ not in _CHECKPOINT_UNITS:
+                stack.append(child)
+            elif enabled:
+                child.forward = types.MethodType(_checkpointed_forward, child)
+            else:
+                child.__dict__.pop("forward", None)
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether :func:`checkpoint_diffusers` has checkpointing on in ``model``."""
+    return any(getattr(m.__dict__.get("forward"), "__func__", None) is _checkpointed_forward for m in model.modules())
+
+
 def set_reward_checkpointing(rewards: Sequence[Reward], enabled: bool) -> list[bool]:
     """Set checkpointing on the rewards' own modules; returns, per reward, whether to checkpoint its whole forward.
 
-    A diffusers model inside a reward (the VAE of a decode-then-CLIP reward) gets its
-    ``enable_gradient_checkpointing``; a CLIP with per-block checkpointing (open_clip's
+    A diffusers model inside a reward (the VAE of a decode-then-CLIP reward) gets
+    :func:`checkpoint_diffusers`; a CLIP with per-block checkpointing (open_clip's
     ``set_grad_checkpointing``) gets that. A reward with no such CLIP runs its whole forward under
     ``torch.utils.checkpoint`` instead, unless its model runs as a CUDA graph or compiled step (the
     ``graph`` / ``compile`` backends): such a step keeps only its own static memory, and recomputing it
@@ -379,8 +417,8 @@ def set_reward_checkpointing(rewards: Sequence[Reward], enabled: bool) -> list[b
             modules = [m for m in getattr(reward, "__dict__", {}).values() if isinstance(m, nn.Module)]
         per_block = False
         for m in modules:
-            if hasattr(m, "enable_gradient_checkpointing"):
-                m.enable_gradient_checkpointing() if enabled else m.disable_gradient_checkpointing()
+            if hasattr(m, "enable_gradient_checkpointing"):  # a diffusers model
+                checkpoint_diffusers(m, enabled)
             if hasattr(m, "set_grad_checkpointing"):
                 m.set_grad_checkpointing(enabled)
                 per_block = True
