@@ -336,7 +336,8 @@ class WeightedReward:
         weights = [r.weighting for r in rewards] if weights is None else list(weights)
         if len(weights) != len(rewards):
             raise ValueError(f"got {len(weights)} weights for {len(rewards)} rewards")
-        weights = [check_number(w, f"weights[{i}]", minimum=0) for i, w in enumerate(weights)]
+        # Explicit weights may be negative (a difference of rewards); a reward's own .weighting may not.
+        weights = [check_number(w, f"weights[{i}]") for i, w in enumerate(weights)]
         self.rewards, self.weights = rewards, weights
         self.name = " + ".join(f"{w:g}*{r.name}" for r, w in zip(rewards, weights))
         self.weighting = 1.0
