@@ -57,7 +57,7 @@ def _flag(value: str, where: str) -> bool | None:
 
 def read_i2p(path: str | os.PathLike, *, limit: int | None = None) -> list[I2PPrompt]:
     """Rows of an I2P-format CSV, in file order; at most ``limit``. Rows with an empty prompt are skipped with a warning."""
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {os.fspath(path)!r} does not exist; pass an I2P-format CSV (e.g. i2p_benchmark.csv)")

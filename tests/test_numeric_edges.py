@@ -286,3 +286,10 @@ def test_i2p_nul_bytes(tmp_path):
     path.write_bytes(b"prompt\na cat\na d\x00og\n")
     with pytest.raises(ValueError, match="line 3: a NUL byte"):
         read_i2p(path)
+
+
+def test_i2p_limit_is_not_a_bool(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt\na cat\n")
+    with pytest.raises(ValueError, match="limit must be a positive integer"):
+        read_i2p(path, limit=True)
