@@ -112,9 +112,9 @@ class LatentViT(nn.Module):
         :func:`fastlclip.grids.resize_pos_embed` of it, cached per (grid, dtype, device). A cache entry
         is stamped with the parameter's storage and version counter and keeps a copy of the table it was
         resampled from, so it is recomputed after the weights change: an optimizer step,
-        ``load_state_dict``, ``.to(...)``, and writes through ``.data`` too, which bypass the version
-        counter (the copy is compared with the table on every hit: one small read from the device). Nothing is cached while the
-        table needs a gradient (the parameter requires grad and grad mode is on: the table's autograd
+        ``load_state_dict``, ``.to(...)``, and writes through ``.data``, which bypass the version counter
+        (the copy is compared with the table on every hit: one small read from the device). Nothing is
+        cached while the table needs a gradient (the parameter requires grad and grad mode is on: the table's autograd
         graph must be fresh per call), while ``torch.compile`` traces, or while a CUDA graph captures (the
         graph then recomputes the table on every replay and sees in-place weight updates).
         """
