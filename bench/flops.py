@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastlclip
+from fastlclip.reno import checkpoint_diffusers
 
 from .profiles import Profile
 
@@ -90,7 +91,7 @@ def unet_work(checkpointing: bool, side: int = 64) -> Work:
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(cfg).eval()
     if checkpointing:
-        unet.enable_gradient_checkpointing()
+        checkpoint_diffusers(unet, True)
     pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
     cond = dict(encoder_hidden_states=torch.empty(1, 77, cfg["cross_attention_dim"], device="meta"),
                 added_cond_kwargs={"text_embeds": torch.empty(1, pooled, device="meta"),
@@ -116,7 +117,7 @@ def vae_decode_work(checkpointing: bool, side: int = 64, vae: str = "sdxl") -> W
     with torch.device("meta"):
         vae_module = AutoencoderKL.from_config(cfg).eval()
     if checkpointing:
-        vae_module.enable_gradient_checkpointing()
+        checkpoint_diffusers(vae_module, True)
     # the decode path's weights, not the encoder's
     decoder = nn.ModuleList([m for m in (vae_module.post_quant_conv, vae_module.decoder) if m is not None])
     z = _meta_input(1, cfg["latent_channels"], side, side)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from fastlclip import reno, runtime
 
 from . import flops, rewards as bench_rewards, sdxl_text, tiny
-from .cli import Parser, existing_file, non_negative_int, positive_int, writable_dir
+from .cli import Parser, diffusers_folder, non_negative_int, positive_int, safetensors_file, text, writable_dir
 from .profiles import PROFILES_DIR, Profile, Selection, load_profiles, results_folder, select
 from .provenance import run_record
 from .reno_pipelines import (DEFAULT_PRESETS, PIPELINES, RESOLUTIONS, optimizer_text, preset_for, resize_for,
@@ -62,12 +62,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="python -m bench.reno_cost", description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", default="auto", choices=["auto", *sorted(load_profiles())],
                    help="GPU profile for prices and floors; auto detects it from the device name")
-    p.add_argument("--weights", type=Path, help="local diffusers SDXL folder: SDXL-Turbo at 512, SDXL base with "
+    p.add_argument("--weights", type=diffusers_folder, help="local diffusers SDXL folder: SDXL-Turbo at 512, SDXL base with "
                    "--unet-weights at 1024 (default: random weights from the shipped configs)")
     p.add_argument("--resolution", type=int, default=512, choices=RESOLUTIONS,
                    help=f"image side in px; the one-step generator per resolution: {DEFAULT_PRESETS}")
     p.add_argument("--preset", choices=sorted(reno.ONE_STEP_PRESETS), help="one-step sampling (default: per --resolution)")
-    p.add_argument("--unet-weights", type=existing_file, help="a one-step UNet's .safetensors loaded into --weights' unet/")
+    p.add_argument("--unet-weights", type=safetensors_file, help="a one-step UNet's .safetensors loaded into --weights' unet/")
     p.add_argument("--resize", default="interpolate", choices=["interpolate", "pool"],
                    help="Latent-CLIP's policy for latents larger than it was trained on (1024 px)")
     p.add_argument("--iterations", type=positive_int, help="ReNO iterations per image (default 50; 2 in the CPU smoke test)")
@@ -78,7 +78,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--latent-backend", default="auto", choices=["auto", *runtime.BACKENDS],
                    help="fastlclip backend for the fast pipeline: auto (fastest that runs, measured) or a name")
     p.add_argument("--compile-unet", action="store_true", help="fast pipeline: run the UNet through torch.compile (CUDA)")
-    p.add_argument("--prompt", default="A red dog and a green cat", help="prompt optimised for (ReNO's default)")
+    p.add_argument("--prompt", type=text, default="A red dog and a green cat", help="prompt optimised for (ReNO's default)")
     p.add_argument("--out", type=Path, default=PROFILES_DIR / "results", help="results root; files go to <out>/<gpu>/")
     args = p.parse_args(argv)
     if why := writable_dir(args.out):
