@@ -1,9 +1,9 @@
 """Command-line checks shared by the bench CLIs: every argument is checked before any work starts.
 
 A command-line error is one line on stderr (``prog: error: message``) and exit status 2, no usage block
-and no traceback: ``Parser`` is ``argparse.ArgumentParser`` with that ``error``. The ``type=`` helpers
-reject bad values while parsing; ``writable_dir`` / ``writable_file`` check an output location up front,
-so a run that would fail to save its results fails at once instead of after the whole run.
+and no traceback: ``Parser`` (from ``fastlclip.cli``) is ``argparse.ArgumentParser`` with that ``error``.
+The ``type=`` helpers reject bad values while parsing; ``writable_dir`` / ``writable_file`` check an output
+location up front, so a run that would fail to save its results fails at once instead of after the whole run.
 """
 
 from __future__ import annotations
@@ -12,18 +12,11 @@ import argparse
 import contextlib
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-
-class Parser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors are one line on stderr and exit status 2."""
-
-    def error(self, message: str):  # noqa: D102 - argparse's hook
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
+from fastlclip.cli import Parser, int_at_least
 
 
 @contextlib.contextmanager
@@ -38,22 +31,8 @@ def argument_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
         parser.error(" ".join(str(message).split()) or type(e).__name__)
 
 
-def _int_at_least(text: str, low: int, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "a positive integer")
-
-
-def non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0, "an integer >= 0")
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
 
 
 def finite_float(text: str) -> float:
@@ -75,7 +54,7 @@ def non_negative_float(text: str) -> float:
 
 def seed(text: str) -> int:
     """A random seed ``torch.Generator.manual_seed`` takes: an integer in [0, 2**64)."""
-    value = _int_at_least(text, 0, "an integer >= 0")
+    value = non_negative_int(text)
     if value >= 2**64:
         raise argparse.ArgumentTypeError(f"must be below 2**64, got {text}")
     return value

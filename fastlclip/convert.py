@@ -6,7 +6,6 @@ stores the config as metadata (a registered name, or the JSON config itself) so 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import checkpoint as ckpt
+from .cli import Parser
 from .factory import config_fits, configs_fitting, infer_config_name
 from .model_configs import get_model_config, list_models, read_config_file
 
@@ -61,13 +61,8 @@ def convert(src: str, dst: str, model: str | Mapping[str, Any] | None = None, *,
     return spec if isinstance(spec, str) else "embedded JSON config"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m fastlclip.convert", description=__doc__.split("\n\n")[1])
+    p = Parser(prog="python -m fastlclip.convert", description=__doc__.split("\n\n")[1])
     p.add_argument("src", help="official checkpoint (.pt), .safetensors, folder or hf-hub:<repo>[/<file>]")
     p.add_argument("dst", help="output .safetensors path (its folder must exist)")
     p.add_argument("--model", help="registered config name or a JSON config file (default: from the checkpoint's shapes)")

@@ -14,19 +14,10 @@ import re
 import sys
 from pathlib import Path
 
+from ..cli import Parser, fail
 from .engines import ENGINES
 
-USAGE_ERROR, SHARD_FAILED = 2, 1
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise SystemExit(_fail(f"{self.prog}: error: {message}"))
-
-
-def _fail(line: str, code: int = USAGE_ERROR) -> int:
-    print(" | ".join(part for part in line.splitlines() if part.strip()), file=sys.stderr, flush=True)
-    return code
+SHARD_FAILED = 1
 
 
 def error_line(e: BaseException, with_type: bool = True) -> str:
@@ -48,8 +39,8 @@ def error_line(e: BaseException, with_type: bool = True) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fastlclip.corpus", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog="python -m fastlclip.corpus", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     s = sub.add_parser("score", help="score shards into one Parquet file per shard (resumable)")
     s.add_argument("shards", nargs="+", metavar="SHARD", help="WebDataset .tar or .parquet shards, or folders of them")
     s.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
@@ -105,13 +96,13 @@ def _select(args) -> int:
         keys = select(args.folder, by=args.by, threshold=args.threshold, top_fraction=args.top_fraction,
                       allow_missing=args.allow_missing)
     except MissingShards as e:
-        return _fail(f"{prog}: {e}", SHARD_FAILED)
+        return fail(f"{prog}: {e}", SHARD_FAILED)
     except (ValueError, OSError) as e:
-        return _fail(f"{prog}: {e}")
+        return fail(f"{prog}: {e}")
     try:
         Path(args.out).write_text("".join(f"{k}\n" for k in keys))
     except OSError as e:
-        return _fail(f"{prog}: cannot write {args.out}: {e}", SHARD_FAILED)
+        return fail(f"{prog}: cannot write {args.out}: {e}", SHARD_FAILED)
     print(f"[fastlclip.corpus] {len(keys)} keys -> {args.out}", file=sys.stderr)
     return 0
 
@@ -131,12 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = _prepare(args.shards, args.out, **kwargs)
     except Exception as e:  # every argument check: one line, exit 2
-        return _fail(f"{prog}: {error_line(e, with_type=False)}")
+        return fail(f"{prog}: {error_line(e, with_type=False)}")
     try:
         report = run()
     except Exception as e:  # the run itself failed (a worker killed, Ray): finished shards are kept
-        return _fail(f"{prog}: the run failed ({error_line(e)}); finished shards are kept: rerun the same command "
-                     "to resume", SHARD_FAILED)
+        return fail(f"{prog}: the run failed ({error_line(e)}); finished shards are kept: rerun the same command "
+                    "to resume", SHARD_FAILED)
     failed = report.failed
     print(f"[fastlclip.corpus] {len(report.ok)} shards scored ({report.rows} rows, {len(report.bad_samples)} bad "
           f"samples skipped), {len(report.skipped)} already done, {len(failed)} failed; manifest: "

@@ -13,29 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-USAGE_ERROR = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise SystemExit(_fail(f"{self.prog}: error: {message}"))
-
-
-def _fail(line: str) -> int:
-    print(line, file=sys.stderr, flush=True)
-    return USAGE_ERROR
-
-
-def _int(min_value: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < min_value:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {min_value}")
-        return value
-    return parse
+from ..cli import Parser, fail, int_at_least
 
 
 def _float(text: str) -> float:
@@ -52,18 +30,19 @@ def _teacher_args(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fastlclip.distill", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog="python -m fastlclip.distill", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     t = sub.add_parser("targets", help="decode latents and embed them with the teacher (resumable)")
     t.add_argument("shards", nargs="+", metavar="SHARD", help="WebDataset .tar or .parquet shards, or folders of them")
     t.add_argument("--out", required=True, help="targets folder (rerun the same command to resume)")
     t.add_argument("--vae", required=True, help="registered VAE (fastlclip.list_vaes()) or a diffusers folder")
     _teacher_args(t)
     t.add_argument("--space", choices=("vae", "diffusion"), default="vae", help="the shards' latents (default: vae)")
-    t.add_argument("--image-size", type=_int(8), help="image shards: crop side in px (default: the first image's)")
-    t.add_argument("--batch-size", type=_int(1), default=64)
+    t.add_argument("--image-size", type=int_at_least(8),
+                   help="image shards: crop side in px (default: the first image's)")
+    t.add_argument("--batch-size", type=int_at_least(1), default=64)
     t.add_argument("--engine", choices=("local", "ray"), default="local")
-    t.add_argument("--workers", type=_int(1), default=1, help="processes (local) or actors (ray)")
+    t.add_argument("--workers", type=int_at_least(1), default=1, help="processes (local) or actors (ray)")
     t.add_argument("--device", help="default: cuda if available (LOCAL_RANK's GPU under torchrun), else cpu")
     t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
 
@@ -72,20 +51,20 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl, final.safetensors")
     r.add_argument("--student", required=True, metavar="CONFIG", help="registered fastlclip config name or JSON file")
     _teacher_args(r)
-    r.add_argument("--steps", type=_int(1), required=True)
-    r.add_argument("--batch-size", type=_int(1), required=True, help="the global batch")
+    r.add_argument("--steps", type=int_at_least(1), required=True)
+    r.add_argument("--batch-size", type=int_at_least(1), required=True, help="the global batch")
     r.add_argument("--lr", type=_float, required=True)
-    r.add_argument("--warmup-steps", type=_int(0), required=True)
-    r.add_argument("--save-every", type=_int(1), required=True)
-    r.add_argument("--seed", type=_int(0), required=True)
+    r.add_argument("--warmup-steps", type=int_at_least(0), required=True)
+    r.add_argument("--save-every", type=int_at_least(1), required=True)
+    r.add_argument("--seed", type=int_at_least(0), required=True)
     r.add_argument("--init", choices=("scratch", "teacher"), default="scratch")
     r.add_argument("--noise-aware", action="store_true")
-    r.add_argument("--patch-steps", type=_int(0), help="--init teacher: steps training the patch embedding alone "
-                                                        "(default: steps / 5)")
-    r.add_argument("--eval-every", type=_int(1))
+    r.add_argument("--patch-steps", type=int_at_least(0),
+                   help="--init teacher: steps training the patch embedding alone (default: steps / 5)")
+    r.add_argument("--eval-every", type=int_at_least(1))
     r.add_argument("--holdout", type=_float, default=0.05, help="fraction of keys held out (default 0.05)")
     r.add_argument("--weight-decay", type=_float, default=0.0)
-    r.add_argument("--log-every", type=_int(1), default=10)
+    r.add_argument("--log-every", type=int_at_least(1), default=10)
     r.add_argument("--backend", choices=("eager", "triton"), default="eager")
     r.add_argument("--device", help="default: cuda (LOCAL_RANK's GPU) if available, else cpu")
 
@@ -155,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.holdout is not None and not 0 <= args.holdout < 1:
                 raise ValueError(f"--holdout must be a fraction in [0, 1), got {args.holdout}")
     except (ValueError, FileNotFoundError, OSError) as e:
-        return _fail(f"{prog}: error: {e}")
+        return fail(f"{prog}: error: {e}")
 
     teacher = dict(teacher=getattr(args, "teacher", None), teacher_pretrained=getattr(args, "teacher_pretrained", None),
                    teacher_config=getattr(args, "teacher_config", None))
@@ -180,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                                   device=args.device), indent=2))
         return 0
     except ValueError as e:  # settings that only the data can refute (shapes, VAE, embed_dim)
-        return _fail(f"{prog}: error: {e}")
+        return fail(f"{prog}: error: {e}")
 
 
 if __name__ == "__main__":

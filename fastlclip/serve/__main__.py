@@ -14,25 +14,9 @@ import signal
 import sys
 from pathlib import Path
 
+from ..cli import Parser, int_at_least, positive_float
+
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D102 - argparse's hook: one line, exit 2
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0 or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-        return value
-    return parse
 
 
 def _non_negative_float(text: str) -> float:
@@ -54,7 +38,7 @@ def _port(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     from ..runtime import BACKENDS
 
-    p = _Parser(prog="python -m fastlclip.serve", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m fastlclip.serve", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="registered config name (fastlclip.list_models()) or a JSON config")
     p.add_argument("--pretrained", required=True, help="checkpoint: .pt, .safetensors, a folder, or hf-hub:<repo>")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --token-file)")
@@ -62,11 +46,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="see fastlclip.runtime (auto: eager on CPU)")
-    p.add_argument("--max-batch-size", type=_positive(int), default=32, help="latents per forward")
+    p.add_argument("--max-batch-size", type=int_at_least(1), default=32, help="latents per forward")
     p.add_argument("--max-wait-ms", type=_non_negative_float, default=10.0, help="longest a batch waits to fill")
-    p.add_argument("--max-body-mb", type=_positive(float), default=64.0, help="larger bodies get 413")
-    p.add_argument("--max-queue", type=_positive(int), default=4096, help="latents waiting; beyond, 503 + Retry-After")
-    p.add_argument("--text-cache-size", type=_positive(int), default=4096, help="prompts whose text features are kept")
+    p.add_argument("--max-body-mb", type=positive_float, default=64.0, help="larger bodies get 413")
+    p.add_argument("--max-queue", type=int_at_least(1), default=4096, help="latents waiting; beyond, 503 + Retry-After")
+    p.add_argument("--text-cache-size", type=int_at_least(1), default=4096, help="prompts whose text features are kept")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send")
     p.add_argument("--resize", choices=("none", "interpolate", "pool"), default="none",
                    help="policy for latent grids other than the trained one (fastlclip.grids)")
