@@ -13,7 +13,6 @@ test of the pipeline: it says so, and its figures are not throughput results.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -29,6 +28,7 @@ from bench import tiny
 from bench.cli import Parser, positive_int, writable_file
 from bench.profiles import PROFILES_DIR, results_folder
 from bench.provenance import run_record
+from bench.report import write_json
 
 
 def parse_args(argv):
@@ -189,8 +189,7 @@ def _main(a, argv, cuda, device_name, model, dtype, size, per_shard, batch) -> i
               "rows": rows, "ray_vs_local": overhead, "ray_note": ray_note}
     out = a.json or (PROFILES_DIR / "results" / results_folder(None, device_name) / "corpus.json" if cuda else None)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out, report)
         print(f"results: {out}")
     else:
         print("(CPU smoke run: no results file written; pass --json PATH to keep one)")
