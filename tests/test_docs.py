@@ -33,6 +33,7 @@ import runpy
 import shlex
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -274,7 +275,8 @@ def check_python_m(module: str, args: list[str], capsys) -> str | None:
         missing = [a for a in args if not a.startswith("-") and not (ROOT / a.split("::")[0]).exists()]
         return f"pytest paths that do not exist: {missing}" if missing else None
     argv = sys.argv
-    sys.argv = [module, *args]
+    placeholders = tempfile.TemporaryDirectory()
+    sys.argv = [module, *(_placeholder(a, Path(placeholders.name)) for a in args)]
     try:
         with _stop_after_parsing():
             runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -286,7 +288,17 @@ def check_python_m(module: str, args: list[str], capsys) -> str | None:
         return f"{type(e).__name__}: {e}"
     finally:
         sys.argv = argv
+        placeholders.cleanup()
     return "it ran to the end without parsing arguments with argparse; add a check for it to tests/test_docs.py"
+
+
+def _placeholder(arg: str, folder: Path) -> str:
+    """A user's file that a documented command names (``A.parquet``, ``epoch_34.pt``) as an empty file of that
+    name, so an argument type that checks the file exists parses; what is in it is the command's own later check."""
+    if re.fullmatch(r"[\w.-]+\.(parquet|pt|safetensors|csv|tar|json|txt)", arg) and not (ROOT / arg).exists():
+        (folder / arg).touch()
+        return str(folder / arg)
+    return arg
 
 
 def _extras() -> set[str]:
