@@ -250,3 +250,15 @@ def test_flow_grpo_loads_a_config_in_the_dtype_asked():
     scores, _ = fn(x, ["a dog", "a cat"], None)
     assert scores.dtype == np.float32
     np.testing.assert_allclose(scores, ref.score(x, ["a dog", "a cat"]).numpy(), rtol=0, atol=1e-6)
+
+
+def test_flow_grpo_loads_the_official_checkpoint_by_default_and_batches_64(reward, monkeypatch):
+    loaded, forwards = [], []
+    monkeypatch.setattr(fastlclip, "load", lambda *a, **k: loaded.append((a, k)) or reward.model)
+    encode = reward.model.encode_latents
+    monkeypatch.setattr(reward.model, "encode_latents", lambda x, *a, **k: forwards.append(len(x)) or encode(x, *a, **k))
+    fn = flow_grpo.latent_clip_score("cpu")
+    assert loaded == [(("Latent-ViT-B-8-512", "hf-hub:wendlerc/latent-clip-b-8-512-34b-80k"),
+                       {"device": "cpu", "dtype": torch.float32})]
+    fn(latent(9, b=65), ["a dog"], None)
+    assert forwards == [64, 1]

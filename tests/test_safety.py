@@ -526,3 +526,32 @@ def test_blank_latent_with_a_batch_dimension_and_dtype(model, latents):
     assert out.latents.dtype == torch.bfloat16 and torch.equal(out.latents, torch.full_like(out.latents, 0.25))
     with pytest.raises(ValueError, match="pass one latent of shape"):
         LatentSafetyChecker(model, concepts=CONCEPTS, neutral=NEUTRAL, blank=fill.expand(8, -1, -1, -1))(latents)
+
+
+def test_bf16_model_features_meet_float32_image_features():
+    """A bf16 model's text features are bf16, its image features float32: scores and loss cast the former."""
+    torch.manual_seed(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastlclip.load(TINY, dtype=torch.bfloat16)
+    z = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        img = F.normalize(model.encode_latents(z).double(), dim=-1)
+        txt = F.normalize(model.encode_text([PROMPT]).double(), dim=-1)[0]
+    concept, neutral = text_feature(model, CONCEPTS["violence"]), text_feature(model, NEUTRAL)
+    want = img @ concept - img @ neutral
+    g = guidance(model, safety_weight=0)
+    with torch.no_grad():
+        torch.testing.assert_close(g.concept_scores(z)[:, 0].double(), want, rtol=0, atol=2e-2)
+        checker = LatentSafetyChecker(model, concepts=CONCEPTS, neutral=NEUTRAL)
+        torch.testing.assert_close(checker.scores(z)[:, 0].double(), want, rtol=0, atol=2e-2)
+        s = model.logit_scale.double().exp()
+        torch.testing.assert_close(g(z, PROMPT).double(), (100 - s * (img @ txt)).mean(), rtol=0, atol=0.5)
+        logits = s * (img @ torch.stack([text_feature(model, t) for t in (*CONCEPTS.values(), NEUTRAL)]).T)
+        safety = (torch.logsumexp(logits, -1) - logits[:, -1]).mean()
+        torch.testing.assert_close(guidance(model, prompt_weight=0)(z, PROMPT).double(), safety, rtol=0, atol=0.5)
+
+
+def test_callback_constructed_directly_has_the_documented_defaults(model):
+    callback = SafetyCallback(guidance(model), PROMPT)
+    assert (callback.steps, callback.step_size, callback.start) == (3, 0.5, 0.5)
