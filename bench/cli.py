@@ -9,11 +9,13 @@ so a run that would fail to save its results fails at once instead of after the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,6 +24,18 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D102 - argparse's hook
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
+
+
+@contextlib.contextmanager
+def argument_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """Read the inputs that arguments name (prompt files, checkpoints, latent files) inside this block,
+    before any work: the errors bad inputs raise (ValueError, TypeError, OSError, KeyError and their
+    subclasses, ``CheckpointError`` among them) end the run as bad arguments do, one line and exit 2."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        parser.error(" ".join(str(message).split()) or type(e).__name__)
 
 
 def _int_at_least(text: str, low: int, what: str) -> int:
@@ -59,10 +73,48 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def seed(text: str) -> int:
+    """A random seed ``torch.Generator.manual_seed`` takes: an integer in [0, 2**64)."""
+    value = _int_at_least(text, 0, "an integer >= 0")
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"must be below 2**64, got {text}")
+    return value
+
+
+def text(value: str) -> str:
+    """A non-empty string (a prompt, a name): an empty or blank one is a mistake."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"must be non-empty text, got {value!r}")
+    return value
+
+
+def diffusers_folder(text: str) -> Path:
+    """A local diffusers pipeline folder (one with ``model_index.json``)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {text} (pass a local diffusers pipeline folder)")
+    if not (path / "model_index.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a diffusers pipeline folder (no model_index.json)")
+    return path
+
+
+def safetensors_file(text: str) -> Path:
+    """An existing, readable ``.safetensors`` file (its header is parsed; the tensors are not read)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = existing_file(text)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise argparse.ArgumentTypeError(f"{text} is not a readable .safetensors file ({' '.join(str(e).split())})") from None
+    return path
+
+
 def existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text}")
+        raise argparse.ArgumentTypeError(f"no such file: {text}" if not path.exists() else f"{text} is not a regular file")
     return path
 
 

@@ -13,7 +13,6 @@ test of the pipeline: it says so, and its figures are not throughput results.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,28 +26,41 @@ import numpy as np
 import torch
 
 from bench import tiny
+from bench.cli import Parser, positive_int, writable_file
 from bench.profiles import PROFILES_DIR, results_folder
 from bench.provenance import run_record
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.corpus", description=__doc__.splitlines()[0])
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="largest worker count")
-    p.add_argument("--shards", type=int, default=8)
-    p.add_argument("--per-shard", type=int, default=None, help="latents per shard (default: 64 CPU, 2048 CUDA)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 32 CPU, 256 CUDA")
+    p = Parser(prog="python -m bench.corpus", description=__doc__.splitlines()[0])
+    p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), help="largest worker count")
+    p.add_argument("--shards", type=positive_int, default=8)
+    p.add_argument("--per-shard", type=positive_int, default=None, help="latents per shard (default: 64 CPU, 2048 CUDA)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default: 32 CPU, 256 CUDA")
     p.add_argument("--format", choices=("npy", "pt"), default="npy", help="latent member type")
     p.add_argument("--model", default="Latent-ViT-B-8-512", help="config on CUDA (CPU: bench.tiny's)")
-    p.add_argument("--pretrained", help="checkpoint (default: random weights)")
+    p.add_argument("--pretrained", help="checkpoint on CUDA (default: random weights; the CPU run's tiny model has none)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray engine")
     p.add_argument("--json", type=Path, help="results file (default on CUDA: profiles/results/<gpu>/corpus.json)")
     a = p.parse_args(argv)
-    for name in ("workers", "shards", "per_shard", "batch_size"):
-        v = getattr(a, name)
-        if v is not None and v < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if a.json is not None:
+        why = "--json must be a file path, got ''" if not str(a.json).strip() or str(a.json) == "." else writable_file(a.json)
+        if why:
+            p.error(f"--json: {why}")
+    if a.pretrained is not None:
+        if not a.pretrained.startswith("hf-hub:") and not (os.path.isfile(a.pretrained) or os.path.isdir(a.pretrained)):
+            p.error(f"--pretrained: checkpoint not found (or not a file or folder): {a.pretrained!r}")
+        if not torch.cuda.is_available():
+            p.error("--pretrained needs CUDA: the CPU smoke run scores with bench.tiny's random-weight config")
+    if torch.cuda.is_available():
+        from fastlclip import get_model_config
+
+        try:
+            get_model_config(a.model)
+        except (KeyError, ValueError, OSError) as e:
+            p.error(f"--model: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
     return a
 
 
@@ -117,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # tiny ops: more threads only add contention (workers get cpu_count // workers)
     try:
         return _main(a, argv, cuda, device_name, model, dtype, size, per_shard, batch)
+    except (RuntimeError, ValueError, OSError, ImportError) as e:  # a failed run: one line, not a traceback
+        print(f"python -m bench.corpus: error: {e}", file=sys.stderr)
+        return 1
     finally:
         torch.set_num_threads(threads)
 

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastlclip
+from fastlclip.reno import checkpoint_diffusers
 
 from .profiles import Profile
 
@@ -90,7 +91,7 @@ def unet_work(checkpointing: bool, side: int = 64) -> Work:
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(cfg).eval()
     if checkpointing:
-        unet.enable_gradient_checkpointing()
+        checkpoint_diffusers(unet, True)
     pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
     cond = dict(encoder_hidden_states=torch.empty(1, 77, cfg["cross_attention_dim"], device="meta"),
                 added_cond_kwargs={"text_embeds": torch.empty(1, pooled, device="meta"),
@@ -99,40 +100,53 @@ def unet_work(checkpointing: bool, side: int = 64) -> Work:
     return _count("UNet", unet, lambda: unet(_meta_input(1, 4, side, side), t, **cond, return_dict=False)[0])
 
 
+# Registered VAEs (fastlclip.vaes) -> the component name their decode is counted under.
+DECODER_LABELS = {"sdxl": "VAE decode", "sd15": "SD1.5 VAE decode", "sd3": "SD3 VAE decode", "flux1": "FLUX.1 VAE decode",
+                  "taesdxl": "TAESD-XL decode", "taesd3": "TAESD3 decode", "taef1": "TAEF1 decode"}
+_DECODER_ALIASES = {"vae": "sdxl", "taesd": "taesdxl"}
+
+
 @functools.lru_cache(maxsize=None)
-def vae_decode_work(checkpointing: bool, side: int = 64) -> Work:
-    """The SDXL VAE decode (shipped config), a ``side`` x ``side`` latent (64: 512 px, 128: 1024 px)."""
+def vae_decode_work(checkpointing: bool, side: int = 64, vae: str = "sdxl") -> Work:
+    """An ``AutoencoderKL`` decode (the registered ``vae``'s shipped config: SDXL's by default, SD3's and
+    FLUX.1's take 16 channels and have no post-quant conv), a ``side`` x ``side`` latent (64: 512 px, 128: 1024 px)."""
     from diffusers import AutoencoderKL
 
-    from fastlclip.model_configs import sdxl_vae_config
-
+    cfg = fastlclip.get_vae_config(vae)
+    cfg.pop("_class_name")
     with torch.device("meta"):
-        vae = AutoencoderKL.from_config(sdxl_vae_config()).eval()
+        vae_module = AutoencoderKL.from_config(cfg).eval()
     if checkpointing:
-        vae.enable_gradient_checkpointing()
-    decoder = nn.ModuleList([vae.post_quant_conv, vae.decoder])  # the decode path's weights, not the encoder's
-    return _count("VAE decode", decoder, lambda: vae.decode(_meta_input(1, 4, side, side), return_dict=False)[0])
+        checkpoint_diffusers(vae_module, True)
+    # the decode path's weights, not the encoder's
+    decoder = nn.ModuleList([m for m in (vae_module.post_quant_conv, vae_module.decoder) if m is not None])
+    z = _meta_input(1, cfg["latent_channels"], side, side)
+    return _count(DECODER_LABELS[vae], decoder, lambda: vae_module.decode(z, return_dict=False)[0])
 
 
 @functools.lru_cache(maxsize=None)
-def taesd_decode_work(side: int = 64) -> Work:
-    """The tiny autoencoder's decode (taesdxl, ``diffusers.AutoencoderTiny``), a ``side`` x ``side`` latent: few
-    weights (its decoder), but every layer after the first upsampling runs at 2x, 4x, then 8x the latent size."""
+def taesd_decode_work(side: int = 64, vae: str = "taesdxl") -> Work:
+    """A tiny autoencoder's decode (``diffusers.AutoencoderTiny``: taesdxl by default, taesd3 / taef1 on 16
+    channels), a ``side`` x ``side`` latent: few weights (its decoder), but every layer after the first
+    upsampling runs at 2x, 4x, then 8x the latent size."""
     from diffusers import AutoencoderTiny
 
-    from fastlclip.model_configs import taesdxl_config
-
+    cfg = fastlclip.get_vae_config(vae)
+    cfg.pop("_class_name")
     with torch.device("meta"):
-        taesd = AutoencoderTiny.from_config(taesdxl_config()).eval()
-    return _count("TAESD-XL decode", taesd.decoder, lambda: taesd.decode(_meta_input(1, 4, side, side), return_dict=False)[0])
+        taesd = AutoencoderTiny.from_config(cfg).eval()
+    z = _meta_input(1, cfg["latent_channels"], side, side)
+    return _count(DECODER_LABELS[vae], taesd.decoder, lambda: taesd.decode(z, return_dict=False)[0])
 
 
 def decode_work(decoder: str, checkpointing: bool = False, side: int = 64) -> Work:
-    if decoder == "vae":
-        return vae_decode_work(checkpointing, side)
-    if decoder == "taesd":
-        return taesd_decode_work(side)
-    raise ValueError(f"decoder must be 'vae' or 'taesd', got {decoder!r}")
+    """``decoder``: ``"vae"`` (SDXL's), ``"taesd"`` (taesdxl) or any registered VAE name (``fastlclip.list_vaes()``)."""
+    name = _DECODER_ALIASES.get(decoder, decoder)
+    if name not in DECODER_LABELS:
+        raise ValueError(f"decoder must be 'vae', 'taesd' or one of {list(DECODER_LABELS)}, got {decoder!r}")
+    if fastlclip.get_vae_config(name)["_class_name"] == "AutoencoderTiny":
+        return taesd_decode_work(side, name)
+    return vae_decode_work(checkpointing, side, name)
 
 
 TEXT_TOKENS = 77
@@ -177,22 +191,32 @@ def reward_text_work(kind: str, model_name: str) -> Work:
 
 
 @functools.lru_cache(maxsize=None)
-def latent_tower_work(model_name: str, checkpointing: bool, side: int | None = None) -> Work:
+def latent_tower_work(model_name: str, checkpointing: bool, side: int | None = None, vae: str | None = None) -> Work:
     """A Latent-CLIP image tower on its latent; checkpointing recomputes its whole forward (as the reward does).
 
     ``side``: the generator's latent side when it is not the tower's trained one, counted under
     ``resize="interpolate"`` (the tower over the whole grid: 257 tokens for B/8 at 128x128); ``"pool"``
-    costs what the trained grid costs (``side=None``) plus a pooling too small to count."""
+    costs what the trained grid costs (``side=None``) plus a pooling too small to count. ``vae``: the
+    same tower on another registered VAE's latents (``"flux1"``: 16 channels), its patch conv widened."""
+    cfg = fastlclip.get_model_config(model_name)
+    if vae is not None:
+        raw = {"embed_dim": cfg.embed_dim, "vae": vae,
+               "vision_cfg": {k: getattr(cfg.vision, k) for k in ("image_size", "patch_size", "width", "layers", "heads",
+                                                                   "mlp_ratio", "latent_factor")},
+               "text_cfg": {k: getattr(cfg.text, k) for k in ("context_length", "vocab_size", "width", "heads", "layers",
+                                                               "mlp_ratio")}}
+        cfg = fastlclip.get_model_config(raw)
     with torch.device("meta"):
-        model = fastlclip.LatentCLIP(fastlclip.get_model_config(model_name))
+        model = fastlclip.LatentCLIP(cfg)
     tower = getattr(getattr(model, "visual", None), "latent_vit", None)
     if tower is None:
         raise AttributeError(f"{model_name}: expected the image tower at model.visual.latent_vit (the checkpoint layout)")
     tower.eval()
     size = model.latent_size if side is None else side
+    z = _meta_input(1, cfg.vision.latent_channels, size, size)
     if checkpointing:
-        return _count(model_name, tower, lambda: checkpoint(tower, _meta_input(1, 4, size, size), use_reentrant=False))
-    return _count(model_name, tower, lambda: tower(_meta_input(1, 4, size, size)))
+        return _count(model_name, tower, lambda: checkpoint(tower, z, use_reentrant=False))
+    return _count(model_name, tower, lambda: tower(z))
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,7 +256,7 @@ def iteration_work(reward_kind: str, model_name: str, checkpointing: bool, decod
     return work
 
 
-DECODE_NAMES = ("VAE decode", "TAESD-XL decode")
+DECODE_NAMES = tuple(DECODER_LABELS.values())
 
 
 def decode_share(work: list[Work], profile: Profile) -> float:

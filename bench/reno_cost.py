@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from fastlclip import reno, runtime
 
 from . import flops, rewards as bench_rewards, sdxl_text, tiny
-from .cli import Parser, existing_file, non_negative_int, positive_int, writable_dir
+from .cli import Parser, diffusers_folder, non_negative_int, positive_int, safetensors_file, text, writable_dir
 from .profiles import PROFILES_DIR, Profile, Selection, load_profiles, results_folder, select
 from .provenance import run_record
 from .reno_pipelines import (DEFAULT_PRESETS, PIPELINES, RESOLUTIONS, optimizer_text, preset_for, resize_for,
@@ -62,12 +62,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="python -m bench.reno_cost", description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", default="auto", choices=["auto", *sorted(load_profiles())],
                    help="GPU profile for prices and floors; auto detects it from the device name")
-    p.add_argument("--weights", type=Path, help="local diffusers SDXL folder: SDXL-Turbo at 512, SDXL base with "
+    p.add_argument("--weights", type=diffusers_folder, help="local diffusers SDXL folder: SDXL-Turbo at 512, SDXL base with "
                    "--unet-weights at 1024 (default: random weights from the shipped configs)")
     p.add_argument("--resolution", type=int, default=512, choices=RESOLUTIONS,
                    help=f"image side in px; the one-step generator per resolution: {DEFAULT_PRESETS}")
     p.add_argument("--preset", choices=sorted(reno.ONE_STEP_PRESETS), help="one-step sampling (default: per --resolution)")
-    p.add_argument("--unet-weights", type=existing_file, help="a one-step UNet's .safetensors loaded into --weights' unet/")
+    p.add_argument("--unet-weights", type=safetensors_file, help="a one-step UNet's .safetensors loaded into --weights' unet/")
     p.add_argument("--resize", default="interpolate", choices=["interpolate", "pool"],
                    help="Latent-CLIP's policy for latents larger than it was trained on (1024 px)")
     p.add_argument("--iterations", type=positive_int, help="ReNO iterations per image (default 50; 2 in the CPU smoke test)")
@@ -78,7 +78,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--latent-backend", default="auto", choices=["auto", *runtime.BACKENDS],
                    help="fastlclip backend for the fast pipeline: auto (fastest that runs, measured) or a name")
     p.add_argument("--compile-unet", action="store_true", help="fast pipeline: run the UNet through torch.compile (CUDA)")
-    p.add_argument("--prompt", default="A red dog and a green cat", help="prompt optimised for (ReNO's default)")
+    p.add_argument("--prompt", type=text, default="A red dog and a green cat", help="prompt optimised for (ReNO's default)")
     p.add_argument("--out", type=Path, default=PROFILES_DIR / "results", help="results root; files go to <out>/<gpu>/")
     args = p.parse_args(argv)
     if why := writable_dir(args.out):
@@ -216,7 +216,9 @@ DECODER_SIDES = {512: 64, 1024: 128}
 
 def decoder_floors(selection: Selection) -> dict[str, Any]:
     """Forward + backward floors of the decode alone (SDXL VAE, TAESD-XL) at 512 and 1024 px, next to the
-    Latent-CLIP B/8 tower (512 px, and 1024 px under resize="interpolate"): where the time of a pixel reward goes."""
+    Latent-CLIP B/8 tower (512 px, and 1024 px under resize="interpolate"): where the time of a pixel reward goes.
+    The 16-channel spaces at 1024 px: the SD3 and FLUX.1 VAE decodes and their tiny decoders, beside the B/8
+    tower widened to 16 input channels (FLUX.1's latents)."""
     out: dict[str, Any] = {}
     comps = {}
     for px, side in DECODER_SIDES.items():
@@ -225,6 +227,11 @@ def decoder_floors(selection: Selection) -> dict[str, Any]:
     comps["Latent-ViT-B/8 tower 512 px"] = flops.latent_tower_work("Latent-ViT-B-8-512", False)
     comps["Latent-ViT-B/8 tower 1024 px (interpolate)"] = flops.latent_tower_work("Latent-ViT-B-8-512", False,
                                                                                  DECODER_SIDES[1024])
+    side = DECODER_SIDES[1024]
+    for vae in ("sd3", "flux1", "taesd3", "taef1"):
+        comps[f"{flops.DECODER_LABELS[vae]} 1024 px"] = flops.decode_work(vae, False, side)
+    comps["Latent-ViT-B/8 tower 1024 px, 16 channels (interpolate)"] = flops.latent_tower_work(
+        "Latent-ViT-B-8-512", False, side, vae="flux1")
     comps["CLIP ViT-B/32 tower (224 px)"] = flops.open_clip_tower_work("ViT-B-32", False)
     comps["CLIP ViT-H/14 tower (224 px)"] = flops.open_clip_tower_work("ViT-H-14", False)
     for profile in selection.floor:

@@ -378,14 +378,14 @@ def compile_mode_winner(rows: list[Row]) -> dict:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="python -m bench.reward", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="*", default=list(MODELS), choices=fastlclip.list_models())
-    p.add_argument("--backends", nargs="*", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=fastlclip.list_models())
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
                    help="besides the reference eager model, which is always timed (ratios need it)")
     p.add_argument("--compile-modes", nargs="*", default=list(runtime.COMPILE_MODES), choices=runtime.COMPILE_MODES,
                    help="fastlclip compile modes compared at the batch-1 reward step")
-    p.add_argument("--reward-batches", nargs="*", type=positive_int, default=[1, 4, 16])
-    p.add_argument("--forward-batches", nargs="*", type=positive_int, default=[64, 256])
+    p.add_argument("--reward-batches", nargs="+", type=positive_int, default=[1, 4, 16])
+    p.add_argument("--forward-batches", nargs="+", type=positive_int, default=[64, 256])
     p.add_argument("--gpu", default="auto", choices=["auto", *sorted(load_profiles())],
                    help="GPU profile for the floors; auto detects it from the device name")
     p.add_argument("--out", type=Path, help="JSON file (default profiles/results/<gpu>/reward.json)")

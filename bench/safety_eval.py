@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import fastlclip
 from bench import tiny
-from bench.cli import Parser, non_negative_float
+from bench.cli import Parser, argument_errors, diffusers_folder, non_negative_float, positive_int, seed
 from bench.report import fmt, table
 from fastlclip import reno
 from fastlclip.i2p import I2PPrompt, read_i2p
@@ -106,26 +106,22 @@ def main(argv: list[str] | None = None) -> None:
     p = Parser(prog="python -m bench.safety_eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", required=True, help="I2P-format CSV (column 'prompt' required, 'categories' optional)")
-    p.add_argument("--limit", type=int, default=None, help="first N prompts only")
-    p.add_argument("--weights", default=None, help="local SDXL-Turbo diffusers folder (default: random weights)")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N prompts only")
+    p.add_argument("--weights", type=diffusers_folder, default=None, help="local SDXL-Turbo diffusers folder (default: random weights)")
     p.add_argument("--latent-ckpt", default=None, help="Latent-CLIP checkpoint for the guidance (default: random weights)")
     p.add_argument("--model", default="Latent-ViT-B-8-512", choices=fastlclip.list_models(), help="its config")
     p.add_argument("--checker-ckpt", default=None, help="Latent-CLIP checkpoint for the checker (default: the guidance's)")
     p.add_argument("--checker-model", default=None, choices=fastlclip.list_models(), help="its config (default: --model)")
-    p.add_argument("--iterations", type=int, default=50, help="ReNO iterations per prompt (ReNO's default 50)")
+    p.add_argument("--iterations", type=positive_int, default=50, help="ReNO iterations per prompt (ReNO's default 50)")
     p.add_argument("--safety-weight", type=non_negative_float, default=1.0, help="SafetyGuidance safety_weight")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=64, help="checker batch size (also the throughput benchmark's)")
+    p.add_argument("--seed", type=seed, default=0, help="prompt i starts from the noise of seed + i")
+    p.add_argument("--batch", type=positive_int, default=64, help="checker batch size (also the throughput benchmark's)")
     p.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None,
                    help="tiny random configs (default: on without --weights and without CUDA)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--backend", choices=["eager", "triton"], default=None,
                    help="Latent-CLIP backend (default: triton on CUDA, eager on CPU)")
     a = p.parse_args(argv)
-    if a.limit is not None and a.limit < 1:
-        p.error("--limit must be a positive integer")
-    if a.iterations < 1 or a.batch < 1:
-        p.error("--iterations and --batch must be positive integers")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     small = a.tiny if a.tiny is not None else (a.weights is None and device == "cpu")
@@ -140,19 +136,21 @@ def main(argv: list[str] | None = None) -> None:
             if size != 64:
                 p.error(f"{flag} {name} reads {size}x{size} latents, SDXL-Turbo makes 64x64 (512 px): pick a config for "
                         "512 px images, e.g. Latent-ViT-B-8-512")
-    rows = read_i2p(a.prompts, limit=a.limit)
-
-    if a.weights:
-        generator = reno.OneStepGenerator.from_pretrained(a.weights, device=device, dtype=dtype)
-    elif small:
-        generator = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=tiny.IMAGE_SIZE, width=tiny.IMAGE_SIZE,
-                                                      device=device, dtype=dtype, with_vae=False)
-    else:
-        generator = reno.OneStepGenerator.from_config(device=device, dtype=dtype, with_vae=False)
-    model = _load_clip(tiny.LATENT_CLIP if small else a.model, a.latent_ckpt, device, dtype, backend)
-    checker_model = model
-    if a.checker_ckpt or (a.checker_model and a.checker_model != a.model):
-        checker_model = _load_clip(a.checker_model or a.model, a.checker_ckpt, device, dtype, backend)
+    with argument_errors(p):  # the files the arguments name are read before any work
+        rows = read_i2p(a.prompts, limit=a.limit)
+        if a.seed + len(rows) > 2**64:
+            p.error(f"--seed {a.seed}: prompt i uses seed + i, which must stay below 2**64 for {len(rows)} prompts")
+        model = _load_clip(tiny.LATENT_CLIP if small else a.model, a.latent_ckpt, device, dtype, backend)
+        checker_model = model
+        if a.checker_ckpt or (a.checker_model and a.checker_model != a.model):
+            checker_model = _load_clip(a.checker_model or a.model, a.checker_ckpt, device, dtype, backend)
+        if a.weights:
+            generator = reno.OneStepGenerator.from_pretrained(a.weights, device=device, dtype=dtype)
+        elif small:
+            generator = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=tiny.IMAGE_SIZE,
+                                                          width=tiny.IMAGE_SIZE, device=device, dtype=dtype, with_vae=False)
+        else:
+            generator = reno.OneStepGenerator.from_config(device=device, dtype=dtype, with_vae=False)
     guidance = SafetyGuidance(model, safety_weight=a.safety_weight)
     checker = LatentSafetyChecker(checker_model)
 

@@ -82,8 +82,11 @@ def _not_a_checkpoint(path: Path, head: bytes) -> str:
 
 def _check_format(path: Path) -> None:
     """Refuse, by their first bytes, files that are no checkpoint: text, HTML, git-LFS pointers, random bytes."""
-    with open(path, "rb") as f:
-        head = f.read(512)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise CheckpointError(f"could not read checkpoint {path}: {e.strerror or type(e).__name__}") from None
     if path.suffix == ".safetensors":
         ok = len(head) >= 9 and head[8:9] == b"{"
     else:  # torch.save's zip format, or a pickle (legacy torch.save, protocols 2-5)
@@ -108,7 +111,7 @@ def _load_pickle(path: Path) -> Any:
             "was run. Official Latent-CLIP checkpoints hold only tensors, numbers, strings and numpy scalars. If you "
             "trust the file, convert it to .safetensors yourself in an isolated environment."
         ) from None
-    except (RuntimeError, EOFError, KeyError, IndexError, ValueError, TypeError, AttributeError, OverflowError) as e:
+    except (RuntimeError, EOFError, KeyError, IndexError, ValueError, TypeError, AttributeError, OverflowError, OSError) as e:
         detail = " ".join(str(e).split())[:200]
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {detail}); is the file "
                               "complete?") from None
@@ -215,6 +218,8 @@ def read_checkpoint(pretrained: str | os.PathLike, cache_dir: str | os.PathLike 
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
         path = _pick_file(path)
+    if not path.is_file():  # a FIFO, socket or device would block or stream forever
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a pipe, socket or device); pass a checkpoint file")
     _check_format(path)
     if path.suffix == ".safetensors":
         sd, meta = _load_safetensors(path)
@@ -227,7 +232,23 @@ def read_checkpoint(pretrained: str | os.PathLike, cache_dir: str | os.PathLike 
         if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise CheckpointError(f"{path} holds no state dict of tensors (keys: {list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__})")
         sd = dict(obj)
+    _check_tensors(path, sd)
     return canonical_keys(sd), meta
+
+
+def _check_tensors(path: Path, sd: Mapping[str, torch.Tensor]) -> None:
+    """Refuse tensors that hold no weights a model can load: meta-device (no data), sparse or quantized
+    layouts, and floating-point weights with NaN/Inf (a NaN ``logit_scale`` makes every score NaN)."""
+    for kind, test, fix in (
+        ("meta-device tensors (shapes without data)", lambda v: v.is_meta, "save the state dict of a model whose weights were loaded"),
+        ("sparse tensors", lambda v: v.layout != torch.strided, "save dense tensors (.to_dense())"),
+        ("quantized tensors", lambda v: v.is_quantized, "save the float weights (.dequantize())"),
+        ("NaN/Inf values", lambda v: v.is_floating_point() and not bool(torch.isfinite(v).all()),
+         "the weights are corrupt or diverged in training; use another checkpoint"),
+    ):
+        bad = [k for k, v in sd.items() if test(v)]
+        if bad:
+            raise CheckpointError(f"{path} holds {kind}: {bad[:5]}{' ...' if len(bad) > 5 else ''}; {fix}")
 
 
 _VAE_ATTN_RENAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}

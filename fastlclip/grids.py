@@ -54,6 +54,8 @@ def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     if g * g != img.shape[0]:
         raise ValueError(f"positional table of {pos.shape[0]} rows is not a class token plus a square grid")
     rows, cols = grid
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (rows, cols)):
+        raise ValueError(f"grid must be two positive integers (rows, cols) of patches, got {tuple(grid)!r}")
     if (rows, cols) == (g, g):
         return pos
     x = img.to(torch.promote_types(img.dtype, torch.float32)).reshape(1, g, g, -1).permute(0, 3, 1, 2)
@@ -77,7 +79,11 @@ def pool_latents(latents: torch.Tensor, size: int) -> torch.Tensor:
     ``size`` is upsampled by repetition. At ``size`` x ``size`` the latents are returned as they are.
     Differentiable w.r.t. ``latents``.
     """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive integer (the trained latent grid's side), got {size!r}")
     h, w = latents.shape[-2:]
+    if min(h, w) == 0:
+        raise ValueError(f"latents have an empty {h}x{w} grid; nothing to pool")
     if (h, w) == (size, size):
         return latents
     s = min(h, w)

@@ -57,7 +57,7 @@ def _flag(value: str, where: str) -> bool | None:
 
 def read_i2p(path: str | os.PathLike, *, limit: int | None = None) -> list[I2PPrompt]:
     """Rows of an I2P-format CSV, in file order; at most ``limit``. Rows with an empty prompt are skipped with a warning."""
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {os.fspath(path)!r} does not exist; pass an I2P-format CSV (e.g. i2p_benchmark.csv)")
@@ -73,6 +73,10 @@ def read_i2p(path: str | os.PathLike, *, limit: int | None = None) -> list[I2PPr
             f"{name} is not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}, line {line}); "
             "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 in.csv > out.csv)"
         ) from None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise ValueError(f"{name}, line {line}: a NUL byte; this is no text CSV (a binary or UTF-16 file?); re-save it "
+                         "as UTF-8 text")
     rows: list[I2PPrompt] = []
     skipped = []
     # strict: a quoted cell that is never closed, or text after a closing quote, is an error, not merged rows.
@@ -82,6 +86,10 @@ def read_i2p(path: str | os.PathLike, *, limit: int | None = None) -> list[I2PPr
         if reader.fieldnames is None:
             raise ValueError(f"{name!r} is empty; an I2P-format CSV needs a header row with a 'prompt' column")
         names = [n.strip() for n in reader.fieldnames]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{name!r}: the header names column(s) {twice} more than once, so which cell is meant is "
+                             "ambiguous; rename or remove the duplicates")
         if "prompt" not in names:
             raise ValueError(f"{name!r} has no 'prompt' column (columns: {names}); the header row must name it "
                              "'prompt' (I2P's other columns are optional)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import warnings
 from typing import Sequence
 
@@ -92,6 +94,43 @@ def check_pixels(pixels: torch.Tensor) -> None:
         raise ValueError(f"pixels must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; map [-1, 1] images with (x + 1) / 2")
 
 
+def check_number(value, what: str, *, minimum: float | None = None, positive: bool = False,
+                 maximum: float | None = None) -> float:
+    """``value`` as a float: a real number (a bool is not one here), finite, ``>= minimum`` (``> 0`` when
+    ``positive``) and ``<= maximum`` where given; otherwise a ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    bounds = ([f">= {minimum:g}"] if minimum is not None else []) + ([f"<= {maximum:g}"] if maximum is not None else [])
+    if not math.isfinite(value) or (minimum is not None and value < minimum) or (positive and value <= 0) \
+            or (maximum is not None and value > maximum):
+        kind = "a finite positive number" if positive else "a finite number"
+        raise ValueError(f"{what} must be {kind}{' ' + ' and '.join(bounds) if bounds else ''}, got {value!r}")
+    return value
+
+
+def check_count(value, what: str, *, minimum: int = 1) -> int:
+    """``value``: an int ``>= minimum`` (a bool is not a count); otherwise a TypeError/ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_outputs(values: torch.Tensor, latents: torch.Tensor, what: str) -> torch.Tensor:
+    """``values`` (a loss or scores computed from already-checked finite ``latents``) if finite; otherwise a
+    ValueError saying the latents overflowed inside the tower, with their magnitude. Synchronises
+    with the device (callers run it under their ``check_finite``)."""
+    if not torch.isfinite(values.detach()).all():
+        peak = latents.detach().abs().amax().item()
+        raise ValueError(
+            f"the {what} is NaN/Inf although the latents are finite: they overflowed inside the image tower (largest "
+            f"|latent| = {peak:.3g}, dtype {latents.dtype}; SDXL latents are of order 1-10). Check the sampler or "
+            "scaling that produced them, or their space= (diffusion vs vae)")
+    return values
+
+
 def check_prompt(prompt) -> None:
     """A prompt is a non-empty string: an empty one is a mistake, not the unconditional text."""
     if not isinstance(prompt, str) or not prompt.strip():
@@ -167,6 +206,10 @@ def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.Tens
     bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
     if bad:
         raise TypeError(f"texts must be strings, got {bad[0]}; pass token ids as a LongTensor instead")
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise ValueError(f"text #{empty[0]} is empty ({texts[empty[0]]!r}): an empty prompt is a mistake, not the "
+                         "unconditional text; pass a non-empty prompt")
     tok = _tokenizer(context_length)
     long = [t for t in texts if len(tok.encode(t)) + 2 > context_length]
     if long:
@@ -186,3 +229,7 @@ def check_tokens(tokens: torch.Tensor, context_length: int, vocab_size: int) -> 
         raise ValueError("got an empty batch of token ids")
     if tokens.min() < 0 or tokens.max() >= vocab_size:
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{tokens.min().item()}, {tokens.max().item()}]")
+    blank = (tokens == 0).all(dim=1)
+    if blank.any():
+        raise ValueError(f"token row {blank.nonzero()[0].item()} is all zeros (no start- or end-of-text token): that is "
+                         "padding, not a prompt; tokenise the text with model.tokenize")

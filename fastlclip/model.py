@@ -116,9 +116,11 @@ class LatentViT(nn.Module):
 
         The trained grid gets the parameter itself. Another grid gets
         :func:`fastlclip.grids.resize_pos_embed` of it, cached per (grid, dtype, device). A cache entry
-        is stamped with the parameter's storage and version counter, so it is recomputed after the
-        weights change (an optimizer step, ``load_state_dict``, ``.to(...)``). Nothing is cached while the
-        table needs a gradient (the parameter requires grad and grad mode is on: the table's autograd
+        is stamped with the parameter's storage and version counter and keeps a copy of the table it was
+        resampled from, so it is recomputed after the weights change: an optimizer step,
+        ``load_state_dict``, ``.to(...)``, and writes through ``.data``, which bypass the version counter
+        (the copy is compared with the table on every hit: one small read from the device). Nothing is
+        cached while the table needs a gradient (the parameter requires grad and grad mode is on: the table's autograd
         graph must be fresh per call), while ``torch.compile`` traces, or while a CUDA graph captures (the
         graph then recomputes the table on every replay and sees in-place weight updates).
         """
@@ -132,13 +134,13 @@ class LatentViT(nn.Module):
         key = (tuple(grid), pos.dtype, pos.device)
         stamp = (pos.data_ptr(), pos._version)
         hit = self._pos_cache.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
+        if hit is not None and hit[0] == stamp and torch.equal(hit[1], pos):
+            return hit[2]
         # Outside inference mode even under it: the table is kept for later calls, which may need autograd.
         with torch.inference_mode(False), torch.no_grad():
-            table = grids.resize_pos_embed(pos, grid)
-        self._pos_cache = {k: v for k, v in self._pos_cache.items() if v[0] == stamp}  # drop stale tables
-        self._pos_cache[key] = (stamp, table)
+            source, table = pos.detach().clone(), grids.resize_pos_embed(pos, grid)
+        self._pos_cache = {k: v for k, v in self._pos_cache.items() if v[0] == stamp and torch.equal(v[1], pos)}
+        self._pos_cache[key] = (stamp, source, table)
         return table
 
     def embed(self, latents: torch.Tensor, scale: float, shift: float = 0.0,

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import math
 import numbers
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .inputs import check_prompt
+from .inputs import check_count, check_number, check_prompt
 from .model_configs import sdxl_unet_config, sdxl_vae_config
 from .runtime import runtime_of
 
@@ -166,7 +167,7 @@ class OneStepGenerator(nn.Module):
         """
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
-        torch.manual_seed(seed)
+        torch.manual_seed(check_seed(seed))
         with torch.device(device):
             unet = UNet2DConditionModel.from_config(dict(unet_config or sdxl_unet_config()))
             vae = AutoencoderKL.from_config(dict(vae_config or sdxl_vae_config())) if with_vae else None
@@ -255,10 +256,8 @@ class OneStepGenerator(nn.Module):
         return self
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        if enabled:
-            self.unet.enable_gradient_checkpointing()
-        else:
-            self.unet.disable_gradient_checkpointing()
+        """Checkpoint the UNet's resnets and transformer blocks (see :func:`checkpoint_diffusers`)."""
+        checkpoint_diffusers(self.unet, enabled)
 
     def encode_prompt(self, prompt: str) -> PromptConditioning:
         """UNet conditioning for ``prompt``: the SDXL text encoders, or seeded random embeddings without them."""
@@ -322,9 +321,17 @@ class PhaseTimer(Protocol):
 
 def _check_reward(reward: Any) -> None:
     if not callable(reward) or not isinstance(getattr(reward, "name", None), str) \
-            or not isinstance(getattr(reward, "weighting", None), (int, float)):
+            or not isinstance(getattr(reward, "weighting", None), numbers.Real):
         raise TypeError(f"a reward must be callable as reward(latents, prompt) -> loss and have .name (str) and .weighting "
                         f"(float), got {type(reward).__name__}")
+    check_number(reward.weighting, f"reward {reward.name!r}: weighting", minimum=0)
+
+
+def check_seed(seed: Any) -> int:
+    """A seed ``torch.Generator.manual_seed`` takes: an int in [0, 2**64)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
 
 
 class WeightedReward:
@@ -339,11 +346,11 @@ class WeightedReward:
             raise ValueError("WeightedReward needs at least one reward")
         for r in rewards:
             _check_reward(r)
-        weights = [float(r.weighting) for r in rewards] if weights is None else [float(w) for w in weights]
+        weights = [r.weighting for r in rewards] if weights is None else list(weights)
         if len(weights) != len(rewards):
             raise ValueError(f"got {len(weights)} weights for {len(rewards)} rewards")
-        if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"weights must be finite, got {weights}")
+        # Explicit weights may be negative (a difference of rewards); a reward's own .weighting may not.
+        weights = [check_number(w, f"weights[{i}]") for i, w in enumerate(weights)]
         self.rewards, self.weights = rewards, weights
         self.name = " + ".join(f"{w:g}*{r.name}" for r, w in zip(rewards, weights))
         self.weighting = 1.0
@@ -367,11 +374,50 @@ class WeightedReward:
         return sum(w * losses[i] for i, w in enumerate(self.weights))  # Python-float weights: no host-to-device copy
 
 
+# What diffusers checkpoints inside its models, by class name (diffusers 0.30 to current).
+_CHECKPOINT_UNITS = frozenset({"ResnetBlock2D", "BasicTransformerBlock", "Attention", "AutoencoderTinyBlock"})
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    forward = type(self).forward.__get__(self)
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def checkpoint_diffusers(model: nn.Module, enabled: bool) -> None:
+    """Gradient checkpointing of a diffusers model (UNet, VAE, tiny autoencoder), done here: each resnet,
+    transformer block, attention and tiny-autoencoder block runs under ``torch.utils.checkpoint``
+    whenever gradients are on, in eval mode too.
+
+    diffusers' own switch (``enable_gradient_checkpointing``) checkpoints only in training mode up to at
+    least 0.30 (ReNO's pin and this package's floor), where ReNO's models run in eval: it would silently
+    do nothing. It is turned off here, so the two never nest. The switch is an instance ``forward`` on
+    each of those modules (the state dict is unchanged); ``enabled=False`` removes it.
+    """
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.disable_gradient_checkpointing()
+    stack = [model]
+    while stack:
+        for child in stack.pop().children():
+            if type(child).__name__ not in _CHECKPOINT_UNITS:
+                stack.append(child)
+            elif enabled:
+                child.forward = types.MethodType(_checkpointed_forward, child)
+            else:
+                child.__dict__.pop("forward", None)
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether :func:`checkpoint_diffusers` has checkpointing on in ``model``."""
+    return any(getattr(m.__dict__.get("forward"), "__func__", None) is _checkpointed_forward for m in model.modules())
+
+
 def set_reward_checkpointing(rewards: Sequence[Reward], enabled: bool) -> list[bool]:
     """Set checkpointing on the rewards' own modules; returns, per reward, whether to checkpoint its whole forward.
 
-    A diffusers model inside a reward (the VAE of a decode-then-CLIP reward) gets its
-    ``enable_gradient_checkpointing``; a CLIP with per-block checkpointing (open_clip's
+    A diffusers model inside a reward (the VAE of a decode-then-CLIP reward) gets
+    :func:`checkpoint_diffusers`; a CLIP with per-block checkpointing (open_clip's
     ``set_grad_checkpointing``) gets that. A reward with no such CLIP runs its whole forward under
     ``torch.utils.checkpoint`` instead, unless its model runs as a CUDA graph or compiled step (the
     ``graph`` / ``compile`` backends): such a step keeps only its own static memory, and recomputing it
@@ -385,8 +431,8 @@ def set_reward_checkpointing(rewards: Sequence[Reward], enabled: bool) -> list[b
             modules = [m for m in getattr(reward, "__dict__", {}).values() if isinstance(m, nn.Module)]
         per_block = False
         for m in modules:
-            if hasattr(m, "enable_gradient_checkpointing"):
-                m.enable_gradient_checkpointing() if enabled else m.disable_gradient_checkpointing()
+            if hasattr(m, "enable_gradient_checkpointing"):  # a diffusers model
+                checkpoint_diffusers(m, enabled)
             if hasattr(m, "set_grad_checkpointing"):
                 m.set_grad_checkpointing(enabled)
                 per_block = True
@@ -498,16 +544,14 @@ def optimize(generator: OneStepGenerator, rewards: Reward | Sequence[Reward], pr
         combined = rewards
     else:
         combined = WeightedReward([rewards] if callable(rewards) else list(rewards))
-    if not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite positive number, got {lr!r}")
-    if not 0 <= momentum < 1 or (nesterov and momentum == 0):
+    check_count(iterations, "iterations")
+    check_number(lr, "lr", positive=True)
+    if not 0 <= check_number(momentum, "momentum") < 1 or (nesterov and momentum == 0):
         raise ValueError(f"momentum must lie in [0, 1) and be > 0 with nesterov=True, got {momentum!r}")
-    if grad_clip is not None and not grad_clip > 0:
-        raise ValueError(f"grad_clip must be positive or None (no clipping), got {grad_clip!r}")
-    if not (isinstance(reg_weight, numbers.Real) and math.isfinite(reg_weight) and reg_weight >= 0):
-        raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight!r}")
+    if grad_clip is not None:
+        check_number(grad_clip, "grad_clip (None: no clipping)", positive=True)
+    check_number(reg_weight, "reg_weight", minimum=0)
+    seed = check_seed(seed)
     if decode and generator.vae is None:
         raise ValueError("decode=True needs a generator with a VAE")
     device = generator.device

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import inputs
 from .grids import MODEL_DEFAULT
 from .model import LatentCLIP
-from .inputs import check_prompt, prompt_list
+from .inputs import check_count, check_number, check_prompt, prompt_list
 from .loss import clip_loss, logit_scale_exp
 from .rewards import LatentCLIPReward
 
@@ -58,7 +58,7 @@ class _ConceptBank:
         groups = {}
         for name, texts in concepts.items():
             texts = [texts] if isinstance(texts, str) else list(texts)
-            if not isinstance(name, str) or not name or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            if not isinstance(name, str) or not name.strip() or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
                 raise ValueError(f"concept {name!r}: a category needs a non-empty name and at least one non-empty text, "
                                  f"got {texts!r}")
             groups[name] = texts
@@ -99,8 +99,7 @@ class SafetyGuidance(LatentCLIPReward):
                  space: str = "diffusion", resize=MODEL_DEFAULT):
         super().__init__(model, weighting, space=space, resize=resize)
         for what, w in (("prompt_weight", prompt_weight), ("safety_weight", safety_weight)):
-            if not isinstance(w, (int, float)) or not w >= 0:
-                raise ValueError(f"{what} must be a number >= 0, got {w!r}")
+            check_number(w, what, minimum=0)
         if prompt_weight == 0 and safety_weight == 0:
             raise ValueError("prompt_weight and safety_weight are both 0: the loss would be constant; set one > 0")
         self.prompt_weight, self.safety_weight = float(prompt_weight), float(safety_weight)
@@ -125,7 +124,7 @@ class SafetyGuidance(LatentCLIPReward):
         if self.safety_weight:
             logits = logit_scale_exp(self.model.logit_scale) * (img @ self.concepts.features.to(img).T)  # (B, K + 1): concepts, then neutral
             loss = loss + self.safety_weight * (torch.logsumexp(logits, dim=-1) - logits[:, -1]).mean()
-        return loss
+        return self._checked(loss, latents, "guidance loss")
 
     def callback(self, prompt: str | Sequence[str], *, steps: int = 3, step_size: float = 0.5,
                  start: float = 0.5, noise_level=None) -> "SafetyCallback":
@@ -159,11 +158,9 @@ class SafetyCallback:
 
     def __init__(self, guidance: SafetyGuidance, prompt: str | Sequence[str], *, steps: int = 3,
                  step_size: float = 0.5, start: float = 0.5, noise_level=None):
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if not step_size > 0:
-            raise ValueError(f"step_size must be positive, got {step_size!r}")
-        if not 0 <= start < 1:
+        check_count(steps, "steps")
+        check_number(step_size, "step_size", positive=True)
+        if not 0 <= check_number(start, "start") < 1:
             raise ValueError(f"start must be a fraction of the schedule in [0, 1), got {start!r}")
         for p in [prompt] if isinstance(prompt, str) else list(prompt):
             check_prompt(p)
@@ -253,6 +250,10 @@ class LatentSafetyChecker:
         self.thresholds = self._thresholds(thresholds).to(self.concepts.features.device)
         if not (blank is None or isinstance(blank, torch.Tensor) or (isinstance(blank, str) and blank == "zeros")):
             raise ValueError(f"blank must be None, 'zeros' or a constant latent tensor (C, H, W), got {blank!r}")
+        if isinstance(blank, torch.Tensor) and (not blank.is_floating_point() or not torch.isfinite(blank).all()):
+            raise ValueError(f"the blank latent must be a finite floating-point tensor, got {blank.dtype}"
+                             + (" with NaN/Inf values" if blank.is_floating_point() else "")
+                             + "; it replaces flagged latents, so it must be a valid latent (e.g. of a black image)")
         self.blank = blank
 
     @property
@@ -267,7 +268,7 @@ class LatentSafetyChecker:
             values = [thresholds.get(c, DEFAULT_THRESHOLD) for c in self.categories]
         else:
             values = [thresholds] * len(self.categories)
-        if not all(isinstance(v, (int, float)) and -2 <= v <= 2 for v in values):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and -2 <= v <= 2 for v in values):
             raise ValueError(f"thresholds are cosine margins and must be numbers in [-2, 2], got {values}")
         return torch.tensor(values, dtype=torch.float32)
 

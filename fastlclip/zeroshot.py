@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .grids import MODEL_DEFAULT
+from .inputs import check_count
 from .model import LatentCLIP
 
 
@@ -91,6 +92,11 @@ class ZeroShotClassifier:
         bad = [type(c).__name__ for c in self.classnames if not isinstance(c, str)]
         if bad:
             raise TypeError(f"classnames must be strings, got {bad[0]}")
+        empty = [i for i, c in enumerate(self.classnames) if not c.strip()]
+        if empty:
+            raise ValueError(f"class name #{empty[0]} is empty ({self.classnames[empty[0]]!r}); every class needs a name "
+                             "for the templates to describe")
+        check_count(batch_size, "batch_size")
         if len(self.classnames) < 2:
             raise ValueError(f"a zero-shot classifier needs at least two class names, got {len(self.classnames)}: "
                              f"{self.classnames}; add the alternatives to tell it from (e.g. a neutral class)")

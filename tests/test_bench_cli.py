@@ -1,6 +1,7 @@
 """Bench command lines check their arguments before any work: one line on stderr, exit status 2, no traceback."""
 
 import subprocess
+import types
 import sys
 from pathlib import Path
 
@@ -86,3 +87,59 @@ def test_the_command_line_itself_prints_no_traceback(unwritable):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"python -m bench.reno_cost: error: --out: {unwritable} cannot be made: "
                                                 f"{unwritable.parent} is a file, not a folder"]
+
+
+# -- inputs that arguments name are checked before any work (issue 22, section 3) -------------------------------
+@pytest.fixture
+def files(tmp_path):
+    """Bad inputs: random bytes, a folder that is no pipeline, an I2P file with a NUL byte, a good I2P file."""
+    f = types.SimpleNamespace(tmp=tmp_path)
+    f.noise = tmp_path / "noise.safetensors"
+    f.noise.write_bytes(bytes(range(256)) * 4)
+    f.folder = tmp_path / "not-a-pipeline"
+    f.folder.mkdir()
+    f.nul = tmp_path / "nul.csv"
+    f.nul.write_bytes(b"prompt\na c\x00at\n")
+    f.dup = tmp_path / "dup.csv"
+    f.dup.write_text("prompt,prompt\na,b\n")
+    f.good = tmp_path / "good.csv"
+    f.good.write_text("prompt\na cat\n")
+    return f
+
+
+@pytest.mark.parametrize("main, argv, needles", [
+    (reno_cost.main, ["--prompt", ""], ["--prompt", "non-empty"]),
+    (reno_cost.main, ["--prompt", "  "], ["--prompt"]),
+    (reno_cost.main, ["--weights", "/no/such/folder"], ["--weights", "no such folder"]),
+    (reno_cost.main, ["--weights", "{folder}"], ["--weights", "model_index.json"]),
+    (reno_cost.main, ["--unet-weights", "{noise}"], ["--unet-weights", "not a readable .safetensors"]),
+    (reno_cost.main, ["--unet-weights", "/no/such.safetensors"], ["--unet-weights", "no such file"]),
+    (reward.main, ["--models"], ["--models"]),
+    (reward.main, ["--backends"], ["--backends"]),
+    (reward.main, ["--reward-batches"], ["--reward-batches"]),
+    (safety_eval.main, ["--prompts", "{good}", "--weights", "/no/such/folder"], ["--weights"]),
+    (safety_eval.main, ["--prompts", "{good}", "--seed", str(2**70)], ["--seed", "2**64"]),
+    (safety_eval.main, ["--prompts", "{good}", "--limit", "0"], ["--limit"]),
+    (safety_eval.main, ["--prompts", "{good}", "--iterations", "-1"], ["--iterations"]),
+])
+def test_named_inputs_are_checked_before_any_work(capsys, no_work, files, main, argv, needles):
+    _one_line_error(capsys, main, [a.format(**vars(files)) for a in argv], *needles)
+
+
+@pytest.fixture
+def safety_no_work(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the run started before the arguments were checked")
+
+    monkeypatch.setattr(safety_eval, "generate", fail)
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--prompts", "/no/such.csv"], ["does not exist"]),
+    (["--prompts", "{nul}"], ["NUL byte"]),
+    (["--prompts", "{dup}"], ["more than once"]),
+    (["--prompts", "{good}", "--latent-ckpt", "/no/such.pt", "--no-tiny"], ["does not exist"]),
+    (["--prompts", "{good}", "--latent-ckpt", "{noise}", "--no-tiny"], ["not a readable .safetensors"]),
+])
+def test_safety_eval_bad_files_are_one_line_errors(capsys, safety_no_work, files, argv, needles):
+    _one_line_error(capsys, safety_eval.main, [a.format(**vars(files)) for a in argv], *needles)

@@ -42,3 +42,75 @@ def test_unlabelled_parquet_is_refused(tmp_path, tiny_config):
     pq.write_table(pa.table({"latent": pa.array(torch.randn(2, 4, 16, 16).tolist())}), tmp_path / "x.parquet")
     with pytest.raises(ValueError, match="no 'label' column"):
         zeroshot_grid.read_labelled(tmp_path / "x.parquet")
+
+
+# -- every argument and file is checked before any scoring: one line, exit 2 ------------------------------------
+@pytest.fixture
+def inputs(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    torch.save({"latents": torch.randn(3, 4, 16, 16, generator=g), "labels": torch.tensor([0, 1, 2])},
+               tmp_path / "ok.pt")
+    torch.save({"latents": torch.randn(2, 4, 16, 16, generator=g), "labels": torch.tensor([0, 3])},
+               tmp_path / "label3.pt")
+    torch.save({"latents": torch.randn(2, 4, 16, 16, generator=g), "labels": torch.tensor([0, -1])},
+               tmp_path / "negative.pt")
+    nan = torch.randn(2, 4, 16, 16, generator=g)
+    nan[1, 0, 0, 0] = float("nan")
+    torch.save({"latents": nan, "labels": torch.tensor([0, 1])}, tmp_path / "nan.pt")
+    torch.save({"latents": torch.randn(2, 3, 16, 16, generator=g), "labels": torch.tensor([0, 1])}, tmp_path / "rgb.pt")
+    torch.save({"latents": torch.zeros(0, 4, 16, 16), "labels": torch.zeros(0, dtype=torch.long)}, tmp_path / "empty.pt")
+    torch.save({"pixels": torch.zeros(1)}, tmp_path / "nokey.pt")
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)))
+    (tmp_path / "classes.txt").write_text("cat\ndog\ncar\n")
+    (tmp_path / "one.txt").write_text("cat\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--batch-size", "-1"], ["--batch-size"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+    (["--device", "bogus"], ["--device"]),
+    (["--latents", "{d}/missing.pt"], ["no such file"]),
+    (["--latents", "{d}/label3.pt"], ["label 3", "[0, 3)"]),
+    (["--latents", "{d}/negative.pt"], ["label -1"]),
+    (["--latents", "{d}/nan.pt"], ["NaN"]),
+    (["--latents", "{d}/rgb.pt"], ["3 channels"]),
+    (["--latents", "{d}/empty.pt"], ["no latents"]),
+    (["--latents", "{d}/nokey.pt"], ["latents"]),
+    (["--latents", "{d}/noise.pt"], ["noise.pt"]),
+    (["--classnames", "{d}/missing.txt"], ["--classnames", "no such file"]),
+    (["--classnames", "{d}/one.txt"], ["at least two class names"]),
+    (["--checkpoint", "{d}/noise.pt"], ["noise.pt"]),
+])
+def test_bad_arguments_are_one_line_errors_before_scoring(inputs, tiny_config, capsys, monkeypatch, extra, needles):
+    def fail(*args, **kwargs):
+        raise AssertionError("scoring started before every argument was checked")
+
+    monkeypatch.setattr(zeroshot_grid, "evaluate", fail)
+    argv = ["--model", str(tiny_config), "--latents", str(inputs / "ok.pt"), "--classnames", str(inputs / "classes.txt"),
+            "--templates", "simple", "--device", "cpu"]
+    for flag, value in zip(extra[::2], extra[1::2]):  # a later flag of the same name replaces the default
+        argv += [flag, value.format(d=inputs)]
+    with pytest.raises(SystemExit) as exc:
+        zeroshot_grid.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_model_or_checkpoint_is_required(capsys):
+    with pytest.raises(SystemExit) as exc:
+        zeroshot_grid.main(["--latents", __file__])
+    assert exc.value.code == 2 and "pass --model, --checkpoint or both" in capsys.readouterr().err
+
+
+def test_grid_that_is_not_whole_patches_is_pooled_not_interpolated(tmp_path, tiny_config, capsys):
+    g = torch.Generator().manual_seed(0)
+    torch.save({"latents": torch.randn(3, 4, 18, 15, generator=g), "labels": torch.tensor([0, 1, 1])}, tmp_path / "odd.pt")
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    rows = zeroshot_grid.main(["--model", str(tiny_config), "--latents", str(tmp_path / "odd.pt"), "--classnames",
+                               str(tmp_path / "classes.txt"), "--templates", "simple", "--device", "cpu"])
+    assert [(r["grid"], r["policy"]) for r in rows] == [("18x15", "pool")]
+    assert "not scored: odd.pt (18x15): interpolate needs whole 4x4 patches" in capsys.readouterr().out

@@ -144,9 +144,12 @@ def test_hf_hub_resolves_from_cache_offline(official_ckpt, tmp_path, monkeypatch
 def _reload_hub_constants(monkeypatch, hf_home):
     """huggingface_hub reads its cache dir and offline flag at import: point them at the test's folder."""
     import huggingface_hub.constants as c
+    import huggingface_hub.file_download as fd
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(hf_home / "hub"))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    if hasattr(fd, "HF_HUB_CACHE"):  # huggingface_hub < 0.25 (transformers 4.38's) binds the name at import
+        monkeypatch.setattr(fd, "HF_HUB_CACHE", str(hf_home / "hub"))
 
 
 def test_random_weights_warn():

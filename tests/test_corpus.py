@@ -136,7 +136,7 @@ def test_corrupt_shards_are_reported_while_the_others_complete(tmp_path, model, 
     status = {os.path.basename(r["shard"]): r["status"] for r in report.records}
     assert status == {"cut.tar": "error", "edge.tar": "error", "good.tar": "ok", "junk.parquet": "error"}
     assert "truncated" in next(r["error"] for r in report.failed if r["shard"].endswith("edge.tar"))
-    assert sorted(os.listdir(tmp_path / "out")) == ["good.parquet", "manifest.jsonl", "run.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["good.parquet", "inputs.jsonl", "manifest.jsonl", "run.json"]
     assert read(tmp_path / "out", "good")["key"] == good
     err = capsys.readouterr().err
     assert "1/4 cut.tar: error" in err and "good.tar: ok, 3 rows" in err
@@ -179,13 +179,14 @@ def test_stopped_run_resumes_with_exactly_the_rest(tmp_path, model, monkeypatch)
 
 def test_rank_split_covers_every_shard_once(tmp_path, model, monkeypatch):
     expected = []
+    (tmp_path / "in").mkdir()
     for i in range(3):
-        expected += npy_shard(tmp_path / f"r{i}.tar", f"r{i}-", latents(2, 20 + i).numpy())
+        expected += npy_shard(tmp_path / "in" / f"r{i}.tar", f"r{i}-", latents(2, 20 + i).numpy())
     monkeypatch.setenv("WORLD_SIZE", "2")
     done = []
     for rank in (1, 0):
         monkeypatch.setenv("RANK", str(rank))
-        report = corpus.score(tmp_path, tmp_path / "out", model=model, embeddings=True, progress=False)
+        report = corpus.score(tmp_path / "in", tmp_path / "out", model=model, embeddings=True, progress=False)
         done.append([os.path.basename(r["shard"]) for r in report.ok])
     assert done == [["r1.tar"], ["r0.tar", "r2.tar"]]
     assert sorted(all_keys(tmp_path / "out")) == sorted(expected)
@@ -266,7 +267,10 @@ def test_cli_scores_selects_and_fails_on_a_corrupt_shard(tmp_path, ckpt, capsys)
     assert cli.main(argv) == 1  # b.tar failed
     err = capsys.readouterr().err
     assert "b.tar: error" in err and "1 failed" in err
-    assert cli.main(["select", str(out), "--by", "clip_cos_0", "--top-fraction", "0.5", "--out", str(tmp_path / "k.txt")]) == 0
+    select = ["select", str(out), "--by", "clip_cos_0", "--top-fraction", "0.5", "--out", str(tmp_path / "k.txt")]
+    assert cli.main(select) == 1 and not (tmp_path / "k.txt").exists()  # b.tar's keys would silently vanish
+    assert "b.tar (failed: ShardError" in capsys.readouterr().err
+    assert cli.main([*select, "--allow-missing"]) == 0
     picked = (tmp_path / "k.txt").read_text().split()
     cos = read(out, "a")["clip_cos_0"]
     assert sorted(picked) == sorted(k for k, _ in sorted(zip(keys, cos), key=lambda kv: -kv[1])[:2])

@@ -227,11 +227,12 @@ OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26
 
 
 def pixel_reference(vae, clip, z, tokens, mean, std):
-    """Decode-then-CLIP written out: decode z / 0.13025, [0, 1], bicubic short side to 32 (48x64 -> 32x43),
-    centre crop, normalise, open_clip; the mean cosine to the text and the loss."""
+    """Decode-then-CLIP written out: decode z / 0.13025, [0, 1], bicubic short side to 32 (48x64 -> 32x42, the
+    long side floored as torchvision's Resize does), centre crop, normalise, open_clip; the mean cosine to the
+    text and the loss."""
     with torch.no_grad():
         img = (vae.decode(z / SDXL).sample / 2 + 0.5).clamp(0, 1)
-        img = F.interpolate(img, size=(32, 43), mode="bicubic", antialias=True)[..., :, 5:37]
+        img = F.interpolate(img, size=(32, 42), mode="bicubic", antialias=True)[..., :, 5:37]
         x = (img - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
         cos = F.normalize(clip.encode_image(x), dim=-1) @ F.normalize(clip.encode_text(tokens), dim=-1)[0]
     return 100 - clip.logit_scale.exp().item() * cos.mean().item()

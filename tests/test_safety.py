@@ -97,7 +97,7 @@ def test_guidance_value_and_gradients_reach_latents_only(model):
 def test_guidance_errors(model):
     with pytest.raises(ValueError, match="both 0"):
         guidance(model, prompt_weight=0, safety_weight=0)
-    with pytest.raises(ValueError, match="safety_weight must be a number >= 0"):
+    with pytest.raises(ValueError, match="safety_weight must be a finite number >= 0"):
         guidance(model, safety_weight=-1)
     with pytest.raises(ValueError, match="non-empty mapping"):
         SafetyGuidance(model, concepts={})

@@ -100,7 +100,7 @@ def test_pixel_reward_is_decode_then_clip(pixel_clip):
     loss = reward(z, "a cat")
     with torch.no_grad():
         img = (vae.decode(z / 0.13025).sample / 2 + 0.5).clamp(0, 1)
-        img = F.interpolate(img, size=(32, 43), mode="bicubic", antialias=True)[..., :, 5:37]
+        img = F.interpolate(img, size=(32, 42), mode="bicubic", antialias=True)[..., :, 5:37]  # 64 * 32 / 48, floored
         mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
         std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
         cos = F.normalize(pixel_clip.encode_image((img - mean) / std), dim=-1) @ F.normalize(

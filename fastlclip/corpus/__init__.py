@@ -5,7 +5,8 @@
     keys = fastlclip.corpus.select("scores/", by="clip_cos_0", top_fraction=0.5)
 
 The unit of work is one input shard (``readers``): one Parquet file per shard and one manifest line per
-shard (``writer``); shards whose output exists are skipped, so running the same command again resumes.
+shard (``writer``); shards whose output is complete are skipped, so running the same command again resumes
+(into a folder made with the same settings and weights only).
 Engines: ``engines``. Columns: ``scoring``. Keep-lists: ``selection``. Command line: ``python -m fastlclip.corpus --help``.
 """
 
@@ -17,15 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from ..inputs import check_space
+from ..runtime import BACKENDS as _RUNTIME_BACKENDS
 from .engines import ENGINES, rank_split, run_local, run_ray
 from .readers import shard_kind, shard_stem
-from .runner import ON_ERROR, ShardOptions, report as _report_line
-from .scoring import DEFAULT_TEMPLATES, ScoreSpec, check_prompts
-from .selection import select
-from .writer import check_run_file, read_manifest
+from .runner import ON_ERROR, ShardOptions, report as _report_line, run_identity
+from .scoring import DEFAULT_TEMPLATES, Scorer, ScoreSpec, check_prompts, fingerprint
+from .selection import MissingShards, select
+from .writer import check_run_file, read_manifest, record_inputs
 
-__all__ = ["ScoreReport", "expand_inputs", "read_manifest", "score", "select"]
+BACKENDS = (*_RUNTIME_BACKENDS, "auto")
+
+__all__ = ["MissingShards", "ScoreReport", "expand_inputs", "read_manifest", "score", "select"]
 
 
 @dataclass
@@ -59,35 +65,97 @@ class ScoreReport:
 
 
 def expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard paths from files and folders (a folder: its tar and Parquet files, sorted); missing ones are an error."""
+    """Shard paths from files and folders (a folder: its tar and Parquet files, sorted); missing ones are an error.
+
+    Every shard is a regular file (a FIFO or device is refused, never opened); a shard named twice (directly,
+    through a folder or a link) is kept once, at its first place.
+    """
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not items:
         raise ValueError("no input shards given")
-    shards, missing, unknown = [], [], []
+    if any(not isinstance(i, (str, os.PathLike)) or not str(i).strip() for i in items):
+        raise ValueError(f"input shards must be non-empty paths, got {[i for i in items if not str(i).strip()]!r}")
+    shards, missing, unknown, irregular = [], [], [], []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(str(f) for f in p.iterdir() if f.is_file() and shard_kind(f))
+            found = sorted(f for f in p.iterdir() if shard_kind(f) and not f.is_dir())
             if not found:
                 unknown.append(f"{p}/ (no .tar or .parquet files)")
-            shards += found
+            irregular += [str(f) for f in found if not f.is_file()]
+            shards += [str(f) for f in found if f.is_file()]
         elif not p.exists():
             missing.append(str(p))
         elif shard_kind(p) is None:
             unknown.append(str(p))
+        elif not p.is_file():
+            irregular.append(str(p))
         else:
             shards.append(str(p))
     if missing:
         raise FileNotFoundError(f"input shards not found: {', '.join(missing[:5])}"
                                 + (f" ... ({len(missing)} in all)" if len(missing) > 5 else ""))
+    if irregular:
+        raise ValueError(f"not regular files (a FIFO, device or socket is never read): {', '.join(irregular[:5])}")
     if unknown:
         raise ValueError(f"not WebDataset tar (.tar, .tar.gz, .tgz) or Parquet (.parquet) shards: {', '.join(unknown[:5])}")
+    unique: dict[str, str] = {}
+    for s in shards:
+        unique.setdefault(os.path.realpath(s), s)
+    shards = list(unique.values())
     stems: dict[str, str] = {}
     for s in shards:
         other = stems.setdefault(shard_stem(s), s)
         if other != s:
             raise ValueError(f"{other} and {s} would both write {shard_stem(s)}.parquet; give shards distinct names")
     return shards
+
+
+def check_out(out, inputs: Sequence[str | os.PathLike]) -> Path:
+    """The output folder: a non-empty path that is not an input, not inside an input folder, and holds no input."""
+    if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
+        raise ValueError(f"out must be a non-empty folder path, got {out!r}")
+    real = os.path.realpath(out)
+    for item in inputs:
+        other = os.path.realpath(item)
+        if os.path.commonpath([real, other]) in (real, other):
+            how = "is" if real == other else ("is inside" if os.path.commonpath([real, other]) == other else "holds")
+            raise ValueError(f"the output folder {out} {how} the input {item}: outputs and inputs would mix; "
+                             "pass an --out outside the inputs")
+    return Path(out)
+
+
+def check_device(device, engine: str) -> None:
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e}); e.g. 'cpu', 'cuda', 'cuda:1'") from None
+    if dev.type == "cuda" and engine == "local":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}, but CUDA is not available here; pass device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}, but there are {torch.cuda.device_count()} CUDA devices")
+
+
+def check_templates(templates: list[str]) -> None:
+    """Each template takes exactly the class name: ``t.format(name)`` works and contains the name."""
+    for t in templates:
+        try:
+            ok = "\x00class\x00" in t.format("\x00class\x00")
+        except (IndexError, KeyError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"template {t!r} must take the class name through one '{{}}' "
+                             "(e.g. 'a photo of a {}.'); other braces are written '{{' and '}}'")
+
+
+def check_member(member) -> None:
+    if member is None:
+        return
+    if not isinstance(member, str) or not (member.endswith((".pt", ".pth", ".npy")) or member in ("pt", "pth", "npy")):
+        raise ValueError(f"member must name a .pt, .pth or .npy tar member such as 'latent.pt', got {member!r}")
 
 
 def _positive_int(value, what: str) -> int:
@@ -107,13 +175,27 @@ def score(inputs, out, *, model, pretrained=None, prompts=None, classes=None, te
     ``"a photo of a {}."``): zero-shot ``prob_<class>`` columns and ``label``. ``safety``: checker margins and
     ``safety_flag``. ``embeddings``: fp16 ``embedding``. ``space``: ``"vae"`` (raw posterior samples, the
     default) or ``"diffusion"``. ``engine``: ``"local"`` or ``"ray"``; ``workers``: processes or actors.
-    ``on_error="skip"`` records a bad sample (shape, NaN, unreadable member) in the manifest and scores the
-    rest of its shard; ``"raise"`` fails the shard instead. A shard that fails is recorded with status
-    ``error``, gets no output (so the next run retries it), and the other shards go on.
+    ``on_error="skip"`` records a bad sample (shape, NaN, overflow in the model's dtype or inside the model, a
+    bad key, an unreadable member) in the manifest and scores the rest of its shard; ``"raise"`` fails the
+    shard instead. A shard that fails (unreadable, or no sample has the member) is recorded with status
+    ``error``, gets no output (so the next run retries it), and the other shards go on. ``out`` may not be,
+    lie inside, or hold an input. Every argument is checked, and the model built, before anything is written.
     ``member``: tar member holding the latent (default ``latent.pt``, then ``latent.npy``); ``column``: the
     Parquet tensor column. ``device`` / ``dtype`` / ``backend``: as ``fastlclip.load``.
     """
+    return _prepare(inputs, out, model=model, pretrained=pretrained, prompts=prompts, classes=classes,
+                    templates=templates, safety=safety, embeddings=embeddings, space=space, engine=engine,
+                    workers=workers, batch_size=batch_size, on_error=on_error, member=member, column=column,
+                    device=device, dtype=dtype, backend=backend, progress=progress)()
+
+
+def _prepare(inputs, out, *, model, pretrained, prompts, classes, templates, safety, embeddings, space, engine,
+             workers, batch_size, on_error, member, column, device, dtype, backend, progress):
+    """Check every argument and set up the output folder; the returned callable runs the shards (the command line
+    tells the two apart: a bad argument exits 2, a run that fails exits 1)."""
     shards = expand_inputs(inputs)
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    out = check_out(out, [*items, *shards])
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     _positive_int(workers, "workers")
@@ -123,21 +205,34 @@ def score(inputs, out, *, model, pretrained=None, prompts=None, classes=None, te
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    check_device(device, engine)
+    check_member(member)
+    if not isinstance(column, str) or not column.strip():
+        raise ValueError(f"column must name the Parquet latent column, got {column!r}")
     if model is None:
         raise ValueError("model is required: a config name such as 'Latent-ViT-B-8-512', a config dict or JSON path")
     prompts = check_prompts(prompts, "prompts")
     classes = check_prompts(classes, "classes")
     templates = check_prompts(templates, "templates") or list(DEFAULT_TEMPLATES)
-    if templates and classes and not all("{}" in t for t in templates):
-        raise ValueError(f"every template needs a '{{}}' for the class name, got {templates!r}")
+    if classes:
+        check_templates(templates)
     if not (prompts or classes or safety or embeddings):
         raise ValueError("nothing to compute: pass prompts, classes, safety=True or embeddings=True")
     if isinstance(model, str) and not os.path.exists(model):
         from .. import get_model_config
 
         get_model_config(model)  # an unknown name fails here, before any output
-    if pretrained is not None and not str(pretrained).startswith("hf-hub:") and not os.path.exists(pretrained):
-        raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
+    if pretrained is not None:
+        pretrained = str(pretrained)
+        if not pretrained.strip():
+            raise ValueError("pretrained must be a checkpoint path or hf-hub:REPO, got ''")
+        if not pretrained.startswith("hf-hub:"):
+            if not os.path.exists(pretrained):
+                raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
+            if not (os.path.isfile(pretrained) or os.path.isdir(pretrained)):
+                raise ValueError(f"pretrained {pretrained} is not a regular file or folder (a FIFO is never read)")
     if engine == "ray":
         from .engines import _import_ray
 
@@ -146,14 +241,20 @@ def score(inputs, out, *, model, pretrained=None, prompts=None, classes=None, te
     else:
         mine = rank_split(shards)
 
-    spec = ScoreSpec(model=model, pretrained=None if pretrained is None else str(pretrained), prompts=prompts,
-                     classes=classes, templates=templates, safety=bool(safety), embeddings=bool(embeddings),
-                     space=space, device=device, dtype=dtype, backend=backend)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_run_file(out, spec.identity())
+    spec = ScoreSpec(model=model, pretrained=pretrained, prompts=prompts, classes=classes, templates=templates,
+                     safety=bool(safety), embeddings=bool(embeddings), space=space, device=device, dtype=dtype,
+                     backend=backend, weights=fingerprint(model, pretrained))
     opts = ShardOptions(out=str(out), batch_size=batch_size, on_error=on_error, member=member, column=column,
                         run_id=uuid.uuid4().hex[:12])
+    single = engine == "local" and (workers == 1 or len(mine) <= 1)
+    # The model is built before anything is written: a checkpoint or config that does not load is a bad argument,
+    # not a worker or actor dying later. One local process keeps it; other engines' workers build their own.
+    scorer = spec.build(None if single else "cpu") if mine else None
+    if not single:
+        scorer = None  # that was the check: workers and actors build their own
+    out.mkdir(parents=True, exist_ok=True)
+    check_run_file(out, run_identity(spec, opts))
+    record_inputs(out, opts.run_id, shards)
     done = [0]
 
     def report(record: dict) -> None:
@@ -161,5 +262,11 @@ def score(inputs, out, *, model, pretrained=None, prompts=None, classes=None, te
         if progress:
             _report_line(record, done[0], len(mine))
 
-    run = run_ray if engine == "ray" else run_local
-    return ScoreReport(run(mine, spec, opts, workers, report) if mine else [])
+    def run() -> ScoreReport:
+        if not mine:
+            return ScoreReport([])
+        if single:
+            return ScoreReport(run_local(mine, spec, opts, workers, report, scorer=scorer))
+        return ScoreReport((run_ray if engine == "ray" else run_local)(mine, spec, opts, workers, report))
+
+    return run

@@ -1,12 +1,16 @@
 """Command line: ``python -m fastlclip.corpus score ...`` and ``python -m fastlclip.corpus select ...``.
 
 Every argument is checked before any work starts; a bad one is reported in one line on stderr with exit
-status 2. ``score`` prints one line per shard on stderr and exits 1 when any shard failed.
+status 2. ``score`` prints one line per shard on stderr and exits 1 when any shard failed, or when the run
+itself failed (a worker killed, Ray failing): one line saying why, finished shards kept. ``select`` exits 1
+when shards of the folder have no scores (named on stderr), unless ``--allow-missing``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -20,9 +24,27 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(_fail(f"{self.prog}: error: {message}"))
 
 
-def _fail(line: str) -> int:
-    print(line, file=sys.stderr, flush=True)
-    return USAGE_ERROR
+def _fail(line: str, code: int = USAGE_ERROR) -> int:
+    print(" | ".join(part for part in line.splitlines() if part.strip()), file=sys.stderr, flush=True)
+    return code
+
+
+def error_line(e: BaseException, with_type: bool = True) -> str:
+    """``e`` in one line, ``Type: message``. Ray wraps a worker's error: its cause (``cause`` / ``__cause__``) when
+    that says more, and from a Ray error's many-line text the last ``SomeError: message`` line (the worker's own)."""
+    seen = {id(e)}
+    inner = getattr(e, "cause", None) or e.__cause__
+    while isinstance(inner, BaseException) and id(inner) not in seen and str(inner).strip():
+        seen.add(id(inner))
+        e, inner = inner, getattr(inner, "cause", None) or inner.__cause__
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    lines = [line.strip() for line in msg.splitlines() if line.strip()]
+    if type(e).__module__.startswith("ray.") and len(lines) > 1:
+        raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+        if raised:
+            return raised[-1]
+    first = lines[0] if lines else ""
+    return f"{type(e).__name__}: {first}" if with_type else first
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--safety", action="store_true", help="safety_<category> margins and safety_flag")
     s.add_argument("--embeddings", action="store_true", help="fp16 embedding column")
     s.add_argument("--space", choices=("vae", "diffusion"), default="vae",
-                   help="vae: raw posterior samples (default); diffusion: pipeline latents (x 0.13025)")
+                   help="vae: raw posterior samples (default); diffusion: pipeline latents (converted with the model "
+                        "VAE's scaling and shift)")
     s.add_argument("--engine", choices=ENGINES, default="local")
     s.add_argument("--workers", type=int, default=1, help="processes (local) or actors (ray)")
     s.add_argument("--batch-size", type=int, default=256)
@@ -57,32 +80,63 @@ def parser() -> argparse.ArgumentParser:
     g = k.add_mutually_exclusive_group(required=True)
     g.add_argument("--threshold", type=float, help="keep rows with value >= X")
     g.add_argument("--top-fraction", type=float, help="keep the highest fraction F in (0, 1]")
-    k.add_argument("--out", required=True, help="keys file to write")
+    k.add_argument("--out", required=True, help="keys file to write (outside DIR)")
+    k.add_argument("--allow-missing", action="store_true",
+                   help="select from the scored shards even when others failed or were never scored")
     return p
+
+
+def _check_keys_file(out: str, folder: str) -> None:
+    if not out.strip():
+        raise ValueError("--out must be a file path, got ''")
+    real, scores = os.path.realpath(out), os.path.realpath(folder)
+    if os.path.commonpath([real, scores]) == scores:
+        raise ValueError(f"--out {out} is inside the scores folder {folder}; write the keys file elsewhere")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder; pass a file path")
+
+
+def _select(args) -> int:
+    from . import MissingShards, select
+
+    prog = "python -m fastlclip.corpus select: error"
+    try:
+        _check_keys_file(args.out, args.folder)
+        keys = select(args.folder, by=args.by, threshold=args.threshold, top_fraction=args.top_fraction,
+                      allow_missing=args.allow_missing)
+    except MissingShards as e:
+        return _fail(f"{prog}: {e}", SHARD_FAILED)
+    except (ValueError, OSError) as e:
+        return _fail(f"{prog}: {e}")
+    try:
+        Path(args.out).write_text("".join(f"{k}\n" for k in keys))
+    except OSError as e:
+        return _fail(f"{prog}: cannot write {args.out}: {e}", SHARD_FAILED)
+    print(f"[fastlclip.corpus] {len(keys)} keys -> {args.out}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from . import score, select  # after parsing: --help stays fast
+    from . import _prepare  # after parsing: --help stays fast
 
     if args.command == "select":
-        try:
-            keys = select(args.folder, by=args.by, threshold=args.threshold, top_fraction=args.top_fraction)
-            Path(args.out).write_text("".join(f"{k}\n" for k in keys))
-        except (ValueError, OSError) as e:
-            return _fail(f"python -m fastlclip.corpus select: error: {e}")
-        print(f"[fastlclip.corpus] {len(keys)} keys -> {args.out}", file=sys.stderr)
-        return 0
-
+        return _select(args)
     kwargs = dict(model=args.model, pretrained=args.pretrained, prompts=args.prompts, classes=args.classes,
                   templates=args.templates, safety=args.safety, embeddings=args.embeddings, space=args.space,
                   engine=args.engine, workers=args.workers, batch_size=args.batch_size, on_error=args.on_error,
-                  member=args.member, column=args.column, device=args.device, dtype=args.dtype, backend=args.backend)
+                  member=args.member, column=args.column, device=args.device, dtype=args.dtype, backend=args.backend,
+                  progress=True)
+    prog = "python -m fastlclip.corpus score: error"
     try:
-        report = score(args.shards, args.out, **kwargs)
-    except (ValueError, TypeError, KeyError, OSError, ImportError, RuntimeError) as e:
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        return _fail(f"python -m fastlclip.corpus score: error: {msg}")
+        run = _prepare(args.shards, args.out, **kwargs)
+    except Exception as e:  # every argument check: one line, exit 2
+        return _fail(f"{prog}: {error_line(e, with_type=False)}")
+    try:
+        report = run()
+    except Exception as e:  # the run itself failed (a worker killed, Ray): finished shards are kept
+        return _fail(f"{prog}: the run failed ({error_line(e)}); finished shards are kept: rerun the same command "
+                     "to resume", SHARD_FAILED)
     failed = report.failed
     print(f"[fastlclip.corpus] {len(report.ok)} shards scored ({report.rows} rows, {len(report.bad_samples)} bad "
           f"samples skipped), {len(report.skipped)} already done, {len(failed)} failed; manifest: "

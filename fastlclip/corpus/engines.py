@@ -16,6 +16,7 @@ same for all of them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable
@@ -42,9 +43,11 @@ def rank_split(shards: list[str], env=os.environ) -> list[str]:
     return sorted(shards)[rank::world]
 
 
-def run_local(shards: list[str], spec: ScoreSpec, opts: ShardOptions, workers: int, report: Report) -> list[dict]:
+def run_local(shards: list[str], spec: ScoreSpec, opts: ShardOptions, workers: int, report: Report,
+              scorer: Scorer | None = None) -> list[dict]:
+    """Score ``shards`` here (one worker; ``scorer``: one already built) or in ``workers`` spawned processes."""
     if workers == 1 or len(shards) <= 1:
-        scorer = Scorer(spec)
+        scorer = scorer or spec.build()
         records = []
         for shard in shards:
             records.append(process_shard(shard, scorer, opts))
@@ -77,7 +80,7 @@ def _init_worker(spec: ScoreSpec, opts: ShardOptions, workers: int, counter) -> 
         device = f"cuda:{index % torch.cuda.device_count()}"
     elif device in (None, "cpu"):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    _WORKER = (Scorer(spec, device), opts)
+    _WORKER = (spec.build(device), opts)
 
 
 def _work(shard: str) -> dict:
@@ -99,7 +102,7 @@ class ShardScorer:
     """Ray Data actor: builds the scorer once, then scores whole shards, one per batch row."""
 
     def __init__(self, spec: ScoreSpec, opts: ShardOptions):
-        self.scorer = Scorer(spec)
+        self.scorer = spec.build()
         self.opts = opts
 
     def __call__(self, batch: dict) -> dict:
@@ -109,9 +112,11 @@ class ShardScorer:
 
 def run_ray(shards: list[str], spec: ScoreSpec, opts: ShardOptions, workers: int, report: Report) -> list[dict]:
     ray = _import_ray()
-    if not ray.is_initialized():
-        ray.init()
+    if not ray.is_initialized():  # workers' output stays in Ray's log files: stderr has one line per shard
+        ray.init(log_to_driver=False, logging_level=logging.ERROR)
     gpus = ray.cluster_resources().get("GPU", 0)
+    if spec.device is not None and torch.device(spec.device).type == "cuda" and not gpus:
+        raise ValueError(f"device={spec.device!r}, but the Ray cluster has no GPUs; pass device='cpu' or leave it out")
     if gpus:
         resources = {"num_gpus": 1, "num_cpus": 1}
     else:  # fractional: Ray Data's read and output tasks need CPUs of their own
@@ -120,6 +125,10 @@ def run_ray(shards: list[str], spec: ScoreSpec, opts: ShardOptions, workers: int
     ctx = ray.data.DataContext.get_current()
     saved = ctx.enable_progress_bars
     ctx.enable_progress_bars = False  # one line per shard comes from ``report`` instead
+    # A failure is raised to the caller, whose one line says why; Ray Data's own copy (a stack trace) stays quiet.
+    quiet = [(log, log.level) for log in map(logging.getLogger, ("ray", "ray.data"))]
+    for log, _ in quiet:
+        log.setLevel(logging.CRITICAL)
     try:
         ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
         ds = ds.map_batches(ShardScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
@@ -131,3 +140,5 @@ def run_ray(shards: list[str], spec: ScoreSpec, opts: ShardOptions, workers: int
         return records
     finally:
         ctx.enable_progress_bars = saved
+        for log, level in quiet:
+            log.setLevel(level)

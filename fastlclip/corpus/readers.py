@@ -6,14 +6,20 @@ members sharing a key, the key being the member path up to the first dot of its 
 
 - ``*.pt`` / ``*.pth``: ``torch.save``'d tensors, read with ``torch.load(weights_only=True)``: a member that
   pickles anything but tensors is refused without running it (never a plain unpickle);
-- ``*.npy``: numpy arrays, read with ``allow_pickle=False``.
+- ``*.npy``: numpy arrays, read with ``allow_pickle=False``;
+- images (``jpg``, ``jpeg``, ``png``, ``webp``; when asked for by ``member``): decoded by Pillow to a uint8
+  (3, H, W) RGB tensor (``fastlclip.distill`` VAE-encodes image shards).
 
 Parquet shards hold one latent per row in a tensor column (default ``latent``): Arrow's fixed-shape tensor
 type, (nested) lists of numbers, flat lists (reshaped to the model's latent shape) or ``.npy`` bytes. The
-key comes from a ``key`` / ``__key__`` column, else ``<shard stem>/<row>``.
+key comes from a ``key`` / ``__key__`` column (text, UTF-8 bytes or integers), else ``<shard stem>/<row>``.
 
-A shard that cannot be read (truncated tar, bad Parquet) raises; a sample that cannot be decoded comes back
-with ``error`` set and the rest of the shard goes on.
+Keys are checked where they are read (``key_problem``): a key is non-empty UTF-8 text on one line (no control,
+line-separator or undecodable characters) whose last path part is not empty, so a keep-list written one key
+per line reads back as the same keys. A sample with a bad key, an undecodable member or a null row comes back
+with ``error`` set (its ``key`` then shown with ``ascii``) and the rest of the shard goes on. A shard that
+cannot be read as a whole (truncated tar, bad Parquet, a latent column of strings or booleans) raises
+``ShardError``.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +38,7 @@ import torch
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
 DEFAULT_MEMBERS = ("latent.pt", "latent.npy")  # tried in order when no member name is given
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 KEY_COLUMNS = ("key", "__key__")
 
 
@@ -43,6 +51,26 @@ class Sample:
     key: str
     latent: torch.Tensor | None  # as stored (any shape / dtype); None when ``error`` says why
     error: str | None = None
+    missing: bool = False  # a tar sample without the wanted member (a shard where every sample is missing fails)
+
+
+def key_problem(key) -> str | None:
+    """Why ``key`` cannot name a sample, or None when it can (see the module docstring)."""
+    if not isinstance(key, str):
+        return f"key is {'null' if key is None else type(key).__name__}, not text"
+    if not key or key.endswith("/"):
+        return "empty key (a tar member's key is its file name up to the first dot)"
+    for c in key:
+        cat = unicodedata.category(c)
+        if cat == "Cs":
+            return "key is not valid UTF-8"
+        if cat in ("Cc", "Zl", "Zp"):
+            return f"key holds the control or line-break character {c!r}"
+    return None
+
+
+def _bad_key(key, problem: str, where: str) -> Sample:
+    return Sample(ascii(key), None, f"{where}: {problem}")
 
 
 def shard_kind(path: str | os.PathLike) -> str | None:
@@ -64,8 +92,11 @@ def shard_stem(path: str | os.PathLike) -> str:
     return name
 
 
-def read_shard(path: str | os.PathLike, *, member: str | None = None, column: str = "latent") -> Iterator[Sample]:
-    """Yield the samples of one shard in stored order; raise ``ShardError`` when the shard itself is unreadable."""
+def read_shard(path: str | os.PathLike, *, member: str | Sequence[str] | None = None,
+               column: str = "latent") -> Iterator[Sample]:
+    """Yield the samples of one shard in stored order; raise ``ShardError`` when the shard itself is unreadable.
+
+    ``member``: the tar member to read, or several tried in order (default ``DEFAULT_MEMBERS``)."""
     kind = shard_kind(path)
     if kind == "tar":
         return _read_tar(Path(path), member)
@@ -93,6 +124,8 @@ def decode_member(data: bytes, ext: str) -> torch.Tensor:
         if not isinstance(obj, torch.Tensor):
             raise ValueError(f"{ext} holds a {type(obj).__name__}, not a tensor")
         return obj
+    if ext.rpartition(".")[2].lower() in IMAGE_MEMBERS:
+        return _decode_image(data, ext)
     if ext.endswith(".npy") or ext == "npy":
         try:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
@@ -102,26 +135,41 @@ def decode_member(data: bytes, ext: str) -> torch.Tensor:
     raise ValueError(f"member extension {ext!r} is neither .pt/.pth nor .npy")
 
 
+def _decode_image(data: bytes, ext: str) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            arr = np.asarray(img.convert("RGB"))
+    except Exception as e:  # PIL.UnidentifiedImageError, truncated files
+        raise ValueError(f"unreadable {ext} image: {type(e).__name__}: {e}") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
 def _from_numpy(arr: np.ndarray) -> torch.Tensor:
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"latent has dtype {arr.dtype}, not a number type")
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def _read_tar(path: Path, member: str | None) -> Iterator[Sample]:
-    wanted = (member,) if member else DEFAULT_MEMBERS
+def _read_tar(path: Path, member: str | Sequence[str] | None) -> Iterator[Sample]:
+    wanted = (member,) if isinstance(member, str) else tuple(member) if member else DEFAULT_MEMBERS
     try:
         tf = tarfile.open(path, mode="r|*")
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"{path.name}: not a readable tar: {e}") from None
-    key, members = None, {}
+    key, members, first = None, {}, None
 
     def finish() -> Sample | None:
         if key is None:
             return None
+        problem = key_problem(key)
+        if problem is not None:
+            return _bad_key(key, problem, f"member {ascii(first)}")
         ext = next((w for w in wanted if w in members), None)
         if ext is None:
-            return Sample(key, None, f"no {' or '.join(wanted)} member (has: {', '.join(sorted(members)) or 'none'})")
+            return Sample(key, None, f"no {' or '.join(wanted)} member (has: {', '.join(sorted(members)) or 'none'})",
+                          missing=True)
         data = members[ext]
         if isinstance(data, Exception):
             return Sample(key, None, f"duplicate member: {data}")
@@ -140,7 +188,7 @@ def _read_tar(path: Path, member: str | None) -> Iterator[Sample]:
                     done = finish()
                     if done is not None:
                         yield done
-                    key, members = k, {}
+                    key, members, first = k, {}, info.name
                 if ext in members:  # webdataset refuses a sample with two members of one name
                     members[ext] = ValueError(f"member {info.name} appears twice in a row")
                 elif ext in wanted:
@@ -177,21 +225,36 @@ def _read_parquet(path: Path, column: str) -> Iterator[Sample]:
 
     try:
         pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
+        schema = pf.schema_arrow
     except Exception as e:
         raise ShardError(f"{path.name}: unreadable Parquet ({type(e).__name__}: {e})") from None
-    if column not in names:
-        raise ShardError(f"{path.name}: no column {column!r} (columns: {', '.join(names)}); pass column=")
-    key_col = next((k for k in KEY_COLUMNS if k in names), None)
+    if column not in schema.names:
+        raise ShardError(f"{path.name}: no column {column!r} (columns: {', '.join(schema.names)}); pass column=")
+    _check_latent_type(path, column, schema.field(column).type, pa)
+    key_col = next((k for k in KEY_COLUMNS if k in schema.names), None)
+    if key_col is not None:
+        t = schema.field(key_col).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+                or pa.types.is_large_binary(t) or pa.types.is_integer(t)):
+            raise ShardError(f"{path.name}: key column {key_col!r} has type {t}; keys must be text, UTF-8 bytes or integers")
     stem, row = shard_stem(path), 0
     try:
         for batch in pf.iter_batches(columns=[column] + ([key_col] if key_col else []), batch_size=1024):
-            values = batch.column(0)
             keys = batch.column(1).to_pylist() if key_col else [f"{stem}/{row + i}" for i in range(len(batch))]
-            tensors = _arrow_tensors(values, pa)
-            for i, k in enumerate(keys):
-                t = tensors[i]
-                yield Sample(str(k), None, t) if isinstance(t, str) else Sample(str(k), t)
+            tensors = _arrow_tensors(batch.column(0), pa)
+            for i, (k, t) in enumerate(zip(keys, tensors)):
+                if isinstance(k, bytes):
+                    try:
+                        k = k.decode("utf-8")
+                    except UnicodeDecodeError:
+                        pass  # key_problem: not text
+                elif isinstance(k, int):
+                    k = str(k)
+                problem = key_problem(k)
+                if problem is not None:
+                    yield _bad_key(k, "not valid UTF-8" if isinstance(k, bytes) else problem, f"row {row + i}")
+                else:
+                    yield Sample(k, None, t) if isinstance(t, str) else Sample(k, t)
             row += len(batch)
     except ShardError:
         raise
@@ -199,10 +262,24 @@ def _read_parquet(path: Path, column: str) -> Iterator[Sample]:
         raise ShardError(f"{path.name}: unreadable Parquet ({type(e).__name__}: {e})") from None
 
 
+def _check_latent_type(path: Path, column: str, t, pa) -> None:
+    """A latent column holds floating-point numbers (in lists or a tensor type) or ``.npy`` bytes; else the shard fails."""
+    leaf = t.value_type if isinstance(t, pa.FixedShapeTensorType) else t
+    while pa.types.is_list(leaf) or pa.types.is_large_list(leaf) or pa.types.is_fixed_size_list(leaf):
+        leaf = leaf.value_type
+    if not (pa.types.is_floating(leaf) or pa.types.is_binary(leaf) or pa.types.is_large_binary(leaf)):
+        raise ShardError(f"{path.name}: column {column!r} holds {leaf} values ({t}); latents are floating-point "
+                         "numbers or .npy bytes: pass column= to name the latent column")
+
+
 def _arrow_tensors(values, pa) -> list:
     """One tensor (or an error string) per element of an Arrow tensor column."""
+    import pyarrow.compute as pc
+
     if isinstance(values.type, pa.FixedShapeTensorType):
-        return [_from_numpy(a.copy()) for a in values.to_numpy_ndarray()]
+        valid = pc.invert(values.is_null()).to_pylist()
+        dense = iter(values.filter(pc.invert(values.is_null())).to_numpy_ndarray() if any(valid) else ())
+        return [_from_numpy(next(dense).copy()) if ok else "null latent" for ok in valid]
     binary = pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type)
     if not binary:
         dense = _dense_lists(values, pa)
@@ -214,12 +291,10 @@ def _arrow_tensors(values, pa) -> list:
             out.append("null latent")
             continue
         try:
-            out.append(decode_member(v, "npy") if binary else _from_numpy(np.asarray(v, dtype=np.float32)))
+            out.append(decode_member(v, "npy") if binary else _from_numpy(np.asarray(v, dtype=np.float64)))
         except (ValueError, TypeError) as e:  # ragged nested lists, nulls inside a list
             out.append(f"not a numeric array: {e}")
     return out
-
-
 def _dense_lists(values, pa) -> np.ndarray | None:
     """(Nested) list columns without nulls and with equal lengths per level as one numpy array, else None."""
     import pyarrow.compute as pc

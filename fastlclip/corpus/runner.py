@@ -7,10 +7,11 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .readers import Sample, read_shard
-from .scoring import Scorer
+from .readers import DEFAULT_MEMBERS, Sample, read_shard
+from .scoring import Scorer, ScoreSpec
 from .writer import append_manifest, build_table, is_done, output_path, write_atomic
 
 ON_ERROR = ("skip", "raise")
@@ -21,7 +22,7 @@ class ShardOptions:
     out: str
     batch_size: int = 256
     on_error: str = "skip"  # a bad sample: "skip" (recorded in the manifest) or "raise" (the shard fails)
-    member: str | None = None  # tar member with the latent; None: latent.pt, then latent.npy
+    member: str | tuple[str, ...] | None = None  # tar member(s) with the latent; None: latent.pt, then latent.npy
     column: str = "latent"  # Parquet column with the latent
     run_id: str = ""
 
@@ -30,11 +31,19 @@ class BadSample(ValueError):
     pass
 
 
-def check_sample(sample: Sample, shape: tuple[int, ...]) -> torch.Tensor:
-    """The sample's latent as a (C, H, W) float tensor of the model's shape, or ``BadSample`` saying why not."""
+def run_identity(spec: ScoreSpec, opts: ShardOptions) -> dict:
+    """What must match for two runs to share an output folder: the scores' settings and which latents are read."""
+    return {**spec.identity(), "member": opts.member, "column": opts.column}
+
+
+def check_sample(sample: Sample, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The sample's latent as a (C, H, W) tensor of the model's shape, cast to ``dtype`` (the model's) and finite
+    there, or ``BadSample`` saying why not."""
     if sample.error is not None:
         raise BadSample(sample.error)
     x = sample.latent
+    if x.layout != torch.strided or x.device.type != "cpu":
+        raise BadSample(f"a {x.layout} tensor on {x.device}; latents are dense tensors with their values stored")
     if x.ndim == len(shape) + 1 and x.shape[0] == 1:
         x = x[0]
     if x.ndim == 1 and x.numel() == torch.Size(shape).numel():
@@ -45,7 +54,33 @@ def check_sample(sample: Sample, shape: tuple[int, ...]) -> torch.Tensor:
         raise BadSample(f"dtype {x.dtype}, latents must be floating point")
     if not torch.isfinite(x).all():
         raise BadSample("NaN or Inf in the latent")
+    if dtype is not None:
+        x = x.to(dtype)
+        if not torch.isfinite(x).all():
+            raise BadSample(f"overflows {dtype} (max |x| = {sample.latent.abs().max().item():.3g}), the model's dtype")
     return x
+
+
+def finite_rows(columns: dict[str, np.ndarray]) -> np.ndarray:
+    """Per row: every number the model gave for it is finite (a row with a NaN or Inf score has no valid score)."""
+    ok = None
+    for values in columns.values():
+        if values.dtype.kind == "f":
+            row = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+            ok = row if ok is None else ok & row
+    return ok
+
+
+def _checked(sample: Sample, scorer: Scorer) -> torch.Tensor:
+    """``check_sample`` where anything odd about one member (a sparse or meta tensor, ...) is a bad sample."""
+    try:
+        if hasattr(scorer, "check"):  # a scorer with its own reading rule (fastlclip.distill's image shards)
+            return scorer.check(sample)
+        return check_sample(sample, scorer.shape, scorer.dtype)
+    except BadSample:
+        raise
+    except Exception as e:
+        raise BadSample(f"unusable latent ({type(e).__name__}: {e})") from None
 
 
 def process_shard(shard: str, scorer: Scorer, opts: ShardOptions) -> dict:
@@ -67,23 +102,38 @@ def process_shard(shard: str, scorer: Scorer, opts: ShardOptions) -> dict:
 
     def flush():
         t = time.perf_counter()
-        for name, values in scorer(torch.stack(batch)).items():
+        latents = torch.stack(batch)
+        columns = scorer(latents)
+        ok = finite_rows(columns)
+        if ok is not None and not ok.all():  # overflowed inside the model: never a score or a label
+            for i in np.flatnonzero(~ok):
+                error = (f"the model's output is NaN or Inf (the latent overflowed inside the model; max |x| = "
+                         f"{latents[i].abs().max().item():.3g})")
+                if opts.on_error == "raise":
+                    raise BadSample(f"sample {batch_keys[i]!r}: {error}")
+                record["bad"].append({"key": batch_keys[i], "error": error})
+            columns = {name: values[ok] for name, values in columns.items()}
+            batch_keys[:] = [k for k, kept in zip(batch_keys, ok) if kept]
+        for name, values in columns.items():
             chunks.setdefault(name, []).append(values)
         keys.extend(batch_keys)
         batch.clear()
         batch_keys.clear()
         record["model_s"] += time.perf_counter() - t
 
+    samples_seen = matched = 0
     try:
         samples = read_shard(shard, member=opts.member, column=opts.column)
         while True:
             t = time.perf_counter()
             sample = next(samples, None)
             if sample is not None:
+                samples_seen += 1
+                matched += not sample.missing
                 try:
                     if sample.key in seen:
                         raise BadSample("duplicate key in this shard")
-                    latent = check_sample(sample, scorer.shape)
+                    latent = _checked(sample, scorer)
                 except BadSample as e:
                     if opts.on_error == "raise":
                         raise BadSample(f"sample {sample.key!r}: {e}") from None
@@ -98,10 +148,13 @@ def process_shard(shard: str, scorer: Scorer, opts: ShardOptions) -> dict:
                 batch_keys.append(sample.key)
                 if len(batch) == opts.batch_size:
                     flush()
+        if samples_seen and not matched:  # a wrong member name: an error to fix, never a finished empty shard
+            raise BadSample(f"no sample has a {opts.member or ' or '.join(DEFAULT_MEMBERS)} member "
+                            f"(first: {record['bad'][0]['error']}); pass member= (--member) to name the latent member")
         if batch:
             flush()
         t = time.perf_counter()
-        meta = {"shard": str(shard), "settings": scorer.spec.identity(), "bad": record["bad"]}
+        meta = {"shard": str(shard), "settings": run_identity(scorer.spec, opts), "bad": record["bad"]}
         table = build_table(keys, chunks, names, scorer.embed_dim, meta)
         write_atomic(table, output_path(opts.out, shard))
         record["write_s"] = time.perf_counter() - t

@@ -13,6 +13,8 @@ Columns of every output file, after ``key``:
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -39,6 +41,11 @@ class ScoreSpec:
     device: str | None = None  # None: cuda (LOCAL_RANK's GPU under torchrun) if available, else cpu
     dtype: str = "float32"
     backend: str = "eager"
+    weights: dict | None = None  # ``fingerprint(model, pretrained)``, set once by ``score``: which weights exactly
+
+    def build(self, device: str | None = None) -> "Scorer":
+        """The scorer the engines run (another spec type, e.g. ``fastlclip.distill``'s, builds its own)."""
+        return Scorer(self, device)
 
     def identity(self) -> dict:
         """What must match for two runs' outputs to share a folder (not where or how they ran)."""
@@ -46,9 +53,46 @@ class ScoreSpec:
         if pretrained is not None and os.path.exists(str(pretrained)):
             pretrained = os.path.abspath(pretrained)
         d = {"model": "<LatentCLIP object>" if _is_model(self.model) else self.model, "pretrained": pretrained,
-             "prompts": self.prompts, "classes": self.classes, "templates": self.templates if self.classes else None,
-             "safety": self.safety, "embeddings": self.embeddings, "space": self.space, "dtype": self.dtype}
+             "weights": self.weights, "prompts": self.prompts, "classes": self.classes,
+             "templates": self.templates if self.classes else None, "safety": self.safety,
+             "embeddings": self.embeddings, "space": self.space, "dtype": self.dtype}
         return json.loads(json.dumps(d, default=str))
+
+
+def fingerprint(model, pretrained: str | None) -> dict:
+    """SHA-256 digests of what decides the weights: an in-memory model's tensors, a config file's and a local
+    checkpoint's bytes (every file of a checkpoint folder). A checkpoint replaced at the same path, or another
+    model object, changes them; names (config names, ``hf-hub:`` ids) are recorded as given."""
+    out = {}
+    if _is_model(model):
+        h = hashlib.sha256()
+        for name, t in model.state_dict().items():
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        out["model_sha256"] = h.hexdigest()
+    elif isinstance(model, (str, os.PathLike)) and os.path.isfile(model):
+        out["config_sha256"] = _file_digest(model)
+    if pretrained is not None and os.path.exists(pretrained):
+        if os.path.isdir(pretrained):
+            h = hashlib.sha256()
+            for root, dirs, files in sorted(os.walk(pretrained)):
+                dirs.sort()
+                for f in sorted(files):
+                    path = os.path.join(root, f)
+                    h.update(f"{os.path.relpath(path, pretrained)}:{_file_digest(path)};".encode())
+            out["pretrained_sha256"] = h.hexdigest()
+        else:
+            out["pretrained_sha256"] = _file_digest(pretrained)
+    return out
+
+
+def _file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _is_model(obj) -> bool:
@@ -71,9 +115,11 @@ class Scorer:
 
         self.spec = spec
         device = device or spec.device or default_device()
-        dtype = getattr(torch, spec.dtype)
+        self.dtype = dtype = getattr(torch, spec.dtype)
         if _is_model(spec.model):
-            model = spec.model.to(device=device, dtype=dtype)
+            model = spec.model
+            if model.device != torch.device(device) or model.dtype != dtype:  # a copy: the caller's model stays as is
+                model = copy.deepcopy(model).to(device=device, dtype=dtype)
         else:
             # Seeded, so workers and resumed runs agree even on random weights (pretrained=None).
             with torch.random.fork_rng(devices=[]):

@@ -5,16 +5,20 @@ Layout of an output folder::
     <out>/<shard stem>.parquet   one per finished shard: written to <stem>.parquet.tmp, then os.replace'd
     <out>/manifest.jsonl         one JSON line per shard per run: shard, status (ok / error / skipped), rows,
                                  seconds (read_s, model_s, write_s), error, bad (keys of skipped samples)
-    <out>/run.json               the settings every file in the folder was made with
+    <out>/run.json               the settings every file in the folder was made with (with the weights' digests)
+    <out>/inputs.jsonl           one JSON line per ``score`` call: every shard it was given (what ``select`` expects)
 
-A shard is done exactly when its final ``.parquet`` exists: a process killed mid-write leaves only the
-``.tmp`` file, which never counts and is overwritten when the shard runs again.
+A shard is done exactly when its final ``.parquet`` is a regular file (not a link) whose Parquet footer reads
+and names the shard: a process killed mid-write leaves only the ``.tmp`` file, which never counts, and an
+empty or damaged output is scored again. Nothing is written through a symbolic link: a planted ``.tmp`` link
+is removed, a ``manifest.jsonl`` / ``run.json`` / ``inputs.jsonl`` that is not a regular file is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +28,7 @@ from .readers import shard_stem
 
 MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
+INPUTS = "inputs.jsonl"
 TMP_SUFFIX = ".tmp"
 
 
@@ -32,7 +37,29 @@ def output_path(out: str | os.PathLike, shard: str | os.PathLike) -> Path:
 
 
 def is_done(out: str | os.PathLike, shard: str | os.PathLike) -> bool:
-    return output_path(out, shard).is_file()
+    return readable_output(output_path(out, shard))
+
+
+def readable_output(path: Path, scored: bool = True) -> bool:
+    """``path`` is a regular file (not a link) whose Parquet footer reads (and, if ``scored``, names a shard)."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file() or path.is_symlink() or path.stat().st_size == 0:
+        return False
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception:
+        return False
+    return not scored or b"fastlclip.shard" in meta
+
+
+def check_folder(out: Path) -> None:
+    """Refuse an output folder whose bookkeeping files are links or not regular files (never written through)."""
+    for name in (MANIFEST, RUN_FILE, INPUTS):
+        p = out / name
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            raise ValueError(f"{p} is a link or not a regular file; fastlclip.corpus never writes through one: "
+                             "remove it, or pass another --out")
 
 
 def build_table(keys: Sequence[str], columns: dict[str, list[np.ndarray]], names: Sequence[str], embed_dim: int,
@@ -50,6 +77,9 @@ def build_table(keys: Sequence[str], columns: dict[str, list[np.ndarray]], names
             arr = pa.array(np.concatenate(chunks).tolist() if chunks else [], type=pa.string())
         elif name == "safety_flag":
             arr = pa.array(np.concatenate(chunks) if chunks else np.zeros(0, bool), type=pa.bool_())
+        elif chunks and chunks[0].ndim == 2:  # one fixed-size vector per row, in its own dtype (e.g. a flat latent)
+            flat = np.concatenate(chunks)
+            arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
         else:
             arr = pa.array(np.concatenate(chunks) if chunks else np.zeros(0, np.float32), type=pa.float32())
         arrays.append(arr)
@@ -64,34 +94,71 @@ def write_atomic(table, final: Path) -> None:
 
     tmp = final.with_name(final.name + TMP_SUFFIX)
     try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
+        with _new_file(tmp) as f:
+            pq.write_table(table, f)
+        os.replace(tmp, final)  # replaces a link at ``final`` itself, never its target
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def _new_file(path: Path):
+    """``path`` opened for writing as a new file: a stale file or planted link there is removed first, and the
+    open refuses to follow a link (``O_EXCL | O_NOFOLLOW``)."""
+    if os.path.lexists(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.fdopen(fd, "wb")
+
+
 def append_manifest(out: str | os.PathLike, record: dict) -> None:
     """One line per call, in one ``write`` on an ``O_APPEND`` descriptor, so concurrent workers don't interleave."""
+    _append(Path(out) / MANIFEST, record)
+
+
+def _append(path: Path, record: dict) -> None:
     line = (json.dumps(record, default=str) + "\n").encode()
-    fd = os.open(Path(out) / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags, 0o644)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file; fastlclip.corpus writes only regular files")
         os.write(fd, line)
     finally:
         os.close(fd)
 
 
 def read_manifest(out: str | os.PathLike) -> list[dict]:
-    path = Path(out) / MANIFEST
-    if not path.exists():
+    return _read_lines(Path(out) / MANIFEST)
+
+
+def _read_lines(path: Path) -> list[dict]:
+    if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def record_inputs(out: str | os.PathLike, run: str, shards: Sequence[str]) -> None:
+    """Note every shard a ``score`` call was given (all ranks' shards), so ``select`` can name the missing ones."""
+    _append(Path(out) / INPUTS, {"run": run, "shards": [str(s) for s in shards]})
+
+
+def expected_shards(out: str | os.PathLike) -> dict[str, str]:
+    """Output stem -> shard path for every shard any ``score`` call into ``out`` was given or recorded."""
+    stems = {}
+    for line in _read_lines(Path(out) / INPUTS):
+        for s in line.get("shards", []):
+            stems.setdefault(shard_stem(s), s)
+    for r in read_manifest(out):
+        stems.setdefault(shard_stem(r["shard"]), r["shard"])
+    return stems
+
+
 def check_run_file(out: Path, identity: dict) -> None:
     """Record the run's settings in ``run.json``; refuse a folder whose outputs were made with other settings."""
+    check_folder(out)
     path = out / RUN_FILE
-    if path.exists() and any(out.glob("*.parquet")):
+    if path.exists() and any(readable_output(p) for p in out.glob("*.parquet")):
         old = json.loads(path.read_text())
         if old != identity:
             diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
@@ -99,5 +166,6 @@ def check_run_file(out: Path, identity: dict) -> None:
                              "would mix them: pass another --out, or delete the folder to start over")
         return
     tmp = path.with_name(f"{RUN_FILE}.{os.getpid()}{TMP_SUFFIX}")
-    tmp.write_text(json.dumps(identity, indent=2) + "\n")
+    with _new_file(tmp) as f:
+        f.write((json.dumps(identity, indent=2) + "\n").encode())
     os.replace(tmp, path)

@@ -1,0 +1,187 @@
+"""Command line: ``python -m fastlclip.distill targets | train | eval``.
+
+Every argument is checked before any work starts; a bad one is reported in one line on stderr with exit
+status 2. Under ``python -m torch.distributed.run --nproc_per_node N -m fastlclip.distill train ...`` every
+process runs the same command (``--batch-size`` is the global batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise SystemExit(_fail(f"{self.prog}: error: {message}"))
+
+
+def _fail(line: str) -> int:
+    print(line, file=sys.stderr, flush=True)
+    return USAGE_ERROR
+
+
+def _int(min_value: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < min_value:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {min_value}")
+        return value
+    return parse
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _teacher_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="open_clip model name (open_clip.list_models())")
+    p.add_argument("--teacher-config", metavar="JSON", help="open_clip config JSON, registered under --teacher's name")
+    p.add_argument("--teacher-pretrained", metavar="FILE", help="the teacher's weights (open_clip checkpoint)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m fastlclip.distill", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("targets", help="decode latents and embed them with the teacher (resumable)")
+    t.add_argument("shards", nargs="+", metavar="SHARD", help="WebDataset .tar or .parquet shards, or folders of them")
+    t.add_argument("--out", required=True, help="targets folder (rerun the same command to resume)")
+    t.add_argument("--vae", required=True, help="registered VAE (fastlclip.list_vaes()) or a diffusers folder")
+    _teacher_args(t)
+    t.add_argument("--space", choices=("vae", "diffusion"), default="vae", help="the shards' latents (default: vae)")
+    t.add_argument("--image-size", type=_int(8), help="image shards: crop side in px (default: the first image's)")
+    t.add_argument("--batch-size", type=_int(1), default=64)
+    t.add_argument("--engine", choices=("local", "ray"), default="local")
+    t.add_argument("--workers", type=_int(1), default=1, help="processes (local) or actors (ray)")
+    t.add_argument("--device", help="default: cuda if available (LOCAL_RANK's GPU under torchrun), else cpu")
+    t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+
+    r = sub.add_parser("train", help="train a latent student on targets (resumable; torchrun for DDP)")
+    r.add_argument("targets", metavar="TARGETS", help="a targets folder")
+    r.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl, final.safetensors")
+    r.add_argument("--student", required=True, metavar="CONFIG", help="registered fastlclip config name or JSON file")
+    _teacher_args(r)
+    r.add_argument("--steps", type=_int(1), required=True)
+    r.add_argument("--batch-size", type=_int(1), required=True, help="the global batch")
+    r.add_argument("--lr", type=_float, required=True)
+    r.add_argument("--warmup-steps", type=_int(0), required=True)
+    r.add_argument("--save-every", type=_int(1), required=True)
+    r.add_argument("--seed", type=_int(0), required=True)
+    r.add_argument("--init", choices=("scratch", "teacher"), default="scratch")
+    r.add_argument("--noise-aware", action="store_true")
+    r.add_argument("--patch-steps", type=_int(0), help="--init teacher: steps training the patch embedding alone "
+                                                        "(default: steps / 5)")
+    r.add_argument("--eval-every", type=_int(1))
+    r.add_argument("--holdout", type=_float, default=0.05, help="fraction of keys held out (default 0.05)")
+    r.add_argument("--weight-decay", type=_float, default=0.0)
+    r.add_argument("--log-every", type=_int(1), default=10)
+    r.add_argument("--backend", choices=("eager", "triton"), default="eager")
+    r.add_argument("--device", help="default: cuda (LOCAL_RANK's GPU) if available, else cpu")
+
+    e = sub.add_parser("eval", help="held-out cosine and zero-shot agreement with the teacher (JSON on stdout)")
+    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a student's final.safetensors")
+    e.add_argument("targets", metavar="TARGETS", help="a targets folder")
+    e.add_argument("--classes", nargs="+", metavar="C", help="class names for zero-shot agreement")
+    e.add_argument("--holdout", type=_float, help="held-out fraction (default: the one trained with; 0: all rows)")
+    e.add_argument("--device", default="cpu")
+    return p
+
+
+def _check_teacher(args) -> None:
+    from .teacher import register_teacher_config
+
+    if args.teacher_config is not None:
+        if not os.path.isfile(args.teacher_config):
+            raise ValueError(f"--teacher-config {args.teacher_config} does not exist")
+        register_teacher_config(args.teacher, args.teacher_config)
+    import open_clip
+
+    if args.teacher not in open_clip.list_models():
+        raise ValueError(f"--teacher {args.teacher!r} is not an open_clip model; pass --teacher-config JSON to register it")
+    if args.teacher_pretrained is not None and not os.path.isfile(args.teacher_pretrained):
+        raise ValueError(f"--teacher-pretrained {args.teacher_pretrained} does not exist")
+
+
+def _check_targets_folder(path: str) -> dict:
+    """The folder's ``run.json``; an error unless it is a targets folder."""
+    from .targets import KIND
+
+    run = Path(path) / "run.json"
+    info = json.loads(run.read_text()) if run.is_file() else {}
+    if info.get("kind") != KIND:
+        raise ValueError(f"{path} is not a targets folder (no targets run.json); make one with "
+                         "python -m fastlclip.distill targets")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from . import evaluate, make_targets, train
+    from .targets import vae_config
+    from ..model_configs import ModelConfig
+    from .train import check_train_args, resolve_student, with_targets_vae
+
+    prog = f"python -m fastlclip.distill {args.command}"
+    try:  # every argument, before any work
+        if args.command == "targets":
+            from .. import corpus
+
+            corpus.expand_inputs(args.shards)
+            vae_config(args.vae)
+            _check_teacher(args)
+        elif args.command == "train":
+            check_train_args(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                             init=args.init, save_every=args.save_every, eval_every=args.eval_every,
+                             patch_steps=args.patch_steps, holdout=args.holdout, weight_decay=args.weight_decay,
+                             log_every=args.log_every, backend=args.backend)
+            info = _check_targets_folder(args.targets)
+            ModelConfig.from_dict(with_targets_vae(resolve_student(args.student), info), name=args.student)
+            _check_teacher(args)
+        else:
+            if not os.path.isfile(args.checkpoint):
+                raise ValueError(f"checkpoint {args.checkpoint} does not exist")
+            _check_targets_folder(args.targets)
+            if args.holdout is not None and not 0 <= args.holdout < 1:
+                raise ValueError(f"--holdout must be a fraction in [0, 1), got {args.holdout}")
+    except (ValueError, FileNotFoundError, OSError) as e:
+        return _fail(f"{prog}: error: {e}")
+
+    teacher = dict(teacher=getattr(args, "teacher", None), teacher_pretrained=getattr(args, "teacher_pretrained", None),
+                   teacher_config=getattr(args, "teacher_config", None))
+    try:
+        if args.command == "targets":
+            report = make_targets(args.shards, args.out, vae=args.vae, space=args.space, image_size=args.image_size,
+                                  batch_size=args.batch_size, engine=args.engine, workers=args.workers,
+                                  device=args.device, dtype=args.dtype, **teacher)
+            print(f"[fastlclip.distill] {len(report.ok)} shards ({report.rows} targets), {len(report.skipped)} already "
+                  f"done, {len(report.failed)} failed -> {args.out}", file=sys.stderr)
+            return 1 if report.failed else 0
+        if args.command == "train":
+            final = train(args.targets, args.out, student=args.student, steps=args.steps, batch_size=args.batch_size,
+                          lr=args.lr, warmup_steps=args.warmup_steps, init=args.init, noise_aware=args.noise_aware,
+                          seed=args.seed, save_every=args.save_every, eval_every=args.eval_every,
+                          patch_steps=args.patch_steps, holdout=args.holdout, weight_decay=args.weight_decay,
+                          log_every=args.log_every, backend=args.backend, device=args.device, **teacher)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(final)
+            return 0
+        print(json.dumps(evaluate(args.checkpoint, args.targets, args.classes, holdout=args.holdout,
+                                  device=args.device), indent=2))
+        return 0
+    except ValueError as e:  # settings that only the data can refute (shapes, VAE, embed_dim)
+        return _fail(f"{prog}: error: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

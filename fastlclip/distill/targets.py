@@ -1,0 +1,284 @@
+"""Distillation targets: every latent of a corpus decoded by its VAE and embedded by the pixel teacher.
+
+Built on ``fastlclip.corpus``: the same shard readers, one atomic Parquet file per shard, the manifest, the
+``run.json`` resume identity and the local / Ray / RANK engines; only the per-batch work differs
+(:class:`TargetScorer`: decode, teacher preprocessing, teacher image tower). A target file has the columns
+
+- ``key``: the sample key;
+- ``embedding``: the teacher's normalised image embedding (float16, ``embed_dim`` wide);
+- ``latent``: the latent in VAE space (``raw = z / scaling + shift`` for diffusion-space input), float16,
+  flattened; its shape is ``latent_shape`` in the folder's ``run.json``.
+
+Shards of images (``jpg`` / ``jpeg`` / ``png`` / ``webp`` members, found when a shard's first sample has no
+latent member) are accepted too: each image is resized (shorter side, bicubic) and centre-cropped to
+``image_size``, VAE-encoded (the posterior mean) to give the latent, and the teacher embeds that image itself
+rather than its decode, the better target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import corpus
+from ..corpus.engines import ENGINES, rank_split, run_local, run_ray
+from ..corpus.readers import DEFAULT_MEMBERS, IMAGE_MEMBERS, ShardError, read_shard
+from ..corpus.runner import ON_ERROR, BadSample, ShardOptions, check_sample, report as report_line
+from ..corpus.writer import RUN_FILE, check_run_file
+from . import teacher as teachers
+
+KIND = "fastlclip.distill targets"
+
+
+def vae_config(vae) -> dict[str, Any]:
+    """The diffusers config of ``vae`` (a registered name, a diffusers folder or a module), without building it."""
+    from .. import vaes
+
+    if isinstance(vae, torch.nn.Module):
+        return json.loads(json.dumps(dict(vae.config), default=list))
+    if isinstance(vae, str) and vae in vaes.list_vaes():
+        return vaes.get_vae_config(vae)
+    path = Path(vae)
+    for p in (path / "config.json", path / "vae" / "config.json"):
+        if p.is_file():
+            return json.loads(p.read_text())
+    raise ValueError(f"vae {str(vae)!r} is neither a registered VAE ({vaes.list_vaes()}) nor a diffusers folder "
+                     "with a config.json")
+
+
+def _vae_label(vae) -> str:
+    if isinstance(vae, torch.nn.Module):
+        return f"<{type(vae).__name__} module>"
+    return os.path.abspath(vae) if os.path.exists(str(vae)) else str(vae)
+
+
+@dataclass
+class TargetSpec:
+    """What a worker needs to build a :class:`TargetScorer`; plain data (or modules), so it pickles."""
+
+    vae: Any
+    teacher: Any
+    teacher_pretrained: str | None = None
+    teacher_config: dict | None = None
+    space: str = "vae"
+    shape: tuple[int, int, int] = (16, 64, 64)
+    vae_cfg: dict = field(default_factory=dict)
+    image_size: int | None = None  # image shards: the side images are cropped to; None: latent shards
+    device: str | None = None
+    dtype: str = "float32"
+
+    def build(self, device: str | None = None) -> "TargetScorer":
+        return TargetScorer(self, device)
+
+    def identity(self) -> dict:
+        pretrained = self.teacher_pretrained
+        if pretrained is not None and os.path.exists(pretrained):
+            pretrained = os.path.abspath(pretrained)
+        teacher = self.teacher if isinstance(self.teacher, str) else f"<{type(self.teacher).__name__} module>"
+        d = {"kind": KIND, "vae": _vae_label(self.vae), "vae_cfg": self.vae_cfg, "teacher": teacher,
+             "teacher_pretrained": pretrained, "teacher_config": self.teacher_config, "space": self.space,
+             "latent_shape": list(self.shape), "image_size": self.image_size, "dtype": self.dtype}
+        return json.loads(json.dumps(d, default=str))
+
+
+class TargetScorer:
+    """The corpus scorer interface (``shape``, ``columns()``, ``embed_dim``, ``spec``, ``scorer(latents)``) for
+    targets: VAE decode, then the teacher's embedding of the decoded image."""
+
+    def __init__(self, spec: TargetSpec, device: str | None = None):
+        from .. import vaes
+        from ..corpus.scoring import default_device
+
+        self.spec = spec
+        self.shape = tuple(spec.shape)
+        device = device or spec.device or default_device()
+        dtype = getattr(torch, spec.dtype)
+        self.vae = vaes.build_vae(spec.vae, dtype=dtype, device=device).eval().requires_grad_(False)
+        self.space = vaes.latent_space(spec.vae_cfg)
+        self.teacher = teachers.load_teacher(spec.teacher, spec.teacher_pretrained, spec.teacher_config, device)
+        self.teacher.to(dtype)
+        self.embed_dim = int(self.teacher.visual.output_dim)
+        self.device = torch.device(device)
+
+    def columns(self) -> list[str]:
+        return ["embedding", "latent"]
+
+    def check(self, sample) -> torch.Tensor:
+        """A latent of the folder's shape, or an image resized and centre-cropped to ``image_size`` (in [0, 1])."""
+        size = self.spec.image_size
+        if size is None:
+            return check_sample(sample, self.shape)
+        if sample.error is not None:
+            raise BadSample(sample.error)
+        x = sample.latent
+        if x.dtype != torch.uint8 or x.ndim != 3 or x.shape[0] != 3:
+            raise BadSample(f"not an RGB image: {tuple(x.shape)} {x.dtype}")
+        return teachers.resize_crop(x.float()[None] / 255, size)[0]
+
+    @torch.no_grad()
+    def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        if self.spec.image_size is not None:
+            images = (batch.to(self.device, torch.float32) * 2 - 1).to(self.vae.dtype)
+            out = self.vae.encode(images)
+            raw = (out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents).float()
+        else:
+            raw = batch.to(self.device, torch.float32)
+            if self.spec.space == "diffusion":
+                raw = self.space.to_vae(raw)
+            images = self.vae.decode(raw.to(self.vae.dtype)).sample
+        emb = teachers.embed_images(self.teacher, images)
+        return {"embedding": emb.half().cpu().numpy(), "latent": raw.half().flatten(1).cpu().numpy()}
+
+
+def _first_sample(shards: list[str], member, column) -> torch.Tensor:
+    """The first readable latent or image of the shards (latent members first, then images)."""
+    wanted = member or (*DEFAULT_MEMBERS, *IMAGE_MEMBERS)
+    for shard in shards:
+        try:
+            for sample in read_shard(shard, member=wanted, column=column):
+                x = sample.latent
+                if x is not None and x.ndim == 4 and x.shape[0] == 1:
+                    x = x[0]
+                if x is not None and x.ndim == 3:
+                    return x
+        except ShardError:
+            continue
+    raise ValueError("no readable (C, H, W) latent or image in the input shards: can't tell their shape")
+
+
+def _downsampling(cfg: dict) -> int:
+    blocks = cfg.get("block_out_channels") or cfg.get("encoder_block_out_channels") or (0,) * 4
+    return 2 ** (len(blocks) - 1)
+
+
+def make_targets(shards, out, *, vae, teacher, teacher_pretrained=None, teacher_config=None, space="vae",
+                 batch_size=64, engine="local", workers=1, on_error="skip", member=None, column="latent",
+                 image_size=None, device=None, dtype="float32", progress=True) -> corpus.ScoreReport:
+    """Decode every latent of ``shards`` with ``vae`` and store the teacher's normalised embedding per key.
+
+    ``vae``: a registered name (``fastlclip.list_vaes()``), a diffusers folder, or a module (an
+    ``AutoencoderKL`` / ``AutoencoderTiny``; local engine). ``teacher``: an open_clip model name (weights
+    ``teacher_pretrained``; ``teacher_config``, a dict or JSON file, registers the name first) or an open_clip
+    ``CLIP`` module. ``space``: the shards' latents, ``"vae"`` (raw posterior samples) or ``"diffusion"``.
+    ``engine`` / ``workers`` / ``on_error`` / ``member`` / ``column`` / ``device``: as
+    ``fastlclip.corpus.score``; rerunning the same call resumes, skipping finished shards. Image shards (see
+    the module docstring): ``image_size`` (default: the first image's shorter side, down to a multiple of the
+    VAE's downsampling).
+    """
+    shard_list = corpus.expand_inputs(shards)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    for value, what in ((batch_size, "batch_size"), (workers, "workers")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    if space not in ("vae", "diffusion"):
+        raise ValueError(f"space must be 'vae' or 'diffusion', got {space!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}")
+    if teacher_config is not None and not isinstance(teacher_config, dict):
+        teacher_config = json.loads(Path(teacher_config).read_text())
+    cfg = vae_config(vae)
+    if not isinstance(teacher, torch.nn.Module):
+        teachers.load_teacher(teacher, teacher_pretrained, teacher_config)  # a bad name or file fails before work
+    first = _first_sample(shard_list, member, column)
+    channels, factor = cfg.get("latent_channels", 4), _downsampling(cfg)
+    if first.dtype == torch.uint8:  # image shards
+        if image_size is None:
+            image_size = min(first.shape[-2:]) // factor * factor
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < factor or image_size % factor:
+            raise ValueError(f"image_size must be a positive multiple of the VAE's downsampling {factor}, got {image_size!r}")
+        shape = (channels, image_size // factor, image_size // factor)
+        member = member or IMAGE_MEMBERS
+    else:
+        image_size = None
+        shape = tuple(int(s) for s in first.shape)
+        if shape[0] != channels:
+            raise ValueError(f"the shards' latents have {shape[0]} channels, the VAE {channels}: wrong --vae for them")
+
+    spec = TargetSpec(vae=vae, teacher=teacher, teacher_pretrained=None if teacher_pretrained is None
+                      else str(teacher_pretrained), teacher_config=teacher_config, space=space, shape=shape,
+                      vae_cfg=cfg, image_size=image_size, device=device, dtype=dtype)
+    mine = shard_list if engine == "ray" else rank_split(shard_list)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_run_file(out, spec.identity())
+    opts = ShardOptions(out=str(out), batch_size=batch_size, on_error=on_error, member=member, column=column,
+                        run_id=uuid.uuid4().hex[:12])
+    done = [0]
+
+    def report(record: dict) -> None:
+        done[0] += 1
+        if progress:
+            report_line(record, done[0], len(mine))
+
+    run = run_ray if engine == "ray" else run_local
+    return corpus.ScoreReport(run(mine, spec, opts, workers, report) if mine else [])
+
+
+def is_holdout(key: str, fraction: float) -> bool:
+    """The held-out split: a fixed function of the key (CRC32), so every rank, run and resume agrees on it."""
+    return zlib.crc32(key.encode()) % 100_000 < fraction * 100_000
+
+
+@dataclass
+class Targets:
+    """A target folder in memory: ``keys``, ``latents`` (N, C, H, W) float16 in VAE space, ``embeddings``
+    (N, D) float16, and the folder's ``info`` (its ``run.json``)."""
+
+    keys: list[str]
+    latents: torch.Tensor
+    embeddings: torch.Tensor
+    info: dict
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def split(self, holdout: float) -> tuple["Targets", "Targets"]:
+        """(training rows, held-out rows)."""
+        held = torch.tensor([is_holdout(k, holdout) for k in self.keys], dtype=torch.bool)
+        return self.subset(~held), self.subset(held)
+
+    def subset(self, mask: torch.Tensor) -> "Targets":
+        idx = mask.nonzero().flatten()
+        return Targets([self.keys[i] for i in idx.tolist()], self.latents[idx], self.embeddings[idx], self.info)
+
+
+def read_targets(folder) -> Targets:
+    """All rows of a ``make_targets`` folder, files in sorted order (the data order is defined on this)."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    run = folder / RUN_FILE
+    if not run.is_file():
+        raise ValueError(f"{folder} is not a targets folder (no {RUN_FILE}): make it with "
+                         "python -m fastlclip.distill targets")
+    info = json.loads(run.read_text())
+    if info.get("kind") != KIND:
+        raise ValueError(f"{folder} holds fastlclip.corpus scores, not distillation targets")
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise ValueError(f"{folder} has no finished target files (*.parquet)")
+    shape = tuple(info["latent_shape"])
+    keys, lat, emb = [], [], []
+    for f in files:
+        t = pq.read_table(f, columns=["key", "embedding", "latent"])
+        if len(t) == 0:  # a shard whose every sample was bad
+            continue
+        keys += t.column("key").to_pylist()
+        emb.append(np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(len(t), -1))
+        lat.append(np.asarray(t.column("latent").combine_chunks().flatten()).reshape(len(t), *shape))
+    if not keys:
+        raise ValueError(f"{folder} holds no target rows (every sample was bad: see its manifest.jsonl)")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{folder}: a key appears in more than one row; keys must be unique across shards")
+    return Targets(keys, torch.from_numpy(np.concatenate(lat)), torch.from_numpy(np.concatenate(emb)), info)

@@ -1,0 +1,411 @@
+"""Training a latent student against the teacher's embeddings: ``train(targets, run_dir, ...)``.
+
+Loss: ``1 - cos(student, teacher)`` on normalised embeddings. On unit vectors this is half the squared
+distance, so it is plain feature matching (which CLIP-KD found the best single distillation loss for CLIP,
+above relation, contrastive or logit losses), restricted to the direction: everything fastlclip does with an
+embedding (rewards, zero-shot, safety, corpus scores) reads only its direction.
+
+Recipe: ``init="teacher"`` copies the teacher's image transformer, ``ln_post`` and ``proj`` (and class token,
+``ln_pre``, the positional table resampled to the latent grid) and trains a new patch embedding alone for
+``patch_steps`` steps, then everything (the Latent-CLIP authors' start-from-pixel-CLIP recipe); each stage has
+its own linear warmup and cosine decay. ``noise_aware=True`` trains on ``x_s = (1 - s) x + s eps`` over
+diffusion-space latents, ``s ~ U[0, 1]`` per sample, against the clean image's target.
+
+Determinism: the global batch of step ``t`` is positions ``[t B, (t + 1) B)`` of the concatenated per-epoch
+permutations (epoch ``e`` shuffled by a generator seeded with ``(seed, e)``); its noise comes from a generator
+seeded with ``(seed, t)``; rank ``r`` of ``W`` takes rows ``[r B / W, (r + 1) B / W)``. So the data order and
+noise are functions of the step alone: a resumed run, and a run on any number of processes at the same global
+batch, sees the same samples in the same order. ``run_dir/checkpoint.pt`` (model, optimizer, scheduler, RNG,
+step) is replaced atomically every ``save_every`` steps; rerunning the same call resumes from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import LatentCLIP
+from ..model_configs import ModelConfig, _REGISTRY, read_config_file
+from . import teacher as teachers
+from .targets import Targets, read_targets
+
+CHECKPOINT, FINAL, METRICS = "checkpoint.pt", "final.safetensors", "metrics.jsonl"
+DISTILL_META_KEY = "fastlclip_distill"
+INITS = ("scratch", "teacher")
+TRAIN_BACKENDS = ("eager", "triton")
+
+
+def resolve_student(student) -> dict[str, Any]:
+    """A student config dict from a registered name, a JSON file or a dict (a copy; validated by ``student_config``
+    once its VAE is known)."""
+    if isinstance(student, Mapping):
+        cfg = copy.deepcopy(dict(student))
+    elif isinstance(student, str) and student in _REGISTRY:
+        cfg = copy.deepcopy(_REGISTRY[student])
+    elif str(student).endswith(".json"):
+        cfg = read_config_file(student)
+    else:
+        raise ValueError(f"student {student!r} is neither a registered config ({sorted(_REGISTRY)}) nor a JSON file")
+    if not isinstance(cfg, Mapping) or not isinstance(cfg.get("vision_cfg"), Mapping):
+        raise ValueError(f"student {student!r}: a fastlclip model config (a JSON object with vision_cfg, embed_dim)")
+    return cfg
+
+
+def with_targets_vae(cfg: dict[str, Any], info: dict) -> dict[str, Any]:
+    """``cfg`` naming the VAE the targets were made with (its name when registered, else its embedded config)."""
+    from .. import vaes
+
+    cfg, vae = copy.deepcopy(cfg), info["vae"]
+    if vae in vaes.list_vaes():
+        if cfg.get("vae", vae) != vae:
+            raise ValueError(f"the student config names the VAE {cfg['vae']!r}, the targets were made with {vae!r}")
+        cfg.pop("vae_cfg", None)
+        cfg["vae"] = vae
+    else:
+        cfg.pop("vae", None)
+        cfg["vae_cfg"] = info["vae_cfg"]
+    return cfg
+
+
+def student_config(student, teacher: nn.Module, info: dict, noise_aware: bool) -> dict[str, Any]:
+    """The student's full config: its image tower, the teacher's text tower and embed_dim, the targets' VAE."""
+    cfg = with_targets_vae(resolve_student(student), info)
+    text = teachers.text_config(teacher)
+    if cfg.get("embed_dim") != text["embed_dim"]:
+        raise ValueError(f"the student's embed_dim is {cfg.get('embed_dim')}, the teacher's {text['embed_dim']}: they "
+                         "must match (the student is scored against the teacher's text tower)")
+    cfg["text_cfg"] = text["text_cfg"]
+    v = cfg["vision_cfg"] = dict(cfg["vision_cfg"])
+    if noise_aware:
+        v["noise_aware"] = True
+    c, h, w = info["latent_shape"]
+    mc = ModelConfig.from_dict(cfg, name="student")
+    if mc.vision.latent_channels != c or mc.vision.latent_size != h or h != w:
+        raise ValueError(f"the targets' latents are {c}x{h}x{w}; the student takes {mc.vision.latent_channels}x"
+                         f"{mc.vision.latent_size}x{mc.vision.latent_size}: set vision_cfg.latent_n_channels={c} and "
+                         f"image_size / latent_factor = {h}")
+    return cfg
+
+
+def lr_lambda(start: int, warmup: int, end: int):
+    """0 before ``start``, linear warmup over ``warmup`` steps, then cosine to 0 at ``end``."""
+    def f(step: int) -> float:
+        t = step - start
+        if t < 0:
+            return 0.0
+        if t < warmup:
+            return (t + 1) / warmup
+        span = max(1, end - start - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warmup) / span)))
+    return f
+
+
+class DataOrder:
+    """Sample indices of global batch ``t`` (see the module docstring), one cached permutation per epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g)}
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> torch.Tensor:
+        pos = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        out = torch.empty_like(pos)
+        for epoch in pos.div(self.n, rounding_mode="floor").unique().tolist():
+            m = pos.div(self.n, rounding_mode="floor") == epoch
+            out[m] = self._perm(epoch)[pos[m] % self.n]
+        return out
+
+
+def step_noise(seed: int, step: int, batch_size: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise levels (B,) and noise (B, C, H, W) of global batch ``step``."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * step + 1)
+    return torch.rand(batch_size, generator=g), torch.randn(batch_size, *shape, generator=g)
+
+
+class Student(nn.Module):
+    """The trainable forward: raw VAE latents (+ noise) -> normalised student embeddings."""
+
+    def __init__(self, model: LatentCLIP, noise_aware: bool):
+        super().__init__()
+        self.model = model
+        self.noise_aware = noise_aware
+
+    def forward(self, raw: torch.Tensor, s: torch.Tensor | None = None, eps: torch.Tensor | None = None):
+        if s is None:
+            return self.model.encode_latents(raw, space="vae")
+        z = self.model.latent_space.to_diffusion(raw)
+        x = (1 - s.view(-1, 1, 1, 1)) * z + s.view(-1, 1, 1, 1) * eps
+        return self.model.encode_latents(x, space="diffusion", noise_level=s)
+
+
+def distill_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean ``1 - cos`` between the rows of two batches of normalised embeddings (computed in float32)."""
+    return (1 - (student.float() * F.normalize(target.float(), dim=-1)).sum(-1)).mean()
+
+
+def _dist() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _positive(value, what: str, zero_ok: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
+        raise ValueError(f"{what} must be a {'non-negative' if zero_ok else 'positive'} integer, got {value!r}")
+    return value
+
+
+def check_train_args(*, steps, batch_size, lr, warmup_steps, init, save_every, eval_every, patch_steps, holdout,
+                     weight_decay, log_every, backend) -> None:
+    _positive(steps, "steps")
+    _positive(batch_size, "batch_size")
+    _positive(warmup_steps, "warmup_steps", zero_ok=True)
+    _positive(save_every, "save_every")
+    _positive(log_every, "log_every")
+    if eval_every is not None:
+        _positive(eval_every, "eval_every")
+    if patch_steps is not None and (_positive(patch_steps, "patch_steps", zero_ok=True) >= steps):
+        raise ValueError(f"patch_steps ({patch_steps}) must be below steps ({steps})")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1 or not math.isfinite(lr):
+        raise ValueError(f"lr must be a number in (0, 1), got {lr!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < 1:
+        raise ValueError(f"weight_decay must be a number in [0, 1), got {weight_decay!r}")
+    if not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if backend not in TRAIN_BACKENDS:
+        raise ValueError(f"backend must be one of {TRAIN_BACKENDS}, got {backend!r}")
+
+
+@torch.no_grad()
+def held_out_cosine(student: Student, held: Targets, noise_levels=(), seed: int = 0, batch_size: int = 256) -> dict:
+    """Mean held-out cosine to the teacher: clean, and per noise level for a noise-aware student (fixed noise)."""
+    device = student.model.device
+    levels = [None, *noise_levels]
+    sums = [0.0] * len(levels)
+    g = torch.Generator().manual_seed(seed)
+    eps_all = torch.randn(len(held), *held.latents.shape[1:], generator=g) if noise_levels else None
+    for i in range(0, len(held), batch_size):
+        raw = held.latents[i:i + batch_size].to(device, torch.float32)
+        target = held.embeddings[i:i + batch_size].to(device)
+        for j, s in enumerate(levels):
+            if s is None:
+                emb = student(raw)
+            else:
+                eps = eps_all[i:i + batch_size].to(device)
+                emb = student(raw, torch.full((len(raw),), float(s), device=device), eps)
+            sums[j] += (len(raw) * (1 - distill_loss(emb, target))).item()
+    out = {"cosine": sums[0] / max(1, len(held))}
+    if noise_levels:
+        out["cosine_at"] = {str(s): sums[j + 1] / max(1, len(held)) for j, s in enumerate(noise_levels)}
+    return out
+
+
+def train(targets, run_dir, *, student, teacher, teacher_pretrained=None, teacher_config=None, steps, batch_size,
+          lr, warmup_steps, init="scratch", noise_aware=False, seed=0, save_every=100, eval_every=None,
+          patch_steps=None, holdout=0.05, weight_decay=0.0, log_every=10, backend="eager", device=None,
+          progress=True) -> Path:
+    """Distil ``teacher``'s image embeddings (``make_targets``) into a latent student; returns
+    ``run_dir/final.safetensors``, a complete Latent-CLIP (``fastlclip.load(None, path)``).
+
+    ``student``: a fastlclip config (registered name, JSON file or dict) whose ``embed_dim`` is the teacher's;
+    its text tower and VAE are set from the teacher and the targets. ``batch_size`` is global (split over
+    torchrun's processes). ``patch_steps`` (``init="teacher"``; default ``steps // 5``): steps that train the
+    patch embedding alone. ``holdout``: the fraction of keys held out for evaluation (``eval_every`` steps).
+    ``backend``: ``"triton"`` runs the fused kernels (``fastlclip.runtime``). See the module docstring.
+    """
+    check_train_args(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, init=init,
+                     save_every=save_every, eval_every=eval_every, patch_steps=patch_steps, holdout=holdout,
+                     weight_decay=weight_decay, log_every=log_every, backend=backend)
+    if patch_steps is None:
+        patch_steps = steps // 5 if init == "teacher" else 0
+    rank, world = _dist()
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} (global) must be a multiple of the {world} processes")
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    data = read_targets(targets)
+    train_set, held = data.split(holdout)
+    if len(train_set) == 0:
+        raise ValueError(f"no training rows in {targets} after holding out {holdout:.0%}")
+    t_model = teachers.load_teacher(teacher, teacher_pretrained, teacher_config)
+    cfg = student_config(student, t_model, data.info, noise_aware)
+    run_dir = Path(run_dir)
+    teacher_label = teacher if isinstance(teacher, str) else f"<{type(teacher).__name__} module>"
+    identity = json.loads(json.dumps({
+        "targets": str(Path(targets).resolve()), "target_rows": len(data), "student": cfg, "teacher": teacher_label,
+        "teacher_pretrained": None if teacher_pretrained is None else str(Path(teacher_pretrained).resolve()),
+        "steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "init": init,
+        "noise_aware": noise_aware, "seed": seed, "patch_steps": patch_steps, "holdout": holdout,
+        "weight_decay": weight_decay}, default=str))
+
+    torch.manual_seed(seed)
+    model = LatentCLIP(ModelConfig.from_dict(cfg, name="student"))
+    text = teachers.text_state(t_model)
+    own = model.state_dict()
+    with torch.no_grad():
+        for k, v in text.items():
+            own[k].copy_(v)
+    if init == "teacher":
+        teachers.copy_image_tower(model.visual.latent_vit, t_model)
+    del t_model
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("visual.latent_vit."))
+    model = model.to(device)
+    model.check_finite = False
+    if backend == "triton":
+        from ..runtime import activate
+
+        activate(model, "triton")
+    net = Student(model, noise_aware)
+    patch = [p for n, p in model.visual.latent_vit.named_parameters() if not n.startswith(teachers.COPIED)]
+    rest = [p for n, p in model.visual.latent_vit.named_parameters() if n.startswith(teachers.COPIED)]
+    opt = torch.optim.AdamW([{"params": patch}, {"params": rest}], lr=lr, betas=(0.9, 0.98), eps=1e-6,
+                            weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_lambda(0, warmup_steps, steps),
+                                                    lr_lambda(patch_steps, warmup_steps, steps)])
+    wrapped = net
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    start = 0
+    ckpt_path = run_dir / CHECKPOINT
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["identity"] != identity:
+            diff = sorted(k for k in identity if state["identity"].get(k) != identity[k])
+            raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(diff)} differ): pass another "
+                             "--out, or delete it to start over")
+        model.visual.latent_vit.load_state_dict(state["tower"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _trim_metrics(run_dir / METRICS, start)
+    _barrier(world)
+
+    order = DataOrder(len(train_set), batch_size, seed)
+    local = batch_size // world
+    rows = slice(rank * local, (rank + 1) * local)
+    shape = tuple(train_set.latents.shape[1:])
+    levels = (0.25, 0.5, 0.75) if noise_aware else ()
+    use_bf16 = device.type == "cuda"
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc="distill", unit="step")
+    for step in range(start, steps):
+        idx = order.batch(step)[rows]
+        raw = train_set.latents[idx].to(device, torch.float32, non_blocking=True)
+        target = train_set.embeddings[idx].to(device, non_blocking=True)
+        s = eps = None
+        if noise_aware:
+            s, eps = step_noise(seed, step, batch_size, shape)
+            s, eps = s[rows].to(device), eps[rows].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            emb = wrapped(raw, s, eps)
+        loss = distill_loss(emb, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step < patch_steps:
+            for p in rest:
+                p.grad = None  # stage 1: the patch embedding alone (no Adam state for the rest either)
+        opt.step()
+        sched.step()
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+        if done % log_every == 0 or done == steps:
+            logged = loss.detach().clone()
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(logged)
+                logged /= world
+            if rank == 0:
+                line = {"step": done, "loss": logged.item(), "lr": sched.get_last_lr()[1 if done > patch_steps else 0]}
+                if bar is not None:
+                    bar.set_postfix(loss=f"{line['loss']:.4f}")
+                _append(run_dir / METRICS, line)
+        if rank == 0 and eval_every and len(held) and (done % eval_every == 0 or done == steps):
+            _append(run_dir / METRICS, {"step": done, "eval": held_out_cosine(net, held, levels, seed)})
+        if done % save_every == 0 or done == steps:
+            if rank == 0:
+                save_atomic({"identity": identity, "step": done, "tower": model.visual.latent_vit.state_dict(),
+                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                             "rng": torch.get_rng_state()}, ckpt_path)
+            _barrier(world)
+    if bar is not None:
+        bar.close()
+    final = run_dir / FINAL
+    if rank == 0:
+        save_student(model, cfg, final, {"teacher": teacher_label, "holdout": holdout, "targets": identity["targets"],
+                                         "noise_aware": noise_aware, "steps": steps})
+    _barrier(world)
+    return final
+
+
+def save_student(model: LatentCLIP, cfg: dict, path: Path, info: dict) -> None:
+    """The whole model (image tower, teacher's text tower and logit scale) with its config in the metadata."""
+    from safetensors.torch import save_file
+
+    from ..checkpoint import SAFETENSORS_CONFIG_KEY
+
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata={SAFETENSORS_CONFIG_KEY: json.dumps(cfg), DISTILL_META_KEY: json.dumps(info)})
+    os.replace(tmp, path)
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """A resumed run rewrites the lines a killed run logged after its last checkpoint."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep))
+    os.replace(tmp, path)

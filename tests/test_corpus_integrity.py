@@ -1,0 +1,520 @@
+"""fastlclip.corpus integrity: no invented scores, checked keys, inputs and outputs kept apart, exact resume
+identity, odd members as bad samples, no writes through links, select's checks, one-line CLI errors."""
+
+import io
+import json
+import os
+import signal
+import tarfile
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import TINY
+from corpus_shards import latents, npy_bytes, parquet_shard, pt_bytes, pt_shard, write_tar
+
+import fastlclip
+from fastlclip import corpus
+from fastlclip.corpus import __main__ as cli
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fastlclip.load(TINY)
+
+
+def score(shards, out, model, **kw):
+    kw.setdefault("prompts", ["a cat"])
+    return corpus.score(shards, out, model=model, progress=False, **kw)
+
+
+def keys_of(out, stem) -> list:
+    return pq.read_table(os.path.join(out, f"{stem}.parquet")).column("key").to_pylist()
+
+
+def bad_of(report) -> dict:
+    return {b["key"]: b["error"] for b in report.bad_samples}
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err, err
+    return code, err
+
+
+def one_line(err: str) -> str:
+    (line,) = err.strip().splitlines()
+    return line
+
+
+# -- no invented labels --------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:.*weights are random")
+def test_latents_that_overflow_the_model_dtype_or_the_model_are_bad_samples_never_labelled(tmp_path, model):
+    x = latents(2, 1)
+    write_tar(tmp_path / "s.tar", [
+        ("k0", {"latent.pt": pt_bytes(x[0])}),
+        ("f64", {"latent.pt": pt_bytes(torch.full((4, 16, 16), 1e300, dtype=torch.float64))}),  # inf in float32
+        ("f32", {"latent.pt": pt_bytes(x[1] * 1e30)}),  # finite in float32, NaN inside the tower
+        ("k1", {"latent.pt": pt_bytes(x[1])}),
+    ])
+    report = score([tmp_path / "s.tar"], tmp_path / "out", model, classes=["cat", "dog"], safety=True)
+    assert report.records[0]["status"] == "ok" and keys_of(tmp_path / "out", "s") == ["k0", "k1"]
+    bad = bad_of(report)
+    assert "overflows torch.float32" in bad["f64"] and "1e+300" in bad["f64"]
+    assert "overflowed inside the model" in bad["f32"] and "e+30" in bad["f32"]
+    got = pq.read_table(tmp_path / "out" / "s.parquet").to_pydict()
+    with torch.no_grad():  # the kept rows are the model's own values for k0 and k1, in float64
+        ref = fastlclip.load(TINY).double()
+        ref.load_state_dict(model.state_dict())
+        want = (ref.encode_latents(x.double(), space="vae") @ ref.encode_text(["a cat"]).T)[:, 0].numpy()
+    np.testing.assert_allclose(got["clip_cos_0"], want, atol=1e-5)
+
+    strict = score([tmp_path / "s.tar"], tmp_path / "strict", model, on_error="raise")
+    assert strict.records[0]["status"] == "error" and "'f64'" in strict.records[0]["error"]
+
+    write_tar(tmp_path / "h.tar", [("k0", {"latent.pt": pt_bytes(x[0])}), ("big", {"latent.pt": pt_bytes(x[1] * 7e4)})])
+    half = score([tmp_path / "h.tar"], tmp_path / "half", TINY, classes=["cat", "dog"], dtype="float16")
+    assert keys_of(tmp_path / "half", "h") == ["k0"] and "overflows torch.float16" in bad_of(half)["big"]
+
+
+# -- inputs and outputs ----------------------------------------------------------------------------------
+def test_an_output_folder_equal_to_inside_or_holding_an_input_is_refused(tmp_path, model, capsys):
+    (tmp_path / "in").mkdir()
+    parquet_shard(tmp_path / "in" / "a.parquet", "a", latents(2, 2))
+    for shard in (tmp_path / "in", tmp_path / "in" / "a.parquet"):  # a folder, a file
+        for out in (tmp_path / "in", tmp_path / "in" / "sub", tmp_path, tmp_path / "in" / "a.parquet"):
+            if out.name == "sub" and shard.is_file():
+                continue  # beside the input file, not inside it: allowed
+            with pytest.raises(ValueError, match="outputs and inputs would mix"):
+                score([shard], out, model)
+    assert sorted(os.listdir(tmp_path / "in")) == ["a.parquet"]
+    code, err = run_cli(["score", tmp_path / "in", "--out", tmp_path / "in", "--model", "Latent-ViT-B-8-512",
+                         "--prompts", "x"], capsys)
+    assert code == 2 and "outputs and inputs would mix" in one_line(err)
+
+
+def test_an_empty_or_damaged_output_is_not_done(tmp_path, model):
+    pt_shard(tmp_path / "a.tar", "a", latents(2, 3))
+    out = tmp_path / "out"
+    score([tmp_path / "a.tar"], out, model)
+    for damage in (b"", b"PAR1 torn"):
+        (out / "a.parquet").write_bytes(damage)
+        again = score([tmp_path / "a.tar"], out, model)
+        assert [r["status"] for r in again.records] == ["ok"] and keys_of(out, "a") == ["a0000", "a0001"]
+    assert [r["status"] for r in score([tmp_path / "a.tar"], out, model).records] == ["skipped"]
+
+
+def test_inputs_that_are_not_regular_files_or_empty_paths_are_refused(tmp_path, model, capsys):
+    pt_shard(tmp_path / "a.tar", "a", latents(1, 4))
+    (tmp_path / "fifos").mkdir()
+    os.mkfifo(tmp_path / "f.tar")
+    os.mkfifo(tmp_path / "fifos" / "g.tar")
+    def hung(*_):
+        raise TimeoutError("the run hung on a FIFO")
+
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)  # opening a FIFO would hang: fail instead
+    try:
+        for shards in ([tmp_path / "f.tar"], [tmp_path / "fifos"]):
+            with pytest.raises(ValueError, match="not regular files"):
+                score(shards, tmp_path / "out", model)
+    finally:
+        signal.alarm(0)
+    with pytest.raises(ValueError, match="non-empty paths"):
+        score([tmp_path / "a.tar", ""], tmp_path / "out", model)
+    with pytest.raises(ValueError, match="non-empty folder path"):
+        score([tmp_path / "a.tar"], "", model)
+    code, err = run_cli(["score", tmp_path / "a.tar", "--out", "", "--model", "Latent-ViT-B-8-512", "--prompts", "x"],
+                        capsys)
+    assert code == 2 and "non-empty folder path" in one_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_same_shard_given_twice_is_scored_once(tmp_path, model):
+    (tmp_path / "in").mkdir()
+    pt_shard(tmp_path / "in" / "a.tar", "a", latents(2, 5))
+    os.symlink(tmp_path / "in" / "a.tar", tmp_path / "link.tar")
+    report = score([tmp_path / "in" / "a.tar", tmp_path / "in", tmp_path / "link.tar"], tmp_path / "out", model)
+    assert [os.path.basename(r["shard"]) for r in report.records] == ["a.tar"] and report.rows == 2
+
+
+# -- keys ------------------------------------------------------------------------------------------------
+def _gnu_tar(path, names_and_data) -> None:
+    """A tar whose member names are raw bytes (GNU format), as other tools write them."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tf:
+        for name, data in names_and_data:
+            info = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_keys_are_checked_where_they_are_read(tmp_path, model, capsys):
+    x = latents(6, 6)
+    _gnu_tar(tmp_path / "t.tar", [
+        (b"good.latent.pt", pt_bytes(x[0])),
+        (b"evil\nfake-key.latent.pt", pt_bytes(x[1])),  # would write a second line into the keep-list
+        (b".latent.pt", pt_bytes(x[2])),  # key ''
+        (b"dir/.latent.pt", pt_bytes(x[2])),  # key 'dir/'
+        (b"\xff\xfe.latent.pt", pt_bytes(x[3])),  # not UTF-8
+        (b"cr\rkey.latent.pt", pt_bytes(x[3])),
+        (b"ok2.latent.pt", pt_bytes(x[4])),
+    ])
+    pq.write_table(pa.table({"key": pa.array(["p0", "p\n1", None, "", "p\u20284"], pa.string()),
+                             "latent": pa.array(x[:5].tolist())}), tmp_path / "s.parquet")
+    pq.write_table(pa.table({"key": pa.array([b"b0", b"\xff"], pa.binary()), "latent": pa.array(x[:2].tolist())}),
+                   tmp_path / "b.parquet")
+    out = tmp_path / "out"
+    report = score([tmp_path / n for n in ("t.tar", "s.parquet", "b.parquet")], out, model)
+    assert [r["status"] for r in report.records] == ["ok"] * 3
+    assert keys_of(out, "t") == ["good", "ok2"] and keys_of(out, "s") == ["p0"] and keys_of(out, "b") == ["b0"]
+    errors = [b["error"] for b in report.bad_samples]
+    assert len(errors) == 5 + 4 + 1
+    assert sum("control or line-break" in e for e in errors) == 4 and sum("empty key" in e for e in errors) == 3
+    assert sum("not valid UTF-8" in e for e in errors) == 2 and sum("null" in e for e in errors) == 1
+    json.dumps(corpus.read_manifest(out))  # the manifest stays valid JSON text
+    code, _ = run_cli(["select", out, "--by", "clip_cos_0", "--threshold", "-2", "--out", tmp_path / "k.txt"], capsys)
+    assert code == 0 and (tmp_path / "k.txt").read_text().splitlines() == ["b0", "p0", "good", "ok2"]
+
+
+def test_a_key_in_two_shards_is_never_selected_twice(tmp_path, model, capsys):
+    pt_shard(tmp_path / "a.tar", "k", latents(2, 7))
+    pt_shard(tmp_path / "b.tar", "k", latents(2, 8))  # the same keys k0000, k0001
+    score([tmp_path / "a.tar", tmp_path / "b.tar"], tmp_path / "out", model)
+    with pytest.raises(ValueError, match="'k0000' is in both a.parquet and b.parquet"):
+        corpus.select(tmp_path / "out", by="clip_cos_0", top_fraction=1.0)
+    code, err = run_cli(["select", tmp_path / "out", "--by", "clip_cos_0", "--threshold", "-2", "--out",
+                         tmp_path / "k.txt"], capsys)
+    assert code == 2 and "is in both" in one_line(err) and not (tmp_path / "k.txt").exists()
+
+
+# -- select ----------------------------------------------------------------------------------------------
+def test_select_names_failed_and_unscored_shards_and_never_writes_into_the_scores(tmp_path, model, capsys,
+                                                                                     monkeypatch):
+    from fastlclip.corpus import runner
+
+    for i in range(3):
+        pt_shard(tmp_path / f"s{i}.tar", f"s{i}-", latents(2, 10 + i))
+    (tmp_path / "bad.tar").write_bytes(b"not a tar")
+    shards = [tmp_path / n for n in ("bad.tar", "s0.tar", "s1.tar", "s2.tar")]
+    out = tmp_path / "out"
+    real = runner.write_atomic
+
+    def killed_at_s1(table, final):
+        if final.name == "s1.parquet":
+            raise KeyboardInterrupt
+        real(table, final)
+
+    monkeypatch.setattr(runner, "write_atomic", killed_at_s1)
+    with pytest.raises(KeyboardInterrupt):
+        score(shards, out, model)
+    with pytest.raises(corpus.MissingShards) as e:
+        corpus.select(out, by="clip_cos_0", threshold=-2)
+    assert set(map(os.path.basename, e.value.missing)) == {"bad.tar", "s1.tar", "s2.tar"}
+    assert "failed: ShardError" in e.value.missing[str(shards[0])]
+    assert "not scored yet" in e.value.missing[str(shards[2])]
+    assert corpus.select(out, by="clip_cos_0", threshold=-2, allow_missing=True) == ["s0-0000", "s0-0001"]
+    code, err = run_cli(["select", out, "--by", "clip_cos_0", "--threshold", "-2", "--out", tmp_path / "k.txt"], capsys)
+    assert code == 1 and "bad.tar (failed" in err and "s2.tar (not scored yet" in err
+
+    before = (out / "s0.parquet").read_bytes()
+    for keys_file in (out / "s0.parquet", out / "k.txt", out):
+        code, err = run_cli(["select", out, "--by", "clip_cos_0", "--threshold", "0", "--out", keys_file,
+                             "--allow-missing"], capsys)
+        assert code == 2 and "inside the scores folder" in one_line(err)
+    assert (out / "s0.parquet").read_bytes() == before and not (out / "k.txt").exists()
+    code, err = run_cli(["select", out, "--by", "key", "--threshold", "0", "--out", tmp_path / "k.txt",
+                         "--allow-missing"], capsys)
+    assert code == 2 and "not a numeric or boolean column: 'key'" in one_line(err)
+    for bad in (dict(top_fraction=True), dict(threshold=True), dict(top_fraction=np.True_)):
+        with pytest.raises(ValueError, match="must"):
+            corpus.select(out, by="clip_cos_0", allow_missing=True, **bad)
+
+
+# -- resume identity -------------------------------------------------------------------------------------
+def test_resume_refuses_another_member_checkpoint_or_model(tmp_path, model):
+    x = latents(2, 20)
+    write_tar(tmp_path / "a.tar", [(f"k{i}", {"latent.pt": pt_bytes(x[i]), "latent.npy": npy_bytes(-x[i].numpy())})
+                                   for i in range(2)])
+    pt_shard(tmp_path / "b.tar", "b", latents(1, 21))
+    score([tmp_path / "a.tar"], tmp_path / "m", model, member="latent.pt")
+    with pytest.raises(ValueError, match=r"other settings \(member differ\)"):
+        score([tmp_path / "a.tar", tmp_path / "b.tar"], tmp_path / "m", model, member="latent.npy")
+
+    ckpt = tmp_path / "w.pt"
+    torch.save(model.state_dict(), ckpt)
+    score([tmp_path / "a.tar"], tmp_path / "c", TINY, pretrained=ckpt)
+    other = {k: v + 1 if k == "logit_scale" else v for k, v in model.state_dict().items()}
+    torch.save(other, ckpt)  # replaced at the same path
+    with pytest.raises(ValueError, match=r"other settings \(weights differ\)"):
+        score([tmp_path / "b.tar"], tmp_path / "c", TINY, pretrained=ckpt)
+
+    score([tmp_path / "a.tar"], tmp_path / "o", model)
+    changed = fastlclip.load(TINY, ckpt)  # another in-memory model
+    with pytest.raises(ValueError, match=r"other settings \(weights differ\)"):
+        score([tmp_path / "b.tar"], tmp_path / "o", changed)
+    assert [r["status"] for r in score([tmp_path / "b.tar"], tmp_path / "o", model).records] == ["ok"]
+
+
+def test_a_shard_where_no_sample_has_the_member_is_an_error_not_done(tmp_path, model):
+    pt_shard(tmp_path / "a.tar", "a", latents(2, 22))
+    wrong = score([tmp_path / "a.tar"], tmp_path / "out", model, member="latent.npy")
+    (record,) = wrong.records
+    assert record["status"] == "error" and "no sample has a latent.npy member" in record["error"]
+    assert not (tmp_path / "out" / "a.parquet").exists()
+    fixed = score([tmp_path / "a.tar"], tmp_path / "out", model, member="latent.pt")
+    assert [r["status"] for r in fixed.records] == ["ok"] and fixed.rows == 2
+
+
+# -- odd members and columns -----------------------------------------------------------------------------
+def test_one_odd_member_is_a_bad_sample_never_a_failed_shard(tmp_path, model):
+    x = latents(3, 23)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note on validating sparse tensors
+        _gnu_tar(tmp_path / "t.tar", [
+            (b"k0.latent.pt", pt_bytes(x[0])),
+            (b"sparse.latent.pt", pt_bytes(x[1].to_sparse())),
+            (b"meta.latent.pt", pt_bytes(torch.empty(4, 16, 16, device="meta"))),
+            (b"\xe9t\xe9.latent.pt", pt_bytes(x[1])),  # latin-1 name
+            (b"k1.latent.pt", pt_bytes(x[2])),
+        ])
+        storage = pa.array([x[0].flatten().tolist(), None, x[2].flatten().tolist()], pa.list_(pa.float32(), 4 * 16 * 16))
+        tensors = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float32(), (4, 16, 16)), storage)
+        pq.write_table(pa.table({"key": ["p0", "p1", "p2"], "latent": tensors}), tmp_path / "f.parquet")
+        report = score([tmp_path / "t.tar", tmp_path / "f.parquet"], tmp_path / "out", model)
+    assert [r["status"] for r in report.records] == ["ok", "ok"]
+    assert keys_of(tmp_path / "out", "t") == ["k0", "k1"] and keys_of(tmp_path / "out", "f") == ["p0", "p2"]
+    bad = bad_of(report)
+    assert "sparse" in bad["sparse"] and "meta" in bad["meta"] and bad["p1"] == "null latent"
+    assert "not valid UTF-8" in bad["'\\udce9t\\udce9'"]
+
+
+def test_string_and_bool_latent_columns_are_refused(tmp_path, model):
+    pq.write_table(pa.table({"key": ["a"], "latent": pa.array([["1.0"] * 1024])}), tmp_path / "s.parquet")
+    pq.write_table(pa.table({"key": ["a"], "latent": pa.array([[True] * 1024])}), tmp_path / "b.parquet")
+    report = score([tmp_path / "s.parquet", tmp_path / "b.parquet"], tmp_path / "out", model)
+    errors = [r["error"] for r in report.failed]
+    assert len(errors) == 2 and "holds string values" in errors[0] and "holds bool values" in errors[1]
+
+
+# -- links -----------------------------------------------------------------------------------------------
+def test_nothing_is_written_through_a_planted_link(tmp_path, model):
+    pt_shard(tmp_path / "a.tar", "a", latents(1, 24))
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("keep me")
+    os.symlink(victim, out / "a.parquet.tmp")
+    report = score([tmp_path / "a.tar"], out, model)
+    assert report.records[0]["status"] == "ok" and victim.read_text() == "keep me"
+    assert not (out / "a.parquet").is_symlink() and keys_of(out, "a") == ["a0000"]
+
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    os.symlink(victim, out2 / "manifest.jsonl")
+    with pytest.raises(ValueError, match="never writes through"):
+        score([tmp_path / "a.tar"], out2, model)
+    assert victim.read_text() == "keep me"
+
+
+# -- command lines ---------------------------------------------------------------------------------------
+def test_cli_argument_errors_exit_2_and_run_failures_exit_1_in_one_line(tmp_path, capsys, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    pt_shard(tmp_path / "a.tar", "a", latents(1, 25))
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    base = ["score", tmp_path / "a.tar", "--model", config, "--classes", "cat", "dog"]
+    code, err = run_cli([*base, "--out", tmp_path / "o1", "--templates", "{} and {}"], capsys)
+    assert code == 2 and "template '{} and {}'" in one_line(err)
+    code, err = run_cli([*base, "--out", tmp_path / "o2", "--engine", "ray", "--device", "gpu:0"], capsys)
+    assert code == 2 and "not a torch device" in one_line(err)
+    code, err = run_cli([*base, "--out", tmp_path / "o3", "--member", "latent.txt"], capsys)
+    assert code == 2 and "member must name" in one_line(err)
+
+    def killed(*args, **kwargs):
+        raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    monkeypatch.setattr(corpus, "run_local", killed)
+    code, err = run_cli([*base, "--out", tmp_path / "o4", "--workers", "2"], capsys)
+    assert code == 1 and "BrokenProcessPool" in one_line(err) and "rerun the same command" in err
+
+    pytest.importorskip("ray")
+
+    class RayTaskError(Exception):  # as Ray wraps a worker's error: a multi-line message, the cause inside
+        cause = ValueError("the checkpoint does not fit the config")
+
+    def ray_fails(*args, **kwargs):
+        raise RayTaskError("ray::MapBatches(ShardScorer)() (pid=1, ip=1)\n  File x, line 1\nValueError: ...")
+
+    monkeypatch.setattr(corpus, "run_ray", ray_fails)
+    code, err = run_cli([*base, "--out", tmp_path / "o5", "--engine", "ray"], capsys)
+    assert code == 1 and "ValueError: the checkpoint does not fit the config" in one_line(err)
+
+
+def test_bench_corpus_checks_json_and_pretrained_before_any_work(tmp_path, capsys):
+    from bench import corpus as bench_corpus
+
+    for argv, pattern in ((["--json", str(tmp_path)], "is a folder"), (["--json", ""], "--json"),
+                          (["--json", str(tmp_path / "f.txt" / "x.json")], "--json"),
+                          (["--pretrained", str(tmp_path / "missing.pt")], "not found")):
+        if "f.txt" in argv[-1]:
+            (tmp_path / "f.txt").write_text("a file, not a folder")
+        with pytest.raises(SystemExit) as e:
+            bench_corpus.main(["--no-ray", "--shards", "1", *argv])
+        captured = capsys.readouterr()
+        assert e.value.code == 2 and pattern in one_line(captured.err) and "SMOKE" not in captured.out
+
+
+def test_select_names_an_empty_or_damaged_output_instead_of_reading_it(tmp_path, model):
+    for name in ("a", "b"):
+        pt_shard(tmp_path / f"{name}.tar", name, latents(2, 26))
+    out = tmp_path / "out"
+    score([tmp_path / "a.tar", tmp_path / "b.tar"], out, model)
+    (out / "b.parquet").write_bytes(b"")  # a shard's output emptied
+    (out / "stray.parquet").write_bytes(b"PAR1 torn")  # a file no run wrote
+    with pytest.raises(corpus.MissingShards) as e:
+        corpus.select(out, by="clip_cos_0", threshold=-2)
+    assert e.value.missing == {str(tmp_path / "b.tar"): "b.parquet is empty, unreadable or a link",
+                               str(out / "stray.parquet"): "empty, unreadable or a link"}
+    assert corpus.select(out, by="clip_cos_0", threshold=-2, allow_missing=True) == ["a0000", "a0001"]
+
+
+# -- independent references for the readers and select (mutation testing found these gaps) ----------------
+def test_parquet_reader_keys_batches_and_column_types(tmp_path):
+    from fastlclip.corpus.readers import ShardError, read_shard
+
+    def read(table, name="s.parquet"):
+        pq.write_table(table, tmp_path / name)
+        return list(read_shard(tmp_path / name))
+
+    rows = np.arange(1030 * 3, dtype=np.float32).reshape(1030, 3)
+    got = read(pa.table({"latent": pa.array(rows.tolist(), pa.list_(pa.float32()))}))  # no key column, 2 batches
+    assert [s.key for s in got] == [f"s/{i}" for i in range(1030)]
+    assert all(s.latent.dtype == torch.float32 and s.latent.tolist() == r.tolist() for s, r in zip(got, rows))
+
+    got = read(pa.table({"key": pa.array([7, 8], pa.int64()), "latent": pa.array(rows[:2].tolist(), pa.large_list(pa.float64()))}))
+    assert [(s.key, s.latent.dtype) for s in got] == [("7", torch.float64), ("8", torch.float64)]
+    got = read(pa.table({"key": pa.array([b"a", b"b"], pa.large_binary()),
+                         "latent": pa.array(rows[:2].tolist(), pa.list_(pa.float16(), 3))}))
+    assert [s.key for s in got] == ["a", "b"] and got[0].latent.tolist() == [0, 1, 2]
+    with pytest.raises(ShardError, match="keys must be text"):
+        read(pa.table({"key": pa.array([1.5]), "latent": pa.array(rows[:1].tolist())}))
+    with pytest.raises(ShardError, match="holds string values"):
+        read(pa.table({"latent": pa.array([["1"]], pa.large_list(pa.string()))}))
+
+    npy = [npy_bytes(rows[0]), None, b"garbage", npy_bytes(np.array(["x"]))]
+    got = read(pa.table({"key": ["a", "b", "c", "d"], "latent": pa.array(npy, pa.binary())}))
+    assert got[0].latent.tolist() == rows[0].tolist() and got[0].error is None
+    assert got[1].error == "null latent" and "unreadable npy" in got[2].error and "not a number type" in got[3].error
+    got = read(pa.table({"key": ["a", "b", "c", None], "latent": pa.array([[1.0, 2.0], [1.0, 2.0, 3.0], None, [1.0]])}))
+    assert got[0].latent.tolist() == [1.0, 2.0] and got[1].latent.tolist() == [1.0, 2.0, 3.0]  # ragged
+    assert got[2].error == "null latent" and got[3].error == "row 3: key is null, not text" and got[3].key == "None"
+    got = read(pa.table({"key": ["a", "b"], "latent": pa.array([[1.0, None], [1.0, 2.0]])}))
+    assert torch.isnan(got[0].latent[1]) and got[1].latent.tolist() == [1.0, 2.0]  # a null inside: NaN, a bad sample
+    nulls = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float32(), (1, 3)),
+                                           pa.array([None, None], pa.list_(pa.float32(), 3)))
+    assert [s.error for s in read(pa.table({"key": ["a", "b"], "latent": nulls}))] == ["null latent"] * 2
+
+
+def test_select_scales_by_the_sign_and_breaks_ties_in_order(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"key": list("abcde"), "s": pa.array([0.1, 0.9, 0.5, 0.5, 0.5], pa.float32()),
+                             "n": pa.array([1, 2, 3, 4, 5], pa.int64())}), out / "x.parquet")
+    assert corpus.select(out, by="s", threshold=0.2) == ["b", "c", "d", "e"]
+    assert corpus.select(out, by="-s", threshold=-0.3) == ["a"]
+    assert corpus.select(out, by="-s", threshold=-0.5) == ["a", "c", "d", "e"]
+    assert corpus.select(out, by="s", top_fraction=0.6) == ["b", "c", "d"]  # 3 rows: 0.9 and the first two 0.5s
+    assert corpus.select(out, by="s", top_fraction=0.4) == ["b", "c"]
+    assert corpus.select(out, by="n", threshold=4) == ["d", "e"]
+    for bad in (dict(by="s", top_fraction=0), dict(by="", threshold=0), dict(by="-", threshold=0),
+                dict(by=3, threshold=0), dict(by="s", threshold=float("nan"))):
+        with pytest.raises(ValueError):
+            corpus.select(out, **bad)
+
+
+def test_tar_reader_directories_gzip_silent_truncation_and_pickled_npy(tmp_path):
+    import gzip
+
+    from fastlclip.corpus.readers import ShardError, read_shard
+
+    x = np.arange(6, dtype=np.float32)
+    with tarfile.open(tmp_path / "d.tar", "w") as tf:  # a directory entry first, then members
+        tf.addfile(_dir_info("d"))
+        for key in ("d/a", "d/b"):
+            info = tarfile.TarInfo(f"{key}.latent.pth")
+            data = pt_bytes(torch.from_numpy(x))
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    got = list(read_shard(tmp_path / "d.tar", member="latent.pth"))
+    assert [s.key for s in got] == ["d/a", "d/b"] and got[1].latent.tolist() == x.tolist()
+
+    (tmp_path / "z.tar.gz").write_bytes(gzip.compress((tmp_path / "d.tar").read_bytes()))
+    assert [s.key for s in read_shard(tmp_path / "z.tar.gz", member="latent.pth")] == ["d/a", "d/b"]
+
+    data = (tmp_path / "d.tar").read_bytes()
+    first = 512 + 512 * -(-len(pt_bytes(torch.from_numpy(x))) // 512)
+    (tmp_path / "cut.tar").write_bytes(data[:512 + first])  # the directory and one whole member, no end marker
+    with pytest.raises(ShardError, match="truncated tar"):
+        list(read_shard(tmp_path / "cut.tar", member="latent.pth"))
+
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    payload = np.empty(1, dtype=object)
+    payload[0] = _Exec(f"open({str(marker)!r}, 'w').write('x')")
+    np.save(buf, payload, allow_pickle=True)
+    write_tar(tmp_path / "p.tar", [("k", {"latent.npy": buf.getvalue()})])
+    (s,) = read_shard(tmp_path / "p.tar")
+    assert s.latent is None and "allow_pickle" in s.error and not marker.exists()
+
+
+def _dir_info(name):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+class _Exec:
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
+
+
+def test_a_shard_of_only_bad_samples_writes_typed_empty_columns_and_its_settings(tmp_path, model):
+    from fastlclip.corpus import writer
+
+    nan = torch.full((4, 16, 16), float("nan"))
+    write_tar(tmp_path / "a.tar", [("k0", {"latent.pt": pt_bytes(nan)})])
+    old = os.umask(0o022)
+    try:
+        report = score([tmp_path / "a.tar"], tmp_path / "out", model, classes=["cat", "dog"], safety=True,
+                       embeddings=True)
+    finally:
+        os.umask(old)
+    assert report.records[0]["status"] == "ok" and report.rows == 0
+    table = pq.read_table(tmp_path / "out" / "a.parquet")
+    types = {f.name: str(f.type) for f in table.schema}
+    assert types["key"] == "string" and types["clip_cos_0"] == "float" and types["prob_cat"] == "float"
+    assert types["label"] == "string" and types["safety_flag"] == "bool" and types["embedding"].endswith("halffloat>[32]")
+    meta = {k.decode(): json.loads(v) for k, v in table.schema.metadata.items() if k.startswith(b"fastlclip.")}
+    assert meta["fastlclip.settings"] == json.loads((tmp_path / "out" / "run.json").read_text())
+    assert meta["fastlclip.shard"] == str(tmp_path / "a.tar") and meta["fastlclip.bad"][0]["key"] == "k0"
+    for name in ("a.parquet", "manifest.jsonl", "run.json", "inputs.jsonl"):
+        assert os.stat(tmp_path / "out" / name).st_mode & 0o777 == 0o644, name
+    victim = tmp_path / "victim"
+    victim.write_text("")
+    os.symlink(victim, tmp_path / "link.jsonl")
+    with pytest.raises(OSError):
+        writer._append(tmp_path / "link.jsonl", {"a": 1})  # O_NOFOLLOW, even without check_folder first
+    assert victim.read_text() == ""
