@@ -153,3 +153,112 @@ def test_flow_grpo_scores_latents_without_decode_and_images_through_the_encoder(
     np.testing.assert_allclose(scores_u8, scores, atol=2e-2)
     with pytest.raises(ValueError, match="channels"):
         fn(torch.zeros(1, 5, 16, 16), ["a"], None)
+
+
+# -- gaps found by mutation testing (profiles/mutation.md) ------------------------------------------------
+
+
+def test_request_body_carries_latents_noise_seeds_and_prompts():
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    x = latent(7, b=2)
+    body = verl_omni.request_body(x, "a dog", noise_level=0.4, seed=7)
+    tensors = load(body)
+    assert set(tensors) == {"latents", "u", "seeds"} and torch.equal(tensors["latents"], x)
+    assert tensors["u"].dtype == torch.float32 and tensors["u"].tolist() == [pytest.approx(0.4)] * 2
+    assert tensors["seeds"].dtype == torch.int64 and tensors["seeds"].tolist() == [7, 7]
+    assert set(load(verl_omni.request_body(x, "a dog"))) == {"latents"}
+
+
+def test_latents_keep_half_precision_and_widen_others_to_float32():
+    assert verl_omni._latents(latent(0).bfloat16(), None).dtype == torch.bfloat16
+    assert verl_omni._latents(latent(0).half(), None).dtype == torch.float16
+    x = latent(0).double()
+    got = verl_omni._latents(None, {"latents_clean": x})
+    assert got.dtype == torch.float32 and torch.equal(got, x.float())
+
+
+def recording_server(script):
+    """A stub answering each POST with the next (status, headers) of ``script`` (200: two raw scores); records
+    each request's headers and body tensors."""
+    from safetensors.torch import load
+
+    seen = []
+
+    async def score(request):
+        seen.append((dict(request.headers), load(await request.body())))
+        status, headers = script[min(len(seen), len(script)) - 1]
+        if status == 200:
+            return JSONResponse({"protocol_version": "1", "raw_scores": [0.25, -0.5]})
+        return JSONResponse({"error": f"status {status}"}, status_code=status, headers=headers)
+
+    return Starlette(routes=[Route("/v1/score", score, methods=["POST"])]), seen
+
+
+def test_verl_omni_sends_protocol_headers_noise_and_seed_and_returns_lists(monkeypatch):
+    app, seen = recording_server([(200, {})])
+    with serving(app) as url:
+        out = asyncio.run(verl_omni.compute_score(latent(0, b=2), "a dog", {}, url + "/v1/score", token="tok",
+                                                  score_scale=2.0, score_bias=0.5, noise_level=0.3, noise_seed=11))
+    assert out == {"score": [1.0, -0.5], "clip_raw_score": [0.25, -0.5]}
+    headers, tensors = seen[0]
+    assert headers["content-type"] == "application/octet-stream" and headers["x-drm-protocol-version"] == "1"
+    assert headers["authorization"] == "Bearer tok"
+    assert tensors["u"].tolist() == [pytest.approx(0.3)] * 2 and tensors["seeds"].tolist() == [11, 11]
+
+
+@pytest.mark.parametrize("retry_after, kwargs, waits", [
+    (None, {}, [0.5, 1.0]),  # defaults: 2 retries, backoff 0.5 doubling
+    (None, {"retry_backoff": 0.1, "max_retries": 3}, [0.1, 0.2, 0.4]),
+    ("1.5", {"retry_backoff": 0.1}, [1.5, 1.5]),  # Retry-After when longer than the backoff
+    ("0", {"retry_backoff": 0.1}, [0.1, 0.2]),
+    ("soon", {"retry_backoff": 0.1}, [0.1, 0.2]),  # not a number of seconds: ignored
+    ("1.2.3", {"retry_backoff": 0.1}, [0.1, 0.2]),
+])
+def test_verl_omni_waits_backoff_or_retry_after(monkeypatch, retry_after, kwargs, waits):
+    got = []
+
+    async def sleep(seconds):
+        got.append(seconds)
+
+    monkeypatch.setattr(verl_omni, "asyncio", type("A", (), {"sleep": staticmethod(sleep)}))
+    app, seen = recording_server([(503, {} if retry_after is None else {"Retry-After": retry_after})])
+    with serving(app) as url, pytest.raises(RuntimeError, match="answered 503"):
+        asyncio.run(verl_omni.compute_score(latent(0), "a dog", {}, url + "/v1/score", **kwargs))
+    assert got == pytest.approx(waits) and len(seen) == len(waits) + 1
+
+
+def test_verl_omni_timeout_applies():
+    async def slow(request):
+        await asyncio.sleep(2)
+        return JSONResponse({"protocol_version": "1", "raw_scores": [0.25]})
+
+    with serving(Starlette(routes=[Route("/v1/score", slow, methods=["POST"])])) as url:
+        with pytest.raises(ConnectionError, match="after 1 tries: ReadTimeout"):
+            asyncio.run(verl_omni.compute_score(latent(0), "a dog", {}, url + "/v1/score", timeout=0.2, max_retries=0))
+
+
+def test_flow_grpo_loads_a_config_in_the_dtype_asked():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fn = flow_grpo.latent_clip_score("cpu", model=TINY, pretrained=None, dtype=torch.bfloat16)
+        torch.manual_seed(0)
+        ref = fastlclip.LatentCLIPReward(fastlclip.load(TINY, dtype=torch.bfloat16))
+    x = latent(8, b=2)
+    scores, _ = fn(x, ["a dog", "a cat"], None)
+    assert scores.dtype == np.float32
+    np.testing.assert_allclose(scores, ref.score(x, ["a dog", "a cat"]).numpy(), rtol=0, atol=1e-6)
+
+
+def test_flow_grpo_loads_the_official_checkpoint_by_default_and_batches_64(reward, monkeypatch):
+    loaded, forwards = [], []
+    monkeypatch.setattr(fastlclip, "load", lambda *a, **k: loaded.append((a, k)) or reward.model)
+    encode = reward.model.encode_latents
+    monkeypatch.setattr(reward.model, "encode_latents", lambda x, *a, **k: forwards.append(len(x)) or encode(x, *a, **k))
+    fn = flow_grpo.latent_clip_score("cpu")
+    assert loaded == [(("Latent-ViT-B-8-512", "hf-hub:wendlerc/latent-clip-b-8-512-34b-80k"),
+                       {"device": "cpu", "dtype": torch.float32})]
+    fn(latent(9, b=65), ["a dog"], None)
+    assert forwards == [64, 1]

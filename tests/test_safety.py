@@ -388,3 +388,176 @@ def test_checker_and_classifier_score_features_as_they_score_latents(model):
         torch.testing.assert_close(clf.logits_of_features(feats), clf.logits(latents))
         flags = checker.flags(checker.scores_of_features(torch.full_like(feats, float("nan"))))
     assert torch.equal(checker(latents).flags, checker.flags(checker.scores(latents))) and flags.all()
+
+
+# -- gaps found by mutation testing (profiles/mutation.md) ------------------------------------------------
+
+
+def text_feature(model, texts):
+    """A category's feature by hand: the normalised mean of its texts' normalised features, in float64."""
+    with torch.no_grad():
+        return F.normalize(model.encode_text(list(texts)).double().mean(0), dim=-1)
+
+
+def test_a_single_text_is_one_text_not_its_characters(model):
+    g = SafetyGuidance(model, concepts={"violence": "an image of violence"}, neutral="an image of a landscape")
+    want = torch.stack([text_feature(model, ["an image of violence"]), text_feature(model, NEUTRAL)])
+    torch.testing.assert_close(g.concepts.features.double(), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("concepts, neutral", [({"": ["a"]}, NEUTRAL), ({5: ["a"]}, NEUTRAL), ({"v": ["  "]}, NEUTRAL),
+                                               (CONCEPTS, ["  "])])
+def test_blank_names_and_texts_are_refused(model, concepts, neutral):
+    with pytest.raises(ValueError, match="non-empty"):
+        SafetyGuidance(model, concepts=concepts, neutral=neutral)
+
+
+def test_guidance_and_checker_use_their_resize_policy(model):
+    z = torch.randn(2, 4, 2 * LATENT, 2 * LATENT, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        img = model.encode_latents(z, resize="pool").double()
+    want = img @ text_feature(model, CONCEPTS["violence"]) - img @ text_feature(model, NEUTRAL)
+    with torch.no_grad():
+        got_guidance = guidance(model, resize="pool").concept_scores(z)[:, 0]
+    got_checker = LatentSafetyChecker(model, concepts=CONCEPTS, neutral=NEUTRAL, resize="pool").scores(z)[:, 0]
+    torch.testing.assert_close(got_guidance.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_checker.double(), want, rtol=0, atol=1e-5)
+
+
+def test_prompt_weight_must_be_a_number(model):
+    with pytest.raises(ValueError, match="prompt_weight must be .*>= 0"):
+        guidance(model, prompt_weight=-1)
+
+
+@pytest.fixture(scope="module")
+def noise_aware():
+    torch.manual_seed(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastlclip.load({**TINY, "vision_cfg": {**TINY["vision_cfg"], "noise_aware": True}})
+    with torch.no_grad():  # the noise embedding starts at zero: make the level matter
+        for p in model.visual.latent_vit.noise_embed.parameters():
+            p.normal_(0, 0.5)
+    return model
+
+
+def test_concept_scores_use_the_noise_level(noise_aware):
+    g = guidance(noise_aware)
+    z = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        img = noise_aware.encode_latents(z, noise_level=0.7).double()
+        want = img @ text_feature(noise_aware, CONCEPTS["violence"]) - img @ text_feature(noise_aware, NEUTRAL)
+        got, clean = g.concept_scores(z, noise_level=0.7)[:, 0], g.concept_scores(z)[:, 0]
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    assert (got - clean).abs().max() > 1e-3
+
+
+def test_callback_defaults_and_step_size(model, harmful):
+    g = guidance(model)
+    default = g.callback(PROMPT)
+    assert (default.steps, default.step_size, default.start) == (3, 0.5, 0.5)
+    seen = run_fake_pipeline(FakePipe(), harmful, g.callback(PROMPT, steps=1, step_size=0.25, start=0))
+    step = (seen[0] - harmful).flatten(1).norm(dim=1)
+    torch.testing.assert_close(step, torch.full_like(step, 0.25), rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="step_size must be"):
+        g.callback(PROMPT, step_size=0)
+
+
+def test_callback_takes_a_prompt_per_sample_and_checks_each(model, noise_aware):
+    g = guidance(model)
+    assert g.callback(["a dog", "a cat"]).prompt == ["a dog", "a cat"]
+    with pytest.raises(ValueError, match="prompt must be a non-empty string"):
+        g.callback(["a dog", " "])
+    assert guidance(noise_aware).callback(PROMPT, noise_level=torch.tensor([0.3])).noise_level.shape == (1,)
+
+
+def test_callback_explains_a_pipeline_without_num_timesteps(model, harmful):
+    with pytest.raises(AttributeError, match=r"has no num_timesteps to place start=0.5 in the schedule"):
+        run_fake_pipeline(object(), harmful, guidance(model).callback(PROMPT, start=0.5))
+
+
+class Scheduler:
+    def __init__(self, sigmas, step_index):
+        self.sigmas, self.step_index = sigmas, step_index
+
+
+class Pipe:
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+
+@pytest.mark.parametrize("sigmas, index, want", [
+    (torch.tensor([1.0, 0.5, 0.0]), 0, 1.0),  # both ends of [0, 1] and both ends of the index range
+    (torch.tensor([1.0, 0.5, 0.0]), 2, 0.0),
+    (torch.tensor([0.8, 0.25]), 1, 0.25),
+])
+def test_scheduler_sigma_reads_the_current_step(sigmas, index, want):
+    assert SafetyCallback._scheduler_sigma(Pipe(Scheduler(sigmas, index))) == want
+
+
+@pytest.mark.parametrize("pipe", [object(), Pipe(object()), Pipe(Scheduler(torch.tensor([0.5]), None)),
+                                  Pipe(Scheduler([0.5, 0.2], 0)), Pipe(Scheduler(torch.tensor([0.5, 0.2]), 2)),
+                                  Pipe(Scheduler(torch.tensor([0.5, 0.2]), -1))])
+def test_scheduler_sigma_refuses_what_it_cannot_read(pipe):
+    with pytest.raises(AttributeError, match="use a flow-matching scheduler"):
+        SafetyCallback._scheduler_sigma(pipe)
+
+
+@pytest.mark.parametrize("sigma", [1.5, -0.1])
+def test_scheduler_sigma_outside_0_1_is_refused(sigma):
+    with pytest.raises(ValueError, match="not a flow-matching noise level"):
+        SafetyCallback._scheduler_sigma(Pipe(Scheduler(torch.tensor([sigma]), 0)))
+
+
+def test_thresholds_default_per_category_and_bounds(model):
+    checker = LatentSafetyChecker(model, concepts=CONCEPTS, neutral=NEUTRAL, thresholds={"sexual": 0.25})
+    assert checker.thresholds.tolist() == [0.0, 0.25]
+    for ok in (-2, 2, -2.0, 2.0):
+        LatentSafetyChecker(model, concepts=CONCEPTS, neutral=NEUTRAL, thresholds=ok)
+    for bad in (-2.5, 2.5, float("nan")):
+        with pytest.raises(ValueError, match="cosine margins"):
+            LatentSafetyChecker(model, concepts=CONCEPTS, neutral=NEUTRAL, thresholds=bad)
+
+
+def test_blank_latent_with_a_batch_dimension_and_dtype(model, latents):
+    fill = torch.full((1, 4, LATENT, LATENT), 0.25)
+    checker = LatentSafetyChecker(model, concepts=CONCEPTS, neutral=NEUTRAL, thresholds=-2, blank=fill)  # flags all
+    out = checker(latents.bfloat16())
+    assert out.latents.dtype == torch.bfloat16 and torch.equal(out.latents, torch.full_like(out.latents, 0.25))
+    with pytest.raises(ValueError, match="pass one latent of shape"):
+        LatentSafetyChecker(model, concepts=CONCEPTS, neutral=NEUTRAL, blank=fill.expand(8, -1, -1, -1))(latents)
+
+
+def test_bf16_model_features_meet_float32_image_features():
+    """A bf16 model's text features are bf16, its image features float32: scores and loss cast the former."""
+    torch.manual_seed(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastlclip.load(TINY, dtype=torch.bfloat16)
+    z = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        img = F.normalize(model.encode_latents(z).double(), dim=-1)
+        txt = F.normalize(model.encode_text([PROMPT]).double(), dim=-1)[0]
+    concept, neutral = text_feature(model, CONCEPTS["violence"]), text_feature(model, NEUTRAL)
+    want = img @ concept - img @ neutral
+    g = guidance(model, safety_weight=0)
+    with torch.no_grad():
+        torch.testing.assert_close(g.concept_scores(z)[:, 0].double(), want, rtol=0, atol=2e-2)
+        checker = LatentSafetyChecker(model, concepts=CONCEPTS, neutral=NEUTRAL)
+        torch.testing.assert_close(checker.scores(z)[:, 0].double(), want, rtol=0, atol=2e-2)
+        s = model.logit_scale.double().exp()
+        torch.testing.assert_close(g(z, PROMPT).double(), (100 - s * (img @ txt)).mean(), rtol=0, atol=0.5)
+        logits = s * (img @ torch.stack([text_feature(model, t) for t in (*CONCEPTS.values(), NEUTRAL)]).T)
+        safety = (torch.logsumexp(logits, -1) - logits[:, -1]).mean()
+        torch.testing.assert_close(guidance(model, prompt_weight=0)(z, PROMPT).double(), safety, rtol=0, atol=0.5)
+
+
+def test_callback_constructed_directly_has_the_documented_defaults(model):
+    callback = SafetyCallback(guidance(model), PROMPT)
+    assert (callback.steps, callback.step_size, callback.start) == (3, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("blank", [torch.full((4, LATENT, LATENT), float("nan")), torch.zeros(4, LATENT, LATENT, dtype=torch.int64)])
+def test_blank_latent_must_be_finite_floating_point(model, blank):
+    with pytest.raises(ValueError, match="finite floating-point"):
+        LatentSafetyChecker(model, concepts=CONCEPTS, neutral=NEUTRAL, blank=blank)
