@@ -1,6 +1,7 @@
 """Shared fixtures: tiny Latent-CLIP configs and checkpoints in the official formats."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -122,6 +123,17 @@ def tiny_model():
     import fastlclip
 
     with pytest.warns(UserWarning, match="random"):
+        return fastlclip.load(TINY)
+
+
+@pytest.fixture(scope="module")
+def seeded_tiny_model():
+    """One random-weights tiny Latent-CLIP per test module, the same weights every run (seed 0)."""
+    import fastlclip
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         return fastlclip.load(TINY)
 
 

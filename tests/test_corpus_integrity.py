@@ -22,11 +22,8 @@ from fastlclip.corpus import __main__ as cli
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fastlclip.load(TINY)
+def model(seeded_tiny_model):
+    return seeded_tiny_model
 
 
 def score(shards, out, model, **kw):

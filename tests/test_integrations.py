@@ -26,12 +26,8 @@ from conftest import TINY, tiny_vae
 
 
 @pytest.fixture(scope="module")
-def reward():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = fastlclip.load(TINY)
-    return fastlclip.LatentCLIPReward(model)
+def reward(seeded_tiny_model):
+    return fastlclip.LatentCLIPReward(seeded_tiny_model)
 
 
 @contextlib.contextmanager

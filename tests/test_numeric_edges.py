@@ -19,11 +19,8 @@ SMALL = {"concepts": {"violence": "an image of violence"}, "neutral": "an image"
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fastlclip.load(TINY)
+def model(seeded_tiny_model):
+    return seeded_tiny_model
 
 
 def z(scale=1.0, dtype=torch.float32, shape=(2, 4, 16, 16)):

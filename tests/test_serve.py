@@ -27,12 +27,8 @@ V1 = {"x-drm-protocol-version": "1"}
 
 
 @pytest.fixture(scope="module")
-def reward():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = fastlclip.load(TINY)
-    return fastlclip.LatentCLIPReward(model)
+def reward(seeded_tiny_model):
+    return fastlclip.LatentCLIPReward(seeded_tiny_model)
 
 
 def body(latents, prompts=None, **tensors):
