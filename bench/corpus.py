@@ -26,9 +26,8 @@ import torch
 
 from bench import tiny
 from bench.cli import Parser, positive_int, writable_file
-from bench.profiles import PROFILES_DIR, results_folder
 from bench.provenance import run_record
-from bench.report import write_json
+from bench.report import save_results
 
 
 def parse_args(argv):
@@ -187,12 +186,7 @@ def _main(a, argv, cuda, device_name, model, dtype, size, per_shard, batch) -> i
               "model": model if isinstance(model, str) else "bench.tiny.LATENT_CLIP", "pretrained": a.pretrained,
               "dtype": dtype, "shards": a.shards, "per_shard": per_shard, "batch_size": batch, "format": a.format,
               "rows": rows, "ray_vs_local": overhead, "ray_note": ray_note}
-    out = a.json or (PROFILES_DIR / "results" / results_folder(None, device_name) / "corpus.json" if cuda else None)
-    if out:
-        write_json(out, report)
-        print(f"results: {out}")
-    else:
-        print("(CPU smoke run: no results file written; pass --json PATH to keep one)")
+    save_results(report, a.json, device_name, "corpus.json", measured=cuda)
     return 0
 
 

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 from bench.cli import Parser, positive_int, writable_file
-from bench.profiles import PROFILES_DIR, results_folder
 from bench.provenance import run_record
-from bench.report import NOT_MEASURED, fmt, table, write_json
+from bench.report import NOT_MEASURED, fmt, save_results, table
 
 SAMPLES = 100_000_000
 ANCHORS = {
@@ -206,12 +205,7 @@ def main(argv: list[str] | None = None) -> int:
               "make_targets": {**targets, "gpu_hours_per_100m": gpu_hours(targets["samples_per_s"])},
               "train": [{**r, "gpu_hours_per_100m": gpu_hours(r["samples_per_s"])} for r in rows],
               "anchors": ANCHORS}
-    out = a.json or (PROFILES_DIR / "results" / results_folder(None, device) / "distill.json" if cuda else None)
-    if out:
-        write_json(out, report)
-        print(f"results: {out}")
-    else:
-        print("(CPU smoke run: no results file written; pass --json PATH to keep one)")
+    save_results(report, a.json, device, "distill.json", measured=cuda)
     return 0
 
 

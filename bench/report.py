@@ -34,6 +34,19 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, markdown: bo
     return "\n".join([line(headers), rule, *map(line, cells)])
 
 
+def save_results(report: dict, path: Path | None, device: str, name: str, measured: bool) -> Path | None:
+    """A bench's ``report``: at ``path`` (``--json``), or when ``measured`` (on CUDA) under
+    ``profiles/results/<device>/<name>``; a CPU smoke run without ``--json`` keeps no file. Says where."""
+    from bench.profiles import PROFILES_DIR, results_folder
+
+    out = path or (PROFILES_DIR / "results" / results_folder(None, device) / name if measured else None)
+    if out:
+        print(f"results: {write_json(out, report)}")
+    else:
+        print("(CPU smoke run: no results file written; pass --json PATH to keep one)")
+    return out
+
+
 def write_json(path: Path, report: dict) -> Path:
     """``report`` as indented JSON at ``path`` (folders made; replaced atomically, so a reader never sees half)."""
     path = Path(path)

@@ -41,9 +41,8 @@ import torch
 from bench import tiny
 from fastlclip.runtime import BACKENDS
 from bench.cli import Parser, positive_int, writable_file
-from bench.profiles import PROFILES_DIR, results_folder
 from bench.provenance import run_record
-from bench.report import NOT_MEASURED, fmt, table, write_json
+from bench.report import NOT_MEASURED, fmt, save_results, table
 
 V1 = {"x-drm-protocol-version": "1", "content-type": "application/octet-stream"}
 ACCEPTANCE_LATENTS, ACCEPTANCE_SECONDS = 1152, 5.0
@@ -407,11 +406,7 @@ def main(argv: list[str] | None = None) -> int:
               "max_batch_size": batch, "max_wait_ms": a.max_wait_ms, "latents_per_request": a.latents_per_request,
               "in_process_latents_per_s": reference, "rows": rows,
               "acceptance": acceptance or NOT_MEASURED, "fault_run": fault or "skipped (--no-fault)"}
-    out = a.json or (PROFILES_DIR / "results" / results_folder(None, device_name) / "serve.json" if cuda else None)
-    if out:
-        print(f"results: {write_json(out, report)}")
-    else:
-        print("(CPU smoke run: no results file written; pass --json PATH to keep one)")
+    save_results(report, a.json, device_name, "serve.json", measured=cuda)
     failed = any(r["wrong"] for r in rows) or (fault is not None and not fault["ok"])
     return 1 if failed else 0
 
