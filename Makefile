@@ -26,8 +26,12 @@ $(STAMP): pyproject.toml
 bench: $(STAMP)
 	$(PY) -m bench.reno_cost
 
+# Two pytest-xdist workers (this machine's two cores), a test file per worker at a time: a file's module-scoped
+# fixtures (tiny models, the distillation world and its background torchrun) are built once.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 $(FLOOR_STAMP): $(STAMP) Makefile
 	rm -rf $(FLOORENV)

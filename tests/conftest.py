@@ -11,6 +11,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `make test` runs one pytest-xdist worker per core: each worker's torch keeps to one thread, so two workers on
+# two cores do not fight over four.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 # fp32 references are true fp32: TF32 is cuDNN's default for convolutions (a patchify conv's error is
 # ~1e-3, above the 1e-4 the fp32 comparisons allow) and optional for matmuls. Off for every test.
 torch.backends.cudnn.allow_tf32 = False

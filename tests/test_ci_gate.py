@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -30,28 +31,62 @@ def test_kernel(benchmark):
 """
 
 
-def _gate(tmp_path, step, *args):
-    env = {**os.environ, "FAKE_STEP": str(step), "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "bench.ci_gate", "--baseline", str(tmp_path / "baseline.json"), "--json",
-           str(tmp_path / "run.json"), "--tests", str(tmp_path / "test_fake_benchmark.py"), "--marker", "", *args,
-           "--", "--benchmark-timer=fake_timer.timer", "--benchmark-disable-gc", "--benchmark-warmup=off"]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+class Gate(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _gate_argv(folder, *args):
+    return ["--baseline", str(folder / "baseline.json"), "--json", str(folder / "run.json"), "--tests",
+            str(folder / "test_fake_benchmark.py"), "--marker", "", *args,
+            "--", "--benchmark-timer=fake_timer.timer", "--benchmark-disable-gc", "--benchmark-warmup=off"]
+
+
+def _gate_env(folder, step):
+    """The inner pytest's environment: the fake timer importable, and none of this session's pytest-xdist or
+    interpreter variables (pytest-benchmark switches itself off in what looks like an xdist worker)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k != "TRITON_INTERPRET"}
+    return {**env, "FAKE_STEP": str(step), "PYTHONPATH": f"{folder}{os.pathsep}{ROOT}"}
 
 
 @pytest.fixture
-def baseline(tmp_path):
+def gate(monkeypatch, capfd):
+    """``gate(folder, step, *args)``: ``bench.ci_gate.main`` run in this process (its pytest run is a child, as
+    always), with its exit status and what it and the child printed. One real command line is
+    ``test_the_command_line_prints_one_line_without_a_traceback``."""
+    from bench import ci_gate
+
+    def run(folder, step, *args):
+        capfd.readouterr()
+        with monkeypatch.context() as m:
+            for key in list(os.environ):
+                m.delenv(key)
+            for key, value in _gate_env(folder, step).items():
+                m.setenv(key, value)
+            try:
+                rc = ci_gate.main(_gate_argv(folder, *args))
+            except SystemExit as e:
+                rc = e.code
+        out, err = capfd.readouterr()
+        return Gate(rc, out, err)
+
+    return run
+
+
+@pytest.fixture
+def baseline(tmp_path, gate):
     (tmp_path / "fake_timer.py").write_text(textwrap.dedent(FAKE_TIMER))
     (tmp_path / "test_fake_benchmark.py").write_text(textwrap.dedent(BENCHMARK))
-    proc = _gate(tmp_path, 0.010, "--refresh")  # the documented refresh command writes the baseline
+    proc = gate(tmp_path, 0.010, "--refresh")  # the documented refresh command writes the baseline
     assert proc.returncode == 0, proc.stdout + proc.stderr
     saved = json.loads((tmp_path / "baseline.json").read_text())
     assert saved["benchmarks"][0]["stats"]["median"] == pytest.approx(0.010)
     return tmp_path
 
 
-def test_gate_fails_on_a_20_percent_median_regression(baseline):
-    proc = _gate(baseline, 0.012)
+def test_gate_fails_on_a_20_percent_median_regression(baseline, gate):
+    proc = gate(baseline, 0.012)
     assert proc.returncode != 0, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
     assert "--benchmark-compare-fail=median:10%" in out and "FAILED against" in out
@@ -60,9 +95,9 @@ def test_gate_fails_on_a_20_percent_median_regression(baseline):
     assert run["benchmarks"][0]["stats"]["median"] == pytest.approx(0.012)
 
 
-def test_gate_passes_on_a_5_percent_slowdown_and_without_one(baseline):
+def test_gate_passes_on_a_5_percent_slowdown_and_without_one(baseline, gate):
     for step in (0.0105, 0.010, 0.008):
-        proc = _gate(baseline, step)
+        proc = gate(baseline, step)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "PASSED against" in proc.stdout
 
@@ -72,14 +107,14 @@ def _fake_suite(tmp_path, test_code=BENCHMARK):
     (tmp_path / "test_fake_benchmark.py").write_text(textwrap.dedent(test_code))
 
 
-def test_gate_without_a_baseline_compared_nothing_and_fails(tmp_path):
+def test_gate_without_a_baseline_compared_nothing_and_fails(tmp_path, gate):
     _fake_suite(tmp_path)
-    proc = _gate(tmp_path, 0.010)
+    proc = gate(tmp_path, 0.010)
     assert proc.returncode == 1 and "FAILED: no baseline at" in proc.stdout and "nothing was compared" in proc.stdout
     assert (tmp_path / "run.json").is_file()  # the run's timings are kept for the refresh
 
 
-def test_gate_fails_when_every_test_is_skipped(baseline):
+def test_gate_fails_when_every_test_is_skipped(baseline, gate):
     """No CUDA device: every GPU test skips, pytest exits 0, and the gate must not pass."""
     (baseline / "test_fake_benchmark.py").write_text(textwrap.dedent("""
         import pytest
@@ -88,19 +123,19 @@ def test_gate_fails_when_every_test_is_skipped(baseline):
         def test_kernel(benchmark):
             benchmark(lambda: None)
     """))
-    proc = _gate(baseline, 0.010)
+    proc = gate(baseline, 0.010)
     assert proc.returncode == 1 and "FAILED: no test ran (1 skipped)" in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_gate_fails_when_tests_ran_but_no_benchmark(baseline):
+def test_gate_fails_when_tests_ran_but_no_benchmark(baseline, gate):
     (baseline / "test_fake_benchmark.py").write_text("def test_correct():\n    assert True\n")
-    proc = _gate(baseline, 0.010)
+    proc = gate(baseline, 0.010)
     assert proc.returncode == 1 and "but no benchmark did" in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_gate_fails_when_no_benchmark_is_in_the_baseline(baseline):
+def test_gate_fails_when_no_benchmark_is_in_the_baseline(baseline, gate):
     (baseline / "test_fake_benchmark.py").write_text(textwrap.dedent(BENCHMARK).replace("test_kernel", "test_other"))
-    proc = _gate(baseline, 0.010)
+    proc = gate(baseline, 0.010)
     assert proc.returncode == 1 and "none of this run's 1 benchmarks is in the baseline" in proc.stdout
 
 
@@ -112,19 +147,29 @@ def test_gate_fails_when_no_benchmark_is_in_the_baseline(baseline):
     (b'{"benchmarks": [{"fullname": "t.py::test_kernel", "stats": {"median": 0}}]}', "no positive finite median"),
     (b'{"benchmarks": [{"stats": {"median": 1.0}}]}', "has no fullname"),
 ])
-def test_bad_baseline_is_one_line_and_exit_2_before_running(tmp_path, content, why):
+def test_bad_baseline_is_one_line_and_exit_2_before_running(tmp_path, content, why, gate):
     _fake_suite(tmp_path, "raise SystemExit('the tests ran')\n")
     (tmp_path / "baseline.json").write_bytes(content)
-    proc = _gate(tmp_path, 0.010)
+    proc = gate(tmp_path, 0.010)
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1 and f"baseline {tmp_path / 'baseline.json'}: " in proc.stderr and why in proc.stderr
     assert "--refresh" in proc.stderr
 
 
-def test_refresh_that_measured_nothing_keeps_the_old_baseline(baseline):
+def test_the_command_line_prints_one_line_without_a_traceback(tmp_path):
+    """The other tests call ``main`` in this process; this one runs the real command line once."""
+    _fake_suite(tmp_path, "raise SystemExit('the tests ran')\n")
+    (tmp_path / "baseline.json").write_bytes(b"[]")
+    proc = subprocess.run([sys.executable, "-m", "bench.ci_gate", *_gate_argv(tmp_path)], cwd=ROOT,
+                          env=_gate_env(tmp_path, 0.010), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "no benchmarks in it" in proc.stderr
+
+
+def test_refresh_that_measured_nothing_keeps_the_old_baseline(baseline, gate):
     before = (baseline / "baseline.json").read_bytes()
     (baseline / "test_fake_benchmark.py").write_text("def test_correct():\n    assert True\n")
-    proc = _gate(baseline, 0.020, "--refresh")
+    proc = gate(baseline, 0.020, "--refresh")
     assert proc.returncode == 1 and "no benchmark did" in proc.stdout
     assert (baseline / "baseline.json").read_bytes() == before
 
