@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import types
 import warnings
 
 import pytest
@@ -461,3 +462,179 @@ def test_reno_at_twice_the_trained_size(policy):
     result = reno.optimize(gen, fastlclip.LatentCLIPReward(model), PROMPT, iterations=3, progress=False)
     assert result.best_latents.shape == (1, 4, 16, 16) and all(math.isfinite(v) for v in result.losses)
     assert len(set(result.losses)) > 1  # the noise moved
+
+
+# -- gaps found by mutation testing ------------------------------------------------------------------------
+class PromptLength:
+    """A reward that reads the prompt: the mean of the latents times the prompt's length."""
+
+    name, weighting = "prompt_length", 1.0
+
+    def __call__(self, latents, prompt):
+        return latents.mean() * len(prompt)
+
+
+def test_weighted_reward_passes_the_prompt_on():
+    latents = torch.full((1, 4, 8, 8), 0.5)
+    assert float(reno.WeightedReward([PromptLength()], [2.0])(latents, "abc")) == pytest.approx(2.0 * 0.5 * 3)
+
+
+def _explain(health, *, losses=None, totals=None, last=None, **kw):
+    """``_Health.explain`` on hand-set flags: one reward ("target"), lr 5, regulariser weight 0.01."""
+    n = health.noise_ok.numel()
+    losses = torch.zeros(n, 1) if losses is None else losses
+    totals = torch.zeros(n) if totals is None else totals
+    return health.explain(n - 1 if last is None else last, losses, totals, reno.WeightedReward([Target()]), 5.0, 0.01,
+                          **kw)
+
+
+def _health(iterations=3, d=64):
+    health = reno._Health(iterations, torch.device("cpu"))
+    health.d = d  # typical norm of standard-normal noise: sqrt(64) = 8
+    return health
+
+
+def test_explain_names_the_step_before_the_noise_went_non_finite():
+    health = _health()
+    health.noise_ok[2] = False
+    assert _explain(health) == ("the noise became NaN/Inf in the SGD step after iteration 1, whose gradient was finite: "
+                                "lr=5 is too large: lower it (and keep grad_clip, e.g. 0.1)")
+
+
+@pytest.mark.parametrize("norm, blames_lr", [(80.0, False), (84.0, True), (79.0, False)])
+def test_explain_blames_lr_only_for_noise_grown_past_ten_times_its_typical_norm(norm, blames_lr):
+    """d = 64: the typical norm is 8; latents turning NaN from noise of norm > 80 blame lr, else the UNet."""
+    health = _health()
+    health.latents[1] = False
+    health.noise_norm[1] = norm
+    msg = _explain(health)
+    assert msg.startswith(f"the generator turned the noise into NaN/Inf latents at iteration 1: noise norm {norm:.3g}, "
+                          "where standard-normal noise of this shape has about 8. ")
+    if blames_lr:
+        assert msg.endswith("lr=5 is too large: lower it (and keep grad_clip, e.g. 0.1)")
+    else:
+        assert msg.endswith("The UNet overflows on this noise; run it in float32 or bfloat16")
+
+
+def test_explain_looks_no_further_than_the_last_iteration_and_blames_its_reward_unless_partial():
+    health = _health()
+    health.noise_ok[2] = False  # after the last iteration looked at: not its concern
+    assert _explain(health, last=1) is None
+    losses = torch.zeros(3, 1)
+    losses[1, 0] = float("nan")
+    want = ("reward 'target' returned nan at iteration 1 from finite latents; the reward itself is at fault (its inputs "
+            "were fine): check it, or its weights and dtype")
+    assert _explain(_health(), losses=losses, last=1) == want  # partial defaults to False
+    assert _explain(_health(), losses=losses, last=1, partial=True) is None  # its losses were not recorded yet
+
+
+def test_from_config_default_seed_is_zero():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    want = UNet2DConditionModel.from_config(dict(tiny.UNET))
+    got = reno.OneStepGenerator.from_config(tiny.UNET, height=tiny.IMAGE_SIZE, width=tiny.IMAGE_SIZE, with_vae=False)
+    assert got.vae is None and got.random_weights is True
+    for (name, a), b in zip(want.state_dict().items(), got.unet.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_from_pretrained_reads_the_full_precision_weights_offline_in_the_dtype_and_device_asked(tmp_path, monkeypatch):
+    """A snapshot holding both ``diffusion_pytorch_model.safetensors`` and its ``.fp16`` variant (as
+    stabilityai/sdxl-turbo does) loads the full-precision file; a snapshot of only ``.fp16`` files loads those;
+    the load is local only; ``dtype`` and ``device`` reach the pipeline."""
+    pytest.importorskip("transformers", reason="real SDXL weights need the SDXL text encoders (transformers)")
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe, folder = _tiny_sdxl_folder(tmp_path)
+    full = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(0.5)
+    other = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.unet.save_pretrained(folder / "unet", variant="fp16")  # a second, different, "fp16" file beside the full one
+    pipe.save_pretrained(tmp_path / "fp16_only", variant="fp16")
+
+    seen = []
+    original = StableDiffusionXLPipeline.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained", staticmethod(spy))
+    for path, want in ((folder, full), (tmp_path / "fp16_only", other)):
+        gen = reno.OneStepGenerator.from_pretrained(path, height=64, width=64)
+        for k, v in gen.unet.state_dict().items():
+            assert torch.equal(v, want[k]), (path.name, k)
+    assert [kw.get("local_files_only") for kw in seen] == [True, True]  # never reaches the Hub
+
+    gen = reno.OneStepGenerator.from_pretrained(folder, height=64, width=64, dtype=torch.bfloat16)
+    assert gen.dtype == torch.bfloat16 and gen.vae.dtype == torch.bfloat16
+    assert reno.OneStepGenerator.from_pretrained(folder, height=64, width=64, device="meta").device.type == "meta"
+
+
+def test_from_config_builds_the_vae_asked_in_the_dtype_asked():
+    gen = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=tiny.IMAGE_SIZE, width=tiny.IMAGE_SIZE,
+                                            dtype=torch.bfloat16)
+    assert list(gen.vae.config.block_out_channels) == list(tiny.VAE["block_out_channels"])
+    assert {p.dtype for p in gen.unet.parameters()} == {p.dtype for p in gen.vae.parameters()} == {torch.bfloat16}
+
+
+class _MinimalPipe:
+    """What ``from_pipeline`` reads of a diffusers SDXL pipeline; ``encode_prompt`` records its arguments."""
+
+    def __init__(self, unet, vae, scheduler_config, text_encoders=True):
+        self.unet, self.vae, self.scheduler = unet, vae, types.SimpleNamespace(config=scheduler_config)
+        if text_encoders:  # as a training script might leave them
+            self.text_encoder, self.text_encoder_2 = torch.nn.Linear(2, 2).train(), torch.nn.Linear(2, 2).train()
+        self.seen = []
+
+    def encode_prompt(self, **kwargs):
+        self.seen.append(kwargs)
+        g = torch.Generator().manual_seed(7)
+        return (torch.randn(1, 77, tiny.UNET["cross_attention_dim"], generator=g), None, torch.randn(1, 16, generator=g),
+                None)
+
+
+def test_from_pipeline_shares_the_pipelines_parts_and_encodes_without_guidance(generator):
+    """The pipeline's scheduler config is used (beta_end 0.02 here: sigma_max by hand in float64), its VAE and
+    UNet shared, its text encoders frozen in eval mode, its encode_prompt asked for one image without CFG."""
+    config = dict(reno.SDXL_TURBO_SCHEDULER, beta_end=0.02)
+    pipe = _MinimalPipe(generator.unet, generator.vae, config)
+    gen = reno.OneStepGenerator.from_pipeline(pipe, height=64, width=64)
+    betas = [(math.sqrt(0.00085) + (math.sqrt(0.02) - math.sqrt(0.00085)) * i / 999) ** 2 for i in range(1000)]
+    alpha_bar = math.prod(1 - b for b in betas)
+    assert gen.sigma == pytest.approx(math.sqrt((1 - alpha_bar) / alpha_bar), rel=1e-5)
+    assert gen.vae is pipe.vae and gen.unet is pipe.unet and gen.random_weights is False and not gen.random_prompt
+    for module in (pipe.text_encoder, pipe.text_encoder_2):
+        assert not module.training and not any(p.requires_grad for p in module.parameters())
+    cond = gen.encode_prompt(PROMPT)
+    assert pipe.seen == [{"prompt": PROMPT, "device": generator.unet.device, "num_images_per_prompt": 1,
+                          "do_classifier_free_guidance": False}]
+    g = torch.Generator().manual_seed(7)
+    assert torch.equal(cond.prompt_embeds, torch.randn(1, 77, tiny.UNET["cross_attention_dim"], generator=g))
+    assert torch.equal(cond.pooled_prompt_embeds, torch.randn(1, 16, generator=g)) and not cond.random
+    # a pipeline without text encoders (its encode_prompt brings its own) is taken too
+    assert reno.OneStepGenerator.from_pipeline(_MinimalPipe(generator.unet, generator.vae, config, False),
+                                               height=64, width=64).sigma == gen.sigma
+
+
+def test_generator_freezes_its_modules_and_checks_sides_against_the_vaes_scale():
+    """A VAE of three blocks downsamples by 4: sides must be positive integer multiples of 4, not of 8."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(dict(tiny.UNET)).train()
+    vae = AutoencoderKL.from_config(dict(tiny.VAE, block_out_channels=[8, 8, 8], down_block_types=["DownEncoderBlock2D"] * 3,
+                                         up_block_types=["UpDecoderBlock2D"] * 3)).train()
+    gen = reno.OneStepGenerator(unet, vae=vae, height=20, width=12, random_weights=True)
+    assert gen.vae_scale_factor == 4 and gen.latent_shape == (1, 4, 5, 3) and gen.random_weights is True
+    for module in (unet, vae):
+        assert not module.training and not any(p.requires_grad for p in module.parameters())
+    for kw, match in [({"height": 18}, r"^height must be a positive multiple of 4 \(the VAE's downsampling\), got 18$"),
+                      ({"width": 0}, r"^width must be a positive multiple of 4 \(the VAE's downsampling\), got 0$"),
+                      ({"height": 16.0}, r"^height must be .* got 16\.0$")]:
+        with pytest.raises(ValueError, match=match):
+            reno.OneStepGenerator(unet, vae=vae, random_weights=True, **{"height": 20, "width": 12, **kw})
+    assert reno.OneStepGenerator(unet, height=16, width=16, random_weights=False).vae_scale_factor == 8  # no VAE: SDXL's
