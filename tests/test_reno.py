@@ -638,3 +638,34 @@ def test_generator_freezes_its_modules_and_checks_sides_against_the_vaes_scale()
         with pytest.raises(ValueError, match=match):
             reno.OneStepGenerator(unet, vae=vae, random_weights=True, **{"height": 20, "width": 12, **kw})
     assert reno.OneStepGenerator(unet, height=16, width=16, random_weights=False).vae_scale_factor == 8  # no VAE: SDXL's
+
+
+class _LinearUNet(torch.nn.Module):
+    """An SDXL-configured stand-in for the UNet that predicts ``w * x``: a generator whose step costs nothing."""
+
+    def __init__(self):
+        from diffusers.configuration_utils import FrozenDict
+
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+        self.config = FrozenDict(addition_embed_type="text_time", addition_time_embed_dim=8, in_channels=4,
+                                 projection_class_embeddings_input_dim=6 * 8 + 16, cross_attention_dim=32)
+
+    def forward(self, x, t, encoder_hidden_states, added_cond_kwargs, return_dict):
+        return (self.w * x,)
+
+
+def test_optimize_runs_renos_50_iterations_by_default():
+    generator = reno.OneStepGenerator(_LinearUNet(), height=16, width=16, random_weights=True)
+    reward = Scripted([0.0] * 51)
+    result = reno.optimize(generator, reward, PROMPT, progress=False)
+    assert len(reward.seen) == len(result.losses) == 50
+
+
+def test_health_keeps_the_norm_of_noise_beyond_float32_finite():
+    """The noise norm is taken in float64 (off MPS): noise of 1e38 everywhere (finite in float32) has norm 1.6e39,
+    which float32 would report as inf in the error message."""
+    health = reno._Health(2, torch.device("cpu"))
+    health.noise(1, torch.full((1, 4, 8, 8), 1e38))
+    assert health.d == 256 and health.noise_norm.dtype == torch.float64
+    assert health.noise_norm.tolist() == pytest.approx([0.0, 1e38 * 16], rel=1e-6)
