@@ -669,3 +669,44 @@ def test_health_keeps_the_norm_of_noise_beyond_float32_finite():
     health.noise(1, torch.full((1, 4, 8, 8), 1e38))
     assert health.d == 256 and health.noise_norm.dtype == torch.float64
     assert health.noise_norm.tolist() == pytest.approx([0.0, 1e38 * 16], rel=1e-6)
+
+
+@pytest.fixture()
+def linear_generator():
+    return reno.OneStepGenerator(_LinearUNet(), height=16, width=16, random_weights=True)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"iterations": 0}, r"^iterations must be an integer >= 1, got 0$"),
+    ({"momentum": math.nan}, r"^momentum must be a finite number, got nan$"),
+    ({"momentum": 1.0}, r"^momentum must lie in \[0, 1\) and be > 0 with nesterov=True, got 1\.0$"),
+    ({"momentum": 1.5, "nesterov": False}, r"^momentum must lie in \[0, 1\)"),
+    ({"momentum": -0.1, "nesterov": False}, r"^momentum must lie in \[0, 1\)"),
+    ({"momentum": 0.0}, r"^momentum must lie in \[0, 1\) and be > 0 with nesterov=True, got 0\.0$"),  # ours, not SGD's
+])
+def test_optimize_momentum_and_iterations_bounds(linear_generator, kw, match):
+    with pytest.raises(ValueError, match=match):
+        reno.optimize(linear_generator, Target(), PROMPT, progress=False, **kw)
+
+
+def test_optimize_takes_plain_sgd_a_weighted_reward_as_given_and_shows_progress_by_default(linear_generator, capsys):
+    """momentum 0 without Nesterov is plain SGD (z -= lr * clipped g); a WeightedReward keeps its explicit weights
+    (a difference here, not the rewards' own weightings); the progress bar is on unless asked off."""
+    a, b = Target(1.0, weighting=0.3), Target(-1.0, weighting=2.0)
+    noise0 = torch.randn(linear_generator.latent_shape, generator=torch.Generator().manual_seed(0))
+    result = reno.optimize(linear_generator, reno.WeightedReward([a, b], [1.0, -1.0]), PROMPT, iterations=2,
+                           noise=noise0, momentum=0.0, nesterov=False, reg_weight=0.0, lr=0.5)
+    assert "ReNO" in capsys.readouterr().err
+    comps = list(result.component_losses.values())
+    assert result.losses == pytest.approx([comps[0][i] - comps[1][i] for i in range(2)], rel=1e-6)
+    # by hand: latents = x - sigma * w * x / sqrt(sigma^2 + 1) with x = z * init_noise_sigma, w = 0.5
+    gen = linear_generator
+    scale = gen.init_noise_sigma * (1 - gen.sigma * 0.5 / math.sqrt(gen.sigma**2 + 1))
+    z = noise0.double()
+    lat = z * scale
+    n = lat.numel()
+    g = scale * (2 * (lat - 1) / n - 2 * (lat + 1) / n)  # d/dz of mean((l-1)^2) - mean((l+1)^2)
+    g = g * min(1.0, 0.1 / (g.norm().item() + 1e-6))
+    want = z - 0.5 * g
+    assert result.losses[1] == pytest.approx(((want * scale - 1) ** 2).mean().item() - ((want * scale + 1) ** 2).mean().item(),
+                                             rel=1e-5)
