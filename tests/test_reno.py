@@ -683,6 +683,7 @@ def linear_generator():
     ({"momentum": 1.5, "nesterov": False}, r"^momentum must lie in \[0, 1\)"),
     ({"momentum": -0.1, "nesterov": False}, r"^momentum must lie in \[0, 1\)"),
     ({"momentum": 0.0}, r"^momentum must lie in \[0, 1\) and be > 0 with nesterov=True, got 0\.0$"),  # ours, not SGD's
+    ({"grad_clip": 0.0}, r"^grad_clip \(None: no clipping\) must be a finite positive number, got 0\.0$"),
 ])
 def test_optimize_momentum_and_iterations_bounds(linear_generator, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -691,12 +692,15 @@ def test_optimize_momentum_and_iterations_bounds(linear_generator, kw, match):
 
 def test_optimize_takes_plain_sgd_a_weighted_reward_as_given_and_shows_progress_by_default(linear_generator, capsys):
     """momentum 0 without Nesterov is plain SGD (z -= lr * clipped g); a WeightedReward keeps its explicit weights
-    (a difference here, not the rewards' own weightings); the progress bar is on unless asked off."""
+    (a difference here, not the rewards' own weightings); the progress bar is on unless asked off, and cleared."""
     a, b = Target(1.0, weighting=0.3), Target(-1.0, weighting=2.0)
     noise0 = torch.randn(linear_generator.latent_shape, generator=torch.Generator().manual_seed(0))
     result = reno.optimize(linear_generator, reno.WeightedReward([a, b], [1.0, -1.0]), PROMPT, iterations=2,
-                           noise=noise0, momentum=0.0, nesterov=False, reg_weight=0.0, lr=0.5)
-    assert "ReNO" in capsys.readouterr().err
+                           noise=noise0.double(), momentum=0.0, nesterov=False, reg_weight=0.0, lr=0.5)
+    err = capsys.readouterr().err
+    assert err.startswith("\rReNO:   0%|") and "0/2 [00:00<?, ?it/s]" in err  # tqdm's bar, its unit "it"
+    assert err.endswith("\r") and "\n" not in err  # leave=False: cleared at the end
+    assert result.best_noise.dtype == torch.float32  # the parameter is float32 whatever noise is given
     comps = list(result.component_losses.values())
     assert result.losses == pytest.approx([comps[0][i] - comps[1][i] for i in range(2)], rel=1e-6)
     # by hand: latents = x - sigma * w * x / sqrt(sigma^2 + 1) with x = z * init_noise_sigma, w = 0.5
