@@ -714,3 +714,45 @@ def test_optimize_takes_plain_sgd_a_weighted_reward_as_given_and_shows_progress_
     want = z - 0.5 * g
     assert result.losses[1] == pytest.approx(((want * scale - 1) ** 2).mean().item() - ((want * scale + 1) ** 2).mean().item(),
                                              rel=1e-5)
+
+
+def test_a_first_iteration_that_stays_best_is_reported_as_iteration_0(linear_generator):
+    noise0 = torch.randn(linear_generator.latent_shape, generator=torch.Generator().manual_seed(1))
+    result = reno.optimize(linear_generator, Scripted([-5.0, 0.0, 0.0]), PROMPT, iterations=3, noise=noise0,
+                           progress=False)
+    assert result.best_iteration == 0 and result.best_loss == pytest.approx(-5.0, abs=1e-4)
+    assert torch.equal(result.best_noise, noise0)
+
+
+class RefusesNonFinite(Target):
+    """Target that raises on NaN/Inf latents, as a Latent-CLIP reward does."""
+
+    def __call__(self, latents, prompt):
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or Inf")
+        return super().__call__(latents, prompt)
+
+
+def test_a_reward_refusing_the_nan_latents_an_infinite_regulariser_made_names_the_regulariser(linear_generator):
+    """reg_weight 1e38: the regulariser is -inf at iteration 0, the step makes the noise NaN, the reward refuses the
+    latents at iteration 1; the error names the regulariser, not the gradient or the reward."""
+    with pytest.raises(FloatingPointError, match=r"^the norm regulariser is -inf at iteration 0 .*reg_weight=1e\+38 is too "
+                                                 r"large; ReNO uses 0\.01$") as e:
+        reno.optimize(linear_generator, RefusesNonFinite(), PROMPT, iterations=3, reg_weight=1e38, progress=False)
+    assert isinstance(e.value.__cause__, ValueError)
+
+
+def test_gradient_checkpointing_recomputes_a_latent_clip_reward_in_the_loop(generator):
+    """With checkpointing on, a Latent-CLIP reward (no per-block checkpointing of its own) runs its forward again in
+    each backward: 2 iterations are 3 forwards of its tower (2 without)."""
+    reward = latent_clip_reward()
+    runs = []
+    handle = reward.model.visual.latent_vit.transformer.register_forward_pre_hook(lambda *a: runs.append(1))
+    try:
+        for checkpointing, want in ((False, 2), (True, 3)):
+            runs.clear()
+            reno.optimize(generator, reward, PROMPT, iterations=2, gradient_checkpointing=checkpointing, progress=False)
+            assert len(runs) == want, checkpointing
+    finally:
+        handle.remove()
+        generator.set_gradient_checkpointing(False)
