@@ -756,3 +756,65 @@ def test_gradient_checkpointing_recomputes_a_latent_clip_reward_in_the_loop(gene
     finally:
         handle.remove()
         generator.set_gradient_checkpointing(False)
+
+
+def test_equal_losses_keep_the_first_iterate(linear_generator):
+    """ReNO keeps an iterate only when its loss is strictly lower: a constant reward keeps iteration 0."""
+
+    class Constant:
+        name, weighting = "constant", 1.0
+
+        def __call__(self, latents, prompt):
+            return 0 * latents.sum() + 1.0
+
+    noise0 = torch.randn(linear_generator.latent_shape, generator=torch.Generator().manual_seed(2))
+    result = reno.optimize(linear_generator, Constant(), PROMPT, iterations=3, noise=noise0, progress=False)
+    assert result.losses == [1.0, 1.0, 1.0] and result.best_iteration == 0 and torch.equal(result.best_noise, noise0)
+
+
+def _tiny_resnet():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=4)
+
+
+def test_checkpoint_diffusers_turns_diffusers_own_switch_off_and_takes_plain_modules():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_config(dict(tiny.VAE))
+    vae.enable_gradient_checkpointing()
+    assert vae.is_gradient_checkpointing
+    reno.checkpoint_diffusers(vae, True)
+    assert not vae.is_gradient_checkpointing and reno.is_checkpointing(vae)  # ours instead, never both
+    plain = torch.nn.Sequential(torch.nn.Identity(), _tiny_resnet())  # no diffusers switch at all
+    reno.checkpoint_diffusers(plain, True)
+    assert reno.is_checkpointing(plain)
+    reno.checkpoint_diffusers(plain, False)
+    assert not reno.is_checkpointing(plain)
+
+
+def test_set_reward_checkpointing_reaches_a_module_rewards_children_and_takes_slotted_rewards():
+    from diffusers import AutoencoderKL
+
+    class ModuleReward(torch.nn.Module):
+        name, weighting = "module", 1.0
+
+        def __init__(self):
+            super().__init__()
+            self.vae = AutoencoderKL.from_config(dict(tiny.VAE))
+
+        def forward(self, latents, prompt):
+            return latents.mean()
+
+    class Slotted:
+        __slots__ = ()
+        name, weighting = "slotted", 1.0
+
+        def __call__(self, latents, prompt):
+            return latents.mean()
+
+    module_reward = ModuleReward()
+    assert reno.set_reward_checkpointing([module_reward, Slotted()], True) == [True, True]
+    assert reno.is_checkpointing(module_reward.vae)
+    assert reno.set_reward_checkpointing([module_reward, Slotted()], False) == [False, False]
+    assert not reno.is_checkpointing(module_reward.vae)
