@@ -818,3 +818,17 @@ def test_set_reward_checkpointing_reaches_a_module_rewards_children_and_takes_sl
     assert reno.is_checkpointing(module_reward.vae)
     assert reno.set_reward_checkpointing([module_reward, Slotted()], False) == [False, False]
     assert not reno.is_checkpointing(module_reward.vae)
+
+
+def test_check_seed_takes_exactly_the_64_bit_range():
+    assert reno.check_seed(200) == 200 and reno.check_seed(2**64 - 1) == 2**64 - 1
+    for bad in (2**64, -1, True, 3.0):
+        with pytest.raises(ValueError, match=r"^seed must be an integer in \[0, 2\*\*64\)"):
+            reno.check_seed(bad)
+
+
+def test_a_reward_needs_a_string_name_even_with_a_good_weighting():
+    bad = Target()
+    bad.name = 3
+    with pytest.raises(TypeError, match=r"\.name \(str\)"):
+        reno.WeightedReward([bad])
