@@ -643,13 +643,13 @@ def test_generator_freezes_its_modules_and_checks_sides_against_the_vaes_scale()
 class _LinearUNet(torch.nn.Module):
     """An SDXL-configured stand-in for the UNet that predicts ``w * x``: a generator whose step costs nothing."""
 
-    def __init__(self):
+    def __init__(self, pooled=16):
         from diffusers.configuration_utils import FrozenDict
 
         super().__init__()
         self.w = torch.nn.Parameter(torch.tensor(0.5))
         self.config = FrozenDict(addition_embed_type="text_time", addition_time_embed_dim=8, in_channels=4,
-                                 projection_class_embeddings_input_dim=6 * 8 + 16, cross_attention_dim=32)
+                                 projection_class_embeddings_input_dim=6 * 8 + pooled, cross_attention_dim=32)
 
     def forward(self, x, t, encoder_hidden_states, added_cond_kwargs, return_dict):
         return (self.w * x,)
@@ -832,3 +832,18 @@ def test_a_reward_needs_a_string_name_even_with_a_good_weighting():
     bad.name = 3
     with pytest.raises(TypeError, match=r"\.name \(str\)"):
         reno.WeightedReward([bad])
+
+
+def test_generator_needs_room_for_pooled_embeddings_and_a_step_ending_at_sigma_0():
+    assert reno.OneStepGenerator(_LinearUNet(pooled=1), height=16, width=16, random_weights=True).pooled_dim == 1
+    with pytest.raises(ValueError, match=r"leaves no room for pooled text embeddings after 6 x addition_time_embed_dim 8"):
+        reno.OneStepGenerator(_LinearUNet(pooled=0), height=16, width=16, random_weights=True)
+    config = dict(reno.SDXL_TURBO_SCHEDULER, final_sigmas_type="sigma_min")  # Euler's last sigma: sigma_min, not 0
+    with pytest.raises(ValueError, match=r"expected one step ending at sigma 0, got sigmas \[\d"):
+        reno.OneStepGenerator(_LinearUNet(), scheduler_config=config, preset="sdxl-lightning-1step", height=16, width=16,
+                              random_weights=True)
+
+
+def test_a_reward_must_be_callable_even_with_a_name_and_weighting():
+    with pytest.raises(TypeError, match=r"^a reward must be callable as reward\(latents, prompt\)"):
+        reno.WeightedReward([types.SimpleNamespace(name="x", weighting=1.0)])
