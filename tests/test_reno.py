@@ -847,3 +847,10 @@ def test_generator_needs_room_for_pooled_embeddings_and_a_step_ending_at_sigma_0
 def test_a_reward_must_be_callable_even_with_a_name_and_weighting():
     with pytest.raises(TypeError, match=r"^a reward must be callable as reward\(latents, prompt\)"):
         reno.WeightedReward([types.SimpleNamespace(name="x", weighting=1.0)])
+
+
+def test_weighted_reward_name_and_generator_noise_shape(linear_generator):
+    assert reno.WeightedReward([Target(weighting=0.3), PromptLength()], [0.3, 2.0]).name == "0.3*target + 2*prompt_length"
+    cond = linear_generator.encode_prompt(PROMPT)
+    with pytest.raises(ValueError, match=r"^noise must have shape \(B, 4, 2, 2\) for 16x16 images, got \(1, 4, 4, 4\)$"):
+        linear_generator(torch.randn(1, 4, 4, 4), cond)
