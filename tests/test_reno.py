@@ -579,6 +579,10 @@ def test_from_config_builds_the_vae_asked_in_the_dtype_asked():
                                             dtype=torch.bfloat16)
     assert list(gen.vae.config.block_out_channels) == list(tiny.VAE["block_out_channels"])
     assert {p.dtype for p in gen.unet.parameters()} == {p.dtype for p in gen.vae.parameters()} == {torch.bfloat16}
+    cond = gen.encode_prompt(PROMPT)
+    assert {cond.prompt_embeds.dtype, cond.pooled_prompt_embeds.dtype, cond.time_ids.dtype} == {torch.bfloat16}
+    with torch.no_grad():  # the UNet is fed in its own dtype; the latents come back in float32
+        assert gen(torch.randn(gen.latent_shape), cond).dtype == torch.float32
 
 
 class _MinimalPipe:
@@ -854,3 +858,21 @@ def test_weighted_reward_name_and_generator_noise_shape(linear_generator):
     cond = linear_generator.encode_prompt(PROMPT)
     with pytest.raises(ValueError, match=r"^noise must have shape \(B, 4, 2, 2\) for 16x16 images, got \(1, 4, 4, 4\)$"):
         linear_generator(torch.randn(1, 4, 4, 4), cond)
+
+
+def test_random_prompt_embeddings_are_seeded_by_the_prompts_sha256(generator):
+    import hashlib
+
+    seed = int.from_bytes(hashlib.sha256(PROMPT.encode()).digest()[:8], "little")
+    g = torch.Generator().manual_seed(seed)
+    cond = generator.encode_prompt(PROMPT)
+    assert torch.equal(cond.prompt_embeds, torch.randn(1, 77, tiny.UNET["cross_attention_dim"], generator=g))
+    assert torch.equal(cond.pooled_prompt_embeds, torch.randn(1, 16, generator=g))
+
+
+def test_a_text_encoder_of_the_wrong_width_is_refused(generator):
+    pipe = _MinimalPipe(generator.unet, generator.vae, reno.SDXL_TURBO_SCHEDULER)
+    pipe.encode_prompt = lambda **kw: (torch.zeros(1, 77, 7), None, torch.zeros(1, 16), None)  # pooled right, embeds not
+    gen = reno.OneStepGenerator.from_pipeline(pipe, height=64, width=64)
+    with pytest.raises(ValueError, match=rf"^text encoders give widths 7/16, the UNet expects {tiny.UNET['cross_attention_dim']}/16$"):
+        gen.encode_prompt(PROMPT)
