@@ -254,6 +254,6 @@ def test_decode_best_with_zero_weighting_decodes_the_first_image_only_and_a_reat
     with torch.no_grad():
         want = reference_decode(generator(zs[0].float(), generator.encode_prompt(PROMPT)))
     torch.testing.assert_close(best_image.float(), want, rtol=0, atol=2e-3)
-    loss.attach(pipe, decode="no_grad")  # the same loss on a plain decode afterwards
-    pipe.apply(z0.float(), PROMPT)
+    bare = loss.attach(_BarePipe(), decode="no_grad")  # the same loss on another pipeline's plain decode afterwards
+    bare.apply(z0.float(), PROMPT)
     assert torch.isfinite(loss(None, PROMPT))
