@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import types
 import warnings
 
 import pytest
@@ -461,3 +462,417 @@ def test_reno_at_twice_the_trained_size(policy):
     result = reno.optimize(gen, fastlclip.LatentCLIPReward(model), PROMPT, iterations=3, progress=False)
     assert result.best_latents.shape == (1, 4, 16, 16) and all(math.isfinite(v) for v in result.losses)
     assert len(set(result.losses)) > 1  # the noise moved
+
+
+# -- gaps found by mutation testing ------------------------------------------------------------------------
+class PromptLength:
+    """A reward that reads the prompt: the mean of the latents times the prompt's length."""
+
+    name, weighting = "prompt_length", 1.0
+
+    def __call__(self, latents, prompt):
+        return latents.mean() * len(prompt)
+
+
+def test_weighted_reward_passes_the_prompt_on():
+    latents = torch.full((1, 4, 8, 8), 0.5)
+    assert float(reno.WeightedReward([PromptLength()], [2.0])(latents, "abc")) == pytest.approx(2.0 * 0.5 * 3)
+
+
+def _explain(health, *, losses=None, totals=None, last=None, **kw):
+    """``_Health.explain`` on hand-set flags: one reward ("target"), lr 5, regulariser weight 0.01."""
+    n = health.noise_ok.numel()
+    losses = torch.zeros(n, 1) if losses is None else losses
+    totals = torch.zeros(n) if totals is None else totals
+    return health.explain(n - 1 if last is None else last, losses, totals, reno.WeightedReward([Target()]), 5.0, 0.01,
+                          **kw)
+
+
+def _health(iterations=3, d=64):
+    health = reno._Health(iterations, torch.device("cpu"))
+    health.d = d  # typical norm of standard-normal noise: sqrt(64) = 8
+    return health
+
+
+def test_explain_names_the_step_before_the_noise_went_non_finite():
+    health = _health()
+    health.noise_ok[2] = False
+    assert _explain(health) == ("the noise became NaN/Inf in the SGD step after iteration 1, whose gradient was finite: "
+                                "lr=5 is too large: lower it (and keep grad_clip, e.g. 0.1)")
+
+
+@pytest.mark.parametrize("norm, blames_lr", [(80.0, False), (84.0, True), (79.0, False)])
+def test_explain_blames_lr_only_for_noise_grown_past_ten_times_its_typical_norm(norm, blames_lr):
+    """d = 64: the typical norm is 8; latents turning NaN from noise of norm > 80 blame lr, else the UNet."""
+    health = _health()
+    health.latents[1] = False
+    health.noise_norm[1] = norm
+    msg = _explain(health)
+    assert msg.startswith(f"the generator turned the noise into NaN/Inf latents at iteration 1: noise norm {norm:.3g}, "
+                          "where standard-normal noise of this shape has about 8. ")
+    if blames_lr:
+        assert msg.endswith("lr=5 is too large: lower it (and keep grad_clip, e.g. 0.1)")
+    else:
+        assert msg.endswith("The UNet overflows on this noise; run it in float32 or bfloat16")
+
+
+def test_explain_looks_no_further_than_the_last_iteration_and_blames_its_reward_unless_partial():
+    health = _health()
+    health.noise_ok[2] = False  # after the last iteration looked at: not its concern
+    assert _explain(health, last=1) is None
+    losses = torch.zeros(3, 1)
+    losses[1, 0] = float("nan")
+    want = ("reward 'target' returned nan at iteration 1 from finite latents; the reward itself is at fault (its inputs "
+            "were fine): check it, or its weights and dtype")
+    assert _explain(_health(), losses=losses, last=1) == want  # partial defaults to False
+    assert _explain(_health(), losses=losses, last=1, partial=True) is None  # its losses were not recorded yet
+
+
+def test_from_config_default_seed_is_zero():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    want = UNet2DConditionModel.from_config(dict(tiny.UNET))
+    got = reno.OneStepGenerator.from_config(tiny.UNET, height=tiny.IMAGE_SIZE, width=tiny.IMAGE_SIZE, with_vae=False)
+    assert got.vae is None and got.random_weights is True
+    for (name, a), b in zip(want.state_dict().items(), got.unet.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_from_pretrained_reads_the_full_precision_weights_offline_in_the_dtype_and_device_asked(tmp_path, monkeypatch):
+    """A snapshot holding both ``diffusion_pytorch_model.safetensors`` and its ``.fp16`` variant (as
+    stabilityai/sdxl-turbo does) loads the full-precision file; a snapshot of only ``.fp16`` files loads those;
+    the load is local only; ``dtype`` and ``device`` reach the pipeline."""
+    pytest.importorskip("transformers", reason="real SDXL weights need the SDXL text encoders (transformers)")
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe, folder = _tiny_sdxl_folder(tmp_path)
+    full = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(0.5)
+    other = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.unet.save_pretrained(folder / "unet", variant="fp16")  # a second, different, "fp16" file beside the full one
+    pipe.save_pretrained(tmp_path / "fp16_only", variant="fp16")
+
+    seen = []
+    original = StableDiffusionXLPipeline.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained", staticmethod(spy))
+    for path, want in ((folder, full), (tmp_path / "fp16_only", other)):
+        gen = reno.OneStepGenerator.from_pretrained(path, height=64, width=64)
+        for k, v in gen.unet.state_dict().items():
+            assert torch.equal(v, want[k]), (path.name, k)
+    assert [kw.get("local_files_only") for kw in seen] == [True, True]  # never reaches the Hub
+
+    gen = reno.OneStepGenerator.from_pretrained(folder, height=64, width=64, dtype=torch.bfloat16)
+    assert gen.dtype == torch.bfloat16 and gen.vae.dtype == torch.bfloat16
+    assert reno.OneStepGenerator.from_pretrained(folder, height=64, width=64, device="meta").device.type == "meta"
+
+
+def test_from_config_builds_the_vae_asked_in_the_dtype_asked():
+    gen = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=tiny.IMAGE_SIZE, width=tiny.IMAGE_SIZE,
+                                            dtype=torch.bfloat16)
+    assert list(gen.vae.config.block_out_channels) == list(tiny.VAE["block_out_channels"])
+    assert {p.dtype for p in gen.unet.parameters()} == {p.dtype for p in gen.vae.parameters()} == {torch.bfloat16}
+    cond = gen.encode_prompt(PROMPT)
+    assert {cond.prompt_embeds.dtype, cond.pooled_prompt_embeds.dtype, cond.time_ids.dtype} == {torch.bfloat16}
+    with torch.no_grad():  # the UNet is fed in its own dtype; the latents come back in float32
+        assert gen(torch.randn(gen.latent_shape), cond).dtype == torch.float32
+
+
+class _MinimalPipe:
+    """What ``from_pipeline`` reads of a diffusers SDXL pipeline; ``encode_prompt`` records its arguments."""
+
+    def __init__(self, unet, vae, scheduler_config, text_encoders=True):
+        self.unet, self.vae, self.scheduler = unet, vae, types.SimpleNamespace(config=scheduler_config)
+        if text_encoders:  # as a training script might leave them
+            self.text_encoder, self.text_encoder_2 = torch.nn.Linear(2, 2).train(), torch.nn.Linear(2, 2).train()
+        self.seen = []
+
+    def encode_prompt(self, **kwargs):
+        self.seen.append(kwargs)
+        g = torch.Generator().manual_seed(7)
+        return (torch.randn(1, 77, tiny.UNET["cross_attention_dim"], generator=g), None, torch.randn(1, 16, generator=g),
+                None)
+
+
+def test_from_pipeline_shares_the_pipelines_parts_and_encodes_without_guidance(generator):
+    """The pipeline's scheduler config is used (beta_end 0.02 here: sigma_max by hand in float64), its VAE and
+    UNet shared, its text encoders frozen in eval mode, its encode_prompt asked for one image without CFG."""
+    config = dict(reno.SDXL_TURBO_SCHEDULER, beta_end=0.02)
+    pipe = _MinimalPipe(generator.unet, generator.vae, config)
+    gen = reno.OneStepGenerator.from_pipeline(pipe, height=64, width=64)
+    betas = [(math.sqrt(0.00085) + (math.sqrt(0.02) - math.sqrt(0.00085)) * i / 999) ** 2 for i in range(1000)]
+    alpha_bar = math.prod(1 - b for b in betas)
+    assert gen.sigma == pytest.approx(math.sqrt((1 - alpha_bar) / alpha_bar), rel=1e-5)
+    assert gen.vae is pipe.vae and gen.unet is pipe.unet and gen.random_weights is False and not gen.random_prompt
+    for module in (pipe.text_encoder, pipe.text_encoder_2):
+        assert not module.training and not any(p.requires_grad for p in module.parameters())
+    cond = gen.encode_prompt(PROMPT)
+    assert pipe.seen == [{"prompt": PROMPT, "device": generator.unet.device, "num_images_per_prompt": 1,
+                          "do_classifier_free_guidance": False}]
+    g = torch.Generator().manual_seed(7)
+    assert torch.equal(cond.prompt_embeds, torch.randn(1, 77, tiny.UNET["cross_attention_dim"], generator=g))
+    assert torch.equal(cond.pooled_prompt_embeds, torch.randn(1, 16, generator=g)) and not cond.random
+    # a pipeline without text encoders (its encode_prompt brings its own) is taken too
+    assert reno.OneStepGenerator.from_pipeline(_MinimalPipe(generator.unet, generator.vae, config, False),
+                                               height=64, width=64).sigma == gen.sigma
+
+
+def test_generator_freezes_its_modules_and_checks_sides_against_the_vaes_scale():
+    """A VAE of three blocks downsamples by 4: sides must be positive integer multiples of 4, not of 8."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(dict(tiny.UNET)).train()
+    vae = AutoencoderKL.from_config(dict(tiny.VAE, block_out_channels=[8, 8, 8], down_block_types=["DownEncoderBlock2D"] * 3,
+                                         up_block_types=["UpDecoderBlock2D"] * 3)).train()
+    gen = reno.OneStepGenerator(unet, vae=vae, height=20, width=12, random_weights=True)
+    assert gen.vae_scale_factor == 4 and gen.latent_shape == (1, 4, 5, 3) and gen.random_weights is True
+    for module in (unet, vae):
+        assert not module.training and not any(p.requires_grad for p in module.parameters())
+    for kw, match in [({"height": 18}, r"^height must be a positive multiple of 4 \(the VAE's downsampling\), got 18$"),
+                      ({"width": 0}, r"^width must be a positive multiple of 4 \(the VAE's downsampling\), got 0$"),
+                      ({"height": 16.0}, r"^height must be .* got 16\.0$")]:
+        with pytest.raises(ValueError, match=match):
+            reno.OneStepGenerator(unet, vae=vae, random_weights=True, **{"height": 20, "width": 12, **kw})
+    assert reno.OneStepGenerator(unet, height=16, width=16, random_weights=False).vae_scale_factor == 8  # no VAE: SDXL's
+
+
+class _LinearUNet(torch.nn.Module):
+    """An SDXL-configured stand-in for the UNet that predicts ``w * x``: a generator whose step costs nothing."""
+
+    def __init__(self, pooled=16):
+        from diffusers.configuration_utils import FrozenDict
+
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+        self.config = FrozenDict(addition_embed_type="text_time", addition_time_embed_dim=8, in_channels=4,
+                                 projection_class_embeddings_input_dim=6 * 8 + pooled, cross_attention_dim=32)
+
+    def forward(self, x, t, encoder_hidden_states, added_cond_kwargs, return_dict):
+        return (self.w * x,)
+
+
+def test_optimize_runs_renos_50_iterations_by_default():
+    generator = reno.OneStepGenerator(_LinearUNet(), height=16, width=16, random_weights=True)
+    reward = Scripted([0.0] * 51)
+    result = reno.optimize(generator, reward, PROMPT, progress=False)
+    assert len(reward.seen) == len(result.losses) == 50
+
+
+def test_health_keeps_the_norm_of_noise_beyond_float32_finite():
+    """The noise norm is taken in float64 (off MPS): noise of 1e38 everywhere (finite in float32) has norm 1.6e39,
+    which float32 would report as inf in the error message."""
+    health = reno._Health(2, torch.device("cpu"))
+    health.noise(1, torch.full((1, 4, 8, 8), 1e38))
+    assert health.d == 256 and health.noise_norm.dtype == torch.float64
+    assert health.noise_norm.tolist() == pytest.approx([0.0, 1e38 * 16], rel=1e-6)
+
+
+@pytest.fixture()
+def linear_generator():
+    return reno.OneStepGenerator(_LinearUNet(), height=16, width=16, random_weights=True)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"iterations": 0}, r"^iterations must be an integer >= 1, got 0$"),
+    ({"momentum": math.nan}, r"^momentum must be a finite number, got nan$"),
+    ({"momentum": 1.0}, r"^momentum must lie in \[0, 1\) and be > 0 with nesterov=True, got 1\.0$"),
+    ({"momentum": 1.5, "nesterov": False}, r"^momentum must lie in \[0, 1\)"),
+    ({"momentum": -0.1, "nesterov": False}, r"^momentum must lie in \[0, 1\)"),
+    ({"momentum": 0.0}, r"^momentum must lie in \[0, 1\) and be > 0 with nesterov=True, got 0\.0$"),  # ours, not SGD's
+    ({"grad_clip": 0.0}, r"^grad_clip \(None: no clipping\) must be a finite positive number, got 0\.0$"),
+])
+def test_optimize_momentum_and_iterations_bounds(linear_generator, kw, match):
+    with pytest.raises(ValueError, match=match):
+        reno.optimize(linear_generator, Target(), PROMPT, progress=False, **kw)
+
+
+def test_optimize_takes_plain_sgd_a_weighted_reward_as_given_and_shows_progress_by_default(linear_generator, capsys):
+    """momentum 0 without Nesterov is plain SGD (z -= lr * clipped g); a WeightedReward keeps its explicit weights
+    (a difference here, not the rewards' own weightings); the progress bar is on unless asked off, and cleared."""
+    a, b = Target(1.0, weighting=0.3), Target(-1.0, weighting=2.0)
+    noise0 = torch.randn(linear_generator.latent_shape, generator=torch.Generator().manual_seed(0))
+    result = reno.optimize(linear_generator, reno.WeightedReward([a, b], [1.0, -1.0]), PROMPT, iterations=2,
+                           noise=noise0.double(), momentum=0.0, nesterov=False, reg_weight=0.0, lr=0.5)
+    err = capsys.readouterr().err
+    assert err.startswith("\rReNO:   0%|") and "0/2 [00:00<?, ?it/s]" in err  # tqdm's bar, its unit "it"
+    assert err.endswith("\r") and "\n" not in err  # leave=False: cleared at the end
+    assert result.best_noise.dtype == torch.float32  # the parameter is float32 whatever noise is given
+    comps = list(result.component_losses.values())
+    assert result.losses == pytest.approx([comps[0][i] - comps[1][i] for i in range(2)], rel=1e-6)
+    # by hand: latents = x - sigma * w * x / sqrt(sigma^2 + 1) with x = z * init_noise_sigma, w = 0.5
+    gen = linear_generator
+    scale = gen.init_noise_sigma * (1 - gen.sigma * 0.5 / math.sqrt(gen.sigma**2 + 1))
+    z = noise0.double()
+    lat = z * scale
+    n = lat.numel()
+    g = scale * (2 * (lat - 1) / n - 2 * (lat + 1) / n)  # d/dz of mean((l-1)^2) - mean((l+1)^2)
+    g = g * min(1.0, 0.1 / (g.norm().item() + 1e-6))
+    want = z - 0.5 * g
+    assert result.losses[1] == pytest.approx(((want * scale - 1) ** 2).mean().item() - ((want * scale + 1) ** 2).mean().item(),
+                                             rel=1e-5)
+
+
+def test_a_first_iteration_that_stays_best_is_reported_as_iteration_0(linear_generator):
+    noise0 = torch.randn(linear_generator.latent_shape, generator=torch.Generator().manual_seed(1))
+    result = reno.optimize(linear_generator, Scripted([-5.0, 0.0, 0.0]), PROMPT, iterations=3, noise=noise0,
+                           progress=False)
+    assert result.best_iteration == 0 and result.best_loss == pytest.approx(-5.0, abs=1e-4)
+    assert torch.equal(result.best_noise, noise0)
+
+
+class RefusesNonFinite(Target):
+    """Target that raises on NaN/Inf latents, as a Latent-CLIP reward does."""
+
+    def __call__(self, latents, prompt):
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or Inf")
+        return super().__call__(latents, prompt)
+
+
+def test_a_reward_refusing_the_nan_latents_an_infinite_regulariser_made_names_the_regulariser(linear_generator):
+    """reg_weight 1e38: the regulariser is -inf at iteration 0, the step makes the noise NaN, the reward refuses the
+    latents at iteration 1; the error names the regulariser, not the gradient or the reward."""
+    with pytest.raises(FloatingPointError, match=r"^the norm regulariser is -inf at iteration 0 .*reg_weight=1e\+38 is too "
+                                                 r"large; ReNO uses 0\.01$") as e:
+        reno.optimize(linear_generator, RefusesNonFinite(), PROMPT, iterations=3, reg_weight=1e38, progress=False)
+    assert isinstance(e.value.__cause__, ValueError)
+
+
+def test_gradient_checkpointing_recomputes_a_latent_clip_reward_in_the_loop(generator):
+    """With checkpointing on, a Latent-CLIP reward (no per-block checkpointing of its own) runs its forward again in
+    each backward: 2 iterations are 3 forwards of its tower (2 without)."""
+    reward = latent_clip_reward()
+    runs = []
+    handle = reward.model.visual.latent_vit.transformer.register_forward_pre_hook(lambda *a: runs.append(1))
+    try:
+        for checkpointing, want in ((False, 2), (True, 3)):
+            runs.clear()
+            reno.optimize(generator, reward, PROMPT, iterations=2, gradient_checkpointing=checkpointing, progress=False)
+            assert len(runs) == want, checkpointing
+    finally:
+        handle.remove()
+        generator.set_gradient_checkpointing(False)
+
+
+def test_equal_losses_keep_the_first_iterate(linear_generator):
+    """ReNO keeps an iterate only when its loss is strictly lower: a constant reward keeps iteration 0."""
+
+    class Constant:
+        name, weighting = "constant", 1.0
+
+        def __call__(self, latents, prompt):
+            return 0 * latents.sum() + 1.0
+
+    noise0 = torch.randn(linear_generator.latent_shape, generator=torch.Generator().manual_seed(2))
+    result = reno.optimize(linear_generator, Constant(), PROMPT, iterations=3, noise=noise0, progress=False)
+    assert result.losses == [1.0, 1.0, 1.0] and result.best_iteration == 0 and torch.equal(result.best_noise, noise0)
+
+
+def _tiny_resnet():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=4)
+
+
+def test_checkpoint_diffusers_turns_diffusers_own_switch_off_and_takes_plain_modules():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_config(dict(tiny.VAE))
+    vae.enable_gradient_checkpointing()
+    assert vae.is_gradient_checkpointing
+    reno.checkpoint_diffusers(vae, True)
+    assert not vae.is_gradient_checkpointing and reno.is_checkpointing(vae)  # ours instead, never both
+    plain = torch.nn.Sequential(torch.nn.Identity(), _tiny_resnet())  # no diffusers switch at all
+    reno.checkpoint_diffusers(plain, True)
+    assert reno.is_checkpointing(plain)
+    reno.checkpoint_diffusers(plain, False)
+    assert not reno.is_checkpointing(plain)
+
+
+def test_set_reward_checkpointing_reaches_a_module_rewards_children_and_takes_slotted_rewards():
+    from diffusers import AutoencoderKL
+
+    class ModuleReward(torch.nn.Module):
+        name, weighting = "module", 1.0
+
+        def __init__(self):
+            super().__init__()
+            self.vae = AutoencoderKL.from_config(dict(tiny.VAE))
+
+        def forward(self, latents, prompt):
+            return latents.mean()
+
+    class Slotted:
+        __slots__ = ()
+        name, weighting = "slotted", 1.0
+
+        def __call__(self, latents, prompt):
+            return latents.mean()
+
+    module_reward = ModuleReward()
+    assert reno.set_reward_checkpointing([module_reward, Slotted()], True) == [True, True]
+    assert reno.is_checkpointing(module_reward.vae)
+    assert reno.set_reward_checkpointing([module_reward, Slotted()], False) == [False, False]
+    assert not reno.is_checkpointing(module_reward.vae)
+
+
+def test_check_seed_takes_exactly_the_64_bit_range():
+    assert reno.check_seed(200) == 200 and reno.check_seed(2**64 - 1) == 2**64 - 1
+    for bad in (2**64, -1, True, 3.0):
+        with pytest.raises(ValueError, match=r"^seed must be an integer in \[0, 2\*\*64\)"):
+            reno.check_seed(bad)
+
+
+def test_a_reward_needs_a_string_name_even_with_a_good_weighting():
+    bad = Target()
+    bad.name = 3
+    with pytest.raises(TypeError, match=r"\.name \(str\)"):
+        reno.WeightedReward([bad])
+
+
+def test_generator_needs_room_for_pooled_embeddings_and_a_step_ending_at_sigma_0():
+    assert reno.OneStepGenerator(_LinearUNet(pooled=1), height=16, width=16, random_weights=True).pooled_dim == 1
+    with pytest.raises(ValueError, match=r"leaves no room for pooled text embeddings after 6 x addition_time_embed_dim 8"):
+        reno.OneStepGenerator(_LinearUNet(pooled=0), height=16, width=16, random_weights=True)
+    config = dict(reno.SDXL_TURBO_SCHEDULER, final_sigmas_type="sigma_min")  # Euler's last sigma: sigma_min, not 0
+    with pytest.raises(ValueError, match=r"expected one step ending at sigma 0, got sigmas \[\d"):
+        reno.OneStepGenerator(_LinearUNet(), scheduler_config=config, preset="sdxl-lightning-1step", height=16, width=16,
+                              random_weights=True)
+
+
+def test_a_reward_must_be_callable_even_with_a_name_and_weighting():
+    with pytest.raises(TypeError, match=r"^a reward must be callable as reward\(latents, prompt\)"):
+        reno.WeightedReward([types.SimpleNamespace(name="x", weighting=1.0)])
+
+
+def test_weighted_reward_name_and_generator_noise_shape(linear_generator):
+    assert reno.WeightedReward([Target(weighting=0.3), PromptLength()], [0.3, 2.0]).name == "0.3*target + 2*prompt_length"
+    cond = linear_generator.encode_prompt(PROMPT)
+    with pytest.raises(ValueError, match=r"^noise must have shape \(B, 4, 2, 2\) for 16x16 images, got \(1, 4, 4, 4\)$"):
+        linear_generator(torch.randn(1, 4, 4, 4), cond)
+
+
+def test_random_prompt_embeddings_are_seeded_by_the_prompts_sha256(generator):
+    import hashlib
+
+    seed = int.from_bytes(hashlib.sha256(PROMPT.encode()).digest()[:8], "little")
+    g = torch.Generator().manual_seed(seed)
+    cond = generator.encode_prompt(PROMPT)
+    assert torch.equal(cond.prompt_embeds, torch.randn(1, 77, tiny.UNET["cross_attention_dim"], generator=g))
+    assert torch.equal(cond.pooled_prompt_embeds, torch.randn(1, 16, generator=g))
+
+
+def test_a_text_encoder_of_the_wrong_width_is_refused(generator):
+    pipe = _MinimalPipe(generator.unet, generator.vae, reno.SDXL_TURBO_SCHEDULER)
+    pipe.encode_prompt = lambda **kw: (torch.zeros(1, 77, 7), None, torch.zeros(1, 16), None)  # pooled right, embeds not
+    gen = reno.OneStepGenerator.from_pipeline(pipe, height=64, width=64)
+    with pytest.raises(ValueError, match=rf"^text encoders give widths 7/16, the UNet expects {tiny.UNET['cross_attention_dim']}/16$"):
+        gen.encode_prompt(PROMPT)

@@ -5,6 +5,7 @@ drop-in on a tiny pipeline takes the same steps as the hand transcription of ReN
 ``OneStepGenerator.from_pipeline`` / ``load(..., cache_dir=)``."""
 
 import math
+import types
 import warnings
 
 import pytest
@@ -186,3 +187,73 @@ def test_load_cache_dir_reaches_the_hub_download(tmp_path, monkeypatch):
     loaded = fastlclip.load(TINY, "hf-hub:someone/tiny/w.safetensors", cache_dir=tmp_path / "hub")
     assert seen == {"repo": "someone/tiny", "name": "w.safetensors", "cache_dir": tmp_path / "hub"}
     torch.testing.assert_close(loaded.logit_scale, model.logit_scale)
+
+
+# -- gaps found by mutation testing ------------------------------------------------------------------------
+def test_drop_in_loads_the_published_checkpoint_with_renos_arguments(latent_clip, monkeypatch):
+    """Without ``model=``, ReNO's constructor call loads the published Latent-CLIP (B/8 at 512 px) through
+    ``fastlclip.load`` with every argument passed on, and the reward keeps the weighting."""
+    from fastlclip import factory
+
+    seen = []
+
+    def fake_load(*args, **kwargs):
+        seen.append((args, kwargs))
+        return latent_clip
+
+    monkeypatch.setattr(factory, "load", fake_load)
+    loss = LatentCLIPLoss(0.25, torch.float64, "meta", "/tmp/hub")  # ReNO's positional call
+    assert seen == [(("Latent-ViT-B-8-512", "hf-hub:wendlerc/latent-clip-b-8-512-34b-80k"),
+                     {"device": "meta", "dtype": torch.float64, "backend": "eager", "resize": None,
+                      "cache_dir": "/tmp/hub"})]
+    assert loss.reward.model is latent_clip and loss.reward.weighting == 0.25 and loss.weighting == 0.25
+    seen.clear()
+    LatentCLIPLoss(1.0, torch.float16, "cpu", model="Other", pretrained="w.safetensors", backend="graph",
+                   resize="pool", name="mine")
+    assert seen == [(("Other", "w.safetensors"), {"device": "cpu", "dtype": torch.float16, "backend": "graph",
+                                                  "resize": "pool", "cache_dir": None})]
+
+
+class _BarePipe:
+    """The least of ReNO's pipeline ``decode="best"`` needs; ``apply`` records what reached it."""
+
+    def __init__(self, **attrs):
+        self.__dict__.update(attrs)
+        self.calls = []
+
+    def decode_latents_tensors(self, latents):
+        return torch.ones(latents.shape[0], 3, 1, 1)
+
+    def apply(self, latents, prompt, *args, **kwargs):
+        self.calls.append((prompt, args, kwargs))
+        return self.decode_latents_tensors(latents.float())
+
+
+def test_decode_best_placeholder_has_the_pipelines_scale_and_dtype_and_apply_gets_every_argument(latent_clip):
+    latents = torch.randn(2, 4, 6, 10, dtype=torch.float16)
+    loss = LatentCLIPLoss(1.0, torch.float32, "cpu", model=latent_clip)
+    pipe = loss.attach(_BarePipe(vae_scale_factor=4, unet=types.SimpleNamespace(dtype=torch.float16)), decode="best")
+    image = pipe.apply(latents, PROMPT, "gen", 1, guidance=0.0)
+    assert pipe.calls == [(PROMPT, ("gen", 1), {"guidance": 0.0})]
+    assert image.shape == (2, 3, 24, 40) and image.dtype == torch.float16 and not image.any()  # the UNet's dtype
+    pipe = LatentCLIPLoss(1.0, torch.float32, "cpu", model=latent_clip).attach(_BarePipe(), decode="best")
+    image = pipe.apply(latents, PROMPT)
+    assert image.shape == (2, 3, 48, 80) and image.dtype == torch.float32  # SDXL's 8; no UNet: the latents' dtype
+
+
+def test_decode_best_with_zero_weighting_decodes_the_first_image_only_and_a_reattached_loss_works(latent_clip):
+    """Weighting 0: ReNO's total is 0 every iteration, strictly lower than the best (inf) only at the first."""
+    pipe = TinyRewardSDXL()
+    reference_decode = pipe.decode_latents_tensors
+    loss = LatentCLIPLoss(0.0, torch.float32, "cpu", model=latent_clip)
+    loss.attach(pipe, decode="best")
+    z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)).half()
+    losses, zs, best_image, images = renos_train(pipe, [loss], z0, iterations=3, keep_best=True)
+    assert losses == [0.0, 0.0, 0.0] and pipe.decodes == 1
+    generator = OneStepGenerator.from_pipeline(pipe, height=64, width=64)
+    with torch.no_grad():
+        want = reference_decode(generator(zs[0].float(), generator.encode_prompt(PROMPT)))
+    torch.testing.assert_close(best_image.float(), want, rtol=0, atol=2e-3)
+    bare = loss.attach(_BarePipe(), decode="no_grad")  # the same loss on another pipeline's plain decode afterwards
+    bare.apply(z0.float(), PROMPT)
+    assert torch.isfinite(loss(None, PROMPT))
