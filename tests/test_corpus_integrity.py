@@ -515,3 +515,392 @@ def test_a_shard_of_only_bad_samples_writes_typed_empty_columns_and_its_settings
     with pytest.raises(OSError):
         writer._append(tmp_path / "link.jsonl", {"a": 1})  # O_NOFOLLOW, even without check_folder first
     assert victim.read_text() == ""
+
+
+# -- gaps found by mutation testing: writer ---------------------------------------------------------------
+def test_build_table_columns_types_and_empty_shards_against_hand_written_tables():
+    from fastlclip.corpus.writer import build_table
+
+    names = ["clip_cos_0", "label", "safety_flag", "embedding", "latent_flat"]
+    columns = {"clip_cos_0": [np.array([0.5], np.float32), np.array([-0.25], np.float64)],  # stored as float32
+               "label": [np.array(["cat"], object), np.array(["dog"], object)],
+               "safety_flag": [np.array([True]), np.array([False])],
+               "embedding": [np.array([[1.0, 0.5]], np.float16), np.array([[-2.0, 0.25]], np.float16)],
+               "latent_flat": [np.array([[1.5, 2.0, -3.0]], np.float16), np.array([[0.0, 4.0, 8.0]], np.float16)]}
+    table = build_table(["a", "b"], columns, names, 2, {"shard": "s.tar", "bad": [{"key": "x"}]})
+    assert [str(f.type) for f in table.schema] == ["string", "float", "string", "bool",
+                                                   "fixed_size_list<item: halffloat>[2]",
+                                                   "fixed_size_list<item: halffloat>[3]"]
+    assert table.column_names == ["key", *names]
+    assert table.to_pylist() == [
+        {"key": "a", "clip_cos_0": 0.5, "label": "cat", "safety_flag": True, "embedding": [1.0, 0.5],
+         "latent_flat": [1.5, 2.0, -3.0]},
+        {"key": "b", "clip_cos_0": -0.25, "label": "dog", "safety_flag": False, "embedding": [-2.0, 0.25],
+         "latent_flat": [0.0, 4.0, 8.0]}]
+    assert table.schema.metadata == {b"fastlclip.shard": b'"s.tar"', b"fastlclip.bad": b'[{"key": "x"}]'}
+
+    empty = build_table([], {}, names, 2, {})  # a shard whose every sample was bad
+    assert empty.num_rows == 0 and [str(f.type) for f in empty.schema] == [
+        "string", "float", "string", "bool", "fixed_size_list<item: halffloat>[2]", "float"]
+
+
+def test_readable_output_wants_a_regular_scored_parquet_file(tmp_path):
+    from fastlclip.corpus.writer import is_done, readable_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    table = pa.table({"key": ["a"]})
+    pq.write_table(table, out / "plain.parquet")  # a Parquet file no scoring run wrote: no fastlclip.shard
+    assert not is_done(out, "in/plain.tar") and readable_output(out / "plain.parquet", scored=False)
+    scored = table.replace_schema_metadata({"fastlclip.shard": '"in/good.tar"'})
+    pq.write_table(scored, tmp_path / "good.parquet")
+    os.symlink(tmp_path / "good.parquet", out / "good.parquet")  # a link to a good output is never done
+    assert readable_output(tmp_path / "good.parquet") and not is_done(out, "in/good.tar")
+    assert not readable_output(out / "good.parquet", scored=False)
+    (out / "dir.parquet").mkdir()
+    assert not is_done(out, "dir.tar") and not is_done(out, "missing.tar")
+
+
+def test_write_atomic_reports_its_own_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from fastlclip.corpus import writer
+
+    final = tmp_path / "a.parquet"
+
+    def refuse(path):
+        raise PermissionError(13, "refused", str(path))
+
+    monkeypatch.setattr(writer, "_new_file", refuse)  # fails before the temporary file exists
+    with pytest.raises(PermissionError, match="refused"):
+        writer.write_atomic(pa.table({"key": ["a"]}), final)
+    monkeypatch.undo()
+    final.write_bytes(b"old")
+    with pytest.raises(Exception):
+        writer.write_atomic("not a table", final)  # fails mid-write: the old output stays, no .tmp is left
+    assert final.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.parquet"]
+
+
+def test_a_link_planted_after_the_check_is_never_followed(tmp_path, monkeypatch):
+    from fastlclip.corpus import writer
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    os.symlink(victim, tmp_path / "a.parquet.tmp")
+    monkeypatch.setattr(writer.os.path, "lexists", lambda p: False)  # the link appears between check and open
+    with pytest.raises(FileExistsError):
+        writer.write_atomic(pa.table({"key": ["a"]}), tmp_path / "a.parquet")
+    assert victim.read_text() == "keep me"
+
+
+def test_append_never_blocks_on_a_fifo_and_writes_any_value_as_text(tmp_path):
+    import errno
+
+    from fastlclip.corpus import writer
+
+    fifo = tmp_path / "manifest.jsonl"
+    os.mkfifo(fifo)
+
+    def hung(*_):
+        raise TimeoutError("blocked opening a FIFO")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        with pytest.raises(OSError) as e:  # no reader: O_NONBLOCK makes the open fail at once (ENXIO)
+            writer.append_manifest(tmp_path, {"shard": "a.tar"})
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert e.value.errno == errno.ENXIO
+
+    out = tmp_path / "out"
+    out.mkdir()
+    writer.append_manifest(out, {"shard": tmp_path / "a.tar", "rows": 2})
+    writer.append_manifest(out, {"shard": "b.tar", "rows": 0})
+    assert (out / "manifest.jsonl").read_text() == (f'{{"shard": "{tmp_path / "a.tar"}", "rows": 2}}\n'
+                                                    '{"shard": "b.tar", "rows": 0}\n')
+
+
+def test_expected_shards_takes_inputs_first_then_manifest_only_shards(tmp_path):
+    from fastlclip.corpus import writer
+
+    writer.append_manifest(tmp_path, {"shard": "old/c.tar", "status": "ok"})  # before inputs.jsonl existed
+    writer.append_manifest(tmp_path, {"shard": "other/a.tar", "status": "ok"})
+    writer.record_inputs(tmp_path, "r1", ["in/a.tar", "in/b.parquet"])
+    assert json.loads((tmp_path / "inputs.jsonl").read_text()) == {"run": "r1", "shards": ["in/a.tar", "in/b.parquet"]}
+    with open(tmp_path / "inputs.jsonl", "a") as f:
+        f.write('{"run": "r0"}\n')  # a line without shards
+    assert writer.expected_shards(tmp_path) == {"a": "in/a.tar", "b": "in/b.parquet", "c": "old/c.tar"}
+
+
+def test_run_file_is_replaced_without_outputs_and_its_refusal_names_keys_on_either_side(tmp_path):
+    from fastlclip.corpus import writer
+
+    writer.check_run_file(tmp_path, {"a": 1, "b": 2})
+    writer.check_run_file(tmp_path, {"a": 1, "c": 3})  # no readable output yet: nothing to mix, replaced
+    assert json.loads((tmp_path / "run.json").read_text()) == {"a": 1, "c": 3}
+    scored = pa.table({"key": ["k"]}).replace_schema_metadata({"fastlclip.shard": '"s.tar"'})
+    pq.write_table(scored, tmp_path / "s.parquet")
+    writer.check_run_file(tmp_path, {"a": 1, "c": 3})  # the same settings: resumes
+    with pytest.raises(ValueError, match=r"\(a, b, c differ\)"):
+        writer.check_run_file(tmp_path, {"a": 2, "b": 2})
+    assert json.loads((tmp_path / "run.json").read_text()) == {"a": 1, "c": 3}
+
+
+# -- gaps found by mutation testing: readers --------------------------------------------------------------
+def test_key_problem_and_split_key_against_hand_written_answers():
+    from fastlclip.corpus.readers import key_problem, split_key
+
+    assert [key_problem(k) for k in ("a", "dir/a b", "é.x", "a\u00a0b")] == [None] * 4
+    assert key_problem(None) == "key is null, not text" and key_problem(5) == "key is int, not text"
+    assert key_problem("") == key_problem("d/") == "empty key (a tar member's key is its file name up to the first dot)"
+    assert key_problem("a\ud800") == "key is not valid UTF-8"
+    for c in ("\n", "\r", "\x00", "\x7f", "\u2028", "\u2029"):  # Cc, Zl, Zp
+        assert key_problem(f"a{c}b") == f"key holds the control or line-break character {c!r}"
+    # webdataset: the key is the path up to the first dot of the basename (dots in folders stay in the key)
+    assert split_key("shards.v1/000123.latent.pt") == ("shards.v1/000123", "latent.pt")
+    assert split_key("a.b/c/README") == ("a.b/c/README", "")
+
+
+def test_tar_reader_members_in_order_exact_messages_and_row_numbers(tmp_path):
+    from fastlclip.corpus.readers import read_shard
+
+    a, b = np.full(2, 1.0, np.float32), np.full(2, 2.0, np.float32)
+    write_tar(tmp_path / "m.tar", [("both", {"latent.pt": pt_bytes(torch.from_numpy(a)), "latent.npy": npy_bytes(b)}),
+                                   ("pt", {"latent.pt": pt_bytes(torch.from_numpy(a))}),
+                                   ("none", {"txt": b"t", "cls": b"1"}),
+                                   ("x\ny", {"latent.npy": npy_bytes(b)})])
+    got = list(read_shard(tmp_path / "m.tar", member=["latent.npy", "latent.pt"]))  # tried in the order given
+    assert [(s.key, s.latent.tolist() if s.latent is not None else None) for s in got[:2]] == [
+        ("both", [2.0, 2.0]), ("pt", [1.0, 1.0])]
+    assert got[2].error == "no latent.npy or latent.pt member (has: cls, txt)" and got[2].missing
+    assert got[3].key == "'x\\ny'" and got[3].error == (
+        "member 'x\\ny.latent.npy': key holds the control or line-break character '\\n'")
+    assert [s.latent.tolist() for s in list(read_shard(tmp_path / "m.tar"))[:2]] == [[1.0, 1.0], [1.0, 1.0]]
+
+    n = 2 * 1024 + 60  # three Parquet batches of 1024 rows: keys count rows across batches
+    keys = [f"k{i}" for i in range(n)]
+    keys[2100] = "bad\x00key"
+    pq.write_table(pa.table({"key": keys, "latent": pa.array([[float(i)] for i in range(n)], pa.list_(pa.float32(), 1))}),
+                   tmp_path / "r.parquet")
+    got = list(read_shard(tmp_path / "r.parquet"))
+    assert got[2100].error == "row 2100: key holds the control or line-break character '\\x00'"
+    assert got[-1].key == f"k{n - 1}" and got[-1].latent.tolist() == [float(n - 1)]
+    pq.write_table(pa.table({"latent": pa.array([[0.0]] * n, pa.list_(pa.float32()))}), tmp_path / "nokey.parquet")
+    assert [s.key for s in read_shard(tmp_path / "nokey.parquet")][-2:] == [f"nokey/{n - 2}", f"nokey/{n - 1}"]
+
+
+def test_parquet_lists_come_back_in_their_stored_dtype_and_ragged_rows_one_by_one(tmp_path):
+    from fastlclip.corpus.readers import read_shard
+
+    def read(values, type_):
+        pq.write_table(pa.table({"latent": pa.array(values, type_)}), tmp_path / "s.parquet")
+        return [s.latent for s in read_shard(tmp_path / "s.parquet")]
+
+    got = read([[0.5, 1.5, -2.0], [3.0, 4.0, 5.0]], pa.list_(pa.float16(), 3))  # fixed-size lists: dense
+    assert [(t.dtype, t.tolist()) for t in got] == [(torch.float16, [0.5, 1.5, -2.0]), (torch.float16, [3.0, 4.0, 5.0])]
+    got = read([[[1.0, 2.0]], [[3.0, 4.0]]], pa.list_(pa.list_(pa.float32(), 2), 1))
+    assert [(t.dtype, t.shape) for t in got] == [(torch.float32, (1, 2))] * 2 and got[1].tolist() == [[3.0, 4.0]]
+    got = read([[1.0, 2.0], [1.0, 2.0, 3.0]], pa.list_(pa.float32()))  # ragged, no nulls: one array per row
+    assert [t.tolist() for t in got] == [[1.0, 2.0], [1.0, 2.0, 3.0]]
+    assert read([], pa.list_(pa.float32())) == []
+
+
+def test_image_members_decode_to_uint8_rgb_and_bad_ones_are_bad_samples(tmp_path):
+    from PIL import Image
+
+    from fastlclip.corpus.readers import read_shard
+
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 13  # (H, W, RGB)
+    gray = np.array([[0, 128, 255]], np.uint8)
+
+    def png(arr):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return buf.getvalue()
+
+    write_tar(tmp_path / "i.tar", [("rgb", {"png": png(rgb)}), ("gray", {"png": png(gray)}), ("bad", {"png": b"no image"})])
+    got = list(read_shard(tmp_path / "i.tar", member="png"))
+    assert got[0].latent.dtype == torch.uint8 and got[0].latent.tolist() == rgb.transpose(2, 0, 1).tolist()
+    assert got[0].latent.is_contiguous() and got[1].latent.tolist() == [gray.tolist()] * 3
+    assert got[2].latent is None and got[2].error.startswith("unreadable png image: UnidentifiedImageError: ")
+    from fastlclip.corpus.readers import decode_member
+
+    assert decode_member(png(gray), "frame.PNG").tolist() == [gray.tolist()] * 3  # the last suffix, any case
+
+
+def test_decode_member_spellings_and_a_tensor_saved_on_a_gpu(monkeypatch):
+    from fastlclip.corpus.readers import decode_member
+
+    t = torch.tensor([1.5, -2.0])
+    for ext in ("pt", "pth", "latent.pt", "x.pth"):
+        assert decode_member(pt_bytes(t), ext).tolist() == [1.5, -2.0], ext
+    for ext in ("npy", "emb.npy"):
+        assert decode_member(npy_bytes(t.numpy()), ext).tolist() == [1.5, -2.0], ext
+    for ext in ("latent.txt", "ptx", "latent.NPY"):
+        with pytest.raises(ValueError, match="neither .pt/.pth nor .npy"):
+            decode_member(pt_bytes(t), ext)
+    with monkeypatch.context() as m:  # written by torch.save on a GPU machine: its storages say cuda:0
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        on_gpu = pt_bytes(t)
+    got = decode_member(on_gpu, "latent.pt")  # read on the CPU wherever it was saved
+    assert got.device.type == "cpu" and got.tolist() == [1.5, -2.0]
+
+
+def test_a_tar_whose_members_are_followed_by_garbage_is_truncated(tmp_path):
+    from fastlclip.corpus.readers import ShardError, read_shard
+
+    write_tar(tmp_path / "a.tar", [("k", {"latent.npy": npy_bytes(np.zeros(2, np.float32))})])
+    data = (tmp_path / "a.tar").read_bytes()
+    end = 512 + 512 * -(-len(npy_bytes(np.zeros(2, np.float32))) // 512)  # the header and the data's blocks
+    assert [s.key for s in read_shard(tmp_path / "a.tar")] == ["k"]
+    for tail in (b"\xff" * 2048, bytes(512) + b"\xff" * 1536):  # no end marker: a header of garbage, half a marker
+        (tmp_path / "g.tar").write_bytes(data[:end] + tail)
+        with pytest.raises(ShardError, match="truncated tar"):
+            list(read_shard(tmp_path / "g.tar"))
+
+
+# -- gaps found by mutation testing: runner ---------------------------------------------------------------
+def test_check_sample_shapes_dtypes_and_finiteness_against_hand_written_answers():
+    from fastlclip.corpus.readers import Sample
+    from fastlclip.corpus.runner import BadSample, check_sample
+
+    shape = (2, 2, 2)
+    x = torch.arange(8, dtype=torch.float32).reshape(shape)
+
+    def bad(latent, dtype=None, error=None):
+        with pytest.raises(BadSample) as e:
+            check_sample(Sample("k", latent, error), shape, dtype)
+        return str(e.value)
+
+    assert check_sample(Sample("k", x), shape).tolist() == x.tolist()
+    assert check_sample(Sample("k", x[None]), shape).tolist() == x.tolist()  # (1, C, H, W)
+    assert check_sample(Sample("k", x.reshape(-1)), shape).tolist() == x.tolist()  # flat, as a Parquet list
+    half = check_sample(Sample("k", x.double()), shape, torch.float16)
+    assert half.dtype == torch.float16 and half.tolist() == x.tolist()
+    assert check_sample(Sample("k", x.double()), shape).dtype == torch.float64  # no dtype: as stored
+    assert bad(None, error="unreadable npy") == "unreadable npy"
+    assert bad(x.to_sparse()).startswith("a torch.sparse_coo tensor on cpu")
+    assert bad(torch.zeros(shape, device="meta")).startswith("a torch.strided tensor on meta")
+    assert bad(torch.zeros(2, 2, 2, 2)) == "shape (2, 2, 2, 2), the model takes (2, 2, 2)"
+    assert bad(torch.zeros(1, 8)) == "shape (1, 8), the model takes (2, 2, 2)"
+    assert bad(torch.zeros(7)) == "shape (7,), the model takes (2, 2, 2)"
+    assert bad(torch.zeros(shape, dtype=torch.int32)) == "dtype torch.int32, latents must be floating point"
+    for v in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 1, 1] = v
+        assert bad(y) == "NaN or Inf in the latent"
+    big = x.clone()
+    big[0, 0, 0] = -7e4
+    assert bad(big, torch.float16) == "overflows torch.float16 (max |x| = 7e+04), the model's dtype"
+    assert check_sample(Sample("k", big), shape, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_finite_rows_and_progress_lines_against_hand_written_answers():
+    from fastlclip.corpus.runner import finite_rows, progress_line
+
+    cols = {"a": np.array([1.0, np.nan, 2.0, 3.0], np.float32), "label": np.array(["x"] * 4, object),
+            "flag": np.array([True] * 4), "n": np.array([1, 2, 3, 4]),
+            "emb": np.array([[1, 2], [0, 0], [np.inf, 0], [0, 0]], np.float16)}
+    assert finite_rows(cols).tolist() == [True, False, False, True]
+    assert finite_rows({"label": np.array(["x"], object), "flag": np.array([True])}) is None
+
+    ok = {"shard": "/data/a.tar", "status": "ok", "rows": 10, "seconds": 4.0, "bad": [{"key": "k"}], "error": None}
+    assert progress_line(ok, 3, 7) == "[fastlclip.corpus] 3/7 a.tar: ok, 10 rows, 1 bad samples skipped in 4.00 s (2 latents/s)"
+    assert progress_line({**ok, "bad": [], "seconds": 0.0}, 1, 1) == "[fastlclip.corpus] 1/1 a.tar: ok, 10 rows in 0.00 s (inf latents/s)"
+    assert progress_line({**ok, "status": "error", "error": "ShardError: cut"}, 2, 2) == "[fastlclip.corpus] 2/2 a.tar: error: ShardError: cut"
+    assert progress_line({**ok, "status": "skipped"}, 1, 2) == "[fastlclip.corpus] 1/2 a.tar: skipped (output exists)"
+
+
+# -- gaps found by mutation testing: scoring --------------------------------------------------------------
+def test_check_prompts_and_columns_against_hand_written_answers(model):
+    from fastlclip.corpus.scoring import ScoreSpec, check_prompts
+
+    assert check_prompts(None, "prompts") == [] and check_prompts("a cat", "prompts") == ["a cat"]
+    assert check_prompts(("a", "b"), "classes") == ["a", "b"]
+    for bad in ([""], [" "], ["a", 3], [None]):
+        with pytest.raises(ValueError, match="classes must be non-empty strings"):
+            check_prompts(bad, "classes")
+    with pytest.raises(ValueError, match=r"prompts repeat \['a', 'b'\]; each must be unique"):
+        check_prompts(["b", "a", "c", "a", "b"], "prompts")
+
+    scorer = ScoreSpec(model=model, prompts=["x", "y"], classes=["cat", "dog"], safety=True, embeddings=True).build("cpu")
+    cats = [f"safety_{c}" for c in scorer.checker.categories]
+    assert scorer.columns() == ["clip_cos_0", "clip_cos_1", "prob_cat", "prob_dog", "label", *cats, "safety_flag",
+                                "embedding"]
+    assert scorer.embed_dim == 32 and scorer.shape == (4, 16, 16) and scorer.model is model  # same device and dtype
+    assert ScoreSpec(model=model, safety=True).build("cpu").columns() == [*cats, "safety_flag"]
+
+
+def test_identity_and_fingerprint_against_hashlib(tmp_path, model, monkeypatch):
+    import hashlib
+
+    from fastlclip.corpus.scoring import ScoreSpec, fingerprint
+
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    spec = ScoreSpec(model="cfg-name", pretrained="w.pt", prompts=["p"], templates=("t {}",))
+    assert spec.identity() == {"model": "cfg-name", "pretrained": str(ckpt), "weights": None, "prompts": ["p"],
+                               "classes": [], "templates": None, "safety": False, "embeddings": False,
+                               "space": "vae", "dtype": "float32"}
+    other = ScoreSpec(model=model, pretrained="hf-hub:org/repo", classes=["c"], templates=("t {}",), safety=True)
+    got = other.identity()
+    assert got["model"] == "<LatentCLIP object>" and got["pretrained"] == "hf-hub:org/repo"
+    assert got["templates"] == ["t {}"] and got["safety"] is True
+
+    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    config = tmp_path / "c.json"
+    config.write_text("{}")
+    assert fingerprint(str(config), str(ckpt)) == {"config_sha256": sha(b"{}"), "pretrained_sha256": sha(b"weights")}
+    assert fingerprint("cfg-name", "hf-hub:org/repo") == {} and fingerprint("cfg-name", None) == {}
+    folder = tmp_path / "ckpt"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.bin").write_bytes(b"B")
+    (folder / "sub" / "a.bin").write_bytes(b"A")
+    want = sha(f"b.bin:{sha(b'B')};sub/a.bin:{sha(b'A')};".encode())
+    assert fingerprint("cfg-name", str(folder)) == {"pretrained_sha256": want}
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    digest = fingerprint(model, None)["model_sha256"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights, replaced next
+        twin = fastlclip.load(TINY)
+    twin.load_state_dict(state)
+    assert fingerprint(twin, None) == {"model_sha256": digest}  # another object, the same weights
+    with torch.no_grad():
+        twin.logit_scale += 1
+    assert fingerprint(twin, None)["model_sha256"] != digest
+    import copy
+
+    assert fingerprint(copy.deepcopy(model).half(), None)["model_sha256"] != digest  # the same weights in fp16
+
+
+def test_default_device_is_local_ranks_gpu(monkeypatch):
+    from fastlclip.corpus.scoring import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert default_device() == "cuda:0"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert default_device() == "cuda:1"
+
+
+# -- gaps found by mutation testing: engines --------------------------------------------------------------
+def test_rank_split_against_hand_written_shares():
+    from fastlclip.corpus.engines import rank_split
+
+    shards = ["c", "a", "b", "d", "e"]
+    assert rank_split(shards, {}) == shards  # no RANK / WORLD_SIZE: every shard, in the order given
+    assert rank_split(shards, {"WORLD_SIZE": "3", "RANK": "1"}) == ["b", "e"]
+    assert rank_split(shards, {"WORLD_SIZE": "3", "RANK": "2"}) == ["c"]
+    assert rank_split(shards, {"WORLD_SIZE": "2"}) == ["a", "c", "e"]  # RANK defaults to 0
+    assert rank_split(shards, {"RANK": "0"}) == ["a", "b", "c", "d", "e"]  # WORLD_SIZE defaults to 1
+    with pytest.raises(ValueError, match=r"RANK='x' and WORLD_SIZE='2' must be integers"):
+        rank_split(shards, {"WORLD_SIZE": "2", "RANK": "x"})
+    for env in ({"WORLD_SIZE": "2", "RANK": "2"}, {"WORLD_SIZE": "2", "RANK": "-1"}, {"WORLD_SIZE": "0", "RANK": "0"},
+                {"RANK": "1"}):
+        with pytest.raises(ValueError, match=r"must lie in \[0, WORLD_SIZE="):
+            rank_split(shards, env)
