@@ -904,3 +904,174 @@ def test_rank_split_against_hand_written_shares():
                 {"RANK": "1"}):
         with pytest.raises(ValueError, match=r"must lie in \[0, WORLD_SIZE="):
             rank_split(shards, env)
+
+
+# -- gaps found by mutation testing: the package's argument checks -----------------------------------------
+def test_expand_inputs_against_hand_written_lists(tmp_path):
+    d = tmp_path / "d"
+    (d / "x.tar").mkdir(parents=True)  # a folder named like a shard is not a shard
+    for name in ("b.tar", "a.parquet", "c.TGZ", "notes.txt"):
+        (d / name).write_bytes(b"")
+    assert corpus.expand_inputs(d) == [str(d / "a.parquet"), str(d / "b.tar"), str(d / "c.TGZ")]
+    assert corpus.expand_inputs(str(d / "b.tar")) == [str(d / "b.tar")]
+    os.symlink(d / "b.tar", tmp_path / "link.tar")
+    assert corpus.expand_inputs([d / "b.tar", d, tmp_path / "link.tar"]) == [
+        str(d / "b.tar"), str(d / "a.parquet"), str(d / "c.TGZ")]  # the same shard kept once, at its first place
+    with pytest.raises(ValueError, match="no input shards given"):
+        corpus.expand_inputs([])
+    with pytest.raises(ValueError, match=r"non-empty paths, got \['', ' '\]"):
+        corpus.expand_inputs([d / "b.tar", "", " "])
+    with pytest.raises(ValueError, match="non-empty paths"):
+        corpus.expand_inputs([3])
+    missing = [str(tmp_path / f"m{i}.tar") for i in range(6)]
+    with pytest.raises(FileNotFoundError) as e:
+        corpus.expand_inputs(missing + [d / "notes.txt"])
+    assert str(e.value) == f"input shards not found: {', '.join(missing[:5])} ... (6 in all)"
+    with pytest.raises(FileNotFoundError) as e:
+        corpus.expand_inputs(missing[:5])
+    assert str(e.value) == f"input shards not found: {', '.join(missing[:5])}"
+    os.mkfifo(tmp_path / "f.tar")
+    with pytest.raises(ValueError, match=f"not regular files .*: {tmp_path / 'f.tar'}$"):
+        corpus.expand_inputs([tmp_path / "f.tar", d / "notes.txt"])
+    (tmp_path / "e").mkdir()
+    with pytest.raises(ValueError, match=f"Parquet \\(.parquet\\) shards: {d / 'notes.txt'}, {tmp_path / 'e'}/ \\(no"):
+        corpus.expand_inputs([d / "notes.txt", tmp_path / "e"])
+    (tmp_path / "b.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="b.tar and .*b.parquet would both write b.parquet"):
+        corpus.expand_inputs([d / "b.tar", tmp_path / "b.parquet"])
+
+
+def test_check_out_device_templates_member_and_counts(tmp_path, monkeypatch):
+    from fastlclip.corpus import _positive_int, check_device, check_member, check_out, check_templates
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    assert check_out(tmp_path / "out", [inp]) == tmp_path / "out"
+    assert check_out(str(tmp_path / "in2"), [inp]) == tmp_path / "in2"  # a sibling whose name starts alike
+    for out, how in ((inp, "is"), (inp / "o", "is inside"), (tmp_path, "holds")):
+        with pytest.raises(ValueError, match=f"the output folder {out} {how} the input {inp}:"):
+            check_out(out, [tmp_path.parent / "unrelated.tar", inp])
+    for out in ("", " ", None):
+        with pytest.raises(ValueError, match="out must be a non-empty folder path"):
+            check_out(out, [inp])
+
+    check_device(None, "local")
+    check_device("cpu", "local")
+    with pytest.raises(ValueError, match="'gpu:0' is not a torch device"):
+        check_device("gpu:0", "ray")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_device("cuda", "ray")  # Ray's workers may have GPUs that this machine lacks
+    with pytest.raises(ValueError, match="'cuda', but CUDA is not available here"):
+        check_device("cuda", "local")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda", "local")
+    check_device("cuda:1", "local")
+    with pytest.raises(ValueError, match="'cuda:2', but there are 2 CUDA devices"):
+        check_device("cuda:2", "local")
+
+    check_templates(["a photo of a {}.", "{0}", "{} {{braces}}"])
+    for t in ("{} and {}", "no class", "{name}", "{", "{0.x}"):
+        with pytest.raises(ValueError, match="must take the class name through one"):
+            check_templates(["a {}", t])
+
+    for m in (None, "latent.pt", "x.pth", "emb.npy", "pt", "pth", "npy"):
+        check_member(m)
+    for m in ("latent.txt", "", "xpt", 3, ("latent.pt",)):
+        with pytest.raises(ValueError, match="member must name a .pt, .pth or .npy tar member"):
+            check_member(m)
+
+    assert _positive_int(1, "workers") == 1 and _positive_int(7, "workers") == 7
+    for v in (0, -1, True, 1.0, "2", None):
+        with pytest.raises(ValueError, match=f"workers must be a positive integer, got {v!r}"):
+            _positive_int(v, "workers")
+
+
+def test_score_report_sums_against_hand_written_records():
+    records = [{"shard": "a", "status": "ok", "rows": 3, "bad": [{"key": "k", "error": "e"}]},
+               {"shard": "b", "status": "error", "rows": 0, "bad": []},
+               {"shard": "c", "status": "skipped", "rows": 5},
+               {"shard": "d", "status": "ok", "rows": 4, "bad": [{"key": "j", "error": "f"}]}]
+    report = corpus.ScoreReport(records)
+    assert [r["shard"] for r in report.ok] == ["a", "d"] and [r["shard"] for r in report.failed] == ["b"]
+    assert [r["shard"] for r in report.skipped] == ["c"] and report.rows == 7
+    assert report.bad_samples == [{"shard": "a", "key": "k", "error": "e"}, {"shard": "d", "key": "j", "error": "f"}]
+
+
+# -- gaps found by mutation testing: the command line -----------------------------------------------------
+def test_error_line_against_hand_written_lines():
+    assert cli.error_line(ValueError("first\nsecond")) == "ValueError: first"
+    assert cli.error_line(ValueError("first\nsecond"), with_type=False) == "first"
+    assert cli.error_line(KeyError("name")) == "KeyError: name" and cli.error_line(ValueError()) == "ValueError: "
+    outer = RuntimeError("outer")
+    outer.__cause__ = ValueError("  \n inner cause\nmore")
+    assert cli.error_line(outer) == "ValueError: inner cause"
+    quiet = RuntimeError("outer")
+    quiet.__cause__ = ValueError(" ")  # a cause that says nothing: the outer error
+    assert cli.error_line(quiet) == "RuntimeError: outer"
+    a, b = RuntimeError("a"), ValueError("b")
+    a.__cause__, b.__cause__ = b, a  # a cycle ends
+    assert cli.error_line(a) == "ValueError: b"
+
+    class RayTaskError(Exception):
+        pass
+
+    RayTaskError.__module__ = "ray.exceptions"
+    many = "ray::MapBatches() (pid=1)\n  File x, line 1\nKeyError: 'k'\nfoo.BarError: the worker's own\n  tail"
+    assert cli.error_line(RayTaskError(many)) == "foo.BarError: the worker's own"
+    assert cli.error_line(RayTaskError("one line only")) == "RayTaskError: one line only"
+    assert cli.error_line(RayTaskError("no\nerror lines")) == "RayTaskError: no"
+    assert cli.error_line(Exception(many)) == "Exception: ray::MapBatches() (pid=1)"  # only Ray's own errors
+
+
+def test_cli_score_passes_every_setting_and_summarises_in_one_line(tmp_path, capsys):
+    import hashlib
+
+    x = latents(3, 30)
+    x[1, 0, 0, 0] = float("nan")
+    write_tar(tmp_path / "a.tar", [(f"k{i}", {"latent.pt": pt_bytes(x[i].clone()), "latent.npy": b"x"})
+                                   for i in range(3)])
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    out = tmp_path / "out"
+    argv = ["score", tmp_path / "a.tar", "--out", out, "--model", config, "--prompts", "a cat", "--classes", "cat",
+            "dog", "--templates", "a {}", "--embeddings", "--space", "diffusion", "--member", "latent.pt",
+            "--column", "lat", "--batch-size", "1"]
+    code, err = run_cli(argv, capsys)
+    assert code == 0 and err.strip().splitlines()[-1] == (
+        f"[fastlclip.corpus] 1 shards scored (2 rows, 1 bad samples skipped), 0 already done, 0 failed; "
+        f"manifest: {out / 'manifest.jsonl'}")
+    assert json.loads((out / "run.json").read_text()) == {
+        "model": str(config), "pretrained": None, "weights": {"config_sha256": hashlib.sha256(config.read_bytes()).hexdigest()},
+        "prompts": ["a cat"], "classes": ["cat", "dog"], "templates": ["a {}"], "safety": False, "embeddings": True,
+        "space": "diffusion", "dtype": "float32", "member": "latent.pt", "column": "lat"}
+    assert pq.read_table(out / "a.parquet").column_names == ["key", "clip_cos_0", "prob_cat", "prob_dog", "label",
+                                                             "embedding"]
+    code, err = run_cli(argv, capsys)
+    assert code == 0 and "] 0 shards scored (0 rows, 0 bad samples skipped), 1 already done, 0 failed;" in err
+    code, err = run_cli([*argv[:3], tmp_path / "strict", *argv[4:], "--on-error", "raise"], capsys)
+    assert code == 1 and "0 shards scored (0 rows, 0 bad samples skipped), 0 already done, 1 failed;" in err
+
+
+def test_cli_select_writes_one_key_a_line_or_fails_in_one_line(tmp_path, capsys):
+    out = tmp_path / "scores"
+    out.mkdir()
+    pq.write_table(pa.table({"key": ["a", "b", "c"], "s": pa.array([0.1, 0.9, 0.5], pa.float32())}),
+                   out / "x.parquet")
+    code, err = run_cli(["select", out, "--by", "s", "--threshold", "0.4", "--out", tmp_path / "k.txt"], capsys)
+    assert code == 0 and (tmp_path / "k.txt").read_text() == "b\nc\n"
+    assert one_line(err) == f"[fastlclip.corpus] 2 keys -> {tmp_path / 'k.txt'}"
+    code, err = run_cli(["select", out, "--by", "s", "--top-fraction", "0.34", "--out", tmp_path / "t.txt"], capsys)
+    assert code == 0 and (tmp_path / "t.txt").read_text() == "b\n"
+    code, err = run_cli(["select", out, "--by", "s", "--threshold", "2", "--out", tmp_path / "none.txt"], capsys)
+    assert code == 0 and (tmp_path / "none.txt").read_text() == ""
+    code, err = run_cli(["select", out, "--by", "s", "--threshold", "0", "--out", tmp_path / "no" / "k.txt"], capsys)
+    assert code == 1 and one_line(err).startswith(
+        f"python -m fastlclip.corpus select: error: cannot write {tmp_path / 'no' / 'k.txt'}: ")
+    for keys_file, why in (("", "--out must be a file path, got ''"), (tmp_path, "is a folder; pass a file path"),
+                           (out / "k.txt", "is inside the scores folder")):
+        code, err = run_cli(["select", out, "--by", "s", "--threshold", "0", "--out", keys_file], capsys)
+        assert code == 2 and why in one_line(err) and one_line(err).startswith("python -m fastlclip.corpus select: error: ")
+    code, err = run_cli(["select", tmp_path / "nothing", "--by", "s", "--threshold", "0", "--out", tmp_path / "k2.txt"],
+                        capsys)
+    assert code == 2 and not (tmp_path / "k2.txt").exists()
