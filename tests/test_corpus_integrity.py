@@ -1075,3 +1075,98 @@ def test_cli_select_writes_one_key_a_line_or_fails_in_one_line(tmp_path, capsys)
     code, err = run_cli(["select", tmp_path / "nothing", "--by", "s", "--threshold", "0", "--out", tmp_path / "k2.txt"],
                         capsys)
     assert code == 2 and not (tmp_path / "k2.txt").exists()
+
+
+# -- gaps found by mutation testing: process_shard with a hand-checkable scorer ---------------------------
+class _SumScorer:
+    """Scores a (2, 2, 2) latent by its sum; a latent of sevens 'overflows inside the model' (NaN)."""
+
+    shape, dtype, embed_dim = (2, 2, 2), torch.float32, 2
+
+    def __init__(self):
+        from fastlclip.corpus.scoring import ScoreSpec
+
+        self.spec, self.calls = ScoreSpec(model="sum", prompts=["p"]), []
+
+    def columns(self):
+        return ["clip_cos_0", "embedding"]
+
+    def __call__(self, latents):
+        self.calls.append(len(latents))
+        sums = latents.sum(dim=(1, 2, 3)).numpy()
+        return {"clip_cos_0": np.where(latents[:, 0, 0, 0].numpy() == 7, np.nan, sums).astype(np.float32),
+                "embedding": latents.reshape(len(latents), -1)[:, :2].half().numpy()}
+
+
+def test_process_shard_batches_drops_and_records_against_hand_written_rows(tmp_path):
+    from fastlclip.corpus.runner import ShardOptions, process_shard
+
+    full = lambda v: pt_bytes(torch.full((2, 2, 2), v))  # noqa: E731
+    write_tar(tmp_path / "t.tar", [("k0", {"latent.pt": full(1.0)}), ("k1", {"latent.pt": full(2.0)}),
+                                   ("k2", {"latent.pt": pt_bytes(torch.zeros(3))}), ("k3", {"latent.pt": full(7.0)}),
+                                   ("k4", {"latent.pt": full(3.0)}), ("k0", {"latent.pt": full(5.0)}),
+                                   ("k6", {"latent.pt": full(4.0)})])
+    out, scorer = tmp_path / "out", _SumScorer()
+    out.mkdir()
+    opts = ShardOptions(out=str(out), batch_size=2, run_id="r1")
+    record = process_shard(str(tmp_path / "t.tar"), scorer, opts)
+    assert scorer.calls == [2, 2, 1]
+    table = pq.read_table(out / "t.parquet")
+    assert table.to_pydict() == {"key": ["k0", "k1", "k4", "k6"], "clip_cos_0": [8.0, 16.0, 24.0, 32.0],
+                                 "embedding": [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]]}
+    bad = [{"key": "k2", "error": "shape (3,), the model takes (2, 2, 2)"},
+           {"key": "k3", "error": "the model's output is NaN or Inf (the latent overflowed inside the model; "
+                                  "max |x| = 7)"},
+           {"key": "k0", "error": "duplicate key in this shard"}]
+    assert {k: record[k] for k in ("shard", "run", "pid", "status", "rows", "bad", "error", "output")} == {
+        "shard": str(tmp_path / "t.tar"), "run": "r1", "pid": os.getpid(), "status": "ok", "rows": 4, "bad": bad,
+        "error": None, "output": str(out / "t.parquet")}
+    for k in ("read_s", "model_s", "write_s"):
+        assert 0 < record[k] <= record["seconds"] and record[k] == round(record[k], 6), k
+    meta = {k.decode(): json.loads(v) for k, v in table.schema.metadata.items()}
+    assert meta == {"fastlclip.shard": str(tmp_path / "t.tar"), "fastlclip.bad": bad, "fastlclip.settings": {
+        **scorer.spec.identity(), "member": None, "column": "latent"}}
+    assert corpus.read_manifest(out) == [record]
+
+    again = process_shard(str(tmp_path / "t.tar"), scorer, opts)
+    assert scorer.calls == [2, 2, 1] and {k: again[k] for k in ("status", "rows", "bad", "output", "seconds")} == {
+        "status": "skipped", "rows": 0, "bad": [], "output": str(out / "t.parquet"), "seconds": 0.0}
+    assert corpus.read_manifest(out) == [record, again]
+
+
+def test_process_shard_failures_are_records_with_one_line_errors(tmp_path):
+    from fastlclip.corpus.runner import ShardOptions, process_shard
+
+    full = lambda v: pt_bytes(torch.full((2, 2, 2), v))  # noqa: E731
+    write_tar(tmp_path / "t.tar", [("k0", {"latent.pt": full(1.0)}), ("k3", {"latent.pt": full(7.0)}),
+                                   ("k2", {"latent.pt": pt_bytes(torch.zeros(3))})])
+    write_tar(tmp_path / "empty.tar", [])
+
+    def run(shard, **kw):
+        return process_shard(str(tmp_path / shard), _SumScorer(), ShardOptions(out=str(tmp_path / "out"), **kw))
+
+    (tmp_path / "out").mkdir()
+    raised = run("t.tar", on_error="raise", batch_size=4)
+    assert raised["status"] == "error" and raised["rows"] == 0 and raised["error"] == (
+        "BadSample: sample 'k2': shape (3,), the model takes (2, 2, 2)")
+    raised = run("t.tar", on_error="raise", batch_size=2)  # the overflow is found first, in the first batch
+    assert raised["error"] == ("BadSample: sample 'k3': the model's output is NaN or Inf (the latent overflowed "
+                               "inside the model; max |x| = 7)")
+    wrong = run("t.tar", member="latent.npy")
+    assert wrong["status"] == "error" and wrong["error"] == (
+        "BadSample: no sample has a latent.npy member (first: no latent.npy member (has: latent.pt)); "
+        "pass member= (--member) to name the latent member")
+    assert not (tmp_path / "out" / "t.parquet").exists()
+    empty = run("empty.tar")
+    assert empty["status"] == "ok" and empty["rows"] == 0 and pq.read_table(tmp_path / "out" / "empty.parquet").num_rows == 0
+
+    class Checking(_SumScorer):
+        def check(self, sample):  # a scorer's own reading rule
+            if sample.key == "k2":
+                raise TypeError("boom")
+            return torch.full((2, 2, 2), 0.5)
+
+    write_tar(tmp_path / "c.tar", [("k1", {"latent.pt": full(7.0)}), ("k2", {"latent.pt": full(1.0)})])
+    record = process_shard(str(tmp_path / "c.tar"), Checking(), ShardOptions(out=str(tmp_path / "out")))
+    assert record["bad"] == [{"key": "k2", "error": "unusable latent (TypeError: boom)"}]
+    assert pq.read_table(tmp_path / "out" / "c.parquet").column("clip_cos_0").to_pylist() == [4.0]
