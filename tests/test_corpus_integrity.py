@@ -1170,3 +1170,15 @@ def test_process_shard_failures_are_records_with_one_line_errors(tmp_path):
     record = process_shard(str(tmp_path / "c.tar"), Checking(), ShardOptions(out=str(tmp_path / "out")))
     assert record["bad"] == [{"key": "k2", "error": "unusable latent (TypeError: boom)"}]
     assert pq.read_table(tmp_path / "out" / "c.parquet").column("clip_cos_0").to_pylist() == [4.0]
+
+
+def test_the_writer_works_where_the_platform_lacks_nofollow_and_nonblock(tmp_path, monkeypatch):
+    from fastlclip.corpus import writer
+
+    monkeypatch.delattr(os, "O_NOFOLLOW", raising=False)  # e.g. Windows: the getattr fallbacks apply
+    monkeypatch.delattr(os, "O_NONBLOCK", raising=False)
+    writer.append_manifest(tmp_path, {"shard": "a.tar"})
+    writer.write_atomic(pa.table({"key": ["a"]}), tmp_path / "a.parquet")
+    monkeypatch.undo()
+    assert writer.read_manifest(tmp_path) == [{"shard": "a.tar"}]
+    assert pq.read_table(tmp_path / "a.parquet").column("key").to_pylist() == ["a"]
