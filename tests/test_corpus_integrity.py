@@ -335,14 +335,16 @@ def test_cli_argument_errors_exit_2_and_run_failures_exit_1_in_one_line(tmp_path
     code, err = run_cli([*base, "--out", tmp_path / "o2", "--engine", "ray", "--device", "gpu:0"], capsys)
     assert code == 2 and "not a torch device" in one_line(err)
     code, err = run_cli([*base, "--out", tmp_path / "o3", "--member", "latent.txt"], capsys)
-    assert code == 2 and "member must name" in one_line(err)
+    assert code == 2 and one_line(err).startswith("python -m fastlclip.corpus score: error: member must name")
 
     def killed(*args, **kwargs):
         raise BrokenProcessPool("A process in the process pool was terminated abruptly")
 
     monkeypatch.setattr(corpus, "run_local", killed)
     code, err = run_cli([*base, "--out", tmp_path / "o4", "--workers", "2"], capsys)
-    assert code == 1 and "BrokenProcessPool" in one_line(err) and "rerun the same command" in err
+    assert code == 1 and one_line(err) == (
+        "python -m fastlclip.corpus score: error: the run failed (BrokenProcessPool: A process in the process pool was "
+        "terminated abruptly); finished shards are kept: rerun the same command to resume")
 
     pytest.importorskip("ray")
 
@@ -1024,7 +1026,7 @@ def test_error_line_against_hand_written_lines():
     assert cli.error_line(Exception(many)) == "Exception: ray::MapBatches() (pid=1)"  # only Ray's own errors
 
 
-def test_cli_score_passes_every_setting_and_summarises_in_one_line(tmp_path, capsys):
+def test_cli_score_passes_every_setting_and_summarises_in_one_line(tmp_path, capsys, model):
     import hashlib
 
     x = latents(3, 30)
@@ -1033,20 +1035,25 @@ def test_cli_score_passes_every_setting_and_summarises_in_one_line(tmp_path, cap
                                    for i in range(3)])
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
+    ckpt = tmp_path / "w.pt"
+    torch.save(model.state_dict(), ckpt)
     out = tmp_path / "out"
-    argv = ["score", tmp_path / "a.tar", "--out", out, "--model", config, "--prompts", "a cat", "--classes", "cat",
-            "dog", "--templates", "a {}", "--embeddings", "--space", "diffusion", "--member", "latent.pt",
-            "--column", "lat", "--batch-size", "1"]
+    argv = ["score", tmp_path / "a.tar", "--out", out, "--model", config, "--pretrained", ckpt, "--prompts", "a cat",
+            "--classes", "cat", "dog", "--templates", "a {}", "--safety", "--embeddings", "--space", "diffusion",
+            "--member", "latent.pt", "--column", "lat", "--batch-size", "1"]
     code, err = run_cli(argv, capsys)
     assert code == 0 and err.strip().splitlines()[-1] == (
         f"[fastlclip.corpus] 1 shards scored (2 rows, 1 bad samples skipped), 0 already done, 0 failed; "
         f"manifest: {out / 'manifest.jsonl'}")
+    sha = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
     assert json.loads((out / "run.json").read_text()) == {
-        "model": str(config), "pretrained": None, "weights": {"config_sha256": hashlib.sha256(config.read_bytes()).hexdigest()},
-        "prompts": ["a cat"], "classes": ["cat", "dog"], "templates": ["a {}"], "safety": False, "embeddings": True,
+        "model": str(config), "pretrained": str(ckpt), "weights": {"config_sha256": sha(config),
+                                                                   "pretrained_sha256": sha(ckpt)},
+        "prompts": ["a cat"], "classes": ["cat", "dog"], "templates": ["a {}"], "safety": True, "embeddings": True,
         "space": "diffusion", "dtype": "float32", "member": "latent.pt", "column": "lat"}
-    assert pq.read_table(out / "a.parquet").column_names == ["key", "clip_cos_0", "prob_cat", "prob_dog", "label",
-                                                             "embedding"]
+    names = pq.read_table(out / "a.parquet").column_names
+    assert names[:5] == ["key", "clip_cos_0", "prob_cat", "prob_dog", "label"] and names[-2:] == ["safety_flag", "embedding"]
+    assert len(names) > 7 and all(n.startswith("safety_") for n in names[5:-1])
     code, err = run_cli(argv, capsys)
     assert code == 0 and "] 0 shards scored (0 rows, 0 bad samples skipped), 1 already done, 0 failed;" in err
     code, err = run_cli([*argv[:3], tmp_path / "strict", *argv[4:], "--on-error", "raise"], capsys)
