@@ -1014,13 +1014,35 @@ def test_error_line_against_hand_written_lines():
     a, b = RuntimeError("a"), ValueError("b")
     a.__cause__, b.__cause__ = b, a  # a cycle ends
     assert cli.error_line(a) == "ValueError: b"
+    c = KeyError("c")
+    a.__cause__, b.__cause__, c.__cause__ = b, c, b  # a cycle after the first error ends too
+
+    def hung(*_):
+        raise TimeoutError("error_line loops on a cycle of causes")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        assert cli.error_line(a) == "KeyError: c"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert cli.error_line(FileNotFoundError(2, "No such file")) == "FileNotFoundError: [Errno 2] No such file"
+
+    class Wrapped(Exception):  # Ray's errors carry the worker's error as .cause, without __cause__
+        cause = ValueError("the checkpoint does not fit the config")
+
+    assert cli.error_line(Wrapped("wrapper")) == "ValueError: the checkpoint does not fit the config"
 
     class RayTaskError(Exception):
         pass
 
     RayTaskError.__module__ = "ray.exceptions"
-    many = "ray::MapBatches() (pid=1)\n  File x, line 1\nKeyError: 'k'\nfoo.BarError: the worker's own\n  tail"
-    assert cli.error_line(RayTaskError(many)) == "foo.BarError: the worker's own"
+    many = ("ray::MapBatches() (pid=1)\n  File x, line 1\nKeyError: 'k'\nTypeError: t\nfoo.BarError: the worker's own"
+            "\n  tail")
+    assert cli.error_line(RayTaskError(many)) == "foo.BarError: the worker's own"  # the last one
+    assert cli.error_line(RayTaskError("ray::X()\nValueError: two lines")) == "ValueError: two lines"
+    assert cli.error_line(RayTaskError("ValueError: one line")) == "RayTaskError: ValueError: one line"
     assert cli.error_line(RayTaskError("one line only")) == "RayTaskError: one line only"
     assert cli.error_line(RayTaskError("no\nerror lines")) == "RayTaskError: no"
     assert cli.error_line(Exception(many)) == "Exception: ray::MapBatches() (pid=1)"  # only Ray's own errors
@@ -1189,3 +1211,10 @@ def test_the_writer_works_where_the_platform_lacks_nofollow_and_nonblock(tmp_pat
     monkeypatch.undo()
     assert writer.read_manifest(tmp_path) == [{"shard": "a.tar"}]
     assert pq.read_table(tmp_path / "a.parquet").column("key").to_pylist() == ["a"]
+
+
+def test_score_computes_only_what_is_asked_in_this_process(tmp_path, model):
+    pt_shard(tmp_path / "a.tar", "a", latents(2, 31))
+    report = corpus.score([tmp_path / "a.tar"], tmp_path / "out", model=model, prompts=["x"], progress=False)
+    assert report.records[0]["pid"] == os.getpid()
+    assert pq.read_table(tmp_path / "out" / "a.parquet").column_names == ["key", "clip_cos_0"]  # no safety, no embedding
