@@ -1158,8 +1158,9 @@ def test_process_shard_batches_drops_and_records_against_hand_written_rows(tmp_p
     assert corpus.read_manifest(out) == [record]
 
     again = process_shard(str(tmp_path / "t.tar"), scorer, opts)
-    assert scorer.calls == [2, 2, 1] and {k: again[k] for k in ("status", "rows", "bad", "output", "seconds")} == {
-        "status": "skipped", "rows": 0, "bad": [], "output": str(out / "t.parquet"), "seconds": 0.0}
+    assert scorer.calls == [2, 2, 1] and {k: again[k] for k in again if k not in ("pid", "shard")} == {
+        "run": "r1", "status": "skipped", "rows": 0, "bad": [], "error": None, "output": str(out / "t.parquet"),
+        "seconds": 0.0, "read_s": 0.0, "model_s": 0.0, "write_s": 0.0}
     assert corpus.read_manifest(out) == [record, again]
 
 
@@ -1218,3 +1219,18 @@ def test_score_computes_only_what_is_asked_in_this_process(tmp_path, model):
     report = corpus.score([tmp_path / "a.tar"], tmp_path / "out", model=model, prompts=["x"], progress=False)
     assert report.records[0]["pid"] == os.getpid()
     assert pq.read_table(tmp_path / "out" / "a.parquet").column_names == ["key", "clip_cos_0"]  # no safety, no embedding
+
+
+def test_run_local_builds_its_scorer_when_given_none_and_reports_each_shard(tmp_path, model):
+    from fastlclip.corpus.engines import run_local
+    from fastlclip.corpus.runner import ShardOptions
+    from fastlclip.corpus.scoring import ScoreSpec
+
+    for name in ("a", "b"):
+        pt_shard(tmp_path / f"{name}.tar", name, latents(1, 32))
+    (tmp_path / "out").mkdir()
+    reported = []
+    records = run_local([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], ScoreSpec(model=model, prompts=["x"]),
+                        ShardOptions(out=str(tmp_path / "out")), 1, reported.append)
+    assert [r["status"] for r in records] == ["ok", "ok"] and reported == records
+    assert {r["pid"] for r in records} == {os.getpid()} and keys_of(tmp_path / "out", "b") == ["b0000"]
