@@ -1234,3 +1234,31 @@ def test_run_local_builds_its_scorer_when_given_none_and_reports_each_shard(tmp_
                         ShardOptions(out=str(tmp_path / "out")), 1, reported.append)
     assert [r["status"] for r in records] == ["ok", "ok"] and reported == records
     assert {r["pid"] for r in records} == {os.getpid()} and keys_of(tmp_path / "out", "b") == ["b0000"]
+
+
+def test_process_shard_times_with_a_clock_that_moves_only_in_the_model(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from fastlclip.corpus import runner
+
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(runner, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+
+    class Slow(_SumScorer):
+        def __call__(self, latents):
+            clock.now += 10.0
+            return super().__call__(latents)
+
+    full = lambda v: pt_bytes(torch.full((2, 2, 2), v))  # noqa: E731
+    write_tar(tmp_path / "t.tar", [(f"k{i}", {"latent.pt": full(float(i))}) for i in range(5)] +
+              [("k5", {"txt": b"no latent"})])  # the last sample lacks the member: the others still count
+    pq.write_table(pa.table({"key": ["p"], "emb": pa.array([[0.5] * 8], pa.list_(pa.float32(), 8))}),
+                   tmp_path / "p.parquet")
+    (tmp_path / "out").mkdir()
+    opts = runner.ShardOptions(out=str(tmp_path / "out"), batch_size=2, column="emb")
+    record = runner.process_shard(str(tmp_path / "t.tar"), Slow(), opts)
+    assert record["status"] == "ok" and record["rows"] == 5 and [b["key"] for b in record["bad"]] == ["k5"]
+    assert {k: record[k] for k in ("seconds", "read_s", "model_s", "write_s")} == {
+        "seconds": 30.0, "read_s": 0.0, "model_s": 30.0, "write_s": 0.0}  # three batches of ten
+    record = runner.process_shard(str(tmp_path / "p.parquet"), Slow(), opts)  # the Parquet column named by opts
+    assert record["status"] == "ok" and pq.read_table(tmp_path / "out" / "p.parquet").column("clip_cos_0").to_pylist() == [4.0]
