@@ -1241,8 +1241,15 @@ def test_process_shard_times_with_a_clock_that_moves_only_in_the_model(tmp_path,
 
     from fastlclip.corpus import runner
 
-    clock = SimpleNamespace(now=100.0)
+    clock, read = SimpleNamespace(now=100.0), runner.read_shard
     monkeypatch.setattr(runner, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+
+    def slow_read(*args, **kwargs):  # a second per sample read
+        for sample in read(*args, **kwargs):
+            clock.now += 1.0
+            yield sample
+
+    monkeypatch.setattr(runner, "read_shard", slow_read)
 
     class Slow(_SumScorer):
         def __call__(self, latents):
@@ -1259,6 +1266,6 @@ def test_process_shard_times_with_a_clock_that_moves_only_in_the_model(tmp_path,
     record = runner.process_shard(str(tmp_path / "t.tar"), Slow(), opts)
     assert record["status"] == "ok" and record["rows"] == 5 and [b["key"] for b in record["bad"]] == ["k5"]
     assert {k: record[k] for k in ("seconds", "read_s", "model_s", "write_s")} == {
-        "seconds": 30.0, "read_s": 0.0, "model_s": 30.0, "write_s": 0.0}  # three batches of ten
+        "seconds": 36.0, "read_s": 6.0, "model_s": 30.0, "write_s": 0.0}  # six samples, three batches of ten
     record = runner.process_shard(str(tmp_path / "p.parquet"), Slow(), opts)  # the Parquet column named by opts
     assert record["status"] == "ok" and pq.read_table(tmp_path / "out" / "p.parquet").column("clip_cos_0").to_pylist() == [4.0]
