@@ -1269,3 +1269,28 @@ def test_process_shard_times_with_a_clock_that_moves_only_in_the_model(tmp_path,
         "seconds": 36.0, "read_s": 6.0, "model_s": 30.0, "write_s": 0.0}  # six samples, three batches of ten
     record = runner.process_shard(str(tmp_path / "p.parquet"), Slow(), opts)  # the Parquet column named by opts
     assert record["status"] == "ok" and pq.read_table(tmp_path / "out" / "p.parquet").column("clip_cos_0").to_pylist() == [4.0]
+
+
+def test_score_argument_errors_name_the_argument(tmp_path, model, monkeypatch):
+    (tmp_path / "in").mkdir()
+    pt_shard(tmp_path / "in" / "a.tar", "a", latents(1, 33))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    good = dict(model=model, prompts=["x"], progress=False)
+    for kw, message in ((dict(workers=0), "workers must be a positive integer, got 0"),
+                        (dict(batch_size=True), "batch_size must be a positive integer, got True"),
+                        (dict(dtype="float64"), "dtype must be 'float32', 'float16' or 'bfloat16', got 'float64'"),
+                        (dict(device="cuda"), "device 'cuda', but CUDA is not available here; pass device='cpu'"),
+                        (dict(column=""), "column must name the Parquet latent column, got ''"),
+                        (dict(column=None), "column must name the Parquet latent column, got None"),
+                        (dict(prompts=["x", ""]), "prompts must be non-empty strings, got ['']"),
+                        (dict(prompts=None, classes=["c", "c"]), "classes repeat ['c']"),
+                        (dict(classes=["c"], templates=[" "]), "templates must be non-empty strings, got [' ']")):
+        with pytest.raises(ValueError) as e:
+            corpus.score(tmp_path / "in", tmp_path / "out", **{**good, **kw})
+        assert str(e.value).startswith(message), (kw, str(e.value))
+    with pytest.raises(ValueError) as e:  # a folder given as one path: its own path, not its characters
+        corpus.score(str(tmp_path / "in"), tmp_path / "in" / "out", **good)
+    assert str(e.value).startswith(f"the output folder {tmp_path / 'in' / 'out'} is inside the input {tmp_path / 'in'}:")
+    assert not (tmp_path / "out").exists()
+    report = corpus.score(str(tmp_path / "in"), tmp_path / "bf16", dtype="bfloat16", **good)
+    assert report.rows == 1 and json.loads((tmp_path / "bf16" / "run.json").read_text())["dtype"] == "bfloat16"
