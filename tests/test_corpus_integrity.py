@@ -1292,5 +1292,15 @@ def test_score_argument_errors_name_the_argument(tmp_path, model, monkeypatch):
         corpus.score(str(tmp_path / "in"), tmp_path / "in" / "out", **good)
     assert str(e.value).startswith(f"the output folder {tmp_path / 'in' / 'out'} is inside the input {tmp_path / 'in'}:")
     assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match=f"pretrained checkpoint not found: {tmp_path / 'missing.pt'}$"):
+        corpus.score(tmp_path / "in", tmp_path / "out", pretrained=tmp_path / "missing.pt", **good)
+    os.mkfifo(tmp_path / "fifo.pt")
+    with pytest.raises(ValueError, match="is not a regular file or folder"):
+        corpus.score(tmp_path / "in", tmp_path / "out", pretrained=tmp_path / "fifo.pt", **good)
+    assert not (tmp_path / "out").exists()
     report = corpus.score(str(tmp_path / "in"), tmp_path / "bf16", dtype="bfloat16", **good)
     assert report.rows == 1 and json.loads((tmp_path / "bf16" / "run.json").read_text())["dtype"] == "bfloat16"
+    report = corpus.score(tmp_path / "in", tmp_path / "hub", pretrained="hf-hub:org/repo", **good)  # not a local path
+    assert report.rows == 1 and json.loads((tmp_path / "hub" / "run.json").read_text())["pretrained"] == "hf-hub:org/repo"
+    report = corpus.score(tmp_path / "in", tmp_path / "emb", model=model, embeddings=True, progress=False)
+    assert pq.read_table(tmp_path / "emb" / "a.parquet").column_names == ["key", "embedding"]  # embeddings alone
