@@ -1304,3 +1304,24 @@ def test_score_argument_errors_name_the_argument(tmp_path, model, monkeypatch):
     assert report.rows == 1 and json.loads((tmp_path / "hub" / "run.json").read_text())["pretrained"] == "hf-hub:org/repo"
     report = corpus.score(tmp_path / "in", tmp_path / "emb", model=model, embeddings=True, progress=False)
     assert pq.read_table(tmp_path / "emb" / "a.parquet").column_names == ["key", "embedding"]  # embeddings alone
+
+
+def test_scorer_copies_a_model_in_another_dtype_and_leaves_the_callers_alone(model):
+    from fastlclip.corpus.scoring import ScoreSpec
+
+    scorer = ScoreSpec(model=model, prompts=["x"], dtype="bfloat16").build("cpu")
+    assert scorer.model is not model and scorer.model.dtype == torch.bfloat16 and scorer.dtype == torch.bfloat16
+    assert model.dtype == torch.float32 and model.check_finite
+    cols = scorer(torch.zeros(2, 4, 16, 16))
+    assert list(cols) == ["clip_cos_0"] and cols["clip_cos_0"].dtype == np.float32
+
+
+def test_expand_inputs_names_a_fifo_inside_a_folder(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.tar").write_bytes(b"")
+    os.mkfifo(d / "f.tar")
+    os.mkfifo(tmp_path / "g.tar")
+    with pytest.raises(ValueError) as e:
+        corpus.expand_inputs([tmp_path / "g.tar", d])
+    assert str(e.value) == f"not regular files (a FIFO, device or socket is never read): {tmp_path / 'g.tar'}, {d / 'f.tar'}"
