@@ -1325,3 +1325,15 @@ def test_expand_inputs_names_a_fifo_inside_a_folder(tmp_path):
     with pytest.raises(ValueError) as e:
         corpus.expand_inputs([tmp_path / "g.tar", d])
     assert str(e.value) == f"not regular files (a FIFO, device or socket is never read): {tmp_path / 'g.tar'}, {d / 'f.tar'}"
+
+
+def test_a_config_given_as_a_path_object_is_recorded_as_its_path(tmp_path):
+    from pathlib import Path
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    pt_shard(tmp_path / "a.tar", "a", latents(1, 34))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        corpus.score([tmp_path / "a.tar"], tmp_path / "out", model=Path(config), prompts=["x"], progress=False)
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["model"] == str(config)
