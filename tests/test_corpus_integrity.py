@@ -1034,6 +1034,11 @@ def test_error_line_against_hand_written_lines():
 
     assert cli.error_line(Wrapped("wrapper")) == "ValueError: the checkpoint does not fit the config"
 
+    class Outer(Exception):  # a wrapper of a wrapper: .cause followed at every level
+        cause = Wrapped("inner wrapper")
+
+    assert cli.error_line(Outer("outer")) == "ValueError: the checkpoint does not fit the config"
+
     class RayTaskError(Exception):
         pass
 
