@@ -1342,3 +1342,11 @@ def test_a_config_given_as_a_path_object_is_recorded_as_its_path(tmp_path):
         warnings.simplefilter("ignore")  # random weights
         corpus.score([tmp_path / "a.tar"], tmp_path / "out", model=Path(config), prompts=["x"], progress=False)
     assert json.loads((tmp_path / "out" / "run.json").read_text())["model"] == str(config)
+
+
+def test_score_makes_nested_output_folders_and_records_its_run_in_inputs(tmp_path, model):
+    pt_shard(tmp_path / "a.tar", "a", latents(1, 35))
+    out = tmp_path / "x" / "y" / "out"
+    report = corpus.score([tmp_path / "a.tar"], out, model=model, prompts=["x"], progress=False)
+    (line,) = [json.loads(t) for t in (out / "inputs.jsonl").read_text().splitlines()]
+    assert line == {"run": report.records[0]["run"], "shards": [str(tmp_path / "a.tar")]} and len(line["run"]) == 12
