@@ -1350,3 +1350,14 @@ def test_score_makes_nested_output_folders_and_records_its_run_in_inputs(tmp_pat
     report = corpus.score([tmp_path / "a.tar"], out, model=model, prompts=["x"], progress=False)
     (line,) = [json.loads(t) for t in (out / "inputs.jsonl").read_text().splitlines()]
     assert line == {"run": report.records[0]["run"], "shards": [str(tmp_path / "a.tar")]} and len(line["run"]) == 12
+
+
+def test_a_checkpoint_that_does_not_load_is_an_argument_error_before_any_write(tmp_path, capsys):
+    pt_shard(tmp_path / "a.tar", "a", latents(1, 36))
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    code, err = run_cli(["score", tmp_path / "a.tar", "--out", tmp_path / "out", "--model", config, "--pretrained",
+                         tmp_path / "bad.pt", "--prompts", "x"], capsys)
+    assert code == 2 and one_line(err).startswith("python -m fastlclip.corpus score: error: ")
+    assert not (tmp_path / "out").exists()
