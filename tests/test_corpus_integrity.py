@@ -1361,3 +1361,22 @@ def test_a_checkpoint_that_does_not_load_is_an_argument_error_before_any_write(t
                          tmp_path / "bad.pt", "--prompts", "x"], capsys)
     assert code == 2 and one_line(err).startswith("python -m fastlclip.corpus score: error: ")
     assert not (tmp_path / "out").exists()
+
+
+def test_score_splits_by_rank_numbers_its_progress_and_may_have_nothing_to_do(tmp_path, model, monkeypatch, capsys):
+    for name in ("b", "a"):
+        pt_shard(tmp_path / f"{name}.tar", name, latents(1, 37))
+    shards = [tmp_path / "b.tar", tmp_path / "a.tar"]
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    assert corpus.score(shards, tmp_path / "out", model=model, prompts=["x"]).records == []  # sorted: a, b; none left
+    monkeypatch.setenv("RANK", "1")
+    report = corpus.score(shards, tmp_path / "out", model=model, prompts=["x"])
+    assert [os.path.basename(r["shard"]) for r in report.records] == ["b.tar"]
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    capsys.readouterr()
+    corpus.score(shards, tmp_path / "out", model=model, prompts=["x"])
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["[fastlclip.corpus] 1/2 b.tar: skipped (output exists)", lines[1]]
+    assert lines[1].startswith("[fastlclip.corpus] 2/2 a.tar: ok, 1 rows in ")
