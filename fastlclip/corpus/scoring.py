@@ -125,7 +125,6 @@ class Scorer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model = fastlclip.load(spec.model, spec.pretrained, device=device, dtype=dtype, backend=spec.backend)
-        model.check_finite = False  # samples are checked on the host, one by one, before batching
         self.model = model
         vision = model.cfg.vision
         self.shape = (vision.latent_channels, model.latent_size, model.latent_size)
@@ -153,7 +152,7 @@ class Scorer:
     def __call__(self, latents: torch.Tensor) -> dict[str, np.ndarray]:
         latents = latents.to(self.model.device)
         out: dict[str, np.ndarray] = {}
-        feats = self.model.encode_latents(latents, space=self.spec.space, normalize=True).float()
+        feats = self._features(latents)
         if self.text is not None:
             cos = (feats @ self.text.T).cpu().numpy()
             for i in range(cos.shape[1]):
@@ -171,6 +170,16 @@ class Scorer:
         if self.spec.embeddings:
             out["embedding"] = feats.half().cpu().numpy()
         return out
+
+    def _features(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised features, without the model's NaN check (samples are checked on the host, one by one, before
+        batching); the caller's model keeps its own ``check_finite``."""
+        model, check = self.model, self.model.check_finite
+        model.check_finite = False
+        try:
+            return model.encode_latents(latents, space=self.spec.space, normalize=True).float()
+        finally:
+            model.check_finite = check
 
 
 def check_prompts(values: Sequence[str] | str | None, what: str) -> list[str]:
