@@ -449,6 +449,8 @@ def test_read_metadata_edge_cases():
         read_metadata(struct.pack("<Q", 2) + b"\xff\xfe")
     with pytest.raises(ProtocolError, match=r"\(7 bytes\)"):
         read_metadata(b"1234567")
+    with pytest.raises(ProtocolError, match="header is not JSON"):  # 8 bytes: a header length, then nothing
+        read_metadata(struct.pack("<Q", 0))
 
 
 def _request(b, seed, grid=4, noise=None, prompt="p"):
@@ -569,8 +571,11 @@ def test_replies_metrics_and_errors_in_detail(reward):
                  'fastlclip_requests_total{code="400"} 1.0', "fastlclip_latents_total 3.0", "fastlclip_batches_total 1.0",
                  'fastlclip_batch_size_bucket{le="2.0"} 0.0', 'fastlclip_batch_size_bucket{le="4.0"} 1.0',
                  "fastlclip_queued_latents 0.0", "fastlclip_requests_in_flight 0.0",
-                 "fastlclip_request_latency_seconds_count 4.0"):
+                 "fastlclip_request_latency_seconds_count 4.0",
+                 'fastlclip_request_latency_seconds_bucket{le="30.0"} 4.0'):  # each well under 30 s
         assert line in text, line
+    r = run(app, lambda c: c.get("/metrics", headers={"authorization": "Bearer tok"}))
+    assert r.headers["content-type"].startswith("text/plain; version=")  # Prometheus' text format
     r = run(app, lambda c: c.get("/nowhere"))
     assert r.status_code == 404 and r.json() == {"error": "Not Found: GET /nowhere"}
     r = run(app, lambda c: c.put("/healthz"))
@@ -736,3 +741,58 @@ def test_cli_main_reports_a_model_that_does_not_load(tmp_path, capsys):
     assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "could not load the model" in lines[0]
+
+
+def test_create_app_defaults(reward):
+    app = create_app(reward)
+    b = app.state.batcher
+    assert (b.max_batch_size, b.max_wait, b.max_queue, b.noise_key) == (32, 0.01, 4096, False)
+    content = body(latents(1), "a dog")
+    for length, status in ((64 * 2**20 + 1, 413), (64 * 2**20, 200)):  # 64 MiB by the Content-Length it claims
+        r = post(app, content, headers={**V1, "content-length": str(length)})
+        assert r.status_code == status, r.text
+    assert "64 MiB" in post(app, content, headers={**V1, "content-length": str(2**30)}).json()["error"]
+
+
+def test_the_models_resize_policy_applies_to_requests():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastlclip.load(TINY, resize="interpolate")
+    reward = fastlclip.LatentCLIPReward(model)
+    x = latents(2, seed=3, grid=12)
+    r = post(create_app(reward), body(x, "a dog"))
+    assert r.status_code == 200, r.text
+    torch.testing.assert_close(torch.tensor(r.json()["raw_scores"]), reward.score(x, "a dog"), rtol=0, atol=1e-5)
+
+
+def test_an_error_outside_scoring_is_500_json():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastlclip.load(TINY)
+    app = create_app(fastlclip.LatentCLIPReward(model))
+    del model.backend  # /healthz now fails inside the route
+
+    async def main():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await c.get("/healthz")
+
+    r = asyncio.run(main())
+    assert r.status_code == 500 and r.json()["error"].startswith("internal error: AttributeError: ")
+
+
+def test_shutdown_stops_the_batchers_worker(reward):
+    from starlette.testclient import TestClient
+
+    app = create_app(reward)
+    with TestClient(app) as client:
+        assert client.post("/v1/score", content=body(latents(1), "a dog"), headers=V1).status_code == 200
+        assert app.state.batcher._worker is not None
+    assert app.state.batcher._worker is None
+    from fastlclip.serve.batcher import Batcher
+
+    idle = Batcher(lambda x, p, n: x.flatten(1)[:, 0])
+    asyncio.run(idle.close())  # never started: nothing to stop
+    assert idle._worker is None
