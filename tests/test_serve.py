@@ -44,7 +44,7 @@ def run(app, coro_fn):
     """``coro_fn(client)`` against ``app`` in-process (ASGI), in a fresh event loop."""
     async def main():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            return await coro_fn(client)
+            return await asyncio.wait_for(coro_fn(client), 60)  # a server that never answers fails, not hangs
     return asyncio.run(main())
 
 
@@ -473,7 +473,7 @@ def _batcher_run(requests, **kw):
     batcher = Batcher(score_fn, on_batch=sizes.append, **kw)
 
     async def go():
-        out = await asyncio.gather(*[batcher.submit(r) for r in requests], return_exceptions=True)
+        out = await asyncio.wait_for(asyncio.gather(*[batcher.submit(r) for r in requests], return_exceptions=True), 20)
         await batcher.close()
         return out
 
@@ -527,14 +527,14 @@ def test_batcher_queue_limit_counts_latents():
         with pytest.raises(QueueFull, match="3 latents are queued"):
             await batcher.submit(_request(1, 4))
         gate.set()
-        out = await asyncio.gather(first, second, third)
+        out = await asyncio.wait_for(asyncio.gather(first, second, third), 20)
         await batcher.close()
         empty = Batcher(lambda x, p, n: x.flatten(1)[:, 0], max_queue=1)
         out.append(await empty.submit(_request(4, 5)))  # an empty queue takes a request over the limit
         await empty.close()
         return out
 
-    assert [len(r) for r in asyncio.run(go())] == [2, 1, 2, 4]
+    assert [len(r) for r in asyncio.run(asyncio.wait_for(go(), 30))] == [2, 1, 2, 4]
 
 
 def test_healthz_reports_the_model(reward):
