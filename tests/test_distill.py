@@ -1123,3 +1123,45 @@ def test_cli_in_process_on_the_small_targets(small, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_first_sample_skips_bad_samples_and_shards_and_unwraps_a_batch_of_one(small, tmp_path):
+    import io
+    import tarfile
+
+    from fastlclip import distill
+
+    bad_shard = tmp_path / "0-bad.tar"
+    bad_shard.write_bytes(b"not a tar file at all" * 40)
+    shard = tmp_path / "1-good.tar"
+    with tarfile.open(shard, "w") as tf:
+        for name, payload in (("a.latent.npy", b"not an npy file"), ("b.latent.npy", None)):
+            if payload is None:
+                buf = io.BytesIO()
+                import numpy as np
+
+                np.save(buf, torch.randn(1, 16, 8, 8).numpy())  # (1, C, H, W): a batch of one
+                payload = buf.getvalue()
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    report = distill.make_targets([bad_shard, shard], tmp_path / "t", vae=_small_vae(), teacher=small["teacher"],
+                                  progress=False)
+    assert report.rows == 1 and len(report.failed) == 1
+    assert distill.read_targets(tmp_path / "t").info["latent_shape"] == [16, 8, 8]
+
+
+def test_vae_downsampling_and_registered_students():
+    from fastlclip.distill.targets import _downsampling
+    from fastlclip.distill.train import resolve_student
+    from fastlclip.model_configs import _REGISTRY
+
+    assert _downsampling({"block_out_channels": [1, 2, 3, 4]}) == 8
+    assert _downsampling({"block_out_channels": [1, 2]}) == 2
+    assert _downsampling({"encoder_block_out_channels": [1, 1, 1]}) == 4  # AutoencoderTiny's key
+    assert _downsampling({}) == 8  # neither: the usual 4 blocks
+    name = sorted(_REGISTRY)[0]
+    cfg = resolve_student(name)
+    assert cfg == _REGISTRY[name] and cfg is not _REGISTRY[name]
+    cfg["vision_cfg"]["width"] = -1  # a deep copy: the registry is untouched
+    assert _REGISTRY[name]["vision_cfg"]["width"] != -1
