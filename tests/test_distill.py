@@ -1165,3 +1165,13 @@ def test_vae_downsampling_and_registered_students():
     assert cfg == _REGISTRY[name] and cfg is not _REGISTRY[name]
     cfg["vision_cfg"]["width"] = -1  # a deep copy: the registry is untouched
     assert _REGISTRY[name]["vision_cfg"]["width"] != -1
+
+
+def test_holdout_boundary_and_subsets_keep_the_folder_info():
+    from fastlclip.distill.targets import Targets, is_holdout
+
+    # CRC32("b") % 100000 = 38681, and 0.38681 * 100000 is exactly 38681.0: the split is strict
+    assert not is_holdout("b", 0.38681) and is_holdout("b", 0.38682)
+    t = Targets(["a", "b", "c"], torch.zeros(3, 1, 1, 1), torch.zeros(3, 2), {"kind": "x"})
+    rows, held = t.split(0.5)
+    assert rows.info == held.info == {"kind": "x"} and rows.keys == ["a"] and held.keys == ["b", "c"]
