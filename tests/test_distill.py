@@ -784,7 +784,7 @@ def test_init_teacher_trains_the_patch_embedding_alone_first(small, tmp_path, mo
     assert [x["lr"] for x in _lines(tmp_path / "run")] == pytest.approx([1e-2, 5e-3, 1e-2])
     assert saved[0]["identity"]["patch_steps"] == 2 and saved[0]["identity"]["init"] == "teacher"
     saved.clear()
-    _small_train(small, tmp_path / "default", student=student, init="teacher", steps=5, save_every=5, log_every=5)
+    _small_train(small, tmp_path / "default", student=student, init="teacher", steps=6, save_every=6, log_every=6)
     assert saved[0]["identity"]["patch_steps"] == 1  # steps // 5
     saved.clear()
     _small_train(small, tmp_path / "scratch", steps=5, save_every=5, log_every=5)
@@ -1175,3 +1175,43 @@ def test_holdout_boundary_and_subsets_keep_the_folder_info():
     t = Targets(["a", "b", "c"], torch.zeros(3, 1, 1, 1), torch.zeros(3, 2), {"kind": "x"})
     rows, held = t.split(0.5)
     assert rows.info == held.info == {"kind": "x"} and rows.keys == ["a"] and held.keys == ["b", "c"]
+
+
+def test_train_by_teacher_name_config_and_weights(small, tmp_path):
+    """A teacher given by name, config and weights file: its text tower is the student's, its label and resolved
+    weights path are the run's identity (other weights are refused on resume); arguments are checked first."""
+    import shutil
+
+    from fastlclip.checkpoint import read_checkpoint
+
+    _, weights = W.save_teacher(small["teacher"], tmp_path / "teacher")
+    args = dict(teacher="small-cfg-teacher", teacher_config=dict(W.TEACHER_CFG), teacher_pretrained=str(weights),
+                steps=1, save_every=1)
+    final = _small_train(small, tmp_path / "run", **args)
+    got, teacher = _weights(final), small["teacher"].state_dict()
+    for k in ("token_embedding.weight", "text_projection", "positional_embedding", "logit_scale"):
+        assert torch.equal(got[k], teacher[k]), k
+    assert json.loads(read_checkpoint(final)[1]["fastlclip_distill"])["teacher"] == "small-cfg-teacher"
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["identity"]["teacher"] == "small-cfg-teacher"
+    assert state["identity"]["teacher_pretrained"] == str(weights.resolve())
+    other = tmp_path / "other.pt"
+    shutil.copy(weights, other)
+    with pytest.raises(ValueError, match=r"\(teacher_pretrained differ\)"):
+        _small_train(small, tmp_path / "run", **dict(args, teacher_pretrained=str(other)))
+    with pytest.raises(ValueError, match="below steps"):
+        _small_train(small, tmp_path / "never", patch_steps=4)
+    with pytest.raises(ValueError, match="eval_every"):
+        _small_train(small, tmp_path / "never", eval_every=0)
+    assert not (tmp_path / "never").exists()
+
+
+def test_train_defaults(small, tmp_path):
+    from fastlclip import distill
+
+    distill.train(small["targets"], tmp_path / "run", student=dict(W.STUDENT), teacher=small["teacher"], steps=12,
+                  batch_size=4, lr=1e-3, warmup_steps=0)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert {k: state["identity"][k] for k in ("seed", "noise_aware", "holdout", "init", "patch_steps", "weight_decay")} \
+        == {"seed": 0, "noise_aware": False, "holdout": 0.05, "init": "scratch", "patch_steps": 0, "weight_decay": 0.0}
+    assert [x["step"] for x in _lines(tmp_path / "run")] == [10, 12]  # every 10 steps and the last; no eval lines
