@@ -1209,9 +1209,31 @@ def test_train_by_teacher_name_config_and_weights(small, tmp_path):
 def test_train_defaults(small, tmp_path):
     from fastlclip import distill
 
-    distill.train(small["targets"], tmp_path / "run", student=dict(W.STUDENT), teacher=small["teacher"], steps=12,
+    run_dir = tmp_path / "new" / "run"  # folders made as needed
+    distill.train(small["targets"], run_dir, student=dict(W.STUDENT), teacher=small["teacher"], steps=12,
                   batch_size=4, lr=1e-3, warmup_steps=0)
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert {k: state["identity"][k] for k in ("seed", "noise_aware", "holdout", "init", "patch_steps", "weight_decay")} \
         == {"seed": 0, "noise_aware": False, "holdout": 0.05, "init": "scratch", "patch_steps": 0, "weight_decay": 0.0}
-    assert [x["step"] for x in _lines(tmp_path / "run")] == [10, 12]  # every 10 steps and the last; no eval lines
+    assert [x["step"] for x in _lines(run_dir)] == [10, 12]  # every 10 steps and the last; no eval lines
+
+
+class _Boom:
+    """Unpickling this would create a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_never_unpickles_code_from_a_checkpoint(small, tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "run").mkdir()
+    torch.save({"identity": {}, "payload": _Boom(str(marker))}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        _small_train(small, tmp_path / "run")
+    assert not marker.exists()
