@@ -851,7 +851,11 @@ def test_evaluate_by_hand(small, tmp_path):
 
     for noise_aware in (False, True):
         final = _small_train(small, tmp_path / f"run{noise_aware}", steps=2, save_every=2, noise_aware=noise_aware,
-                             holdout=0.3)
+                             holdout=0.3, eval_every=2)
+        (evaluated,) = [x["eval"] for x in _lines(tmp_path / f"run{noise_aware}") if "eval" in x]
+        assert set(evaluated) == ({"cosine", "cosine_at"} if noise_aware else {"cosine"})
+        if noise_aware:  # the training run's eval: the three fixed noise levels
+            assert set(evaluated["cosine_at"]) == {"0.25", "0.5", "0.75"}
         model = fastlclip.load(None, final)
         classes, templates = ["red", "blue", "green"], ("a photo of a {}.", "a {} thing.")
         held = [i for i, k in enumerate(small["keys"]) if _held(k, 0.3)]
