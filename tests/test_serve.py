@@ -373,6 +373,9 @@ def test_renoise_per_latent_noise_levels_and_seeds():
                                                                                               (3, 4, 5)))])
     assert got.shape == x.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    got = renoise(ScoreRequest(x[:2], ["a"] * 2, 0.5, (3, 4)))  # a seed per latent, two latents
+    torch.testing.assert_close(got, 0.5 * x[:2] + 0.5 * torch.stack([_eps(3, (4, 4, 4)), _eps(4, (4, 4, 4))]),
+                               rtol=0, atol=1e-6)
     got = renoise(ScoreRequest(x, ["a"] * 3, 0.3, (7,)))  # one seed: the same noise for every latent
     torch.testing.assert_close(got, 0.7 * x + 0.3 * _eps(7, (4, 4, 4)).expand(3, -1, -1, -1), rtol=0, atol=1e-6)
 
@@ -789,8 +792,9 @@ def test_shutdown_stops_the_batchers_worker(reward):
     app = create_app(reward)
     with TestClient(app) as client:
         assert client.post("/v1/score", content=body(latents(1), "a dog"), headers=V1).status_code == 200
-        assert app.state.batcher._worker is not None
-    assert app.state.batcher._worker is None
+        worker = app.state.batcher._worker
+        assert worker is not None and not worker.done()
+    assert app.state.batcher._worker is None and worker.cancelled()
     from fastlclip.serve.batcher import Batcher
 
     idle = Batcher(lambda x, p, n: x.flatten(1)[:, 0])
