@@ -716,10 +716,10 @@ def test_resume_after_a_crash_is_exact_and_rewrites_the_lost_metrics(small, tmp_
         real(obj, path)
 
     monkeypatch.setattr(train_mod, "save_atomic", capture)
-    ref = _small_train(small, tmp_path / "ref", eval_every=2, weight_decay=0.01)
+    ref = _small_train(small, tmp_path / "ref", eval_every=2, weight_decay=0.02)
     assert [s["step"] for s in saved] == [2, 4]
     opt = saved[0]["optimizer"]["param_groups"]
-    assert [(g["lr"], g["weight_decay"], g["betas"], g["eps"]) for g in opt] == [(7.5e-4, 0.01, (0.9, 0.98), 1e-6)] * 2
+    assert [(g["lr"], g["weight_decay"], g["betas"], g["eps"]) for g in opt] == [(7.5e-4, 0.02, (0.9, 0.98), 1e-6)] * 2
     ref_lines = _lines(tmp_path / "ref")
     assert [x["step"] for x in ref_lines] == [1, 2, 2, 3, 4, 4] and "eval" in ref_lines[2] and "eval" in ref_lines[5]
     assert [x["lr"] for x in ref_lines if "lr" in x] == pytest.approx([1e-3, 7.5e-4, 2.5e-4, 0.0])
@@ -731,17 +731,17 @@ def test_resume_after_a_crash_is_exact_and_rewrites_the_lost_metrics(small, tmp_
 
     monkeypatch.setattr(train_mod, "save_atomic", crash_at_second)
     with pytest.raises(RuntimeError, match="killed"):
-        _small_train(small, tmp_path / "run", eval_every=2, weight_decay=0.01)
+        _small_train(small, tmp_path / "run", eval_every=2, weight_decay=0.02)
     assert [x["step"] for x in _lines(tmp_path / "run")] == [1, 2, 2, 3, 4, 4]
     assert not (tmp_path / "run" / "final.safetensors").exists()
     monkeypatch.setattr(train_mod, "save_atomic", real)
-    final = _small_train(small, tmp_path / "run", eval_every=2, weight_decay=0.01)
+    final = _small_train(small, tmp_path / "run", eval_every=2, weight_decay=0.02)
     assert _lines(tmp_path / "run") == ref_lines
     got, want = _weights(final), _weights(ref)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert not list((tmp_path / "run").glob("*.tmp"))
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 4 and state["identity"]["weight_decay"] == 0.01
+    assert state["step"] == 4 and state["identity"]["weight_decay"] == 0.02
     # the text tower and logit scale are the teacher's, untouched by training
     teacher = small["teacher"].state_dict()
     assert torch.equal(got["token_embedding.weight"], teacher["token_embedding.weight"])
@@ -755,7 +755,7 @@ def test_resume_after_a_crash_is_exact_and_rewrites_the_lost_metrics(small, tmp_
     want_cos = (emb * F.normalize(small["embeddings"][held], dim=-1)).sum(-1).mean().item()
     assert ref_lines[5]["eval"]["cosine"] == pytest.approx(want_cos, abs=1e-5)
     with pytest.raises(ValueError, match=r"\(lr differ\)"):
-        _small_train(small, tmp_path / "run", eval_every=2, weight_decay=0.01, lr=2e-3)
+        _small_train(small, tmp_path / "run", eval_every=2, weight_decay=0.02, lr=2e-3)
 
 
 def test_init_teacher_trains_the_patch_embedding_alone_first(small, tmp_path, monkeypatch):
