@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -427,3 +428,816 @@ def test_triton_backend_trains_as_eager(world):
     runs = {b: _weights(_train(world, world["root"] / f"backend-{b}", steps=1, batch_size=4, warmup_steps=0,
                                save_every=1, backend=b)) for b in ("eager", "triton")}
     assert max((runs["eager"][k] - runs["triton"][k]).abs().max().item() for k in runs["eager"]) < 1e-5
+
+
+# -- gaps found by mutation testing ---------------------------------------------------------------------------------
+# Fast tests (no world fixture): a targets folder written directly, the tiny teacher built here, runs of a few steps.
+# Their expectations are hand-written or computed from the documented recipe (data order, noise, loss) written out.
+SCALE, SHIFT = 0.5, 0.1
+SMALL_VAE = dict(W.VAE_CFG, scaling_factor=SCALE, shift_factor=SHIFT)
+
+
+def _held(key: str, fraction: float) -> bool:
+    """The documented split, written out: CRC32 of the key, per 100 000."""
+    import zlib
+
+    return zlib.crc32(key.encode()) % 100_000 < fraction * 100_000
+
+
+def _write_targets(folder: Path, latents, embeddings, keys, per_file: int, vae="<AutoencoderKL module>") -> Path:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastlclip.distill.targets import KIND
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.json").write_text(json.dumps({"kind": KIND, "vae": vae, "vae_cfg": SMALL_VAE,
+                                                 "latent_shape": list(latents.shape[1:])}))
+    for f, s in enumerate(range(0, len(keys), per_file)):
+        lat = latents[s:s + per_file].half().flatten(1).numpy()
+        emb = embeddings[s:s + per_file].half().numpy()
+        table = pa.table({"key": keys[s:s + per_file],
+                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
+                          "latent": pa.FixedSizeListArray.from_arrays(pa.array(lat.reshape(-1)), lat.shape[1])})
+        # written in reverse name order: read_targets sorts the files
+        pq.write_table(table, folder / f"{99 - f:05d}.parquet")
+    empty = pa.table({"key": pa.array([], pa.string()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(0, np.float16)), 32),
+                      "latent": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(0, np.float16)), 1024)})
+    pq.write_table(empty, folder / "00000.parquet")  # a shard whose every sample was bad: skipped
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """24 rows of random latents (16x8x8) and unit embeddings in two files (reverse-sorted names), and the teacher."""
+    import open_clip
+
+    root = tmp_path_factory.mktemp("small")
+    g = torch.Generator().manual_seed(5)
+    keys = [f"s{i:03d}" for i in range(24)]
+    lat = (torch.randn(24, 16, 8, 8, generator=g) * 2 + 0.3).half().float()
+    emb = F.normalize(torch.randn(24, 32, generator=g), dim=-1).half().float()
+    # the second file (rows 12..23) gets the lower name: sorted order is rows 12..23, then 0..11
+    _write_targets(root / "targets", lat, emb, keys, 12)
+    order = list(range(12, 24)) + list(range(12))
+    torch.manual_seed(0)
+    teacher = open_clip.model.CLIP(**W.TEACHER_CFG).eval()
+    return dict(root=root, targets=root / "targets", keys=[keys[i] for i in order], latents=lat[order],
+                embeddings=emb[order], teacher=teacher)
+
+
+def _small_train(small, out, **kw):
+    from fastlclip import distill
+
+    args = dict(student=dict(W.STUDENT), teacher=small["teacher"], steps=4, batch_size=4, lr=1e-3, warmup_steps=1,
+                save_every=2, log_every=1, seed=1, holdout=0.25, progress=False)
+    args.update(kw)
+    return distill.train(small["targets"], out, **args)
+
+
+def _lines(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_module():
+    import importlib
+
+    return importlib.import_module("fastlclip.distill.train")  # the package's `train` is the function
+
+
+def test_read_targets_sorts_files_skips_empty_ones_and_splits_by_crc32(small):
+    from fastlclip.distill import read_targets
+    from fastlclip.distill.targets import is_holdout
+
+    t = read_targets(small["targets"])
+    assert t.keys == small["keys"] and len(t) == 24
+    assert torch.equal(t.latents.float(), small["latents"]) and torch.equal(t.embeddings.float(), small["embeddings"])
+    assert t.latents.dtype == t.embeddings.dtype == torch.float16 and t.info["latent_shape"] == [16, 8, 8]
+    train_rows, held = t.split(0.25)
+    want = [k for k in t.keys if _held(k, 0.25)]
+    assert held.keys == want and train_rows.keys == [k for k in t.keys if k not in want]
+    assert 0 < len(want) < 24
+    rows = [t.keys.index(k) for k in held.keys]
+    assert torch.equal(held.latents, t.latents[rows]) and torch.equal(held.embeddings, t.embeddings[rows])
+    # CRC32("a") = 0xE8B7BE43 = 3904355907; 3904355907 % 100000 = 55907
+    assert is_holdout("a", 0.56) and not is_holdout("a", 0.559) and not is_holdout("a", 0.0)
+    assert t.split(0.0)[1].keys == [] and len(t.split(0.0)[0]) == 24
+
+
+def test_read_targets_refuses_what_is_not_a_targets_folder(small, tmp_path):
+    import shutil
+
+    from fastlclip.distill import read_targets
+    from fastlclip.distill.targets import KIND
+
+    with pytest.raises(ValueError, match="no run.json"):
+        read_targets(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"kind": "fastlclip.corpus scores"}))
+    with pytest.raises(ValueError, match="corpus scores"):
+        read_targets(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"kind": KIND, "latent_shape": [16, 8, 8]}))
+    with pytest.raises(ValueError, match="no finished target files"):
+        read_targets(tmp_path)
+    shutil.copy(small["targets"] / "00000.parquet", tmp_path / "00000.parquet")
+    with pytest.raises(ValueError, match="no target rows"):
+        read_targets(tmp_path)
+    dup = tmp_path / "dup"
+    _write_targets(dup, small["latents"][:4], small["embeddings"][:4], ["a", "b", "a", "c"], 2)
+    with pytest.raises(ValueError, match="more than one row"):
+        read_targets(dup)
+
+
+def test_distill_loss_is_one_minus_cosine_to_the_normalised_target():
+    from fastlclip.distill.train import distill_loss
+
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float16)
+    target = torch.tensor([[2.0, 0.0], [1.0, 1.0]], dtype=torch.float16)  # cosines 1 and 1/sqrt(2)
+    loss = distill_loss(student, target)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert loss.item() == pytest.approx((0 + (1 - 2 ** -0.5)) / 2, abs=1e-6)
+    assert distill_loss(student[:1], -target[:1]).item() == pytest.approx(2.0)
+
+
+def test_lr_schedule_values():
+    from fastlclip.distill.train import lr_lambda
+
+    f = lr_lambda(0, 2, 10)  # warmup 0.5, 1; cosine over the 8 steps after
+    assert f(6) == pytest.approx(0.5) and f(4) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert f(10) == pytest.approx(0.0) and f(20) == pytest.approx(0.0)  # past the end: stays at 0
+    assert lr_lambda(0, 0, 10)(0) == 1.0 and lr_lambda(0, 0, 10)(5) == pytest.approx(0.5)  # no warmup
+    g = lr_lambda(3, 1, 5)  # 0 before its start, one warmup step, then a one-step span
+    assert [g(t) for t in range(6)] == [0.0, 0.0, 0.0, 1.0, 1.0, pytest.approx(0.0)]
+
+
+def test_data_order_is_the_concatenated_seeded_permutations():
+    from fastlclip.distill.train import DataOrder, step_noise
+
+    n, b, seed = 10, 4, 3
+    perms = [torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e)) for e in range(3)]
+    stream = torch.cat(perms)
+    order = DataOrder(n, b, seed)
+    for t in (0, 1, 2, 4, 3, 0, 6):  # epoch boundaries inside batches 2 and 4; out of order (cache)
+        assert torch.equal(order.batch(t), stream[t * b:(t + 1) * b]), t
+    assert not torch.equal(DataOrder(n, b, 4).batch(0), order.batch(0))
+    s, eps = step_noise(seed, 5, 3, (2, 4, 4))
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * 5 + 1)
+    assert torch.equal(s, torch.rand(3, generator=g)) and torch.equal(eps, torch.randn(3, 2, 4, 4, generator=g))
+
+
+def _model(noise_aware=False, layers=2):
+    import fastlclip
+
+    cfg = dict(W.STUDENT, vae_cfg=SMALL_VAE, text_cfg=dict(W.STUDENT["text_cfg"], context_length=77),
+               vision_cfg=dict(W.STUDENT["vision_cfg"], noise_aware=noise_aware, layers=layers))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastlclip.load(cfg)
+    model.check_finite = False
+    if noise_aware:
+        with torch.no_grad():
+            for p in model.visual.latent_vit.noise_embed.parameters():
+                p.normal_(0, 0.5)
+    return model
+
+
+def test_student_forward_renoises_in_diffusion_space():
+    from fastlclip.distill.train import Student
+
+    model = _model(noise_aware=True)
+    g = torch.Generator().manual_seed(0)
+    raw, eps, s = torch.randn(3, 16, 8, 8, generator=g), torch.randn(3, 16, 8, 8, generator=g), torch.tensor([.2, .5, .9])
+    z = (raw - SHIFT) * SCALE
+    with torch.no_grad():
+        got = Student(model, True)(raw, s, eps)
+        want = model.encode_latents((1 - s.view(-1, 1, 1, 1)) * z + s.view(-1, 1, 1, 1) * eps, noise_level=s)
+        assert torch.allclose(got, want, atol=1e-6)
+        plain = _model()
+        assert torch.allclose(Student(plain, False)(raw), plain.encode_latents(z), atol=1e-6)
+
+
+def test_held_out_cosine_by_hand_in_chunks_and_per_noise_level():
+    from fastlclip.distill.targets import Targets
+    from fastlclip.distill.train import Student, held_out_cosine
+
+    model = _model(noise_aware=True)
+    g = torch.Generator().manual_seed(1)
+    held = Targets(["a", "b", "c"], torch.randn(3, 16, 8, 8, generator=g).half(),
+                   (torch.randn(3, 32, generator=g) * 3).half(), {})
+    got = held_out_cosine(Student(model, True), held, (0.5, 0.75), seed=4, batch_size=2)
+    target = F.normalize(held.embeddings.float(), dim=-1)
+    z = (held.latents.float() - SHIFT) * SCALE
+    eps = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert got["cosine"] == pytest.approx((model.encode_latents(z) * target).sum(-1).mean().item(), abs=1e-5)
+        assert set(got["cosine_at"]) == {"0.5", "0.75"}
+        for s in (0.5, 0.75):
+            emb = model.encode_latents((1 - s) * z + s * eps, noise_level=s)
+            assert got["cosine_at"][str(s)] == pytest.approx((emb * target).sum(-1).mean().item(), abs=1e-5)
+    assert set(held_out_cosine(Student(model, True), held)) == {"cosine"}  # no levels asked: none reported
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(steps=0), "steps must be a positive"), (dict(steps=True), "steps"), (dict(batch_size=0), "batch_size"),
+    (dict(warmup_steps=-1), "warmup_steps must be a non-negative"), (dict(save_every=0), "save_every"),
+    (dict(log_every=0), "log_every"), (dict(eval_every=0), "eval_every"), (dict(eval_every=1.5), "eval_every"),
+    (dict(patch_steps=10), "below steps"), (dict(patch_steps=-1), "patch_steps"), (dict(lr=1), "lr"),
+    (dict(lr=0), "lr"), (dict(lr=float("nan")), "lr"), (dict(lr=True), "lr"), (dict(lr="0.1"), "lr"),
+    (dict(weight_decay=1), "weight_decay"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(weight_decay=False), "weight_decay"), (dict(holdout=1), "holdout"), (dict(holdout=-0.1), "holdout"),
+    (dict(holdout="0.1"), "holdout"), (dict(init="pixel"), "init"), (dict(backend="cuda"), "backend"),
+])
+def test_check_train_args_bounds(change, message):
+    from fastlclip.distill.train import check_train_args
+
+    ok = dict(steps=10, batch_size=4, lr=0.5, warmup_steps=0, init="teacher", save_every=1, eval_every=None,
+              patch_steps=9, holdout=0.0, weight_decay=0.0, log_every=1, backend="triton")
+    check_train_args(**ok)  # every bound itself is accepted
+    check_train_args(**dict(ok, patch_steps=0, eval_every=1, lr=1e-9, weight_decay=0.99, holdout=0.99))
+    with pytest.raises(ValueError, match=message):
+        check_train_args(**dict(ok, **change))
+
+
+def _first_loss(small, cfg, seed, batch_size, holdout, noise_aware) -> float:
+    """Step 1's loss from the recipe written out: init under ``seed``, batch 0 of epoch 0's permutation of the
+    training rows, the step's noise, 1 - cos."""
+    from fastlclip.model import LatentCLIP
+    from fastlclip.model_configs import ModelConfig
+
+    torch.manual_seed(seed)
+    model = LatentCLIP(ModelConfig.from_dict(cfg, name="student"))
+    model.check_finite = False
+    rows = [i for i, k in enumerate(small["keys"]) if not _held(k, holdout)]
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 1_000_003))
+    idx = torch.tensor(rows)[perm[:batch_size]]
+    raw, target = small["latents"][idx], F.normalize(small["embeddings"][idx], dim=-1)
+    with torch.no_grad():
+        if noise_aware:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + 1)
+            s, eps = torch.rand(batch_size, generator=g), torch.randn(batch_size, 16, 8, 8, generator=g)
+            x = (1 - s.view(-1, 1, 1, 1)) * (raw - SHIFT) * SCALE + s.view(-1, 1, 1, 1) * eps
+            emb = model.encode_latents(x, noise_level=s)
+        else:
+            emb = model.encode_latents(raw, space="vae")
+    return (1 - (emb * target).sum(-1)).mean().item()
+
+
+@pytest.mark.parametrize("noise_aware", [False, True])
+def test_first_step_loss_follows_the_recipe(small, tmp_path, noise_aware):
+    from fastlclip.checkpoint import read_checkpoint
+
+    final = _small_train(small, tmp_path / "run", steps=1, save_every=1, seed=2, noise_aware=noise_aware,
+                         holdout=0.3)
+    from fastlclip.checkpoint import SAFETENSORS_CONFIG_KEY
+
+    _, meta = read_checkpoint(final)
+    cfg = json.loads(meta[SAFETENSORS_CONFIG_KEY])
+    assert cfg["vision_cfg"].get("noise_aware", False) is noise_aware and cfg["vae_cfg"] == SMALL_VAE
+    assert json.loads(meta["fastlclip_distill"]) == {"teacher": "<CLIP module>", "holdout": 0.3, "noise_aware": noise_aware,
+                                                     "steps": 1, "targets": str(small["targets"].resolve())}
+    (line,) = _lines(tmp_path / "run")
+    assert line["step"] == 1 and line["lr"] == pytest.approx(1e-3)
+    assert line["loss"] == pytest.approx(_first_loss(small, cfg, 2, 4, 0.3, noise_aware), abs=1e-5)
+
+
+def test_resume_after_a_crash_is_exact_and_rewrites_the_lost_metrics(small, tmp_path, monkeypatch):
+    """A run that dies at its second checkpoint (after logging steps 3 and 4) resumes from step 2 to the same
+    weights and metrics as an uninterrupted one; other settings are refused."""
+    import fastlclip
+
+    train_mod = _train_module()
+    saved = []
+    real = train_mod.save_atomic
+
+    def capture(obj, path):
+        saved.append(copy.deepcopy(obj))
+        real(obj, path)
+
+    monkeypatch.setattr(train_mod, "save_atomic", capture)
+    ref = _small_train(small, tmp_path / "ref", eval_every=2, weight_decay=0.02)
+    assert [s["step"] for s in saved] == [2, 4]
+    opt = saved[0]["optimizer"]["param_groups"]
+    assert [(g["lr"], g["weight_decay"], g["betas"], g["eps"]) for g in opt] == [(7.5e-4, 0.02, (0.9, 0.98), 1e-6)] * 2
+    ref_lines = _lines(tmp_path / "ref")
+    assert [x["step"] for x in ref_lines] == [1, 2, 2, 3, 4, 4] and "eval" in ref_lines[2] and "eval" in ref_lines[5]
+    assert [x["lr"] for x in ref_lines if "lr" in x] == pytest.approx([1e-3, 7.5e-4, 2.5e-4, 0.0])
+
+    def crash_at_second(obj, path):
+        if obj["step"] > 2:
+            raise RuntimeError("killed")
+        real(obj, path)
+
+    monkeypatch.setattr(train_mod, "save_atomic", crash_at_second)
+    with pytest.raises(RuntimeError, match="killed"):
+        _small_train(small, tmp_path / "run", eval_every=2, weight_decay=0.02)
+    assert [x["step"] for x in _lines(tmp_path / "run")] == [1, 2, 2, 3, 4, 4]
+    assert not (tmp_path / "run" / "final.safetensors").exists()
+    monkeypatch.setattr(train_mod, "save_atomic", real)
+    final = _small_train(small, tmp_path / "run", eval_every=2, weight_decay=0.02)
+    assert _lines(tmp_path / "run") == ref_lines
+    got, want = _weights(final), _weights(ref)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4 and state["identity"]["weight_decay"] == 0.02
+    # the text tower and logit scale are the teacher's, untouched by training
+    teacher = small["teacher"].state_dict()
+    assert torch.equal(got["token_embedding.weight"], teacher["token_embedding.weight"])
+    assert torch.equal(got["text_projection"], teacher["text_projection"])
+    assert torch.equal(got["logit_scale"], teacher["logit_scale"])
+    # the held-out eval line, by hand
+    model = fastlclip.load(None, final)
+    held = [i for i, k in enumerate(small["keys"]) if _held(k, 0.25)]
+    with torch.no_grad():
+        emb = model.encode_latents(small["latents"][held], space="vae")
+    want_cos = (emb * F.normalize(small["embeddings"][held], dim=-1)).sum(-1).mean().item()
+    assert ref_lines[5]["eval"]["cosine"] == pytest.approx(want_cos, abs=1e-5)
+    with pytest.raises(ValueError, match=r"\(lr differ\)"):
+        _small_train(small, tmp_path / "run", eval_every=2, weight_decay=0.02, lr=2e-3)
+
+
+def test_init_teacher_trains_the_patch_embedding_alone_first(small, tmp_path, monkeypatch):
+    train_mod = _train_module()
+    saved = []
+    real = train_mod.save_atomic
+
+    def capture(obj, path):
+        saved.append(copy.deepcopy(obj))
+        real(obj, path)
+
+    monkeypatch.setattr(train_mod, "save_atomic", capture)
+    student = dict(W.STUDENT, vision_cfg=dict(W.STUDENT["vision_cfg"], layers=1))
+    _small_train(small, tmp_path / "run", student=student, init="teacher", steps=3, patch_steps=2, save_every=1,
+                 warmup_steps=1, lr=1e-2)
+    src = small["teacher"].visual.state_dict()
+    from fastlclip.distill.teacher import COPIED
+
+    copied = [k for k in saved[0]["tower"] if k.startswith(COPIED)]
+    assert "proj" in copied and "class_embedding" in copied and len(copied) > 6
+    for state in saved[:2]:  # stage 1: the copied tower is the teacher's
+        assert all(torch.equal(state["tower"][k], src[k]) for k in copied)
+    assert not torch.equal(saved[1]["tower"]["conv1.weight"], saved[0]["tower"]["conv1.weight"])
+    assert any(not torch.equal(saved[2]["tower"][k], src[k]) for k in copied)  # stage 2: everything
+    # group 0 (patch) lr until step 2, then group 1's, each with its own warmup and cosine
+    assert [x["lr"] for x in _lines(tmp_path / "run")] == pytest.approx([1e-2, 5e-3, 1e-2])
+    assert saved[0]["identity"]["patch_steps"] == 2 and saved[0]["identity"]["init"] == "teacher"
+    saved.clear()
+    _small_train(small, tmp_path / "default", student=student, init="teacher", steps=6, save_every=6, log_every=6)
+    assert saved[0]["identity"]["patch_steps"] == 1  # steps // 5
+    saved.clear()
+    _small_train(small, tmp_path / "scratch", steps=5, save_every=5, log_every=5)
+    assert saved[0]["identity"]["patch_steps"] == 0
+
+
+def test_train_refuses_mismatched_students_and_empty_training_sets(small, tmp_path):
+    with pytest.raises(ValueError, match="embed_dim is 16"):
+        _small_train(small, tmp_path / "a", student=dict(W.STUDENT, embed_dim=16))
+    with pytest.raises(ValueError, match="16x8x8"):
+        _small_train(small, tmp_path / "b", student=dict(W.STUDENT, vision_cfg=dict(W.STUDENT["vision_cfg"],
+                                                                                     image_size=32)))
+    with pytest.raises(ValueError, match="no training rows"):
+        _small_train(small, tmp_path / "c", holdout=0.9999)
+
+
+def test_trim_metrics_keeps_lines_up_to_the_checkpoint(tmp_path):
+    from fastlclip.distill.train import _trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    _trim_metrics(path, 3)
+    assert not path.exists()
+    path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in (1, 2, 3, 4, 5)) + "\n")
+    _trim_metrics(path, 3)
+    assert path.read_text().splitlines() == [json.dumps({"step": s, "loss": s / 10}) for s in (1, 2, 3)]
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+    _trim_metrics(path, 0)
+    assert path.read_text() == ""
+
+
+def test_student_config_takes_the_targets_vae_and_the_teachers_text_tower(small):
+    from fastlclip.distill.train import resolve_student, student_config, with_targets_vae
+
+    info = {"vae": "sdxl", "vae_cfg": {"ignored": 1}, "latent_shape": [4, 8, 8]}
+    cfg = with_targets_vae(dict(W.STUDENT, vae_cfg={"x": 1}), info)
+    assert cfg["vae"] == "sdxl" and "vae_cfg" not in cfg
+    assert with_targets_vae(dict(W.STUDENT, vae="sdxl"), info)["vae"] == "sdxl"
+    with pytest.raises(ValueError, match="names the VAE 'flux1'"):
+        with_targets_vae(dict(W.STUDENT, vae="flux1"), info)
+    own = {"vae": "<module>", "vae_cfg": SMALL_VAE, "latent_shape": [16, 8, 8]}
+    cfg = with_targets_vae(dict(W.STUDENT, vae="sdxl"), own)
+    assert "vae" not in cfg and cfg["vae_cfg"] == SMALL_VAE
+    full = student_config(dict(W.STUDENT), small["teacher"], own, noise_aware=True)
+    assert full["text_cfg"] == {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                                "mlp_ratio": 4.0}
+    assert full["vision_cfg"]["noise_aware"] is True and full["embed_dim"] == 32
+    assert "noise_aware" not in student_config(dict(W.STUDENT), small["teacher"], own, False)["vision_cfg"]
+    with pytest.raises(ValueError, match="16x8x4"):
+        student_config(dict(W.STUDENT), small["teacher"], dict(own, latent_shape=[16, 8, 4]), False)
+    src = dict(W.STUDENT)
+    resolved = resolve_student(src)
+    resolved["vision_cfg"]["width"] = 1
+    assert src["vision_cfg"]["width"] == 64  # a deep copy
+    with pytest.raises(ValueError, match="neither a registered config"):
+        resolve_student("no-such-student")
+    with pytest.raises(ValueError, match="vision_cfg"):
+        resolve_student({"embed_dim": 32})
+
+
+def test_evaluate_by_hand(small, tmp_path):
+    """cosine, baseline, zero-shot agreement and per-noise-level figures against the formulas written out."""
+    import fastlclip
+    from fastlclip import distill
+
+    for noise_aware in (False, True):
+        final = _small_train(small, tmp_path / f"run{noise_aware}", steps=2, save_every=2, noise_aware=noise_aware,
+                             holdout=0.3, eval_every=2)
+        (evaluated,) = [x["eval"] for x in _lines(tmp_path / f"run{noise_aware}") if "eval" in x]
+        assert set(evaluated) == ({"cosine", "cosine_at"} if noise_aware else {"cosine"})
+        if noise_aware:  # the training run's eval: the three fixed noise levels
+            assert set(evaluated["cosine_at"]) == {"0.25", "0.5", "0.75"}
+        model = fastlclip.load(None, final)
+        classes, templates = ["red", "blue", "green"], ("a photo of a {}.", "a {} thing.")
+        held = [i for i, k in enumerate(small["keys"]) if _held(k, 0.3)]
+        for holdout, rows in ((None, held), (0, list(range(24)))):
+            got = distill.evaluate(final, small["targets"], classes, templates=templates, holdout=holdout,
+                                   noise_levels=(0.4,), seed=6, batch_size=5)
+            teacher = F.normalize(small["embeddings"][rows], dim=-1)
+            raw = small["latents"][rows]
+            with torch.no_grad():
+                text = model.encode_text([t.format(c) for c in classes for t in templates]).view(3, 2, -1).mean(1)
+                text = F.normalize(text, dim=-1)
+                embs = {None: model.encode_latents(raw, space="vae")}
+                if noise_aware:
+                    eps = torch.randn(len(rows), 16, 8, 8, generator=torch.Generator().manual_seed(6))
+                    embs[0.4] = model.encode_latents(0.6 * (raw - SHIFT) * SCALE + 0.4 * eps, noise_level=0.4)
+
+            def fig(emb):
+                return {"cosine": pytest.approx((emb * teacher).sum(-1).mean().item(), abs=1e-5),
+                        "zeroshot_agreement": pytest.approx(
+                            ((emb @ text.T).argmax(1) == (teacher @ text.T).argmax(1)).float().mean().item())}
+
+            want = {"rows": len(rows), **fig(embs[None]),
+                    "baseline_cosine": pytest.approx((teacher @ F.normalize(teacher.mean(0), dim=0)).mean().item(),
+                                                     abs=1e-5)}
+            if noise_aware:
+                want["per_noise_level"] = {"0.4": fig(embs[0.4])}
+            assert got == want, (noise_aware, holdout)
+    assert set(distill.evaluate(final, small["targets"], holdout=0.3)) == {"rows", "cosine", "baseline_cosine",
+                                                                             "per_noise_level"}
+    assert set(distill.evaluate(final, small["targets"], holdout=0.3)["per_noise_level"]) == {"0.25", "0.5", "0.75"}
+    with pytest.raises(ValueError, match="no held-out rows"):
+        distill.evaluate(final, small["targets"], holdout=1e-9)
+
+
+def test_teacher_preprocessing_is_open_clips_transform_on_tensors(small):
+    """Resize of the shorter side (bicubic, antialiased) and centre crop, as torchvision does them for open_clip,
+    then the tower's mean / std (its preprocess_cfg, else image_mean, else OpenAI's, written out)."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    from fastlclip.distill.teacher import embed_images, preprocess, resize_crop, teacher_mean_std
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, 40, 48, generator=g)
+    want = TF.center_crop(TF.resize(img, 32, interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(0, 1), 32)
+    torch.testing.assert_close(resize_crop(img, 32), want, rtol=0, atol=1e-6)
+    tall = torch.rand(1, 3, 50, 36, generator=g)
+    want = TF.center_crop(TF.resize(tall, 32, interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(0, 1), 32)
+    torch.testing.assert_close(resize_crop(tall, 32), want, rtol=0, atol=1e-6)
+    assert resize_crop(img[..., :32, :32], 32) is not None and torch.equal(resize_crop(img[..., :32, :32], 32),
+                                                                            img[..., :32, :32])
+    teacher = copy.deepcopy(small["teacher"])
+    openai = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    assert teacher_mean_std(teacher) == openai
+    teacher.visual.image_mean, teacher.visual.image_std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
+    assert teacher_mean_std(teacher) == ((0.1, 0.2, 0.3), (0.5, 0.6, 0.7))
+    teacher.visual.preprocess_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    assert teacher_mean_std(teacher) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    x = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    pix = TF.resize((x + 1) / 2, 32, interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+    torch.testing.assert_close(preprocess(teacher, x), (pix - 0.5) / 0.25, rtol=0, atol=1e-5)
+    teacher.visual.image_size = 32  # an int, not a pair
+    torch.testing.assert_close(preprocess(teacher, x[..., :32, :32]), ((x[..., :32, :32] + 1) / 2 - 0.5) / 0.25,
+                               rtol=0, atol=1e-6)
+    with torch.no_grad():
+        want = F.normalize(teacher.encode_image((pix - 0.5) / 0.25), dim=-1)
+        got = embed_images(teacher, x)
+        assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(embed_images(copy.deepcopy(teacher).double(), x), want, atol=1e-4)
+
+
+def test_teacher_text_tower_config_state_and_refusals(small, tmp_path):
+    import open_clip
+
+    from fastlclip.distill.teacher import (check_teacher, copy_image_tower, load_teacher, register_teacher_config,
+                                           text_config, text_state)
+
+    teacher = small["teacher"]
+    assert text_config(teacher) == {"embed_dim": 32, "text_cfg": {"context_length": 77, "vocab_size": 49408,
+                                                                  "width": 32, "heads": 2, "layers": 1,
+                                                                  "mlp_ratio": 4.0}}
+    state = text_state(teacher)
+    assert set(state) == {k for k in teacher.state_dict() if not k.startswith("visual.")}
+    assert "logit_scale" in state and "text_projection" in state and "token_embedding.weight" in state
+    quick = open_clip.model.CLIP(**W.TEACHER_CFG, quick_gelu=True)
+    with pytest.raises(ValueError, match="text tower uses QuickGELU"):
+        text_config(quick)
+    student = _model(layers=1).visual.latent_vit
+    with pytest.raises(ValueError, match="image tower uses QuickGELU"):
+        copy_image_tower(student, quick)
+    with pytest.raises(ValueError, match="open_clip CLIP with a ViT"):
+        check_teacher(torch.nn.Linear(2, 2))
+    model = load_teacher(copy.deepcopy(teacher).train().requires_grad_(True), device="cpu")
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="unknown open_clip model 'no-such-teacher'"):
+        load_teacher("no-such-teacher")
+    register_teacher_config("fast-tiny-teacher", W.TEACHER_CFG)
+    with pytest.raises(FileNotFoundError, match="teacher weights not found"):
+        load_teacher("fast-tiny-teacher", tmp_path / "missing.pt")
+    weights = tmp_path / "w.pt"
+    torch.save(teacher.state_dict(), weights)
+    cfg_file = tmp_path / "other-tiny.json"
+    cfg_file.write_text(json.dumps(W.TEACHER_CFG))
+    loaded = load_teacher("fast-tiny-teacher-2", weights, cfg_file)  # registered from the file under this name
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in teacher.state_dict().items())
+    assert not loaded.training
+    with pytest.raises(ValueError, match="not a readable JSON file"):
+        register_teacher_config("x", tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="embed_dim, vision_cfg"):
+        register_teacher_config("x", {"embed_dim": 32, "vision_cfg": {}})
+    # the student tower must match: a wider one is refused, naming the first mismatch
+    with pytest.raises(ValueError, match="match the teacher"):
+        copy_image_tower(_model(layers=2).visual.latent_vit, teacher)
+
+
+def _small_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**W.VAE_CFG).eval()
+    vae.register_to_config(scaling_factor=SCALE, shift_factor=SHIFT)
+    return vae
+
+
+def _latent_shard(path: Path, latents, names) -> Path:
+    import io
+    import tarfile
+
+    import numpy as np
+
+    with tarfile.open(path, "w") as tf:
+        for name, x in zip(names, latents):
+            buf = io.BytesIO()
+            np.save(buf, x.numpy())
+            info = tarfile.TarInfo(f"{name}.latent.npy")
+            info.size = buf.tell()
+            buf.seek(0)
+            tf.addfile(info, buf)
+    return path
+
+
+def test_make_targets_small_against_float64_decode_and_teacher(small, tmp_path):
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    from fastlclip import distill
+
+    vae, teacher = _small_vae(), small["teacher"]
+    g = torch.Generator().manual_seed(3)
+    raw = torch.randn(5, 16, 8, 8, generator=g)
+    shards = [_latent_shard(tmp_path / "a.tar", raw[:3], ["k0", "k1", "k2"]),
+              _latent_shard(tmp_path / "b.tar", raw[3:], ["k3", "k4"])]
+    report = distill.make_targets(shards, tmp_path / "t", vae=vae, teacher=teacher, batch_size=2, progress=False)
+    assert report.rows == 5 and len(report.ok) == 2
+    t = distill.read_targets(tmp_path / "t")
+    assert t.info["latent_shape"] == [16, 8, 8] and t.info["space"] == "vae" and t.info["image_size"] is None
+    assert t.info["teacher"] == "<CLIP module>" and t.info["dtype"] == "float32"
+    rows = [t.keys.index(f"k{i}") for i in range(5)]
+    assert torch.equal(t.latents[rows], raw.half())
+    v64, t64 = copy.deepcopy(vae).double(), copy.deepcopy(teacher).double()
+    mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    with torch.no_grad():
+        img = ((v64.decode(raw.double()).sample + 1) / 2).clamp(0, 1)
+        want = F.normalize(t64.encode_image((img - mean) / std), dim=-1)
+    assert (t.embeddings[rows].double() - want).abs().max() < 2e-3
+    # diffusion-space shards: z = (raw - shift) * scale, decoded as raw
+    z = (raw - SHIFT) * SCALE
+    d = _latent_shard(tmp_path / "d.tar", z, [f"k{i}" for i in range(5)])
+    distill.make_targets([d], tmp_path / "td", vae=vae, teacher=teacher, space="diffusion", progress=False)
+    td = distill.read_targets(tmp_path / "td")
+    rows = [td.keys.index(f"k{i}") for i in range(5)]
+    assert (td.latents[rows].float() - raw).abs().max() < 1e-2
+    assert (td.embeddings[rows].double() - want).abs().max() < 2e-3
+
+
+def test_make_targets_checks_its_arguments_before_work(small, tmp_path):
+    from fastlclip import distill
+
+    vae, teacher = _small_vae(), small["teacher"]
+    shard = _latent_shard(tmp_path / "a.tar", torch.randn(2, 16, 8, 8), ["a", "b"])
+    four = _latent_shard(tmp_path / "four.tar", torch.randn(2, 4, 8, 8), ["a", "b"])
+    for kw, message in ((dict(engine="spark"), "unknown engine"), (dict(batch_size=0), "batch_size must be a positive"),
+                        (dict(batch_size=True), "batch_size"), (dict(workers=0), "workers must be"),
+                        (dict(space="pixel"), "space must be"), (dict(on_error="ignore"), "on_error"),
+                        (dict(dtype="float64"), "dtype must be")):
+        with pytest.raises(ValueError, match=message):
+            distill.make_targets([shard], tmp_path / "never", vae=vae, teacher=teacher, progress=False, **kw)
+    with pytest.raises(ValueError, match="4 channels, the VAE 16"):
+        distill.make_targets([four], tmp_path / "never", vae=vae, teacher=teacher, progress=False)
+    assert not (tmp_path / "never").exists()
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar file at all" * 40)
+    with pytest.raises(ValueError, match="no readable"):
+        distill.make_targets([bad], tmp_path / "never", vae=vae, teacher=teacher, progress=False)
+
+
+def test_make_targets_of_image_shards_default_size_and_checks(small, tmp_path):
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from fastlclip import distill
+
+    vae, teacher = _small_vae(), small["teacher"]
+    rng = np.random.default_rng(1)
+    pics = [rng.integers(0, 256, (34, 43, 3), dtype=np.uint8) for _ in range(2)]  # default size: 34 // 4 * 4 = 32
+    shard = tmp_path / "images.tar"
+    with tarfile.open(shard, "w") as tf:
+        for i, p in enumerate(pics):
+            buf = io.BytesIO()
+            Image.fromarray(p).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = buf.tell()
+            buf.seek(0)
+            tf.addfile(info, buf)
+    for size in (30, 2, True):
+        with pytest.raises(ValueError, match="multiple of the VAE's downsampling 4"):
+            distill.make_targets([shard], tmp_path / "never", vae=vae, teacher=teacher, image_size=size, progress=False)
+    report = distill.make_targets([shard], tmp_path / "t", vae=vae, teacher=teacher, progress=False)
+    assert report.rows == 2
+    t = distill.read_targets(tmp_path / "t")
+    assert t.info["image_size"] == 32 and t.info["latent_shape"] == [16, 8, 8]
+    report = distill.make_targets([shard], tmp_path / "t16", vae=vae, teacher=teacher, image_size=16, progress=False)
+    assert distill.read_targets(tmp_path / "t16").info["latent_shape"] == [16, 4, 4]
+
+
+def test_cli_in_process_on_the_small_targets(small, tmp_path, capsys):
+    from fastlclip.distill.__main__ import main
+
+    cfg_file, weights = W.save_teacher(small["teacher"], tmp_path / "teacher")
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps(W.STUDENT))
+    base = ["train", str(small["targets"]), "--out", str(tmp_path / "run"), "--student", str(student),
+            "--teacher", "tiny-teacher", "--teacher-config", str(cfg_file), "--teacher-pretrained", str(weights),
+            "--steps", "2", "--batch-size", "4", "--lr", "0.001", "--warmup-steps", "0", "--save-every", "2",
+            "--seed", "0", "--holdout", "0.3", "--log-every", "1"]
+    for change, message in ((["--teacher-config", str(tmp_path / "none.json")], "does not exist"),
+                            (["--teacher-pretrained", str(tmp_path / "none.pt")], "does not exist"),
+                            (["--patch-steps", "2"], "below steps"), (["--weight-decay", "1"], "weight_decay"),
+                            (["--holdout", "1"], "holdout")):
+        argv = list(base)
+        if change[0] in argv:
+            argv[argv.index(change[0]) + 1] = change[1]
+        else:
+            argv += change
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    argv = list(base)
+    argv[1] = str(tmp_path)
+    assert main(argv) == 2 and "not a targets folder" in capsys.readouterr().err
+    assert main(base) == 0
+    final = tmp_path / "run" / "final.safetensors"
+    assert capsys.readouterr().out.strip() == str(final)
+    assert [x["step"] for x in _lines(tmp_path / "run")] == [1, 2]
+    assert main(["eval", str(final), str(small["targets"]), "--holdout", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["rows"] == 24 and set(result) == {"rows", "cosine", "baseline_cosine"}
+    for argv, message in ((["eval", str(tmp_path / "none"), str(small["targets"])], "does not exist"),
+                          (["eval", str(final), str(tmp_path)], "not a targets folder"),
+                          (["eval", str(final), str(small["targets"]), "--holdout", "1"], "--holdout"),
+                          (["eval", str(final), str(small["targets"]), "--holdout", "-0.1"], "--holdout"),
+                          (["targets", str(tmp_path / "none.tar"), "--out", str(tmp_path / "x"), "--vae", "sdxl",
+                            "--teacher", "tiny-teacher"], "none.tar"),
+                          (["targets", str(small["targets"] / "00000.parquet"), "--out", str(tmp_path / "x"),
+                            "--vae", "no-such-vae", "--teacher", "tiny-teacher"], "no-such-vae")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_first_sample_skips_bad_samples_and_shards_and_unwraps_a_batch_of_one(small, tmp_path):
+    import io
+    import tarfile
+
+    from fastlclip import distill
+
+    bad_shard = tmp_path / "0-bad.tar"
+    bad_shard.write_bytes(b"not a tar file at all" * 40)
+    shard = tmp_path / "1-good.tar"
+    with tarfile.open(shard, "w") as tf:
+        for name, payload in (("a.latent.npy", b"not an npy file"), ("b.latent.npy", None)):
+            if payload is None:
+                buf = io.BytesIO()
+                import numpy as np
+
+                np.save(buf, torch.randn(1, 16, 8, 8).numpy())  # (1, C, H, W): a batch of one
+                payload = buf.getvalue()
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    report = distill.make_targets([bad_shard, shard], tmp_path / "t", vae=_small_vae(), teacher=small["teacher"],
+                                  progress=False)
+    assert report.rows == 1 and len(report.failed) == 1
+    assert distill.read_targets(tmp_path / "t").info["latent_shape"] == [16, 8, 8]
+
+
+def test_vae_downsampling_and_registered_students():
+    from fastlclip.distill.targets import _downsampling
+    from fastlclip.distill.train import resolve_student
+    from fastlclip.model_configs import _REGISTRY
+
+    assert _downsampling({"block_out_channels": [1, 2, 3, 4]}) == 8
+    assert _downsampling({"block_out_channels": [1, 2]}) == 2
+    assert _downsampling({"encoder_block_out_channels": [1, 1, 1]}) == 4  # AutoencoderTiny's key
+    assert _downsampling({}) == 8  # neither: the usual 4 blocks
+    name = sorted(_REGISTRY)[0]
+    cfg = resolve_student(name)
+    assert cfg == _REGISTRY[name] and cfg is not _REGISTRY[name]
+    cfg["vision_cfg"]["width"] = -1  # a deep copy: the registry is untouched
+    assert _REGISTRY[name]["vision_cfg"]["width"] != -1
+
+
+def test_holdout_boundary_and_subsets_keep_the_folder_info():
+    from fastlclip.distill.targets import Targets, is_holdout
+
+    # CRC32("b") % 100000 = 38681, and 0.38681 * 100000 is exactly 38681.0: the split is strict
+    assert not is_holdout("b", 0.38681) and is_holdout("b", 0.38682)
+    t = Targets(["a", "b", "c"], torch.zeros(3, 1, 1, 1), torch.zeros(3, 2), {"kind": "x"})
+    rows, held = t.split(0.5)
+    assert rows.info == held.info == {"kind": "x"} and rows.keys == ["a"] and held.keys == ["b", "c"]
+
+
+def test_train_by_teacher_name_config_and_weights(small, tmp_path):
+    """A teacher given by name, config and weights file: its text tower is the student's, its label and resolved
+    weights path are the run's identity (other weights are refused on resume); arguments are checked first."""
+    import shutil
+
+    from fastlclip.checkpoint import read_checkpoint
+
+    _, weights = W.save_teacher(small["teacher"], tmp_path / "teacher")
+    args = dict(teacher="small-cfg-teacher", teacher_config=dict(W.TEACHER_CFG), teacher_pretrained=str(weights),
+                steps=1, save_every=1)
+    final = _small_train(small, tmp_path / "run", **args)
+    got, teacher = _weights(final), small["teacher"].state_dict()
+    for k in ("token_embedding.weight", "text_projection", "positional_embedding", "logit_scale"):
+        assert torch.equal(got[k], teacher[k]), k
+    assert json.loads(read_checkpoint(final)[1]["fastlclip_distill"])["teacher"] == "small-cfg-teacher"
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["identity"]["teacher"] == "small-cfg-teacher"
+    assert state["identity"]["teacher_pretrained"] == str(weights.resolve())
+    other = tmp_path / "other.pt"
+    shutil.copy(weights, other)
+    with pytest.raises(ValueError, match=r"\(teacher_pretrained differ\)"):
+        _small_train(small, tmp_path / "run", **dict(args, teacher_pretrained=str(other)))
+    with pytest.raises(ValueError, match="below steps"):
+        _small_train(small, tmp_path / "never", patch_steps=4)
+    with pytest.raises(ValueError, match="eval_every"):
+        _small_train(small, tmp_path / "never", eval_every=0)
+    assert not (tmp_path / "never").exists()
+
+
+def test_train_defaults(small, tmp_path):
+    from fastlclip import distill
+
+    run_dir = tmp_path / "new" / "run"  # folders made as needed
+    distill.train(small["targets"], run_dir, student=dict(W.STUDENT), teacher=small["teacher"], steps=12,
+                  batch_size=4, lr=1e-3, warmup_steps=0)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert {k: state["identity"][k] for k in ("seed", "noise_aware", "holdout", "init", "patch_steps", "weight_decay")} \
+        == {"seed": 0, "noise_aware": False, "holdout": 0.05, "init": "scratch", "patch_steps": 0, "weight_decay": 0.0}
+    assert [x["step"] for x in _lines(run_dir)] == [10, 12]  # every 10 steps and the last; no eval lines
+
+
+class _Boom:
+    """Unpickling this would create a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_never_unpickles_code_from_a_checkpoint(small, tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "run").mkdir()
+    torch.save({"identity": {}, "payload": _Boom(str(marker))}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        _small_train(small, tmp_path / "run")
+    assert not marker.exists()

@@ -44,7 +44,7 @@ def run(app, coro_fn):
     """``coro_fn(client)`` against ``app`` in-process (ASGI), in a fresh event loop."""
     async def main():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            return await coro_fn(client)
+            return await asyncio.wait_for(coro_fn(client), 60)  # a server that never answers fails, not hangs
     return asyncio.run(main())
 
 
@@ -356,3 +356,447 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(reward, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- gaps found by mutation testing ---------------------------------------------------------------------------------
+def _eps(seed, shape):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_renoise_per_latent_noise_levels_and_seeds():
+    """(1 - u) x + u eps, written out: one u or one per latent; one seed for all latents or one each."""
+    from fastlclip.serve.protocol import ScoreRequest, renoise
+
+    x = latents(3, seed=9, grid=4)
+    got = renoise(ScoreRequest(x, ["a"] * 3, (0.1, 0.5, 0.9), (3, 4, 5)))
+    want = torch.stack([(1 - u) * x[i] + u * _eps(s, (4, 4, 4)) for i, (u, s) in enumerate(zip((0.1, 0.5, 0.9),
+                                                                                              (3, 4, 5)))])
+    assert got.shape == x.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    got = renoise(ScoreRequest(x[:2], ["a"] * 2, 0.5, (3, 4)))  # a seed per latent, two latents
+    torch.testing.assert_close(got, 0.5 * x[:2] + 0.5 * torch.stack([_eps(3, (4, 4, 4)), _eps(4, (4, 4, 4))]),
+                               rtol=0, atol=1e-6)
+    got = renoise(ScoreRequest(x, ["a"] * 3, 0.3, (7,)))  # one seed: the same noise for every latent
+    torch.testing.assert_close(got, 0.7 * x + 0.3 * _eps(7, (4, 4, 4)).expand(3, -1, -1, -1), rtol=0, atol=1e-6)
+
+
+def _parse(**tensors):
+    from fastlclip.serve.protocol import parse
+
+    meta = tensors.pop("meta", {"prompt": "a"})
+    return parse(save({"latents": latents(3, grid=4), **tensors}, metadata=meta), channels=4,
+                 to_diffusion=lambda z: z * 2 + 1)
+
+
+def test_parse_noise_level_seeds_prompts_and_space():
+    from fastlclip.serve.protocol import ProtocolError
+
+    req = _parse()
+    assert req.noise_level is None and req.seeds == (0,) and req.prompts == ["a"] * 3 and req.size == 3
+    assert _parse(u=torch.tensor(0.25)).noise_level == 0.25
+    assert _parse(u=torch.tensor([0.0])).noise_level == 0.0 and _parse(u=torch.tensor([1.0])).noise_level == 1.0
+    assert _parse(u=torch.tensor([0.5, 0.5, 0.5], dtype=torch.float16)).noise_level == 0.5
+    assert _parse(u=torch.tensor([0.5, 0.25, 1.0])).noise_level == (0.5, 0.25, 1.0)
+    assert _parse(seeds=torch.tensor([9])).seeds == (9,) and _parse(seeds=torch.tensor(4)).seeds == (4,)
+    assert _parse(seeds=torch.tensor([1, 2, 3], dtype=torch.int32)).seeds == (1, 2, 3)
+    for bad in (torch.tensor([1, 0, 1]), torch.full((1, 1), 0.5), torch.tensor([0.1, 0.2]), torch.tensor([float("nan")]),
+                torch.tensor([-0.01])):
+        with pytest.raises(ProtocolError, match="'u'"):
+            _parse(u=bad)
+    for bad in (torch.tensor([True]), torch.zeros(1, 1, dtype=torch.int64), torch.tensor([1, 2]),
+                torch.tensor([1.0])):
+        with pytest.raises(ProtocolError, match="'seeds'"):
+            _parse(seeds=bad)
+    assert _parse(meta={"prompts": json.dumps(["x"])}).prompts == ["x"] * 3
+    assert _parse(meta={"prompts": json.dumps(["x", "y", "z"]), "prompt": "ignored"}).prompts == ["x", "y", "z"]
+    for meta, message in (({"prompts": json.dumps("xyz")}, "list of strings"), ({"prompts": "[1, 2, 3]"}, "strings"),
+                          ({"prompt": ""}, "empty"), ({}, "no prompts")):
+        with pytest.raises(ProtocolError, match=message):
+            _parse(meta=meta)
+    x = latents(3, grid=4)
+    vae = _parse(meta={"prompt": "a", "space": "vae"}).latents
+    torch.testing.assert_close(vae, x * 2 + 1, rtol=0, atol=0)
+    torch.testing.assert_close(_parse(meta={"prompt": "a", "space": "diffusion"}).latents, x, rtol=0, atol=0)
+
+
+def test_parse_latent_dtypes_and_shapes():
+    from fastlclip.serve.protocol import ProtocolError, parse
+
+    def go(x):
+        return parse(save({"latents": x}, metadata={"prompt": "a"}), channels=4, to_diffusion=None)
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        req = go(latents(2, grid=4).to(dtype))
+        assert req.latents.dtype == torch.float32 and req.latents.shape == (2, 4, 4, 4)
+    for bad, message in ((torch.zeros(1, 4, 4, 4, dtype=torch.float64), "float16"), (torch.zeros(0, 4, 4, 4), "B > 0"),
+                         (torch.zeros(1, 1, 4, 4, 4), "shape"), (torch.zeros(1, 3, 4, 4), "3 channels")):
+        with pytest.raises(ProtocolError, match=message):
+            go(bad)
+
+
+def test_read_metadata_edge_cases():
+    import struct
+
+    from fastlclip.serve.protocol import ProtocolError
+
+    assert read_metadata(save({"x": torch.zeros(1)})) == {}
+    header = json.dumps({"__metadata__": ["not", "a", "dict"]}).encode()
+    assert read_metadata(struct.pack("<Q", len(header)) + header) == {}
+    header = json.dumps([1, 2]).encode()
+    assert read_metadata(struct.pack("<Q", len(header)) + header) == {}
+    header = json.dumps({"__metadata__": {"a": "b"}}).encode()
+    assert read_metadata(struct.pack("<Q", len(header)) + header) == {"a": "b"}  # exactly the body's length
+    with pytest.raises(ProtocolError, match="exceeds"):
+        read_metadata(struct.pack("<Q", len(header) + 1) + header)
+    with pytest.raises(ProtocolError, match="not JSON"):
+        read_metadata(struct.pack("<Q", 2) + b"\xff\xfe")
+    with pytest.raises(ProtocolError, match=r"\(7 bytes\)"):
+        read_metadata(b"1234567")
+    with pytest.raises(ProtocolError, match="header is not JSON"):  # 8 bytes: a header length, then nothing
+        read_metadata(struct.pack("<Q", 0))
+
+
+def _request(b, seed, grid=4, noise=None, prompt="p"):
+    from fastlclip.serve.protocol import ScoreRequest
+
+    return ScoreRequest(latents(b, seed, grid=grid), [f"{prompt}{i}" for i in range(b)], noise)
+
+
+def _batcher_run(requests, **kw):
+    """Submit ``requests`` at once to a Batcher whose score is each latent's first value; return the replies and
+    the batches scored (latent count, prompts, noise level)."""
+    from fastlclip.serve.batcher import Batcher
+
+    calls, sizes = [], []
+
+    def score_fn(x, prompts, noise):
+        calls.append((x.shape[0], list(prompts), noise))
+        return x.flatten(1)[:, 0] * 2
+
+    batcher = Batcher(score_fn, on_batch=sizes.append, **kw)
+
+    async def go():
+        out = await asyncio.wait_for(asyncio.gather(*[batcher.submit(r) for r in requests], return_exceptions=True), 20)
+        await batcher.close()
+        return out
+
+    return asyncio.run(go()), calls, sizes, batcher
+
+
+def test_batcher_groups_by_shape_and_noise_level_up_to_the_batch_size():
+    reqs = [_request(2, 1), _request(1, 2, grid=8), _request(2, 3), _request(1, 4), _request(3, 5), _request(1, 6, grid=8)]
+    replies, calls, sizes, batcher = _batcher_run(reqs, max_batch_size=4, max_wait_ms=5000)
+    for r, got in zip(reqs, replies):  # each reply is its own latents' scores, in order
+        assert got == pytest.approx((r.latents.flatten(1)[:, 0] * 2).tolist())
+    # oldest first: 4x4 requests 1 and 3 fill a batch (2 + 2), then the 8x8 pair, then 4 (1) + 5 (3) = 4
+    assert [c[:2] for c in calls] == [(4, ["p0", "p1", "p0", "p1"]), (2, ["p0", "p0"]), (4, ["p0", "p0", "p1", "p2"])]
+    assert sizes == [4, 2, 4] and batcher.queued == 0
+    big = [_request(5, 7), _request(1, 8)]  # larger than a batch: alone, in one call
+    replies, calls, _, _ = _batcher_run(big, max_batch_size=4, max_wait_ms=5000)
+    assert [c[0] for c in calls] == [5, 1] and replies[0] == pytest.approx((big[0].latents.flatten(1)[:, 0] * 2).tolist())
+    noisy = [_request(1, 9, noise=0.2), _request(1, 10, noise=0.6), _request(1, 11, noise=0.2)]
+    _, calls, _, _ = _batcher_run(noisy, max_batch_size=2, max_wait_ms=5000, noise_key=True)
+    assert [(c[0], c[2]) for c in calls] == [(2, 0.2), (1, 0.6)]
+    _, calls, _, _ = _batcher_run(noisy, max_batch_size=3, max_wait_ms=5000)  # a clean model: one batch, no level
+    assert [(c[0], c[2]) for c in calls] == [(3, None)]
+
+
+def test_batcher_leaves_a_partial_batch_after_max_wait():
+    t0 = time.monotonic()
+    replies, calls, _, _ = _batcher_run([_request(1, 1), _request(1, 2)], max_batch_size=8, max_wait_ms=300)
+    waited = time.monotonic() - t0
+    assert [c[0] for c in calls] == [2] and 0.25 < waited < 5
+
+
+def test_batcher_queue_limit_counts_latents():
+    from fastlclip.serve.batcher import Batcher, QueueFull
+
+    gate = threading.Event()
+
+    def score_fn(x, prompts, noise):
+        assert gate.wait(30)
+        return x.flatten(1)[:, 0]
+
+    async def go():
+        batcher = Batcher(score_fn, max_batch_size=2, max_wait_ms=0, max_queue=3)
+        first = asyncio.ensure_future(batcher.submit(_request(2, 1)))  # taken at once, blocked in the forward
+        while batcher.queued or not batcher._pending == []:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(batcher.submit(_request(1, 2)))
+        third = asyncio.ensure_future(batcher.submit(_request(2, 3)))  # 1 + 2 = 3 latents: still fits
+        await asyncio.sleep(0.05)
+        assert batcher.queued == 3
+        with pytest.raises(QueueFull, match="3 latents are queued"):
+            await batcher.submit(_request(1, 4))
+        gate.set()
+        out = await asyncio.wait_for(asyncio.gather(first, second, third), 20)
+        await batcher.close()
+        empty = Batcher(lambda x, p, n: x.flatten(1)[:, 0], max_queue=1)
+        out.append(await empty.submit(_request(4, 5)))  # an empty queue takes a request over the limit
+        await empty.close()
+        return out
+
+    assert [len(r) for r in asyncio.run(asyncio.wait_for(go(), 30))] == [2, 1, 2, 4]
+
+
+def test_healthz_reports_the_model(reward):
+    info = run(create_app(reward), lambda c: c.get("/healthz")).json()
+    assert info == {"status": "ok", "protocol_version": "1", "model": reward.model.cfg.name, "vae": reward.model.cfg.vae_name,
+                    "channels": 4, "latent_size": 16, "resize": None, "device": "cpu", "dtype": "float32",
+                    "backend": "eager", "noise_aware": False, "scaling_factor": 0.13025, "shift_factor": 0.0}
+
+
+def test_body_limit_is_exact_with_and_without_content_length(reward):
+    content = body(latents(1), "a dog")
+    n = len(content)
+
+    async def stream():
+        yield content[:100]
+        yield content[100:]
+
+    for mb, status in ((n / 2**20, 200), ((n - 1) / 2**20, 413)):
+        app = create_app(reward, max_body_mb=mb)
+        assert post(app, content).status_code == status
+        assert post(app, stream()).status_code == status
+
+
+def test_replies_metrics_and_errors_in_detail(reward):
+    app = create_app(reward, max_batch_size=2, token="tok")
+    auth = {**V1, "authorization": "Bearer tok"}
+    r = post(app, body(latents(3), "a dog"), headers=auth)
+    assert r.status_code == 200 and r.json()["model"] == reward.model.cfg.name and len(r.json()["raw_scores"]) == 3
+    assert post(app, body(latents(1), "a dog"), headers={**V1, "authorization": "Bearer tokX"}).status_code == 401
+    assert post(app, body(latents(1), "a dog"), headers={**V1, "authorization": "bearer tok"}).status_code == 401
+    assert post(app, b"junk", headers=auth).status_code == 400
+    text = run(app, lambda c: c.get("/metrics", headers={"authorization": "Bearer tok"})).text
+    for line in ('fastlclip_requests_total{code="200"} 1.0', 'fastlclip_requests_total{code="401"} 2.0',
+                 'fastlclip_requests_total{code="400"} 1.0', "fastlclip_latents_total 3.0", "fastlclip_batches_total 1.0",
+                 'fastlclip_batch_size_bucket{le="2.0"} 0.0', 'fastlclip_batch_size_bucket{le="4.0"} 1.0',
+                 "fastlclip_queued_latents 0.0", "fastlclip_requests_in_flight 0.0",
+                 "fastlclip_request_latency_seconds_count 4.0",
+                 'fastlclip_request_latency_seconds_bucket{le="30.0"} 4.0'):  # each well under 30 s
+        assert line in text, line
+    r = run(app, lambda c: c.get("/metrics", headers={"authorization": "Bearer tok"}))
+    assert r.headers["content-type"].startswith("text/plain; version=")  # Prometheus' text format
+    r = run(app, lambda c: c.get("/nowhere"))
+    assert r.status_code == 404 and r.json() == {"error": "Not Found: GET /nowhere"}
+    r = run(app, lambda c: c.put("/healthz"))
+    assert r.status_code == 405 and r.json()["error"] == "Method Not Allowed: PUT /healthz" and r.headers["allow"]
+
+
+def test_a_type_error_from_the_model_is_400():
+    class Refusing(fastlclip.LatentCLIPReward):
+        def score(self, *args, **kw):
+            raise TypeError("not for this request")
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        app = create_app(Refusing(fastlclip.load(TINY)))
+    r = post(app, body(latents(1), "a"))
+    assert r.status_code == 400 and r.json() == {"error": "not for this request"}
+
+
+def test_noise_aware_reply_per_latent_levels_and_default_seed():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastlclip.load({**TINY, "vision_cfg": {**TINY["vision_cfg"], "noise_aware": True}})
+    with torch.no_grad():
+        for p in model.visual.latent_vit.noise_embed.parameters():
+            p.normal_(0, 0.5)
+    reward = fastlclip.LatentCLIPReward(model)
+    app = create_app(reward)
+    x, u = latents(3, seed=40), torch.tensor([0.1, 0.5, 0.8])
+    r = post(app, body(x, "a dog", u=u))  # no seeds: seed 0 for every latent
+    assert r.status_code == 200 and r.json()["noise_level"] == pytest.approx([0.1, 0.5, 0.8])
+    eps = _eps(0, x.shape[1:])
+    want = reward.score((1 - u.view(-1, 1, 1, 1)) * x + u.view(-1, 1, 1, 1) * eps, "a dog", noise_level=u)
+    torch.testing.assert_close(torch.tensor(r.json()["raw_scores"]), want, rtol=0, atol=1e-5)
+    r = post(app, body(x, "a dog"))  # no u: clean latents, no noise level in the reply
+    assert "noise_level" not in r.json()
+    torch.testing.assert_close(torch.tensor(r.json()["raw_scores"]), reward.score(x, "a dog"), rtol=0, atol=1e-5)
+
+
+# -- the command line, in process ----------------------------------------------------------------------------------
+def test_cli_value_parsers():
+    import argparse
+
+    from fastlclip.serve.__main__ import _non_negative_float, _port, is_loopback, read_token
+
+    assert [_port(t) for t in ("0", "8080", "65535")] == [0, 8080, 65535]
+    for bad in ("65536", "-1", "http", "80.0"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"\[0, 65535\]"):
+            _port(bad)
+    assert _non_negative_float("0") == 0.0 and _non_negative_float("2.5") == 2.5
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a number"):
+        _non_negative_float("x")
+    for bad in ("-0.5", "inf", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match="finite number >= 0"):
+            _non_negative_float(bad)
+    assert all(is_loopback(h) for h in ("localhost", "127.0.0.1", "127.9.9.9", "::1", "[::1]"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "192.168.1.4", "example.com", "[::]", "LOCALHOST.example"))
+
+
+def test_cli_token_file(tmp_path):
+    from fastlclip.serve.__main__ import read_token
+
+    f = tmp_path / "token"
+    f.write_text("  s3cret\n")
+    assert read_token(f) == "s3cret"
+    for text, message in (("", "an empty file"), (" \n", "an empty file"), ("a b", "whitespace inside")):
+        f.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_token(f)
+    with pytest.raises(ValueError, match="cannot read it"):
+        read_token(tmp_path / "missing")
+
+
+def _cli_args(*extra):
+    from fastlclip.serve.__main__ import parser
+
+    return parser().parse_args(["--model", "m", "--pretrained", __file__, *extra])
+
+
+def test_cli_check_args(tmp_path, monkeypatch):
+    from fastlclip.serve.__main__ import check_args
+
+    token = tmp_path / "token"
+    token.write_text("tok")
+    assert check_args(_cli_args()) == ("cpu", None)
+    assert check_args(_cli_args("--host", "0.0.0.0", "--token-file", str(token), "--device", "cpu")) == ("cpu", "tok")
+    assert check_args(_cli_args("--pretrained", "hf-hub:org/repo")) == ("cpu", None)  # not looked up here
+    with pytest.raises(ValueError, match="--device cuda"):
+        check_args(_cli_args("--device", "cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert check_args(_cli_args())[0] == "cuda"
+
+
+class _FakeServer:
+    """Stands in for uvicorn: records its config, runs nothing."""
+
+    made = []
+
+    def __init__(self, config):
+        self.config, self.started = config, True
+        _FakeServer.made.append(self)
+
+    def run(self):
+        pass
+
+
+def test_cli_main_builds_the_app_it_was_asked_for(reward, tmp_path, monkeypatch):
+    import signal as signal_module
+
+    import uvicorn
+
+    from fastlclip.serve.__main__ import main
+
+    cfg, weights, token = tmp_path / "tiny.json", tmp_path / "tiny.safetensors", tmp_path / "token"
+    cfg.write_text(json.dumps(TINY))
+    save_file({k: v.contiguous() for k, v in reward.model.state_dict().items()}, weights)
+    token.write_text("tok")
+    configs, handlers = [], {}
+    monkeypatch.setattr(uvicorn, "Config", lambda app, **kw: configs.append((app, kw)) or (app, kw))
+    monkeypatch.setattr(uvicorn, "Server", _FakeServer)
+    monkeypatch.setattr(signal_module, "signal", lambda sig, handler: handlers.__setitem__(sig, handler))
+    args = ["--model", str(cfg), "--pretrained", str(weights), "--host", "[::1]", "--port", "9001",
+            "--max-batch-size", "5", "--max-wait-ms", "7.5", "--max-body-mb", "0.5", "--max-queue", "11",
+            "--text-cache-size", "3", "--token-file", str(token), "--resize", "pool", "--log-level", "warning"]
+    assert main(args) == 0
+    app, kw = configs[-1]
+    assert kw == {"host": "::1", "port": 9001, "log_level": "warning", "timeout_graceful_shutdown": None}
+    assert set(handlers) == {signal_module.SIGTERM, signal_module.SIGINT}
+    assert all(h(signal_module.SIGTERM, None) is None for h in handlers.values())
+    b, r = app.state.batcher, app.state.reward
+    assert (b.max_batch_size, b.max_wait, b.max_queue, b.noise_key) == (5, 0.0075, 11, False)
+    assert r.text_cache_size == 3 and r.model.resize == "pool" and r.model.check_finite is False
+    assert r.model.dtype == torch.float32 and r.model.backend == "eager" and str(r.model.device) == "cpu"
+    for k, v in reward.model.state_dict().items():
+        assert torch.equal(r.model.state_dict()[k], v), k
+    auth = {**V1, "authorization": "Bearer tok"}
+    assert post(app, body(latents(1), "a"), headers=V1).status_code == 401
+    assert post(app, body(latents(1), "a"), headers=auth).status_code == 200
+    big = body(latents(2, grid=128), "a")  # 512 KiB of latents and a header: over 0.5 MiB
+    assert len(big) > 2**19 and post(app, big, headers=auth).status_code == 413
+    # defaults: 127.0.0.1:8000, float32 eager on the CPU, no resize, batch 32, 10 ms, 4096 latents
+    assert main(["--model", str(cfg), "--pretrained", str(weights), "--dtype", "auto"]) == 0
+    app, kw = configs[-1]
+    assert kw == {"host": "127.0.0.1", "port": 8000, "log_level": "info", "timeout_graceful_shutdown": None}
+    b, r = app.state.batcher, app.state.reward
+    assert (b.max_batch_size, b.max_wait, b.max_queue) == (32, 0.01, 4096) and r.model.resize is None
+    assert r.text_cache_size == 4096 and r.model.dtype == torch.float32
+    assert main(["--model", str(cfg), "--pretrained", str(weights), "--dtype", "bfloat16"]) == 0
+    assert configs[-1][0].state.reward.model.dtype == torch.bfloat16
+    _FakeServer.made[-1].started = False
+    monkeypatch.setattr(_FakeServer, "run", lambda self: setattr(self, "started", False))
+    assert main(["--model", str(cfg), "--pretrained", str(weights)]) == 1  # the server never started
+
+
+def test_cli_main_reports_a_model_that_does_not_load(tmp_path, capsys):
+    from fastlclip.serve.__main__ import main
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", json.dumps(TINY) and "no-such-model", "--pretrained", str(bad)])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "could not load the model" in lines[0]
+
+
+def test_create_app_defaults(reward):
+    app = create_app(reward)
+    b = app.state.batcher
+    assert (b.max_batch_size, b.max_wait, b.max_queue, b.noise_key) == (32, 0.01, 4096, False)
+    content = body(latents(1), "a dog")
+    for length, status in ((64 * 2**20 + 1, 413), (64 * 2**20, 200)):  # 64 MiB by the Content-Length it claims
+        r = post(app, content, headers={**V1, "content-length": str(length)})
+        assert r.status_code == status, r.text
+    assert "64 MiB" in post(app, content, headers={**V1, "content-length": str(2**30)}).json()["error"]
+
+
+def test_the_models_resize_policy_applies_to_requests():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastlclip.load(TINY, resize="interpolate")
+    reward = fastlclip.LatentCLIPReward(model)
+    x = latents(2, seed=3, grid=12)
+    r = post(create_app(reward), body(x, "a dog"))
+    assert r.status_code == 200, r.text
+    torch.testing.assert_close(torch.tensor(r.json()["raw_scores"]), reward.score(x, "a dog"), rtol=0, atol=1e-5)
+
+
+def test_an_error_outside_scoring_is_500_json():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastlclip.load(TINY)
+    app = create_app(fastlclip.LatentCLIPReward(model))
+    del model.backend  # /healthz now fails inside the route
+
+    async def main():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await c.get("/healthz")
+
+    r = asyncio.run(main())
+    assert r.status_code == 500 and r.json()["error"].startswith("internal error: AttributeError: ")
+
+
+def test_shutdown_stops_the_batchers_worker(reward):
+    from starlette.testclient import TestClient
+
+    app = create_app(reward)
+    with TestClient(app) as client:
+        assert client.post("/v1/score", content=body(latents(1), "a dog"), headers=V1).status_code == 200
+        worker = app.state.batcher._worker
+        assert worker is not None and not worker.done()
+    assert app.state.batcher._worker is None and worker.cancelled()
+    from fastlclip.serve.batcher import Batcher
+
+    idle = Batcher(lambda x, p, n: x.flatten(1)[:, 0])
+    asyncio.run(idle.close())  # never started: nothing to stop
+    assert idle._worker is None
