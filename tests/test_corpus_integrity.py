@@ -1241,6 +1241,116 @@ def test_run_local_builds_its_scorer_when_given_none_and_reports_each_shard(tmp_
     assert {r["pid"] for r in records} == {os.getpid()} and keys_of(tmp_path / "out", "b") == ["b0000"]
 
 
+class _InlinePool:
+    """``ProcessPoolExecutor`` run in this process: it records how ``run_local`` built it, runs the initializer
+    once (one worker) and every submitted call at once, so the spawned-worker branch is seen by the tests'
+    own interpreter (and by mutation testing, whose mutants spawned processes do not import)."""
+
+    made: list = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        _InlinePool.made.append(self)
+        kwargs["initializer"](*kwargs["initargs"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
+def test_run_local_with_workers_hands_the_spec_to_spawned_workers(tmp_path, model, monkeypatch):
+    from fastlclip.corpus import engines
+    from fastlclip.corpus.runner import ShardOptions
+    from fastlclip.corpus.scoring import Scorer, ScoreSpec
+
+    monkeypatch.setattr(engines, "ProcessPoolExecutor", _InlinePool)
+    monkeypatch.setattr(engines, "_WORKER", None)
+    _InlinePool.made = []
+    threads = torch.get_num_threads()
+    for name in ("a", "b"):  # two shards and two workers: the smallest run that is spread over processes
+        pt_shard(tmp_path / f"{name}.tar", name, latents(2, 33))
+    (tmp_path / "out").mkdir()
+    spec, opts, reported = ScoreSpec(model=model, prompts=["x"]), ShardOptions(out=str(tmp_path / "out")), []
+    shards = [str(tmp_path / f"{name}.tar") for name in ("a", "b")]
+    try:
+        records = engines.run_local(shards, spec, opts, 2, reported.append)
+        worker_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    (pool,) = _InlinePool.made
+    kw = pool.kwargs
+    assert kw["max_workers"] == 2 and kw["mp_context"].get_start_method() == "spawn"
+    assert kw["initializer"] is engines._init_worker
+    got_spec, got_opts, workers, counter = kw["initargs"]
+    assert got_spec is spec and got_opts is opts and workers == 2 and counter.value == 1  # one worker started
+    assert worker_threads == max(1, (os.cpu_count() or 1) // 2)  # a CPU worker takes its share of the cores
+    assert engines._WORKER[1] is opts and isinstance(engines._WORKER[0], Scorer)  # built from the spec, in the worker
+    assert sorted(r["shard"] for r in records) == sorted(shards) and reported == records
+    assert all(r["status"] == "ok" and r["rows"] == 2 for r in records)
+    assert keys_of(tmp_path / "out", "b") == ["b0000", "b0001"]
+
+
+def test_each_spawned_worker_takes_its_own_gpu_or_its_share_of_the_cores(monkeypatch):
+    """``_init_worker`` as the pool calls it, once per worker: the n-th worker builds on ``cuda:n % devices`` when
+    the spec names no device; on the CPU each of ``workers`` takes ``cpu_count // workers`` threads."""
+    import multiprocessing as mp
+    from types import SimpleNamespace
+
+    from fastlclip.corpus import engines
+
+    built = []
+    spec = SimpleNamespace(device=None, build=lambda device=None: built.append(device) or f"scorer on {device}")
+    counter = mp.get_context("spawn").Value("i", 0)
+    monkeypatch.setattr(engines, "_WORKER", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for _ in range(3):
+        engines._init_worker(spec, "opts", 3, counter)
+    assert built == ["cuda:0", "cuda:1", "cuda:0"] and counter.value == 3
+    assert engines._WORKER == ("scorer on cuda:0", "opts")
+    spec.device = "cuda:1"  # a device named in the spec is every worker's
+    engines._init_worker(spec, "opts", 3, counter)
+    assert built[-1] == "cuda:1"
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(engines.os, "cpu_count", lambda: 8)
+    try:
+        for device, workers, expected in ((None, 2, 4), ("cpu", 3, 2), ("cpu", 16, 1)):
+            spec.device = device
+            torch.set_num_threads(7)
+            engines._init_worker(spec, "opts", workers, counter)
+            assert torch.get_num_threads() == expected and built[-1] == device
+        spec.device = "cuda:0"  # a GPU worker leaves the thread count alone
+        engines._init_worker(spec, "opts", 2, counter)
+        assert torch.get_num_threads() == 1 and built[-1] == "cuda:0"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_run_local_keeps_one_shard_or_one_worker_in_this_process(tmp_path, model, monkeypatch):
+    from fastlclip.corpus import engines
+    from fastlclip.corpus.runner import ShardOptions
+    from fastlclip.corpus.scoring import ScoreSpec
+
+    monkeypatch.setattr(engines, "ProcessPoolExecutor", _InlinePool)
+    _InlinePool.made = []
+    pt_shard(tmp_path / "a.tar", "a", latents(1, 34))
+    (tmp_path / "out").mkdir()
+    records = engines.run_local([str(tmp_path / "a.tar")], ScoreSpec(model=model, prompts=["x"]),
+                                ShardOptions(out=str(tmp_path / "out")), 4, lambda r: None)
+    assert _InlinePool.made == [] and records[0]["pid"] == os.getpid() and records[0]["status"] == "ok"
+
+
 def test_process_shard_times_with_a_clock_that_moves_only_in_the_model(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
