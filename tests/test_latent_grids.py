@@ -32,7 +32,7 @@ def randn(*shape, seed=0, dtype=torch.float32):
 
 
 # -- the positional table: open_clip's own resize_pos_embed is the reference ---------------------------
-@pytest.mark.parametrize("grid", [(8, 8), (10, 8), (6, 7), (2, 3), (4, 4)])
+@pytest.mark.parametrize("grid", [(8, 8), (10, 8), (6, 7), (2, 3), (4, 4), (1, 3), (1, 1)])  # (1, n): a single row
 def test_resize_pos_embed_matches_open_clip(grid):
     from open_clip.model import resize_pos_embed as open_clip_resize
 
