@@ -346,3 +346,10 @@ def test_a_rewards_own_resize_overrides_the_models_default():
     with torch.no_grad():
         img = F.normalize(model.encode_latents(x, normalize=False, resize="interpolate").float(), dim=-1)
         torch.testing.assert_close(reward.image_features(x), img)
+
+
+# -- gaps found by mutation testing (issue 22 section 5) ----------------------------------------------------------
+def test_pool_to_a_single_position_is_the_mean_of_the_centre_square():
+    z = randn(2, 4, 6, 10, seed=7, dtype=torch.float64)
+    want = z[..., :, 2:8].mean(dim=(-2, -1), keepdim=True)  # the 6x6 centre crop of 6x10
+    torch.testing.assert_close(grids.pool_latents(z, 1), want, rtol=0, atol=1e-12)

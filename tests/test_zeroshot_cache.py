@@ -186,3 +186,13 @@ def test_the_same_texts_grouped_into_other_classes_have_their_own_cache(model, t
 def test_progress_forces_the_bar_on_or_off(model, tmp_path, capsys, progress, batch_size, shown):
     fastlclip.ZeroShotClassifier(model, NAMES, TEMPLATES, batch_size=batch_size, progress=progress, cache=False)
     assert ("zero-shot text" in capsys.readouterr().err) is shown
+
+
+def test_an_unwritable_cache_names_the_file_and_the_error(model, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with caplog.at_level(logging.WARNING, logger="fastlclip.zeroshot"):
+        fastlclip.ZeroShotClassifier(model, NAMES, TEMPLATES, cache=blocker / "sub")
+    (msg,) = caplog.messages
+    assert msg.startswith(f"zero-shot cache {blocker / 'sub'}/zeroshot-") and ".safetensors could not be written ([Errno" \
+        in msg and msg.endswith("); the classifier works without it"), msg

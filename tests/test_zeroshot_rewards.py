@@ -1,5 +1,7 @@
 """Zero-shot classification and the ReNO rewards."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,3 +180,21 @@ def test_default_cache_dir_follows_fastlclip_cache_then_xdg_then_home(monkeypatc
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == Path(tmp_path / "home" / ".cache" / "fastlclip" / "zeroshot")
+
+
+def test_predict_and_probs_hand_their_arguments_to_logits(noise_aware, monkeypatch):
+    """On the tiny model the space rarely moves the argmax, so the hand-over itself is checked."""
+    clf = fastlclip.ZeroShotClassifier(noise_aware, ["cat", "dog"], ["a photo of a {}."], cache=False)
+    seen = []
+
+    def logits(latents, **kwargs):
+        seen.append(kwargs)
+        return torch.tensor([[0.0, 1.0], [3.0, -1.0]])
+
+    monkeypatch.setattr(clf, "logits", logits)
+    z = torch.zeros(2, 4, 16, 16)
+    assert clf.predict(z, space="vae", resize="pool", noise_level=0.3).tolist() == [1, 0]
+    torch.testing.assert_close(clf.probs(z, space="vae", resize="interpolate", noise_level=0.1)[0],
+                               torch.tensor([1 / (1 + math.e), math.e / (1 + math.e)]))
+    assert seen == [{"space": "vae", "resize": "pool", "noise_level": 0.3},
+                    {"space": "vae", "resize": "interpolate", "noise_level": 0.1}]
