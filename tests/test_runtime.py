@@ -840,3 +840,15 @@ def test_graph_replaced_weight_that_requires_grad_runs_uncaptured_after_one_rese
     assert (rt.stats.invalidations, rt.stats.uncaptured, rt.stats.captures) == (1, 2, 1)
     (grad,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(grad, eager_step(model, x)[1])
+
+
+@pytest.mark.parametrize("compiler, mode, cudagraphs", [
+    ("inductor", "reduce-overhead", True), ("inductor", "default", False),
+    ("inductor", "max-autotune-no-cudagraphs", False), ("eager", "reduce-overhead", False),
+    ("aot_eager", "not an inductor mode", False),  # modes are Inductor's: other compilers ignore them
+])
+def test_compiled_runtime_settings_without_compiling(compiler, mode, cudagraphs):
+    model = load()
+    rt = runtime.CompiledRuntime(model, (4, 1, 2, 2), mode=mode, compiler=compiler)
+    assert (rt.model, rt.buckets, rt.mode, rt.compiler, rt.cudagraphs) == (model, (1, 2, 4), mode, compiler, cudagraphs)
+    assert rt.backend == "compile" and rt.stats == runtime.Stats()
