@@ -852,3 +852,22 @@ def test_compiled_runtime_settings_without_compiling(compiler, mode, cudagraphs)
     rt = runtime.CompiledRuntime(model, (4, 1, 2, 2), mode=mode, compiler=compiler)
     assert (rt.model, rt.buckets, rt.mode, rt.compiler, rt.cudagraphs) == (model, (1, 2, 4), mode, compiler, cudagraphs)
     assert rt.backend == "compile" and rt.stats == runtime.Stats()
+
+
+def test_graph_tower_captures_for_grad_only_when_the_latents_need_it():
+    """Latents without grad share one capture whether or not grad mode is on; only grad-requiring latents
+    under grad mode get the capture with a backward graph."""
+    model = load()
+    rt = emulated(model)
+    x = latents(2, requires_grad=False)
+    want = model.encode_latents(x).detach()
+    with torch.no_grad():
+        model.encode_latents(x)
+    assert rt.stats.captures == 1
+    with torch.no_grad():
+        model.encode_latents(x.clone().requires_grad_(True))  # grad mode off: no backward needed either
+    assert rt.stats.captures == 1
+    y = x.clone().requires_grad_(True)
+    got = model.encode_latents(y)
+    assert rt.stats.captures == 2 and got.requires_grad
+    torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-6)
