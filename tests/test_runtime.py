@@ -871,3 +871,30 @@ def test_graph_tower_captures_for_grad_only_when_the_latents_need_it():
     got = model.encode_latents(y)
     assert rt.stats.captures == 2 and got.requires_grad
     torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-6)
+
+
+def test_graph_reward_with_a_shift_and_a_noise_level_matches_eager():
+    """On a latent space with a shift (FLUX.1's constants): the captured clean reward step and the uncaptured
+    noisy one give eager's loss and latent gradient."""
+    model, z = _noisy16()
+    reward = fastlclip.LatentCLIPReward(model)
+
+    def step(s=None):
+        x = z.clone().requires_grad_(True)
+        loss = reward(x, PROMPT, noise_level=s)
+        return loss.detach(), torch.autograd.grad(loss, x)[0]
+
+    want_clean, want_noisy = step(), step(0.6)
+    rt = emulated(model)
+    with pytest.warns(BackendFallbackWarning, match="noise_level"):
+        got_noisy = step(0.6)
+    got_clean = step()
+    assert (rt.stats.captures, rt.stats.uncaptured) == (1, 1)
+    for got, want in ((got_clean, want_clean), (got_noisy, want_noisy)):
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-4)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
+    assert (want_noisy[0] - want_clean[0]).abs() > 1e-4
+    with torch.no_grad():
+        reward(z[:2], PROMPT)  # another bucket: a capture without a backward graph
+    reward(z[:2], PROMPT)  # grad mode on, latents without grad: that capture again
+    assert rt.stats.captures == 2
