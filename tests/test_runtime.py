@@ -898,3 +898,21 @@ def test_graph_reward_with_a_shift_and_a_noise_level_matches_eager():
         reward(z[:2], PROMPT)  # another bucket: a capture without a backward graph
     reward(z[:2], PROMPT)  # grad mode on, latents without grad: that capture again
     assert rt.stats.captures == 2
+
+
+def test_graph_chunks_at_the_largest_bucket_with_a_prompt_per_sample():
+    """5 latents over buckets (1, 2, 4): two chunks (4 + 1), each with its own rows of the per-sample prompts."""
+    model = load()
+    rt = emulated(model)
+    reward = fastlclip.LatentCLIPReward(model)
+    prompts = ["a cat", "a dog", "a red car", "a tree", "a boat"]
+    x = latents(5)
+    loss = reward(x, prompts)
+    (grad,) = torch.autograd.grad(loss, x)
+    want_loss, want_grad, _ = eager_step(model, x, prompts)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(grad, want_grad)
+    replays = rt.stats.replays
+    with torch.no_grad():
+        reward(x[:4], prompts[:4])  # the largest bucket: one chunk, one replay
+    assert rt.stats.replays == replays + 1
