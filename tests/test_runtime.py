@@ -916,3 +916,19 @@ def test_graph_chunks_at_the_largest_bucket_with_a_prompt_per_sample():
     with torch.no_grad():
         reward(x[:4], prompts[:4])  # the largest bucket: one chunk, one replay
     assert rt.stats.replays == replays + 1
+
+
+def test_reward_runs_as_one_captured_step_not_a_captured_tower():
+    model = load()
+    rt = emulated(model)
+    x = latents(2)
+    torch.autograd.grad(fastlclip.LatentCLIPReward(model)(x, PROMPT), x)
+    assert [key[0] for key in rt._entries] == ["reward"]
+
+
+def test_time_backends_records_why_a_backend_failed(monkeypatch):
+    def time_cuda(fn, **kwargs):
+        raise RuntimeError("no CUDA device here")
+
+    monkeypatch.setattr(runtime.timing, "time_cuda", time_cuda)
+    assert runtime.time_backends(load(), ("eager",)) == ({}, {"eager": "RuntimeError: no CUDA device here"})
