@@ -356,6 +356,9 @@ def test_hf_hub_spec_names_repo_file_and_cache(monkeypatch):
     assert ck._hub_download("hf-hub:org/repo/model.pt/") == Path("/hub/org/repo/model.pt")  # slashes stripped
     assert calls == [("org/repo", "model.pt", None)]
     calls.clear()
+    ck._hub_download("hf-hub:Xorg/modelX/model.pt")  # only slashes are stripped
+    assert calls == [("Xorg/modelX", "model.pt", None)]
+    calls.clear()
     with pytest.raises(CheckpointError, match="does not exist"):  # the fake's path: read_checkpoint passes cache_dir on
         ck.read_checkpoint("hf-hub:org/repo/model.pt", cache_dir="/hf-cache")
     assert calls == [("org/repo", "model.pt", "/hf-cache")]
