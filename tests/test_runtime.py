@@ -847,7 +847,7 @@ def test_graph_replaced_weight_that_requires_grad_runs_uncaptured_after_one_rese
     ("inductor", "max-autotune-no-cudagraphs", False), ("eager", "reduce-overhead", False),
     ("aot_eager", "not an inductor mode", False),  # modes are Inductor's: other compilers ignore them
 ])
-def test_compiled_runtime_settings_without_compiling(compiler, mode, cudagraphs):
+def test_compile_backend_settings_without_compiling(compiler, mode, cudagraphs):
     model = load()
     rt = runtime.CompiledRuntime(model, (4, 1, 2, 2), mode=mode, compiler=compiler)
     assert (rt.model, rt.buckets, rt.mode, rt.compiler, rt.cudagraphs) == (model, (1, 2, 4), mode, compiler, cudagraphs)
@@ -932,3 +932,39 @@ def test_time_backends_records_why_a_backend_failed(monkeypatch):
 
     monkeypatch.setattr(runtime.timing, "time_cuda", time_cuda)
     assert runtime.time_backends(load(), ("eager",)) == ({}, {"eager": "RuntimeError: no CUDA device here"})
+
+
+def test_graph_features_in_two_chunks_and_buckets_of_the_runtime():
+    model = load()
+    x = latents(5, requires_grad=False)
+    with torch.no_grad():
+        want = model.encode_latents(x)
+        rt = emulated(model)  # buckets (1, 2, 4): 4 + 1
+        torch.testing.assert_close(model.encode_latents(x), want, rtol=0, atol=1e-6)
+        runtime.install(model, None)
+        rt = runtime.install(model, runtime.GraphRuntime(model, (3,), emulate=True)).runtime
+        model.encode_latents(x[:1])
+        model.encode_latents(x[:2])  # batches 1 and 2 both pad to the runtime's only bucket, 3
+    assert rt.stats.captures == 1
+
+
+def test_graph_counts_every_invalidation():
+    model = load()
+    rt = emulated(model)
+    tower = model.visual.latent_vit
+    with torch.no_grad():
+        for _ in range(2):
+            model.encode_latents(latents(1, requires_grad=False))
+            tower.ln_post.weight = torch.nn.Parameter(tower.ln_post.weight.detach().clone(), requires_grad=False)
+        model.encode_latents(latents(1, requires_grad=False))
+    assert rt.stats.invalidations == 2
+
+
+def test_time_backends_times_one_latent_in_the_models_dtype(monkeypatch):
+    model = load().double()
+    seen = []
+    loss = runtime.timing.reward_loss
+    monkeypatch.setattr(runtime.timing, "reward_loss", lambda m, x, *a: seen.append((x.shape, x.dtype)) or loss(m, x, *a))
+    monkeypatch.setattr(runtime.timing, "time_cuda", lambda fn, **kw: fn() or 1.0)
+    assert runtime.time_backends(model, ("eager",)) == ({"eager": 1.0}, {})
+    assert seen == [((1, 4, 16, 16), torch.float64)]
