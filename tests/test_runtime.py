@@ -968,3 +968,8 @@ def test_time_backends_times_one_latent_in_the_models_dtype(monkeypatch):
     monkeypatch.setattr(runtime.timing, "time_cuda", lambda fn, **kw: fn() or 1.0)
     assert runtime.time_backends(model, ("eager",)) == ({"eager": 1.0}, {})
     assert seen == [((1, 4, 16, 16), torch.float64)]
+
+
+def test_runtime_of_anything_without_one_is_none():
+    """ReNO asks for the runtime of a reward's model, which may be missing or a model built without fastlclip.load."""
+    assert runtime.runtime_of(None) is None and runtime.runtime_of(object()) is None
