@@ -973,3 +973,21 @@ def test_time_backends_times_one_latent_in_the_models_dtype(monkeypatch):
 def test_runtime_of_anything_without_one_is_none():
     """ReNO asks for the runtime of a reward's model, which may be missing or a model built without fastlclip.load."""
     assert runtime.runtime_of(None) is None and runtime.runtime_of(object()) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_graph_replays_under_the_autocast_of_its_capture(dtype):
+    """A captured step replays with the autocast dtype it was captured under, as eager computes under it."""
+    model = load()
+    x = latents(2, requires_grad=False)
+    with torch.no_grad():
+        plain = model.encode_latents(x)
+        with torch.autocast("cpu", dtype=dtype):
+            want = model.encode_latents(x)
+        rt = emulated(model)
+        with torch.autocast("cpu", dtype=dtype):
+            model.encode_latents(x)  # the capture
+            got = model.encode_latents(x)  # a replay
+    assert rt.stats.captures == 1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (want.float() - plain).abs().max() > 1e-4  # autocast does change the result
