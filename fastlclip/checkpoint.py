@@ -100,8 +100,10 @@ def _load_pickle(path: Path) -> Any:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.findall(r"GLOBAL ([\w.]+)|global: ([\w.]+)|but got <class '([\w.]+)'>", str(e))
-        found = ["".join(f) for f in found]
+        # The most specific name first: torch's "Unsupported global: GLOBAL x.y" has both spellings, and the
+        # first match in the text ("global: GLOBAL") would name the opcode instead of the object.
+        found = [m.group(1) for p in (r"GLOBAL ([\w.]+)", r"global: ([\w.]+)", r"but got <class '([\w.]+)'>")
+                 if (m := re.search(p, str(e)))]
         if not found:  # no forbidden object named: the pickle itself is broken
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (its pickle is corrupt); is the file "
                                   "complete?") from None

@@ -26,7 +26,7 @@ def imagenet_classnames() -> list[str]:
 
 
 def imagenet_templates(simple: bool = False) -> list[Callable[[str], str]]:
-    """OpenAI's 80 ImageNet prompt templates (or open_clip's 2 simple ones)."""
+    """OpenAI's 80 ImageNet prompt templates (or, with ``simple``, open_clip's 7 short ones)."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
     return list(SIMPLE_IMAGENET_TEMPLATES if simple else OPENAI_IMAGENET_TEMPLATES)

@@ -32,7 +32,7 @@ def randn(*shape, seed=0, dtype=torch.float32):
 
 
 # -- the positional table: open_clip's own resize_pos_embed is the reference ---------------------------
-@pytest.mark.parametrize("grid", [(8, 8), (10, 8), (6, 7), (2, 3), (4, 4)])
+@pytest.mark.parametrize("grid", [(8, 8), (10, 8), (6, 7), (2, 3), (4, 4), (1, 3), (1, 1)])  # (1, n): a single row
 def test_resize_pos_embed_matches_open_clip(grid):
     from open_clip.model import resize_pos_embed as open_clip_resize
 
@@ -346,3 +346,10 @@ def test_a_rewards_own_resize_overrides_the_models_default():
     with torch.no_grad():
         img = F.normalize(model.encode_latents(x, normalize=False, resize="interpolate").float(), dim=-1)
         torch.testing.assert_close(reward.image_features(x), img)
+
+
+# -- gaps found by mutation testing (issue 22 section 5) ----------------------------------------------------------
+def test_pool_to_a_single_position_is_the_mean_of_the_centre_square():
+    z = randn(2, 4, 6, 10, seed=7, dtype=torch.float64)
+    want = z[..., :, 2:8].mean(dim=(-2, -1), keepdim=True)  # the 6x6 centre crop of 6x10
+    torch.testing.assert_close(grids.pool_latents(z, 1), want, rtol=0, atol=1e-12)

@@ -700,3 +700,294 @@ def test_gpu_reno_with_a_captured_reward_and_checkpointing():
     result = reno.optimize(gen, fastlclip.LatentCLIPReward(model), PROMPT, iterations=3, gradient_checkpointing=True,
                            progress=False)
     assert model.runtime.stats.replays == 5 and all(map(math.isfinite, result.losses))
+
+
+# -- gaps found by mutation testing (issue 22 section 5) ----------------------------------------------------------
+def _noisy16():
+    """A noise-aware 16-channel model with FLUX.1's constants (a non-zero latent shift), noise embedding non-zero."""
+    import tiny16
+
+    model = tiny16.model(noise_aware=True)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.visual.latent_vit.noise_embed.mlp[2].parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model, tiny16.latents(3, seed=5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_graph_noise_level_calls_run_uncaptured_with_the_shift_and_warn_once(fused):
+    model, z = _noisy16()
+    with torch.no_grad():
+        want = model.encode_latents(z, noise_level=0.6)  # eager, before any runtime
+        clean = model.encode_latents(z)
+    rt = emulated(model, fused=fused)
+    with pytest.warns(BackendFallbackWarning) as record, torch.no_grad():
+        first = model.encode_latents(z, noise_level=0.6)
+        second = model.encode_latents(z, noise_level=0.6)
+    messages = [str(w.message) for w in record if w.category is BackendFallbackWarning]
+    assert messages == ["backend 'graph' captures clean-latent calls only: calls with a noise_level run the image "
+                        "tower uncaptured" + (" (with the Triton kernels)" if fused else "")]
+    tol = 2e-5 if fused else 0.0
+    torch.testing.assert_close(first, want, rtol=0, atol=tol)
+    torch.testing.assert_close(second, want, rtol=0, atol=tol)
+    assert (rt.stats.uncaptured, rt.stats.captures) == (2, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_latents(z), clean, rtol=0, atol=2e-5)  # captured, with the shift
+    assert rt.stats.captures == 1 and (first - clean).abs().max() > 1e-3
+
+
+def test_cache_key_names_gpu_model_dtype_and_versions():
+    import triton
+
+    key = runtime.cache_key("Fake GPU", "Latent-ViT-B-8-512 cfg", torch.bfloat16)
+    assert key == (f"Fake GPU | Latent-ViT-B-8-512 cfg | bfloat16 | torch {torch.__version__} | "
+                   f"triton {triton.__version__}")
+
+
+def test_default_backend_cache_path_follows_xdg_then_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("FASTLCLIP_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert runtime.default_cache_path() == tmp_path / "xdg" / "fastlclip" / "backends.json"
+    monkeypatch.setenv("FASTLCLIP_CACHE_DIR", "")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert runtime.default_cache_path() == tmp_path / "home" / ".cache" / "fastlclip" / "backends.json"
+
+
+def test_backend_cache_file_is_sorted_indented_json_in_new_folders(tmp_path):
+    path = tmp_path / "a" / "b" / "backends.json"
+    runtime.write_cache(path, "z", {"backend": "graph", "a": 1})
+    runtime.write_cache(path, "k", {"backend": "eager"})
+    assert path.read_text() == ('{\n  "k": {\n    "backend": "eager"\n  },\n  "z": {\n    "a": 1,\n'
+                                '    "backend": "graph"\n  }\n}\n')
+    path.write_text("[1, 2]")  # JSON, but not a mapping
+    assert runtime.read_cache(path) == {}
+
+
+def test_auto_times_on_the_models_gpu_and_records_the_choice(tmp_path, monkeypatch, caplog):
+    import datetime
+    import logging
+
+    model = load()
+    names = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names.append(device) or "Fake GPU")
+    timed = []
+    monkeypatch.setattr(runtime.timing, "time_backends", lambda m: timed.append(m) or ({"eager": 2.0, "graph": 1.0},
+                                                                                      {"compile": "err"}))
+    monkeypatch.setenv("FASTLCLIP_CACHE_DIR", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="fastlclip.runtime.select"):
+        assert runtime.choose_backend(model) == "graph"
+    key = runtime.cache_key("Fake GPU", f"{model.cfg.name} {model.cfg.vision}", model.dtype)
+    assert names == [model.device] and timed == [model]
+    path = tmp_path / "backends.json"
+    assert caplog.messages == [f"fastlclip: timing the backends for {key} once (cached in {path})"]
+    entry = json.loads((tmp_path / "backends.json").read_text())[key]
+    assert entry["backend"] == "graph" and entry["failed"] == {"compile": "err"}
+    date = datetime.datetime.fromisoformat(entry["date"])
+    assert date.utcoffset() == datetime.timedelta(0) and date.microsecond == 0
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - date).total_seconds()) < 600
+
+
+def test_time_backends_runs_one_reward_step_per_backend_as_a_reward_would(monkeypatch):
+    """time_cuda faked: it runs the step once and records the state it runs in; the defaults are 5 trials of 20."""
+    from fastlclip import kernels
+
+    model = load()
+    model.train()
+    seen = []
+
+    def time_cuda(fn, *, trials, steps, device):
+        fn()  # the step: a forward and a backward to the latents, through the backend set
+        grad = any(p.requires_grad for p in model.parameters())
+        seen.append((model.backend, model.check_finite, model.training, grad))
+        return 10.0 * trials + steps
+
+    monkeypatch.setattr(runtime.timing, "time_cuda", time_cuda)
+    monkeypatch.setattr(kernels, "kernels_available", lambda device=None: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackendFallbackWarning)  # graph on a CPU: eager
+        times, failures = runtime.time_backends(model, ("triton", "eager", "graph"))
+    assert failures == {} and times == {"eager": 70.0, "graph": 70.0}  # triton skipped: no kernels here
+    assert seen == [("eager", False, False, False), ("eager", False, False, False)]
+    monkeypatch.setattr(kernels, "kernels_available", lambda device=None: True)
+    times, failures = runtime.time_backends(model, ("triton",), trials=2, steps=3)
+    assert failures == {} and times == {"triton": 23.0} and seen[-1] == ("triton", False, False, False)
+    assert model.training and model.backend == "eager"
+
+
+def test_a_runtime_tower_called_directly_reads_latents_unscaled():
+    """``model.visual.latent_vit(x)`` with an installed runtime: the tower's own defaults (scale 1, shift 0)."""
+    model = load()
+    x = latents(2, requires_grad=False)
+    with torch.no_grad():
+        want = type(model.visual.latent_vit).forward(model.visual.latent_vit, x)
+        emulated(model)
+        torch.testing.assert_close(model.visual.latent_vit(x), want, rtol=0, atol=1e-6)
+
+
+def test_graph_replaced_weight_that_requires_grad_runs_uncaptured_after_one_reset():
+    model = load()
+    rt = emulated(model)
+    reward = fastlclip.LatentCLIPReward(model)
+    x = latents(1)
+    reward(x, PROMPT)
+    tower = model.visual.latent_vit
+    tower.ln_post.weight = torch.nn.Parameter(tower.ln_post.weight.detach() * 1.5)  # a new tensor, requiring grad
+    with pytest.warns(BackendFallbackWarning, match="treats the image tower's weights as constants"):
+        loss = reward(x, PROMPT)
+        reward(x, PROMPT)
+    assert (rt.stats.invalidations, rt.stats.uncaptured, rt.stats.captures) == (1, 2, 1)
+    (grad,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(grad, eager_step(model, x)[1])
+
+
+@pytest.mark.parametrize("compiler, mode, cudagraphs", [
+    ("inductor", "reduce-overhead", True), ("inductor", "default", False),
+    ("inductor", "max-autotune-no-cudagraphs", False), ("eager", "reduce-overhead", False),
+    ("aot_eager", "not an inductor mode", False),  # modes are Inductor's: other compilers ignore them
+])
+def test_compile_backend_settings_without_compiling(compiler, mode, cudagraphs):
+    model = load()
+    rt = runtime.CompiledRuntime(model, (4, 1, 2, 2), mode=mode, compiler=compiler)
+    assert (rt.model, rt.buckets, rt.mode, rt.compiler, rt.cudagraphs) == (model, (1, 2, 4), mode, compiler, cudagraphs)
+    assert rt.backend == "compile" and rt.stats == runtime.Stats()
+
+
+def test_graph_tower_captures_for_grad_only_when_the_latents_need_it():
+    """Latents without grad share one capture whether or not grad mode is on; only grad-requiring latents
+    under grad mode get the capture with a backward graph."""
+    model = load()
+    rt = emulated(model)
+    x = latents(2, requires_grad=False)
+    want = model.encode_latents(x).detach()
+    with torch.no_grad():
+        model.encode_latents(x)
+    assert rt.stats.captures == 1
+    with torch.no_grad():
+        model.encode_latents(x.clone().requires_grad_(True))  # grad mode off: no backward needed either
+    assert rt.stats.captures == 1
+    y = x.clone().requires_grad_(True)
+    got = model.encode_latents(y)
+    assert rt.stats.captures == 2 and got.requires_grad
+    torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-6)
+
+
+def test_graph_reward_with_a_shift_and_a_noise_level_matches_eager():
+    """On a latent space with a shift (FLUX.1's constants): the captured clean reward step and the uncaptured
+    noisy one give eager's loss and latent gradient."""
+    model, z = _noisy16()
+    reward = fastlclip.LatentCLIPReward(model)
+
+    def step(s=None):
+        x = z.clone().requires_grad_(True)
+        loss = reward(x, PROMPT, noise_level=s)
+        return loss.detach(), torch.autograd.grad(loss, x)[0]
+
+    want_clean, want_noisy = step(), step(0.6)
+    rt = emulated(model)
+    with pytest.warns(BackendFallbackWarning, match="noise_level"):
+        got_noisy = step(0.6)
+    got_clean = step()
+    assert (rt.stats.captures, rt.stats.uncaptured) == (1, 1)
+    for got, want in ((got_clean, want_clean), (got_noisy, want_noisy)):
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-4)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
+    assert (want_noisy[0] - want_clean[0]).abs() > 1e-4
+    with torch.no_grad():
+        reward(z[:2], PROMPT)  # another bucket: a capture without a backward graph
+    reward(z[:2], PROMPT)  # grad mode on, latents without grad: that capture again
+    assert rt.stats.captures == 2
+
+
+def test_graph_chunks_at_the_largest_bucket_with_a_prompt_per_sample():
+    """5 latents over buckets (1, 2, 4): two chunks (4 + 1), each with its own rows of the per-sample prompts."""
+    model = load()
+    rt = emulated(model)
+    reward = fastlclip.LatentCLIPReward(model)
+    prompts = ["a cat", "a dog", "a red car", "a tree", "a boat"]
+    x = latents(5)
+    loss = reward(x, prompts)
+    (grad,) = torch.autograd.grad(loss, x)
+    want_loss, want_grad, _ = eager_step(model, x, prompts)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(grad, want_grad)
+    replays = rt.stats.replays
+    with torch.no_grad():
+        reward(x[:4], prompts[:4])  # the largest bucket: one chunk, one replay
+    assert rt.stats.replays == replays + 1
+
+
+def test_reward_runs_as_one_captured_step_not_a_captured_tower():
+    model = load()
+    rt = emulated(model)
+    x = latents(2)
+    torch.autograd.grad(fastlclip.LatentCLIPReward(model)(x, PROMPT), x)
+    assert [key[0] for key in rt._entries] == ["reward"]
+
+
+def test_time_backends_records_why_a_backend_failed(monkeypatch):
+    def time_cuda(fn, **kwargs):
+        raise RuntimeError("no CUDA device here")
+
+    monkeypatch.setattr(runtime.timing, "time_cuda", time_cuda)
+    assert runtime.time_backends(load(), ("eager",)) == ({}, {"eager": "RuntimeError: no CUDA device here"})
+
+
+def test_graph_features_in_two_chunks_and_buckets_of_the_runtime():
+    model = load()
+    x = latents(5, requires_grad=False)
+    with torch.no_grad():
+        want = model.encode_latents(x)
+        rt = emulated(model)  # buckets (1, 2, 4): 4 + 1
+        torch.testing.assert_close(model.encode_latents(x), want, rtol=0, atol=1e-6)
+        runtime.install(model, None)
+        rt = runtime.install(model, runtime.GraphRuntime(model, (3,), emulate=True)).runtime
+        model.encode_latents(x[:1])
+        model.encode_latents(x[:2])  # batches 1 and 2 both pad to the runtime's only bucket, 3
+    assert rt.stats.captures == 1
+
+
+def test_graph_counts_every_invalidation():
+    model = load()
+    rt = emulated(model)
+    tower = model.visual.latent_vit
+    with torch.no_grad():
+        for _ in range(2):
+            model.encode_latents(latents(1, requires_grad=False))
+            tower.ln_post.weight = torch.nn.Parameter(tower.ln_post.weight.detach().clone(), requires_grad=False)
+        model.encode_latents(latents(1, requires_grad=False))
+    assert rt.stats.invalidations == 2
+
+
+def test_time_backends_times_one_latent_in_the_models_dtype(monkeypatch):
+    model = load().double()
+    seen = []
+    loss = runtime.timing.reward_loss
+    monkeypatch.setattr(runtime.timing, "reward_loss", lambda m, x, *a: seen.append((x.shape, x.dtype)) or loss(m, x, *a))
+    monkeypatch.setattr(runtime.timing, "time_cuda", lambda fn, **kw: fn() or 1.0)
+    assert runtime.time_backends(model, ("eager",)) == ({"eager": 1.0}, {})
+    assert seen == [((1, 4, 16, 16), torch.float64)]
+
+
+def test_runtime_of_anything_without_one_is_none():
+    """ReNO asks for the runtime of a reward's model, which may be missing or a model built without fastlclip.load."""
+    assert runtime.runtime_of(None) is None and runtime.runtime_of(object()) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_graph_replays_under_the_autocast_of_its_capture(dtype):
+    """A captured step replays with the autocast dtype it was captured under, as eager computes under it."""
+    model = load()
+    x = latents(2, requires_grad=False)
+    with torch.no_grad():
+        plain = model.encode_latents(x)
+        with torch.autocast("cpu", dtype=dtype):
+            want = model.encode_latents(x)
+        rt = emulated(model)
+        with torch.autocast("cpu", dtype=dtype):
+            model.encode_latents(x)  # the capture
+            got = model.encode_latents(x)  # a replay
+    assert rt.stats.captures == 1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (want.float() - plain).abs().max() > 1e-4  # autocast does change the result

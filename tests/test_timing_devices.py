@@ -30,11 +30,14 @@ class FakeCuda:
         class Event:
             def __init__(self, enable_timing=False):
                 self.stream = self.t = None
+                self.timing = enable_timing
 
             def record(self, stream=None):
                 self.stream, self.t = stream if stream is not None else ("stream", fake.current), fake.clock
 
             def elapsed_time(self, end):
+                if not (self.timing and end.timing):  # as CUDA: both events need enable_timing=True
+                    raise RuntimeError("Both events must be created with argument 'enable_timing=True'")
                 return end.t - self.t
 
         class device:
@@ -195,3 +198,10 @@ def test_both_sides_of_a_comparison_are_timed_alike():
     assert built["latent-b8"].model.check_finite is False
     assert built["pixel-b32"].check_finite is False and built["taesd-b32"].check_finite is False
     assert inspect.signature(NvmlMonitor).parameters["interval_s"].default >= 0.05
+
+
+# -- gaps found by mutation testing (issue 22 section 5) ----------------------------------------------------------
+def test_time_cuda_defaults_are_3_warmup_calls_and_5_trials_of_20(monkeypatch):
+    cuda = FakeCuda(monkeypatch)
+    assert runtime.time_cuda(cuda.work, device=WORK) == 2.0
+    assert cuda.calls == [1] * (3 + 5 * 20)

@@ -1,5 +1,7 @@
 """Zero-shot classification and the ReNO rewards."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,3 +111,90 @@ def test_pixel_reward_is_decode_then_clip(pixel_clip):
     loss.backward()
     assert z.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in vae.parameters())
+
+
+# -- gaps found by mutation testing (issue 22 section 5) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def noise_aware():
+    import warnings
+
+    torch.manual_seed(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastlclip.load({**TINY, "vision_cfg": {**TINY["vision_cfg"], "noise_aware": True}})
+    with torch.no_grad():  # the noise embedding starts at zero: make the level matter
+        for p in model.visual.latent_vit.noise_embed.parameters():
+            p.normal_(0, 0.5)
+        model.logit_scale.fill_(2.0)
+    return model
+
+
+def test_zero_shot_passes_space_resize_and_noise_level_to_the_tower(noise_aware):
+    """Logits against float64 class weights written out (mean of normalised template embeddings,
+    renormalised) and the tower's features for the same space, grid policy and noise level."""
+    names, templates = ["cat", "dog", "car"], ["a photo of a {}.", lambda c: f"a drawing of a {c}."]
+    clf = fastlclip.ZeroShotClassifier(noise_aware, names, templates, cache=False)
+    with torch.no_grad():
+        per = []
+        for c in names:
+            t = noise_aware.encode_text([f"a photo of a {c}.", f"a drawing of a {c}."], normalize=False).double()
+            t = t / t.norm(dim=-1, keepdim=True)
+            per.append(t.mean(0) / t.mean(0).norm())
+        w = torch.stack(per)
+        scale = torch.tensor(2.0, dtype=torch.float64).exp()
+        z = torch.randn(2, 4, 20, 24, generator=torch.Generator().manual_seed(6))
+        feats = noise_aware.encode_latents(z, space="vae", resize="pool", noise_level=0.7).double()
+        want = scale * feats @ w.T
+        got = clf.logits(z, space="vae", resize="pool", noise_level=0.7)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+        torch.testing.assert_close(clf.probs(z, space="vae", resize="pool", noise_level=0.7).double(), want.softmax(-1),
+                                   rtol=0, atol=1e-5)
+        assert torch.equal(clf.predict(z, space="vae", resize="pool", noise_level=0.7), want.argmax(-1))
+        # the defaults: diffusion space, the model's grid policy (None: the trained 16x16 grid), clean latents
+        z16 = 0.05 * z[..., :16, :16]  # small: the patch embedding's bias keeps the two spaces apart
+        want16 = scale * noise_aware.encode_latents(z16, space="diffusion").double() @ w.T
+        torch.testing.assert_close(clf.logits(z16).double(), want16, rtol=0, atol=2e-5)
+        assert (want16 - scale * noise_aware.encode_latents(z16, space="vae").double() @ w.T).abs().max() > 1e-3
+        with pytest.raises(ValueError, match="resize"):
+            clf.logits(z)  # 20x24 is not the trained grid and the model's policy is None
+
+
+def test_imagenet_simple_templates_are_open_clips_short_list():
+    got = [t("cat") for t in fastlclip.imagenet_templates(simple=True)]
+    assert got == ["itap of a cat.", "a bad photo of the cat.", "a origami cat.", "a photo of the large cat.",
+                   "a cat in a video game.", "art of the cat.", "a photo of the small cat."]
+
+
+def test_default_cache_dir_follows_fastlclip_cache_then_xdg_then_home(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from fastlclip.zeroshot import default_cache_dir
+
+    monkeypatch.setenv("FASTLCLIP_CACHE", str(tmp_path / "own"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "own" / "zeroshot"
+    monkeypatch.setenv("FASTLCLIP_CACHE", "")
+    assert default_cache_dir() == tmp_path / "xdg" / "fastlclip" / "zeroshot"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == Path(tmp_path / "home" / ".cache" / "fastlclip" / "zeroshot")
+
+
+def test_predict_and_probs_hand_their_arguments_to_logits(noise_aware, monkeypatch):
+    """On the tiny model the space rarely moves the argmax, so the hand-over itself is checked."""
+    clf = fastlclip.ZeroShotClassifier(noise_aware, ["cat", "dog"], ["a photo of a {}."], cache=False)
+    seen = []
+
+    def logits(latents, **kwargs):
+        seen.append(kwargs)
+        return torch.tensor([[0.0, 1.0], [3.0, -1.0]])
+
+    monkeypatch.setattr(clf, "logits", logits)
+    z = torch.zeros(2, 4, 16, 16)
+    assert clf.predict(z, space="vae", resize="pool", noise_level=0.3).tolist() == [1, 0]
+    torch.testing.assert_close(clf.probs(z, space="vae", resize="interpolate", noise_level=0.1)[0],
+                               torch.tensor([1 / (1 + math.e), math.e / (1 + math.e)]))
+    assert seen == [{"space": "vae", "resize": "pool", "noise_level": 0.3},
+                    {"space": "vae", "resize": "interpolate", "noise_level": 0.1}]

@@ -224,10 +224,19 @@ class GraphRuntime(Runtime):
         params = [*self.tower.parameters(), self.model.logit_scale]
         return tuple((p.data_ptr(), p.dtype, p.device) for p in params)
 
-    def _entry(self, kind: str, x: torch.Tensor, scale: float, shift: float, need_grad: bool) -> _Entry:
+    def _check_weights(self) -> None:
+        """Drop the graphs when a weight tensor was replaced (see :meth:`_weights_fingerprint`)."""
         if self._weights_fingerprint() != self._fingerprint:
             self.reset()
             self.stats.invalidations += 1
+
+    def _weights_need_grad(self) -> bool:
+        # Checked first: a replacing nn.Parameter requires grad, and the call that meets it must run uncaptured.
+        self._check_weights()
+        return super()._weights_need_grad()
+
+    def _entry(self, kind: str, x: torch.Tensor, scale: float, shift: float, need_grad: bool) -> _Entry:
+        self._check_weights()
         bucket = bucket_for(x.shape[0], self.buckets)
         key = (kind, bucket, tuple(x.shape[1:]), x.dtype, scale, shift, need_grad, autocast_state(x.device.type))
         entry = self._entries.pop(key, None)
