@@ -104,7 +104,14 @@ def _load_pickle(path: Path) -> Any:
         # first match in the text ("global: GLOBAL") would name the opcode instead of the object.
         found = [m.group(1) for p in (r"GLOBAL ([\w.]+)", r"global: ([\w.]+)", r"but got <class '([\w.]+)'>")
                  if (m := re.search(p, str(e)))]
-        if not found:  # no forbidden object named: the pickle itself is broken
+        if not found:  # no forbidden object named: a pickle torch's safe reader cannot read, or a broken one
+            with open(path, "rb") as f:
+                head = f.read(2)
+            if head[:1] == b"\x80" and head[1:2] in (b"\x04", b"\x05"):
+                raise CheckpointError(
+                    f"{path} is a bare pickle of protocol {head[1]} (a legacy, pre-zip torch.save file?), which torch's "
+                    "safe (weights-only) reader cannot read; nothing in it was run. If you trust the file, re-save it "
+                    "with torch.save's default zip format or convert it to .safetensors") from None
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (its pickle is corrupt); is the file "
                                   "complete?") from None
         what = found[0]
