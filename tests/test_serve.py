@@ -895,3 +895,44 @@ def test_metrics_names_help_and_buckets():
     assert les("fastlclip_batch_size") == ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "128.0", "256.0", "+Inf"]
     assert [l for l in text.splitlines() if l.startswith("fastlclip_batch_size_bucket")][1:3] == [
         'fastlclip_batch_size_bucket{le="2.0"} 0.0', 'fastlclip_batch_size_bucket{le="4.0"} 1.0']
+
+
+def test_batcher_defaults_and_scoring_thread():
+    from fastlclip.serve.batcher import Batcher
+
+    b = Batcher(lambda x, p, n: x)
+    assert (b.max_batch_size, b.max_wait, b.max_queue, b.noise_key) == (32, 0.01, 4096, False)
+    assert Batcher(lambda x, p, n: x, max_wait_ms=250).max_wait == 0.25
+    names = []
+
+    def score_fn(x, prompts, noise):
+        names.append(threading.current_thread().name)
+        return x.flatten(1)[:, 0]
+
+    async def go():
+        b = Batcher(score_fn, max_wait_ms=0)
+        await asyncio.wait_for(b.submit(_request(1, 1)), 5)
+        await b.close()
+
+    asyncio.run(go())
+    assert len(names) == 1 and names[0].startswith("fastlclip-score_")  # the forward runs on the batcher's own thread
+
+
+def test_batcher_a_later_request_does_not_delay_the_oldest():
+    # A (4x4) waits 400 ms; B (8x8) arriving at 250 ms wakes the worker, which must wait only the 150 ms left for A
+    from fastlclip.serve.batcher import Batcher
+
+    async def go():
+        b = Batcher(lambda x, p, n: x.flatten(1)[:, 0], max_batch_size=8, max_wait_ms=400)
+        t0 = time.monotonic()
+        a = asyncio.ensure_future(b.submit(_request(1, 1)))
+        await asyncio.sleep(0.25)
+        other = asyncio.ensure_future(b.submit(_request(1, 2, grid=8)))
+        await asyncio.wait_for(a, 5)
+        took = time.monotonic() - t0
+        await asyncio.wait_for(other, 5)
+        await b.close()
+        return took
+
+    took = asyncio.run(go())
+    assert 0.35 < took < 0.6
