@@ -936,3 +936,44 @@ def test_batcher_a_later_request_does_not_delay_the_oldest():
 
     took = asyncio.run(go())
     assert 0.35 < took < 0.6
+
+
+def test_batcher_close_cancels_its_worker_in_its_loop():
+    from fastlclip.serve.batcher import Batcher
+
+    async def go():
+        b = Batcher(lambda x, p, n: x.flatten(1)[:, 0], max_wait_ms=0)
+        await asyncio.wait_for(b.submit(_request(1, 1)), 5)
+        worker = b._worker
+        await b.close()
+        return worker.cancelled(), b._worker  # checked while the loop still runs (asyncio.run would cancel it anyway)
+
+    assert asyncio.run(go()) == (True, None)
+
+
+def test_batcher_answers_the_rest_of_a_batch_when_one_client_left():
+    # request 1 is cancelled while its batch is in the forward: request 2, after it in the same batch, still gets its scores
+    from fastlclip.serve.batcher import Batcher
+
+    started, gate = threading.Event(), threading.Event()
+
+    def score_fn(x, prompts, noise):
+        started.set()
+        assert gate.wait(5)
+        return x.flatten(1)[:, 0]
+
+    reqs = [_request(1, 1), _request(2, 2)]
+
+    async def go():
+        b = Batcher(score_fn, max_batch_size=8, max_wait_ms=50)
+        first, second = (asyncio.ensure_future(b.submit(r)) for r in reqs)
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        first.cancel()
+        gate.set()
+        out = await asyncio.wait_for(second, 5)
+        await b.close()
+        return out, first.cancelled()
+
+    out, cancelled = asyncio.run(go())
+    assert cancelled and out == pytest.approx(reqs[1].latents.flatten(1)[:, 0].tolist())
