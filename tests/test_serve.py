@@ -476,7 +476,7 @@ def _batcher_run(requests, **kw):
     batcher = Batcher(score_fn, on_batch=sizes.append, **kw)
 
     async def go():
-        out = await asyncio.wait_for(asyncio.gather(*[batcher.submit(r) for r in requests], return_exceptions=True), 20)
+        out = await asyncio.wait_for(asyncio.gather(*[batcher.submit(r) for r in requests], return_exceptions=True), 5)
         await batcher.close()
         return out
 
@@ -485,19 +485,19 @@ def _batcher_run(requests, **kw):
 
 def test_batcher_groups_by_shape_and_noise_level_up_to_the_batch_size():
     reqs = [_request(2, 1), _request(1, 2, grid=8), _request(2, 3), _request(1, 4), _request(3, 5), _request(1, 6, grid=8)]
-    replies, calls, sizes, batcher = _batcher_run(reqs, max_batch_size=4, max_wait_ms=5000)
+    replies, calls, sizes, batcher = _batcher_run(reqs, max_batch_size=4, max_wait_ms=300)
     for r, got in zip(reqs, replies):  # each reply is its own latents' scores, in order
         assert got == pytest.approx((r.latents.flatten(1)[:, 0] * 2).tolist())
     # oldest first: 4x4 requests 1 and 3 fill a batch (2 + 2), then the 8x8 pair, then 4 (1) + 5 (3) = 4
     assert [c[:2] for c in calls] == [(4, ["p0", "p1", "p0", "p1"]), (2, ["p0", "p0"]), (4, ["p0", "p0", "p1", "p2"])]
     assert sizes == [4, 2, 4] and batcher.queued == 0
     big = [_request(5, 7), _request(1, 8)]  # larger than a batch: alone, in one call
-    replies, calls, _, _ = _batcher_run(big, max_batch_size=4, max_wait_ms=5000)
+    replies, calls, _, _ = _batcher_run(big, max_batch_size=4, max_wait_ms=300)
     assert [c[0] for c in calls] == [5, 1] and replies[0] == pytest.approx((big[0].latents.flatten(1)[:, 0] * 2).tolist())
     noisy = [_request(1, 9, noise=0.2), _request(1, 10, noise=0.6), _request(1, 11, noise=0.2)]
-    _, calls, _, _ = _batcher_run(noisy, max_batch_size=2, max_wait_ms=5000, noise_key=True)
+    _, calls, _, _ = _batcher_run(noisy, max_batch_size=2, max_wait_ms=300, noise_key=True)
     assert [(c[0], c[2]) for c in calls] == [(2, 0.2), (1, 0.6)]
-    _, calls, _, _ = _batcher_run(noisy, max_batch_size=3, max_wait_ms=5000)  # a clean model: one batch, no level
+    _, calls, _, _ = _batcher_run(noisy, max_batch_size=3, max_wait_ms=300)  # a clean model: one batch, no level
     assert [(c[0], c[2]) for c in calls] == [(3, None)]
 
 
@@ -530,14 +530,14 @@ def test_batcher_queue_limit_counts_latents():
         with pytest.raises(QueueFull, match="3 latents are queued"):
             await batcher.submit(_request(1, 4))
         gate.set()
-        out = await asyncio.wait_for(asyncio.gather(first, second, third), 20)
+        out = await asyncio.wait_for(asyncio.gather(first, second, third), 5)
         await batcher.close()
         empty = Batcher(lambda x, p, n: x.flatten(1)[:, 0], max_queue=1)
         out.append(await empty.submit(_request(4, 5)))  # an empty queue takes a request over the limit
         await empty.close()
         return out
 
-    assert [len(r) for r in asyncio.run(asyncio.wait_for(go(), 30))] == [2, 1, 2, 4]
+    assert [len(r) for r in asyncio.run(asyncio.wait_for(go(), 10))] == [2, 1, 2, 4]
 
 
 def test_healthz_reports_the_model(reward):
@@ -800,3 +800,180 @@ def test_shutdown_stops_the_batchers_worker(reward):
     idle = Batcher(lambda x, p, n: x.flatten(1)[:, 0])
     asyncio.run(idle.close())  # never started: nothing to stop
     assert idle._worker is None
+
+
+# --- gaps found by mutation testing (second serve run: the batcher's worker, scoring and readiness; metrics) ---
+
+def test_batcher_a_full_batch_leaves_at_once_and_only_its_key_counts():
+    # two 1-latent requests fill a batch of 2 exactly: they leave at once, long before max_wait (10 s)
+    t0 = time.monotonic()
+    _, calls, _, _ = _batcher_run([_request(1, 1), _request(1, 2)], max_batch_size=2, max_wait_ms=10_000)
+    assert [c[0] for c in calls] == [2] and time.monotonic() - t0 < 3
+    # one latent of each shape is not a full batch of either: both wait max_wait (300 ms), then leave apart
+    t0 = time.monotonic()
+    _, calls, _, _ = _batcher_run([_request(1, 1), _request(1, 2, grid=8)], max_batch_size=2, max_wait_ms=300)
+    assert [c[0] for c in calls] == [1, 1] and time.monotonic() - t0 > 0.25
+
+
+def test_batcher_a_failing_batch_scores_each_request_alone():
+    from fastlclip.serve.batcher import Batcher
+
+    calls = []
+
+    def score_fn(x, prompts, noise):
+        calls.append(list(prompts))
+        if "bad0" in prompts:
+            raise ValueError("bad prompt")
+        return x.flatten(1)[:, 0] + 1
+
+    reqs = [_request(2, 1), _request(1, 2, prompt="bad"), _request(1, 3, prompt="q")]
+
+    async def go():
+        b = Batcher(score_fn, max_batch_size=8, max_wait_ms=0)
+        out = await asyncio.wait_for(asyncio.gather(*[b.submit(r) for r in reqs], return_exceptions=True), 5)
+        alone = await asyncio.wait_for(asyncio.gather(b.submit(_request(1, 4, prompt="bad")), return_exceptions=True), 5)
+        await b.close()
+        return out, alone
+
+    (good, bad, q), (alone,) = asyncio.run(go())
+    assert good == pytest.approx((reqs[0].latents.flatten(1)[:, 0] + 1).tolist())
+    assert q == pytest.approx((reqs[2].latents.flatten(1)[:, 0] + 1).tolist())
+    assert isinstance(bad, ValueError) and str(bad) == "bad prompt"
+    assert isinstance(alone, ValueError) and str(alone) == "bad prompt"
+    # the batch once, then each request alone, then the lone bad request once (not retried)
+    assert calls == [["p0", "p1", "bad0", "q0"], ["p0", "p1"], ["bad0"], ["q0"], ["bad0"]]
+
+
+def test_batcher_drops_a_request_cancelled_while_queued():
+    from fastlclip.serve.batcher import Batcher
+
+    calls = []
+
+    def score_fn(x, prompts, noise):
+        calls.append(list(prompts))
+        return x.flatten(1)[:, 0]
+
+    async def go():
+        b = Batcher(score_fn, max_batch_size=8, max_wait_ms=200)
+        kept = asyncio.ensure_future(b.submit(_request(1, 1, prompt="a")))
+        gone = asyncio.ensure_future(b.submit(_request(2, 2, prompt="b")))
+        await asyncio.sleep(0.05)  # both queued, the batch not yet due
+        assert b.queued == 3
+        gone.cancel()
+        out = await asyncio.wait_for(kept, 5)
+        assert b.queued == 0
+        await b.close()
+        return out
+
+    out = asyncio.run(go())
+    assert len(out) == 1 and calls == [["a0"]]
+
+
+def test_metrics_names_help_and_buckets():
+    from prometheus_client import generate_latest
+
+    from fastlclip.serve.app import _Metrics
+
+    m, other = _Metrics(), _Metrics()  # each app has its own registry
+    m.requests.labels(code="200").inc()
+    m.batch(3)
+    text = generate_latest(m.registry).decode()
+    assert "fastlclip_batches_total 0.0\n" in generate_latest(other.registry).decode()
+    for line in ("# HELP fastlclip_requests_total Score requests answered, by HTTP status",
+                 'fastlclip_requests_total{code="200"} 1.0',
+                 "# HELP fastlclip_batches_total Batches scored (one forward each)", "fastlclip_batches_total 1.0",
+                 "# HELP fastlclip_latents_total Latents scored", "fastlclip_latents_total 3.0",
+                 "# HELP fastlclip_request_latency_seconds Time from request to reply, /v1/score",
+                 "# HELP fastlclip_batch_size Latents per batch",
+                 "# HELP fastlclip_queued_latents Latents waiting for a batch", "# TYPE fastlclip_queued_latents gauge",
+                 "# HELP fastlclip_requests_in_flight Score requests received and not yet answered",
+                 "# TYPE fastlclip_requests_in_flight gauge", "# TYPE fastlclip_request_latency_seconds histogram"):
+        assert line + "\n" in text, line
+    les = lambda name: [l.split('le="')[1].split('"')[0] for l in text.splitlines() if l.startswith(name + "_bucket")]
+    assert les("fastlclip_request_latency_seconds") == ["0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0",
+                                                        "2.5", "5.0", "10.0", "30.0", "+Inf"]
+    assert les("fastlclip_batch_size") == ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "128.0", "256.0", "+Inf"]
+    assert [l for l in text.splitlines() if l.startswith("fastlclip_batch_size_bucket")][1:3] == [
+        'fastlclip_batch_size_bucket{le="2.0"} 0.0', 'fastlclip_batch_size_bucket{le="4.0"} 1.0']
+
+
+def test_batcher_defaults_and_scoring_thread():
+    from fastlclip.serve.batcher import Batcher
+
+    b = Batcher(lambda x, p, n: x)
+    assert (b.max_batch_size, b.max_wait, b.max_queue, b.noise_key) == (32, 0.01, 4096, False)
+    assert Batcher(lambda x, p, n: x, max_wait_ms=250).max_wait == 0.25
+    names = []
+
+    def score_fn(x, prompts, noise):
+        names.append(threading.current_thread().name)
+        return x.flatten(1)[:, 0]
+
+    async def go():
+        b = Batcher(score_fn, max_wait_ms=0)
+        await asyncio.wait_for(b.submit(_request(1, 1)), 5)
+        await b.close()
+
+    asyncio.run(go())
+    assert len(names) == 1 and names[0].startswith("fastlclip-score_")  # the forward runs on the batcher's own thread
+
+
+def test_batcher_a_later_request_does_not_delay_the_oldest():
+    # A (4x4) waits 400 ms; B (8x8) arriving at 250 ms wakes the worker, which must wait only the 150 ms left for A
+    from fastlclip.serve.batcher import Batcher
+
+    async def go():
+        b = Batcher(lambda x, p, n: x.flatten(1)[:, 0], max_batch_size=8, max_wait_ms=400)
+        t0 = time.monotonic()
+        a = asyncio.ensure_future(b.submit(_request(1, 1)))
+        await asyncio.sleep(0.25)
+        other = asyncio.ensure_future(b.submit(_request(1, 2, grid=8)))
+        await asyncio.wait_for(a, 5)
+        took = time.monotonic() - t0
+        await asyncio.wait_for(other, 5)
+        await b.close()
+        return took
+
+    took = asyncio.run(go())
+    assert 0.35 < took < 0.6
+
+
+def test_batcher_close_cancels_its_worker_in_its_loop():
+    from fastlclip.serve.batcher import Batcher
+
+    async def go():
+        b = Batcher(lambda x, p, n: x.flatten(1)[:, 0], max_wait_ms=0)
+        await asyncio.wait_for(b.submit(_request(1, 1)), 5)
+        worker = b._worker
+        await b.close()
+        return worker.cancelled(), b._worker  # checked while the loop still runs (asyncio.run would cancel it anyway)
+
+    assert asyncio.run(go()) == (True, None)
+
+
+def test_batcher_answers_the_rest_of_a_batch_when_one_client_left():
+    # request 1 is cancelled while its batch is in the forward: request 2, after it in the same batch, still gets its scores
+    from fastlclip.serve.batcher import Batcher
+
+    started, gate = threading.Event(), threading.Event()
+
+    def score_fn(x, prompts, noise):
+        started.set()
+        assert gate.wait(5)
+        return x.flatten(1)[:, 0]
+
+    reqs = [_request(1, 1), _request(2, 2)]
+
+    async def go():
+        b = Batcher(score_fn, max_batch_size=8, max_wait_ms=50)
+        first, second = (asyncio.ensure_future(b.submit(r)) for r in reqs)
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        first.cancel()
+        gate.set()
+        out = await asyncio.wait_for(second, 5)
+        await b.close()
+        return out, first.cancelled()
+
+    out, cancelled = asyncio.run(go())
+    assert cancelled and out == pytest.approx(reqs[1].latents.flatten(1)[:, 0].tolist())
