@@ -47,6 +47,21 @@ def tiny_open_clip(seed: int = 0):
     ).eval()
 
 
+def tiny_noise_aware(seed: int = 0):
+    """The tiny config as a noise-aware tower, random weights from ``seed``; its noise embedding (zero at
+    initialisation, so the level would not matter) drawn from N(0, 0.5^2)."""
+    import fastlclip
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastlclip.load({**TINY, "vision_cfg": {**TINY["vision_cfg"], "noise_aware": True}})
+    with torch.no_grad():
+        for p in model.visual.latent_vit.noise_embed.parameters():
+            p.normal_(0, 0.5)
+    return model
+
+
 def tiny_model_with_trained_scale():
     """The tiny config, random weights, with a trained CLIP's logit scale (100, as the released checkpoints)."""
     import math

@@ -11,7 +11,7 @@ import torch
 import fastlclip
 from fastlclip.reno import LatentCLIPLoss
 
-from conftest import TINY, tiny_model_with_trained_scale, tiny_open_clip, tiny_vae
+from conftest import TINY, tiny_model_with_trained_scale, tiny_noise_aware, tiny_open_clip, tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +73,7 @@ def test_scale(model):
 
 
 def test_per_latent_noise_levels_follow_their_latents_across_chunks():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = fastlclip.load({**TINY, "vision_cfg": {**TINY["vision_cfg"], "noise_aware": True}})
-    with torch.no_grad():
-        for p in model.visual.latent_vit.noise_embed.parameters():
-            p.normal_(0, 0.5)
+    model = tiny_noise_aware(0)
     reward = fastlclip.LatentCLIPReward(model)
     x = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     s = torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8])

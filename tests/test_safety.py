@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlclip
-from conftest import TINY, tiny_model_with_trained_scale
+from conftest import TINY, tiny_model_with_trained_scale, tiny_noise_aware
 from fastlclip.i2p import I2P_CATEGORIES, read_i2p
 from fastlclip.safety import DEFAULT_CONCEPTS, LatentSafetyChecker, SafetyCallback, SafetyGuidance
 
@@ -431,13 +431,7 @@ def test_prompt_weight_must_be_a_number(model):
 
 @pytest.fixture(scope="module")
 def noise_aware():
-    torch.manual_seed(4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = fastlclip.load({**TINY, "vision_cfg": {**TINY["vision_cfg"], "noise_aware": True}})
-    with torch.no_grad():  # the noise embedding starts at zero: make the level matter
-        for p in model.visual.latent_vit.noise_embed.parameters():
-            p.normal_(0, 0.5)
+    model = tiny_noise_aware(4)
     return model
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import save, save_file
 import fastlclip
 from fastlclip.serve import create_app, read_metadata
 
-from conftest import TINY
+from conftest import TINY, tiny_noise_aware
 
 V1 = {"x-drm-protocol-version": "1"}
 
@@ -89,13 +89,7 @@ def test_v1_client_tensors_accepted_and_noise_level_ignored_by_a_clean_model(rew
 
 
 def test_noise_aware_model_scores_latents_renoised_to_u_batched_by_noise_level():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = fastlclip.load({**TINY, "vision_cfg": {**TINY["vision_cfg"], "noise_aware": True}})
-    with torch.no_grad():  # a noise embedding that matters
-        for p in model.visual.latent_vit.noise_embed.parameters():
-            p.normal_(0, 0.5)
+    model = tiny_noise_aware(0)
     reward = fastlclip.LatentCLIPReward(model)
     app = create_app(reward, max_batch_size=32, max_wait_ms=300)
     xs, us, seeds = [latents(1, 300 + i) for i in range(4)], [0.2, 0.6, 0.2, 0.6], [5, 6, 7, 8]
@@ -599,13 +593,7 @@ def test_a_type_error_from_the_model_is_400():
 
 
 def test_noise_aware_reply_per_latent_levels_and_default_seed():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = fastlclip.load({**TINY, "vision_cfg": {**TINY["vision_cfg"], "noise_aware": True}})
-    with torch.no_grad():
-        for p in model.visual.latent_vit.noise_embed.parameters():
-            p.normal_(0, 0.5)
+    model = tiny_noise_aware(0)
     reward = fastlclip.LatentCLIPReward(model)
     app = create_app(reward)
     x, u = latents(3, seed=40), torch.tensor([0.1, 0.5, 0.8])

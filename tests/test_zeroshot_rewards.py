@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlclip
-from conftest import TINY, tiny_open_clip, tiny_vae
+from conftest import TINY, tiny_noise_aware, tiny_open_clip, tiny_vae
 
 LATENT = TINY["vision_cfg"]["image_size"] // 8
 
@@ -118,15 +118,8 @@ def test_pixel_reward_is_decode_then_clip(pixel_clip):
 
 @pytest.fixture(scope="module")
 def noise_aware():
-    import warnings
-
-    torch.manual_seed(4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = fastlclip.load({**TINY, "vision_cfg": {**TINY["vision_cfg"], "noise_aware": True}})
-    with torch.no_grad():  # the noise embedding starts at zero: make the level matter
-        for p in model.visual.latent_vit.noise_embed.parameters():
-            p.normal_(0, 0.5)
+    model = tiny_noise_aware(4)
+    with torch.no_grad():
         model.logit_scale.fill_(2.0)
     return model
 
