@@ -1241,3 +1241,126 @@ def test_resume_never_unpickles_code_from_a_checkpoint(small, tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         _small_train(small, tmp_path / "run")
     assert not marker.exists()
+
+
+# -- gaps found by mutation testing: teacher.py and the rest of targets.py -------------------------------------------
+
+def test_copy_image_tower_copies_every_tower_tensor_and_resamples_positions(small):
+    """Every class-token / ln_pre / transformer / ln_post / proj tensor equal to the teacher's, the patch embedding
+    the student's own, the positional table's class row kept and its 4x4 grid resampled to the student's 2x2 with
+    bicubic antialiased interpolation (open_clip's resize_pos_embed, written out with F.interpolate)."""
+    import fastlclip
+    from fastlclip.distill.teacher import copy_image_tower
+
+    teacher = copy.deepcopy(small["teacher"])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # no tensor left at its init value (layer norms start at 1 and 0 in both models)
+        for p in teacher.visual.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    cfg = dict(W.STUDENT, vae_cfg=SMALL_VAE, text_cfg=dict(W.STUDENT["text_cfg"], context_length=77),
+               vision_cfg=dict(W.STUDENT["vision_cfg"], layers=1, patch_size=4))  # 8x8 latents, patch 4: 2x2 grid
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vit = fastlclip.load(cfg).visual.latent_vit
+    own_before = {k: v.clone() for k, v in vit.state_dict().items()}
+    copy_image_tower(vit, teacher)
+    src = teacher.visual.state_dict()
+    got = vit.state_dict()
+    copied = [k for k in src if k.split(".")[0] in ("class_embedding", "ln_pre", "transformer", "ln_post", "proj")]
+    assert len(copied) > 10 and "proj" in copied and "class_embedding" in copied
+    for k in copied:
+        assert torch.equal(got[k], src[k]), k
+        assert not torch.equal(own_before[k], src[k]), k  # the copy changed it
+    for k in got:
+        if k not in copied and k != "positional_embedding":
+            assert torch.equal(got[k], own_before[k]), k  # conv1 and everything else: the student's own
+    pos = src["positional_embedding"]
+    assert pos.shape == (17, 64) and got["positional_embedding"].shape == (5, 64)
+    grid = pos[1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(2, 2), mode="bicubic", antialias=True, align_corners=False)
+    want = torch.cat([pos[:1], want.permute(0, 2, 3, 1).reshape(4, 64)])
+    torch.testing.assert_close(got["positional_embedding"], want, rtol=0, atol=1e-6)
+
+
+def test_register_teacher_config_under_a_fresh_name_from_a_dict_and_a_file(tmp_path):
+    """open_clip's registry lives as long as the process, so each check uses a name no other test registered."""
+    import uuid
+
+    import open_clip
+
+    from fastlclip.distill.teacher import load_teacher, register_teacher_config
+
+    cfg = json.loads(json.dumps(W.TEACHER_CFG))
+    name = f"fresh-{uuid.uuid4().hex[:8]}"
+    assert name not in open_clip.list_models()
+    register_teacher_config(name, cfg)
+    assert open_clip.get_model_config(name) == cfg
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(dict(cfg, embed_dim=16)), encoding="utf-8")
+    register_teacher_config(name + "-file", cfg_file)
+    assert open_clip.get_model_config(name + "-file") == dict(cfg, embed_dim=16)
+    by_load = f"fresh-{uuid.uuid4().hex[:8]}"  # load_teacher registers the config under the teacher's name
+    model = load_teacher(by_load, config=cfg_file)
+    assert by_load in open_clip.list_models() and model.visual.output_dim == 16 and not model.training
+
+
+def test_teacher_preprocessing_clamps_decodes_outside_minus_one_one(small):
+    """A VAE decode overshoots [-1, 1]: the pixels are clamped to [0, 1] before the mean / std (as a decoded image
+    saved to uint8 and read back by open_clip would be)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    from fastlclip.distill.teacher import preprocess
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.rand(2, 3, 32, 32, generator=g) * 2 - 1) * 1.8  # about 45 % of the values beyond +-1
+    pix = ((x.double() + 1) / 2).clamp(0, 1)
+    mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    torch.testing.assert_close(preprocess(small["teacher"], x).double(), (pix - mean) / std, rtol=0, atol=1e-5)
+
+
+def test_copy_image_tower_refusals_name_the_first_mismatch(small):
+    """A deeper student (keys the teacher lacks), a narrower one (same keys, other shapes), a deeper teacher (keys
+    the student lacks): each refused before anything is copied, naming what differs."""
+    import open_clip
+
+    import fastlclip
+    from fastlclip.distill.teacher import copy_image_tower
+
+    def student(**kw):
+        cfg = dict(W.STUDENT, vae_cfg=SMALL_VAE, text_cfg=dict(W.STUDENT["text_cfg"], context_length=77),
+                   vision_cfg=dict(W.STUDENT["vision_cfg"], **kw))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fastlclip.load(cfg).visual.latent_vit
+
+    block1 = "['transformer.resblocks.1.attn.in_proj_bias', 'transformer.resblocks.1.attn.in_proj_weight', " \
+             "'transformer.resblocks.1.attn.out_proj.bias', 'transformer.resblocks.1.attn.out_proj.weight']"
+    deep_teacher = open_clip.model.CLIP(**dict(W.TEACHER_CFG, vision_cfg=dict(W.TEACHER_CFG["vision_cfg"], layers=2)))
+    for vit, teacher, detail in (
+            (student(layers=2), small["teacher"], "missing " + block1),
+            (student(layers=1, width=32), small["teacher"], "class_embedding is (64,) in the teacher, (32,) in the student"),
+            (student(layers=1), deep_teacher, "unexpected " + block1)):
+        before = {k: v.clone() for k, v in vit.state_dict().items()}
+        with pytest.raises(ValueError) as e:
+            copy_image_tower(vit, teacher)
+        assert str(e.value).endswith("(width, layers, heads, MLP ratio, embed_dim): " + detail), str(e.value)
+        assert all(torch.equal(v, before[k]) for k, v in vit.state_dict().items())
+
+
+def test_load_teacher_moves_to_the_device_and_check_teacher_needs_both_towers(small):
+    from fastlclip.distill.teacher import check_teacher, load_teacher
+
+    model = load_teacher(copy.deepcopy(small["teacher"]), device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    same = copy.deepcopy(small["teacher"])
+    assert load_teacher(same) is same and {p.device.type for p in same.parameters()} == {"cpu"}
+    no_text = torch.nn.Module()
+    no_text.visual = copy.deepcopy(small["teacher"].visual)  # a ViT tower, no token_embedding
+    no_vit = torch.nn.Module()
+    no_vit.visual, no_vit.token_embedding = torch.nn.Linear(2, 2), torch.nn.Embedding(4, 2)  # no conv1: not a ViT
+    for bad in (no_text, no_vit):
+        with pytest.raises(ValueError, match="open_clip CLIP with a ViT image tower"):
+            check_teacher(bad)
+    check_teacher(small["teacher"])
