@@ -1364,3 +1364,73 @@ def test_load_teacher_moves_to_the_device_and_check_teacher_needs_both_towers(sm
         with pytest.raises(ValueError, match="open_clip CLIP with a ViT image tower"):
             check_teacher(bad)
     check_teacher(small["teacher"])
+
+
+def test_target_spec_identity_and_build(small, tmp_path, monkeypatch):
+    """The run.json identity written out by hand: module labels, a registered name kept, paths made absolute."""
+    from fastlclip.distill.targets import KIND, TargetSpec
+
+    vae, teacher = _small_vae(), small["teacher"]
+    spec = TargetSpec(vae=vae, teacher=teacher, shape=(16, 8, 8), vae_cfg={"a": 1})
+    assert spec.identity() == {
+        "kind": KIND, "vae": "<AutoencoderKL module>", "vae_cfg": {"a": 1}, "teacher": "<CLIP module>",
+        "teacher_pretrained": None, "teacher_config": None, "space": "vae", "latent_shape": [16, 8, 8],
+        "image_size": None, "dtype": "float32"}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vae_dir").mkdir()
+    (tmp_path / "w.pt").write_bytes(b"")
+    spec = TargetSpec(vae="vae_dir", teacher="tiny", teacher_pretrained="w.pt", teacher_config={"embed_dim": 8},
+                      space="diffusion", shape=(4, 2, 2), image_size=16, dtype="bfloat16")
+    assert spec.identity() == {
+        "kind": KIND, "vae": str(tmp_path / "vae_dir"), "vae_cfg": {}, "teacher": "tiny",
+        "teacher_pretrained": str(tmp_path / "w.pt"), "teacher_config": {"embed_dim": 8}, "space": "diffusion",
+        "latent_shape": [4, 2, 2], "image_size": 16, "dtype": "bfloat16"}
+    spec = TargetSpec(vae="sdxl", teacher="tiny", teacher_pretrained="not-here.pt")  # kept as given
+    assert (spec.identity()["vae"], spec.identity()["teacher_pretrained"]) == ("sdxl", "not-here.pt")
+    # build(device) puts the VAE and the teacher there
+    spec = TargetSpec(vae=copy.deepcopy(vae), teacher=copy.deepcopy(teacher), shape=(16, 8, 8),
+                      vae_cfg=dict(SMALL_VAE), device="cpu")
+    scorer = spec.build("meta")
+    assert scorer.device == torch.device("meta") and scorer.vae.device.type == "meta"
+    assert {p.device.type for p in scorer.teacher.parameters()} == {"meta"}
+
+
+def test_target_scorer_builds_the_named_teacher_in_the_specs_dtype_and_device(small, tmp_path):
+    """A teacher by a fresh name (its config registered, its weights loaded), the VAE frozen in eval mode, both in
+    the spec's dtype; the device: build()'s, else the spec's, else the default (CPU here)."""
+    import types
+    import uuid
+
+    from fastlclip.corpus.runner import BadSample
+    from fastlclip.distill.targets import TargetSpec
+
+    vae, teacher = _small_vae(), small["teacher"]
+    weights = tmp_path / "w.pt"
+    torch.save(teacher.state_dict(), weights)
+    name = f"fresh-{uuid.uuid4().hex[:8]}"
+    spec = TargetSpec(vae=copy.deepcopy(vae), teacher=name, teacher_pretrained=str(weights),
+                      teacher_config=json.loads(json.dumps(W.TEACHER_CFG)), shape=(16, 8, 8), vae_cfg=dict(SMALL_VAE),
+                      dtype="float64")
+    scorer = spec.build()
+    assert scorer.device == torch.device("cpu") and scorer.shape == (16, 8, 8) and scorer.embed_dim == 32
+    assert scorer.vae.dtype == torch.float64 and not scorer.vae.training
+    assert not any(p.requires_grad for p in scorer.vae.parameters())
+    got = scorer.teacher.state_dict()
+    assert all(got[k].dtype == torch.float64 and torch.equal(got[k], v.double()) for k, v in teacher.state_dict().items()
+               if v.is_floating_point())
+    meta = TargetSpec(vae=copy.deepcopy(vae), teacher=copy.deepcopy(teacher), shape=(16, 8, 8),
+                      vae_cfg=dict(SMALL_VAE), device="meta").build()  # no device given: the spec's
+    assert meta.device == torch.device("meta") and meta.vae.device.type == "meta"
+    assert {p.device.type for p in meta.teacher.parameters()} == {"meta"}
+    # image shards: uint8 (3, H, W) only, scaled by 1 / 255 (no resize at the crop size)
+    img = TargetSpec(vae=vae, teacher=teacher, shape=(16, 8, 8), vae_cfg=dict(SMALL_VAE), image_size=32)
+    scorer = img.build()
+    x = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(256).to(torch.uint8).view(3, 32, 32)
+    got = scorer.check(types.SimpleNamespace(error=None, latent=x))
+    torch.testing.assert_close(got, x.double().div(255).float(), rtol=0, atol=1e-7)
+    assert got.max() == 1 and got.min() == 0
+    for bad in (x.float(), x[:1], x[0], x[:, 0], x[None]):  # float, 1 channel, 2-D, (3, W), 4-D
+        with pytest.raises(BadSample, match="not an RGB image"):
+            scorer.check(types.SimpleNamespace(error=None, latent=bad))
+    with pytest.raises(BadSample, match="broken"):
+        scorer.check(types.SimpleNamespace(error="broken", latent=None))
