@@ -1434,3 +1434,36 @@ def test_target_scorer_builds_the_named_teacher_in_the_specs_dtype_and_device(sm
             scorer.check(types.SimpleNamespace(error=None, latent=bad))
     with pytest.raises(BadSample, match="broken"):
         scorer.check(types.SimpleNamespace(error="broken", latent=None))
+
+
+def test_make_targets_with_a_teacher_by_name_config_file_weights_and_dtype(small, tmp_path, capsys):
+    """The teacher by a fresh name (config from a JSON file, weights from a file), float16: the run.json records
+    each as given, the embeddings match the module teacher's float64 ones, and progress lines go to stderr."""
+    import uuid
+
+    from fastlclip import distill
+
+    vae, teacher = _small_vae(), small["teacher"]
+    cfg_file, weights = W.save_teacher(teacher, tmp_path / "teacher")
+    name = f"fresh-{uuid.uuid4().hex[:8]}"
+    raw = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(6))
+    shard = _latent_shard(tmp_path / "a.tar", raw, ["k0", "k1", "k2"])
+    report = distill.make_targets([shard], tmp_path / "t", vae=vae, teacher=name, teacher_config=str(cfg_file),
+                                  teacher_pretrained=weights, dtype="float16", device="cpu")
+    assert report.rows == 3
+    assert "1/1" in capsys.readouterr().err  # progress on by default: shard 1 of 1
+    t = distill.read_targets(tmp_path / "t")
+    assert t.info["teacher"] == name and t.info["teacher_pretrained"] == str(weights.resolve())
+    assert t.info["teacher_config"] == json.loads(cfg_file.read_text()) and t.info["dtype"] == "float16"
+    v64, t64 = copy.deepcopy(vae).double(), copy.deepcopy(teacher).double()
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    with torch.no_grad():
+        img = ((v64.decode(raw.double()).sample + 1) / 2).clamp(0, 1)
+        want = F.normalize(t64.encode_image((img - mean) / std), dim=-1)
+    rows = [t.keys.index(f"k{i}") for i in range(3)]
+    assert (t.embeddings[rows].double() - want).abs().max() < 2e-2  # float16 decode and teacher
+    for dtype in ("bfloat16",):
+        distill.make_targets([shard], tmp_path / dtype, vae=vae, teacher=teacher, dtype=dtype, progress=False)
+        assert distill.read_targets(tmp_path / dtype).info["dtype"] == dtype
