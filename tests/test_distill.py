@@ -1241,3 +1241,231 @@ def test_resume_never_unpickles_code_from_a_checkpoint(small, tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         _small_train(small, tmp_path / "run")
     assert not marker.exists()
+
+
+# -- gaps found by mutation testing: teacher.py and the rest of targets.py -------------------------------------------
+
+def test_copy_image_tower_copies_every_tower_tensor_and_resamples_positions(small):
+    """Every class-token / ln_pre / transformer / ln_post / proj tensor equal to the teacher's, the patch embedding
+    the student's own, the positional table's class row kept and its 4x4 grid resampled to the student's 2x2 with
+    bicubic antialiased interpolation (open_clip's resize_pos_embed, written out with F.interpolate)."""
+    import fastlclip
+    from fastlclip.distill.teacher import copy_image_tower
+
+    teacher = copy.deepcopy(small["teacher"])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # no tensor left at its init value (layer norms start at 1 and 0 in both models)
+        for p in teacher.visual.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    cfg = dict(W.STUDENT, vae_cfg=SMALL_VAE, text_cfg=dict(W.STUDENT["text_cfg"], context_length=77),
+               vision_cfg=dict(W.STUDENT["vision_cfg"], layers=1, patch_size=4))  # 8x8 latents, patch 4: 2x2 grid
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vit = fastlclip.load(cfg).visual.latent_vit
+    own_before = {k: v.clone() for k, v in vit.state_dict().items()}
+    copy_image_tower(vit, teacher)
+    src = teacher.visual.state_dict()
+    got = vit.state_dict()
+    copied = [k for k in src if k.split(".")[0] in ("class_embedding", "ln_pre", "transformer", "ln_post", "proj")]
+    assert len(copied) > 10 and "proj" in copied and "class_embedding" in copied
+    for k in copied:
+        assert torch.equal(got[k], src[k]), k
+        assert not torch.equal(own_before[k], src[k]), k  # the copy changed it
+    for k in got:
+        if k not in copied and k != "positional_embedding":
+            assert torch.equal(got[k], own_before[k]), k  # conv1 and everything else: the student's own
+    pos = src["positional_embedding"]
+    assert pos.shape == (17, 64) and got["positional_embedding"].shape == (5, 64)
+    grid = pos[1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(2, 2), mode="bicubic", antialias=True, align_corners=False)
+    want = torch.cat([pos[:1], want.permute(0, 2, 3, 1).reshape(4, 64)])
+    torch.testing.assert_close(got["positional_embedding"], want, rtol=0, atol=1e-6)
+
+
+def test_register_teacher_config_under_a_fresh_name_from_a_dict_and_a_file(tmp_path):
+    """open_clip's registry lives as long as the process, so each check uses a name no other test registered."""
+    import uuid
+
+    import open_clip
+
+    from fastlclip.distill.teacher import load_teacher, register_teacher_config
+
+    cfg = json.loads(json.dumps(W.TEACHER_CFG))
+    name = f"fresh-{uuid.uuid4().hex[:8]}"
+    assert name not in open_clip.list_models()
+    register_teacher_config(name, cfg)
+    assert open_clip.get_model_config(name) == cfg
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(dict(cfg, embed_dim=16)), encoding="utf-8")
+    register_teacher_config(name + "-file", cfg_file)
+    assert open_clip.get_model_config(name + "-file") == dict(cfg, embed_dim=16)
+    by_load = f"fresh-{uuid.uuid4().hex[:8]}"  # load_teacher registers the config under the teacher's name
+    model = load_teacher(by_load, config=cfg_file)
+    assert by_load in open_clip.list_models() and model.visual.output_dim == 16 and not model.training
+
+
+def test_teacher_preprocessing_clamps_decodes_outside_minus_one_one(small):
+    """A VAE decode overshoots [-1, 1]: the pixels are clamped to [0, 1] before the mean / std (as a decoded image
+    saved to uint8 and read back by open_clip would be)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    from fastlclip.distill.teacher import preprocess
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.rand(2, 3, 32, 32, generator=g) * 2 - 1) * 1.8  # about 45 % of the values beyond +-1
+    pix = ((x.double() + 1) / 2).clamp(0, 1)
+    mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    torch.testing.assert_close(preprocess(small["teacher"], x).double(), (pix - mean) / std, rtol=0, atol=1e-5)
+
+
+def test_copy_image_tower_refusals_name_the_first_mismatch(small):
+    """A deeper student (keys the teacher lacks), a narrower one (same keys, other shapes), a deeper teacher (keys
+    the student lacks): each refused before anything is copied, naming what differs."""
+    import open_clip
+
+    import fastlclip
+    from fastlclip.distill.teacher import copy_image_tower
+
+    def student(**kw):
+        cfg = dict(W.STUDENT, vae_cfg=SMALL_VAE, text_cfg=dict(W.STUDENT["text_cfg"], context_length=77),
+                   vision_cfg=dict(W.STUDENT["vision_cfg"], **kw))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fastlclip.load(cfg).visual.latent_vit
+
+    block1 = "['transformer.resblocks.1.attn.in_proj_bias', 'transformer.resblocks.1.attn.in_proj_weight', " \
+             "'transformer.resblocks.1.attn.out_proj.bias', 'transformer.resblocks.1.attn.out_proj.weight']"
+    deep_teacher = open_clip.model.CLIP(**dict(W.TEACHER_CFG, vision_cfg=dict(W.TEACHER_CFG["vision_cfg"], layers=2)))
+    for vit, teacher, detail in (
+            (student(layers=2), small["teacher"], "missing " + block1),
+            (student(layers=1, width=32), small["teacher"], "class_embedding is (64,) in the teacher, (32,) in the student"),
+            (student(layers=1), deep_teacher, "unexpected " + block1)):
+        before = {k: v.clone() for k, v in vit.state_dict().items()}
+        with pytest.raises(ValueError) as e:
+            copy_image_tower(vit, teacher)
+        assert str(e.value).endswith("(width, layers, heads, MLP ratio, embed_dim): " + detail), str(e.value)
+        assert all(torch.equal(v, before[k]) for k, v in vit.state_dict().items())
+
+
+def test_load_teacher_moves_to_the_device_and_check_teacher_needs_both_towers(small):
+    from fastlclip.distill.teacher import check_teacher, load_teacher
+
+    model = load_teacher(copy.deepcopy(small["teacher"]), device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    same = copy.deepcopy(small["teacher"])
+    assert load_teacher(same) is same and {p.device.type for p in same.parameters()} == {"cpu"}
+    no_text = torch.nn.Module()
+    no_text.visual = copy.deepcopy(small["teacher"].visual)  # a ViT tower, no token_embedding
+    no_vit = torch.nn.Module()
+    no_vit.visual, no_vit.token_embedding = torch.nn.Linear(2, 2), torch.nn.Embedding(4, 2)  # no conv1: not a ViT
+    for bad in (no_text, no_vit):
+        with pytest.raises(ValueError, match="open_clip CLIP with a ViT image tower"):
+            check_teacher(bad)
+    check_teacher(small["teacher"])
+
+
+def test_target_spec_identity_and_build(small, tmp_path, monkeypatch):
+    """The run.json identity written out by hand: module labels, a registered name kept, paths made absolute."""
+    from fastlclip.distill.targets import KIND, TargetSpec
+
+    vae, teacher = _small_vae(), small["teacher"]
+    spec = TargetSpec(vae=vae, teacher=teacher, shape=(16, 8, 8), vae_cfg={"a": 1})
+    assert spec.identity() == {
+        "kind": KIND, "vae": "<AutoencoderKL module>", "vae_cfg": {"a": 1}, "teacher": "<CLIP module>",
+        "teacher_pretrained": None, "teacher_config": None, "space": "vae", "latent_shape": [16, 8, 8],
+        "image_size": None, "dtype": "float32"}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vae_dir").mkdir()
+    (tmp_path / "w.pt").write_bytes(b"")
+    spec = TargetSpec(vae="vae_dir", teacher="tiny", teacher_pretrained="w.pt", teacher_config={"embed_dim": 8},
+                      space="diffusion", shape=(4, 2, 2), image_size=16, dtype="bfloat16")
+    assert spec.identity() == {
+        "kind": KIND, "vae": str(tmp_path / "vae_dir"), "vae_cfg": {}, "teacher": "tiny",
+        "teacher_pretrained": str(tmp_path / "w.pt"), "teacher_config": {"embed_dim": 8}, "space": "diffusion",
+        "latent_shape": [4, 2, 2], "image_size": 16, "dtype": "bfloat16"}
+    spec = TargetSpec(vae="sdxl", teacher="tiny", teacher_pretrained="not-here.pt")  # kept as given
+    assert (spec.identity()["vae"], spec.identity()["teacher_pretrained"]) == ("sdxl", "not-here.pt")
+    # build(device) puts the VAE and the teacher there
+    spec = TargetSpec(vae=copy.deepcopy(vae), teacher=copy.deepcopy(teacher), shape=(16, 8, 8),
+                      vae_cfg=dict(SMALL_VAE), device="cpu")
+    scorer = spec.build("meta")
+    assert scorer.device == torch.device("meta") and scorer.vae.device.type == "meta"
+    assert {p.device.type for p in scorer.teacher.parameters()} == {"meta"}
+
+
+def test_target_scorer_builds_the_named_teacher_in_the_specs_dtype_and_device(small, tmp_path):
+    """A teacher by a fresh name (its config registered, its weights loaded), the VAE frozen in eval mode, both in
+    the spec's dtype; the device: build()'s, else the spec's, else the default (CPU here)."""
+    import types
+    import uuid
+
+    from fastlclip.corpus.runner import BadSample
+    from fastlclip.distill.targets import TargetSpec
+
+    vae, teacher = _small_vae(), small["teacher"]
+    weights = tmp_path / "w.pt"
+    torch.save(teacher.state_dict(), weights)
+    name = f"fresh-{uuid.uuid4().hex[:8]}"
+    spec = TargetSpec(vae=copy.deepcopy(vae), teacher=name, teacher_pretrained=str(weights),
+                      teacher_config=json.loads(json.dumps(W.TEACHER_CFG)), shape=(16, 8, 8), vae_cfg=dict(SMALL_VAE),
+                      dtype="float64")
+    scorer = spec.build()
+    assert scorer.device == torch.device("cpu") and scorer.shape == (16, 8, 8) and scorer.embed_dim == 32
+    assert scorer.vae.dtype == torch.float64 and not scorer.vae.training
+    assert not any(p.requires_grad for p in scorer.vae.parameters())
+    got = scorer.teacher.state_dict()
+    assert all(got[k].dtype == torch.float64 and torch.equal(got[k], v.double()) for k, v in teacher.state_dict().items()
+               if v.is_floating_point())
+    meta = TargetSpec(vae=copy.deepcopy(vae), teacher=copy.deepcopy(teacher), shape=(16, 8, 8),
+                      vae_cfg=dict(SMALL_VAE), device="meta").build()  # no device given: the spec's
+    assert meta.device == torch.device("meta") and meta.vae.device.type == "meta"
+    assert {p.device.type for p in meta.teacher.parameters()} == {"meta"}
+    # image shards: uint8 (3, H, W) only, scaled by 1 / 255 (no resize at the crop size)
+    img = TargetSpec(vae=vae, teacher=teacher, shape=(16, 8, 8), vae_cfg=dict(SMALL_VAE), image_size=32)
+    scorer = img.build()
+    x = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(256).to(torch.uint8).view(3, 32, 32)
+    got = scorer.check(types.SimpleNamespace(error=None, latent=x))
+    torch.testing.assert_close(got, x.double().div(255).float(), rtol=0, atol=1e-7)
+    assert got.max() == 1 and got.min() == 0
+    for bad in (x.float(), x[:1], x[0], x[:, 0], x[None]):  # float, 1 channel, 2-D, (3, W), 4-D
+        with pytest.raises(BadSample, match="not an RGB image"):
+            scorer.check(types.SimpleNamespace(error=None, latent=bad))
+    with pytest.raises(BadSample, match="broken"):
+        scorer.check(types.SimpleNamespace(error="broken", latent=None))
+
+
+def test_make_targets_with_a_teacher_by_name_config_file_weights_and_dtype(small, tmp_path, capsys):
+    """The teacher by a fresh name (config from a JSON file, weights from a file), float16: the run.json records
+    each as given, the embeddings match the module teacher's float64 ones, and progress lines go to stderr."""
+    import uuid
+
+    from fastlclip import distill
+
+    vae, teacher = _small_vae(), small["teacher"]
+    cfg_file, weights = W.save_teacher(teacher, tmp_path / "teacher")
+    name = f"fresh-{uuid.uuid4().hex[:8]}"
+    raw = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(6))
+    shard = _latent_shard(tmp_path / "a.tar", raw, ["k0", "k1", "k2"])
+    report = distill.make_targets([shard], tmp_path / "t", vae=vae, teacher=name, teacher_config=str(cfg_file),
+                                  teacher_pretrained=weights, dtype="float16", device="cpu")
+    assert report.rows == 3
+    assert "1/1" in capsys.readouterr().err  # progress on by default: shard 1 of 1
+    t = distill.read_targets(tmp_path / "t")
+    assert t.info["teacher"] == name and t.info["teacher_pretrained"] == str(weights.resolve())
+    assert t.info["teacher_config"] == json.loads(cfg_file.read_text()) and t.info["dtype"] == "float16"
+    v64, t64 = copy.deepcopy(vae).double(), copy.deepcopy(teacher).double()
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    with torch.no_grad():
+        img = ((v64.decode(raw.double()).sample + 1) / 2).clamp(0, 1)
+        want = F.normalize(t64.encode_image((img - mean) / std), dim=-1)
+    rows = [t.keys.index(f"k{i}") for i in range(3)]
+    assert (t.embeddings[rows].double() - want).abs().max() < 2e-2  # float16 decode and teacher
+    for dtype in ("bfloat16",):
+        # the local engine casts the modules it is given in place: copies, so the shared teacher stays float32
+        distill.make_targets([shard], tmp_path / dtype, vae=copy.deepcopy(vae), teacher=copy.deepcopy(teacher),
+                             dtype=dtype, progress=False)
+        assert distill.read_targets(tmp_path / dtype).info["dtype"] == dtype
