@@ -1465,7 +1465,9 @@ def test_make_targets_with_a_teacher_by_name_config_file_weights_and_dtype(small
     rows = [t.keys.index(f"k{i}") for i in range(3)]
     assert (t.embeddings[rows].double() - want).abs().max() < 2e-2  # float16 decode and teacher
     for dtype in ("bfloat16",):
-        # the local engine casts the modules it is given in place: copies, so the shared teacher stays float32
-        distill.make_targets([shard], tmp_path / dtype, vae=copy.deepcopy(vae), teacher=copy.deepcopy(teacher),
-                             dtype=dtype, progress=False)
+        before = {k: v.clone() for k, v in teacher.state_dict().items()}
+        distill.make_targets([shard], tmp_path / dtype, vae=vae, teacher=teacher, dtype=dtype, progress=False)
         assert distill.read_targets(tmp_path / dtype).info["dtype"] == dtype
+        # the modules given are the caller's: scored in bfloat16 by copies, never cast in place
+        assert {p.dtype for p in [*vae.parameters(), *teacher.parameters()]} == {torch.float32}
+        assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())

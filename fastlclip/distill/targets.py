@@ -17,6 +17,7 @@ rather than its decode, the better target.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import uuid
@@ -89,6 +90,17 @@ class TargetSpec:
         return json.loads(json.dumps(d, default=str))
 
 
+def _own(module: Any, dtype: torch.dtype, device: str) -> Any:
+    """``module`` (a VAE or teacher given in memory) as the scorer may cast it: a copy when its dtype or device
+    differ, so the caller's module is never cast in place; names and paths as they are."""
+    if not isinstance(module, torch.nn.Module):
+        return module
+    p = next(module.parameters(), None)
+    if p is not None and (p.dtype != dtype or p.device != torch.device(device)):
+        return copy.deepcopy(module)
+    return module
+
+
 class TargetScorer:
     """The corpus scorer interface (``shape``, ``columns()``, ``embed_dim``, ``spec``, ``scorer(latents)``) for
     targets: VAE decode, then the teacher's embedding of the decoded image."""
@@ -101,9 +113,10 @@ class TargetScorer:
         self.shape = tuple(spec.shape)
         device = device or spec.device or default_device()
         dtype = getattr(torch, spec.dtype)
-        self.vae = vaes.build_vae(spec.vae, dtype=dtype, device=device).eval().requires_grad_(False)
+        vae, teacher = _own(spec.vae, dtype, device), _own(spec.teacher, dtype, device)
+        self.vae = vaes.build_vae(vae, dtype=dtype, device=device).eval().requires_grad_(False)
         self.space = vaes.latent_space(spec.vae_cfg)
-        self.teacher = teachers.load_teacher(spec.teacher, spec.teacher_pretrained, spec.teacher_config, device)
+        self.teacher = teachers.load_teacher(teacher, spec.teacher_pretrained, spec.teacher_config, device)
         self.teacher.to(dtype)
         self.embed_dim = int(self.teacher.visual.output_dim)
         self.device = torch.device(device)
