@@ -702,20 +702,26 @@ def test_first_step_loss_follows_the_recipe(small, tmp_path, noise_aware):
     assert line["loss"] == pytest.approx(_first_loss(small, cfg, 2, 4, 0.3, noise_aware), abs=1e-5)
 
 
-def test_resume_after_a_crash_is_exact_and_rewrites_the_lost_metrics(small, tmp_path, monkeypatch):
-    """A run that dies at its second checkpoint (after logging steps 3 and 4) resumes from step 2 to the same
-    weights and metrics as an uninterrupted one; other settings are refused."""
-    import fastlclip
-
-    train_mod = _train_module()
-    saved = []
-    real = train_mod.save_atomic
+def _capture_saves(train_mod, monkeypatch) -> list:
+    """Every object the training run saves (a deep copy, as it was when saved), in order; still saved for real."""
+    saved, real = [], train_mod.save_atomic
 
     def capture(obj, path):
         saved.append(copy.deepcopy(obj))
         real(obj, path)
 
     monkeypatch.setattr(train_mod, "save_atomic", capture)
+    return saved
+
+
+def test_resume_after_a_crash_is_exact_and_rewrites_the_lost_metrics(small, tmp_path, monkeypatch):
+    """A run that dies at its second checkpoint (after logging steps 3 and 4) resumes from step 2 to the same
+    weights and metrics as an uninterrupted one; other settings are refused."""
+    import fastlclip
+
+    train_mod = _train_module()
+    real = train_mod.save_atomic
+    saved = _capture_saves(train_mod, monkeypatch)
     ref = _small_train(small, tmp_path / "ref", eval_every=2, weight_decay=0.02)
     assert [s["step"] for s in saved] == [2, 4]
     opt = saved[0]["optimizer"]["param_groups"]
@@ -760,14 +766,7 @@ def test_resume_after_a_crash_is_exact_and_rewrites_the_lost_metrics(small, tmp_
 
 def test_init_teacher_trains_the_patch_embedding_alone_first(small, tmp_path, monkeypatch):
     train_mod = _train_module()
-    saved = []
-    real = train_mod.save_atomic
-
-    def capture(obj, path):
-        saved.append(copy.deepcopy(obj))
-        real(obj, path)
-
-    monkeypatch.setattr(train_mod, "save_atomic", capture)
+    saved = _capture_saves(train_mod, monkeypatch)
     student = dict(W.STUDENT, vision_cfg=dict(W.STUDENT["vision_cfg"], layers=1))
     _small_train(small, tmp_path / "run", student=student, init="teacher", steps=3, patch_steps=2, save_every=1,
                  warmup_steps=1, lr=1e-2)
