@@ -23,6 +23,15 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 array as PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def write_tar(path, samples) -> None:
     """``samples``: (key, {extension: bytes}) in order, as webdataset's TarWriter lays them out."""
     with tarfile.open(path, "w") as tf:

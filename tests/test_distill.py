@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import distill_world as W
+from corpus_shards import npy_bytes, png_bytes, write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = dict(steps=30, batch_size=16, lr=1e-3, warmup_steps=5, save_every=10, seed=3)
@@ -148,25 +149,14 @@ def test_targets_resume_skips_finished_shards_and_refuses_other_settings(world):
 
 def test_diffusion_space_shards_give_the_same_targets(world, tmp_path):
     """Shards of pipeline latents (z = (raw - shift) * scaling, the VAE's own constants) with space='diffusion'."""
-    import io
-    import tarfile
-
-    import numpy as np
-
     from fastlclip import distill
     from fastlclip.corpus.readers import read_shard
     from fastlclip.vaes import latent_space
 
     space = latent_space(world["vae"])
     shard = tmp_path / "diffusion.tar"
-    with tarfile.open(shard, "w") as tf:
-        for sample in list(read_shard(world["shards"][0]))[:16]:
-            buf = io.BytesIO()
-            np.save(buf, space.to_diffusion(sample.latent.double()).numpy())
-            info = tarfile.TarInfo(f"{sample.key}.latent.npy")
-            info.size = buf.tell()
-            buf.seek(0)
-            tf.addfile(info, buf)
+    write_tar(shard, [(sample.key, {"latent.npy": npy_bytes(space.to_diffusion(sample.latent.double()).numpy())})
+                      for sample in list(read_shard(world["shards"][0]))[:16]])
     distill.make_targets([shard], tmp_path / "t", vae=world["vae"], teacher=world["teacher"], space="diffusion",
                          progress=False)
     got, want = distill.read_targets(tmp_path / "t"), distill.read_targets(world["targets"])
@@ -351,26 +341,15 @@ def test_cli_refuses_a_folder_that_is_not_targets(world, capsys, tmp_path):
 
 def test_image_shards_are_vae_encoded_and_the_image_itself_embedded(world, tmp_path):
     """PNG members (one wider than tall: centre-cropped); against float64 encode and teacher on the same pixels."""
-    import io
-    import tarfile
-
     import numpy as np
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    from PIL import Image
 
     from fastlclip import distill
 
     rng = np.random.default_rng(0)
     pics = [rng.integers(0, 256, (32, 40 if i == 0 else 32, 3), dtype=np.uint8) for i in range(5)]
     shard = tmp_path / "images.tar"
-    with tarfile.open(shard, "w") as tf:
-        for i, p in enumerate(pics):
-            buf = io.BytesIO()
-            Image.fromarray(p).save(buf, format="PNG")
-            info = tarfile.TarInfo(f"{i:04d}.png")
-            info.size = buf.tell()
-            buf.seek(0)
-            tf.addfile(info, buf)
+    write_tar(shard, [(f"{i:04d}", {"png": png_bytes(p)}) for i, p in enumerate(pics)])
     report = distill.make_targets([shard], tmp_path / "t", vae=world["vae"], teacher=world["teacher"], progress=False)
     assert report.rows == 5 and not report.bad_samples
     t = distill.read_targets(tmp_path / "t")
@@ -980,19 +959,7 @@ def _small_vae():
 
 
 def _latent_shard(path: Path, latents, names) -> Path:
-    import io
-    import tarfile
-
-    import numpy as np
-
-    with tarfile.open(path, "w") as tf:
-        for name, x in zip(names, latents):
-            buf = io.BytesIO()
-            np.save(buf, x.numpy())
-            info = tarfile.TarInfo(f"{name}.latent.npy")
-            info.size = buf.tell()
-            buf.seek(0)
-            tf.addfile(info, buf)
+    write_tar(path, [(name, {"latent.npy": npy_bytes(x.numpy())}) for name, x in zip(names, latents)])
     return path
 
 
@@ -1052,11 +1019,7 @@ def test_make_targets_checks_its_arguments_before_work(small, tmp_path):
 
 
 def test_make_targets_of_image_shards_default_size_and_checks(small, tmp_path):
-    import io
-    import tarfile
-
     import numpy as np
-    from PIL import Image
 
     from fastlclip import distill
 
@@ -1064,14 +1027,7 @@ def test_make_targets_of_image_shards_default_size_and_checks(small, tmp_path):
     rng = np.random.default_rng(1)
     pics = [rng.integers(0, 256, (34, 43, 3), dtype=np.uint8) for _ in range(2)]  # default size: 34 // 4 * 4 = 32
     shard = tmp_path / "images.tar"
-    with tarfile.open(shard, "w") as tf:
-        for i, p in enumerate(pics):
-            buf = io.BytesIO()
-            Image.fromarray(p).save(buf, format="PNG")
-            info = tarfile.TarInfo(f"{i:04d}.png")
-            info.size = buf.tell()
-            buf.seek(0)
-            tf.addfile(info, buf)
+    write_tar(shard, [(f"{i:04d}", {"png": png_bytes(p)}) for i, p in enumerate(pics)])
     for size in (30, 2, True):
         with pytest.raises(ValueError, match="multiple of the VAE's downsampling 4"):
             distill.make_targets([shard], tmp_path / "never", vae=vae, teacher=teacher, image_size=size, progress=False)
@@ -1129,25 +1085,13 @@ def test_cli_in_process_on_the_small_targets(small, tmp_path, capsys):
 
 
 def test_first_sample_skips_bad_samples_and_shards_and_unwraps_a_batch_of_one(small, tmp_path):
-    import io
-    import tarfile
-
     from fastlclip import distill
 
     bad_shard = tmp_path / "0-bad.tar"
     bad_shard.write_bytes(b"not a tar file at all" * 40)
     shard = tmp_path / "1-good.tar"
-    with tarfile.open(shard, "w") as tf:
-        for name, payload in (("a.latent.npy", b"not an npy file"), ("b.latent.npy", None)):
-            if payload is None:
-                buf = io.BytesIO()
-                import numpy as np
-
-                np.save(buf, torch.randn(1, 16, 8, 8).numpy())  # (1, C, H, W): a batch of one
-                payload = buf.getvalue()
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
+    write_tar(shard, [("a", {"latent.npy": b"not an npy file"}),
+                      ("b", {"latent.npy": npy_bytes(torch.randn(1, 16, 8, 8).numpy())})])  # (1, C, H, W): a batch of one
     report = distill.make_targets([bad_shard, shard], tmp_path / "t", vae=_small_vae(), teacher=small["teacher"],
                                   progress=False)
     assert report.rows == 1 and len(report.failed) == 1
