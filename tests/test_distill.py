@@ -117,19 +117,11 @@ def _weights(path):
 
 def test_targets_are_the_teachers_embeddings_of_decoded_latents(world):
     """Against an independent float64 decode, preprocessing (32 px: no resize; OpenAI mean/std) and teacher."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
     from fastlclip.distill import read_targets
 
     t = read_targets(world["targets"])
     assert len(t) == 384 and t.info["latent_shape"] == [16, 8, 8] and len(set(t.keys)) == 384
-    vae, teacher = copy.deepcopy(world["vae"]).double(), copy.deepcopy(world["teacher"]).double()
-    raw = t.latents[:24].double()
-    with torch.no_grad():
-        img = ((vae.decode(raw).sample + 1) / 2).clamp(0, 1)
-        mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-        std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float64).view(1, 3, 1, 1)
-        want = F.normalize(teacher.encode_image((img - mean) / std), dim=-1)
+    want = _float64_targets(world["vae"], world["teacher"], t.latents[:24])
     assert (t.embeddings[:24].double() - want).abs().max() < 2e-3  # stored as float16
     # the teacher is not degenerate: its embeddings do not all point one way
     e = F.normalize(t.embeddings.float(), dim=-1)
@@ -681,6 +673,19 @@ def test_first_step_loss_follows_the_recipe(small, tmp_path, noise_aware):
     assert line["loss"] == pytest.approx(_first_loss(small, cfg, 2, 4, 0.3, noise_aware), abs=1e-5)
 
 
+def _float64_targets(vae, teacher, raw: torch.Tensor) -> torch.Tensor:
+    """The targets written out in float64: decode the raw latents, map [-1, 1] to [0, 1], normalise with OpenAI's
+    mean and std, embed with the teacher, L2-normalise."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    v64, t64 = copy.deepcopy(vae).double(), copy.deepcopy(teacher).double()
+    mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    with torch.no_grad():
+        img = ((v64.decode(raw.double()).sample + 1) / 2).clamp(0, 1)
+        return F.normalize(t64.encode_image((img - mean) / std), dim=-1)
+
+
 def _capture_saves(train_mod, monkeypatch) -> list:
     """Every object the training run saves (a deep copy, as it was when saved), in order; still saved for real."""
     saved, real = [], train_mod.save_atomic
@@ -964,8 +969,6 @@ def _latent_shard(path: Path, latents, names) -> Path:
 
 
 def test_make_targets_small_against_float64_decode_and_teacher(small, tmp_path):
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
     from fastlclip import distill
 
     vae, teacher = _small_vae(), small["teacher"]
@@ -980,12 +983,7 @@ def test_make_targets_small_against_float64_decode_and_teacher(small, tmp_path):
     assert t.info["teacher"] == "<CLIP module>" and t.info["dtype"] == "float32"
     rows = [t.keys.index(f"k{i}") for i in range(5)]
     assert torch.equal(t.latents[rows], raw.half())
-    v64, t64 = copy.deepcopy(vae).double(), copy.deepcopy(teacher).double()
-    mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float64).view(1, 3, 1, 1)
-    with torch.no_grad():
-        img = ((v64.decode(raw.double()).sample + 1) / 2).clamp(0, 1)
-        want = F.normalize(t64.encode_image((img - mean) / std), dim=-1)
+    want = _float64_targets(vae, teacher, raw)
     assert (t.embeddings[rows].double() - want).abs().max() < 2e-3
     # diffusion-space shards: z = (raw - shift) * scale, decoded as raw
     z = (raw - SHIFT) * SCALE
@@ -1398,13 +1396,7 @@ def test_make_targets_with_a_teacher_by_name_config_file_weights_and_dtype(small
     t = distill.read_targets(tmp_path / "t")
     assert t.info["teacher"] == name and t.info["teacher_pretrained"] == str(weights.resolve())
     assert t.info["teacher_config"] == json.loads(cfg_file.read_text()) and t.info["dtype"] == "float16"
-    v64, t64 = copy.deepcopy(vae).double(), copy.deepcopy(teacher).double()
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    mean = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float64).view(1, 3, 1, 1)
-    with torch.no_grad():
-        img = ((v64.decode(raw.double()).sample + 1) / 2).clamp(0, 1)
-        want = F.normalize(t64.encode_image((img - mean) / std), dim=-1)
+    want = _float64_targets(vae, teacher, raw)
     rows = [t.keys.index(f"k{i}") for i in range(3)]
     assert (t.embeddings[rows].double() - want).abs().max() < 2e-2  # float16 decode and teacher
     for dtype in ("bfloat16",):
