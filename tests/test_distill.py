@@ -1406,3 +1406,162 @@ def test_make_targets_with_a_teacher_by_name_config_file_weights_and_dtype(small
         # the modules given are the caller's: scored in bfloat16 by copies, never cast in place
         assert {p.dtype for p in [*vae.parameters(), *teacher.parameters()]} == {torch.float32}
         assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+# -- gaps found by mutation testing: the command line (parser and main without the world) -----------------------
+def _parse(argv) -> dict:
+    from fastlclip.distill.__main__ import parser
+
+    return vars(parser().parse_args([str(a) for a in argv]))
+
+
+_TARGETS = ["targets", "a.tar", "--out", "o", "--vae", "sdxl", "--teacher", "t"]
+_TRAIN = ["train", "T", "--out", "o", "--student", "s.json", "--teacher", "t", "--steps", "4", "--batch-size", "2",
+          "--lr", "0.01", "--warmup-steps", "0", "--save-every", "1", "--seed", "0"]
+_EVAL = ["eval", "c.safetensors", "T"]
+
+
+@pytest.mark.parametrize("argv, function, expected", [
+    (_TARGETS, "make_targets", {"space", "image_size", "batch_size", "engine", "workers", "device", "dtype",
+                                "teacher_config", "teacher_pretrained"}),
+    (_TRAIN, "train", {"init", "noise_aware", "patch_steps", "eval_every", "holdout", "weight_decay", "log_every",
+                       "backend", "device", "teacher_config", "teacher_pretrained"}),
+    (_EVAL, "evaluate", {"classes", "holdout", "device"}),
+])
+def test_cli_defaults_are_the_library_functions_defaults(argv, function, expected):
+    """Every optional flag left out means what the Python call means with that argument left out."""
+    import inspect
+
+    from fastlclip import distill
+
+    parsed = _parse(argv)
+    defaults = {name: p.default for name, p in inspect.signature(getattr(distill, function)).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    compared = {name for name in parsed if name in defaults and f"--{name.replace('_', '-')}" not in argv}
+    assert compared == expected
+    assert {name: parsed[name] for name in compared} == {name: defaults[name] for name in compared}
+
+
+@pytest.mark.parametrize("argv, flag, low", [
+    (_TARGETS, "--image-size", 8), (_TARGETS, "--batch-size", 1), (_TARGETS, "--workers", 1),
+    (_TRAIN, "--steps", 1), (_TRAIN, "--batch-size", 1), (_TRAIN, "--warmup-steps", 0), (_TRAIN, "--save-every", 1),
+    (_TRAIN, "--seed", 0), (_TRAIN, "--patch-steps", 0), (_TRAIN, "--eval-every", 1), (_TRAIN, "--log-every", 1),
+])
+def test_cli_integer_flags_accept_their_least_value_and_refuse_one_less(argv, flag, low, capsys):
+    def with_value(v):
+        args = list(argv)
+        if flag in args:
+            args[args.index(flag) + 1] = str(v)
+        else:
+            args += [flag, str(v)]
+        return args
+
+    assert _parse(with_value(low))[flag[2:].replace("-", "_")] == low
+    assert _main(with_value(low - 1)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"argument {flag}: must be " in err, err
+
+
+@pytest.mark.parametrize("argv", [_TARGETS, _TRAIN, _EVAL])
+def test_cli_refuses_a_missing_required_argument(argv, capsys):
+    """Each required flag (with its value) or positional left out: one line, exit 2."""
+    flags = [i for i, a in enumerate(argv) if a.startswith("--")]
+    cuts = [(i, i + 2) for i in flags] + [(i, i + 1) for i in range(1, flags[0] if flags else len(argv))]
+    for start, stop in cuts:
+        assert _main(argv[:start] + argv[stop:]) == 2, argv[start:stop]
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "required" in err, err
+
+
+def test_cli_offers_exactly_the_librarys_choices(capsys):
+    import importlib
+
+    targets, train = (importlib.import_module(f"fastlclip.distill.{m}") for m in ("targets", "train"))
+    cases = [(_TARGETS, "--engine", targets.ENGINES), (_TARGETS, "--space", ("vae", "diffusion")),
+             (_TARGETS, "--dtype", ("float32", "float16", "bfloat16")), (_TRAIN, "--init", train.INITS),
+             (_TRAIN, "--backend", train.TRAIN_BACKENDS)]
+    for argv, flag, choices in cases:
+        for choice in choices:
+            assert _parse([*argv, flag, choice])[flag[2:]] == choice
+        assert _main([*argv, flag, "other"]) == 2 and "invalid choice" in capsys.readouterr().err
+    assert _parse([*_TRAIN, "--noise-aware"])["noise_aware"] is True
+    parsed = _parse([*_TRAIN, "--lr", "1e-3", "--holdout", "0.25", "--weight-decay", "0.5"])
+    assert (parsed["lr"], parsed["holdout"], parsed["weight_decay"]) == (0.001, 0.25, 0.5)
+    assert _main([*_EVAL, "--holdout", "x"]) == 2 and "'x' is not a number" in capsys.readouterr().err
+
+
+@pytest.fixture
+def record(monkeypatch):
+    """fastlclip.distill's make_targets / train / evaluate replaced by recorders of their arguments."""
+    from types import SimpleNamespace
+
+    from fastlclip import distill
+
+    calls, results = {}, {"make_targets": SimpleNamespace(ok=["a"], rows=5, skipped=["b", "c"], failed=[]),
+                          "train": Path("/runs/final.safetensors"), "evaluate": {"rows": 3, "cosine": 0.5}}
+
+    def recorder(name):
+        def call(*args, **kwargs):
+            calls[name] = (args, kwargs)
+            result = results[name]
+            if isinstance(result, Exception):
+                raise result
+            return result
+        return call
+
+    for name in results:
+        monkeypatch.setattr(distill, name, recorder(name))
+    return SimpleNamespace(calls=calls, results=results)
+
+
+def test_cli_targets_passes_every_setting(record, tmp_path, capsys):
+    shard, weights = tmp_path / "a.tar", tmp_path / "teacher.pt"
+    write_tar(shard, [("k", {"latent.npy": npy_bytes(torch.zeros(4, 2, 2).numpy())})])
+    weights.write_bytes(b"weights")
+    argv = ["targets", shard, "--out", tmp_path / "t", "--vae", "sd15", "--teacher", "ViT-B-32", "--teacher-pretrained",
+            weights, "--space", "diffusion", "--image-size", "16", "--batch-size", "3", "--engine", "ray",
+            "--workers", "2", "--device", "cpu", "--dtype", "bfloat16"]
+    assert _main([str(a) for a in argv]) == 0
+    assert record.calls["make_targets"] == (([str(shard)], str(tmp_path / "t")), dict(
+        vae="sd15", space="diffusion", image_size=16, batch_size=3, engine="ray", workers=2, device="cpu",
+        dtype="bfloat16", teacher="ViT-B-32", teacher_pretrained=str(weights), teacher_config=None))
+    assert capsys.readouterr().err.strip() == (f"[fastlclip.distill] 1 shards (5 targets), 2 already done, 0 failed "
+                                               f"-> {tmp_path / 't'}")
+    record.results["make_targets"].failed = ["d"]
+    assert _main([str(a) for a in argv]) == 1  # a failed shard: exit 1, not the argument error's 2
+    record.results["make_targets"] = ValueError("the VAE's latents have 4 channels\nmore")
+    assert _main([str(a) for a in argv]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "python -m fastlclip.distill targets: error: the VAE's latents have 4 channels | more")
+
+
+def test_cli_train_and_eval_pass_every_setting(record, small, tmp_path, capsys, monkeypatch):
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps(W.STUDENT))
+    argv = ["train", small["targets"], "--out", tmp_path / "run", "--student", student, "--teacher", "ViT-B-32",
+            "--steps", "4", "--batch-size", "6", "--lr", "0.01", "--warmup-steps", "1", "--save-every", "2",
+            "--seed", "7", "--init", "teacher", "--noise-aware", "--patch-steps", "1", "--eval-every", "2",
+            "--holdout", "0.2", "--weight-decay", "0.1", "--log-every", "3", "--backend", "triton", "--device", "cpu"]
+    monkeypatch.delenv("RANK", raising=False)
+    assert _main([str(a) for a in argv]) == 0
+    assert record.calls["train"] == ((str(small["targets"]), str(tmp_path / "run")), dict(
+        student=str(student), steps=4, batch_size=6, lr=0.01, warmup_steps=1, init="teacher", noise_aware=True,
+        seed=7, save_every=2, eval_every=2, patch_steps=1, holdout=0.2, weight_decay=0.1, log_every=3,
+        backend="triton", device="cpu", teacher="ViT-B-32", teacher_pretrained=None, teacher_config=None))
+    assert capsys.readouterr().out == "/runs/final.safetensors\n"
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 prints the path
+    assert _main([str(a) for a in argv]) == 0 and capsys.readouterr().out == ""
+
+    checkpoint = tmp_path / "final.safetensors"
+    checkpoint.write_bytes(b"x")
+    argv = ["eval", checkpoint, small["targets"], "--classes", "red", "blue", "--holdout", "0.25", "--device", "cuda:1"]
+    assert _main([str(a) for a in argv]) == 0
+    assert record.calls["evaluate"] == ((str(checkpoint), str(small["targets"]), ["red", "blue"]),
+                                        dict(holdout=0.25, device="cuda:1"))
+    assert capsys.readouterr().out == '{\n  "rows": 3,\n  "cosine": 0.5\n}\n'
+    for holdout in ("0", "0.999"):
+        assert _main(["eval", str(checkpoint), str(small["targets"]), "--holdout", holdout]) == 0
+    assert record.calls["evaluate"][1]["holdout"] == 0.999
+    record.results["evaluate"] = ValueError("embed_dim 32 is not the targets' 64")
+    assert _main(["eval", str(checkpoint), str(small["targets"])]) == 2
+    assert capsys.readouterr().err.strip().endswith("eval: error: embed_dim 32 is not the targets' 64")
