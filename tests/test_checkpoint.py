@@ -539,3 +539,38 @@ def test_legacy_torch_save_of_every_pickle_protocol_reaches_the_loader(tmp_path,
                                                   r"pre-zip torch.save file\?\), .* re-save it") as e:
             ck.read_checkpoint(tmp_path / "old.pt")
         assert "it starts with bytes" not in str(e.value) and "corrupt" not in str(e.value)
+
+
+def test_metadata_is_the_wrappers_scalars_and_a_bare_state_dict_has_none(tmp_path):
+    """A training checkpoint's scalar entries (str, int, float, numpy scalars) become the metadata, as text; dicts,
+    lists and tensors beside the state dict (optimizer, scheduler) do not. A bare state dict has no metadata."""
+    import numpy as np
+
+    w = torch.tensor([1.0, 2.0])
+    torch.save({"state_dict": {"w": w}, "epoch": 3, "lr": 0.5, "name": "run", "step": np.int64(9),
+                "optimizer": {"state": {}}, "history": [1, 2], "ema": torch.zeros(2), "note": None}, tmp_path / "a.pt")
+    sd, meta = ck.read_checkpoint(tmp_path / "a.pt")
+    assert meta == {"epoch": "3", "lr": "0.5", "name": "run", "step": "9"} and torch.equal(sd["w"], w)
+    torch.save({"w": w}, tmp_path / "bare.pt")
+    sd, meta = ck.read_checkpoint(tmp_path / "bare.pt")
+    assert meta == {} and isinstance(meta, dict) and torch.equal(sd["w"], w)
+
+
+@pytest.mark.parametrize("obj, listed", [
+    ([torch.zeros(2)], "list"),
+    (torch.zeros(2), "Tensor"),
+    ({"w": torch.zeros(2), "step": 3}, "['w', 'step']"),
+    ({"state_dict": {"w": torch.zeros(2), "config": "x"}}, "['w', 'config']"),
+])
+def test_a_pickle_that_is_not_a_state_dict_of_tensors_is_refused(tmp_path, obj, listed):
+    torch.save(obj, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError) as e:
+        ck.read_checkpoint(tmp_path / "m.pt")
+    assert str(e.value) == f"{tmp_path / 'm.pt'} holds no state dict of tensors (keys: {listed})"
+
+
+def test_a_refused_tensor_names_the_file_it_is_in(tmp_path):
+    torch.save({"logit_scale": torch.tensor(float("nan"))}, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError) as e:
+        ck.read_checkpoint(tmp_path / "nan.pt")
+    assert str(e.value).startswith(f"{tmp_path / 'nan.pt'} holds NaN/Inf values: ['logit_scale']; ")
