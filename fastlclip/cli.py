@@ -2,7 +2,8 @@
 
 A command-line error is one line on stderr (``prog: error: message``) and exit status 2, no usage block and no
 traceback: ``Parser`` is ``argparse.ArgumentParser`` with that ``error``. ``int_at_least`` and ``positive_float``
-are ``type=`` parsers that reject bad values while parsing.
+are ``type=`` parsers that reject bad values while parsing; a parser's ``what`` says what it takes (the command-line
+reference, docs/cli.md, shows it).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def int_at_least(low: int) -> Callable[[str], int]:
         if value < low:
             raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
         return value
+    parse.what = what
     return parse
 
 
@@ -52,3 +54,6 @@ def positive_float(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
+
+
+positive_float.what = "a finite number > 0"

@@ -61,13 +61,17 @@ def convert(src: str, dst: str, model: str | Mapping[str, Any] | None = None, *,
     return spec if isinstance(spec, str) else "embedded JSON config"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> Parser:
     p = Parser(prog="python -m fastlclip.convert", description=__doc__.split("\n\n")[1])
     p.add_argument("src", help="official checkpoint (.pt), .safetensors, folder or hf-hub:<repo>[/<file>]")
     p.add_argument("dst", help="output .safetensors path (its folder must exist)")
     p.add_argument("--model", help="registered config name or a JSON config file (default: from the checkpoint's shapes)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     try:
         name = convert(a.src, a.dst, a.model, force=a.force)
     except (ckpt.CheckpointError, ValueError, OSError) as e:

@@ -27,6 +27,7 @@ import builtins
 import contextlib
 import copy
 import functools
+import importlib
 import inspect
 import re
 import runpy
@@ -448,3 +449,70 @@ def test_the_checker_catches_drift(capsys):
                             "for name in [n for n in fastlclip.list_models()]:\n    print(name)\n", "no-run", {}, "t")
     with pytest.raises(AssertionError, match="the page says"):
         exec(compile(_with_output_checks("print(1 + 1)  # 3"), "t", "exec"), {})
+
+
+
+# -- the command-line reference (docs/cli.md) ---------------------------------------------------------------------
+CLI_MODULES = (
+    "fastlclip.corpus.__main__", "fastlclip.distill.__main__", "fastlclip.serve.__main__", "fastlclip.convert")
+CLI_PAGE = ROOT / "docs" / "cli.md"
+CLI_INTRO = """# Command-line reference
+
+Every argument of the fastlclip commands: what it takes, its default, what it is. This page is written from the
+commands' argument parsers (python tests/test_docs.py > docs/cli.md) and tests/test_docs.py fails when the two
+differ. Each command checks every argument before any work starts: a bad one is one line on stderr and exit
+status 2, never a traceback.
+"""
+
+
+def _takes(a: argparse.Action) -> str:
+    if a.choices:
+        return ", ".join(f"`{c}`" for c in a.choices)
+    if a.nargs == 0:
+        return "a flag"
+    named = {int: "an integer", float: "a number", Path: "a file path"}
+    takes = getattr(a.type, "what", None) or named.get(a.type) or f"`{a.metavar or a.dest.upper()}`"
+    return takes + (", one or more" if a.nargs == "+" else "")
+
+
+def _cli_table(p: argparse.ArgumentParser) -> list[str]:
+    either = {id(a): g for g in p._mutually_exclusive_groups if g.required for a in g._group_actions}
+    rows = ["| argument | takes | default | what it is |", "|---|---|---|---|"]
+    for a in p._actions:
+        if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        name = ", ".join(f"`{o}`" for o in a.option_strings) or f"`{a.metavar or a.dest}`"
+        if id(a) in either:
+            flags = " / ".join(f"`{x.option_strings[0]}`" for x in either[id(a)]._group_actions)
+            default = f"one of {flags} required"
+        elif a.required:
+            default = "required"
+        elif a.nargs == 0:
+            default = "off"
+        else:
+            default = "none" if a.default is None else f"`{a.default}`"
+        help_text = (a.help or "").replace("|", "\\|")
+        rows.append(f"| {name} | {_takes(a)} | {default} | {help_text} |")
+    return rows
+
+
+def cli_reference() -> str:
+    """docs/cli.md as the parsers of CLI_MODULES make it."""
+    out = [CLI_INTRO]
+    for module in CLI_MODULES:
+        p = importlib.import_module(module).parser()
+        sub = next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+        commands = [(p.prog, p.description, p)] if sub is None else [
+            (f"{p.prog} {c.dest}", c.help, sub.choices[c.dest]) for c in sub._choices_actions]
+        for prog, summary, q in commands:
+            out += [f"## {prog}", "", summary.strip().replace("``", "`"), "", *_cli_table(q), ""]
+    return "\n".join(out)
+
+
+def test_the_command_line_reference_is_what_the_parsers_say():
+    assert CLI_PAGE.read_text() == cli_reference(), (
+        "docs/cli.md differs from the commands' parsers: rewrite it with python tests/test_docs.py > docs/cli.md")
+
+
+if __name__ == "__main__":
+    print(cli_reference(), end="")

@@ -54,16 +54,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--space", choices=("vae", "diffusion"), default="vae",
                    help="vae: raw posterior samples (default); diffusion: pipeline latents (converted with the model "
                         "VAE's scaling and shift)")
-    s.add_argument("--engine", choices=ENGINES, default="local")
+    s.add_argument("--engine", choices=ENGINES, default="local", help="local processes, or a Ray cluster")
     s.add_argument("--workers", type=int, default=1, help="processes (local) or actors (ray)")
-    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--batch-size", type=int, default=256, help="latents per forward")
     s.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                    help="a bad sample: skip it (recorded in the manifest) or fail its shard")
     s.add_argument("--member", help="tar member with the latent (default: latent.pt, then latent.npy)")
     s.add_argument("--column", default="latent", help="Parquet column with the latent (default: latent)")
     s.add_argument("--device", help="default: cuda if available (LOCAL_RANK's GPU under torchrun), else cpu")
-    s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    s.add_argument("--backend", choices=("eager", "triton", "graph", "compile", "auto"), default="eager")
+    s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="the model's dtype")
+    s.add_argument("--backend", choices=("eager", "triton", "graph", "compile", "auto"), default="eager",
+                   help="fast path for the image tower (fastlclip.runtime)")
     k = sub.add_parser("select", help="write the keys to keep, one per line")
     k.add_argument("folder", metavar="DIR", help="a score output folder")
     k.add_argument("--by", required=True, metavar="COLUMN",

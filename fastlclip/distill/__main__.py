@@ -23,6 +23,9 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+_float.what = "a number"
+
+
 def _teacher_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="open_clip model name (open_clip.list_models())")
     p.add_argument("--teacher-config", metavar="JSON", help="open_clip config JSON, registered under --teacher's name")
@@ -40,32 +43,37 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--space", choices=("vae", "diffusion"), default="vae", help="the shards' latents (default: vae)")
     t.add_argument("--image-size", type=int_at_least(8),
                    help="image shards: crop side in px (default: the first image's)")
-    t.add_argument("--batch-size", type=int_at_least(1), default=64)
-    t.add_argument("--engine", choices=("local", "ray"), default="local")
+    t.add_argument("--batch-size", type=int_at_least(1), default=64, help="latents per VAE decode and teacher forward")
+    t.add_argument("--engine", choices=("local", "ray"), default="local", help="local processes, or a Ray cluster")
     t.add_argument("--workers", type=int_at_least(1), default=1, help="processes (local) or actors (ray)")
     t.add_argument("--device", help="default: cuda if available (LOCAL_RANK's GPU under torchrun), else cpu")
-    t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="the VAE's and the teacher's dtype")
 
     r = sub.add_parser("train", help="train a latent student on targets (resumable; torchrun for DDP)")
     r.add_argument("targets", metavar="TARGETS", help="a targets folder")
     r.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl, final.safetensors")
     r.add_argument("--student", required=True, metavar="CONFIG", help="registered fastlclip config name or JSON file")
     _teacher_args(r)
-    r.add_argument("--steps", type=int_at_least(1), required=True)
+    r.add_argument("--steps", type=int_at_least(1), required=True, help="optimizer steps in all")
     r.add_argument("--batch-size", type=int_at_least(1), required=True, help="the global batch")
-    r.add_argument("--lr", type=_float, required=True)
-    r.add_argument("--warmup-steps", type=int_at_least(0), required=True)
-    r.add_argument("--save-every", type=int_at_least(1), required=True)
-    r.add_argument("--seed", type=int_at_least(0), required=True)
-    r.add_argument("--init", choices=("scratch", "teacher"), default="scratch")
-    r.add_argument("--noise-aware", action="store_true")
+    r.add_argument("--lr", type=_float, required=True, help="peak AdamW learning rate, in (0, 1)")
+    r.add_argument("--warmup-steps", type=int_at_least(0), required=True,
+                   help="linear warmup of each stage, then cosine decay to 0")
+    r.add_argument("--save-every", type=int_at_least(1), required=True, help="steps between resumable checkpoints")
+    r.add_argument("--seed", type=int_at_least(0), required=True,
+                   help="data order and noise (the same on any number of processes)")
+    r.add_argument("--init", choices=("scratch", "teacher"), default="scratch",
+                   help="teacher: start from the teacher's image transformer, a new patch embedding trained first")
+    r.add_argument("--noise-aware", action="store_true",
+                   help="train on x_s = (1 - s) x + s eps, s ~ U[0, 1] (diffusion space): scores noised latents")
     r.add_argument("--patch-steps", type=int_at_least(0),
                    help="--init teacher: steps training the patch embedding alone (default: steps / 5)")
-    r.add_argument("--eval-every", type=int_at_least(1))
+    r.add_argument("--eval-every", type=int_at_least(1), help="steps between held-out evaluations (default: none)")
     r.add_argument("--holdout", type=_float, default=0.05, help="fraction of keys held out (default 0.05)")
-    r.add_argument("--weight-decay", type=_float, default=0.0)
-    r.add_argument("--log-every", type=int_at_least(1), default=10)
-    r.add_argument("--backend", choices=("eager", "triton"), default="eager")
+    r.add_argument("--weight-decay", type=_float, default=0.0, help="AdamW weight decay, in [0, 1)")
+    r.add_argument("--log-every", type=int_at_least(1), default=10, help="steps between metrics.jsonl lines")
+    r.add_argument("--backend", choices=("eager", "triton"), default="eager", help="triton: the fused kernels")
     r.add_argument("--device", help="default: cuda (LOCAL_RANK's GPU) if available, else cpu")
 
     e = sub.add_parser("eval", help="held-out cosine and zero-shot agreement with the teacher (JSON on stdout)")
@@ -73,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("targets", metavar="TARGETS", help="a targets folder")
     e.add_argument("--classes", nargs="+", metavar="C", help="class names for zero-shot agreement")
     e.add_argument("--holdout", type=_float, help="held-out fraction (default: the one trained with; 0: all rows)")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="cpu", help="where the student and the text tower run")
     return p
 
 

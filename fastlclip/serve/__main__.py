@@ -29,10 +29,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+_non_negative_float.what = "a finite number >= 0"
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 65535], got {text!r}")
     return int(text)
+
+
+_port.what = "a port number, 0 to 65535"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="registered config name (fastlclip.list_models()) or a JSON config")
     p.add_argument("--pretrained", required=True, help="checkpoint: .pt, .safetensors, a folder, or hf-hub:<repo>")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --token-file)")
-    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="port to bind")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="see fastlclip.runtime (auto: eager on CPU)")
@@ -54,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send")
     p.add_argument("--resize", choices=("none", "interpolate", "pool"), default="none",
                    help="policy for latent grids other than the trained one (fastlclip.grids)")
-    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
+                   help="uvicorn's log level")
     return p
 
 
