@@ -991,3 +991,57 @@ def test_graph_replays_under_the_autocast_of_its_capture(dtype):
     assert rt.stats.captures == 1
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert (want.float() - plain).abs().max() > 1e-4  # autocast does change the result
+
+
+def test_triton_backend_runs_the_fused_kernels_and_eager_takes_them_off(monkeypatch):
+    """The fused and PyTorch paths give equal values, so only the calls tell whether backend='triton' (and a
+    fused graph runtime) runs fastlclip.kernels: the attention of every image-tower block and the patch embedding."""
+    from fastlclip import kernels
+    from fastlclip.model import PackedAttention
+
+    calls = {"attention": 0, "patch_embed": 0}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(kernels, "attention_packed", counted("attention", kernels.attention_packed))
+    monkeypatch.setattr(kernels, "patch_embed", counted("patch_embed", kernels.patch_embed))
+    model = load()
+    blocks = sum(isinstance(m, PackedAttention) for m in model.visual.latent_vit.modules())
+    assert blocks == TINY["vision_cfg"]["layers"]
+    x = latents(2, requires_grad=False)
+
+    def run(**kwargs):
+        calls.update(attention=0, patch_embed=0)
+        with torch.no_grad():
+            model.encode_latents(x, **kwargs)
+        return dict(calls)
+
+    assert run() == {"attention": 0, "patch_embed": 0}
+    model.set_backend("triton")
+    assert run() == {"attention": blocks, "patch_embed": 1}
+    model.set_backend("eager")
+    assert run() == {"attention": 0, "patch_embed": 0}
+    for fused in (True, False):  # the emulated graph runtime: a capture, then a replay re-runs the tower once
+        emulated(model, fused=fused)
+        run()
+        assert run() == ({"attention": blocks, "patch_embed": 1} if fused else {"attention": 0, "patch_embed": 0})
+
+
+def test_auto_takes_cache_path_and_refresh_and_passes_them_to_the_timing(tmp_path, monkeypatch):
+    from fastlclip.model import LatentCLIP
+
+    model = load()
+    with pytest.warns(BackendFallbackWarning, match="backend='auto' on cpu: using 'eager'"):
+        assert model.set_backend("auto", cache_path=tmp_path / "b.json", refresh=True).backend == "eager"
+    with pytest.raises(TypeError, match=r"takes only cache_path and refresh, got \['buckets'\]"):
+        model.set_backend("auto", cache_path=tmp_path / "b.json", buckets=(1,))
+    seen = []
+    monkeypatch.setattr(LatentCLIP, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(runtime.select, "choose_backend", lambda m, **kw: seen.append(kw) or "eager")
+    assert runtime.apply(model, "auto", cache_path=tmp_path / "b.json", refresh=True).backend == "eager"
+    assert runtime.apply(model, "auto").backend == "eager"
+    assert seen == [{"cache_path": tmp_path / "b.json", "refresh": True}, {}]
