@@ -890,6 +890,33 @@ def test_default_device_is_local_ranks_gpu(monkeypatch):
     assert default_device() == "cuda:1"
 
 
+def test_scorer_builds_the_named_checkpoint_in_the_asked_dtype_and_backend(tmp_path):
+    """A config and checkpoint by path: the scores are the checkpoint's (not the seeded random weights), and the
+    model is built in the spec's dtype and backend."""
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from fastlclip.corpus.scoring import ScoreSpec
+
+    config, ckpt = tmp_path / "tiny.json", tmp_path / "w.safetensors"
+    config.write_text(json.dumps(TINY))
+    torch.manual_seed(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights, saved as the checkpoint
+        trained = fastlclip.load(TINY)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, ckpt)
+    x = latents(3, 11)
+    scorer = ScoreSpec(model=str(config), pretrained=str(ckpt), prompts=["a cat"]).build("cpu")
+    with torch.no_grad():
+        feats = trained.encode_latents(x, space="vae")  # the spec's default space: raw VAE samples
+        want = F.normalize(feats, dim=-1) @ F.normalize(trained.encode_text(["a cat"]), dim=-1).T
+    np.testing.assert_allclose(scorer(x)["clip_cos_0"], want[:, 0].numpy(), rtol=0, atol=1e-5)
+    fast = ScoreSpec(model=str(config), pretrained=str(ckpt), dtype="bfloat16", backend="triton").build("cpu")
+    assert fast.model.dtype == torch.bfloat16 and fast.model.backend == "triton"
+    for k, v in trained.state_dict().items():
+        assert torch.equal(fast.model.state_dict()[k], v.to(torch.bfloat16)), k
+
+
 # -- gaps found by mutation testing: engines --------------------------------------------------------------
 def test_rank_split_against_hand_written_shares():
     from fastlclip.corpus.engines import rank_split
