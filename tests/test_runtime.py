@@ -1035,13 +1035,28 @@ def test_auto_takes_cache_path_and_refresh_and_passes_them_to_the_timing(tmp_pat
     from fastlclip.model import LatentCLIP
 
     model = load()
-    with pytest.warns(BackendFallbackWarning, match="backend='auto' on cpu: using 'eager'"):
+    with pytest.warns(BackendFallbackWarning) as record:
         assert model.set_backend("auto", cache_path=tmp_path / "b.json", refresh=True).backend == "eager"
+    assert [str(w.message) for w in record] == [
+        "backend='auto' on cpu: using 'eager' (the 'graph' and 'compile' backends need a CUDA device)"]
     with pytest.raises(TypeError, match=r"takes only cache_path and refresh, got \['buckets'\]"):
         model.set_backend("auto", cache_path=tmp_path / "b.json", buckets=(1,))
     seen = []
     monkeypatch.setattr(LatentCLIP, "device", property(lambda self: torch.device("cuda")))
-    monkeypatch.setattr(runtime.select, "choose_backend", lambda m, **kw: seen.append(kw) or "eager")
-    assert runtime.apply(model, "auto", cache_path=tmp_path / "b.json", refresh=True).backend == "eager"
-    assert runtime.apply(model, "auto").backend == "eager"
-    assert seen == [{"cache_path": tmp_path / "b.json", "refresh": True}, {}]
+    monkeypatch.setattr(runtime.select, "choose_backend", lambda m, **kw: seen.append((m, kw)) or "triton")
+    assert runtime.apply(model, "auto", cache_path=tmp_path / "b.json", refresh=True).backend == "triton"
+    assert runtime.apply(model, "auto").backend == "triton"
+    assert seen == [(model, {"cache_path": tmp_path / "b.json", "refresh": True}), (model, {})]
+
+
+def test_graph_runtime_settings_and_their_defaults():
+    from fastlclip import kernels
+
+    model = load()
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device; the model is on cpu"):
+        runtime.GraphRuntime(model)  # not emulated by default
+    rt = runtime.GraphRuntime(model, emulate=True)
+    assert rt.max_entries == 8  # docs/backends.md
+    assert rt.fused is kernels.kernels_available(model.device)  # the kernels when they can run
+    assert runtime.GraphRuntime(model, emulate=True, fused=False).fused is False
+    assert runtime.GraphRuntime(model, emulate=True, max_entries=1).max_entries == 1
