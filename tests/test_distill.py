@@ -1565,3 +1565,24 @@ def test_cli_train_and_eval_pass_every_setting(record, small, tmp_path, capsys, 
     record.results["evaluate"] = ValueError("embed_dim 32 is not the targets' 64")
     assert _main(["eval", str(checkpoint), str(small["targets"])]) == 2
     assert capsys.readouterr().err.strip().endswith("eval: error: embed_dim 32 is not the targets' 64")
+
+
+def test_cli_registers_the_teacher_config_under_its_name_and_checks_patch_steps_first(record, small, tmp_path,
+                                                                                        capsys):
+    import uuid
+
+    import open_clip
+
+    name = f"cli-teacher-{uuid.uuid4().hex[:8]}"  # open_clip's registry outlives a test: a name no test used
+    config = tmp_path / "teacher.json"
+    config.write_text(json.dumps(W.TEACHER_CFG))
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps(W.STUDENT))
+    argv = ["train", str(small["targets"]), "--out", str(tmp_path / "run"), "--student", str(student), "--teacher",
+            name, "--teacher-config", str(config), "--steps", "4", "--batch-size", "6", "--lr", "0.01",
+            "--warmup-steps", "1", "--save-every", "2", "--seed", "7"]
+    assert _main(argv) == 0 and name in open_clip.list_models()
+    kwargs = record.calls.pop("train")[1]
+    assert (kwargs["teacher"], kwargs["teacher_config"], kwargs["teacher_pretrained"]) == (name, str(config), None)
+    assert _main([*argv, "--patch-steps", "4"]) == 2  # refused before any work: train() is never called
+    assert "patch_steps (4) must be below steps (4)" in capsys.readouterr().err and "train" not in record.calls

@@ -3,6 +3,7 @@ batching under concurrency, a bad request failing alone, pickles never run, and 
 rule, SIGTERM drains in-flight requests and exits 0). Tiny model, loopback only, bounded request counts."""
 
 import asyncio
+import copy
 import json
 import pickle
 import signal
@@ -732,6 +733,48 @@ def test_cli_main_reports_a_model_that_does_not_load(tmp_path, capsys):
     assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "could not load the model" in lines[0]
+
+
+def test_cli_main_loads_on_the_chosen_device_dtype_and_backend(seeded_tiny_model, tmp_path, monkeypatch, capsys):
+    """What main() asks fastlclip.load for, the CUDA defaults included (a recorder stands in for load and a CUDA
+    machine), and the load error in one line: its first line, or its type when it says nothing."""
+    import uvicorn
+
+    from fastlclip.serve.__main__ import main
+
+    asked = []
+
+    def load(*args, **kwargs):
+        asked.append((args, kwargs))
+        if isinstance(failure, BaseException):
+            raise failure
+        return copy.deepcopy(seeded_tiny_model)
+
+    monkeypatch.setattr(fastlclip, "load", load)
+    monkeypatch.setattr(uvicorn, "Server", _FakeServer)
+    monkeypatch.setattr(uvicorn, "Config", lambda app, **kw: app)
+    monkeypatch.setattr("signal.signal", lambda *a: None)
+    failure = None
+
+    def run(*extra):
+        assert main(["--model", "m", "--pretrained", str(tmp_path), *extra]) == 0
+        return asked[-1][1]
+
+    assert run() == dict(device="cpu", dtype=torch.float32, backend="eager", resize=None)
+    assert run("--backend", "triton", "--resize", "interpolate")["backend"] == "triton"
+    assert run("--dtype", "float16")["dtype"] == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run() == dict(device="cuda", dtype=torch.bfloat16, backend="auto", resize=None)
+    assert run("--device", "cpu") == dict(device="cpu", dtype=torch.float32, backend="eager", resize=None)
+    assert run("--dtype", "float32", "--backend", "graph") == dict(device="cuda", dtype=torch.float32,
+                                                                  backend="graph", resize=None)
+    assert asked[-1][0] == ("m", str(tmp_path))
+    capsys.readouterr()
+    for failure, said in ((KeyError(), "KeyError"), (ValueError("first line\nsecond"), "first line")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", "m", "--pretrained", str(tmp_path)])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err == f"python -m fastlclip.serve: error: could not load the model: {said}\n"
 
 
 def test_create_app_defaults(reward):
