@@ -1021,7 +1021,9 @@ def test_triton_backend_runs_the_fused_kernels_and_eager_takes_them_off(monkeypa
         return dict(calls)
 
     assert run() == {"attention": 0, "patch_embed": 0}
-    model.set_backend("triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the kernels can run here (TRITON_INTERPRET=1): nothing to warn of
+        model.set_backend("triton")
     assert run() == {"attention": blocks, "patch_embed": 1}
     model.set_backend("eager")
     assert run() == {"attention": 0, "patch_embed": 0}
