@@ -1586,3 +1586,107 @@ def test_cli_registers_the_teacher_config_under_its_name_and_checks_patch_steps_
     assert (kwargs["teacher"], kwargs["teacher_config"], kwargs["teacher_pretrained"]) == (name, str(config), None)
     assert _main([*argv, "--patch-steps", "4"]) == 2  # refused before any work: train() is never called
     assert "patch_steps (4) must be below steps (4)" in capsys.readouterr().err and "train" not in record.calls
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """make_targets' engines replaced by recorders of what they are handed (no decoding, no teacher forward)."""
+    import importlib
+
+    targets = importlib.import_module("fastlclip.distill.targets")
+    calls = []
+
+    def recorder(engine):
+        def run(mine, spec, opts, workers, report):
+            calls.append(dict(engine=engine, mine=list(mine), spec=spec, opts=opts, workers=workers, report=report))
+            return []
+        return run
+
+    monkeypatch.setattr(targets, "run_local", recorder("local"))
+    monkeypatch.setattr(targets, "run_ray", recorder("ray"))
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return calls
+
+
+def test_make_targets_hands_the_run_its_settings(small, tmp_path, runs, monkeypatch, capsys):
+    """Defaults (one worker in this process, batches of 64, the "latent" column, skip bad samples), every setting
+    passed on, this rank's shards (all of them for Ray), a nested output folder made and reusable, progress lines."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastlclip import distill
+
+    vae, teacher = _small_vae(), small["teacher"]
+    a = _latent_shard(tmp_path / "a.tar", torch.randn(2, 16, 8, 8), ["a0", "a1"])
+    b = _latent_shard(tmp_path / "b.tar", torch.randn(1, 16, 8, 8), ["b0"])
+    out = tmp_path / "x" / "y" / "t"
+    for _ in range(2):  # the second call resumes into the same folder
+        report = distill.make_targets([b, a], out, vae=vae, teacher=teacher, progress=False)
+        assert report.rows == 0 and report.ok == []
+    call = runs[-1]
+    assert (call["engine"], call["mine"], call["workers"]) == ("local", [str(b), str(a)], 1)  # as given
+    opts = call["opts"]
+    assert (opts.out, opts.batch_size, opts.on_error, opts.member, opts.column) == (str(out), 64, "skip", None, "latent")
+    assert len(opts.run_id) == 12 and int(opts.run_id, 16) >= 0 and opts.run_id != runs[0]["opts"].run_id
+    assert call["spec"].teacher_pretrained is None and call["spec"].shape == (16, 8, 8)
+
+    weights = tmp_path / "teacher.pt"
+    torch.save(teacher.state_dict(), weights)
+    distill.make_targets([a, b], out / "2", vae=vae, teacher=teacher, teacher_pretrained=weights, batch_size=3,
+                         workers=2, on_error="raise", member="latent.npy", progress=True)
+    call = runs[-1]
+    assert (call["workers"], call["opts"].batch_size, call["opts"].on_error, call["opts"].member) == (
+        2, 3, "raise", "latent.npy")
+    assert call["spec"].teacher_pretrained == str(weights)
+    for done, name in enumerate(("a.tar", "b.tar"), 1):  # the progress line counts finished shards of this run
+        call["report"]({"shard": str(tmp_path / name), "status": "skipped"})
+        assert capsys.readouterr().err == f"[fastlclip.corpus] {done}/2 {name}: skipped (output exists)\n"
+
+    distill.make_targets([a, b], out / "ray", vae=vae, teacher=teacher, engine="ray", progress=False)
+    assert (runs[-1]["engine"], runs[-1]["mine"]) == ("ray", [str(a), str(b)])  # Ray shares the shards itself
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distill.make_targets([a, b], out / "r1", vae=vae, teacher=teacher, progress=False)
+    assert runs[-1]["mine"] == [str(b)]  # shard i to rank i % WORLD_SIZE
+    count = len(runs)
+    assert distill.make_targets([a], out / "r1b", vae=vae, teacher=teacher, progress=False).ok == []
+    assert len(runs) == count  # no shard for this rank: nothing run
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+
+    odd = tmp_path / "odd.tar"  # the latent under another member name, and a Parquet column of another name
+    write_tar(odd, [("o0", {"lat.npy": npy_bytes(torch.randn(16, 8, 8).numpy())})])
+    distill.make_targets([odd], out / "odd", vae=vae, teacher=teacher, member="lat.npy", progress=False)
+    assert runs[-1]["opts"].member == "lat.npy"
+    pq.write_table(pa.table({"key": ["p0"], "z": pa.array([torch.randn(16, 8, 8).tolist()])}), tmp_path / "p.parquet")
+    distill.make_targets([tmp_path / "p.parquet"], out / "p", vae=vae, teacher=teacher, column="z", progress=False)
+    assert runs[-1]["opts"].column == "z" and runs[-1]["spec"].shape == (16, 8, 8)
+
+
+def test_make_targets_refuses_a_bad_teacher_or_image_size_before_work(small, tmp_path, runs):
+    import numpy as np
+
+    from fastlclip import distill
+    from fastlclip.distill.teacher import register_teacher_config
+
+    vae = _small_vae()
+    shard = _latent_shard(tmp_path / "a.tar", torch.randn(1, 16, 8, 8), ["a"])
+    register_teacher_config("tiny-teacher-by-name", W.TEACHER_CFG)
+    with pytest.raises(ValueError):
+        distill.make_targets([shard], tmp_path / "never", vae=vae, teacher="no-such-teacher", progress=False)
+    with pytest.raises((ValueError, FileNotFoundError, OSError)):
+        distill.make_targets([shard], tmp_path / "never", vae=vae, teacher="tiny-teacher-by-name",
+                             teacher_pretrained=tmp_path / "missing.pt", progress=False)
+    assert not (tmp_path / "never").exists() and runs == []
+    distill.make_targets([shard], tmp_path / "t", vae=vae, teacher="tiny-teacher-by-name", progress=False)
+    assert runs[-1]["spec"].teacher_pretrained is None  # by name, no weights: random (no file named "None")
+
+    pics = tmp_path / "images.tar"
+    write_tar(pics, [("i0", {"png": png_bytes(np.zeros((16, 16, 3), np.uint8))})])
+    distill.make_targets([pics], tmp_path / "t4", vae=vae, teacher=small["teacher"], image_size=4, progress=False)
+    assert runs[-1]["spec"].shape == (16, 1, 1)  # the least size: the VAE's downsampling itself
+    for size in (16.0, "16", 3):
+        with pytest.raises(ValueError, match="image_size must be a positive multiple"):
+            distill.make_targets([pics], tmp_path / "never", vae=vae, teacher=small["teacher"], image_size=size,
+                                 progress=False)
