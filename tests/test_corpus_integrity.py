@@ -917,6 +917,52 @@ def test_scorer_builds_the_named_checkpoint_in_the_asked_dtype_and_backend(tmp_p
         assert torch.equal(fast.model.state_dict()[k], v.to(torch.bfloat16)), k
 
 
+def test_score_hands_each_engine_its_shards_workers_and_scorer(tmp_path, model, monkeypatch):
+    """Which engine runs what (recorders stand in for the engines): one local process gets the scorer built here;
+    several local workers and Ray actors build their own; Ray shares all shards itself, local runs take this
+    rank's share; a rank without shards runs nothing."""
+    from fastlclip.corpus.scoring import Scorer
+
+    calls = []
+
+    def recorder(engine):
+        def run(mine, spec, opts, workers, report, **kw):
+            calls.append(dict(engine=engine, mine=list(mine), workers=workers, kw=kw, spec=spec, opts=opts))
+            return []
+        return run
+
+    monkeypatch.setattr(corpus, "run_local", recorder("local"))
+    monkeypatch.setattr(corpus, "run_ray", recorder("ray"))
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    pt_shard(a, "a", latents(1, 1))
+    pt_shard(b, "b", latents(1, 2))
+
+    def run(out, shards=(a, b), **kw):
+        score(list(shards), tmp_path / out, model, **kw)
+        return calls[-1]
+
+    one = run("one")
+    assert (one["engine"], one["mine"], one["workers"]) == ("local", [str(a), str(b)], 1)
+    assert isinstance(one["kw"]["scorer"], Scorer) and one["kw"]["scorer"].model is model
+    assert (one["opts"].batch_size, one["opts"].on_error, one["opts"].column) == (256, "skip", "latent")
+    two = run("two", workers=2, batch_size=5, on_error="raise", column="z")
+    assert (two["engine"], two["workers"], two["kw"]) == ("local", 2, {})  # spawned workers build their own
+    assert (two["opts"].batch_size, two["opts"].on_error, two["opts"].column) == (5, "raise", "z")
+    lone = run("lone", shards=(a,), workers=2)
+    assert lone["workers"] == 2 and isinstance(lone["kw"]["scorer"], Scorer)  # one shard: this process scores it
+    pytest.importorskip("ray")
+    ray = run("ray", engine="ray", workers=3)
+    assert (ray["engine"], ray["mine"], ray["workers"], ray["kw"]) == ("ray", [str(a), str(b)], 3, {})
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run("rank1")["mine"] == [str(b)]
+    assert run("rank1-ray", engine="ray")["mine"] == [str(a), str(b)]
+    count = len(calls)
+    assert score([a], tmp_path / "none", model).ok == [] and len(calls) == count  # no shard for rank 1
+
+
 # -- gaps found by mutation testing: engines --------------------------------------------------------------
 def test_rank_split_against_hand_written_shares():
     from fastlclip.corpus.engines import rank_split
