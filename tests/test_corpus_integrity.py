@@ -330,6 +330,9 @@ def test_cli_argument_errors_exit_2_and_run_failures_exit_1_in_one_line(tmp_path
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
     base = ["score", tmp_path / "a.tar", "--model", config, "--classes", "cat", "dog"]
+    code, err = run_cli([], capsys)
+    assert code == 2 and one_line(err) == ("python -m fastlclip.corpus: error: the following arguments are required: "
+                                           "command")
     code, err = run_cli([*base, "--out", tmp_path / "o1", "--templates", "{} and {}"], capsys)
     assert code == 2 and "template '{} and {}'" in one_line(err)
     code, err = run_cli([*base, "--out", tmp_path / "o2", "--engine", "ray", "--device", "gpu:0"], capsys)

@@ -1464,7 +1464,8 @@ def test_cli_integer_flags_accept_their_least_value_and_refuse_one_less(argv, fl
 
 @pytest.mark.parametrize("argv", [_TARGETS, _TRAIN, _EVAL])
 def test_cli_refuses_a_missing_required_argument(argv, capsys):
-    """Each required flag (with its value) or positional left out: one line, exit 2."""
+    """Each required flag (with its value) or positional left out, or the command itself: one line, exit 2."""
+    assert _main([]) == 2 and "the following arguments are required: command" in capsys.readouterr().err
     flags = [i for i, a in enumerate(argv) if a.startswith("--")]
     cuts = [(i, i + 2) for i in flags] + [(i, i + 1) for i in range(1, flags[0] if flags else len(argv))]
     for start, stop in cuts:

@@ -502,10 +502,11 @@ def cli_reference() -> str:
     for module in CLI_MODULES:
         p = importlib.import_module(module).parser()
         sub = next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
-        commands = [(p.prog, p.description, p)] if sub is None else [
-            (f"{p.prog} {c.dest}", c.help, sub.choices[c.dest]) for c in sub._choices_actions]
-        for prog, summary, q in commands:
-            out += [f"## {prog}", "", summary.strip().replace("``", "`"), "", *_cli_table(q), ""]
+        out += [f"## {p.prog}", "", p.description.strip(), ""]
+        if sub is None:
+            out += [*_cli_table(p), ""]
+        for c in sub._choices_actions if sub is not None else ():
+            out += [f"### {p.prog} {c.dest}", "", c.help, "", *_cli_table(sub.choices[c.dest]), ""]
     return "\n".join(out)
 
 
