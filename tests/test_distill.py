@@ -1650,6 +1650,8 @@ def test_make_targets_hands_the_run_its_settings(small, tmp_path, runs, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "2")
     distill.make_targets([a, b], out / "r1", vae=vae, teacher=teacher, progress=False)
     assert runs[-1]["mine"] == [str(b)]  # shard i to rank i % WORLD_SIZE
+    distill.make_targets([a, b], out / "r1-ray", vae=vae, teacher=teacher, engine="ray", progress=False)
+    assert runs[-1]["mine"] == [str(a), str(b)]  # Ray ignores RANK: its actors share every shard
     count = len(runs)
     assert distill.make_targets([a], out / "r1b", vae=vae, teacher=teacher, progress=False).ok == []
     assert len(runs) == count  # no shard for this rank: nothing run
@@ -1691,3 +1693,31 @@ def test_make_targets_refuses_a_bad_teacher_or_image_size_before_work(small, tmp
         with pytest.raises(ValueError, match="image_size must be a positive multiple"):
             distill.make_targets([pics], tmp_path / "never", vae=vae, teacher=small["teacher"], image_size=size,
                                  progress=False)
+
+
+def test_a_vae_is_a_registered_name_a_diffusers_folder_or_a_pipeline_folder(tmp_path, runs, small):
+    """vae_config reads a folder's config.json, or its vae/config.json (a pipeline's folder), given as a str or a
+    Path; a config without latent_channels means diffusers' default, 4."""
+    from fastlclip import distill
+    from fastlclip.distill.targets import vae_config
+    from fastlclip.vaes import get_vae_config
+
+    vae = _small_vae()
+    vae.save_pretrained(tmp_path / "plain")
+    vae.save_pretrained(tmp_path / "pipeline" / "vae")
+    want = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert want["latent_channels"] == 16
+    for folder in (tmp_path / "plain", tmp_path / "pipeline"):
+        assert vae_config(folder) == want and vae_config(str(folder)) == want
+    assert vae_config(vae)["latent_channels"] == 16 and vae_config("sd3") == get_vae_config("sd3")
+    with pytest.raises(ValueError, match="neither a registered VAE"):
+        vae_config(str(tmp_path))
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({k: v for k, v in want.items() if k != "latent_channels"}))
+    four = _latent_shard(tmp_path / "four.tar", torch.randn(1, 4, 8, 8), ["f"])
+    distill.make_targets([four], tmp_path / "t", vae=str(old), teacher=small["teacher"], progress=False)
+    assert runs[-1]["spec"].shape == (4, 8, 8)
+    sixteen = _latent_shard(tmp_path / "sixteen.tar", torch.randn(1, 16, 8, 8), ["s"])
+    with pytest.raises(ValueError, match="16 channels, the VAE 4"):
+        distill.make_targets([sixteen], tmp_path / "never", vae=str(old), teacher=small["teacher"], progress=False)
