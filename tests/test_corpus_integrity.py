@@ -924,13 +924,14 @@ def test_score_hands_each_engine_its_shards_workers_and_scorer(tmp_path, model, 
     """Which engine runs what (recorders stand in for the engines): one local process gets the scorer built here;
     several local workers and Ray actors build their own; Ray shares all shards itself, local runs take this
     rank's share; a rank without shards runs nothing."""
-    from fastlclip.corpus.scoring import Scorer
+    from fastlclip.corpus.scoring import Scorer, ScoreSpec
 
     calls = []
 
     def recorder(engine):
         def run(mine, spec, opts, workers, report, **kw):
-            calls.append(dict(engine=engine, mine=list(mine), workers=workers, kw=kw, spec=spec, opts=opts))
+            calls.append(dict(engine=engine, mine=list(mine), workers=workers, kw=kw, spec=spec, opts=opts,
+                              report=report))
             return []
         return run
 
@@ -950,8 +951,11 @@ def test_score_hands_each_engine_its_shards_workers_and_scorer(tmp_path, model, 
     assert (one["engine"], one["mine"], one["workers"]) == ("local", [str(a), str(b)], 1)
     assert isinstance(one["kw"]["scorer"], Scorer) and one["kw"]["scorer"].model is model
     assert (one["opts"].batch_size, one["opts"].on_error, one["opts"].column) == (256, "skip", "latent")
-    two = run("two", workers=2, batch_size=5, on_error="raise", column="z")
+    assert isinstance(one["spec"], ScoreSpec) and one["spec"].model is model and callable(one["report"])
+    two = run("two", workers=2, batch_size=5, on_error="raise", column="z", device="cpu", backend="triton")
     assert (two["engine"], two["workers"], two["kw"]) == ("local", 2, {})  # spawned workers build their own
+    assert isinstance(two["spec"], ScoreSpec) and (two["spec"].device, two["spec"].backend) == ("cpu", "triton")
+    assert callable(two["report"]) and two["spec"].prompts == ["a cat"]
     assert (two["opts"].batch_size, two["opts"].on_error, two["opts"].column) == (5, "raise", "z")
     lone = run("lone", shards=(a,), workers=2)
     assert lone["workers"] == 2 and isinstance(lone["kw"]["scorer"], Scorer)  # one shard: this process scores it
