@@ -1126,19 +1126,21 @@ def test_train_by_teacher_name_config_and_weights(small, tmp_path):
     """A teacher given by name, config and weights file: its text tower is the student's, its label and resolved
     weights path are the run's identity (other weights are refused on resume); arguments are checked first."""
     import shutil
+    import uuid
 
     from fastlclip.checkpoint import read_checkpoint
 
     _, weights = W.save_teacher(small["teacher"], tmp_path / "teacher")
-    args = dict(teacher="small-cfg-teacher", teacher_config=dict(W.TEACHER_CFG), teacher_pretrained=str(weights),
+    name = f"small-cfg-teacher-{uuid.uuid4().hex[:8]}"  # open_clip's registry outlives a test: a name never used
+    args = dict(teacher=name, teacher_config=dict(W.TEACHER_CFG), teacher_pretrained=str(weights),
                 steps=1, save_every=1)
     final = _small_train(small, tmp_path / "run", **args)
     got, teacher = _weights(final), small["teacher"].state_dict()
     for k in ("token_embedding.weight", "text_projection", "positional_embedding", "logit_scale"):
         assert torch.equal(got[k], teacher[k]), k
-    assert json.loads(read_checkpoint(final)[1]["fastlclip_distill"])["teacher"] == "small-cfg-teacher"
+    assert json.loads(read_checkpoint(final)[1]["fastlclip_distill"])["teacher"] == name
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert state["identity"]["teacher"] == "small-cfg-teacher"
+    assert state["identity"]["teacher"] == name
     assert state["identity"]["teacher_pretrained"] == str(weights.resolve())
     other = tmp_path / "other.pt"
     shutil.copy(weights, other)
@@ -1158,8 +1160,13 @@ def test_train_defaults(small, tmp_path):
     distill.train(small["targets"], run_dir, student=dict(W.STUDENT), teacher=small["teacher"], steps=12,
                   batch_size=4, lr=1e-3, warmup_steps=0)
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert {k: state["identity"][k] for k in ("seed", "noise_aware", "holdout", "init", "patch_steps", "weight_decay")} \
-        == {"seed": 0, "noise_aware": False, "holdout": 0.05, "init": "scratch", "patch_steps": 0, "weight_decay": 0.0}
+    identity = dict(state["identity"])  # what a resume must match, written out
+    student = identity.pop("student")
+    assert identity == {"targets": str(Path(small["targets"]).resolve()), "target_rows": 24, "teacher": "<CLIP module>",
+                        "teacher_pretrained": None, "steps": 12, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0,
+                        "init": "scratch", "noise_aware": False, "seed": 0, "patch_steps": 0, "holdout": 0.05,
+                        "weight_decay": 0.0}
+    assert student["vision_cfg"] == W.STUDENT["vision_cfg"] and student["embed_dim"] == W.STUDENT["embed_dim"]
     assert [x["step"] for x in _lines(run_dir)] == [10, 12]  # every 10 steps and the last; no eval lines
 
 
@@ -1721,3 +1728,27 @@ def test_a_vae_is_a_registered_name_a_diffusers_folder_or_a_pipeline_folder(tmp_
     sixteen = _latent_shard(tmp_path / "sixteen.tar", torch.randn(1, 16, 8, 8), ["s"])
     with pytest.raises(ValueError, match="16 channels, the VAE 4"):
         distill.make_targets([sixteen], tmp_path / "never", vae=str(old), teacher=small["teacher"], progress=False)
+
+
+def test_train_with_the_triton_backend_runs_the_fused_kernels(small, tmp_path, monkeypatch):
+    """The Triton path's values equal eager's (test_triton_backend_trains_as_eager), so only the calls tell that
+    backend="triton" trains through fastlclip.kernels: every block's attention and the patch embedding."""
+    from fastlclip import kernels
+
+    calls = {"attention": 0, "patch_embed": 0}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(kernels, "attention_packed", counted("attention", kernels.attention_packed))
+    monkeypatch.setattr(kernels, "patch_embed", counted("patch_embed", kernels.patch_embed))
+    _small_train(small, tmp_path / "eager", steps=1, save_every=1)
+    assert calls == {"attention": 0, "patch_embed": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a CPU model on a CUDA machine: the kernels' PyTorch fallbacks run
+        _small_train(small, tmp_path / "triton", steps=1, save_every=1, backend="triton")
+    layers = W.STUDENT["vision_cfg"]["layers"]
+    assert calls["patch_embed"] >= 1 and calls["attention"] >= layers
