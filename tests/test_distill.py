@@ -1752,3 +1752,24 @@ def test_train_with_the_triton_backend_runs_the_fused_kernels(small, tmp_path, m
         _small_train(small, tmp_path / "triton", steps=1, save_every=1, backend="triton")
     layers = W.STUDENT["vision_cfg"]["layers"]
     assert calls["patch_embed"] >= 1 and calls["attention"] >= layers
+
+
+def test_evaluate_without_training_metadata_scores_every_row_and_fixes_its_noise(small, tmp_path):
+    """A checkpoint without fastlclip's training record (another Latent-CLIP, or one re-saved) is evaluated on every
+    row of the targets; a noise-aware student's default noise is seed 0's."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from fastlclip import distill
+    from fastlclip.checkpoint import SAFETENSORS_CONFIG_KEY
+
+    final = _small_train(small, tmp_path / "run", steps=1, save_every=1, noise_aware=True, holdout=0.3)
+    with safe_open(str(final), framework="pt") as f:
+        weights, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    assert "fastlclip_distill" in meta
+    bare = tmp_path / "bare.safetensors"
+    save_file(weights, str(bare), metadata={SAFETENSORS_CONFIG_KEY: meta[SAFETENSORS_CONFIG_KEY]})
+    assert distill.evaluate(bare, small["targets"])["rows"] == 24
+    assert distill.evaluate(final, small["targets"])["rows"] == sum(_held(k, 0.3) for k in small["keys"])
+    assert distill.evaluate(bare, small["targets"]) == distill.evaluate(bare, small["targets"], seed=0)
+    assert distill.evaluate(bare, small["targets"]) != distill.evaluate(bare, small["targets"], seed=1)
