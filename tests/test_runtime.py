@@ -1081,3 +1081,22 @@ def test_graph_runtime_settings_and_their_defaults():
     assert rt.fused is kernels.kernels_available(model.device)  # the kernels when they can run
     assert runtime.GraphRuntime(model, emulate=True, fused=False).fused is False
     assert runtime.GraphRuntime(model, emulate=True, max_entries=1).max_entries == 1
+
+
+def test_graph_and_compile_backends_build_their_runtime_with_the_options_on_a_gpu(monkeypatch):
+    """On a (stand-in) CUDA model, set_backend builds the runtime with the options given and installs it; the
+    graph runtime emulated and the compile runtime not yet compiled, so this runs on the CPU."""
+    from fastlclip.model import LatentCLIP
+
+    model = load()
+    monkeypatch.setattr(LatentCLIP, "device", property(lambda self: torch.device("cuda")))
+    model.set_backend("graph", buckets=(1, 2), emulate=True, max_entries=3)
+    rt = model.runtime
+    assert isinstance(rt, runtime.GraphRuntime) and model.backend == "graph" and rt.model is model
+    assert (rt.buckets, rt.emulate, rt.max_entries) == ((1, 2), True, 3)
+    assert model.visual.latent_vit.forward == rt.encode  # installed: the tower runs through the runtime
+    model.set_backend("compile", buckets=(4,), mode="max-autotune-no-cudagraphs")
+    rt = model.runtime
+    assert isinstance(rt, runtime.CompiledRuntime) and model.backend == "compile"
+    assert (rt.buckets, rt.mode) == ((4,), "max-autotune-no-cudagraphs")
+    assert model.visual.latent_vit.forward == rt.encode
