@@ -157,6 +157,44 @@ def seeded_tiny_model():
         return fastlclip.load(TINY)
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch) -> dict:
+    """Calls of fastlclip.kernels' fused attention and patch embedding, counted (each still runs). The fused and
+    PyTorch paths give equal values, so only the calls tell which one a backend took."""
+    from fastlclip import kernels
+
+    calls = {"attention": 0, "patch_embed": 0}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(kernels, "attention_packed", counted("attention", kernels.attention_packed))
+    monkeypatch.setattr(kernels, "patch_embed", counted("patch_embed", kernels.patch_embed))
+    return calls
+
+
+def record_engines(monkeypatch, module) -> list[dict]:
+    """``module``'s ``run_local`` and ``run_ray`` (fastlclip.corpus's, or a user of the corpus engines) replaced by
+    recorders of what they are handed, outside torchrun (no RANK / WORLD_SIZE); returns the calls, in order."""
+    calls = []
+
+    def recorder(engine):
+        def run(mine, spec, opts, workers, report, **kw):
+            calls.append(dict(engine=engine, mine=list(mine), spec=spec, opts=opts, workers=workers, report=report,
+                              kw=kw))
+            return []
+        return run
+
+    monkeypatch.setattr(module, "run_local", recorder("local"))
+    monkeypatch.setattr(module, "run_ray", recorder("ray"))
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _restore_model_registry():
     """Configs a test registers with fastlclip.add_model_config don't leak into other tests."""

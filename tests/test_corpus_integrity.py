@@ -924,21 +924,10 @@ def test_score_hands_each_engine_its_shards_workers_and_scorer(tmp_path, model, 
     """Which engine runs what (recorders stand in for the engines): one local process gets the scorer built here;
     several local workers and Ray actors build their own; Ray shares all shards itself, local runs take this
     rank's share; a rank without shards runs nothing."""
+    from conftest import record_engines
     from fastlclip.corpus.scoring import Scorer, ScoreSpec
 
-    calls = []
-
-    def recorder(engine):
-        def run(mine, spec, opts, workers, report, **kw):
-            calls.append(dict(engine=engine, mine=list(mine), workers=workers, kw=kw, spec=spec, opts=opts,
-                              report=report))
-            return []
-        return run
-
-    monkeypatch.setattr(corpus, "run_local", recorder("local"))
-    monkeypatch.setattr(corpus, "run_ray", recorder("ray"))
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    calls = record_engines(monkeypatch, corpus)
     a, b = tmp_path / "a.tar", tmp_path / "b.tar"
     pt_shard(a, "a", latents(1, 1))
     pt_shard(b, "b", latents(1, 2))

@@ -1601,20 +1601,9 @@ def runs(monkeypatch):
     """make_targets' engines replaced by recorders of what they are handed (no decoding, no teacher forward)."""
     import importlib
 
-    targets = importlib.import_module("fastlclip.distill.targets")
-    calls = []
+    from conftest import record_engines
 
-    def recorder(engine):
-        def run(mine, spec, opts, workers, report):
-            calls.append(dict(engine=engine, mine=list(mine), spec=spec, opts=opts, workers=workers, report=report))
-            return []
-        return run
-
-    monkeypatch.setattr(targets, "run_local", recorder("local"))
-    monkeypatch.setattr(targets, "run_ray", recorder("ray"))
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    return calls
+    return record_engines(monkeypatch, importlib.import_module("fastlclip.distill.targets"))
 
 
 def test_make_targets_hands_the_run_its_settings(small, tmp_path, runs, monkeypatch, capsys):
@@ -1730,21 +1719,10 @@ def test_a_vae_is_a_registered_name_a_diffusers_folder_or_a_pipeline_folder(tmp_
         distill.make_targets([sixteen], tmp_path / "never", vae=str(old), teacher=small["teacher"], progress=False)
 
 
-def test_train_with_the_triton_backend_runs_the_fused_kernels(small, tmp_path, monkeypatch):
+def test_train_with_the_triton_backend_runs_the_fused_kernels(small, tmp_path, kernel_calls):
     """The Triton path's values equal eager's (test_triton_backend_trains_as_eager), so only the calls tell that
     backend="triton" trains through fastlclip.kernels: every block's attention and the patch embedding."""
-    from fastlclip import kernels
-
-    calls = {"attention": 0, "patch_embed": 0}
-
-    def counted(name, fn):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(kernels, "attention_packed", counted("attention", kernels.attention_packed))
-    monkeypatch.setattr(kernels, "patch_embed", counted("patch_embed", kernels.patch_embed))
+    calls = kernel_calls
     _small_train(small, tmp_path / "eager", steps=1, save_every=1)
     assert calls == {"attention": 0, "patch_embed": 0}
     with warnings.catch_warnings():

@@ -1008,22 +1008,13 @@ def test_graph_replays_under_the_autocast_of_its_capture(dtype):
     assert (want.float() - plain).abs().max() > 1e-4  # autocast does change the result
 
 
-def test_triton_backend_runs_the_fused_kernels_and_eager_takes_them_off(monkeypatch):
-    """The fused and PyTorch paths give equal values, so only the calls tell whether backend='triton' (and a
-    fused graph runtime) runs fastlclip.kernels: the attention of every image-tower block and the patch embedding."""
+def test_triton_backend_runs_the_fused_kernels_and_eager_takes_them_off(kernel_calls):
+    """Whether backend='triton' (and a fused graph runtime) runs fastlclip.kernels: the attention of every
+    image-tower block and the patch embedding, counted."""
     from fastlclip import kernels
     from fastlclip.model import PackedAttention
 
-    calls = {"attention": 0, "patch_embed": 0}
-
-    def counted(name, fn):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(kernels, "attention_packed", counted("attention", kernels.attention_packed))
-    monkeypatch.setattr(kernels, "patch_embed", counted("patch_embed", kernels.patch_embed))
+    calls = kernel_calls
     model = load()
     blocks = sum(isinstance(m, PackedAttention) for m in model.visual.latent_vit.modules())
     assert blocks == TINY["vision_cfg"]["layers"]
