@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
                    help="linear warmup of each stage, then cosine decay to 0")
     r.add_argument("--save-every", type=int_at_least(1), required=True, help="steps between resumable checkpoints")
     r.add_argument("--seed", type=int_at_least(0), required=True,
-                   help="data order and noise (the same on any number of processes)")
+                   help="initial weights, data order and noise (the same on any number of processes)")
     r.add_argument("--init", choices=("scratch", "teacher"), default="scratch",
                    help="teacher: start from the teacher's image transformer, a new patch embedding trained first")
     r.add_argument("--noise-aware", action="store_true",
