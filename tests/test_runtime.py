@@ -337,7 +337,7 @@ def test_compiled_runtime_matches_eager_without_recompiles():
     model = load()
     rt = runtime.install(model, runtime.CompiledRuntime(model, (1, 2), compiler="eager")).runtime
     reward = fastlclip.LatentCLIPReward(model)
-    for batch in (1, 3):  # bucket 1; 3 -> chunks of 2 + 1 (padded to 2)
+    for batch in (1, 3):  # bucket 1; 3 -> chunks of 2 + 1
         x = latents(batch)
         loss = reward(x, PROMPT)
         (grad,) = torch.autograd.grad(loss, x)
@@ -351,6 +351,11 @@ def test_compiled_runtime_matches_eager_without_recompiles():
             x = latents(1)
             torch.autograd.grad(reward(x, PROMPT), x)
     assert rt.stats.compiles == compiles
+    runtime.install(model, runtime.CompiledRuntime(model, (4,), compiler="eager"))
+    x = latents(3, requires_grad=False)  # the tower alone: 3 rows padded to the bucket of 4, cut back to 3
+    with torch.no_grad():
+        got = model.encode_latents(x, normalize=False)
+    torch.testing.assert_close(got, eager_step(model, x)[2])
 
 
 def test_compile_mode_is_validated():
