@@ -358,6 +358,20 @@ def test_compiled_runtime_matches_eager_without_recompiles():
     torch.testing.assert_close(got, eager_step(model, x)[2])
 
 
+def test_compiled_runtime_applies_the_latent_spaces_shift():
+    """FLUX.1's latent space has a shift: the compiled tower and reward steps must apply it, as eager does."""
+    import tiny16
+
+    model = tiny16.model()
+    z = tiny16.latents(2, seed=4)
+    with torch.no_grad():
+        want = model.encode_latents(z, normalize=False)
+    assert model.latent_space.shift_factor != 0
+    runtime.install(model, runtime.CompiledRuntime(model, (2,), compiler="eager"))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_latents(z, normalize=False), want)
+
+
 def test_compile_mode_is_validated():
     with pytest.raises(ValueError, match="unknown compile mode"):
         runtime.CompiledRuntime(load(), mode="fastest")
