@@ -451,7 +451,6 @@ def test_the_checker_catches_drift(capsys):
         exec(compile(_with_output_checks("print(1 + 1)  # 3"), "t", "exec"), {})
 
 
-
 # -- the command-line reference (docs/cli.md) ---------------------------------------------------------------------
 CLI_MODULES = (
     "fastlclip.corpus.__main__", "fastlclip.distill.__main__", "fastlclip.serve.__main__", "fastlclip.convert")
@@ -505,8 +504,9 @@ def cli_reference() -> str:
         out += [f"## {p.prog}", "", p.description.strip(), ""]
         if sub is None:
             out += [*_cli_table(p), ""]
-        for c in sub._choices_actions if sub is not None else ():
-            out += [f"### {p.prog} {c.dest}", "", c.help, "", *_cli_table(sub.choices[c.dest]), ""]
+        else:
+            for c in sub._choices_actions:
+                out += [f"### {p.prog} {c.dest}", "", c.help, "", *_cli_table(sub.choices[c.dest]), ""]
     return "\n".join(out)
 
 
