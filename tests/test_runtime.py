@@ -377,6 +377,102 @@ def test_compile_mode_is_validated():
         runtime.CompiledRuntime(load(), mode="fastest")
 
 
+@pytest.mark.parametrize("options, want", [
+    ({}, {"backend": "inductor", "mode": "reduce-overhead"}),  # the defaults: Inductor with its CUDA graphs
+    ({"mode": "max-autotune-no-cudagraphs"}, {"backend": "inductor", "mode": "max-autotune-no-cudagraphs"}),
+    ({"compiler": "aot_eager", "mode": "default"}, {"backend": "aot_eager"}),  # a mode is Inductor's alone
+])
+def test_compiled_runtime_asks_for_one_static_full_graph_per_shape(monkeypatch, options, want):
+    """What torch.compile is asked for, recorded where Inductor's modes cannot run (the compiled functions run
+    eagerly): ``fullgraph`` (a graph break is an error, never a silent slow path), static shapes, and the mode
+    only for Inductor, for the tower and for the reward step alike."""
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: asked.append(kw) or fn)
+    model = load()
+    runtime.install(model, runtime.CompiledRuntime(model, (2,), **options))
+    x = latents(2)
+    want_loss, want_grad, want_feats = eager_step(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_latents(x, normalize=False), want_feats)
+    loss = fastlclip.LatentCLIPReward(model)(x, PROMPT)
+    (grad,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(grad, want_grad)
+    assert asked == [{"fullgraph": True, "dynamic": False, **want}] * 2
+
+
+def test_reduce_overhead_hands_out_copies_of_its_graph_memory(monkeypatch):
+    """A CUDA graph's replay writes its outputs into the same memory each time, so reduce-overhead returns
+    copies. Inductor's graphs need a GPU; the stand-in here is a compiled function whose output is one static
+    tensor, overwritten by each call."""
+    def compile_with_static_output(fn, **kw):
+        static = []
+
+        def replay(*args):
+            out = fn(*args)
+            if not static:
+                static.append(torch.empty_like(out))
+            return static[0].copy_(out)
+        return replay
+
+    monkeypatch.setattr(torch, "compile", compile_with_static_output)
+    model = load()
+    runtime.install(model, runtime.CompiledRuntime(model, (2,), mode="reduce-overhead"))
+    x, y = latents(2, seed=1), latents(2, seed=2)
+    want_loss, _, want_feats = eager_step(model, x)
+    reward = fastlclip.LatentCLIPReward(model)
+    with torch.no_grad():
+        fx, lx = model.encode_latents(x, normalize=False), reward(x, PROMPT)
+        model.encode_latents(y, normalize=False), reward(y, PROMPT)  # replays overwrite the static outputs
+    torch.testing.assert_close(fx, want_feats)
+    torch.testing.assert_close(lx, want_loss)
+
+
+def test_compiled_runtime_copies_nothing_without_cuda_graphs(monkeypatch):
+    """Outputs and gradients are copied out of CUDA-graph memory only: without graphs a reward step runs no
+    more copies than the plain eager model (counted per aten op; the compiled functions run eagerly here,
+    since Dynamo refuses to trace under a dispatch mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_)
+            return func(*args, **(kwargs or {}))
+
+    def copies_in_a_step(model):
+        reward = fastlclip.LatentCLIPReward(model)
+        warm, x = latents(2, seed=4), latents(2, seed=5)
+        torch.autograd.grad(reward(warm, PROMPT), warm)  # caches the text features, fills the buffers
+        with Copies() as copies:
+            torch.autograd.grad(reward(x, PROMPT), x)
+        return copies.count
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    model = load()
+    plain = copies_in_a_step(model)
+    for options in ({"compiler": "eager"}, {"mode": "max-autotune-no-cudagraphs"}):
+        runtime.install(model, runtime.CompiledRuntime(model, (2,), **options))
+        assert copies_in_a_step(model) == plain, options
+
+
+def test_compiled_runtime_puts_its_text_buffers_on_the_latents_device():
+    """On a GPU the default device (the CPU) is not the latents' device; here the meta device stands in for
+    that default: a buffer made without the latents' device would land on it and fail."""
+    model = load()
+    runtime.install(model, runtime.CompiledRuntime(model, (2,), compiler="eager"))
+    x = latents(2)
+    want_loss, want_grad, _ = eager_step(model, x)
+    reward = fastlclip.LatentCLIPReward(model)
+    reward.text_features([PROMPT])  # the tokenizer's tensors are the default device's: cached beforehand
+    with torch.device("meta"):
+        loss = reward(x, PROMPT)
+        (grad,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(grad, want_grad)
+
+
 # -- auto: the cache ----------------------------------------------------------------------------------
 def test_backend_cache_roundtrip(tmp_path):
     path = tmp_path / "sub" / "backends.json"
