@@ -358,18 +358,68 @@ def test_compiled_runtime_matches_eager_without_recompiles():
     torch.testing.assert_close(got, eager_step(model, x)[2])
 
 
+def test_compiled_runtime_compiles_each_shape_once_and_never_recompiles():
+    """One compiled function per bucket, grid, dtype and latent scale, for the tower and the reward step
+    apart: a function shared by two of them would recompile (an error here) and, past Dynamo's recompile
+    limit, fall back to eager for good."""
+    model = load(resize="interpolate")
+    rt = runtime.install(model, runtime.CompiledRuntime(model, (2, 4), compiler="eager")).runtime
+    rewards = {space: fastlclip.LatentCLIPReward(model, space=space) for space in ("diffusion", "vae")}
+    calls = [(1, (16, 16), torch.float32, "diffusion"), (2, (16, 16), torch.float32, "diffusion"),  # both bucket 2
+             (3, (16, 16), torch.float32, "diffusion"),  # bucket 4
+             (1, (16, 24), torch.float32, "diffusion"), (1, (16, 16), torch.float16, "diffusion"),  # grid, dtype
+             (1, (16, 16), torch.float32, "vae")]  # another latent scale
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for round_ in range(2):  # the second round finds every function compiled
+            for batch, grid, dtype, space in calls:
+                x = torch.randn(batch, 4, *grid).to(dtype)
+                with torch.no_grad():
+                    got = model.encode_latents(x, space=space, normalize=False)
+                loss = rewards[space](x.requires_grad_(True), PROMPT)
+                (grad,) = torch.autograd.grad(loss, x)
+                runtime.install(model, None)
+                want = model.encode_latents(x.detach(), space=space, normalize=False)
+                want_loss = rewards[space](x, PROMPT)
+                (want_grad,) = torch.autograd.grad(want_loss, x)
+                runtime.install(model, rt)
+                torch.testing.assert_close(got, want)
+                torch.testing.assert_close(loss, want_loss)
+                torch.testing.assert_close(grad, want_grad)
+            assert rt.stats.compiles == 2 * 5, round_  # five shapes, for the tower and the reward step each
+
+
+def test_compiled_reward_keeps_each_calls_prompt_until_its_backward(monkeypatch):
+    """Two reward calls of one bucket with different prompts, then their backwards: the second call's text
+    features must not overwrite the first's, which its backward still reads. The steps run eagerly: the text
+    buffers are the runtime's, whatever compiles the steps."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    model = load()
+    runtime.install(model, runtime.CompiledRuntime(model, (2,), compiler="eager"))
+    reward = fastlclip.LatentCLIPReward(model)
+    x = latents(2)
+    prompts = ("a photo of a cat", "a photo of a dog")
+    losses = [reward(x, p) for p in prompts]
+    for prompt, loss in zip(prompts, losses):
+        want_loss, want_grad, _ = eager_step(model, x, prompt)
+        torch.testing.assert_close(loss, want_loss)
+        torch.testing.assert_close(torch.autograd.grad(loss, x)[0], want_grad)
+
+
 def test_compiled_runtime_applies_the_latent_spaces_shift():
     """FLUX.1's latent space has a shift: the compiled tower and reward steps must apply it, as eager does."""
     import tiny16
 
     model = tiny16.model()
     z = tiny16.latents(2, seed=4)
-    with torch.no_grad():
-        want = model.encode_latents(z, normalize=False)
+    want_loss, want_grad, want = eager_step(model, z)
     assert model.latent_space.shift_factor != 0
     runtime.install(model, runtime.CompiledRuntime(model, (2,), compiler="eager"))
     with torch.no_grad():
         torch.testing.assert_close(model.encode_latents(z, normalize=False), want)
+    z.requires_grad_(True)
+    loss = fastlclip.LatentCLIPReward(model)(z, PROMPT)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(torch.autograd.grad(loss, z)[0], want_grad)
 
 
 def test_compile_mode_is_validated():
@@ -457,18 +507,25 @@ def test_compiled_runtime_copies_nothing_without_cuda_graphs(monkeypatch):
         assert copies_in_a_step(model) == plain, options
 
 
-def test_compiled_runtime_puts_its_text_buffers_on_the_latents_device():
+@pytest.mark.parametrize("backend", ["compile", "graph"])
+def test_runtime_buffers_are_made_on_the_latents_device(monkeypatch, backend):
     """On a GPU the default device (the CPU) is not the latents' device; here the meta device stands in for
-    that default: a buffer made without the latents' device would land on it and fail."""
+    that default: a buffer made without the latents' device would land on it and fail. The steps run eagerly
+    (the buffers are the runtime's, whatever compiles or captures the steps)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     model = load()
-    runtime.install(model, runtime.CompiledRuntime(model, (2,), compiler="eager"))
+    rt = runtime.CompiledRuntime(model, (2,)) if backend == "compile" else runtime.GraphRuntime(model, (2,), emulate=True)
     x = latents(2)
-    want_loss, want_grad, _ = eager_step(model, x)
+    want_loss, want_grad, want_feats = eager_step(model, x)
+    runtime.install(model, rt)
     reward = fastlclip.LatentCLIPReward(model)
     reward.text_features([PROMPT])  # the tokenizer's tensors are the default device's: cached beforehand
     with torch.device("meta"):
+        with torch.no_grad():
+            feats = model.encode_latents(x, normalize=False)
         loss = reward(x, PROMPT)
         (grad,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(feats, want_feats)
     torch.testing.assert_close(loss, want_loss)
     torch.testing.assert_close(grad, want_grad)
 
