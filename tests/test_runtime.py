@@ -7,6 +7,7 @@ and recompiles, no code generation). The ``gpu`` tests run the real CUDA graphs 
 
 import json
 import math
+import sys
 import warnings
 
 import pytest
@@ -107,10 +108,12 @@ def test_cpu_falls_back_to_eager_with_a_warning(backend, message):
 
 
 @pytest.mark.parametrize("backend", [b for b, _ in FALLBACKS])
+@pytest.mark.filterwarnings("ignore:.*weights are random")
 def test_fallback_warnings_point_at_the_callers_line(backend):
     with pytest.warns(BackendFallbackWarning) as record:
-        load(backend=backend)
-    assert [w.filename for w in record if w.category is BackendFallbackWarning] == [__file__]
+        line = sys._getframe().f_lineno + 1
+        fastlclip.load(TINY, backend=backend)  # the caller's line, not its caller's nor fastlclip's
+    assert [(w.filename, w.lineno) for w in record if w.category is BackendFallbackWarning] == [(__file__, line)]
 
 
 def test_set_backend_and_unknown_backend():
