@@ -37,22 +37,29 @@ def latents(batch, seed=0, device="cpu", dtype=torch.float32, requires_grad=True
     return x.requires_grad_(requires_grad)
 
 
-def eager_step(model, x, prompt=PROMPT):
+def eager_step(model, x, prompt=PROMPT, space="diffusion"):
     """Loss, latent gradient and features of the plain eager path (the model's runtime set aside)."""
     rt, backend = model.runtime, model.backend
     runtime.install(model, None)
     try:
         x = x.detach().clone().requires_grad_(True)
-        loss = fastlclip.LatentCLIPReward(model)(x, prompt)
+        loss = fastlclip.LatentCLIPReward(model, space=space)(x, prompt)
         (grad,) = torch.autograd.grad(loss, x)
         with torch.no_grad():
-            feats = model.encode_latents(x, normalize=False)
+            feats = model.encode_latents(x, space=space, normalize=False)
         return loss.detach(), grad, feats
     finally:
         if rt is not None:
             runtime.install(model, rt)
         else:
             runtime.apply(model, backend)
+
+
+@pytest.fixture
+def uncompiled(monkeypatch):
+    """``torch.compile`` as the identity: the compile runtime's own buffers and bookkeeping, run eagerly (where
+    Inductor cannot run, or under a dispatch mode, which Dynamo refuses)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
 
 
 def emulated(model, buckets=(1, 2, 4), fused=False):
@@ -380,22 +387,17 @@ def test_compiled_runtime_compiles_each_shape_once_and_never_recompiles():
                     got = model.encode_latents(x, space=space, normalize=False)
                 loss = rewards[space](x.requires_grad_(True), PROMPT)
                 (grad,) = torch.autograd.grad(loss, x)
-                runtime.install(model, None)
-                want = model.encode_latents(x.detach(), space=space, normalize=False)
-                want_loss = rewards[space](x, PROMPT)
-                (want_grad,) = torch.autograd.grad(want_loss, x)
-                runtime.install(model, rt)
+                want_loss, want_grad, want = eager_step(model, x, space=space)
                 torch.testing.assert_close(got, want)
                 torch.testing.assert_close(loss, want_loss)
                 torch.testing.assert_close(grad, want_grad)
             assert rt.stats.compiles == 2 * 5, round_  # five shapes, for the tower and the reward step each
 
 
-def test_compiled_reward_keeps_each_calls_prompt_until_its_backward(monkeypatch):
+def test_compiled_reward_keeps_each_calls_prompt_until_its_backward(uncompiled):
     """Two reward calls of one bucket with different prompts, then their backwards: the second call's text
     features must not overwrite the first's, which its backward still reads. The steps run eagerly: the text
     buffers are the runtime's, whatever compiles the steps."""
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     model = load()
     runtime.install(model, runtime.CompiledRuntime(model, (2,), compiler="eager"))
     reward = fastlclip.LatentCLIPReward(model)
@@ -481,7 +483,7 @@ def test_reduce_overhead_hands_out_copies_of_its_graph_memory(monkeypatch):
     torch.testing.assert_close(lx, want_loss)
 
 
-def test_compiled_runtime_copies_nothing_without_cuda_graphs(monkeypatch):
+def test_compiled_runtime_copies_nothing_without_cuda_graphs(uncompiled):
     """Outputs and gradients are copied out of CUDA-graph memory only: without graphs a reward step runs no
     more copies than the plain eager model (counted per aten op; the compiled functions run eagerly here,
     since Dynamo refuses to trace under a dispatch mode)."""
@@ -502,7 +504,6 @@ def test_compiled_runtime_copies_nothing_without_cuda_graphs(monkeypatch):
             torch.autograd.grad(reward(x, PROMPT), x)
         return copies.count
 
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     model = load()
     plain = copies_in_a_step(model)
     for options in ({"compiler": "eager"}, {"mode": "max-autotune-no-cudagraphs"}):
@@ -511,11 +512,10 @@ def test_compiled_runtime_copies_nothing_without_cuda_graphs(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["compile", "graph"])
-def test_runtime_buffers_are_made_on_the_latents_device(monkeypatch, backend):
+def test_runtime_buffers_are_made_on_the_latents_device(uncompiled, backend):
     """On a GPU the default device (the CPU) is not the latents' device; here the meta device stands in for
     that default: a buffer made without the latents' device would land on it and fail. The steps run eagerly
     (the buffers are the runtime's, whatever compiles or captures the steps)."""
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     model = load()
     rt = runtime.CompiledRuntime(model, (2,)) if backend == "compile" else runtime.GraphRuntime(model, (2,), emulate=True)
     x = latents(2)
