@@ -37,17 +37,22 @@ def latents(batch, seed=0, device="cpu", dtype=torch.float32, requires_grad=True
     return x.requires_grad_(requires_grad)
 
 
+def step(model, x, prompt=PROMPT, space="diffusion"):
+    """Loss, latent gradient and features through the model's installed runtime."""
+    x = x.detach().clone().requires_grad_(True)
+    loss = fastlclip.LatentCLIPReward(model, space=space)(x, prompt)
+    (grad,) = torch.autograd.grad(loss, x)
+    with torch.no_grad():
+        feats = model.encode_latents(x.detach(), space=space, normalize=False)
+    return loss.detach(), grad, feats
+
+
 def eager_step(model, x, prompt=PROMPT, space="diffusion"):
-    """Loss, latent gradient and features of the plain eager path (the model's runtime set aside)."""
+    """:func:`step` on the plain eager path (the model's runtime set aside)."""
     rt, backend = model.runtime, model.backend
     runtime.install(model, None)
     try:
-        x = x.detach().clone().requires_grad_(True)
-        loss = fastlclip.LatentCLIPReward(model, space=space)(x, prompt)
-        (grad,) = torch.autograd.grad(loss, x)
-        with torch.no_grad():
-            feats = model.encode_latents(x, space=space, normalize=False)
-        return loss.detach(), grad, feats
+        return step(model, x, prompt, space)
     finally:
         if rt is not None:
             runtime.install(model, rt)
@@ -374,7 +379,6 @@ def test_compiled_runtime_compiles_each_shape_once_and_never_recompiles():
     limit, fall back to eager for good."""
     model = load(resize="interpolate")
     rt = runtime.install(model, runtime.CompiledRuntime(model, (2, 4), compiler="eager")).runtime
-    rewards = {space: fastlclip.LatentCLIPReward(model, space=space) for space in ("diffusion", "vae")}
     calls = [(1, (16, 16), torch.float32, "diffusion"), (2, (16, 16), torch.float32, "diffusion"),  # both bucket 2
              (3, (16, 16), torch.float32, "diffusion"),  # bucket 4
              (1, (16, 24), torch.float32, "diffusion"), (1, (16, 16), torch.float16, "diffusion"),  # grid, dtype
@@ -383,14 +387,8 @@ def test_compiled_runtime_compiles_each_shape_once_and_never_recompiles():
         for round_ in range(2):  # the second round finds every function compiled
             for batch, grid, dtype, space in calls:
                 x = torch.randn(batch, 4, *grid).to(dtype)
-                with torch.no_grad():
-                    got = model.encode_latents(x, space=space, normalize=False)
-                loss = rewards[space](x.requires_grad_(True), PROMPT)
-                (grad,) = torch.autograd.grad(loss, x)
-                want_loss, want_grad, want = eager_step(model, x, space=space)
-                torch.testing.assert_close(got, want)
-                torch.testing.assert_close(loss, want_loss)
-                torch.testing.assert_close(grad, want_grad)
+                for got, want in zip(step(model, x, space=space), eager_step(model, x, space=space)):
+                    torch.testing.assert_close(got, want)
             assert rt.stats.compiles == 2 * 5, round_  # five shapes, for the tower and the reward step each
 
 
@@ -416,15 +414,10 @@ def test_compiled_runtime_applies_the_latent_spaces_shift():
 
     model = tiny16.model()
     z = tiny16.latents(2, seed=4)
-    want_loss, want_grad, want = eager_step(model, z)
     assert model.latent_space.shift_factor != 0
     runtime.install(model, runtime.CompiledRuntime(model, (2,), compiler="eager"))
-    with torch.no_grad():
-        torch.testing.assert_close(model.encode_latents(z, normalize=False), want)
-    z.requires_grad_(True)
-    loss = fastlclip.LatentCLIPReward(model)(z, PROMPT)
-    torch.testing.assert_close(loss, want_loss)
-    torch.testing.assert_close(torch.autograd.grad(loss, z)[0], want_grad)
+    for got, want in zip(step(model, z), eager_step(model, z)):
+        torch.testing.assert_close(got, want)
 
 
 def test_compile_mode_is_validated():
@@ -446,13 +439,8 @@ def test_compiled_runtime_asks_for_one_static_full_graph_per_shape(monkeypatch, 
     model = load()
     runtime.install(model, runtime.CompiledRuntime(model, (2,), **options))
     x = latents(2)
-    want_loss, want_grad, want_feats = eager_step(model, x)
-    with torch.no_grad():
-        torch.testing.assert_close(model.encode_latents(x, normalize=False), want_feats)
-    loss = fastlclip.LatentCLIPReward(model)(x, PROMPT)
-    (grad,) = torch.autograd.grad(loss, x)
-    torch.testing.assert_close(loss, want_loss)
-    torch.testing.assert_close(grad, want_grad)
+    for got, expected in zip(step(model, x), eager_step(model, x)):
+        torch.testing.assert_close(got, expected)
     assert asked == [{"fullgraph": True, "dynamic": False, **want}] * 2
 
 
