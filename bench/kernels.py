@@ -32,7 +32,9 @@ from bench.profiles import PROFILES_DIR, detect, load_profiles, results_folder
 from bench.provenance import run_record
 from bench.report import fmt, table, write_json
 from fastlclip import SDXL_SCALING_FACTOR
-from fastlclip.kernels import _launch, attention_packed, attention_torch, patch_embed, patch_embed_torch
+from fastlclip.kernels import launch
+from fastlclip.kernels.flash_attention import attention_packed, attention_torch
+from fastlclip.kernels.fused_patch_embed import patch_embed, patch_embed_torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         print("bench.kernels: no CUDA device, nothing to time (run it on a GPU machine).")
-        if _launch.INTERPRET:
+        if launch.INTERPRET:
             smoke_check()
         return 0
 

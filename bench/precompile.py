@@ -6,7 +6,7 @@ Autotuning compiles every launch config of every kernel one after another in the
 (several seconds of CPU each at width 768). Here each job is one case (a fused op at one shape: attention at
 each ``--lengths`` as ``bench.kernels`` runs it, patch embedding at patch 8 and 4 for each ``--batch``, and
 the Latent-ViT-B/8 reward's own shapes at batch 1) run forward and backward with every kernel forced to its
-i-th launch config that fits the GPU (``fastlclip.kernels._launch.FORCE_CONFIG``); ``--jobs`` processes run
+i-th launch config that fits the GPU (``fastlclip.kernels.launch.FORCE_CONFIG``); ``--jobs`` processes run
 the jobs. Triton keeps each compiled kernel in its on-disk cache, where the benchmark's autotuner then finds
 it. A job that fails is reported and the rest go on; exit status 1 if any failed. ``--list`` prints the jobs
 and exits (no CUDA needed).
@@ -49,10 +49,12 @@ def run_case(case: tuple, index: int) -> tuple[tuple, int, float, str | None]:
     and the error, if any (in a worker process)."""
     import torch
 
-    from fastlclip.kernels import _launch, attention_packed, patch_embed
+    from fastlclip.kernels import launch
+    from fastlclip.kernels.flash_attention import attention_packed
+    from fastlclip.kernels.fused_patch_embed import patch_embed
 
     t0 = time.perf_counter()
-    _launch.FORCE_CONFIG = index
+    launch.FORCE_CONFIG = index
     op, shape, dtype = case
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     try:
@@ -76,7 +78,7 @@ def run_case(case: tuple, index: int) -> tuple[tuple, int, float, str | None]:
     except Exception as e:  # noqa: BLE001 - reported; the other jobs go on
         error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
     finally:
-        _launch.FORCE_CONFIG = None
+        launch.FORCE_CONFIG = None
     return case, index, time.perf_counter() - t0, error
 
 

@@ -31,7 +31,7 @@ class PackedAttention(nn.Module):
     """Multi-head self-attention with open_clip's packed ``in_proj`` layout.
 
     ``attention_fn``: None runs PyTorch's SDPA; a fast path sets a function
-    ``(qkv (B, L, 3 * width), heads, causal=...) -> (B, L, width)`` such as ``fastlclip.kernels.attention_packed``.
+    ``(qkv (B, L, 3 * width), heads, causal=...) -> (B, L, width)`` such as ``fastlclip.kernels.flash_attention.attention_packed``.
     """
 
     def __init__(self, width: int, heads: int):
@@ -85,7 +85,7 @@ class LatentViT(nn.Module):
     """ViT over a (B, C, H, W) latent: patch conv, class token, positions, ln_pre, blocks, ln_post, proj.
 
     ``patch_embed_fn``: None runs :meth:`embed`'s PyTorch ops; a fast path sets a function with
-    ``fastlclip.kernels.patch_embed``'s signature, which reads the latents in their own dtype.
+    ``fastlclip.kernels.fused_patch_embed.patch_embed``'s signature, which reads the latents in their own dtype.
 
     Any grid of whole patches runs: at a grid other than the trained one the positional table is
     resampled to it (:meth:`pos_embed_for`). Which grids reach the tower is the caller's policy

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from . import _launch
-from ._launch import Launcher, dot, tl, triton
+from . import launch
+from .launch import Launcher, dot, tl, triton
 
 HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = math.log2(math.e)
@@ -251,7 +251,7 @@ def _estimate(kernel: str):
     def estimate(config: dict, args: dict) -> tuple[int, int]:
         bm, bn, d = config["BLOCK_M"], config["BLOCK_N"], args["HEAD_DIM"]
         stages, threads = config.get("num_stages", 2), 32 * config.get("num_warps", 4)
-        e = _launch.element_size(args["q_ptr"])
+        e = launch.element_size(args["q_ptr"])
         if kernel == "fwd":  # loop: k, v tiles; once: q; registers: acc, q, scores and probabilities
             shared, tiles = e * (stages * 2 * bn * d + bm * d), bm * d * 4 + bm * d * e + 2 * bm * bn * 4
         elif kernel == "dkdv":  # loop: q, dO tiles; once: k, v; registers: dk, dv, k, v, two (BN, BM) scores
@@ -319,13 +319,13 @@ def attention(q, k, v, *, causal=False, sm_scale=None):
 
     Returns:
         (B, L, H, D) contiguous in q's dtype, so ``.reshape(B, L, H * D)`` is free. Without usable
-        Triton (see :func:`~fastlclip.kernels.kernels_available`) it warns once and runs
+        Triton (see :func:`~fastlclip.kernels.launch.kernels_available`) it warns once and runs
         :func:`attention_torch`.
     """
     _check_qkv(q, k, v)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    if not _launch.kernels_available(q.device):
-        _launch.warn_fallback("attention", q.device)
+    if not launch.kernels_available(q.device):
+        launch.warn_fallback("attention", q.device)
         return attention_torch(q, k, v, causal=causal, sm_scale=sm_scale)
     _check_kernel_support(q)
     return _Attention.apply(q, k, v, bool(causal), sm_scale)
@@ -342,8 +342,8 @@ def attention_packed(qkv, num_heads, *, causal=False, sm_scale=None):
         raise ValueError(f"qkv must be (B, L, 3 * num_heads * D), got shape {tuple(qkv.shape)} "
                          f"with num_heads={num_heads}")
     batch, length, width3 = qkv.shape
-    if not _launch.kernels_available(qkv.device):
-        _launch.warn_fallback("attention_packed", qkv.device)
+    if not launch.kernels_available(qkv.device):
+        launch.warn_fallback("attention_packed", qkv.device)
         return attention_torch(*_split_heads(qkv, num_heads), causal=causal, sm_scale=sm_scale).view(
             batch, length, width3 // 3)
     q = _split_heads(qkv, num_heads)[0]
@@ -374,7 +374,7 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         batch, heads, length, dim = q.shape
-        grads = [_launch.empty((batch, length, heads, dim), q.dtype, q.device).transpose(1, 2) for _ in range(3)]
+        grads = [launch.empty((batch, length, heads, dim), q.dtype, q.device).transpose(1, 2) for _ in range(3)]
         _backward(q, k, v, out.transpose(1, 2), lse, grad_out.transpose(1, 2), *grads, ctx.causal, ctx.sm_scale)
         return *grads, None, None
 
@@ -392,7 +392,7 @@ class _AttentionPacked(torch.autograd.Function):
     def backward(ctx, grad_out):
         qkv, out, lse = ctx.saved_tensors
         heads = ctx.num_heads
-        grad_qkv = _launch.empty(qkv.shape, qkv.dtype, qkv.device)
+        grad_qkv = launch.empty(qkv.shape, qkv.dtype, qkv.device)
         _backward(*_split_heads(qkv, heads), _as_heads(out, heads), lse, _as_heads(grad_out, heads),
                   *_split_heads(grad_qkv, heads), ctx.causal, ctx.sm_scale)
         return grad_qkv, None, None, None
@@ -405,23 +405,23 @@ def _grid(batch, heads, length, block):
 def _forward(q, k, v, causal, sm_scale):
     """Returns out (B, L, H, D) contiguous and the base-2 logsumexp (B * H, L) fp32."""
     batch, heads, length, dim = q.shape
-    out = _launch.empty((batch, length, heads, dim), q.dtype, q.device)
-    lse = _launch.empty((batch * heads, length), torch.float32, q.device)
+    out = launch.empty((batch, length, heads, dim), q.dtype, q.device)
+    lse = launch.empty((batch * heads, length), torch.float32, q.device)
     _fwd(_grid(batch, heads, length, "BLOCK_M"), q.device,
          q, k, v, out, lse, sm_scale * _LOG2E, length, heads,
          *q.stride(), *k.stride(), *v.stride(), *out.transpose(1, 2).stride(),
-         HEAD_DIM=dim, CAUSAL=causal, size_hint=batch * heads, **_launch.dot_args(q.dtype))
+         HEAD_DIM=dim, CAUSAL=causal, size_hint=batch * heads, **launch.dot_args(q.dtype))
     return out, lse
 
 
 def _backward(q, k, v, out, lse, grad_out, dq, dk, dv, causal, sm_scale):
     """Writes the gradients into dq, dk, dv; every tensor here is indexed as (B, H, L, D)."""
     batch, heads, length, dim = q.shape
-    delta = _launch.empty((batch * heads, length), torch.float32, q.device)
+    delta = launch.empty((batch * heads, length), torch.float32, q.device)
     _preprocess(_grid(batch, heads, length, "BLOCK_M"), q.device,
                 out, grad_out, delta, length, heads, *out.stride(), *grad_out.stride(), HEAD_DIM=dim,
                 size_hint=batch * heads)
-    common = dict(HEAD_DIM=dim, CAUSAL=causal, size_hint=batch * heads, **_launch.dot_args(q.dtype))
+    common = dict(HEAD_DIM=dim, CAUSAL=causal, size_hint=batch * heads, **launch.dot_args(q.dtype))
     _bwd_dkdv(_grid(batch, heads, length, "BLOCK_N"), q.device,
               q, k, v, grad_out, lse, delta, dk, dv, sm_scale, sm_scale * _LOG2E, length, heads,
               *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), **common)

@@ -13,8 +13,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import _launch
-from ._launch import Launcher, dot, tl, triton
+from . import launch
+from .launch import Launcher, dot, tl, triton
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 2048  # one program holds a (BLOCK_M, next_pow2(width)) fp32 tile in registers
@@ -173,7 +173,7 @@ def _patch_embed_bwd_kernel(
 
 
 def _estimate(backward: bool):
-    """``(shared bytes, registers per thread)`` a config needs, estimated from its tiles (see ``_launch.fits``).
+    """``(shared bytes, registers per thread)`` a config needs, estimated from its tiles (see ``launch.fits``).
 
     Registers: 64 for addresses and scalars, plus the fp32 (BLOCK_M, BLOCK_W) tiles a thread holds (one in the
     forward, two in the backward) and its share of the (BLOCK_K, BLOCK_W) weight tile, counted at 2 bytes an
@@ -185,7 +185,7 @@ def _estimate(backward: bool):
     def estimate(config: dict, args: dict) -> tuple[int, int]:
         bm, bk, bw = config["BLOCK_M"], config["BLOCK_K"], args["BLOCK_W"]
         stages, threads = config.get("num_stages", 2), 32 * config.get("num_warps", 4)
-        elt = _launch.element_size(args["w_ptr"])
+        elt = launch.element_size(args["w_ptr"])
         registers = 64 + ((2 if backward else 1) * bm * bw * 4 + bk * bw * 2) // (4 * threads)
         weight_buffers = max(1, stages - 1) if elt == 4 else 1
         shared = bk * bw * elt * weight_buffers + (bm * bw * elt if backward else 0) + bm * bk * elt * stages + 4096
@@ -262,11 +262,11 @@ def patch_embed(latents, conv_weight, class_embedding, pos_embedding, ln_weight,
         (B, 1 + N, width) tokens in conv_weight's dtype, fp32 accumulation. Differentiable in every
         input: one fused backward kernel gives the latent gradient and, for weights that require grad
         (training), the pre-norm token gradient their gradients are reduced from. Without usable Triton (see
-        :func:`~fastlclip.kernels.kernels_available`) it warns once and runs :func:`patch_embed_torch`.
+        :func:`~fastlclip.kernels.launch.kernels_available`) it warns once and runs :func:`patch_embed_torch`.
     """
     _check_inputs(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias)
-    if not _launch.kernels_available(latents.device):
-        _launch.warn_fallback("patch_embed", latents.device)
+    if not launch.kernels_available(latents.device):
+        launch.warn_fallback("patch_embed", latents.device)
         return patch_embed_torch(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias,
                                  scale=scale, eps=eps)
     if conv_weight.dtype not in _KERNEL_DTYPES:
@@ -303,7 +303,7 @@ def _meta(latents, conv_weight):
 
 def _forward(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, scale, eps):
     m = _meta(latents, conv_weight)
-    out = _launch.empty((m["batch"], m["n_tokens"], m["width"]), conv_weight.dtype, latents.device)
+    out = launch.empty((m["batch"], m["n_tokens"], m["width"]), conv_weight.dtype, latents.device)
     n_rows = m["batch"] * m["n_tokens"]
     _fwd(lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),), latents.device,
          latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, out,
@@ -311,7 +311,7 @@ def _forward(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln
          *latents.stride(), *conv_weight.stride(), class_embedding.stride(0), *pos_embedding.stride(),
          ln_weight.stride(0), ln_bias.stride(0),
          P=m["patch"], BLOCK_W=max(16, triton.next_power_of_2(m["width"])), size_hint=n_rows,
-         **_launch.dot_args(conv_weight.dtype))
+         **launch.dot_args(conv_weight.dtype))
     return out
 
 
@@ -328,7 +328,7 @@ def _backward(latents, conv_weight, class_embedding, pos_embedding, ln_weight, l
     if where not in _UNFUSED_BACKWARD:
         try:
             return _fused_backward(*inputs, grad_out, scale, eps, needs)
-        except _launch.NoConfigFits as e:
+        except launch.NoConfigFits as e:
             _UNFUSED_BACKWARD.add(where)
             warnings.warn(f"fastlclip.kernels.patch_embed: {e}; the gradients for width {where[1]} in "
                           f"{where[2]} run unfused (PyTorch) on this GPU", RuntimeWarning, stacklevel=4)
@@ -350,14 +350,14 @@ def _fused_backward(latents, conv_weight, class_embedding, pos_embedding, ln_wei
         if h % patch or w % patch:
             d_latents = torch.zeros_like(latents)  # pixels past the last whole patch get no gradient
         else:
-            d_latents = _launch.empty_like(latents)
+            d_latents = launch.empty_like(latents)
     n_rows = batch * n_tokens
     dy = d_lnw = d_lnb = latents.new_empty(0, dtype=torch.float32)  # placeholders, unused without WEIGHT_GRAD
     if weight_grad:
-        dy = _launch.empty((n_rows, width), torch.float32, latents.device)
+        dy = launch.empty((n_rows, width), torch.float32, latents.device)
         # One row of LayerNorm partial sums per program: room for the most programs any config launches.
         most = triton.cdiv(n_rows, min(c["BLOCK_M"] for c in (*_bwd.configs, _bwd.interpreter_config)))
-        d_lnw, d_lnb = (_launch.empty((most, width), torch.float32, latents.device) for _ in range(2))
+        d_lnw, d_lnb = (launch.empty((most, width), torch.float32, latents.device) for _ in range(2))
     dx = d_latents if d_latents is not None else latents
     used = _bwd(lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),), latents.device,
          latents, conv_weight, class_embedding, pos_embedding, ln_weight, grad_out, dx, dy, d_lnw, d_lnb,
@@ -365,7 +365,7 @@ def _fused_backward(latents, conv_weight, class_embedding, pos_embedding, ln_wei
          *latents.stride(), *dx.stride(), *conv_weight.stride(), class_embedding.stride(0),
          *pos_embedding.stride(), ln_weight.stride(0), *grad_out.stride(),
          P=patch, BLOCK_W=max(16, triton.next_power_of_2(width)), size_hint=n_rows,
-         LATENT_GRAD=bool(latent_grad), WEIGHT_GRAD=weight_grad, **_launch.dot_args(conv_weight.dtype))
+         LATENT_GRAD=bool(latent_grad), WEIGHT_GRAD=weight_grad, **launch.dot_args(conv_weight.dtype))
     grads = [d_latents, None, None, None, None, None]
     if weight_grad:
         dy = dy.view(batch, n_tokens, width)

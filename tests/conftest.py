@@ -161,7 +161,7 @@ def seeded_tiny_model():
 def kernel_calls(monkeypatch) -> dict:
     """Calls of fastlclip.kernels' fused attention and patch embedding, counted (each still runs). The fused and
     PyTorch paths give equal values, so only the calls tell which one a backend took."""
-    from fastlclip import kernels
+    from fastlclip.kernels import flash_attention, fused_patch_embed
 
     calls = {"attention": 0, "patch_embed": 0}
 
@@ -171,8 +171,8 @@ def kernel_calls(monkeypatch) -> dict:
             return fn(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(kernels, "attention_packed", counted("attention", kernels.attention_packed))
-    monkeypatch.setattr(kernels, "patch_embed", counted("patch_embed", kernels.patch_embed))
+    monkeypatch.setattr(flash_attention, "attention_packed", counted("attention", flash_attention.attention_packed))
+    monkeypatch.setattr(fused_patch_embed, "patch_embed", counted("patch_embed", fused_patch_embed.patch_embed))
     return calls
 
 
@@ -208,15 +208,14 @@ def _restore_model_registry():
 
 _COMPILE_FOR_GPU = """
 import contextlib
+import importlib
 import io
 import json
 import re
-import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import fastlclip.kernels
-module = sys.modules[{module!r}]
+module = importlib.import_module({module!r})
 shared = []
 for name, pointers, floats, constexprs, options in {cases!r}:
     kernel = getattr(module, name)
@@ -262,9 +261,9 @@ def compile_report_for_gpu(module: str, cases: list, arch: int = 90, spills: boo
 
 def kernel_device() -> str:
     """Where the kernel tests run: "cpu" under the interpreter, else "cuda"; skips the module otherwise."""
-    from fastlclip.kernels import _launch
+    from fastlclip.kernels import launch
 
-    if _launch.INTERPRET:
+    if launch.INTERPRET:
         return "cpu"
     if torch.cuda.is_available():
         return "cuda"

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import fastlclip
-from fastlclip import kernels
+from fastlclip.kernels import launch
 from conftest import TINY
 
 LATENT = TINY["vision_cfg"]["image_size"] // 8
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(not kernels.kernels_available(DEVICE),
+pytestmark = pytest.mark.skipif(not launch.kernels_available(DEVICE),
                                 reason="needs CUDA, or TRITON_INTERPRET=1 before import")
 # fp32: max abs error; bf16: cosine similarity (the tolerances). bf16 tl.dot is wrong under the interpreter.
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -68,6 +68,6 @@ def test_triton_reward_gradient_matches_eager(pair):
 
 
 def test_triton_backend_warns_when_kernels_cannot_run(monkeypatch, official_ckpt):
-    monkeypatch.setattr(kernels, "kernels_available", lambda device: False)
+    monkeypatch.setattr(launch, "kernels_available", lambda device: False)
     with pytest.warns(RuntimeWarning, match="backend='triton'.*PyTorch"):
         fastlclip.load(TINY, official_ckpt, backend="triton")

@@ -374,9 +374,9 @@ def test_bench_cpu_smoke_run(tmp_path, capsys):
 def test_triton_backend_trains_as_eager(world):
     """The fused kernels (under the interpreter on CPU) in training: every weight gradient of the image tower as
     eager's, and train(backend="triton") runs."""
-    from fastlclip.kernels import _launch
+    from fastlclip.kernels import launch
 
-    if not _launch.INTERPRET and not torch.cuda.is_available():
+    if not launch.INTERPRET and not torch.cuda.is_available():
         pytest.skip("no Triton here: neither the interpreter nor a CUDA device")
     import fastlclip
     from fastlclip.distill.train import Student, distill_loss

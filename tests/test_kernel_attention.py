@@ -10,8 +10,9 @@ import torch
 pytest.importorskip("triton", reason="Triton is not installed: the kernel tests need it")
 
 from conftest import compile_kernels_for_gpu, kernel_device
-from fastlclip.kernels import _launch, attention, attention_packed, attention_torch, kernels_available  # noqa: E402
-from fastlclip.kernels import flash_attention as attention_module  # noqa: E402
+from fastlclip.kernels import flash_attention as attention_module, launch  # noqa: E402
+from fastlclip.kernels.flash_attention import attention, attention_packed, attention_torch  # noqa: E402
+from fastlclip.kernels.launch import kernels_available  # noqa: E402
 
 DEVICE = kernel_device()
 
@@ -22,7 +23,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Kernel outputs start as NaN, so a tile the kernel fails to write shows up."""
-    monkeypatch.setattr(_launch, "POISON", True)
+    monkeypatch.setattr(launch, "POISON", True)
 
 
 def reference(q, k, v, causal, sm_scale=None):
@@ -108,7 +109,7 @@ def test_attention_packed_equals_split():
     torch.testing.assert_close(qkv.grad, qkv2.grad, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not _launch.INTERPRET, reason="on a GPU the autotuner picks among these configs itself")
+@pytest.mark.skipif(not launch.INTERPRET, reason="on a GPU the autotuner picks among these configs itself")
 @pytest.mark.parametrize("index", range(max(len(attention_module._FWD_CONFIGS), len(attention_module._BWD_DKDV_CONFIGS),
                                             len(attention_module._BWD_DQ_CONFIGS))))
 def test_attention_every_gpu_tile_shape(monkeypatch, index):
@@ -149,8 +150,8 @@ def test_kernels_available():
 
 
 def test_fallback_warns_once_and_matches(monkeypatch):
-    monkeypatch.setattr(_launch, "kernels_available", lambda device: False)
-    monkeypatch.setattr(_launch, "_WARNED", set())
+    monkeypatch.setattr(launch, "kernels_available", lambda device: False)
+    monkeypatch.setattr(launch, "_WARNED", set())
     qkv = packed_qkv(2, 17, 3, 32, torch.float32, seed=3)
     q, k, v = split(qkv, 3)
     want = reference(q, k, v, causal=True)
@@ -173,7 +174,7 @@ def test_attention_torch_matches_reference():
 
 
 
-@pytest.mark.skipif(not _launch.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
+@pytest.mark.skipif(not launch.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
 def test_kernels_compile_for_gpu():
     """Triton's real compiler (sm_90, bf16, causal) accepts the kernels: the interpreter checks less."""
     blocks = dict(HEAD_DIM=64, CAUSAL=True, BLOCK_M=64, BLOCK_N=32, PRECISION="tf32", UPCAST=False)
@@ -208,8 +209,8 @@ def test_attention_feeds_in_proj_weight_gradients(monkeypatch, length, heads, dt
     from fastlclip.model import PackedAttention
 
     if not fused:
-        monkeypatch.setattr(_launch, "kernels_available", lambda device: False)
-        monkeypatch.setattr(_launch, "_WARNED", set())
+        monkeypatch.setattr(launch, "kernels_available", lambda device: False)
+        monkeypatch.setattr(launch, "_WARNED", set())
     width = 16 * heads
     torch.manual_seed(length)
     module = PackedAttention(width, heads).double()
@@ -239,10 +240,10 @@ def test_attention_feeds_in_proj_weight_gradients(monkeypatch, length, heads, dt
 
 def test_interpreter_numpy_problem_is_named():
     """Triton 3.6's interpreter fails with NumPy >= 2.4: importing the kernels under it warns with the fix."""
-    problem = _launch.interpreter_numpy_problem("3.6.0", "2.4.1")
+    problem = launch.interpreter_numpy_problem("3.6.0", "2.4.1")
     assert "fails with NumPy 2.4.1" in problem and "numpy<2.4" in problem
-    assert _launch.interpreter_numpy_problem("3.6.0", "2.3.5") is None
-    assert _launch.interpreter_numpy_problem("3.8.0", "2.4.6") is None
+    assert launch.interpreter_numpy_problem("3.6.0", "2.3.5") is None
+    assert launch.interpreter_numpy_problem("3.8.0", "2.4.6") is None
 
 
 def test_config_pruning_keeps_the_towers_configs_and_drops_what_cannot_fit():

@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("triton", reason="Triton is not installed: the kernel tests need it")
 
 from conftest import compile_kernels_for_gpu, compile_report_for_gpu, kernel_device
-from fastlclip.kernels import _launch, patch_embed, patch_embed_torch  # noqa: E402
-from fastlclip.kernels import fused_patch_embed as patch_embed_module  # noqa: E402
+from fastlclip.kernels import fused_patch_embed as patch_embed_module, launch  # noqa: E402
+from fastlclip.kernels.fused_patch_embed import patch_embed, patch_embed_torch  # noqa: E402
 
 DEVICE = kernel_device()
 
@@ -23,7 +23,7 @@ PARAM_NAMES = ("conv_weight", "class_embedding", "pos_embedding", "ln_weight", "
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Kernel outputs start as NaN, so a tile the kernel fails to write shows up."""
-    monkeypatch.setattr(_launch, "POISON", True)
+    monkeypatch.setattr(launch, "POISON", True)
 
 
 def reference(latents, conv_weight, class_embedding, pos_embedding, ln_weight, ln_bias, scale=1.0, eps=1e-5):
@@ -135,14 +135,14 @@ def test_fused_weight_gradients_match_float64(monkeypatch, shape, layout, dtype,
 
 def test_pytorch_path_weight_gradients_match_float64(monkeypatch):
     """Without usable Triton the PyTorch path gives the same gradients (65 tokens, batch 3, non-contiguous)."""
-    monkeypatch.setattr(_launch, "kernels_available", lambda device: False)
-    monkeypatch.setattr(_launch, "_WARNED", set())
+    monkeypatch.setattr(launch, "kernels_available", lambda device: False)
+    monkeypatch.setattr(launch, "_WARNED", set())
     latents64, params64 = make_inputs(3, 4, 64, 64, 8, 40, seed=21, layout="sliced")
     with pytest.warns(RuntimeWarning, match="using the PyTorch path"):
         check(latents64, params64, torch.float32, torch.float32, 0.7, params_grad=PARAM_NAMES)
 
 
-@pytest.mark.skipif(not _launch.INTERPRET, reason="on a GPU the autotuner picks among these configs itself")
+@pytest.mark.skipif(not launch.INTERPRET, reason="on a GPU the autotuner picks among these configs itself")
 @pytest.mark.parametrize("config", sorted({(c["BLOCK_M"], c["BLOCK_K"])
                                            for c in patch_embed_module._FWD_CONFIGS + patch_embed_module._BWD_CONFIGS}))
 def test_patch_embed_every_gpu_tile_shape(monkeypatch, config):
@@ -182,8 +182,8 @@ def test_patch_embed_rejects_bad_input():
 
 
 def test_fallback_warns_once_and_matches(monkeypatch):
-    monkeypatch.setattr(_launch, "kernels_available", lambda device: False)
-    monkeypatch.setattr(_launch, "_WARNED", set())
+    monkeypatch.setattr(launch, "kernels_available", lambda device: False)
+    monkeypatch.setattr(launch, "_WARNED", set())
     latents, params = make_inputs(2, 4, 16, 24, 8, 32, seed=9)
     latents, params = latents.float(), [p.float() for p in params]
     with pytest.warns(RuntimeWarning, match="patch_embed: .*using the PyTorch path"):
@@ -236,7 +236,7 @@ def test_config_estimate_agrees_with_the_compiler(kernel, dtype, blocks, spill_b
     launcher = patch_embed_module._fwd if kernel == "fwd" else patch_embed_module._bwd
     config = _config(blocks)
     est_shared, est_registers = launcher.estimate(config, _args(dtype))
-    kept = _launch.fits(est_shared, est_registers, config["num_warps"], SM90_SHARED)
+    kept = launch.fits(est_shared, est_registers, config["num_warps"], SM90_SHARED)
     fine = spill_bytes == 0 and shared <= SM90_SHARED
     if kept:
         assert fine, f"kept a config that spilled {spill_bytes} bytes or needs {shared} bytes of shared memory"
@@ -245,7 +245,7 @@ def test_config_estimate_agrees_with_the_compiler(kernel, dtype, blocks, spill_b
     assert est_shared >= shared - 4096  # shared memory is not underestimated
 
 
-@pytest.mark.skipif(not _launch.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
+@pytest.mark.skipif(not launch.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
 def test_shipped_configs_neither_spill_nor_overflow_on_sm90():
     """Every shipped config that the estimate keeps at width 768 in bf16, compiled for sm_90 by Triton's compiler:
     ptxas reports no spill and it fits sm_90's shared memory; the reward's and the training backward both."""
@@ -273,7 +273,7 @@ def test_shipped_configs_neither_spill_nor_overflow_on_sm90():
         assert report["spill_stores"] == 0 and report["shared"] <= SM90_SHARED, (case[0], case[3], case[4], report)
 
 
-@pytest.mark.skipif(not _launch.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
+@pytest.mark.skipif(not launch.INTERPRET, reason="on a GPU the other tests compile the kernels for real")
 def test_shared_memory_per_architecture():
     """What the first (smallest) launch config needs at width 768 (every shipped image tower), by Triton's
     compiler for sm_86 (99 KiB per block: A10, L4, RTX 4090, L40S; sm_80 has 163 KiB, sm_90 227 KiB): the
@@ -307,7 +307,7 @@ def test_backward_falls_back_where_no_config_fits(monkeypatch):
 
     def no_fit(*args, **kwargs):
         calls.append(1)
-        raise _launch.NoConfigFits("no launch config of _patch_embed_bwd_kernel fits Fake GPU: out of resources")
+        raise launch.NoConfigFits("no launch config of _patch_embed_bwd_kernel fits Fake GPU: out of resources")
 
     monkeypatch.setattr(patch_embed_module, "_bwd", no_fit)
     monkeypatch.setattr(patch_embed_module, "_UNFUSED_BACKWARD", set())
@@ -324,7 +324,7 @@ def test_backward_falls_back_where_no_config_fits(monkeypatch):
     assert len(calls) == 1  # remembered: the kernel is not tried again on this device, width and dtype
 
 
-@pytest.mark.skipif(_launch.INTERPRET, reason="width 768 is slow under the interpreter; the CPU tests cover the fallback")
+@pytest.mark.skipif(launch.INTERPRET, reason="width 768 is slow under the interpreter; the CPU tests cover the fallback")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_width_768_backward_runs_on_this_gpu(dtype):
     """Every shipped tower's width and dtype: fused where a config fits this GPU, else unfused with a warning."""

@@ -268,7 +268,7 @@ def _assert_matches(got, want, tol):
 
 @pytest.mark.parametrize("shape", [(32, 32), (40, 24)])
 def test_triton_kernels_at_other_grids_match_float64(shape):
-    from fastlclip.kernels import kernels_available
+    from fastlclip.kernels.launch import kernels_available
 
     if not kernels_available("cpu"):
         pytest.skip("the Triton kernels do not run here (no GPU, TRITON_INTERPRET unset)")

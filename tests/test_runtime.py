@@ -333,7 +333,7 @@ def test_graph_weights_requiring_grad_run_uncaptured():
 
 
 def test_graph_with_fused_kernels():
-    from fastlclip.kernels import kernels_available
+    from fastlclip.kernels.launch import kernels_available
 
     if not kernels_available("cpu"):
         pytest.skip("the Triton kernels do not run here (no GPU, TRITON_INTERPRET unset)")
@@ -725,7 +725,7 @@ def test_graph_key_includes_autocast():
 
 @pytest.mark.parametrize("backend", ["triton", "graph"])
 def test_float64_latents_as_eager_takes_them(backend):
-    from fastlclip.kernels import kernels_available
+    from fastlclip.kernels.launch import kernels_available
 
     if not kernels_available("cpu"):
         pytest.skip("the Triton kernels do not run here (no GPU, TRITON_INTERPRET unset)")
@@ -969,7 +969,7 @@ def test_auto_times_on_the_models_gpu_and_records_the_choice(tmp_path, monkeypat
 
 def test_time_backends_runs_one_reward_step_per_backend_as_a_reward_would(monkeypatch):
     """time_cuda faked: it runs the step once and records the state it runs in; the defaults are 5 trials of 20."""
-    from fastlclip import kernels
+    from fastlclip.kernels import launch
 
     model = load()
     model.train()
@@ -982,13 +982,13 @@ def test_time_backends_runs_one_reward_step_per_backend_as_a_reward_would(monkey
         return 10.0 * trials + steps
 
     monkeypatch.setattr(runtime.timing, "time_cuda", time_cuda)
-    monkeypatch.setattr(kernels, "kernels_available", lambda device=None: False)
+    monkeypatch.setattr(launch, "kernels_available", lambda device=None: False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BackendFallbackWarning)  # graph on a CPU: eager
         times, failures = runtime.time_backends(model, ("triton", "eager", "graph"))
     assert failures == {} and times == {"eager": 70.0, "graph": 70.0}  # triton skipped: no kernels here
     assert seen == [("eager", False, False, False), ("eager", False, False, False)]
-    monkeypatch.setattr(kernels, "kernels_available", lambda device=None: True)
+    monkeypatch.setattr(launch, "kernels_available", lambda device=None: True)
     times, failures = runtime.time_backends(model, ("triton",), trials=2, steps=3)
     assert failures == {} and times == {"triton": 23.0} and seen[-1] == ("triton", False, False, False)
     assert model.training and model.backend == "eager"
@@ -1174,7 +1174,7 @@ def test_graph_replays_under_the_autocast_of_its_capture(dtype):
 def test_triton_backend_runs_the_fused_kernels_and_eager_takes_them_off(kernel_calls):
     """Whether backend='triton' (and a fused graph runtime) runs fastlclip.kernels: the attention of every
     image-tower block and the patch embedding, counted."""
-    from fastlclip import kernels
+    from fastlclip.kernels.launch import kernels_available
     from fastlclip.model import PackedAttention
 
     calls = kernel_calls
@@ -1190,7 +1190,7 @@ def test_triton_backend_runs_the_fused_kernels_and_eager_takes_them_off(kernel_c
         return dict(calls)
 
     assert run() == {"attention": 0, "patch_embed": 0}
-    if kernels.kernels_available(model.device):  # TRITON_INTERPRET=1 on a CPU-only machine: nothing to warn of
+    if kernels_available(model.device):  # TRITON_INTERPRET=1 on a CPU-only machine: nothing to warn of
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             model.set_backend("triton")
@@ -1225,14 +1225,14 @@ def test_auto_takes_cache_path_and_refresh_and_passes_them_to_the_timing(tmp_pat
 
 
 def test_graph_runtime_settings_and_their_defaults():
-    from fastlclip import kernels
+    from fastlclip.kernels.launch import kernels_available
 
     model = load()
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device; the model is on cpu"):
         runtime.GraphRuntime(model)  # not emulated by default
     rt = runtime.GraphRuntime(model, emulate=True)
     assert rt.max_entries == 8  # docs/backends.md
-    assert rt.fused is kernels.kernels_available(model.device)  # the kernels when they can run
+    assert rt.fused is kernels_available(model.device)  # the kernels when they can run
     assert runtime.GraphRuntime(model, emulate=True, fused=False).fused is False
     assert runtime.GraphRuntime(model, emulate=True, max_entries=1).max_entries == 1
 

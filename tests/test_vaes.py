@@ -143,10 +143,10 @@ def _eager_tower64(tower, latents, scale, shift, noise=None):
 
 
 def test_fused_patch_embed_folds_the_shift_into_the_positions():
-    from fastlclip import kernels
+    from fastlclip.kernels.fused_patch_embed import patch_embed
 
     tower = tiny16.model().visual.latent_vit
-    tower.patch_embed_fn = kernels.patch_embed  # the Triton kernel (TRITON_INTERPRET=1) or its PyTorch fallback
+    tower.patch_embed_fn = patch_embed  # the Triton kernel (TRITON_INTERPRET=1) or its PyTorch fallback
     x = tiny16.latents(2).requires_grad_(True)
     scale, shift = 1 / FLUX_SCALING, FLUX_SHIFT
     want, grad, d_x, d_w, d_pos = _eager_tower64(tower, x, scale, shift)
@@ -268,7 +268,7 @@ def _reward_and_grad(model, x, s):
 
 @pytest.mark.parametrize("kind", ["graph", "graph-fused", "compile"])
 def test_runtimes_run_noise_levels_and_shifts_as_eager_does(kind):
-    from fastlclip.kernels import kernels_available
+    from fastlclip.kernels.launch import kernels_available
 
     if kind == "graph-fused" and not kernels_available("cpu"):
         pytest.skip("the Triton kernels do not run here (no GPU, TRITON_INTERPRET unset)")

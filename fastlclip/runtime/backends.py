@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 
-from .. import kernels
+from ..kernels import launch
 from ..model import LatentCLIP
 from .common import Runtime, use_kernels, warn
 from .compiled import CompiledRuntime
@@ -39,7 +39,7 @@ def activate(model: LatentCLIP, backend: str, **options) -> LatentCLIP:
             raise TypeError(f"backend {backend!r} takes no options, got {sorted(options)}")
         install(model, None)
         if backend == "triton":
-            if not kernels.kernels_available(model.device):
+            if not launch.kernels_available(model.device):
                 warnings.warn(
                     f"backend='triton' on {model.device}: the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 "
                     "set before importing fastlclip to run on CPU; the model runs the equivalent PyTorch paths",

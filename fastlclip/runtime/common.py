@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import kernels
+from ..kernels import flash_attention, fused_patch_embed
 from ..grids import MODEL_DEFAULT
 from ..loss import clip_loss, cosine
 from ..model import LatentCLIP, LatentViT, PackedAttention
@@ -69,9 +69,9 @@ def use_kernels(module: nn.Module, on: bool) -> None:
     """Attach (or detach) the fused Triton attention and patch embedding to every block of ``module``."""
     for m in module.modules():
         if isinstance(m, PackedAttention):
-            m.attention_fn = kernels.attention_packed if on else None
+            m.attention_fn = flash_attention.attention_packed if on else None
         elif isinstance(m, LatentViT):
-            m.patch_embed_fn = kernels.patch_embed if on else None
+            m.patch_embed_fn = fused_patch_embed.patch_embed if on else None
 
 
 def runtime_of(model: LatentCLIP) -> "Runtime | None":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import kernels
+from ..kernels import launch
 from ..model import LatentCLIP
 from .common import BUCKETS, Runtime, Stats, TextSlot, bucket_for, reward_head
 
@@ -205,7 +205,7 @@ class GraphRuntime(Runtime):
         if not isinstance(max_entries, int) or max_entries < 1:
             raise ValueError(f"max_entries must be a positive int, got {max_entries!r}")
         super().__init__(model, buckets)
-        self.fused = kernels.kernels_available(model.device) if fused is None else fused
+        self.fused = launch.kernels_available(model.device) if fused is None else fused
         self.emulate, self.max_entries = emulate, max_entries
         self._entries: dict[tuple, _Entry] = {}  # in order of use, least recent first
         self._clock = _Clock()

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from .. import kernels
+from ..kernels import launch
 from ..loss import normalized
 from ..model import LatentCLIP
 from .backends import BACKENDS, activate, install
@@ -35,7 +35,7 @@ def time_backends(model: LatentCLIP, backends=BACKENDS, *, trials: int = 5, step
             torch.autograd.grad(reward_loss(model, latents, "diffusion", txt), latents)
 
         for backend in backends:
-            if backend == "triton" and not kernels.kernels_available(model.device):
+            if backend == "triton" and not launch.kernels_available(model.device):
                 continue
             try:
                 activate(model, backend)

@@ -7,9 +7,9 @@ import torch
 def _skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "needs a CUDA GPU (torch.cuda.is_available() is False)"
-    from fastlclip.kernels import _launch
+    from fastlclip.kernels import launch
 
-    if _launch.INTERPRET:
+    if launch.INTERPRET:
         return ("TRITON_INTERPRET=1 was set when fastlclip.kernels was imported: "
                 "run the GPU suite without it (pytest tests/gpu -m gpu)")
     return None

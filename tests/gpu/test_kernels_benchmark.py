@@ -16,7 +16,8 @@ from conftest import ROW_TOL, assert_rows_close, gpu_benchmark
 
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed")
 
-from fastlclip.kernels import attention_packed, patch_embed, patch_embed_torch  # noqa: E402
+from fastlclip.kernels.flash_attention import attention_packed  # noqa: E402
+from fastlclip.kernels.fused_patch_embed import patch_embed, patch_embed_torch  # noqa: E402
 
 pytestmark = pytest.mark.gpu  # skipped without CUDA: see tests/gpu/conftest.py
 
