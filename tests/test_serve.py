@@ -5,6 +5,7 @@ rule, SIGTERM drains in-flight requests and exits 0). Tiny model, loopback only,
 import asyncio
 import copy
 import json
+import math
 import pickle
 import signal
 import socket
@@ -1008,3 +1009,103 @@ def test_batcher_answers_the_rest_of_a_batch_when_one_client_left():
 
     out, cancelled = asyncio.run(go())
     assert cancelled and out == pytest.approx(reqs[1].latents.flatten(1)[:, 0].tolist())
+
+
+# -- client input is a 400, never a 500; hang-ups are not server failures; useless options refused -------------------
+def _raw_header(header: dict | bytes, data: bytes = b"") -> bytes:
+    """A safetensors body with the header given as is (what a hostile or broken client may send)."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+@pytest.mark.parametrize("case, content, message", [
+    ("nested header", lambda: _raw_header(b'{"__metadata__": {"prompt": "a"}, "x": ' + b"[" * 100_000 + b"]" * 100_000
+                                          + b"}"), "nests JSON too deeply"),
+    ("nested prompts", lambda: save({"latents": latents()}, metadata={"prompts": "[" * 100_000 + "]" * 100_000}),
+     "'prompts' nests JSON too deeply"),
+    ("F8_E8M0", lambda: _raw_header({"latents": {"dtype": "F8_E8M0", "shape": [1, 4, 16, 16], "data_offsets": [0, 1024]},
+                                     "__metadata__": {"prompt": "a"}}, bytes(1024)), "'F8_E8M0'"),
+])
+def test_hostile_bodies_are_400_naming_the_problem(reward, case, content, message):
+    """Each was a 500 (RecursionError, KeyError from the safetensors loader's dtype table)."""
+    app = create_app(reward)
+    r = post(app, content())
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"] and ("safetensors" in r.json()["error"] or "JSON list" in r.json()["error"])
+    assert 'code="500"' not in run(app, lambda c: c.get("/metrics")).text
+
+
+def test_finite_latents_that_overflow_in_the_tower_are_400(seeded_tiny_model):
+    """The server turns the model's finiteness check off (it checks the latents on the host): latents finite on the
+    wire (3e38 fits float32) that overflow inside the tower were NaN scores, a 500 from the JSON encoder."""
+    model = copy.deepcopy(seeded_tiny_model)
+    model.check_finite = False
+    app = create_app(fastlclip.LatentCLIPReward(model), max_batch_size=4, max_wait_ms=200)
+
+    async def go(c):  # batched with a well-formed request, which is still answered
+        return await asyncio.gather(c.post("/v1/score", content=body(torch.full((1, 4, 16, 16), 3e38), "a"), headers=V1),
+                                    c.post("/v1/score", content=body(latents(1), "a dog"), headers=V1))
+
+    bad, good = run(app, go)
+    assert bad.status_code == 400, bad.text
+    assert "overflowed" in bad.json()["error"] and "3e+38" in bad.json()["error"]
+    assert good.status_code == 200 and math.isfinite(good.json()["raw_scores"][0])
+    assert app.state.metrics.batches._value.get() == 1
+
+
+def test_a_client_that_hangs_up_mid_body_is_counted_apart_from_500s(reward):
+    app = create_app(reward)
+    content = body(latents(1), "a dog")
+    messages = [{"type": "http.request", "body": content[:100], "more_body": True}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/score", "raw_path": b"/v1/score", "query_string": b"", "root_path": "",
+             "headers": [(b"x-drm-protocol-version", b"1"), (b"content-length", str(len(content)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
+    asyncio.run(app(scope, receive, send))
+    text = run(app, lambda c: c.get("/metrics")).text
+    assert "fastlclip_client_disconnects_total 1.0" in text
+    assert 'code="500"' not in text and "fastlclip_requests_in_flight 0.0" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-wait-ms", "1e9"], "at most 10000 ms"),
+    (["--max-wait-ms", "10001"], "--max-wait-ms"),
+])
+def test_cli_refuses_options_that_make_the_server_useless(capsys, args, message):
+    from fastlclip.serve.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "m", "--pretrained", __file__, *args])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_cli_refuses_a_body_limit_no_request_fits(reward, tmp_path, capsys, monkeypatch):
+    """Checked once the model is known (its latent size): one line, exit 2, before the server starts."""
+    import uvicorn
+
+    from fastlclip.serve.__main__ import main, min_body_bytes
+
+    cfg, weights = tmp_path / "tiny.json", tmp_path / "tiny.safetensors"
+    cfg.write_text(json.dumps(TINY))
+    save_file({k: v.contiguous() for k, v in reward.model.state_dict().items()}, weights)
+    monkeypatch.setattr(uvicorn, "Server", _FakeServer)
+    monkeypatch.setattr(uvicorn, "Config", lambda app, **kw: app)
+    monkeypatch.setattr("signal.signal", lambda *a: None)
+    need = min_body_bytes(4, 16)
+    assert need == 8 + 4 * 16 * 16 * 4 + 16 * 1024
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(cfg), "--pretrained", str(weights), "--max-body-mb", str(0.9 * need / 2**20)])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--max-body-mb" in lines[0] and "too small" in lines[0]
+    assert main(["--model", str(cfg), "--pretrained", str(weights), "--max-body-mb", str(need / 2**20)]) == 0

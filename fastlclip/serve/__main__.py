@@ -17,6 +17,9 @@ from pathlib import Path
 from ..cli import Parser, int_at_least, positive_float
 
 DTYPES = ("float32", "float16", "bfloat16")
+# A lone request waits --max-wait-ms for batchmates; beyond 10 s every request at low load would wait that long,
+# an RL trainer's whole step, and clients time out (verl-omni's adapter: 120 s, retried).
+MAX_WAIT_MS = 10_000.0
 
 
 def _non_negative_float(text: str) -> float:
@@ -30,6 +33,23 @@ def _non_negative_float(text: str) -> float:
 
 
 _non_negative_float.what = "a finite number >= 0"
+
+
+def _wait_ms(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > MAX_WAIT_MS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WAIT_MS:g} ms, got {text!r}: a lone request waits "
+                                         "this long for batchmates; 1-50 ms batches well")
+    return value
+
+
+_wait_ms.what = f"a number of milliseconds, 0 to {MAX_WAIT_MS:g}"
+
+
+def min_body_bytes(channels: int, size: int) -> int:
+    """The smallest useful ``--max-body-mb``, in bytes: one float32 latent of the trained grid, and 16 KiB for the
+    safetensors header and the prompt."""
+    return 8 + channels * size * size * 4 + 16 * 1024
 
 
 def _port(text: str) -> int:
@@ -53,8 +73,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto", help="see fastlclip.runtime (auto: eager on CPU)")
     p.add_argument("--max-batch-size", type=int_at_least(1), default=32, help="latents per forward")
-    p.add_argument("--max-wait-ms", type=_non_negative_float, default=10.0, help="longest a batch waits to fill")
-    p.add_argument("--max-body-mb", type=positive_float, default=64.0, help="larger bodies get 413")
+    p.add_argument("--max-wait-ms", type=_wait_ms, default=10.0, help="longest a batch waits to fill")
+    p.add_argument("--max-body-mb", type=positive_float, default=64.0,
+                   help="larger bodies get 413; at least one float32 latent of the model's grid and a prompt")
     p.add_argument("--max-queue", type=int_at_least(1), default=4096, help="latents waiting; beyond, 503 + Retry-After")
     p.add_argument("--text-cache-size", type=int_at_least(1), default=4096, help="prompts whose text features are kept")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send")
@@ -125,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
                                resize=None if args.resize == "none" else args.resize)
     except (CheckpointError, ValueError, TypeError, FileNotFoundError, KeyError) as e:
         p.error(f"could not load the model: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    v = model.cfg.vision
+    if args.max_body_mb * 2**20 < (need := min_body_bytes(v.latent_channels, v.latent_size)):
+        p.error(f"--max-body-mb {args.max_body_mb:g} is too small for one request: one float32 "
+                f"{v.latent_channels}x{v.latent_size}x{v.latent_size} latent and its prompt need {need / 2**20:.3g} MiB; "
+                "pass at least that (the default, 64, holds hundreds)")
     model.check_finite = False  # the server checks each request's latents itself, on the host
     reward = fastlclip.LatentCLIPReward(model, text_cache_size=args.text_cache_size)
     app = create_app(reward, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import math
 import time
 
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -37,6 +38,9 @@ class _Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("fastlclip_requests", "Score requests answered, by HTTP status", ["code"], registry=r)
+        self.disconnects = Counter("fastlclip_client_disconnects", "Score requests whose client hung up before the "
+                                   "server had read the body (not answered, not counted in fastlclip_requests)",
+                                   registry=r)
         self.batches = Counter("fastlclip_batches", "Batches scored (one forward each)", registry=r)
         self.latents = Counter("fastlclip_latents", "Latents scored", registry=r)
         self.latency = Histogram("fastlclip_request_latency_seconds", "Time from request to reply, /v1/score",
@@ -140,6 +144,11 @@ def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_m
             return _error(503, str(e), {"Retry-After": str(RETRY_AFTER_S)})
         except (ValueError, TypeError) as e:  # refused by the model for this request alone
             return _error(400, str(e))
+        if not all(math.isfinite(s) for s in scores):  # finite latents, overflowed in the tower: the client's input
+            peak = req.latents.abs().amax().item()
+            return _error(400, f"'latents' are finite but overflowed to NaN/Inf inside the image tower (largest |latent| "
+                               f"= {peak:.3g}; diffusion-space SDXL latents are of order 1-10): check the sampler or "
+                               "scaling that produced them, or metadata 'space' (diffusion vs vae)")
         out = {"protocol_version": protocol.PROTOCOL_VERSION, "raw_scores": scores, "model": model.cfg.name}
         if req.noise_level is not None:
             out["noise_level"] = req.noise_level if noise_aware else "ignored"
@@ -150,6 +159,9 @@ def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_m
         with metrics.in_flight.track_inprogress():
             try:
                 response = await reply(request)
+            except ClientDisconnect:  # the client hung up mid-body: nobody to answer, and no failure of the server
+                metrics.disconnects.inc()
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
             except Exception as e:  # a failure of the server itself (out of memory, ...): counted, and JSON
                 response = _error(500, f"internal error: {type(e).__name__}: {e}")
         metrics.requests.labels(code=str(response.status_code)).inc()

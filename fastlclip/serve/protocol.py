@@ -56,6 +56,9 @@ def read_metadata(body: bytes) -> dict[str, str]:
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("the body is not a safetensors file (its header is not JSON); write it with "
                             "safetensors.torch.save") from None
+    except RecursionError:  # a client's input, not a server failure: safetensors headers nest 3 deep
+        raise ProtocolError("the body's safetensors header nests JSON too deeply to be a safetensors header; write "
+                            "it with safetensors.torch.save") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return meta if isinstance(meta, dict) else {}
 
@@ -66,6 +69,8 @@ def _prompts(meta: dict[str, str], batch: int) -> list[str]:
             prompts = json.loads(meta["prompts"])
         except ValueError:
             raise ProtocolError("metadata 'prompts' is not JSON; send a JSON list of strings") from None
+        except RecursionError:
+            raise ProtocolError("metadata 'prompts' nests JSON too deeply; send a flat JSON list of strings") from None
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise ProtocolError("metadata 'prompts' must be a JSON list of strings")
     elif "prompt" in meta:
@@ -127,6 +132,10 @@ def parse(body: bytes, *, channels: int, to_diffusion) -> ScoreRequest:
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise ProtocolError(f"the body is not a valid safetensors file ({str(e).splitlines()[0][:200]}); write it with "
                             "safetensors.torch.save") from None
+    except KeyError as e:  # a dtype the safetensors format has and its torch loader does not map (F8_E8M0, ...)
+        raise ProtocolError(f"a tensor has safetensors dtype {str(e.args[0] if e.args else e)[:40]!r}, which this "
+                            "server does not read; send 'latents' as float16, bfloat16 or float32 (safetensors F16, "
+                            "BF16, F32)") from None
     unknown = sorted(set(tensors) - KNOWN_TENSORS)
     if unknown:
         raise ProtocolError(f"unknown tensors {unknown}; protocol v1 sends {sorted(KNOWN_TENSORS)}")
