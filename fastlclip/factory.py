@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -15,6 +14,7 @@ from . import grids
 from .model import LatentCLIP
 from .model_configs import ModelConfig, get_model_config, list_models
 from .runtime import BACKENDS, apply
+from .vaes import read_json
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -143,7 +143,7 @@ def config_from_metadata(value: str, source: str | os.PathLike) -> str | dict[st
     text = value.strip()
     if text.startswith(("{", "[")):
         try:
-            cfg = json.loads(text)
+            cfg = read_json(text, "the JSON")  # bad JSON or nesting too deep: ValueError
             ModelConfig.from_dict(cfg, name=where)  # validated here, before anything is built
         except ValueError as e:  # json.JSONDecodeError is one
             raise ckpt.CheckpointError(f"{where}: the config in its metadata is invalid: {e}. Pass the config as "

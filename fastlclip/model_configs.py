@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-from .vaes import list_vaes, model_vae
+from .vaes import check_depth, list_vaes, model_vae, read_json
 
 _CONFIG_DIR = resources.files("fastlclip") / "configs"
 _REGISTRY: dict[str, dict[str, Any]] = {}
@@ -110,6 +110,7 @@ class ModelConfig:
         where = f"model config {name!r}"
         if not isinstance(cfg, Mapping):
             raise ValueError(f"{where} must be a mapping (a dict as in fastlclip/configs/models/*.json), got {type(cfg).__name__}")
+        check_depth(cfg, where)  # before anything copies it recursively
         try:
             v, t = cfg["vision_cfg"], cfg["text_cfg"]
             for key, sub in (("vision_cfg", v), ("text_cfg", t)):
@@ -213,10 +214,7 @@ def read_config_file(path: str | Path) -> Any:
     if not path.is_file():
         raise ValueError(f"model config file {str(path)!r} does not exist; pass a JSON file or a registered name "
                          f"({list_models()})")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"model config file {str(path)!r} is not valid JSON ({e})") from None
+    return read_json(path.read_bytes(), f"model config file {str(path)!r}")  # bad JSON or nesting: ValueError
 
 
 def get_model_config(model: str | Mapping[str, Any] | Path) -> ModelConfig:

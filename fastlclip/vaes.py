@@ -26,6 +26,14 @@ sd15's published config (diffusers 0.6) carries no ``scaling_factor``: 0.18215 i
 default, which its pipelines use. The tiny autoencoders decode the diffusion latents of their family
 (sdxl, sd3, flux1) as the pipeline hands them (scaling 1, shift 0, diffusers' ``AutoencoderTiny``
 defaults); their ``latent_space`` is therefore the identity, and :data:`TINY_FAMILY` names their family.
+
+Every config read here is checked: ``scaling_factor`` must lie in :data:`SCALING_RANGE` (the published values
+span 0.13025 to 1.5305, so [1e-4, 1e4] leaves three orders of magnitude either side, while an infinite or
+astronomically large one maps every latent to 0 and makes every latent score the same), ``|shift_factor|`` at
+most :data:`MAX_SHIFT` (published: 0 to 0.1159), ``latent_channels`` at most :data:`MAX_CHANNELS`; integers of
+any size are compared before conversion, so none overflows. JSON configs go through :func:`read_json`, which
+refuses nesting deeper than :data:`MAX_CONFIG_DEPTH` (a diffusers config nests 2 levels) with a ``ValueError``
+instead of Python's ``RecursionError``.
 """
 
 from __future__ import annotations
@@ -49,6 +57,51 @@ _FILES = {
 }
 TINY_FAMILY = {"taesdxl": "sdxl", "taesd3": "sd3", "taef1": "flux1"}
 _CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+SCALING_RANGE = (1e-4, 1e4)  # published: 0.13025 (SDXL) .. 1.5305 (SD3), 1.0 for the tiny autoencoders
+MAX_SHIFT = 1e4  # published: 0 .. 0.1159 (FLUX.1)
+MAX_CHANNELS = 1024  # published: 4 and 16
+MAX_CONFIG_DEPTH = 32  # a diffusers or model config nests 2 to 4 levels
+
+
+def check_depth(value: Any, where: str, limit: int = MAX_CONFIG_DEPTH) -> Any:
+    """``value`` when its dicts and lists nest at most ``limit`` levels (checked without recursion), else a
+    ``ValueError`` naming ``where``."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children = list(item.values())
+        elif isinstance(item, (list, tuple)):
+            children = list(item)
+        else:
+            continue
+        if depth > limit:
+            raise ValueError(f"{where}: the config nests more than {limit} levels of objects / lists; a config "
+                             "nests a few levels: fix or regenerate it")
+        stack.extend((c, depth + 1) for c in children)
+    return value
+
+
+def read_json(text: str | bytes, where: str) -> Any:
+    """Parsed JSON config text: invalid JSON, or nesting too deep for Python's parser (its ``RecursionError``)
+    or deeper than :data:`MAX_CONFIG_DEPTH`, is a ``ValueError`` naming ``where`` (e.g. the file)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{where}: the JSON nests too deeply for Python's parser; a config nests a few levels "
+                         f"(at most {MAX_CONFIG_DEPTH}): fix or regenerate it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where} is not valid JSON ({e})") from None
+    return check_depth(value, where)
+
+
+def read_json_file(path: str | os.PathLike, what: str = "config file") -> Any:
+    """:func:`read_json` of a file's text; an unreadable file is a ``ValueError`` naming it."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{what} {str(path)!r} can't be read ({e})") from None
+    return read_json(text, f"{what} {str(path)!r}")
 
 
 def list_vaes() -> list[str]:
@@ -61,7 +114,7 @@ def get_vae_config(name: str) -> dict[str, Any]:
     if name not in _FILES:
         raise ValueError(f"unknown VAE {name!r}; registered VAEs: {list_vaes()} (or embed a diffusers config as "
                          "\"vae_cfg\" in the model config)")
-    return json.loads((_DIR / _FILES[name]).read_text())
+    return read_json((_DIR / _FILES[name]).read_text(), f"registered VAE config {name!r}")
 
 
 @dataclass(frozen=True)
@@ -83,13 +136,23 @@ class LatentSpace:
         return ((raw - self.shift_factor) if self.shift_factor else raw) * self.scaling_factor
 
 
-def _number(cfg: Mapping[str, Any], key: str, default: float | None, where: str) -> float:
+def _number(cfg: Mapping[str, Any], key: str, default: float, where: str, low: float, high: float) -> float:
+    """``cfg[key]`` (``default`` when absent or null) as a float in ``[low, high]``; integers of any size are
+    compared before conversion, so none overflows."""
     value = cfg.get(key, default)
     if value is None:  # e.g. "shift_factor": null in a published config
         value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where}: {key} must be a number, got {value!r}")
+    if not low <= value <= high:  # NaN fails too
+        raise ValueError(f"{where}: {key} must be a finite number in [{low:g}, {high:g}], got "
+                         f"{value if isinstance(value, float) else _short(value)}: fix the VAE config (the published "
+                         "VAEs' scaling factors lie in 0.13 .. 1.53, their shifts in 0 .. 0.12)")
     return float(value)
+
+
+def _short(value: int) -> str:
+    return repr(value) if abs(value) < 10**30 else f"an integer of {len(str(abs(value)))} digits"
 
 
 def latent_space(vae: str | Mapping[str, Any] | nn.Module) -> LatentSpace:
@@ -105,12 +168,12 @@ def latent_space(vae: str | Mapping[str, Any] | nn.Module) -> LatentSpace:
                         f"got {type(vae).__name__}")
     where = f"VAE config {name!r}"
     channels = cfg.get("latent_channels")
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
-        raise ValueError(f"{where}: latent_channels must be a positive integer, got {channels!r}")
-    scaling = _number(cfg, "scaling_factor", 0.18215 if cfg.get("_class_name") != "AutoencoderTiny" else 1.0, where)
-    if scaling <= 0:
-        raise ValueError(f"{where}: scaling_factor must be positive, got {scaling}")
-    return LatentSpace(name, channels, scaling, _number(cfg, "shift_factor", 0.0, where))
+    if isinstance(channels, bool) or not isinstance(channels, int) or not 0 < channels <= MAX_CHANNELS:
+        shown = _short(channels) if isinstance(channels, int) else repr(channels)
+        raise ValueError(f"{where}: latent_channels must be a positive integer at most {MAX_CHANNELS}, got {shown}")
+    scaling = _number(cfg, "scaling_factor", 0.18215 if cfg.get("_class_name") != "AutoencoderTiny" else 1.0, where,
+                      *SCALING_RANGE)
+    return LatentSpace(name, channels, scaling, _number(cfg, "shift_factor", 0.0, where, -MAX_SHIFT, MAX_SHIFT))
 
 
 def build_vae(vae: str | os.PathLike | nn.Module, dtype: torch.dtype | None = None,
@@ -136,9 +199,13 @@ def build_vae(vae: str | os.PathLike | nn.Module, dtype: torch.dtype | None = No
             if not (folder / "config.json").is_file():
                 raise ValueError(f"VAE {str(vae)!r} is neither a registered name ({list_vaes()}) nor a diffusers folder "
                                  "with a config.json (or a pipeline folder with vae/config.json)")
-            cls_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+            cfg = read_json_file(folder / "config.json", "VAE config")
+            if not isinstance(cfg, Mapping):
+                raise ValueError(f"{folder / 'config.json'}: a diffusers VAE config is a JSON object")
+            cls_name = cfg.get("_class_name")
             if cls_name not in _CLASSES:
                 raise ValueError(f"{folder / 'config.json'}: _class_name {cls_name!r} is not one of {_CLASSES}")
+            latent_space({**cfg, "_name_or_path": str(folder / "config.json")})  # its constants, before loading
             module = getattr(diffusers, cls_name).from_pretrained(folder)
     if dtype is not None or device is not None:
         module = module.to(device=device, dtype=dtype)
@@ -155,7 +222,7 @@ def model_vae(cfg: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
         if not isinstance(embedded, Mapping):
             raise ValueError(f"{where}: vae_cfg must be a diffusers AutoencoderKL config dict, got "
                              f"{type(embedded).__name__}")
-        vae_cfg = copy.deepcopy(dict(embedded))
+        vae_cfg = copy.deepcopy(dict(check_depth(embedded, f"{where}: vae_cfg")))
         name = name or "custom"
     else:
         name = name or "sdxl"

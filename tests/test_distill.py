@@ -1751,3 +1751,25 @@ def test_evaluate_without_training_metadata_scores_every_row_and_fixes_its_noise
     assert distill.evaluate(final, small["targets"])["rows"] == sum(_held(k, 0.3) for k in small["keys"])
     assert distill.evaluate(bare, small["targets"]) == distill.evaluate(bare, small["targets"], seed=0)
     assert distill.evaluate(bare, small["targets"]) != distill.evaluate(bare, small["targets"], seed=1)
+
+
+# -- bad configs: constants out of range, nesting (issue 31, class 5) -----------------------------------
+def test_cli_targets_refuses_a_deep_teacher_config_or_an_infinite_scaling_in_one_line(tmp_path, capsys):
+    import numpy as np
+
+    shard = tmp_path / "s.tar"
+    write_tar(shard, [("a", {"latent.npy": npy_bytes(np.zeros((16, 8, 8), np.float32))})])
+    deep = tmp_path / "deep.json"
+    deep.write_text("{\"embed_dim\": " + "[" * 100_000 + "]" * 100_000 + "}")  # json: RecursionError
+    base = ["targets", str(shard), "--out", str(tmp_path / "out"), "--teacher", "tiny-deep"]
+    assert _main([*base, "--vae", "flux1", "--teacher-config", str(deep)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "teacher config" in err and "deep.json" in err and "nests too deeply" in err
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text(json.dumps({**W.VAE_CFG, "_class_name": "AutoencoderKL",
+                                                 "scaling_factor": 1e300}))
+    assert _main([*base, "--vae", str(vae)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "scaling_factor must be a finite number in [0.0001, 10000]" in err, err
+    assert not (tmp_path / "out").exists()

@@ -289,3 +289,84 @@ def test_runtimes_run_noise_levels_and_shifts_as_eager_does(kind):
         torch.testing.assert_close(g, w, **tol)
     assert rt.stats.uncaptured == 2  # the noisy calls; the clean ones ran captured / compiled
     assert (rt.stats.captures if kind != "compile" else rt.stats.compiles) >= 2
+
+
+# -- config checks: constants in range, integers of any size, nesting ----------------------------------
+def deep_json(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("key, value", [
+    ("scaling_factor", math.inf), ("scaling_factor", 1e300), ("scaling_factor", -math.inf), ("scaling_factor", 0),
+    ("scaling_factor", 1e-300), ("scaling_factor", math.nan), ("scaling_factor", 10**400), ("scaling_factor", -2),
+    ("shift_factor", math.inf), ("shift_factor", -1e300), ("shift_factor", 10**400), ("shift_factor", math.nan),
+], ids=lambda v: str(v)[:12])
+def test_latent_space_refuses_constants_out_of_range(key, value):
+    # inf or 1e300 would map every latent to 0 (every latent then scores the same); 10**400 overflowed float()
+    cfg = {"latent_channels": 4, "scaling_factor": 0.5, key: value}
+    with pytest.raises(ValueError, match=f"{key} must be a finite number in \\[.*fix the VAE config"):
+        vaes.latent_space(cfg)
+    with pytest.raises(ValueError, match=f"{key} must be a finite number"):  # the model config path too
+        fastlclip.get_model_config({**tiny16.config(), "vae_cfg": {**fastlclip.get_vae_config("flux1"), key: value}})
+
+
+def test_latent_space_range_holds_every_published_constant_and_converts_integers():
+    lo, hi = vaes.SCALING_RANGE
+    for _, _, scaling, shift in PUBLISHED.values():  # three orders of magnitude of margin either side
+        assert lo * 1000 <= scaling <= hi / 1000 and abs(shift) <= vaes.MAX_SHIFT / 1000
+    space = vaes.latent_space({"latent_channels": 4, "scaling_factor": 2, "shift_factor": -1})
+    assert (space.scaling_factor, space.shift_factor) == (2.0, -1.0) and type(space.scaling_factor) is float
+    assert vaes.latent_space({"latent_channels": 4, "scaling_factor": 1e-4}).scaling_factor == 1e-4  # edges
+    assert vaes.latent_space({"latent_channels": 4, "scaling_factor": 10_000}).scaling_factor == 1e4
+    with pytest.raises(ValueError, match="latent_channels must be a positive integer at most 1024, got an integer of "
+                                         "401 digits"):
+        vaes.latent_space({"latent_channels": 10**400})
+
+
+def test_deeply_nested_configs_are_a_value_error(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text(deep_json(100_000))  # json.loads: RecursionError
+    with pytest.raises(ValueError, match="model config file .*deep.json.*nests too deeply"):
+        fastlclip.get_model_config(deep)
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKL", "x": ' + deep_json(100_000) + "}")
+    with pytest.raises(ValueError, match="VAE config .*config.json.*nests too deeply"):
+        vaes.build_vae(tmp_path)
+    nested: dict = {}
+    cur = nested
+    for _ in range(100_000):  # a dict no JSON parser built: copy.deepcopy recursed
+        cur["a"] = {}
+        cur = cur["a"]
+    with pytest.raises(ValueError, match="here: vae_cfg: the config nests more than 32 levels"):
+        vaes.model_vae({"vae_cfg": {**fastlclip.get_vae_config("flux1"), "x": nested}}, "here")
+    with pytest.raises(ValueError, match="model config 'custom': the config nests more than 32 levels"):
+        fastlclip.get_model_config({**tiny16.config(), "notes": nested})
+    with pytest.raises(fastlclip.CheckpointError, match="m.safetensors: the config in its metadata is invalid: the "
+                                                         "JSON: the JSON nests too deeply"):
+        from fastlclip.factory import config_from_metadata
+        config_from_metadata("{\"a\": " + deep_json(100_000) + "}", "m.safetensors")
+    ok = {**tiny16.config(), "notes": json.loads(deep_json(30))}  # shallow enough
+    assert fastlclip.get_model_config(ok).vae_name == "flux1"
+
+
+def test_vae_folder_with_an_infinite_scaling_factor_is_refused_before_loading(tmp_path):
+    cfg = {**fastlclip.get_vae_config("flux1"), "scaling_factor": 1e300}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json.*scaling_factor must be a finite number"):
+        vaes.build_vae(tmp_path)
+
+
+def test_serve_refuses_a_deeply_nested_model_config_in_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from fastlclip.serve.__main__ import main
+
+    deep = tmp_path / "deep.json"
+    deep.write_text(deep_json(100_000))
+    ckpt = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny16.model().state_dict().items()}, str(ckpt))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(deep), "--pretrained", str(ckpt), "--device", "cpu"])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "nests too deeply" in lines[0] and "Traceback" not in lines[0]

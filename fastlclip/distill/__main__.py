@@ -102,11 +102,12 @@ def _check_teacher(args) -> None:
 
 def _check_targets_folder(path: str) -> dict:
     """The folder's ``run.json``; an error unless it is a targets folder."""
+    from ..vaes import read_json_file
     from .targets import KIND
 
     run = Path(path) / "run.json"
-    info = json.loads(run.read_text()) if run.is_file() else {}
-    if info.get("kind") != KIND:
+    info = read_json_file(run, "targets run file") if run.is_file() else {}
+    if not isinstance(info, dict) or info.get("kind") != KIND:
         raise ValueError(f"{path} is not a targets folder (no targets run.json); make one with "
                          "python -m fastlclip.distill targets")
     return info

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import corpus
+from .. import corpus, vaes
 from ..corpus.engines import ENGINES, rank_split, run_local, run_ray
 from ..corpus.readers import DEFAULT_MEMBERS, IMAGE_MEMBERS, ShardError, read_shard
 from ..corpus.runner import ON_ERROR, BadSample, ShardOptions, check_sample, report as report_line
@@ -41,16 +41,20 @@ KIND = "fastlclip.distill targets"
 
 def vae_config(vae) -> dict[str, Any]:
     """The diffusers config of ``vae`` (a registered name, a diffusers folder or a module), without building it."""
-    from .. import vaes
-
     if isinstance(vae, torch.nn.Module):
-        return json.loads(json.dumps(dict(vae.config), default=list))
+        cfg = json.loads(json.dumps(dict(vaes.check_depth(dict(vae.config), "the VAE module's config")), default=list))
+        vaes.latent_space(cfg)  # its channels, scaling and shift
+        return cfg
     if isinstance(vae, str) and vae in vaes.list_vaes():
         return vaes.get_vae_config(vae)
     path = Path(vae)
     for p in (path / "config.json", path / "vae" / "config.json"):
         if p.is_file():
-            return json.loads(p.read_text())
+            cfg = vaes.read_json_file(p, "VAE config")
+            if not isinstance(cfg, dict):
+                raise ValueError(f"VAE config {str(p)!r}: a diffusers VAE config is a JSON object")
+            vaes.latent_space({**cfg, "_name_or_path": str(p)})  # its channels, scaling and shift
+            return cfg
     raise ValueError(f"vae {str(vae)!r} is neither a registered VAE ({vaes.list_vaes()}) nor a diffusers folder "
                      "with a config.json")
 
@@ -199,7 +203,7 @@ def make_targets(shards, out, *, vae, teacher, teacher_pretrained=None, teacher_
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}")
     if teacher_config is not None and not isinstance(teacher_config, dict):
-        teacher_config = json.loads(Path(teacher_config).read_text())
+        teacher_config = vaes.read_json_file(teacher_config, "teacher config")
     cfg = vae_config(vae)
     if not isinstance(teacher, torch.nn.Module):
         teachers.load_teacher(teacher, teacher_pretrained, teacher_config)  # a bad name or file fails before work
@@ -275,8 +279,8 @@ def read_targets(folder) -> Targets:
     if not run.is_file():
         raise ValueError(f"{folder} is not a targets folder (no {RUN_FILE}): make it with "
                          "python -m fastlclip.distill targets")
-    info = json.loads(run.read_text())
-    if info.get("kind") != KIND:
+    info = vaes.read_json_file(run, "targets run file")
+    if not isinstance(info, dict) or info.get("kind") != KIND:
         raise ValueError(f"{folder} holds fastlclip.corpus scores, not distillation targets")
     files = sorted(folder.glob("*.parquet"))
     if not files:

@@ -25,12 +25,12 @@ def register_teacher_config(name: str, config: Mapping[str, Any] | str | os.Path
     """Register an open_clip model config (a dict or a JSON file) under ``name`` in open_clip's registry."""
     import open_clip
 
+    from ..vaes import check_depth, read_json_file
+
     if not isinstance(config, Mapping):
-        try:
-            with open(config, encoding="utf-8") as f:
-                config = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"teacher config {str(config)!r} is not a readable JSON file ({e})") from None
+        config = read_json_file(config, "teacher config")  # unreadable, bad JSON, nested too deep: ValueError
+    else:
+        check_depth(config, "teacher config")
     if not isinstance(config, Mapping) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(config):
         raise ValueError("a teacher config is an open_clip model config: a JSON object with embed_dim, vision_cfg "
                          "and text_cfg")
