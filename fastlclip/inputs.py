@@ -189,15 +189,68 @@ def check_noise_level(noise_level, batch: int, *, noise_aware: bool, model: str,
     return s
 
 
+# Prompt length, before tokenising. CLIP reads 77 tokens, 75 of them the text's. The longest token of open_clip's
+# BPE vocabulary spells 24 characters ("blackandwhitephotography"), and the tokenizer's cleaning leaves at most one
+# space between tokens, so the 75 come from the text's first 75 x 25 = 1,875 characters: a text cut to
+# MAX_PROMPT_CHARS (that, and room for a word straddling it) tokenises to the same 77 tokens. (Unless it is
+# padded with runs of whitespace or HTML entities, which the cleaning shrinks: then words past the cut are lost.)
+# BPE is super-linear in a word's length, so a word is also cut to MAX_WORD_BYTES bytes of UTF-8 (8 or more tokens,
+# the longest token being 32 bytes): a one-word megabyte prompt costs what a short one does.
+MAX_PROMPT_CHARS = 2048
+MAX_WORD_BYTES = 256
+# The tokenizer's word cache (word -> its BPE) holds at most this many bytes of words and BPE, least recently used
+# out: unique-word prompts would otherwise grow it without bound.
+TOKENIZER_CACHE_BYTES = 16 * 2**20
+_CACHE_ENTRY_OVERHEAD = 200  # bytes a dict entry and its two str objects cost beyond their characters
+
+
+class _BoundedCache(dict):
+    """open_clip ``SimpleTokenizer.cache`` bounded by bytes, least recently used out; its special tokens stay."""
+
+    def __init__(self, pinned: dict, max_bytes: int):
+        super().__init__(pinned)
+        self.pinned, self.max_bytes, self.bytes = frozenset(pinned), max_bytes, 0
+
+    @staticmethod
+    def cost(key: str, value: str) -> int:
+        return len(key) + len(value) + _CACHE_ENTRY_OVERHEAD
+
+    def __getitem__(self, key):
+        value = super().pop(key)  # to the end: most recently used
+        super().__setitem__(key, value)
+        return value
+
+    def __setitem__(self, key, value):
+        if key in self:
+            self.bytes -= self.cost(key, super().pop(key))
+        super().__setitem__(key, value)
+        self.bytes += self.cost(key, value)
+        if self.bytes > self.max_bytes:
+            for old in [k for k in self if k not in self.pinned]:
+                if self.bytes <= self.max_bytes or old == key:
+                    break
+                self.bytes -= self.cost(old, super().pop(old))
+
+
 @functools.lru_cache(maxsize=None)
 def _tokenizer(context_length: int):
     from open_clip.tokenizer import SimpleTokenizer
 
-    return SimpleTokenizer(context_length=context_length)
+    tok = SimpleTokenizer(context_length=context_length)
+    tok.cache = _BoundedCache(tok.cache, TOKENIZER_CACHE_BYTES)
+    bpe = tok.bpe
+    tok.bpe = lambda word: bpe(word[:MAX_WORD_BYTES])  # a word arrives as one character per UTF-8 byte
+    return tok
+
+
+def cap_prompt(text: str) -> str:
+    """``text`` cut to ``MAX_PROMPT_CHARS`` characters: the tokens CLIP reads are all in what is kept."""
+    return text[:MAX_PROMPT_CHARS]
 
 
 def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.Tensor:
-    """open_clip's BPE tokenisation to (N, context_length) ids; texts that don't fit are truncated with a warning."""
+    """open_clip's BPE tokenisation to (N, context_length) ids; texts that don't fit are truncated with a warning.
+    Each text is cut to ``MAX_PROMPT_CHARS`` characters, and each word to ``MAX_WORD_BYTES``, before BPE."""
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
@@ -211,13 +264,14 @@ def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.Tens
         raise ValueError(f"text #{empty[0]} is empty ({texts[empty[0]]!r}): an empty prompt is a mistake, not the "
                          "unconditional text; pass a non-empty prompt")
     tok = _tokenizer(context_length)
-    long = [t for t in texts if len(tok.encode(t)) + 2 > context_length]
+    capped = [cap_prompt(t) for t in texts]  # before the tokenizer sees them (it is super-linear in a word's length)
+    long = [t for t, c in zip(texts, capped) if len(c) < len(t) or len(tok.encode(c)) + 2 > context_length]
     if long:
         warnings.warn(
             f"{len(long)} text(s) exceed {context_length} tokens and were truncated, e.g. {long[0][:60]!r}...",
             stacklevel=3,
         )
-    return tok(texts)
+    return tok(capped)
 
 
 def check_tokens(tokens: torch.Tensor, context_length: int, vocab_size: int) -> None:

@@ -693,10 +693,12 @@ def test_cli_main_builds_the_app_it_was_asked_for(reward, tmp_path, monkeypatch)
     monkeypatch.setattr(signal_module, "signal", lambda sig, handler: handlers.__setitem__(sig, handler))
     args = ["--model", str(cfg), "--pretrained", str(weights), "--host", "[::1]", "--port", "9001",
             "--max-batch-size", "5", "--max-wait-ms", "7.5", "--max-body-mb", "0.5", "--max-queue", "11",
-            "--text-cache-size", "3", "--token-file", str(token), "--resize", "pool", "--log-level", "warning"]
+            "--text-cache-size", "3", "--token-file", str(token), "--resize", "pool", "--log-level", "warning",
+            "--body-timeout-s", "2.5", "--shutdown-timeout-s", "7"]
     assert main(args) == 0
     app, kw = configs[-1]
-    assert kw == {"host": "::1", "port": 9001, "log_level": "warning", "timeout_graceful_shutdown": None}
+    assert kw == {"host": "::1", "port": 9001, "log_level": "warning", "timeout_graceful_shutdown": 7.0}
+    assert app.state.body_timeout_s == 2.5
     assert set(handlers) == {signal_module.SIGTERM, signal_module.SIGINT}
     assert all(h(signal_module.SIGTERM, None) is None for h in handlers.values())
     b, r = app.state.batcher, app.state.reward
@@ -713,7 +715,8 @@ def test_cli_main_builds_the_app_it_was_asked_for(reward, tmp_path, monkeypatch)
     # defaults: 127.0.0.1:8000, float32 eager on the CPU, no resize, batch 32, 10 ms, 4096 latents
     assert main(["--model", str(cfg), "--pretrained", str(weights), "--dtype", "auto"]) == 0
     app, kw = configs[-1]
-    assert kw == {"host": "127.0.0.1", "port": 8000, "log_level": "info", "timeout_graceful_shutdown": None}
+    assert kw == {"host": "127.0.0.1", "port": 8000, "log_level": "info", "timeout_graceful_shutdown": 30.0}
+    assert app.state.body_timeout_s == 30.0
     b, r = app.state.batcher, app.state.reward
     assert (b.max_batch_size, b.max_wait, b.max_queue) == (32, 0.01, 4096) and r.model.resize is None
     assert r.text_cache_size == 4096 and r.model.dtype == torch.float32
@@ -1078,6 +1081,8 @@ def test_a_client_that_hangs_up_mid_body_is_counted_apart_from_500s(reward):
 @pytest.mark.parametrize("args, message", [
     (["--max-wait-ms", "1e9"], "at most 10000 ms"),
     (["--max-wait-ms", "10001"], "--max-wait-ms"),
+    (["--body-timeout-s", "0"], "--body-timeout-s"),
+    (["--shutdown-timeout-s", "inf"], "--shutdown-timeout-s"),
 ])
 def test_cli_refuses_options_that_make_the_server_useless(capsys, args, message):
     from fastlclip.serve.__main__ import main
@@ -1109,3 +1114,188 @@ def test_cli_refuses_a_body_limit_no_request_fits(reward, tmp_path, capsys, monk
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--max-body-mb" in lines[0] and "too small" in lines[0]
     assert main(["--model", str(cfg), "--pretrained", str(weights), "--max-body-mb", str(need / 2**20)]) == 0
+
+
+# -- one small request cannot stall or grow the server --------------------------------------------------------------
+def test_the_tokenizer_never_sees_more_than_the_caps(monkeypatch):
+    """A one-word megabyte prompt held the only scoring thread for minutes (BPE is super-linear in a word's length):
+    texts are cut to MAX_PROMPT_CHARS and words to MAX_WORD_BYTES before BPE; what CLIP reads is unchanged."""
+    import functools
+
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from fastlclip import inputs
+
+    seen_texts, seen_words = [], []
+    encode, bpe = SimpleTokenizer.encode, SimpleTokenizer.bpe
+    monkeypatch.setattr(SimpleTokenizer, "encode", lambda self, text: seen_texts.append(len(text)) or encode(self, text))
+    monkeypatch.setattr(SimpleTokenizer, "bpe", lambda self, word: seen_words.append(len(word)) or bpe(self, word))
+    monkeypatch.setattr(inputs, "_tokenizer", functools.lru_cache(maxsize=None)(inputs._tokenizer.__wrapped__))
+    with pytest.warns(UserWarning, match="truncated"):
+        inputs.tokenize(["a" * 10**6, "\U0001F602" * 10**6, "x" * 3000 + " a dog"])
+    assert seen_texts and max(seen_texts) <= inputs.MAX_PROMPT_CHARS
+    assert max(seen_words) <= inputs.MAX_WORD_BYTES
+    # The cap keeps the tokens CLIP reads: long prompts of words tokenise as the uncapped tokenizer does.
+    ref = SimpleTokenizer()
+    words = ["a", "photo", "of", "blackandwhitephotography", "lake,", "dawn", "\U0001F602", "2024"]
+    for n in (80, 400, 900):
+        text = " ".join(words[(i * 7) % len(words)] for i in range(n))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert torch.equal(inputs.tokenize(text), ref(text)), n
+
+
+def test_the_tokenizer_word_cache_is_bounded_in_bytes(monkeypatch):
+    import functools
+
+    from fastlclip import inputs
+
+    monkeypatch.setattr(inputs, "TOKENIZER_CACHE_BYTES", 20_000)
+    monkeypatch.setattr(inputs, "_tokenizer", functools.lru_cache(maxsize=None)(inputs._tokenizer.__wrapped__))
+    tok = inputs._tokenizer(77)
+    words = ["".join(chr(ord("a") + (i // 26**k) % 26) for k in range(4)) for i in range(2000)]  # 2000 unique words
+    for i in range(0, 2000, 50):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inputs.tokenize(" ".join(words[i:i + 50]))
+    cache = tok.cache
+    assert cache.bytes <= 20_000 and len(cache) < 200
+    assert cache.bytes == sum(cache.cost(k, v) for k, v in cache.items() if k not in cache.pinned)
+    assert {"<start_of_text>", "<end_of_text>"} <= set(cache)  # the special tokens stay
+    assert torch.equal(inputs.tokenize(words[0]), inputs._tokenizer.__wrapped__(77)(words[0]))  # evicted, recomputed
+
+
+def test_a_megabyte_prompt_is_scored_as_its_first_max_prompt_chars(reward):
+    from fastlclip import inputs
+
+    app = create_app(reward)
+    x, prompt = latents(1, seed=5), "a red dog " * 100_000  # 1 MB
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = post(app, body(x, prompt))
+        want = reward.score(x, prompt[:inputs.MAX_PROMPT_CHARS])
+    assert r.status_code == 200, r.text
+    torch.testing.assert_close(torch.tensor(r.json()["raw_scores"]), want, rtol=0, atol=1e-5)
+    assert max(map(len, reward._text_cache)) <= inputs.MAX_PROMPT_CHARS  # the text-feature cache's keys: small
+
+
+class _ThreadServer:
+    """The app under uvicorn in a thread of this process, on a free loopback port (signals: call handle_exit)."""
+
+    def __init__(self, app, **config):
+        import uvicorn
+
+        from fastlclip.serve.__main__ import graceful_server
+
+        self.port = free_port()
+        self.server = graceful_server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical",
+                                                     **config), app.state.requests_in_flight)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+
+    def connect(self, content_length: int, sent: bytes = b"") -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        s.sendall(b"POST /v1/score HTTP/1.1\r\nhost: 127.0.0.1\r\nx-drm-protocol-version: 1\r\n"
+                  b"content-length: %d\r\n\r\n" % content_length + sent)
+        return s
+
+    def stop(self):
+        self.server.should_exit = self.server.force_exit = True
+        self.thread.join(10)
+
+
+def _read_all(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408_and_the_connection_closed(reward):
+    app = create_app(reward, body_timeout_s=0.5)
+    srv = _ThreadServer(app)
+    try:
+        content = body(latents(1), "a dog")
+        t0 = time.monotonic()
+        lying = srv.connect(len(content) + 100, content)  # a Content-Length longer than the body
+        slow = srv.connect(len(content))
+        for i in range(0, 30):  # a byte every 50 ms: 1.5 s, past the 0.5 s deadline
+            try:
+                slow.sendall(content[i:i + 1])
+            except OSError:
+                break
+            time.sleep(0.05)
+        for s in (lying, slow):
+            reply = _read_all(s)  # the server closes the connection: recv returns b"" (else the 10 s socket timeout)
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+            assert b"--body-timeout-s" in reply and b"connection: close" in reply.lower()
+            s.close()
+        assert time.monotonic() - t0 < 5
+        ok = httpx.post(f"http://127.0.0.1:{srv.port}/v1/score", content=content, headers=V1, timeout=10)
+        assert ok.status_code == 200
+        assert 'fastlclip_requests_total{code="408"} 2.0' in httpx.get(f"http://127.0.0.1:{srv.port}/metrics").text
+    finally:
+        srv.stop()
+
+
+def test_a_second_sigterm_forces_the_exit_and_says_what_was_cut(reward):
+    """uvicorn forces the exit on a second SIGINT only; a second SIGTERM was ignored while a slow client held on."""
+    app = create_app(reward, body_timeout_s=60)
+    srv = _ThreadServer(app, timeout_graceful_shutdown=60)
+    try:
+        held = srv.connect(1000, b"x" * 10)  # in flight, its body never completes
+        deadline = time.monotonic() + 5
+        while app.state.requests_in_flight() < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        srv.server.handle_exit(signal.SIGTERM, None)
+        time.sleep(0.5)
+        assert srv.thread.is_alive()  # graceful: waiting for the request in flight
+        srv.server.handle_exit(signal.SIGTERM, None)
+        srv.thread.join(5)
+        assert not srv.thread.is_alive()
+        assert srv.server.cut == ("a second SIGTERM during the graceful shutdown: cut 1 request in flight and 1 open "
+                                  "connection")
+        held.close()
+    finally:
+        srv.stop()
+
+
+def test_the_graceful_shutdown_has_a_deadline_then_exit_1_naming_what_was_cut(reward, tmp_path):
+    cfg, weights = tmp_path / "tiny.json", tmp_path / "tiny.safetensors"
+    cfg.write_text(json.dumps(TINY))
+    save_file({k: v.contiguous() for k, v in reward.model.state_dict().items()}, weights)
+    port = free_port()
+    proc = subprocess.Popen(serve_cmd("--model", str(cfg), "--pretrained", str(weights), "--port", str(port),
+                                      "--shutdown-timeout-s", "1", "--log-level", "critical"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)  # a slow client: its body never completes
+        held.sendall(b"POST /v1/score HTTP/1.1\r\nhost: x\r\nx-drm-protocol-version: 1\r\ncontent-length: 1000\r\n\r\nab")
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 1
+        assert time.monotonic() - t0 < 10
+        lines = proc.stderr.read().strip().splitlines()
+        assert lines[-1] == ("python -m fastlclip.serve: shutdown cut short by the graceful shutdown ran past "
+                             "--shutdown-timeout-s 1: cut 1 request in flight and 1 open connection"), lines
+        held.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

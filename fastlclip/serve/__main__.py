@@ -3,7 +3,8 @@
 Every argument is checked before the model loads; an error is one line on stderr and exit status 2. The
 server binds 127.0.0.1 unless told otherwise, and refuses a non-loopback ``--host`` without
 ``--token-file``. SIGTERM (or Ctrl+C) stops accepting connections, answers the requests in flight, and
-exits with status 0.
+exits with status 0; what is still in flight ``--shutdown-timeout-s`` later, or at a second SIGTERM (or Ctrl+C), is
+cut, and the server exits with status 1 and a line on stderr saying what was cut.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def parser() -> argparse.ArgumentParser:
                    help="larger bodies get 413; at least one float32 latent of the model's grid and a prompt")
     p.add_argument("--max-queue", type=int_at_least(1), default=4096, help="latents waiting; beyond, 503 + Retry-After")
     p.add_argument("--text-cache-size", type=int_at_least(1), default=4096, help="prompts whose text features are kept")
+    p.add_argument("--body-timeout-s", type=positive_float, default=30.0,
+                   help="a request's body must arrive within this of its headers; else 408 and the connection closed")
+    p.add_argument("--shutdown-timeout-s", type=positive_float, default=30.0,
+                   help="after SIGTERM, requests still in flight this much later are cut (exit status 1)")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send")
     p.add_argument("--resize", choices=("none", "interpolate", "pool"), default="none",
                    help="policy for latent grids other than the trained one (fastlclip.grids)")
@@ -123,6 +128,38 @@ def check_args(args) -> tuple[str, str | None]:
     return device, token
 
 
+def graceful_server(config, in_flight):
+    """A ``uvicorn.Server`` whose graceful shutdown ends: a second SIGTERM forces the exit as a second SIGINT does
+    (uvicorn ignores it), and ``config.timeout_graceful_shutdown`` bounds the wait. ``server.cut`` then says what
+    was cut (None when nothing was); ``in_flight()`` counts the app's requests in flight."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        cut: str | None = None
+
+        def note(self, why: str) -> None:
+            if self.cut is None:
+                n, conns = in_flight(), len(self.server_state.connections)
+                self.cut = (f"{why}: cut {n} request{'s' * (n != 1)} in flight and {conns} open "
+                            f"connection{'s' * (conns != 1)}")
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit and sig in (signal.SIGTERM, signal.SIGINT):
+                self.note(f"a second {signal.Signals(sig).name} during the graceful shutdown")
+                self.force_exit = True
+            super().handle_exit(sig, frame)
+
+        async def _wait_tasks_to_complete(self) -> None:
+            try:
+                await super()._wait_tasks_to_complete()
+            except BaseException:  # the graceful-shutdown deadline cancels the wait
+                self.note(f"the graceful shutdown ran past --shutdown-timeout-s "
+                          f"{self.config.timeout_graceful_shutdown:g}")
+                raise
+
+    return Server(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -154,13 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     model.check_finite = False  # the server checks each request's latents itself, on the host
     reward = fastlclip.LatentCLIPReward(model, text_cache_size=args.text_cache_size)
     app = create_app(reward, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                     max_body_mb=args.max_body_mb, max_queue=args.max_queue, token=token)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host.strip("[]"), port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=None))
+                     max_body_mb=args.max_body_mb, max_queue=args.max_queue, token=token,
+                     body_timeout_s=args.body_timeout_s)
+    server = graceful_server(uvicorn.Config(app, host=args.host.strip("[]"), port=args.port, log_level=args.log_level,
+                                            timeout_graceful_shutdown=args.shutdown_timeout_s),
+                             app.state.requests_in_flight)
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully; with these handlers that ends in exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
+    if getattr(server, "cut", None):
+        print(f"{p.prog}: shutdown cut short by {server.cut}", file=sys.stderr, flush=True)
+        return 1
     return 0 if server.started else 1
 
 

@@ -2,12 +2,14 @@
 
 Endpoints: ``GET /healthz`` (model, VAE, channels, device), ``POST /v1/score`` (verl-omni latent protocol v1,
 see ``fastlclip.serve.protocol``), ``GET /metrics`` (Prometheus text). Every error is JSON ``{"error": ...}``:
-400 bad request, 401 missing or wrong bearer token, 404, 405, 413 body over the limit, 503 with
+400 bad request, 401 missing or wrong bearer token, 404, 405, 408 body not received in time (the connection
+is then closed), 413 body over the limit, 503 with
 ``Retry-After`` when the queue is full, 500 for a failure of the server itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import math
@@ -65,12 +67,15 @@ def _model_info(model) -> dict:
 
 
 def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_ms: float = 10.0,
-               max_body_mb: float = 64.0, max_queue: int = 4096, token: str | None = None) -> Starlette:
+               max_body_mb: float = 64.0, max_queue: int = 4096, token: str | None = None,
+               body_timeout_s: float = 30.0) -> Starlette:
     """The server's app around ``reward`` (a ``LatentCLIPReward`` on diffusion-space latents).
 
     ``max_batch_size`` latents per forward, batches leave after ``max_wait_ms``; ``max_queue`` latents may
     wait before requests are refused with 503; bodies over ``max_body_mb`` get 413; with ``token`` every
-    request but ``/healthz`` needs ``Authorization: Bearer <token>``.
+    request but ``/healthz`` needs ``Authorization: Bearer <token>``; a body not received within ``body_timeout_s``
+    of the request's headers (sent slowly, or shorter than its ``Content-Length``) gets 408 and the connection is
+    closed, so idle clients cannot hold connections.
     """
     model = reward.model
     noise_aware = model.noise_aware
@@ -108,15 +113,16 @@ def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_m
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def read_body(request: Request) -> bytes | None:
-        """The body, or None once it is over the limit (read no further)."""
+        """The body, or None once it is over the limit (read no further); TimeoutError after ``body_timeout_s``."""
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return None
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                return None
+        async with asyncio.timeout(body_timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    return None
         return bytes(body)
 
     async def reply(request: Request) -> JSONResponse:
@@ -126,7 +132,12 @@ def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_m
         if version != protocol.PROTOCOL_VERSION:
             return _error(400, f"header x-drm-protocol-version must be {protocol.PROTOCOL_VERSION!r}, got "
                                f"{version!r}: this server speaks verl-omni latent protocol v1")
-        body = await read_body(request)
+        try:
+            body = await read_body(request)
+        except TimeoutError:
+            return _error(408, f"the body did not arrive within {body_timeout_s:g} s of the request's headers (the "
+                               "server's --body-timeout-s; or it is shorter than its Content-Length): send the whole "
+                               "body at once, with its true length", {"Connection": "close"})
         if body is None:
             return _error(413, f"the body is over the server's limit of {max_body_mb:g} MiB (--max-body-mb); send "
                                "fewer latents per request")
@@ -183,4 +194,6 @@ def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_m
                             Route("/v1/score", score, methods=["POST"])],
                     exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan)
     app.state.batcher, app.state.metrics, app.state.reward = batcher, metrics, reward
+    app.state.requests_in_flight = lambda: int(metrics.in_flight._value.get())
+    app.state.body_timeout_s = body_timeout_s
     return app

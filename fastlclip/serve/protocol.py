@@ -3,7 +3,8 @@
 A request is ``POST /v1/score`` with the header ``x-drm-protocol-version: 1`` and a body written by
 ``safetensors.torch.save``: ``latents`` (B, C, H, W) float16/bfloat16/float32 in diffusion space (metadata
 ``space`` may say ``vae``); the prompts in ``__metadata__`` as ``prompts`` (a JSON list of B strings) or
-``prompt`` (one string for all); optionally ``u`` (the noise level, a scalar, (1,) or (B,) in [0, 1]),
+``prompt`` (one string for all), each cut to ``fastlclip.inputs.MAX_PROMPT_CHARS`` characters (all the tokenizer
+reads); optionally ``u`` (the noise level, a scalar, (1,) or (B,) in [0, 1]),
 ``seeds`` (int64, (1,) or (B,)) and the tensors v1 clients also send (``prompt_embeds``,
 ``pooled_prompt_embeds``), which are accepted and not used. The body is parsed by the safetensors library
 only: nothing is ever unpickled.
@@ -20,6 +21,8 @@ import struct
 from dataclasses import dataclass
 
 import torch
+
+from .. import inputs
 
 PROTOCOL_VERSION = "1"
 LATENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -78,12 +81,15 @@ def _prompts(meta: dict[str, str], batch: int) -> list[str]:
     else:
         raise ProtocolError("no prompts: put them in the safetensors metadata as 'prompts' (a JSON list, one per latent) "
                             "or 'prompt' (one string for all)")
+    # Cut where the tokenizer would (the scores are the same): the text-feature cache's keys stay small.
+    prompts = [inputs.cap_prompt(p) for p in prompts]
     if len(prompts) == 1:
         prompts = prompts * batch
     if len(prompts) != batch:
         raise ProtocolError(f"got {len(prompts)} prompts for {batch} latents; send 1 or {batch}")
     if not all(p.strip() for p in prompts):
-        raise ProtocolError("a prompt is empty; every latent needs a non-empty prompt")
+        raise ProtocolError(f"a prompt is empty (or blank in its first {inputs.MAX_PROMPT_CHARS} characters, all the "
+                            "tokenizer reads); every latent needs a non-empty prompt")
     return prompts
 
 
