@@ -1773,3 +1773,62 @@ def test_cli_targets_refuses_a_deep_teacher_config_or_an_infinite_scaling_in_one
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "scaling_factor must be a finite number in [0.0001, 10000]" in err, err
     assert not (tmp_path / "out").exists()
+
+
+# -- bad data (issue 31, class 4) -----------------------------------------------------------------------
+@pytest.mark.parametrize("what", ["embedding", "latent"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_read_targets_names_the_file_and_row_of_a_non_finite_value(small, tmp_path, what, value):
+    lat, emb = small["latents"].clone(), small["embeddings"].clone()
+    (emb if what == "embedding" else lat)[6].view(-1)[3] = value  # file 99 holds rows 0..3, file 98 rows 4..7
+    folder = _write_targets(tmp_path / "t", lat, emb, small["keys"], 4)
+    from fastlclip.distill import read_targets
+
+    with pytest.raises(ValueError, match=f"00098.parquet: row 2 \\(key '{small['keys'][6]}'\\) has a non-finite "
+                                         f"{what}.*delete 00098.parquet and rerun"):
+        read_targets(folder)
+
+
+def _small_cli(small, tmp_path, folder, out) -> list[str]:
+    """``train`` arguments for the small world: its teacher as open_clip files, the tiny student."""
+    cfg, weights = W.save_teacher(small["teacher"], tmp_path / "teacher")
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps(W.STUDENT))
+    return ["train", str(folder), "--out", str(out), "--student", str(student), "--teacher", "tiny-teacher",
+            "--teacher-config", str(cfg), "--teacher-pretrained", str(weights), "--steps", "4", "--batch-size", "4",
+            "--lr", "1e-3", "--warmup-steps", "0", "--save-every", "1", "--seed", "0", "--holdout", "0.25"]
+
+
+def test_cli_train_on_a_nan_target_exits_2_in_one_line_before_training(small, tmp_path, capsys):
+    emb = small["embeddings"].clone()
+    emb[0, 0] = math.nan
+    folder = _write_targets(tmp_path / "t", small["latents"], emb, small["keys"], 12)
+    assert _main(_small_cli(small, tmp_path, folder, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "non-finite embedding" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_loss_that_becomes_non_finite_stops_training_with_exit_1(small, tmp_path, monkeypatch, capsys):
+    """The loss of step 3 is NaN (a diverging run): steps 1 and 2 are saved, step 3 is neither applied nor saved."""
+    mod = _train_module()
+    real, calls = mod.distill_loss, []
+
+    def loss(student, target):
+        calls.append(1)
+        out = real(student, target)
+        return out * math.nan if len(calls) == 3 else out
+
+    monkeypatch.setattr(mod, "distill_loss", loss)
+    with pytest.raises(mod.TrainingDiverged, match="not finite at step 3.*checkpoint of step 2 is kept"):
+        _small_train(small, tmp_path / "run", save_every=1)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["tower"].values())
+    assert not (tmp_path / "run" / "final.safetensors").exists()
+    assert [x["step"] for x in _lines(tmp_path / "run")] == [1, 2]
+
+    calls.clear()  # the command line: one line, exit 1 (not the argument errors' 2)
+    assert _main(_small_cli(small, tmp_path, small["targets"], tmp_path / "run2")) == 1
+    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("python -m fastlclip.distill train: error: the training loss is not "
+                                                "finite at step 3"), err  # on its own line, after the progress bar

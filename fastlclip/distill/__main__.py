@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import evaluate, make_targets, train
     from .targets import vae_config
     from ..model_configs import ModelConfig
-    from .train import check_train_args, resolve_student, with_targets_vae
+    from .train import TrainingDiverged, check_train_args, resolve_student, with_targets_vae
 
     prog = f"python -m fastlclip.distill {args.command}"
     try:  # every argument, before any work
@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ValueError as e:  # settings that only the data can refute (shapes, VAE, embed_dim)
         return fail(f"{prog}: error: {e}")
+    except TrainingDiverged as e:  # not an argument error: exit 1
+        return fail(f"{prog}: error: {e}", 1)
 
 
 if __name__ == "__main__":

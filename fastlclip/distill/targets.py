@@ -291,11 +291,28 @@ def read_targets(folder) -> Targets:
         t = pq.read_table(f, columns=["key", "embedding", "latent"])
         if len(t) == 0:  # a shard whose every sample was bad
             continue
-        keys += t.column("key").to_pylist()
-        emb.append(np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(len(t), -1))
-        lat.append(np.asarray(t.column("latent").combine_chunks().flatten()).reshape(len(t), *shape))
+        file_keys = t.column("key").to_pylist()
+        e = np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(len(t), -1)
+        x = np.asarray(t.column("latent").combine_chunks().flatten()).reshape(len(t), *shape)
+        _check_finite(f, file_keys, e, x)
+        keys += file_keys
+        emb.append(e)
+        lat.append(x)
     if not keys:
         raise ValueError(f"{folder} holds no target rows (every sample was bad: see its manifest.jsonl)")
     if len(set(keys)) != len(keys):
         raise ValueError(f"{folder}: a key appears in more than one row; keys must be unique across shards")
     return Targets(keys, torch.from_numpy(np.concatenate(lat)), torch.from_numpy(np.concatenate(emb)), info)
+
+
+def _check_finite(path: Path, keys: list[str], embeddings: np.ndarray, latents: np.ndarray) -> None:
+    """A ``ValueError`` naming the file, row and key of the first NaN / Inf embedding or latent: one such row
+    trains a NaN model."""
+    for what, values in (("embedding", embeddings), ("latent", latents)):
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(1)
+        if bad.any():
+            row = int(bad.argmax())
+            raise ValueError(f"{path}: row {row} (key {keys[row]!r}) has a non-finite {what} (NaN or Inf; "
+                             f"{int(bad.sum())} such rows in this file): drop the sample from its input shard, delete "
+                             f"{path.name} and rerun python -m fastlclip.distill targets with the same arguments to "
+                             "remake it")

@@ -43,6 +43,10 @@ INITS = ("scratch", "teacher")
 TRAIN_BACKENDS = ("eager", "triton")
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or Inf: training stopped before the step was applied or saved."""
+
+
 def resolve_student(student) -> dict[str, Any]:
     """A student config dict from a registered name, a JSON file or a dict (a copy; validated by ``student_config``
     once its VAE is known)."""
@@ -172,6 +176,22 @@ def _barrier(world: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def _check_loss(loss: torch.Tensor, step: int, world: int, save_every: int) -> None:
+    """Raise :class:`TrainingDiverged` when any rank's loss is not finite (every rank agrees, so none waits in a
+    collective), before the step touches the weights. Synchronises with the device once a step."""
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() == 0:
+        last = (step - 1) // save_every * save_every
+        kept = f"the checkpoint of step {last} is kept" if last > 0 else "no checkpoint was written"
+        raise TrainingDiverged(f"the training loss is not finite at step {step} ({loss.item()}): training stopped "
+                               f"before that step was applied; {kept}. Lower --lr, or check the targets, and train "
+                               "into a new --out")
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -344,6 +364,12 @@ def train(targets, run_dir, *, student, teacher, teacher_pretrained=None, teache
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             emb = wrapped(raw, s, eps)
         loss = distill_loss(emb, target)
+        try:
+            _check_loss(loss, step + 1, world, save_every)
+        except TrainingDiverged:
+            if bar is not None:
+                bar.close()  # the error then prints on its own line
+            raise
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if step < patch_steps:
