@@ -6,7 +6,7 @@ import functools
 import math
 import numbers
 import warnings
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -26,6 +26,7 @@ def check_latent_batch(latents: torch.Tensor, *, channels: int, expects: str, rg
     the device)."""
     if not isinstance(latents, torch.Tensor):
         raise TypeError(f"latents must be a torch.Tensor of shape (B, {channels}, H, W), got {type(latents).__name__}")
+    check_has_data(latents, "latents")
     if latents.ndim != 4:
         hint = " Add a batch dimension with latents[None]." if latents.ndim == 3 else ""
         raise ValueError(f"latents must have shape (B, {channels}, H, W), got {tuple(latents.shape)}.{hint}")
@@ -43,6 +44,17 @@ def check_latent_batch(latents: torch.Tensor, *, channels: int, expects: str, rg
                          f"(fastlclip.list_vaes(): {_vae_channels()})")
     if check_finite and not torch.isfinite(latents).all():
         raise ValueError(f"latents contain NaN or Inf; {finite_hint}")
+
+
+def check_has_data(t: torch.Tensor, what: str) -> None:
+    """``t`` holds values that can be read: a dense tensor on a device with data, not the ``meta`` device
+    (shapes only, no values) nor a sparse layout. Checked before anything reads the values."""
+    if t.is_meta:
+        raise ValueError(f"{what} are on the meta device: a meta tensor has a shape {tuple(t.shape)} but no values "
+                         "(made under torch.device('meta') or by an empty-weights loader), so there is nothing to score; "
+                         "create or load them on a real device, e.g. torch.randn(..., device='cuda')")
+    if t.layout != torch.strided:
+        raise ValueError(f"{what} must be a dense tensor, got layout {t.layout}; convert with .to_dense()")
 
 
 def _vae_channels() -> str:
@@ -133,12 +145,19 @@ def check_outputs(values: torch.Tensor, latents: torch.Tensor, what: str) -> tor
 
 def check_prompt(prompt) -> None:
     """A prompt is a non-empty string: an empty one is a mistake, not the unconditional text."""
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a non-empty string, got {prompt!r} ({type(prompt).__name__})"
+                        + ("; decode bytes with .decode()" if isinstance(prompt, (bytes, bytearray)) else ""))
+    if not prompt.strip():
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
 
 
 def prompt_list(prompts: str | Sequence[str], batch: int) -> list[str]:
     """One prompt for the whole batch (a str or a 1-list), or one per latent."""
+    if not isinstance(prompts, str) and (isinstance(prompts, (bytes, bytearray, dict))
+                                         or not isinstance(prompts, Iterable)):
+        raise TypeError(f"prompt must be a string, or a list of strings (1, or one per latent: {batch}), got "
+                        f"{prompts!r} ({type(prompts).__name__})")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if len(prompts) not in (1, batch):
         raise ValueError(f"got {len(prompts)} prompts for a batch of {batch} latents; pass 1 or {batch}")
@@ -163,6 +182,7 @@ def check_noise_level(noise_level, batch: int, *, noise_aware: bool, model: str,
     if noise_level is None:
         return None
     if isinstance(noise_level, torch.Tensor):
+        check_has_data(noise_level, "noise_level values")
         if not noise_level.is_floating_point() or noise_level.ndim > 1:
             raise ValueError(f"noise_level must be a float or a (B,) float tensor, got a {noise_level.dtype} tensor of "
                              f"shape {tuple(noise_level.shape)}")

@@ -162,7 +162,9 @@ class SafetyCallback:
         check_number(step_size, "step_size", positive=True)
         if not 0 <= check_number(start, "start") < 1:
             raise ValueError(f"start must be a fraction of the schedule in [0, 1), got {start!r}")
-        for p in [prompt] if isinstance(prompt, str) else list(prompt):
+        if not isinstance(prompt, str):  # a list: one prompt, or one per latent of the pipeline's batch
+            prompt = prompt_list(prompt, len(prompt) if isinstance(prompt, (list, tuple)) else 1)
+        for p in [prompt] if isinstance(prompt, str) else prompt:
             check_prompt(p)
         if not (noise_level is None or noise_level == "scheduler"):
             inputs.check_noise_level(noise_level, 1, noise_aware=guidance.model.noise_aware, model=guidance.model.cfg.name)

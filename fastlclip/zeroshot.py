@@ -34,6 +34,28 @@ def imagenet_templates(simple: bool = False) -> list[Callable[[str], str]]:
 
 log = logging.getLogger(__name__)
 
+_SLOT = "\x00class\x00"
+
+
+def check_templates(templates: Sequence) -> None:
+    """Each format-string template takes exactly the class name: ``t.format(name)`` works and contains the
+    name (callables are checked on what they return, by ``ZeroShotClassifier``). The one check the classifier
+    and the corpus scorer (``fastlclip.corpus``, its command line) share."""
+    for t in templates:
+        if not isinstance(t, str):
+            continue
+        try:
+            why = None if _SLOT in t.format(_SLOT) else "gives the same text for every class (it has no '{}')"
+        except IndexError:
+            why = "has more than one '{}' slot, but only the class name is filled in"
+        except KeyError as e:
+            why = f"has the named field {{{e.args[0]}}}, but the class name is filled in as the one unnamed '{{}}'"
+        except (ValueError, AttributeError, TypeError) as e:
+            why = f"is not a format string that takes the class name ({type(e).__name__}: {e})"
+        if why:
+            raise ValueError(f"template {t!r} {why}: it must take the class name through one '{{}}' "
+                             "(e.g. 'a photo of a {}.'); other braces are written '{{' and '}}'")
+
 
 def default_cache_dir() -> Path:
     """``$FASTLCLIP_CACHE/zeroshot``, else ``$XDG_CACHE_HOME/fastlclip/zeroshot`` (``~/.cache`` by default)."""
@@ -100,6 +122,10 @@ class ZeroShotClassifier:
         if len(self.classnames) < 2:
             raise ValueError(f"a zero-shot classifier needs at least two class names, got {len(self.classnames)}: "
                              f"{self.classnames}; add the alternatives to tell it from (e.g. a neutral class)")
+        bad = [type(t).__name__ for t in templates if not (isinstance(t, str) or callable(t))]
+        if bad:
+            raise TypeError(f"templates must be format strings or callables, got {bad[0]}; e.g. ['a photo of a {{}}.']")
+        check_templates(templates)
         fmt = [t if callable(t) else t.format for t in templates]
         texts = [f(c) for c in self.classnames for f in fmt]
         for j, t in enumerate(templates):

@@ -7,6 +7,7 @@ the pixel reward and the ReNO loop.
 import copy
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -363,6 +364,95 @@ def test_zero_shot_argument_errors(model):
         fastlclip.ZeroShotClassifier(model, ["cat"], ["a photo of a {}."])
     with pytest.raises(TypeError, match=r"classnames must be strings, got int"):
         fastlclip.ZeroShotClassifier(model, ["cat", 3], ["a photo of a {}."])
+
+
+
+@pytest.mark.parametrize("template, why", [
+    ("a {} of a {}.", r"has more than one '\{\}' slot"),
+    ("a photo of a {name}.", r"has the named field \{name\}"),
+    ("a photo of a {0.x}.", r"is not a format string that takes the class name \(AttributeError"),
+    ("a photo of a {", r"is not a format string that takes the class name \(ValueError"),
+    ("a photo", r"gives the same text for every class"),
+])
+def test_zero_shot_templates_get_the_corpus_check(model, template, why):
+    """Before: a raw IndexError / KeyError from str.format. Now the check the corpus command line runs, so both
+    refuse the same templates with the same words."""
+    from fastlclip.corpus import check_templates
+
+    match = rf"template {re.escape(repr(template))} {why}.*must take the class name through one '\{{\}}'"
+    with pytest.raises(ValueError, match=match):
+        fastlclip.ZeroShotClassifier(model, ["cat", "dog"], ["a photo of a {}.", template])
+    with pytest.raises(ValueError, match=match):
+        check_templates(["a photo of a {}.", template])
+    assert check_templates is fastlclip.zeroshot.check_templates  # one check, not two copies
+
+
+def test_zero_shot_templates_that_do_work(model):
+    clf = fastlclip.ZeroShotClassifier(model, ["cat", "dog"], ["{0} and {0}", "a {} with {{braces}}", str.upper])
+    texts = ["cat and cat", "a cat with {braces}", "CAT"]
+    direct = torch.nn.functional.normalize(model.encode_text(texts).float(), dim=-1).mean(0)
+    torch.testing.assert_close(clf.weights[0], torch.nn.functional.normalize(direct, dim=0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match=r"templates must be format strings or callables, got int"):
+        fastlclip.ZeroShotClassifier(model, ["cat", "dog"], ["a {}", 3])
+
+
+def _meta_latents():
+    return torch.empty(2, 4, LATENT, LATENT, device="meta")
+
+
+META = r"latents are on the meta device: a meta tensor has a shape \(2, 4, 16, 16\) but no values.*real device"
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_meta_latents_are_refused_before_anything_reads_them(model, check_finite):
+    """Before: 'Tensor.item() cannot be called on meta tensors' (the NaN check), or a device mismatch whose
+    advice (.to(...)) fails on a meta tensor."""
+    from fastlclip.safety import LatentSafetyChecker, SafetyGuidance
+
+    z = _meta_latents()
+    model.check_finite = check_finite
+    try:
+        reward = fastlclip.LatentCLIPReward(model)
+        guidance = SafetyGuidance(model, concepts={"v": ["violence"]}, neutral=["a dog"])
+        checker = LatentSafetyChecker(model, concepts={"v": ["violence"]}, neutral=["a dog"])
+        clf = fastlclip.ZeroShotClassifier(model, ["cat", "dog"], ["a photo of a {}."])
+        for call in (lambda: reward(z, "a cat"), lambda: reward.score(z, "a cat"), lambda: guidance(z, "a cat"),
+                     lambda: checker(z), lambda: clf.predict(z), lambda: clf.probs(z), lambda: model.encode_latents(z)):
+            with pytest.raises(ValueError, match=META):
+                call()
+    finally:
+        model.check_finite = True
+
+
+def test_meta_or_sparse_inputs_are_named_by_the_shared_checks(model):
+    with pytest.raises(ValueError, match=META):
+        fastlclip.inputs.check_latent_batch(_meta_latents(), channels=4, expects="the model expects", rgb_hint="")
+    sparse = torch.zeros(1, 4, LATENT, LATENT).to_sparse()
+    with pytest.raises(ValueError, match=r"latents must be a dense tensor, got layout torch.sparse_coo.*to_dense"):
+        model.encode_latents(sparse)
+    with pytest.raises(ValueError, match=r"noise_level values are on the meta device"):
+        fastlclip.inputs.check_noise_level(torch.empty(2, device="meta"), 2, noise_aware=True, model="m")
+
+
+@pytest.mark.parametrize("prompt, match", [
+    (None, r"prompt must be a string, or a list of strings \(1, or one per latent: 2\), got None \(NoneType\)"),
+    (3, r"prompt must be a string, or a list of strings .*got 3 \(int\)"),
+    (b"a cat", r"prompt must be a string, or a list of strings .*got b'a cat' \(bytes\)"),
+    ([None], r"prompt must be a non-empty string, got None \(NoneType\)"),
+    (["a cat", 3], r"prompt must be a non-empty string, got 3 \(int\)"),
+    ([b"a cat"], r"prompt must be a non-empty string, got b'a cat' \(bytes\); decode bytes with .decode\(\)"),
+])
+def test_prompts_that_are_not_strings_are_a_type_error(model, prompt, match):
+    """Before: 'NoneType' object is not iterable, or a ValueError calling None an empty string."""
+    from fastlclip.safety import SafetyGuidance
+
+    z = torch.randn(2, 4, LATENT, LATENT)
+    guidance = SafetyGuidance(model, concepts={"v": ["violence"]}, neutral=["a dog"])
+    for call in (fastlclip.LatentCLIPReward(model), fastlclip.LatentCLIPReward(model).score, guidance):
+        with pytest.raises(TypeError, match=match):
+            call(z, prompt)
+    with pytest.raises(TypeError, match=match.replace("one per latent: 2", "one per latent: 1")):
+        guidance.callback(prompt)
 
 
 # -- I2P reader -------------------------------------------------------------------------------------------

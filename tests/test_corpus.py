@@ -3,6 +3,7 @@
 import builtins
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -297,3 +298,79 @@ def test_tar_keys_follow_webdataset(tmp_path):
     assert s.key == "d/k1" and s.latent.shape == (3,)
     with tarfile.open(tmp_path / "x.tar") as tf:
         assert len(tf.getmembers()) == 3
+
+
+def _jsonl(path) -> list[dict]:
+    """Every line of ``path`` parsed on its own: a valid JSONL file ends with a newline and has no torn line."""
+    text = path.read_text()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_a_torn_last_manifest_line_is_dropped_and_the_resumed_run_keeps_every_finished_shard(tmp_path, model):
+    """A run killed while writing its last manifest line: reading names the file and line; the resumed run cuts
+    the torn tail (warning so), keeps every complete line byte for byte, and never appends onto the torn line."""
+    expected = {}
+    for i in range(4):
+        expected[f"s{i}"] = pt_shard(tmp_path / f"s{i}.tar", f"s{i}-", latents(2, 50 + i))
+    shards = [str(tmp_path / f"s{i}.tar") for i in range(4)]
+    out = tmp_path / "out"
+    corpus.score(shards[:3], out, model=model, prompts=PROMPTS[:1], progress=False)
+    manifest = out / "manifest.jsonl"
+    lines = manifest.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 3
+    manifest.write_bytes(b"".join(lines[:2]) + lines[2][:25])  # killed 25 bytes into s2's line
+
+    with pytest.warns(UserWarning, match=rf"{re.escape(str(manifest))}, line 3: torn last line"):
+        assert [os.path.basename(r["shard"]) for r in corpus.read_manifest(out)] == ["s0.tar", "s1.tar"]
+
+    with pytest.warns(UserWarning, match=rf"{re.escape(str(manifest))}, line 3: dropped a torn last line \(25 bytes"):
+        second = corpus.score(shards, out, model=model, prompts=PROMPTS[:1], progress=False)
+    assert [os.path.basename(r["shard"]) for r in second.ok] == ["s3.tar"]
+    assert [os.path.basename(r["shard"]) for r in second.skipped] == ["s0.tar", "s1.tar", "s2.tar"]
+
+    assert manifest.read_bytes().startswith(b"".join(lines[:2]))  # every complete line kept as it was
+    records = _jsonl(manifest)
+    assert len(records) == 2 + 4
+    ok = [os.path.basename(r["shard"]) for r in records if r["status"] == "ok"]
+    assert sorted(ok) == ["s0.tar", "s1.tar", "s3.tar"]  # each scored once; s2's ok line was the torn one
+    assert {os.path.basename(r["shard"]) for r in records} == {f"s{i}.tar" for i in range(4)}
+    assert sorted(all_keys(out)) == sorted(k for keys in expected.values() for k in keys)
+    assert sorted(corpus.select(out, by="clip_cos_0", threshold=-2)) == sorted(all_keys(out))
+
+
+def test_a_torn_inputs_line_is_dropped_and_a_whole_last_line_without_newline_kept(tmp_path, model):
+    pt_shard(tmp_path / "a.tar", "a-", latents(2, 60))
+    out = tmp_path / "out"
+    corpus.score([tmp_path / "a.tar"], out, model=model, prompts=PROMPTS[:1], progress=False)
+    inputs = out / "inputs.jsonl"
+    first = inputs.read_bytes()
+    inputs.write_bytes(first + b'{"run": "x", "shar')
+    manifest = out / "manifest.jsonl"
+    manifest.write_bytes(manifest.read_bytes().rstrip(b"\n"))  # a whole record, its newline missing: kept
+    with pytest.warns(UserWarning, match=rf"{re.escape(str(inputs))}, line 2: dropped a torn last line"):
+        corpus.score([tmp_path / "a.tar"], out, model=model, prompts=PROMPTS[:1], progress=False)
+    runs = _jsonl(inputs)
+    assert inputs.read_bytes().startswith(first) and len(runs) == 2 and all(r["shards"] for r in runs)
+    assert [r["status"] for r in _jsonl(manifest)] == ["ok", "skipped"]
+
+
+def test_a_corrupt_manifest_line_is_named_by_select_and_refused_by_score(tmp_path, model, capsys):
+    """A bad line before the end (e.g. a torn line an older version appended onto): file and line, never a raw
+    JSONDecodeError, and the resumed run refuses before any work rather than add to the folder."""
+    pt_shard(tmp_path / "a.tar", "a-", latents(2, 70))
+    out = tmp_path / "out"
+    corpus.score([tmp_path / "a.tar"], out, model=model, prompts=PROMPTS[:1], progress=False)
+    manifest = out / "manifest.jsonl"
+    good = manifest.read_bytes()
+    for bad, why in ((b'{"shard": "a.tar", "sta{"shard": "b.tar"}\n', "not a JSON record"),
+                     (b"[1, 2]\n", "not a JSON object"), (b'{"status": "ok"}\n', "a manifest record names no shard")):
+        manifest.write_bytes(good + bad + good)
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(manifest))}, line 2: {why}.*delete that line"):
+            corpus.select(out, by="clip_cos_0", threshold=0)
+        code = cli.main(["select", str(out), "--by", "clip_cos_0", "--threshold", "0", "--out", str(tmp_path / "k")])
+        _one_error_line(capsys, code, f"{manifest}, line 2: {why}")
+        before = manifest.read_bytes()
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(manifest))}, line 2: {why}"):
+            corpus.score([tmp_path / "a.tar"], out, model=model, prompts=PROMPTS[:1], progress=False)
+        assert manifest.read_bytes() == before

@@ -22,12 +22,14 @@ import torch
 
 from ..inputs import check_space
 from ..runtime import BACKENDS as _RUNTIME_BACKENDS
+from ..zeroshot import check_templates
 from .engines import ENGINES, rank_split, run_local, run_ray
 from .readers import shard_kind, shard_stem
 from .runner import ON_ERROR, ShardOptions, report as _report_line, run_identity
 from .scoring import DEFAULT_TEMPLATES, Scorer, ScoreSpec, check_prompts, fingerprint
 from .selection import MissingShards, select
-from .writer import check_run_file, read_manifest, record_inputs
+from .writer import (INPUTS, MANIFEST, check_run_file, drop_torn_tail, expected_shards, read_manifest,
+                     record_inputs)
 
 BACKENDS = (*_RUNTIME_BACKENDS, "auto")
 
@@ -139,18 +141,6 @@ def check_device(device, engine: str) -> None:
             raise ValueError(f"device {device!r}, but there are {torch.cuda.device_count()} CUDA devices")
 
 
-def check_templates(templates: list[str]) -> None:
-    """Each template takes exactly the class name: ``t.format(name)`` works and contains the name."""
-    for t in templates:
-        try:
-            ok = "\x00class\x00" in t.format("\x00class\x00")
-        except (IndexError, KeyError, ValueError, AttributeError):
-            ok = False
-        if not ok:
-            raise ValueError(f"template {t!r} must take the class name through one '{{}}' "
-                             "(e.g. 'a photo of a {}.'); other braces are written '{{' and '}}'")
-
-
 def check_member(member) -> None:
     if member is None:
         return
@@ -254,6 +244,9 @@ def _prepare(inputs, out, *, model, pretrained, prompts, classes, templates, saf
         scorer = None  # that was the check: workers and actors build their own
     out.mkdir(parents=True, exist_ok=True)
     check_run_file(out, run_identity(spec, opts))
+    for name in (MANIFEST, INPUTS):  # a run killed mid-line: appending onto that line would corrupt two records
+        drop_torn_tail(out / name)
+    expected_shards(out)  # reads both: any other bad line is named (file and line) before any work
     record_inputs(out, opts.run_id, shards)
     done = [0]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -129,13 +130,95 @@ def _append(path: Path, record: dict) -> None:
 
 
 def read_manifest(out: str | os.PathLike) -> list[dict]:
-    return _read_lines(Path(out) / MANIFEST)
+    """The manifest's records, in order. A torn last line (a run killed while writing it) is left out with a
+    warning; any other line that is not a JSON object naming its shard is a ValueError naming the file and line."""
+    path = Path(out) / MANIFEST
+    records = _read_lines(path)
+    for i, r in records:
+        if not isinstance(r.get("shard"), str):
+            raise ValueError(f"{path}, line {i}: a manifest record names no shard ({_shown(json.dumps(r))}); "
+                             f"{_LINE_FIX}")
+    return [r for _, r in records]
 
 
-def _read_lines(path: Path) -> list[dict]:
+_LINE_FIX = ("fix or delete that line (the scores are the .parquet files; the manifest only says what each run did, "
+             "and a shard without its line is reported as not scored yet)")
+
+
+def _shown(text: str) -> str:
+    return ascii(text[:80] + ("..." if len(text) > 80 else ""))
+
+
+def _read_lines(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, record)`` for each JSON line of ``path`` (blank lines skipped); see ``read_manifest``."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    records = []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            if i == len(lines):  # no newline after it: the write that a killed run began and never finished
+                warnings.warn(f"{path}, line {i}: torn last line ({len(raw)} bytes without a newline: a run stopped "
+                              "while writing it) left out; the next score run into this folder drops it", stacklevel=3)
+                continue
+            why = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise ValueError(f"{path}, line {i}: not a JSON record ({why}): {_shown(raw.decode('utf-8', 'replace'))}; "
+                             f"{_LINE_FIX}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {i}: not a JSON object: {_shown(raw.decode('utf-8', 'replace'))}; {_LINE_FIX}")
+        records.append((i, record))
+    return records
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a torn last line off ``path`` (a run killed mid-write leaves one without its newline), so the next
+    append starts a line of its own; every complete line is kept, and a warning says what was dropped. Under an
+    exclusive ``flock`` and checked again there, so ranks starting together cut it once."""
+    if not path.is_file() or path.is_symlink():
+        return
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # no flock (Windows, some network file systems): one process repairs
+            pass
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return
+        start = size
+        while start > 0:  # back to the newline that ends the last complete line
+            chunk = os.pread(fd, min(start, 1 << 16), max(0, start - (1 << 16)))
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                start = start - len(chunk) + cut + 1
+                break
+            start -= len(chunk)
+        line = os.pread(fd, start, 0).count(b"\n") + 1
+        tail = os.pread(fd, min(size - start, 1 << 20), start)
+        try:
+            whole = isinstance(json.loads(tail), dict)
+        except ValueError:
+            whole = False
+        if whole:  # a complete record that only lacks its newline (written by hand): keep it, end its line
+            os.pwrite(fd, b"\n", size)
+            return
+        torn = tail[:80]
+        os.ftruncate(fd, start)
+        warnings.warn(f"{path}, line {line}: dropped a torn last line ({size - start} bytes without a newline, "
+                      f"starting {ascii(torn.decode('utf-8', 'replace'))}: a run stopped while writing it); every "
+                      "complete line is kept, and a shard whose line it was is scored again unless its output is done",
+                      stacklevel=3)
+    finally:
+        os.close(fd)
 
 
 def record_inputs(out: str | os.PathLike, run: str, shards: Sequence[str]) -> None:
@@ -146,7 +229,7 @@ def record_inputs(out: str | os.PathLike, run: str, shards: Sequence[str]) -> No
 def expected_shards(out: str | os.PathLike) -> dict[str, str]:
     """Output stem -> shard path for every shard any ``score`` call into ``out`` was given or recorded."""
     stems = {}
-    for line in _read_lines(Path(out) / INPUTS):
+    for _, line in _read_lines(Path(out) / INPUTS):
         for s in line.get("shards", []):
             stems.setdefault(shard_stem(s), s)
     for r in read_manifest(out):
