@@ -680,6 +680,7 @@ def test_cli_main_builds_the_app_it_was_asked_for(reward, tmp_path, monkeypatch)
     import signal as signal_module
 
     import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
     from fastlclip.serve.__main__ import main
 
@@ -697,6 +698,7 @@ def test_cli_main_builds_the_app_it_was_asked_for(reward, tmp_path, monkeypatch)
             "--body-timeout-s", "2.5", "--shutdown-timeout-s", "7"]
     assert main(args) == 0
     app, kw = configs[-1]
+    assert issubclass(kw.pop("http"), H11Protocol)
     assert kw == {"host": "::1", "port": 9001, "log_level": "warning", "timeout_graceful_shutdown": 7.0}
     assert app.state.body_timeout_s == 2.5
     assert set(handlers) == {signal_module.SIGTERM, signal_module.SIGINT}
@@ -715,6 +717,7 @@ def test_cli_main_builds_the_app_it_was_asked_for(reward, tmp_path, monkeypatch)
     # defaults: 127.0.0.1:8000, float32 eager on the CPU, no resize, batch 32, 10 ms, 4096 latents
     assert main(["--model", str(cfg), "--pretrained", str(weights), "--dtype", "auto"]) == 0
     app, kw = configs[-1]
+    assert issubclass(kw.pop("http"), H11Protocol)
     assert kw == {"host": "127.0.0.1", "port": 8000, "log_level": "info", "timeout_graceful_shutdown": 30.0}
     assert app.state.body_timeout_s == 30.0
     b, r = app.state.batcher, app.state.reward
@@ -1299,3 +1302,25 @@ def test_the_graceful_shutdown_has_a_deadline_then_exit_1_naming_what_was_cut(re
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_connection_that_sends_no_request_head_in_time_is_closed(reward):
+    """Clients that connect and send nothing, or their headers a byte at a time, held a descriptor each forever."""
+    from fastlclip.serve.__main__ import http_protocol
+
+    srv = _ThreadServer(create_app(reward), http=http_protocol(0.5))
+    try:
+        t0 = time.monotonic()
+        silent = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        partial = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        partial.sendall(b"POST /v1/score HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+        for s in (silent, partial):
+            assert _read_all(s) == b""  # closed by the server (else the 10 s socket timeout raises)
+            s.close()
+        assert time.monotonic() - t0 < 5
+        # A client that sends its request in time is served, and its kept-alive connection reused.
+        with httpx.Client(base_url=f"http://127.0.0.1:{srv.port}", timeout=10) as c:
+            for _ in range(2):
+                assert c.post("/v1/score", content=body(latents(1), "a dog"), headers=V1).status_code == 200
+    finally:
+        srv.stop()

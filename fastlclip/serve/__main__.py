@@ -80,7 +80,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int_at_least(1), default=4096, help="latents waiting; beyond, 503 + Retry-After")
     p.add_argument("--text-cache-size", type=int_at_least(1), default=4096, help="prompts whose text features are kept")
     p.add_argument("--body-timeout-s", type=positive_float, default=30.0,
-                   help="a request's body must arrive within this of its headers; else 408 and the connection closed")
+                   help="a request's headers must arrive within this of the connection (or of the last reply), else the "
+                        "connection is closed; its body within this of its headers, else 408 and closed")
     p.add_argument("--shutdown-timeout-s", type=positive_float, default=30.0,
                    help="after SIGTERM, requests still in flight this much later are cut (exit status 1)")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send")
@@ -126,6 +127,40 @@ def check_args(args) -> tuple[str, str | None]:
     if not spec.startswith("hf-hub:") and not Path(spec).expanduser().exists():
         raise ValueError(f"--pretrained {spec}: no such file or folder")
     return device, token
+
+
+def http_protocol(header_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for a request's headers: a connection that has not sent a whole request
+    head within ``header_timeout_s`` of opening (or of its last reply) is closed, so clients that connect and send
+    nothing, or their headers slowly, cannot hold descriptors. (The body has its own deadline, in the app.)"""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _header_deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+            self._header_deadline = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _headers_late(self) -> None:
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
 
 
 def graceful_server(config, in_flight):
@@ -194,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                      max_body_mb=args.max_body_mb, max_queue=args.max_queue, token=token,
                      body_timeout_s=args.body_timeout_s)
     server = graceful_server(uvicorn.Config(app, host=args.host.strip("[]"), port=args.port, log_level=args.log_level,
-                                            timeout_graceful_shutdown=args.shutdown_timeout_s),
+                                            timeout_graceful_shutdown=args.shutdown_timeout_s,
+                                            http=http_protocol(args.body_timeout_s)),
                              app.state.requests_in_flight)
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully; with these handlers that ends in exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
