@@ -1832,3 +1832,46 @@ def test_a_loss_that_becomes_non_finite_stops_training_with_exit_1(small, tmp_pa
     err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error" in line]
     assert len(err) == 1 and err[0].startswith("python -m fastlclip.distill train: error: the training loss is not "
                                                 "finite at step 3"), err  # on its own line, after the progress bar
+
+
+def test_resume_refuses_targets_or_teacher_weights_changed_in_place(small, tmp_path):
+    """Same paths, same row count, other contents: the run identity's digests differ, so the resume is refused."""
+    import shutil
+
+    from fastlclip.distill.teacher import register_teacher_config
+
+    targets = tmp_path / "targets"
+    shutil.copytree(small["targets"], targets)
+    teacher = copy.deepcopy(small["teacher"])
+
+    def go(out, **kw):
+        from fastlclip import distill
+
+        args = dict(student=dict(W.STUDENT), teacher=teacher, steps=2, batch_size=4, lr=1e-3, warmup_steps=1,
+                    save_every=1, seed=1, holdout=0.25, progress=False)
+        args.update(kw)
+        return distill.train(targets, out, **args)
+
+    go(tmp_path / "a")
+    go(tmp_path / "a")  # the same data: resumes (nothing left to do)
+    emb = small["embeddings"].clone()
+    emb[[0, 1]] = emb[[1, 0]]  # two rows' targets swapped: same keys, same row count
+    _write_targets(targets, small["latents"], emb, small["keys"], 12)
+    assert len(list(targets.glob("*.parquet"))) == len(list(small["targets"].glob("*.parquet")))
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(targets_sha256 differ\)"):
+        go(tmp_path / "a")
+
+    go(tmp_path / "b")
+    with torch.no_grad():
+        teacher.visual.proj.mul_(2)  # the same module object, other weights
+    with pytest.raises(ValueError, match=r"\(teacher_module_sha256 differ\)"):
+        go(tmp_path / "b")
+
+    cfg, weights = W.save_teacher(small["teacher"], tmp_path / "teacher")
+    register_teacher_config("tiny-teacher", cfg)
+    go(tmp_path / "c", teacher="tiny-teacher", teacher_pretrained=str(weights))
+    state = small["teacher"].state_dict()
+    state["visual.proj"] = state["visual.proj"] * 2
+    torch.save(state, weights)  # replaced at the same path
+    with pytest.raises(ValueError, match=r"\(teacher_pretrained_sha256 differ\)"):
+        go(tmp_path / "c", teacher="tiny-teacher", teacher_pretrained=str(weights))

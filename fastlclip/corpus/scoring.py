@@ -65,12 +65,7 @@ def fingerprint(model, pretrained: str | None) -> dict:
     model object, changes them; names (config names, ``hf-hub:`` ids) are recorded as given."""
     out = {}
     if _is_model(model):
-        h = hashlib.sha256()
-        for name, t in model.state_dict().items():
-            t = t.detach().cpu().contiguous()
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        out["model_sha256"] = h.hexdigest()
+        out["model_sha256"] = state_digest(model)
     elif isinstance(model, (str, os.PathLike)) and os.path.isfile(model):
         out["config_sha256"] = _file_digest(model)
     if pretrained is not None and os.path.exists(pretrained):
@@ -85,6 +80,16 @@ def fingerprint(model, pretrained: str | None) -> dict:
         else:
             out["pretrained_sha256"] = _file_digest(pretrained)
     return out
+
+
+def state_digest(module) -> str:
+    """SHA-256 of a module's tensors: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _file_digest(path) -> str:

@@ -22,6 +22,7 @@ step) is replaced atomically every ``save_every`` steps; rerunning the same call
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -97,6 +98,30 @@ def student_config(student, teacher: nn.Module, info: dict, noise_aware: bool) -
                          f"{mc.vision.latent_size}x{mc.vision.latent_size}: set vision_cfg.latent_n_channels={c} and "
                          f"image_size / latent_factor = {h}")
     return cfg
+
+
+def run_digests(targets, teacher, teacher_pretrained=None, teacher_config=None) -> dict[str, str]:
+    """SHA-256 digests of what decides a run's data and teacher, for its resume identity (as corpus scoring's
+    ``run.json`` holds the weights' digests, with the same helpers): the target files (``run.json`` and every
+    ``*.parquet``; not the manifest, which a rerun of ``targets`` appends to), the teacher's weights file or
+    folder, its config file, and an in-memory teacher's tensors. Targets or weights replaced in place, at the
+    same paths and row count, change them."""
+    from ..corpus.scoring import _file_digest, fingerprint, state_digest
+    from .targets import RUN_FILE
+
+    folder = Path(targets)
+    h = hashlib.sha256()
+    for f in [folder / RUN_FILE, *sorted(folder.glob("*.parquet"))]:
+        h.update(f"{f.name}:{_file_digest(f)};".encode())
+    out = {"targets_sha256": h.hexdigest()}
+    config_file = teacher_config if isinstance(teacher_config, (str, os.PathLike)) else None
+    out.update({f"teacher_{k}": v for k, v in fingerprint(config_file, teacher_pretrained and str(teacher_pretrained))
+                .items()})
+    if isinstance(teacher, nn.Module):
+        out["teacher_module_sha256"] = state_digest(teacher)
+    if isinstance(teacher_config, Mapping):
+        out["teacher_config_sha256"] = hashlib.sha256(json.dumps(teacher_config, sort_keys=True).encode()).hexdigest()
+    return out
 
 
 def lr_lambda(start: int, warmup: int, end: int):
@@ -291,7 +316,7 @@ def train(targets, run_dir, *, student, teacher, teacher_pretrained=None, teache
     identity = json.loads(json.dumps({
         "targets": str(Path(targets).resolve()), "target_rows": len(data), "student": cfg, "teacher": teacher_label,
         "teacher_pretrained": None if teacher_pretrained is None else str(Path(teacher_pretrained).resolve()),
-        "steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "init": init,
+        **run_digests(targets, teacher, teacher_pretrained, teacher_config), "steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "init": init,
         "noise_aware": noise_aware, "seed": seed, "patch_steps": patch_steps, "holdout": holdout,
         "weight_decay": weight_decay}, default=str))
 
