@@ -1559,3 +1559,50 @@ def test_score_splits_by_rank_numbers_its_progress_and_may_have_nothing_to_do(tm
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["[fastlclip.corpus] 1/2 b.tar: skipped (output exists)", lines[1]]
     assert lines[1].startswith("[fastlclip.corpus] 2/2 a.tar: ok, 1 rows in ")
+
+
+def test_drop_torn_tail_cuts_exactly_the_bytes_after_the_last_newline(tmp_path):
+    """Long files (the backwards scan crosses its 64 KiB reads), a file that is one torn line, a whole file left
+    alone (no warning), a whole record without its newline kept, and a FIFO never opened."""
+    from fastlclip.corpus import writer
+
+    path = tmp_path / "manifest.jsonl"
+    whole = b"".join(json.dumps({"shard": f"s{i}.tar", "pad": "x" * 50}).encode() + b"\n" for i in range(2000))
+    assert len(whole) > 2 * 65536
+    for torn in (b'{"shard": "s', b'{"shard": "' + b"y" * 70000, b'{"shard": "' + b"y" * 65536 * 2):
+        path.write_bytes(whole + torn)
+        with pytest.warns(UserWarning, match=rf"line 2001: dropped a torn last line \({len(torn)} bytes"):
+            writer.drop_torn_tail(path)
+        assert path.read_bytes() == whole
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            writer.drop_torn_tail(path)  # nothing torn: untouched, silent
+        assert path.read_bytes() == whole
+    path.write_bytes(b'{"shard": "a.t')
+    with pytest.warns(UserWarning, match=r"line 1: dropped a torn last line \(14 bytes"):
+        writer.drop_torn_tail(path)
+    assert path.read_bytes() == b""
+    path.write_bytes(b'{"shard": "a.tar"}\n{"shard": "b.tar"}')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        writer.drop_torn_tail(path)
+    assert path.read_bytes() == b'{"shard": "a.tar"}\n{"shard": "b.tar"}\n'
+    fifo = tmp_path / "inputs.jsonl"
+    os.mkfifo(fifo)
+    writer.drop_torn_tail(fifo)  # returns at once: a FIFO is not a regular file
+    writer.drop_torn_tail(tmp_path / "absent.jsonl")
+
+
+def test_a_short_manifest_write_stops_the_run_and_the_next_run_cuts_it(tmp_path, monkeypatch):
+    from fastlclip.corpus import writer
+
+    writer.append_manifest(tmp_path, {"shard": "a.tar"})
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[:7]))  # the disk fills mid-line
+    with pytest.raises(OSError, match=r"manifest.jsonl: only 7 of the 19 bytes of a record were written"):
+        writer.append_manifest(tmp_path, {"shard": "b.tar"})
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match=r"line 2: dropped a torn last line \(7 bytes"):
+        writer.drop_torn_tail(tmp_path / "manifest.jsonl")
+    writer.append_manifest(tmp_path, {"shard": "b.tar"})
+    assert writer.read_manifest(tmp_path) == [{"shard": "a.tar"}, {"shard": "b.tar"}]

@@ -124,7 +124,10 @@ def _append(path: Path, record: dict) -> None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"{path} is not a regular file; fastlclip.corpus writes only regular files")
-        os.write(fd, line)
+        written = os.write(fd, line)
+        if written != len(line):  # a full disk or quota: stop here, before another line is appended onto this one
+            raise OSError(f"{path}: only {written} of the {len(line)} bytes of a record were written (is the disk "
+                          "full?); free space and run the same command again: it cuts the torn line and resumes")
     finally:
         os.close(fd)
 
