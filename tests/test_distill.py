@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1875,3 +1877,71 @@ def test_resume_refuses_targets_or_teacher_weights_changed_in_place(small, tmp_p
     torch.save(state, weights)  # replaced at the same path
     with pytest.raises(ValueError, match=r"\(teacher_pretrained_sha256 differ\)"):
         go(tmp_path / "c", teacher="tiny-teacher", teacher_pretrained=str(weights))
+
+
+def test_eval_refuses_targets_of_another_vae_with_the_same_channel_count(small, tmp_path, capsys):
+    from fastlclip import distill
+
+    final = _small_train(small, tmp_path / "run", steps=1, save_every=1)
+    assert distill.evaluate(final, small["targets"], holdout=0.0)["rows"] == 24  # its own VAE: figures
+    other = _write_targets(tmp_path / "other", small["latents"], small["embeddings"], small["keys"], 12)
+    info = json.loads((other / "run.json").read_text())
+    info["vae"], info["vae_cfg"] = "flux1", fastlclip_vae("flux1")  # 16 channels too, FLUX.1's constants
+    (other / "run.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"reads latents of the VAE 'custom' \(16 channels, scaling "
+                                         rf"{SCALE}, shift {SHIFT}\); the targets .* were made with 'flux1' \(16 "
+                                         r"channels, scaling 0.3611, shift 0.1159"):
+        distill.evaluate(final, other, holdout=0.0)
+    info["vae"], info["vae_cfg"] = "<AutoencoderKL module>", dict(SMALL_VAE, block_out_channels=[8, 8, 16])
+    (other / "run.json").write_text(json.dumps(info))  # the same constants, another VAE layout
+    with pytest.raises(ValueError, match="other settings differ if these agree"):
+        distill.evaluate(final, other, holdout=0.0)
+    assert _main(["eval", str(final), str(other), "--holdout", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "evaluate on targets made with the student's VAE" in err, err
+
+
+def fastlclip_vae(name):
+    import fastlclip
+
+    return fastlclip.get_vae_config(name)
+
+
+@pytest.mark.parametrize("where, key, value, message", [
+    ("vision_cfg", "width", 2**20, "vision_cfg.width must be at most 16384"),
+    ("vision_cfg", "layers", 10**7, "vision_cfg.layers must be at most 256"),
+    ("text_cfg", "layers", 10**7, "text_cfg.layers must be at most 256"),
+    ("text_cfg", "vocab_size", 10**400, "text_cfg.vocab_size must be at most"),
+    ("vision_cfg", "image_size", [32, 0], "vision_cfg.image_size must be a positive integer"),
+    ("vision_cfg", "patch_size", 64, "patch_size 64 is larger than the image"),
+    ("vision_cfg", "mlp_ratio", math.inf, "vision_cfg.mlp_ratio must be a number in"),
+    ("vision_cfg", "layers", [3, 4, 6, 3], "vision_cfg.layers must be an integer"),
+    (None, None, None, "about 13 billion parameters"),  # each size within its limit, the model too large
+], ids=lambda v: str(v)[:20])
+def test_teacher_configs_are_bounded_before_anything_is_allocated(tmp_path, capsys, where, key, value, message):
+    from fastlclip.distill.teacher import register_teacher_config
+
+    cfg = copy.deepcopy(W.TEACHER_CFG)
+    if where is None:
+        cfg["vision_cfg"].update(width=16384, layers=4, head_width=64)
+    else:
+        cfg[where][key] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        register_teacher_config("tiny-bounded", cfg)
+    path = tmp_path / "teacher.json"
+    path.write_text(json.dumps(cfg))
+    shard = tmp_path / "s.tar"
+    write_tar(shard, [("a", {"latent.npy": npy_bytes(np.zeros((16, 8, 8), np.float32))})])
+    assert _main(["targets", str(shard), "--out", str(tmp_path / "out"), "--vae", "flux1", "--teacher", "tiny-bounded",
+                  "--teacher-config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_teacher_config_within_bounds_still_registers():
+    import open_clip
+
+    from fastlclip.distill.teacher import register_teacher_config
+
+    register_teacher_config("tiny-ok", dict(W.TEACHER_CFG))
+    assert "tiny-ok" in open_clip.list_models()

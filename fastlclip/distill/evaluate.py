@@ -39,6 +39,7 @@ def evaluate(checkpoint, targets, classes: Sequence[str] | None = None, *, templ
             _, meta = read_checkpoint(checkpoint)
             holdout = json.loads(meta.get(DISTILL_META_KEY, "{}")).get("holdout", 0.0)
         data = read_targets(targets)
+        check_same_vae(model, data.info, checkpoint, targets)
         rows = data.split(holdout)[1] if holdout else data
         if len(rows) == 0:
             raise ValueError(f"no held-out rows in {targets} at holdout={holdout}")
@@ -76,3 +77,28 @@ def evaluate(checkpoint, targets, classes: Sequence[str] | None = None, *, templ
         if noise_aware:
             result["per_noise_level"] = {str(s): figures(torch.cat(embs[s])) for s in levels[1:]}
         return result
+
+
+def _vae_key(cfg: dict) -> str:
+    """A VAE config as compared: its settings, without diffusers' bookkeeping keys (``_name_or_path``, ...)."""
+    return json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, sort_keys=True, default=str)
+
+
+def check_same_vae(model, info: dict, checkpoint, targets) -> None:
+    """A ``ValueError`` unless the student reads the latent space the targets were made in: the same VAE config
+    (channels, scaling, shift, layout) and, when both are registered names, the same name. A student scored on
+    latents of another VAE with the same channel count gives figures that mean nothing."""
+    from .. import vaes
+
+    theirs = info.get("vae_cfg")
+    if not isinstance(theirs, dict):
+        raise ValueError(f"{targets}: its run.json records no vae_cfg: remake the targets with this version")
+    name, label = model.cfg.vae_name, info.get("vae")
+    both_named = name in vaes.list_vaes() and label in vaes.list_vaes()
+    if _vae_key(model.cfg.vae) != _vae_key(theirs) or (both_named and name != label):
+        ours, other = model.latent_space, vaes.latent_space(theirs)
+        raise ValueError(
+            f"the student {checkpoint} reads latents of the VAE {name!r} ({ours.channels} channels, scaling "
+            f"{ours.scaling_factor}, shift {ours.shift_factor}); the targets {targets} were made with {label!r} "
+            f"({other.channels} channels, scaling {other.scaling_factor}, shift {other.shift_factor}; other settings "
+            "differ if these agree): evaluate on targets made with the student's VAE")

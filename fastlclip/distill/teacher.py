@@ -34,10 +34,51 @@ def register_teacher_config(name: str, config: Mapping[str, Any] | str | os.Path
     if not isinstance(config, Mapping) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(config):
         raise ValueError("a teacher config is an open_clip model config: a JSON object with embed_dim, vision_cfg "
                          "and text_cfg")
+    check_teacher_config(config, f"teacher config {name!r}")
     with tempfile.TemporaryDirectory() as d:  # open_clip registers files by their stem
         with open(os.path.join(d, f"{name}.json"), "w", encoding="utf-8") as f:
             json.dump(dict(config), f)
         open_clip.add_model_config(d)
+
+
+def check_teacher_config(config: Mapping[str, Any], where: str) -> None:
+    """Bounds on an open_clip ViT config's sizes, checked before anything is allocated: the limits fastlclip's
+    own configs have (``fastlclip.model_configs.LIMITS``, at most ``MAX_PARAMS`` parameters). Keys left out
+    take open_clip's defaults (ViT-B/16 vision, a 12-layer text tower)."""
+    from ..model_configs import MAX_PARAMS, _int, _ratio
+
+    v, t = config["vision_cfg"], config["text_cfg"]
+    for key, sub in (("vision_cfg", v), ("text_cfg", t)):
+        if not isinstance(sub, Mapping):
+            raise ValueError(f"{where}: {key} must be a JSON object of settings, got {type(sub).__name__}")
+    embed_dim = _int(config["embed_dim"], "embed_dim", where)
+    size = v.get("image_size", 224)
+    sizes = [size] if not isinstance(size, (list, tuple)) else list(size)
+    if len(sizes) not in (1, 2):
+        raise ValueError(f"{where}: vision_cfg.image_size must be an integer or [height, width], got {size!r}")
+    sizes = [_int(x, "vision_cfg.image_size", where) for x in sizes]
+    if not isinstance(v.get("layers", 12), int) or isinstance(v.get("layers", 12), bool):
+        raise ValueError(f"{where}: vision_cfg.layers must be an integer (a ViT teacher), got {v.get('layers')!r}")
+    layers = _int(v.get("layers", 12), "vision_cfg.layers", where)
+    width = _int(v.get("width", 768), "vision_cfg.width", where)
+    _int(v.get("head_width", 64), "vision_cfg.head_width", where)
+    patch = _int(v.get("patch_size", 16), "vision_cfg.patch_size", where)
+    if patch > min(sizes):
+        raise ValueError(f"{where}: vision_cfg.patch_size {patch} is larger than the image ({size!r})")
+    ratio = _ratio(v.get("mlp_ratio", 4.0), "vision_cfg.mlp_ratio", where)
+    t_ctx = _int(t.get("context_length", 77), "text_cfg.context_length", where)
+    t_vocab = _int(t.get("vocab_size", 49408), "text_cfg.vocab_size", where)
+    t_width = _int(t.get("width", 512), "text_cfg.width", where)
+    _int(t.get("heads", 8), "text_cfg.heads", where)
+    t_layers = _int(t.get("layers", 12), "text_cfg.layers", where)
+    t_ratio = _ratio(t.get("mlp_ratio", 4.0), "text_cfg.mlp_ratio", where)
+    tokens = (sizes[0] // patch) * (sizes[-1] // patch) + 1
+    params = (layers * (4 + 2 * ratio) * width**2 + tokens * width + 3 * patch**2 * width + width * embed_dim
+              + t_layers * (4 + 2 * t_ratio) * t_width**2 + (t_vocab + t_ctx) * t_width + t_width * embed_dim)
+    if params > MAX_PARAMS:
+        raise ValueError(f"{where} describes a model of about {params / 1e9:.0f} billion parameters; fastlclip builds "
+                         f"teachers of at most {MAX_PARAMS / 1e9:.0f} billion (ViT-L/14 has 0.43 billion): check "
+                         "layers and width")
 
 
 def load_teacher(teacher, pretrained=None, config=None, device=None) -> nn.Module:

@@ -430,7 +430,8 @@ def train(targets, run_dir, *, student, teacher, teacher_pretrained=None, teache
     final = run_dir / FINAL
     if rank == 0:
         save_student(model, cfg, final, {"teacher": teacher_label, "holdout": holdout, "targets": identity["targets"],
-                                         "noise_aware": noise_aware, "steps": steps})
+                                         "targets_vae": data.info.get("vae"), "noise_aware": noise_aware,
+                                         "steps": steps})
     _barrier(world)
     return final
 
