@@ -12,7 +12,12 @@ channels), clients that disconnect mid-body or before reading the reply, and a S
 of requests, the signal sent once a quarter of them are in flight): every well-formed request must be
 answered with the right scores or refused (503, or a closed connection for a request the server had not
 begun when it stopped accepting), every request in flight at the SIGTERM answered, the server up until the
-SIGTERM, and its exit status 0.
+SIGTERM, and its exit status 0. Also measured there: client input that was once a 500 (JSON nested 100,000 deep
+in the header or ``prompts``, an F8_E8M0 tensor, finite latents that overflow in the tower) must be 400, no 500 at
+all in /metrics and hang-ups counted apart; a one-word million-character prompt answered (its time reported); idle
+clients, half a request head and bodies shorter than their Content-Length all cut within ``--body-timeout-s``
+(3 s here); and, on two more servers, a client in flight at SIGTERM cut after ``--shutdown-timeout-s 1``, or at
+a second SIGTERM, each with exit status 1 and a line naming what was cut.
 
 On CUDA: ``--model`` (default Latent-ViT-B-8-512; random weights unless ``--pretrained``) with the fastest
 backend (``--backend auto``), bfloat16. The acceptance figure a verl-omni user would hold it to, 1,152 latents
@@ -46,6 +51,8 @@ from bench.report import NOT_MEASURED, fmt, save_results, table
 
 V1 = {"x-drm-protocol-version": "1", "content-type": "application/octet-stream"}
 ACCEPTANCE_LATENTS, ACCEPTANCE_SECONDS = 1152, 5.0
+BODY_TIMEOUT_S = 3.0  # the server's --body-timeout-s here: the fault run's slow clients must be cut by then
+LONG_WORD_LIMIT_S = 30.0
 PROMPTS = ("a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at dawn")
 
 
@@ -125,14 +132,18 @@ class Server:
 
 
 def counters(metrics_text: str) -> dict[str, float]:
-    """The server's batch, latent, request (summed over status codes) and in-flight counts from /metrics."""
+    """The server's batch, latent, request (summed over status codes, and the 500s apart), in-flight and client
+    hang-up counts from /metrics."""
     out = {"fastlclip_requests_total": 0.0}
     for line in metrics_text.splitlines():
-        if line.startswith(("fastlclip_batches_total ", "fastlclip_latents_total ", "fastlclip_requests_in_flight ")):
+        if line.startswith(("fastlclip_batches_total ", "fastlclip_latents_total ", "fastlclip_requests_in_flight ",
+                            "fastlclip_client_disconnects_total ")):
             name, value = line.split()
             out[name] = float(value)
         elif line.startswith("fastlclip_requests_total{"):
             out["fastlclip_requests_total"] += float(line.split()[-1])
+            if line.startswith('fastlclip_requests_total{code="500"}'):
+                out["fastlclip_requests_500"] = float(line.split()[-1])
     return out
 
 
@@ -188,6 +199,87 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
 
 
+def hostile_bodies(grid: int) -> list[bytes]:
+    """Client input that was once a 500: JSON nested 100,000 deep in the header and in ``prompts``, a safetensors
+    dtype the torch loader does not map (F8_E8M0), finite latents that overflow in the tower (3e38)."""
+    from safetensors.torch import save
+
+    def raw(header: bytes, data: bytes = b"") -> bytes:
+        return len(header).to_bytes(8, "little") + header + data
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    e8m0 = json.dumps({"latents": {"dtype": "F8_E8M0", "shape": [1, 4, grid, grid], "data_offsets": [0, 4 * grid * grid]},
+                       "__metadata__": {"prompt": "a"}}).encode()
+    return [raw(b'{"__metadata__": {"prompt": "a"}, "x": ' + deep + b"}"),
+            save({"latents": torch.zeros(1, 4, grid, grid)}, metadata={"prompts": deep.decode()}),
+            raw(e8m0, bytes(4 * grid * grid)), body(torch.full((1, 4, grid, grid), 3e38), "a cat")]
+
+
+async def slow_clients(server: Server, n: int, limit_s: float) -> dict:
+    """``n`` clients that connect and send nothing, ``n`` that send half a request head, ``n`` whose body is shorter
+    than their Content-Length: each must be cut by the server (408 for the bodies) within ``limit_s``."""
+    async def one(kind: str) -> tuple[str, float, bytes]:
+        t0 = time.perf_counter()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        head = b"POST /v1/score HTTP/1.1\r\nhost: 127.0.0.1\r\nx-drm-protocol-version: 1\r\n"
+        writer.write({"idle": b"", "slow_head": head, "lying_length": head + b"content-length: 100000\r\n\r\nab"}[kind])
+        await writer.drain()
+        try:
+            reply = await asyncio.wait_for(reader.read(), limit_s)  # until the server closes the connection
+        except asyncio.TimeoutError:
+            reply = None
+        writer.close()
+        return kind, time.perf_counter() - t0, reply
+
+    done = await asyncio.gather(*[one(k) for k in ("idle", "slow_head", "lying_length") for _ in range(n)])
+    cut = [(k, t) for k, t, reply in done if reply is not None and (k != "lying_length" or reply.startswith(b"HTTP/1.1 408"))]
+    return {"slow_clients": len(done), "slow_clients_cut": len(cut),
+            "slowest_cut_s": max((t for _, t in cut), default=None)}
+
+
+async def long_word_prompt(server: Server, grid: int, limit_s: float) -> dict:
+    """One latent with a one-word prompt of a million characters: BPE is super-linear in a word's length, so before
+    the prompt cap this held the scoring thread for minutes; it must be answered (200) within ``limit_s``."""
+    import httpx
+
+    content = body(torch.randn(1, 4, grid, grid), "a" * 10**6)
+    async with httpx.AsyncClient(timeout=limit_s) as c:
+        t0 = time.perf_counter()
+        try:
+            status = (await c.post(f"{server.url}/v1/score", content=content, headers=V1)).status_code
+        except httpx.TimeoutException:
+            status = None
+    return {"long_word_status": status, "long_word_s": time.perf_counter() - t0}
+
+
+def shutdown_cuts(server_args: list[str], tmp: Path) -> dict:
+    """A slow client in flight at SIGTERM: with ``--shutdown-timeout-s 1`` the server must exit 1 about a second
+    later naming what it cut; with a long deadline, a second SIGTERM must end it at once (exit 1)."""
+    out = {}
+    for case, extra in (("deadline", ["--shutdown-timeout-s", "1"]), ("second_sigterm", ["--shutdown-timeout-s", "600"])):
+        server = Server([*server_args, *extra, "--body-timeout-s", "600"], tmp / f"server-{case}.log")
+        try:
+            server.wait_ready()
+            held = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+            held.sendall(b"POST /v1/score HTTP/1.1\r\nhost: x\r\nx-drm-protocol-version: 1\r\ncontent-length: 1000\r\n\r\nab")
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            server.proc.send_signal(signal.SIGTERM)
+            if case == "second_sigterm":
+                time.sleep(0.5)
+                server.proc.send_signal(signal.SIGTERM)
+            try:
+                status = server.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                status = "did not exit within 60 s"
+            held.close()
+            out[case] = {"exit_status": status, "exit_s": time.perf_counter() - t0, "said": server.tail()[-200:],
+                         "ok": status == 1 and "cut short" in server.tail()}
+        finally:
+            server.stop()
+    return out
+
+
 async def fault_run(server: Server, requests, want, tol: float, grid: int, burst: int) -> dict:
     """Well-formed clients under malformed bodies, disconnects and a SIGTERM (module docstring)."""
     import pickle
@@ -200,7 +292,8 @@ async def fault_run(server: Server, requests, want, tol: float, grid: int, burst
              "answered_after_sigterm": 0, "in_flight_at_sigterm": None, "closed_at_shutdown": 0}
     good = body(*requests[0])
     malformed = [b"\x00garbage", pickle.dumps({"latents": [1.0] * 8}),
-                 body(torch.full((1, 4, grid, grid), float("nan")), "a cat"), body(torch.zeros(1, 16, grid, grid), "a cat")]
+                 body(torch.full((1, 4, grid, grid), float("nan")), "a cat"), body(torch.zeros(1, 16, grid, grid), "a cat"),
+                 *hostile_bodies(grid)]
 
     async def one_well_formed(c, i):
         x, p = requests[i % len(requests)]
@@ -251,10 +344,15 @@ async def fault_run(server: Server, requests, want, tol: float, grid: int, burst
     async with httpx.AsyncClient(timeout=600) as c:
         tasks = [asyncio.create_task(well_formed(c, k)) for k in range(8)]
         tasks += [asyncio.create_task(bad(c)), asyncio.create_task(disconnecting())]
-        await asyncio.sleep(3.0)
+        tally.update(await long_word_prompt(server, grid, LONG_WORD_LIMIT_S))
+        tally.update(await slow_clients(server, 4, BODY_TIMEOUT_S + 5))
+        await asyncio.sleep(1.0)
         tally["alive_before_sigterm"] = server.proc.poll() is None
         stop.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
+        now = counters((await c.get(f"{server.url}/metrics")).text)
+        tally["server_500s"] = int(now.get("fastlclip_requests_500", 0))
+        tally["client_disconnects_counted"] = int(now.get("fastlclip_client_disconnects_total", 0))
         # Then a burst, eight forwards' worth, and the SIGTERM as soon as the server holds a quarter of it in flight
         # (its counters say so): those must all be answered. Burst requests the server has not begun by then meet
         # a closed socket, which counts as a refusal (clients retry those).
@@ -277,7 +375,8 @@ async def fault_run(server: Server, requests, want, tol: float, grid: int, burst
         tally["exit_status"] = "did not exit within 120 s"
     tally["client_errors"] = errors[:5]
     tally["ok"] = (tally["alive_before_sigterm"] and tally["answered_wrong"] == 0 and tally["malformed_other"] == 0
-                   and not errors and tally["exit_status"] == 0
+                   and not errors and tally["exit_status"] == 0 and tally["server_500s"] == 0
+                   and tally["long_word_status"] == 200 and tally["slow_clients_cut"] == tally["slow_clients"]
                    and tally["answered_after_sigterm"] >= tally["in_flight_at_sigterm"] > 0)
     return tally
 
@@ -346,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         server_args = ["--model", name, "--pretrained", pretrained, "--device", "cuda" if cuda else "cpu",
                        "--dtype", str(dtype).removeprefix("torch."), "--backend", a.backend if cuda else "eager",
                        "--max-batch-size", str(batch), "--max-wait-ms", str(a.max_wait_ms)]
+        shutdown_args = list(server_args)
+        server_args += ["--body-timeout-s", str(BODY_TIMEOUT_S)]
         rows, acceptance, fault = [], None, None
         server = Server(server_args, tmp / "server.log")
         try:
@@ -380,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
                 fault = asyncio.run(fault_run(server, requests, expected(reward, requests, batch), tol, grid, 8 * batch))
         finally:
             server.stop()
+        if fault is not None:
+            fault["shutdown_cuts"] = shutdown_cuts(shutdown_args, tmp)
+            fault["ok"] = fault["ok"] and all(v["ok"] for v in fault["shutdown_cuts"].values())
 
     print("\n" + table(["clients", "requests", "latents/s", "p50 ms", "p95 ms", "p99 ms", "latents/forward",
                         "efficiency", "wrong", "503"],
@@ -400,6 +504,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{fault['answered_after_sigterm']} answered after it, {fault['closed_at_shutdown']} not yet begun "
               f"refused (connection closed), then exit status "
               f"{fault['exit_status']}" + (f"; client errors: {fault['client_errors']}" if fault["client_errors"] else ""))
+        cuts = fault["shutdown_cuts"]
+        print(f"  {fault['server_500s']} server 500s, {fault['client_disconnects_counted']} hang-ups counted apart; a "
+              f"one-word 1,000,000-character prompt: {fault['long_word_status']} in {fault['long_word_s']:.2f} s; "
+              f"{fault['slow_clients_cut']}/{fault['slow_clients']} idle, slow-head and short-body clients cut, the "
+              f"last after {fmt(fault['slowest_cut_s'], '.1f')} s (--body-timeout-s {BODY_TIMEOUT_S:g}); a client "
+              f"in flight at SIGTERM: exit {cuts['deadline']['exit_status']} after "
+              f"{cuts['deadline']['exit_s']:.1f} s (--shutdown-timeout-s 1), exit "
+              f"{cuts['second_sigterm']['exit_status']} {cuts['second_sigterm']['exit_s']:.1f} s after a first SIGTERM "
+              "when a second follows 0.5 s later")
     report = {**run_record("bench.serve", argv), "device": device_name, "smoke_test": not cuda,
               "model": a.model if cuda else "bench.tiny.LATENT_CLIP", "pretrained": str(a.pretrained) if a.pretrained else None,
               "dtype": str(dtype).removeprefix("torch."), "backend": a.backend if cuda else "eager",
