@@ -225,31 +225,35 @@ _CACHE_ENTRY_OVERHEAD = 200  # bytes a dict entry and its two str objects cost b
 
 
 class _BoundedCache(dict):
-    """open_clip ``SimpleTokenizer.cache`` bounded by bytes, least recently used out; its special tokens stay."""
+    """open_clip ``SimpleTokenizer.cache`` bounded by bytes, least recently used out (the dict's order, oldest
+    first: each eviction is O(1)); its special tokens are kept apart, in ``pinned``, and never evicted."""
 
     def __init__(self, pinned: dict, max_bytes: int):
-        super().__init__(pinned)
-        self.pinned, self.max_bytes, self.bytes = frozenset(pinned), max_bytes, 0
+        super().__init__()
+        self.pinned, self.max_bytes, self.bytes = dict(pinned), max_bytes, 0
 
     @staticmethod
     def cost(key: str, value: str) -> int:
         return len(key) + len(value) + _CACHE_ENTRY_OVERHEAD
 
+    def __contains__(self, key) -> bool:
+        return key in self.pinned or super().__contains__(key)
+
     def __getitem__(self, key):
+        if key in self.pinned:
+            return self.pinned[key]
         value = super().pop(key)  # to the end: most recently used
         super().__setitem__(key, value)
         return value
 
     def __setitem__(self, key, value):
-        if key in self:
+        if super().__contains__(key):
             self.bytes -= self.cost(key, super().pop(key))
         super().__setitem__(key, value)
         self.bytes += self.cost(key, value)
-        if self.bytes > self.max_bytes:
-            for old in [k for k in self if k not in self.pinned]:
-                if self.bytes <= self.max_bytes or old == key:
-                    break
-                self.bytes -= self.cost(old, super().pop(old))
+        while self.bytes > self.max_bytes and len(self) > 1:
+            oldest = next(iter(self))
+            self.bytes -= self.cost(oldest, super().pop(oldest))
 
 
 @functools.lru_cache(maxsize=None)
