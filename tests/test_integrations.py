@@ -211,6 +211,9 @@ def test_verl_omni_sends_protocol_headers_noise_and_seed_and_returns_lists(monke
     ("0", {"retry_backoff": 0.1}, [0.1, 0.2]),
     ("soon", {"retry_backoff": 0.1}, [0.1, 0.2]),  # not a number of seconds: ignored
     ("1.2.3", {"retry_backoff": 0.1}, [0.1, 0.2]),
+    ("3600", {"retry_backoff": 0.1}, [30.0, 30.0]),  # Retry-After capped: 30 s by default (the documented cap)
+    ("3600", {"max_retry_after": 2.0}, [2.0, 2.0]),  # or the cap asked for
+    ("5", {"max_retry_after": 0.0, "retry_backoff": 0.1}, [0.1, 0.2]),  # a cap of 0: the backoff alone
 ])
 def test_verl_omni_waits_backoff_or_retry_after(monkeypatch, retry_after, kwargs, waits):
     got = []
@@ -218,7 +221,7 @@ def test_verl_omni_waits_backoff_or_retry_after(monkeypatch, retry_after, kwargs
     async def sleep(seconds):
         got.append(seconds)
 
-    monkeypatch.setattr(verl_omni, "asyncio", type("A", (), {"sleep": staticmethod(sleep)}))
+    monkeypatch.setattr(verl_omni, "_sleep", sleep)
     app, seen = recording_server([(503, {} if retry_after is None else {"Retry-After": retry_after})])
     with serving(app) as url, pytest.raises(RuntimeError, match="answered 503"):
         asyncio.run(verl_omni.compute_score(latent(0), "a dog", {}, url + "/v1/score", **kwargs))
@@ -227,12 +230,14 @@ def test_verl_omni_waits_backoff_or_retry_after(monkeypatch, retry_after, kwargs
 
 def test_verl_omni_timeout_applies():
     async def slow(request):
-        await asyncio.sleep(2)
+        await asyncio.sleep(1)
         return JSONResponse({"protocol_version": "1", "raw_scores": [0.25]})
 
     with serving(Starlette(routes=[Route("/v1/score", slow, methods=["POST"])])) as url:
-        with pytest.raises(ConnectionError, match="after 1 tries: ReadTimeout"):
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"timeout=0.2 s .* after 1 tries; last: no reply yet"):
             asyncio.run(verl_omni.compute_score(latent(0), "a dog", {}, url + "/v1/score", timeout=0.2, max_retries=0))
+        assert time.monotonic() - start < 0.9
 
 
 def test_flow_grpo_loads_a_config_in_the_dtype_asked():
@@ -258,3 +263,178 @@ def test_flow_grpo_loads_the_official_checkpoint_by_default_and_batches_64(rewar
                        {"device": "cpu", "dtype": torch.float32})]
     fn(latent(9, b=65), ["a dog"], None)
     assert forwards == [64, 1]
+
+
+# -- issue 31: the adapters never pass a wrong reward ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reply_server():
+    """A stub answering every POST with 200 and the raw body in ``reply[0]`` (JSON as text, or anything)."""
+    from starlette.responses import Response
+
+    reply = [b""]
+
+    async def score(request):
+        await request.body()
+        return Response(reply[0], media_type="application/json")
+
+    with serving(Starlette(routes=[Route("/v1/score", score, methods=["POST"])])) as url:
+        yield url + "/v1/score", reply
+
+
+@pytest.mark.parametrize("b, body, problem", [
+    (1, '{"protocol_version": "1", "raw_scores": [0.25, 0.5]}', "2 scores for the 1 latent"),  # a list for one latent
+    (1, '{"protocol_version": "1", "raw_scores": []}', "0 scores for the 1 latent"),
+    (2, '{"protocol_version": "1", "raw_scores": 0.25}', "'raw_scores' must be a list of 2 numbers"),  # one number for two
+    (2, '{"protocol_version": "1", "raw_scores": [0.25, NaN]}', "score 1 is nan, not finite"),
+    (1, '{"protocol_version": "1", "raw_scores": [Infinity]}', "score 0 is inf, not finite"),
+    (1, '{"protocol_version": "1", "raw_scores": [-Infinity]}', "not finite"),
+    (1, '{"protocol_version": "1", "raw_scores": [1e400]}', "not finite"),  # JSON overflows to inf
+    (1, '{"protocol_version": "1", "raw_scores": [1.01]}', "outside the cosine's range"),
+    (1, '{"protocol_version": "1", "raw_scores": [-1.5]}', "outside the cosine's range"),
+    (1, '{"protocol_version": "1", "raw_scores": [7]}', "outside the cosine's range"),
+    (1, '{"protocol_version": "1", "raw_scores": [true]}', "score 0 is 'True' (bool), not a number"),
+    (1, '{"protocol_version": "1", "raw_scores": ["0.5"]}', "(str), not a number"),
+    (1, '{"protocol_version": "1", "raw_scores": [null]}', "(NoneType), not a number"),
+    (1, '{"protocol_version": "2", "raw_scores": [0.25]}', "protocol_version '2': this client speaks '1'"),
+    (1, '{"protocol_version": 1, "raw_scores": [0.25]}', "protocol_version 1: this client speaks '1'"),
+    (1, '{"raw_scores": [0.25]}', "protocol_version None"),
+    (1, '{"protocol_version": "1"}', "'raw_scores' must be a list of 1 numbers, got NoneType"),
+    (1, '[0.25]', "not an object"),
+    (1, '<html>upstream proxy error</html>', "the body is not JSON: '<html>upstream proxy error</html>'"),
+    (1, '', "the body is not JSON"),
+    (1, b'\xff\xfe\x00garbage', "the body is not JSON"),
+])
+def test_verl_omni_refuses_every_reply_it_cannot_trust(reply_server, b, body, problem):
+    url, reply = reply_server
+    reply[0] = body.encode() if isinstance(body, str) else body
+    with pytest.raises(verl_omni.RewardServerError) as info:
+        asyncio.run(verl_omni.compute_score(latent(0, b=b), "a dog", {}, url, max_retries=0))
+    err = info.value
+    assert isinstance(err, RuntimeError) and err.url == url and err.status == 200
+    assert problem in str(err) and url in str(err) and "answered 200" in str(err)
+
+
+@pytest.mark.parametrize("b, body, want", [
+    (1, '{"protocol_version": "1", "raw_scores": [1.00005]}', 1.00005),  # float32 rounding past 1: kept as sent
+    (1, '{"protocol_version": "1", "raw_scores": [-1]}', -1.0),  # an integer cosine is a float
+    (2, '{"protocol_version": "1", "raw_scores": [-1.0, 1.0], "model": "x", "extra": 3}', [-1.0, 1.0]),
+])
+def test_verl_omni_accepts_valid_replies_at_the_bounds(reply_server, b, body, want):
+    url, reply = reply_server
+    reply[0] = body.encode()
+    out = asyncio.run(verl_omni.compute_score(latent(0, b=b), "a dog", {}, url, max_retries=0))
+    assert out == {"score": want, "clip_raw_score": want}
+    raw = out["clip_raw_score"]
+    assert all(type(v) is float for v in (raw if b > 1 else [raw]))
+
+
+def test_verl_omni_error_is_picklable_and_versions_agree():
+    import pickle
+
+    from fastlclip.serve import protocol
+
+    err = pickle.loads(pickle.dumps(verl_omni.RewardServerError("http://h/v1/score", 200, "bad")))
+    assert (err.url, err.status, err.problem, str(err)) == ("http://h/v1/score", 200, "bad",
+                                                            "reward server http://h/v1/score answered 200: bad")
+    assert verl_omni.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION == "1"
+
+
+def test_verl_omni_timeout_is_a_deadline_for_the_whole_call():
+    calls = []
+
+    async def slow_503(request):  # each try takes 0.3 s, then asks for an immediate retry
+        await request.body()
+        calls.append(time.monotonic())
+        await asyncio.sleep(0.3)
+        return JSONResponse({"error": "busy"}, status_code=503, headers={"Retry-After": "0"})
+
+    with serving(Starlette(routes=[Route("/v1/score", slow_503, methods=["POST"])])) as url:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"timeout=1 s \(the deadline for the whole call"):
+            asyncio.run(verl_omni.compute_score(latent(0), "a dog", {}, url + "/v1/score", timeout=1.0,
+                                                max_retries=8, retry_backoff=0.01))
+        elapsed = time.monotonic() - start
+    # 9 tries of 0.3 s each and their backoffs would take 5.3 s; the deadline ends the call at about 1 s, after at
+    # most 4 tries.
+    assert 0.9 < elapsed < 1.8 and 2 <= len(calls) <= 4
+
+
+def test_verl_omni_does_not_begin_a_wait_that_ends_past_the_deadline():
+    app, seen = recording_server([(503, {"Retry-After": "4"})])
+    with serving(app) as url:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"answered 503 \(the next try, after a wait of 4 s, would start past"):
+            asyncio.run(verl_omni.compute_score(latent(0), "a dog", {}, url + "/v1/score", timeout=2.0))
+        assert time.monotonic() - start < 1.5 and len(seen) == 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"timeout": 0}, "timeout must be a positive number"), ({"timeout": float("inf")}, "timeout must be"),
+    ({"timeout": None}, "timeout must be"), ({"max_retry_after": -1}, "max_retry_after must be"),
+])
+def test_verl_omni_checks_its_deadline_and_cap(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        asyncio.run(verl_omni.compute_score(latent(0), "a dog", {}, "http://127.0.0.1:9/v1/score", **kwargs))
+
+
+@pytest.fixture(scope="module")
+def grpo(reward):
+    vae = tiny_vae()
+    return flow_grpo.latent_clip_score("cpu", model=reward.model, batch_size=3, vae=vae), vae
+
+
+def pixel_scores(reward, vae, images, prompts):
+    """Independent reference for [0, 1] NCHW float images: diffusers' VAE posterior mean, the tower on VAE latents."""
+    with torch.no_grad():
+        raw = vae.encode(images * 2 - 1).latent_dist.mean
+        img = normalized(reward.model.encode_latents(raw, space="vae", normalize=False))
+        return (img * reward.text_features(prompts)).sum(-1).numpy()
+
+
+def test_flow_grpo_refuses_rgba_arrays_rather_than_scoring_them_as_latents(grpo):
+    fn, _ = grpo  # the tiny model takes 4-channel latents, so an RGBA array permuted to NCHW would pass as one
+    rgba = np.zeros((1, 16, 16, 4), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"RGBA .* pass images\[\.\.\., :3\]"):
+        fn(rgba, ["a dog"], None)
+    with pytest.raises(ValueError, match="RGBA"):
+        fn(rgba.astype(np.float32) / 255, ["a dog"], None)
+    with pytest.raises(TypeError, match="NHWC"):  # latents as a numpy array: not images, and not guessed
+        fn(latent(0).numpy(), ["a dog"], None)
+
+
+def test_flow_grpo_takes_float_arrays_as_0_1_and_uint8_as_0_255(reward, grpo):
+    fn, vae = grpo
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(12))
+    prompts = ["a dog", "a cat"]
+    want = pixel_scores(reward, vae, images, prompts)
+    nhwc = images.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(fn(nhwc, prompts, None)[0], want, atol=1e-5)  # float NHWC: not divided by 255 again
+    np.testing.assert_allclose(fn(nhwc.astype(np.float64), prompts, None)[0], want, atol=1e-5)
+    u8 = (nhwc * 255).round().astype(np.uint8)
+    np.testing.assert_allclose(fn(u8, prompts, None)[0], pixel_scores(reward, vae, torch.from_numpy(u8).permute(
+        0, 3, 1, 2).double().div(255).float(), prompts), atol=1e-5)
+    np.testing.assert_allclose(fn(images.mul(255).round().byte(), prompts, None)[0],  # a uint8 NCHW tensor too
+                               fn(u8, prompts, None)[0], atol=1e-6)
+    with_nan = nhwc.copy()
+    with_nan[1, 3, 5, 2] = np.nan
+    for bad in (nhwc * 255, nhwc - 0.5, with_nan):
+        with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\]"):
+            fn(bad, prompts, None)
+    with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\]"):
+        fn(images * 2 - 1, prompts, None)  # a [-1, 1] tensor
+    with pytest.raises(TypeError, match="uint8 .* or float"):
+        fn(u8.astype(np.int32), prompts, None)
+
+
+def test_flow_grpo_takes_a_str_as_one_prompt(reward, grpo):
+    fn, _ = grpo
+    x = latent(13, b=5)  # as many latents as "a dog" has letters: taken letter by letter, it would score silently
+    scores, _ = fn(x, "a dog", None)
+    want = torch.stack([reward.score(x[i:i + 1], ["a dog"])[0] for i in range(5)]).numpy()
+    np.testing.assert_allclose(scores, want, atol=1e-5)
+    with pytest.raises(ValueError, match="got 2 prompts for a batch of 5"):
+        fn(x, ["a dog", "a cat"], None)
+    with pytest.raises(TypeError, match="prompts must be a str or a sequence of str"):
+        fn(x, [b"a dog"], None)

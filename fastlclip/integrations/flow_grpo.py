@@ -2,11 +2,26 @@
 the shape of the scorers in flow_grpo's ``rewards.py`` (register it in its ``multi_score`` table).
 
 ``images`` may be diffusion-space latents (B, C, h, w) with the model's channel count, scored without any
-decode (roll out with ``output_type="latent"``), or images as flow_grpo hands them: float NCHW in [0, 1],
-or uint8 NHWC arrays. Images go through the VAE encoder whose weights the official checkpoint carries (or
-``vae=``): one encoder forward per image at full resolution, a cost the latent path does not pay and that
-is larger than the Latent-CLIP image tower's own. Scores are the cosine ``LatentCLIPReward.score`` gives,
-times ``scale``, as a float32 numpy array.
+decode (roll out with ``output_type="latent"``), or images as flow_grpo hands them: float NCHW tensors in
+[0, 1], or NHWC numpy arrays (B, H, W, 3). Images go through the VAE encoder whose weights the official
+checkpoint carries (or ``vae=``): one encoder forward per image at full resolution, a cost the latent path does
+not pay and that is larger than the Latent-CLIP image tower's own. Scores are the cosine
+``LatentCLIPReward.score`` gives, times ``scale``, as a float32 numpy array.
+
+What is an image, and its scale (:func:`as_scorer_input`):
+
+- A numpy array is an NHWC image batch, never latents: its last dimension is the channel one. 3 channels
+  (RGB) are encoded; 4 (RGBA) are refused: the VAE takes RGB, and dropping alpha or compositing onto a
+  background changes the image in a way only the caller can choose (pass ``images[..., :3]``, or composite
+  first). Any other array is refused; pass latents as a torch tensor.
+- A torch tensor (B, C, H, W) is latents when C is the model's latent channel count (and not 3), an RGB
+  image batch when C is 3; anything else is refused.
+- Scale, for images of either kind: uint8 is divided by 255; a float image is taken as already in [0, 1]
+  (flow_grpo's decoded images), never divided again, and checked: a value outside [0, 1] (or NaN) is an
+  error. Other dtypes are refused.
+
+``prompts``: a list (or any sequence) of strings, one per image or one for all; a single ``str`` is one prompt
+for the whole batch, never a sequence of letters.
 """
 
 from __future__ import annotations
@@ -16,6 +31,51 @@ import torch
 
 from ..inputs import prompt_list
 from ..loss import normalized
+
+
+def as_scorer_input(images, channels: int) -> tuple[torch.Tensor, bool]:
+    """``images`` as a (B, C, H, W) tensor and whether it holds pixels (True: RGB in [0, 1], float32) or latents
+    (False), by the rules of the module docstring; anything else raises ``TypeError`` or ``ValueError``."""
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4 or images.shape[-1] not in (3, 4):
+            raise TypeError(f"a numpy array of images must be NHWC (B, H, W, 3), as flow_grpo hands them, got shape "
+                            f"{images.shape}; pass latents as a torch tensor (B, {channels}, h, w)")
+        if images.shape[-1] == 4:
+            raise ValueError(f"images are RGBA (NHWC, shape {images.shape}); the VAE encoder takes RGB and alpha has "
+                             "no place in it: pass images[..., :3], or composite them onto a background first")
+        return _unit_range(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)), True
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise TypeError(f"images must be a (B, C, H, W) tensor (latents or [0, 1] images) or a uint8 NHWC array, "
+                        f"got {getattr(images, 'shape', type(images).__name__)}")
+    if images.shape[1] == channels and channels != 3:
+        if not images.is_floating_point():
+            raise TypeError(f"latents must be floating point, got {images.dtype}")
+        return images, False
+    if images.shape[1] == 3:
+        return _unit_range(images), True
+    raise ValueError(f"images have {images.shape[1]} channels (shape {tuple(images.shape)}): pass {channels}-channel "
+                     "latents or RGB images, NCHW as tensors (NHWC only as numpy arrays)")
+
+
+def _unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 divided by 255; a float image checked to lie in [0, 1] and never divided; float32 either way."""
+    if pixels.dtype == torch.uint8:
+        return pixels.float() / 255.0
+    if not pixels.is_floating_point():
+        raise TypeError(f"images must be uint8 (0 to 255) or float in [0, 1], got {pixels.dtype}")
+    pixels = pixels.float()
+    if not ((pixels >= 0) & (pixels <= 1)).all():  # NaN fails too
+        raise ValueError(f"float images must lie in [0, 1] (they are not divided by 255), got values in "
+                         f"[{pixels.min().item():g}, {pixels.max().item():g}] (NaN: {bool(pixels.isnan().any())}); "
+                         "pass uint8 for 0 to 255, x / 255 for float 0 to 255, or (x + 1) / 2 for [-1, 1]")
+    return pixels
+
+
+def _prompts(prompts) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a str or a sequence of str, got {[type(p).__name__ for p in prompts][:4]}")
+    return prompts
 
 
 def latent_clip_score(device, model="Latent-ViT-B-8-512", pretrained="hf-hub:wendlerc/latent-clip-b-8-512-34b-80k",
@@ -33,22 +93,16 @@ def latent_clip_score(device, model="Latent-ViT-B-8-512", pretrained="hf-hub:wen
 
     @torch.no_grad()
     def _fn(images, prompts, metadata):
-        if isinstance(images, np.ndarray):  # flow_grpo's NHWC uint8 arrays
-            images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise TypeError(f"images must be a (B, C, H, W) tensor (latents or [0, 1] images) or a uint8 NHWC array, "
-                            f"got {getattr(images, 'shape', type(images).__name__)}")
-        prompts = list(prompts)
-        if images.shape[1] == channels and channels != 3:
+        images, is_pixels = as_scorer_input(images, channels)
+        prompts = prompt_list(_prompts(prompts), len(images))
+        if not is_pixels:
             scores = reward.score(images.to(net.device), prompts, batch_size=batch_size, scale=scale)
-        elif images.shape[1] == 3:
-            pixels = images.to(net.device).float()
+        else:
+            pixels = images.to(net.device)
             feats = torch.cat([normalized(net.encode_images(pixels[s:s + batch_size], vae=vae, normalize=False))
                                for s in range(0, len(pixels), batch_size)])
-            txt = reward.text_features(prompt_list(prompts, len(pixels))).to(net.device)
+            txt = reward.text_features(prompts).to(net.device)
             scores = (feats * txt).sum(dim=-1) * scale
-        else:
-            raise ValueError(f"images have {images.shape[1]} channels: pass {channels}-channel latents or RGB images")
         return scores.float().cpu().numpy(), {}
 
     return _fn
