@@ -100,7 +100,7 @@ def read_json_file(path: str | os.PathLike, what: str = "config file") -> Any:
     try:
         text = Path(path).read_bytes()
     except OSError as e:
-        raise ValueError(f"{what} {str(path)!r} can't be read ({e})") from None
+        raise ValueError(f"{what} {str(path)!r} is not a readable JSON file ({e})") from None
     return read_json(text, f"{what} {str(path)!r}")
 
 
@@ -205,7 +205,8 @@ def build_vae(vae: str | os.PathLike | nn.Module, dtype: torch.dtype | None = No
             cls_name = cfg.get("_class_name")
             if cls_name not in _CLASSES:
                 raise ValueError(f"{folder / 'config.json'}: _class_name {cls_name!r} is not one of {_CLASSES}")
-            latent_space({**cfg, "_name_or_path": str(folder / "config.json")})  # its constants, before loading
+            # its constants, before loading (latent_channels: 4, diffusers' default, when the config has none)
+            latent_space({"latent_channels": 4, **cfg, "_name_or_path": str(folder / "config.json")})
             module = getattr(diffusers, cls_name).from_pretrained(folder)
     if dtype is not None or device is not None:
         module = module.to(device=device, dtype=dtype)

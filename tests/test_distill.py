@@ -1,6 +1,7 @@
 """fastlclip.distill on a tiny world (tests/distill_world.py): targets, training, exact resume, DDP, evaluation."""
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -669,7 +670,8 @@ def test_first_step_loss_follows_the_recipe(small, tmp_path, noise_aware):
     cfg = json.loads(meta[SAFETENSORS_CONFIG_KEY])
     assert cfg["vision_cfg"].get("noise_aware", False) is noise_aware and cfg["vae_cfg"] == SMALL_VAE
     assert json.loads(meta["fastlclip_distill"]) == {"teacher": "<CLIP module>", "holdout": 0.3, "noise_aware": noise_aware,
-                                                     "steps": 1, "targets": str(small["targets"].resolve())}
+                                                     "steps": 1, "targets": str(small["targets"].resolve()),
+                                                     "targets_vae": "<AutoencoderKL module>"}
     (line,) = _lines(tmp_path / "run")
     assert line["step"] == 1 and line["lr"] == pytest.approx(1e-3)
     assert line["loss"] == pytest.approx(_first_loss(small, cfg, 2, 4, 0.3, noise_aware), abs=1e-5)
@@ -1164,10 +1166,17 @@ def test_train_defaults(small, tmp_path):
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     identity = dict(state["identity"])  # what a resume must match, written out
     student = identity.pop("student")
+    files = sorted(small["targets"].glob("*.parquet"))  # the digests, by hand: run.json, then the sorted files
+    targets_sha = hashlib.sha256("".join(f"{f.name}:{hashlib.sha256(f.read_bytes()).hexdigest()};"
+                                         for f in [small["targets"] / "run.json", *files]).encode()).hexdigest()
+    teacher_sha = hashlib.sha256()
+    for name, t in small["teacher"].state_dict().items():
+        teacher_sha.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode() + t.contiguous().numpy().tobytes())
     assert identity == {"targets": str(Path(small["targets"]).resolve()), "target_rows": 24, "teacher": "<CLIP module>",
                         "teacher_pretrained": None, "steps": 12, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0,
                         "init": "scratch", "noise_aware": False, "seed": 0, "patch_steps": 0, "holdout": 0.05,
-                        "weight_decay": 0.0}
+                        "weight_decay": 0.0, "targets_sha256": targets_sha,
+                        "teacher_module_sha256": teacher_sha.hexdigest()}
     assert student["vision_cfg"] == W.STUDENT["vision_cfg"] and student["embed_dim"] == W.STUDENT["embed_dim"]
     assert [x["step"] for x in _lines(run_dir)] == [10, 12]  # every 10 steps and the last; no eval lines
 
@@ -1183,12 +1192,11 @@ class _Boom:
 
 
 def test_resume_never_unpickles_code_from_a_checkpoint(small, tmp_path):
-    import pickle
-
     marker = tmp_path / "pwned"
     (tmp_path / "run").mkdir()
     torch.save({"identity": {}, "payload": _Boom(str(marker))}, tmp_path / "run" / "checkpoint.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="checkpoint.pt can't be read \\(UnpicklingError: .*not a fastlclip.distill "
+                                         "checkpoint"):
         _small_train(small, tmp_path / "run")
     assert not marker.exists()
 
@@ -1945,3 +1953,100 @@ def test_teacher_config_within_bounds_still_registers():
 
     register_teacher_config("tiny-ok", dict(W.TEACHER_CFG))
     assert "tiny-ok" in open_clip.list_models()
+
+
+def _resume_error(small, out, **kw):
+    with pytest.raises(ValueError) as e:
+        _small_train(small, out, steps=2, save_every=1, **kw)
+    return str(e.value)
+
+
+def test_a_truncated_or_tampered_checkpoint_is_a_clear_error(small, tmp_path, capsys):
+    run = tmp_path / "run"
+    _small_train(small, run, steps=2, save_every=1)
+    ckpt = run / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    state = torch.load(ckpt, weights_only=True)
+
+    ckpt.write_bytes(good[: len(good) // 2])  # a copy cut short
+    msg = _resume_error(small, run)
+    assert "checkpoint.pt can't be read" in msg and "truncated" in msg and "delete it" in msg
+    ckpt.write_bytes(b"")
+    assert "can't be read" in _resume_error(small, run)
+    torch.save([1, 2, 3], ckpt)
+    assert "not a fastlclip.distill checkpoint (it lacks identity, optimizer, rng" in _resume_error(small, run)
+
+    def tampered(change):
+        s = copy.deepcopy(state)
+        change(s)
+        torch.save(s, ckpt)
+        return _resume_error(small, run)
+
+    assert "step 7 is not in [1, 2]" in tampered(lambda s: s.update(step=7))
+    key = next(k for k in state["tower"] if state["tower"][k].ndim == 2)
+    shape = tuple(state["tower"][key].shape)
+    msg = tampered(lambda s: s["tower"].update({key: torch.zeros(shape[0], shape[1] + 1)}))
+    assert f"the tower's {key} is ({shape[0]}, {shape[1] + 1}), the student's {shape}" in msg
+    msg = tampered(lambda s: s["tower"][key].view(-1).__setitem__(0, math.nan))
+    assert f"the tower's {key} holds NaN or Inf" in msg
+    assert "tensors are not the student's" in tampered(lambda s: s["tower"].pop(key))
+    first = next(iter(state["optimizer"]["state"]))
+    msg = tampered(lambda s: s["optimizer"]["state"][first].update(exp_avg=torch.zeros(3, 3)))
+    assert "optimizer, scheduler or RNG state does not fit" in msg and "exp_avg is (3, 3)" in msg
+    assert "RNG state is not a byte tensor" in tampered(lambda s: s.update(rng=torch.zeros(3)))
+
+    ckpt.write_bytes(good)  # restored: the run resumes
+    _small_train(small, run, steps=2, save_every=1)
+
+
+def test_cli_train_on_a_truncated_checkpoint_or_misfit_teacher_weights_exits_2_in_one_line(small, tmp_path, capsys):
+    argv = _small_cli(small, tmp_path, small["targets"], tmp_path / "run")
+    assert _main(argv) == 0
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    capsys.readouterr()
+    assert _main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint.pt can't be read" in err, err
+
+    import open_clip
+
+    wide = open_clip.model.CLIP(**dict(W.TEACHER_CFG, vision_cfg=dict(W.TEACHER_CFG["vision_cfg"], width=96)))
+    weights = Path(argv[argv.index("--teacher-pretrained") + 1])
+    torch.save(wide.state_dict(), weights)  # weights of another width than the config says
+    argv[argv.index("--out") + 1] = str(tmp_path / "run2")
+    assert _main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "can't be loaded into the open_clip model 'tiny-teacher'" in err, err
+    weights.write_bytes(b"PK\x03\x04 cut")  # a truncated file
+    assert _main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is the file complete" in err, err
+
+
+def test_checkpoint_writes_are_fsynced_file_then_folder(small, tmp_path, monkeypatch):
+    """Each write-then-rename (checkpoint.pt, final.safetensors, a trimmed metrics.jsonl) fsyncs the temporary file
+    before the rename and the run folder after it."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run = tmp_path / "run"
+    _small_train(small, run, steps=2, save_every=1)
+    _small_train(small, run, steps=2, save_every=1)  # resumed: metrics.jsonl trimmed, final written again
+    names = [e[2] for e in events if e[0] == "replace"]
+    assert names.count(str(run / "checkpoint.pt")) == 2 and names.count(str(run / "final.safetensors")) == 2
+    assert str(run / "metrics.jsonl") in names
+    for i, e in enumerate(events):
+        if e[0] == "replace":
+            assert events[i - 1] == ("fsync", e[1]), events[i - 1:i + 2]  # the file's bytes, before
+            assert events[i + 1] == ("fsync", str(run)), events[i - 1:i + 2]  # the folder's entry, after

@@ -43,7 +43,7 @@ def vae_config(vae) -> dict[str, Any]:
     """The diffusers config of ``vae`` (a registered name, a diffusers folder or a module), without building it."""
     if isinstance(vae, torch.nn.Module):
         cfg = json.loads(json.dumps(dict(vaes.check_depth(dict(vae.config), "the VAE module's config")), default=list))
-        vaes.latent_space(cfg)  # its channels, scaling and shift
+        vaes.latent_space({"latent_channels": 4, **cfg})  # its channels (4: diffusers' default), scaling, shift
         return cfg
     if isinstance(vae, str) and vae in vaes.list_vaes():
         return vaes.get_vae_config(vae)
@@ -53,7 +53,7 @@ def vae_config(vae) -> dict[str, Any]:
             cfg = vaes.read_json_file(p, "VAE config")
             if not isinstance(cfg, dict):
                 raise ValueError(f"VAE config {str(p)!r}: a diffusers VAE config is a JSON object")
-            vaes.latent_space({**cfg, "_name_or_path": str(p)})  # its channels, scaling and shift
+            vaes.latent_space({"latent_channels": 4, **cfg, "_name_or_path": str(p)})  # 4: diffusers' default
             return cfg
     raise ValueError(f"vae {str(vae)!r} is neither a registered VAE ({vaes.list_vaes()}) nor a diffusers folder "
                      "with a config.json")

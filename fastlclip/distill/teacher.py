@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from typing import Any, Mapping
 
 import torch
@@ -96,7 +98,16 @@ def load_teacher(teacher, pretrained=None, config=None, device=None) -> nn.Modul
                              "--teacher-config JSON to register it")
         if pretrained is not None and not os.path.exists(str(pretrained)):
             raise FileNotFoundError(f"teacher weights not found: {pretrained}")
-        model = open_clip.create_model(teacher, pretrained=None if pretrained is None else str(pretrained))
+        try:
+            model = open_clip.create_model(teacher, pretrained=None if pretrained is None else str(pretrained))
+        except (RuntimeError, ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+            if pretrained is None:
+                raise
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise ValueError(f"the teacher weights {pretrained} can't be loaded into the open_clip model {teacher!r} "
+                             f"({type(e).__name__}: {first}): is the file complete, and are they weights of that "
+                             "config? pass the config they were trained with (--teacher-config) or their own "
+                             "weights") from None
     check_teacher(model)
     if device is not None:
         model = model.to(device)

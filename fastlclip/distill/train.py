@@ -219,10 +219,80 @@ def _check_loss(loss: torch.Tensor, step: int, world: int, save_every: int) -> N
                                "into a new --out")
 
 
+def resume(path: Path, identity: dict, tower: nn.Module, opt, sched, steps: int) -> int:
+    """Load ``checkpoint.pt`` into the tower, optimizer, scheduler and RNG; returns its step. A file that is
+    truncated, tampered with or not this trainer's, another run's settings, or tensors of the wrong shape or
+    not finite are a ``ValueError`` naming the file and the fix (nothing is loaded then)."""
+    fix = "delete it (or the run folder) to start over, or restore it from a copy"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, foreign globals: torch raises many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path} can't be read ({type(e).__name__}: {first[:200]}): it is truncated or not a "
+                         f"fastlclip.distill checkpoint; {fix}") from None
+    keys = {"identity", "step", "tower", "optimizer", "scheduler", "rng"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        missing = sorted(keys - set(state)) if isinstance(state, dict) else sorted(keys)
+        raise ValueError(f"{path} is not a fastlclip.distill checkpoint (it lacks {', '.join(missing)}); {fix}")
+    if not isinstance(state["identity"], dict) or state["identity"] != identity:
+        theirs = state["identity"] if isinstance(state["identity"], dict) else {}
+        diff = sorted(k for k in identity if theirs.get(k) != identity[k])
+        raise ValueError(f"{path.parent} holds a run with other settings ({', '.join(diff)} differ): pass another "
+                         "--out, or delete it to start over")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 < step <= steps:
+        raise ValueError(f"{path}: its step {step!r} is not in [1, {steps}]; {fix}")
+    own = tower.state_dict()
+    theirs = state["tower"]
+    if not isinstance(theirs, dict) or set(theirs) != set(own):
+        raise ValueError(f"{path}: its tower's tensors are not the student's "
+                         f"({sorted(set(own) ^ set(theirs if isinstance(theirs, dict) else {}))[:4]} differ); {fix}")
+    for k, v in theirs.items():
+        if not isinstance(v, torch.Tensor) or v.shape != own[k].shape:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"{path}: the tower's {k} is {got}, the student's {tuple(own[k].shape)}; {fix}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{path}: the tower's {k} holds NaN or Inf; {fix}")
+    rng = state["rng"]
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+        raise ValueError(f"{path}: its RNG state is not a byte tensor; {fix}")
+    try:
+        tower.load_state_dict(theirs)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(rng)
+        for group in opt.param_groups:  # load_state_dict does not compare the moments' shapes with the weights'
+            for param in group["params"]:
+                for name, value in opt.state.get(param, {}).items():
+                    if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
+                        raise ValueError(f"the optimizer's {name} is {tuple(value.shape)} for a weight of "
+                                         f"{tuple(param.shape)}")
+    except Exception as e:  # optimizer / scheduler state of another shape or kind
+        raise ValueError(f"{path}: its optimizer, scheduler or RNG state does not fit this run ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); {fix}") from None
+    return step
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """``os.replace(tmp, path)`` that survives a power loss: the file's bytes are fsynced before the rename, the
+    folder's entry after it (where the platform can open a folder)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # Windows: folders can't be opened; the rename is what it offers
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def _positive(value, what: str, zero_ok: bool = False) -> int:
@@ -352,16 +422,7 @@ def train(targets, run_dir, *, student, teacher, teacher_pretrained=None, teache
     start = 0
     ckpt_path = run_dir / CHECKPOINT
     if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state["identity"] != identity:
-            diff = sorted(k for k in identity if state["identity"].get(k) != identity[k])
-            raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(diff)} differ): pass another "
-                             "--out, or delete it to start over")
-        model.visual.latent_vit.load_state_dict(state["tower"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
+        start = resume(ckpt_path, identity, model.visual.latent_vit, opt, sched, steps)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         _trim_metrics(run_dir / METRICS, start)
@@ -445,7 +506,7 @@ def save_student(model: LatentCLIP, cfg: dict, path: Path, info: dict) -> None:
     sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata={SAFETENSORS_CONFIG_KEY: json.dumps(cfg), DISTILL_META_KEY: json.dumps(info)})
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def _append(path: Path, record: dict) -> None:
@@ -460,4 +521,4 @@ def _trim_metrics(path: Path, step: int) -> None:
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(f"{line}\n" for line in keep))
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
