@@ -121,6 +121,10 @@ class OneStepGenerator(nn.Module):
         cfg = unet.config
         if cfg.get("addition_embed_type") != "text_time":
             raise ValueError(f"the UNet must be SDXL-style (addition_embed_type 'text_time'), got {cfg.get('addition_embed_type')!r}")
+        if vae is not None:
+            from .vaes import latent_space
+
+            latent_space(vae)  # its scaling factor, which decode divides by, finite and in range
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         for side, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % self.vae_scale_factor:

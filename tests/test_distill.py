@@ -1983,6 +1983,7 @@ def test_a_truncated_or_tampered_checkpoint_is_a_clear_error(small, tmp_path, ca
         return _resume_error(small, run)
 
     assert "step 7 is not in [1, 2]" in tampered(lambda s: s.update(step=7))
+    assert "other settings (extra differ)" in tampered(lambda s: s["identity"].update(extra=1))  # a key only there
     key = next(k for k in state["tower"] if state["tower"][k].ndim == 2)
     shape = tuple(state["tower"][key].shape)
     msg = tampered(lambda s: s["tower"].update({key: torch.zeros(shape[0], shape[1] + 1)}))

@@ -370,3 +370,14 @@ def test_serve_refuses_a_deeply_nested_model_config_in_one_line(tmp_path, capsys
     assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "nests too deeply" in lines[0] and "Traceback" not in lines[0]
+
+
+def test_reno_generator_refuses_a_vae_config_with_an_infinite_scaling_factor():
+    from bench import tiny
+    from fastlclip import reno
+
+    with pytest.raises(ValueError, match="scaling_factor must be a finite number"):
+        reno.OneStepGenerator.from_config(tiny.UNET, {**tiny.VAE, "scaling_factor": math.inf}, height=tiny.IMAGE_SIZE,
+                                          width=tiny.IMAGE_SIZE)
+    gen = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=tiny.IMAGE_SIZE, width=tiny.IMAGE_SIZE)
+    assert gen.vae.config.scaling_factor == tiny.VAE["scaling_factor"]  # a sane one is taken as it is

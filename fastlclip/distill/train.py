@@ -100,12 +100,13 @@ def student_config(student, teacher: nn.Module, info: dict, noise_aware: bool) -
     return cfg
 
 
-def run_digests(targets, teacher, teacher_pretrained=None, teacher_config=None) -> dict[str, str]:
+def run_digests(targets, teacher, teacher_pretrained=None) -> dict[str, str]:
     """SHA-256 digests of what decides a run's data and teacher, for its resume identity (as corpus scoring's
     ``run.json`` holds the weights' digests, with the same helpers): the target files (``run.json`` and every
     ``*.parquet``; not the manifest, which a rerun of ``targets`` appends to), the teacher's weights file or
-    folder, its config file, and an in-memory teacher's tensors. Targets or weights replaced in place, at the
-    same paths and row count, change them."""
+    folder, and an in-memory teacher's tensors. Targets or weights replaced in place, at the same paths and row
+    count, change them. (The teacher's config is not digested: a resume may name an already registered teacher
+    without ``--teacher-config``; weights of another architecture don't load into it.)"""
     from ..corpus.scoring import _file_digest, fingerprint, state_digest
     from .targets import RUN_FILE
 
@@ -114,13 +115,9 @@ def run_digests(targets, teacher, teacher_pretrained=None, teacher_config=None) 
     for f in [folder / RUN_FILE, *sorted(folder.glob("*.parquet"))]:
         h.update(f"{f.name}:{_file_digest(f)};".encode())
     out = {"targets_sha256": h.hexdigest()}
-    config_file = teacher_config if isinstance(teacher_config, (str, os.PathLike)) else None
-    out.update({f"teacher_{k}": v for k, v in fingerprint(config_file, teacher_pretrained and str(teacher_pretrained))
-                .items()})
+    out.update({f"teacher_{k}": v for k, v in fingerprint(None, teacher_pretrained and str(teacher_pretrained)).items()})
     if isinstance(teacher, nn.Module):
         out["teacher_module_sha256"] = state_digest(teacher)
-    if isinstance(teacher_config, Mapping):
-        out["teacher_config_sha256"] = hashlib.sha256(json.dumps(teacher_config, sort_keys=True).encode()).hexdigest()
     return out
 
 
@@ -236,7 +233,7 @@ def resume(path: Path, identity: dict, tower: nn.Module, opt, sched, steps: int)
         raise ValueError(f"{path} is not a fastlclip.distill checkpoint (it lacks {', '.join(missing)}); {fix}")
     if not isinstance(state["identity"], dict) or state["identity"] != identity:
         theirs = state["identity"] if isinstance(state["identity"], dict) else {}
-        diff = sorted(k for k in identity if theirs.get(k) != identity[k])
+        diff = sorted(k for k in {*identity, *theirs} if theirs.get(k) != identity.get(k))
         raise ValueError(f"{path.parent} holds a run with other settings ({', '.join(diff)} differ): pass another "
                          "--out, or delete it to start over")
     step = state["step"]
@@ -386,7 +383,7 @@ def train(targets, run_dir, *, student, teacher, teacher_pretrained=None, teache
     identity = json.loads(json.dumps({
         "targets": str(Path(targets).resolve()), "target_rows": len(data), "student": cfg, "teacher": teacher_label,
         "teacher_pretrained": None if teacher_pretrained is None else str(Path(teacher_pretrained).resolve()),
-        **run_digests(targets, teacher, teacher_pretrained, teacher_config), "steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "init": init,
+        **run_digests(targets, teacher, teacher_pretrained), "steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "init": init,
         "noise_aware": noise_aware, "seed": seed, "patch_steps": patch_steps, "holdout": holdout,
         "weight_decay": weight_decay}, default=str))
 
