@@ -9,7 +9,7 @@ reply is checked against the in-process scores of the same weights.
 
 The fault run then interleaves well-formed requests with malformed bodies (garbage, a pickle, NaN, wrong
 channels), clients that disconnect mid-body or before reading the reply, and a SIGTERM under load (a burst
-of requests, the signal sent once a quarter of them are in flight): every well-formed request must be
+of requests queued behind one large request, the signal sent once a quarter of them are in flight): every well-formed request must be
 answered with the right scores or refused (503, or a closed connection for a request the server had not
 begun when it stopped accepting), every request in flight at the SIGTERM answered, the server up until the
 SIGTERM, and its exit status 0. Also measured there: client input that was once a 500 (JSON nested 100,000 deep
@@ -158,6 +158,13 @@ def body(latents: torch.Tensor, prompt: str) -> bytes:
     return save({"latents": latents.contiguous()}, metadata={"prompt": prompt})
 
 
+def save_body(latents: torch.Tensor, prompts: list[str]) -> bytes:
+    """A request of several latents, one prompt each."""
+    from safetensors.torch import save
+
+    return save({"latents": latents.contiguous()}, metadata={"prompts": json.dumps(prompts)})
+
+
 def expected(reward, requests, batch: int) -> list[list[float]]:
     """In-process scores of every request (the reference the server's replies are checked against)."""
     with torch.inference_mode():
@@ -295,11 +302,11 @@ async def fault_run(server: Server, requests, want, tol: float, grid: int, burst
                  body(torch.full((1, 4, grid, grid), float("nan")), "a cat"), body(torch.zeros(1, 16, grid, grid), "a cat"),
                  *hostile_bodies(grid)]
 
-    async def one_well_formed(c, i):
+    async def one_well_formed(c, i, content=None, expect=None):
         x, p = requests[i % len(requests)]
         tally["well_formed_sent"] += 1
         try:
-            r = await c.post(f"{server.url}/v1/score", content=body(x, p), headers=V1)
+            r = await c.post(f"{server.url}/v1/score", content=body(x, p) if content is None else content, headers=V1)
         except httpx.TransportError:
             if "sigterm_at" not in tally:
                 raise
@@ -309,7 +316,7 @@ async def fault_run(server: Server, requests, want, tol: float, grid: int, burst
             tally["answered_after_sigterm"] += 1
         if r.status_code == 503:
             tally["refused_503"] += 1
-        elif r.status_code == 200 and close_enough(r.json()["raw_scores"], want[i % len(requests)], tol):
+        elif r.status_code == 200 and close_enough(r.json()["raw_scores"], expect or want[i % len(requests)], tol):
             tally["answered_right"] += 1
         else:
             tally["answered_wrong"] += 1
@@ -356,7 +363,17 @@ async def fault_run(server: Server, requests, want, tol: float, grid: int, burst
         # Then a burst, eight forwards' worth, and the SIGTERM as soon as the server holds a quarter of it in flight
         # (its counters say so): those must all be answered. Burst requests the server has not begun by then meet
         # a closed socket, which counts as a refusal (clients retry those).
-        tasks = [asyncio.create_task(one_well_formed(c, i)) for i in range(burst)]
+        # First one request of 8 x `burst` latents (32 MiB at most), so that the burst queues behind its forwards: a
+        # fast server (the
+        # tiny CPU model) otherwise answers each burst request as it arrives, never holding a quarter at once.
+        x0 = requests[0][0]
+        k = max(1, min(8 * burst, (32 * 2**20) // (x0.numel() * x0.element_size())))  # 32 MiB at most
+        heavy = torch.cat([requests[i % len(requests)][0] for i in range(k)])
+        heavy_body = save_body(heavy, [requests[i % len(requests)][1] for i in range(k) for _ in range(x0.shape[0])])
+        heavy_want = [v for i in range(k) for v in want[i % len(requests)]]
+        tasks = [asyncio.create_task(one_well_formed(c, 0, heavy_body, heavy_want))]
+        await asyncio.sleep(0.05)
+        tasks += [asyncio.create_task(one_well_formed(c, i)) for i in range(burst)]
         deadline = time.monotonic() + 60
         while True:
             now = counters((await c.get(f"{server.url}/metrics")).text)
