@@ -1223,6 +1223,9 @@ def _read_all(s: socket.socket) -> bytes:
 
 
 def test_a_body_that_does_not_arrive_in_time_is_408_and_the_connection_closed(reward):
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="body_timeout_s"):
+            create_app(reward, body_timeout_s=bad)
     app = create_app(reward, body_timeout_s=0.5)
     srv = _ThreadServer(app)
     try:

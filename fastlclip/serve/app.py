@@ -77,6 +77,8 @@ def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_m
     of the request's headers (sent slowly, or shorter than its ``Content-Length``) gets 408 and the connection is
     closed, so idle clients cannot hold connections.
     """
+    body_timeout_s = inputs.check_number(body_timeout_s, "body_timeout_s (seconds a request's body may take)",
+                                         positive=True)
     model = reward.model
     noise_aware = model.noise_aware
     metrics = _Metrics()
