@@ -1,5 +1,6 @@
 """The eager model against an independent open_clip reference, and its input checks."""
 
+import copy
 import pytest
 import torch
 
@@ -158,10 +159,13 @@ def test_unknown_model_and_options():
 
 
 def test_device_mismatch_is_named(tiny_model):
-    z = torch.randn(1, 4, LATENT, LATENT, device="meta")
-    with pytest.raises(ValueError, match="on meta but the model is on cpu"):
-        tiny_model.check_finite = False
-        tiny_model.encode_latents(z)
+    """A second device without a GPU: the model moved to ``meta`` (meta latents are refused before: no values)."""
+    model = copy.deepcopy(tiny_model).to("meta")
+    model.check_finite = False
+    with pytest.raises(ValueError, match="on cpu but the model is on meta"):
+        model.encode_latents(torch.randn(1, 4, LATENT, LATENT))
+    with pytest.raises(ValueError, match="latents are on the meta device"):
+        tiny_model.encode_latents(torch.randn(1, 4, LATENT, LATENT, device="meta"))
 
 
 def test_fp32_references_run_without_tf32():
