@@ -312,6 +312,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait_healthy(proc, port: int, timeout: float) -> None:
+    """Until the server process on ``port`` answers /healthz 200; fails if it exits or ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.1)
+
+
 def test_sigterm_finishes_in_flight_requests_and_exits_0(reward, tmp_path):
     cfg, weights = tmp_path / "tiny.json", tmp_path / "tiny.safetensors"
     cfg.write_text(json.dumps(TINY))
@@ -322,16 +336,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(reward, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
+        wait_healthy(proc, port, 120)
         xs = [latents(1, 200 + i) for i in range(4)]
 
         async def go():
@@ -1284,16 +1289,7 @@ def test_the_graceful_shutdown_has_a_deadline_then_exit_1_naming_what_was_cut(re
                                       "--shutdown-timeout-s", "1", "--log-level", "critical"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
+        wait_healthy(proc, port, 60)
         held = socket.create_connection(("127.0.0.1", port), timeout=10)  # a slow client: its body never completes
         held.sendall(b"POST /v1/score HTTP/1.1\r\nhost: x\r\nx-drm-protocol-version: 1\r\ncontent-length: 1000\r\n\r\nab")
         time.sleep(0.3)
