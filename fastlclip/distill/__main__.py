@@ -26,8 +26,8 @@ def _float(text: str) -> float:
 _float.what = "a number"
 
 
-def _teacher_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", required=True, help="open_clip model name (open_clip.list_models())")
+def _teacher_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--teacher", required=required, help="open_clip model name (open_clip.list_models())")
     p.add_argument("--teacher-config", metavar="JSON", help="open_clip config JSON, registered under --teacher's name")
     p.add_argument("--teacher-pretrained", metavar="FILE", help="the teacher's weights (open_clip checkpoint)")
 
@@ -39,7 +39,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("shards", nargs="+", metavar="SHARD", help="WebDataset .tar or .parquet shards, or folders of them")
     t.add_argument("--out", required=True, help="targets folder (rerun the same command to resume)")
     t.add_argument("--vae", required=True, help="registered VAE (fastlclip.list_vaes()) or a diffusers folder")
-    _teacher_args(t)
+    _teacher_args(t, required=False)
+    t.add_argument("--teacher-spec", action="append", metavar="SPEC",
+                   help="a teacher of a set, instead of --teacher (repeat it): comma-separated key=value, e.g. "
+                        "name=hps,kind=open_clip,model=ViT-H-14,weights=FILE,reward=hps (docs/ensembles.md)")
+    t.add_argument("--no-prompts", action="store_true", help="don't keep the shards' txt/json prompts")
     t.add_argument("--space", choices=("vae", "diffusion"), default="vae", help="the shards' latents (default: vae)")
     t.add_argument("--image-size", type=int_at_least(8),
                    help="image shards: crop side in px (default: the first image's)")
@@ -125,9 +129,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "targets":
             from .. import corpus
 
+            if args.teacher is None and args.teacher_spec is None:
+                raise ValueError("one of the arguments --teacher (one open_clip teacher) or --teacher-spec (repeated: "
+                                 "a teacher set) is required")
+            if args.teacher is not None and args.teacher_spec is not None:
+                raise ValueError("pass --teacher (one open_clip teacher) or --teacher-spec (a teacher set), not both")
             corpus.expand_inputs(args.shards)
             vae_config(args.vae)
-            _check_teacher(args)
+            if args.teacher_spec is not None:
+                if args.teacher_config is not None or args.teacher_pretrained is not None:
+                    raise ValueError("--teacher-config and --teacher-pretrained go with --teacher; a --teacher-spec "
+                                     "names its own config= and weights=")
+                from .teachers import check_teacher_set, parse_teacher_spec
+
+                check_teacher_set([parse_teacher_spec(s) for s in args.teacher_spec])
+            else:
+                _check_teacher(args)
         elif args.command == "train":
             check_train_args(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                              init=args.init, save_every=args.save_every, eval_every=args.eval_every,
@@ -149,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                    teacher_config=getattr(args, "teacher_config", None))
     try:
         if args.command == "targets":
+            if args.teacher_spec is not None:
+                teacher = dict(teachers=args.teacher_spec)
             report = make_targets(args.shards, args.out, vae=args.vae, space=args.space, image_size=args.image_size,
                                   batch_size=args.batch_size, engine=args.engine, workers=args.workers,
-                                  device=args.device, dtype=args.dtype, **teacher)
+                                  device=args.device, dtype=args.dtype, prompts=not args.no_prompts, **teacher)
             print(f"[fastlclip.distill] {len(report.ok)} shards ({report.rows} targets), {len(report.skipped)} already "
                   f"done, {len(report.failed)} failed -> {args.out}", file=sys.stderr)
             return 1 if report.failed else 0

@@ -13,6 +13,19 @@ Shards of images (``jpg`` / ``jpeg`` / ``png`` / ``webp`` members, found when a 
 latent member) are accepted too: each image is resized (shorter side, bicubic) and centre-cropped to
 ``image_size``, VAE-encoded (the posterior mean) to give the latent, and the teacher embeds that image itself
 rather than its decode, the better target.
+
+**Several teachers** (``make_targets(..., teachers=[TeacherSpec, ...])``, see ``fastlclip.distill.teachers`` and
+docs/ensembles.md): one decode per sample (or the image itself) for all of them, each teacher's own
+preprocessing, and instead of ``embedding`` a column per teacher: ``embedding_<name>`` (its normalised image
+embedding, float16) for a CLIP teacher, ``score_<name>`` (float32, the head's value in its own scale) for a head
+on another teacher's embedding. ``run.json`` lists every teacher (``teachers``: kind, config, weights SHA-256,
+reward form, preprocessing); a folder made with another teacher set is refused (there is no add-a-column run:
+make a new folder).
+
+**Prompts**: when a shard's samples carry a ``txt`` member (or a ``json`` one with ``prompt`` / ``caption`` /
+``txt`` / ``text``; Parquet shards: such a string column), they are kept in ``prompts/<shard>.parquet``
+(``key``, ``prompt``) beside the targets, written when the shard's targets are, and read back by
+``read_targets`` as ``Targets.prompts``.
 """
 
 from __future__ import annotations
@@ -34,7 +47,8 @@ from ..corpus.engines import ENGINES, rank_split, run_local, run_ray
 from ..corpus.readers import DEFAULT_MEMBERS, IMAGE_MEMBERS, ShardError, read_shard
 from ..corpus.runner import ON_ERROR, BadSample, ShardOptions, check_sample, report as report_line
 from ..corpus.writer import RUN_FILE, check_run_file
-from . import teacher as teachers
+from . import teacher as single
+from . import teachers as ensemble
 
 KIND = "fastlclip.distill targets"
 
@@ -79,6 +93,8 @@ class TargetSpec:
     image_size: int | None = None  # image shards: the side images are cropped to; None: latent shards
     device: str | None = None
     dtype: str = "float32"
+    teachers: list | None = None  # several teachers (TeacherSpec); then ``teacher`` is None
+    described: list | None = None  # their ``Teacher.describe()``, set once by ``make_targets``
 
     def build(self, device: str | None = None) -> "TargetScorer":
         return TargetScorer(self, device)
@@ -91,6 +107,8 @@ class TargetSpec:
         d = {"kind": KIND, "vae": _vae_label(self.vae), "vae_cfg": self.vae_cfg, "teacher": teacher,
              "teacher_pretrained": pretrained, "teacher_config": self.teacher_config, "space": self.space,
              "latent_shape": list(self.shape), "image_size": self.image_size, "dtype": self.dtype}
+        if self.teachers is not None:  # single-teacher folders keep their identity (no key added)
+            d.update(teacher=None, teacher_pretrained=None, teacher_config=None, teachers=self.described)
         return json.loads(json.dumps(d, default=str))
 
 
@@ -117,15 +135,24 @@ class TargetScorer:
         self.shape = tuple(spec.shape)
         device = device or spec.device or default_device()
         dtype = getattr(torch, spec.dtype)
-        vae, teacher = _own(spec.vae, dtype, device), _own(spec.teacher, dtype, device)
+        vae = _own(spec.vae, dtype, device)
         self.vae = vaes.build_vae(vae, dtype=dtype, device=device).eval().requires_grad_(False)
         self.space = vaes.latent_space(spec.vae_cfg)
-        self.teacher = teachers.load_teacher(teacher, spec.teacher_pretrained, spec.teacher_config, device)
-        self.teacher.to(dtype)
-        self.embed_dim = int(self.teacher.visual.output_dim)
+        self.teachers = None
+        if spec.teachers is not None:
+            owned = [ensemble.TeacherSpec(**{**t.__dict__, "model": _own(t.model, dtype, device)}) for t in spec.teachers]
+            self.teachers = ensemble.build_teachers(owned, device, dtype)
+            self.embed_dim = next(t.embed_dim for t in self.teachers.values())
+        else:
+            teacher = _own(spec.teacher, dtype, device)
+            self.teacher = single.load_teacher(teacher, spec.teacher_pretrained, spec.teacher_config, device)
+            self.teacher.to(dtype)
+            self.embed_dim = int(self.teacher.visual.output_dim)
         self.device = torch.device(device)
 
     def columns(self) -> list[str]:
+        if self.teachers is not None:
+            return [*teacher_columns(self.teachers.values()), "latent"]
         return ["embedding", "latent"]
 
     def check(self, sample) -> torch.Tensor:
@@ -138,7 +165,7 @@ class TargetScorer:
         x = sample.latent
         if x.dtype != torch.uint8 or x.ndim != 3 or x.shape[0] != 3:
             raise BadSample(f"not an RGB image: {tuple(x.shape)} {x.dtype}")
-        return teachers.resize_crop(x.float()[None] / 255, size)[0]
+        return single.resize_crop(x.float()[None] / 255, size)[0]
 
     @torch.no_grad()
     def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
@@ -150,9 +177,36 @@ class TargetScorer:
             raw = batch.to(self.device, torch.float32)
             if self.spec.space == "diffusion":
                 raw = self.space.to_vae(raw)
-            images = self.vae.decode(raw.to(self.vae.dtype)).sample
-        emb = teachers.embed_images(self.teacher, images)
-        return {"embedding": emb.half().cpu().numpy(), "latent": raw.half().flatten(1).cpu().numpy()}
+            images = self.vae.decode(raw.to(self.vae.dtype)).sample  # the one decode, for every teacher
+        latent = raw.half().flatten(1).cpu().numpy()
+        if self.teachers is None:
+            emb = single.embed_images(self.teacher, images)
+            return {"embedding": emb.half().cpu().numpy(), "latent": latent}
+        if self.spec.image_size is not None:  # the image itself, in [0, 1]
+            pixels = batch.to(self.device, torch.float32)
+        else:
+            pixels = ((images.float() + 1) / 2).clamp(0, 1)
+        return {**embed_columns(self.teachers.values(), pixels), "latent": latent}
+
+
+def teacher_columns(teachers) -> list[str]:
+    """The target columns of a teacher set, in its order: ``embedding_<name>`` per CLIP teacher,
+    ``score_<name>`` per head."""
+    return [f"score_{t.name}" if t.base is not None else f"embedding_{t.name}" for t in teachers]
+
+
+def embed_columns(teachers, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+    """Every teacher's column for one batch of images in [0, 1]: each CLIP teacher embeds them once (its own
+    preprocessing), each head reads its base's embedding."""
+    teachers = list(teachers)
+    embs = {t.name: t.embed_images(pixels) for t in teachers if t.base is None}
+    out = {}
+    for t in teachers:
+        if t.base is None:
+            out[f"embedding_{t.name}"] = embs[t.name].half().cpu().numpy()
+        else:
+            out[f"score_{t.name}"] = t.score(embs[t.base]).float().cpu().numpy()
+    return out
 
 
 def _first_sample(shards: list[str], member, column) -> torch.Tensor:
@@ -176,9 +230,10 @@ def _downsampling(cfg: dict) -> int:
     return 2 ** (len(blocks) - 1)
 
 
-def make_targets(shards, out, *, vae, teacher, teacher_pretrained=None, teacher_config=None, space="vae",
+def make_targets(shards, out, *, vae, teacher=None, teacher_pretrained=None, teacher_config=None, space="vae",
                  batch_size=64, engine="local", workers=1, on_error="skip", member=None, column="latent",
-                 image_size=None, device=None, dtype="float32", progress=True) -> corpus.ScoreReport:
+                 image_size=None, device=None, dtype="float32", progress=True, teachers=None,
+                 prompts=True) -> corpus.ScoreReport:
     """Decode every latent of ``shards`` with ``vae`` and store the teacher's normalised embedding per key.
 
     ``vae``: a registered name (``fastlclip.list_vaes()``), a diffusers folder, or a module (an
@@ -189,6 +244,12 @@ def make_targets(shards, out, *, vae, teacher, teacher_pretrained=None, teacher_
     ``fastlclip.corpus.score``; rerunning the same call resumes, skipping finished shards. Image shards (see
     the module docstring): ``image_size`` (default: the first image's shorter side, down to a multiple of the
     VAE's downsampling).
+
+    ``teachers`` (instead of ``teacher``): several teachers, ``fastlclip.distill.teachers.TeacherSpec`` objects or
+    their one-line strings (``parse_teacher_spec``), checked as a set and built once here (a bad file fails
+    before any work); one decode per sample for all of them, a column per teacher (see the module docstring).
+    ``prompts``: keep the shards' ``txt`` / ``json`` prompts in ``prompts/`` (a second, header-only pass over an
+    uncompressed tar; False skips it).
     """
     shard_list = corpus.expand_inputs(shards)
     if engine not in ENGINES:
@@ -202,11 +263,20 @@ def make_targets(shards, out, *, vae, teacher, teacher_pretrained=None, teacher_
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}")
+    if (teacher is None) == (teachers is None):
+        raise ValueError("pass either teacher= (one open_clip teacher) or teachers= (a teacher set), not both or neither")
     if teacher_config is not None and not isinstance(teacher_config, dict):
         teacher_config = vaes.read_json_file(teacher_config, "teacher config")
     cfg = vae_config(vae)
-    if not isinstance(teacher, torch.nn.Module):
-        teachers.load_teacher(teacher, teacher_pretrained, teacher_config)  # a bad name or file fails before work
+    described = None
+    if teachers is not None:
+        teachers = [t if isinstance(t, ensemble.TeacherSpec) else ensemble.parse_teacher_spec(t) for t in teachers]
+        ensemble.check_teacher_set(teachers)
+        built = ensemble.build_teachers(teachers)  # every file read, every shape checked, before any work
+        described = [t.describe() for t in built.values()]
+        del built
+    elif not isinstance(teacher, torch.nn.Module):
+        single.load_teacher(teacher, teacher_pretrained, teacher_config)  # a bad name or file fails before work
     first = _first_sample(shard_list, member, column)
     channels, factor = cfg.get("latent_channels", 4), _downsampling(cfg)
     if first.dtype == torch.uint8:  # image shards
@@ -224,10 +294,12 @@ def make_targets(shards, out, *, vae, teacher, teacher_pretrained=None, teacher_
 
     spec = TargetSpec(vae=vae, teacher=teacher, teacher_pretrained=None if teacher_pretrained is None
                       else str(teacher_pretrained), teacher_config=teacher_config, space=space, shape=shape,
-                      vae_cfg=cfg, image_size=image_size, device=device, dtype=dtype)
+                      vae_cfg=cfg, image_size=image_size, device=device, dtype=dtype, teachers=teachers,
+                      described=described)
     mine = shard_list if engine == "ray" else rank_split(shard_list)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    check_teacher_set_of(out, spec.identity())
     check_run_file(out, spec.identity())
     opts = ShardOptions(out=str(out), batch_size=batch_size, on_error=on_error, member=member, column=column,
                         run_id=uuid.uuid4().hex[:12])
@@ -235,11 +307,141 @@ def make_targets(shards, out, *, vae, teacher, teacher_pretrained=None, teacher_
 
     def report(record: dict) -> None:
         done[0] += 1
+        if prompts and record["status"] in ("ok", "skipped"):
+            keep_prompts(record["shard"], out)
         if progress:
             report_line(record, done[0], len(mine))
 
     run = run_ray if engine == "ray" else run_local
     return corpus.ScoreReport(run(mine, spec, opts, workers, report) if mine else [])
+
+
+def _teacher_set(identity: dict) -> list[tuple]:
+    if identity.get("teachers") is None:
+        return [(identity.get("teacher"), "open_clip", (identity.get("teacher_pretrained")))]
+    return [(t["name"], t["kind"], t["weights_sha256"]) for t in identity["teachers"]]
+
+
+def check_teacher_set_of(out: Path, identity: dict) -> None:
+    """A folder holding targets of another teacher set (a teacher added, removed or renamed, other weights) is
+    refused here, naming both sets: targets of two sets in one folder would train a student on a mix. (Other
+    settings are ``check_run_file``'s.)"""
+    from ..corpus.writer import readable_output
+
+    path = out / RUN_FILE
+    if not path.is_file() or not any(readable_output(p) for p in out.glob("*.parquet")):
+        return
+    old = vaes.read_json_file(path, "targets run file")
+    if not isinstance(old, dict) or old.get("kind") != KIND:
+        return  # check_run_file refuses it
+    mine, theirs = _teacher_set(identity), _teacher_set(old)
+    if mine != theirs:
+        show = lambda s: ", ".join(f"{n} ({k}, weights {str(d)[:12]})" for n, k, d in s)  # noqa: E731
+        raise ValueError(f"{out} holds targets of the teacher set [{show(theirs)}]; this run names [{show(mine)}]. "
+                         "A target folder holds one teacher set: adding a teacher to it is not supported (it would "
+                         "mix rows with and without its column). Make the new set's targets in another --out")
+
+
+# -- prompts -----------------------------------------------------------------------------------------
+PROMPTS_DIR = "prompts"
+PROMPT_MEMBERS = ("txt", "json")  # tar members, the first one present per sample wins
+PROMPT_KEYS = ("prompt", "caption", "txt", "text")  # in a json member, or Parquet column names
+
+
+def _prompt_of(data: bytes, ext: str) -> str | None:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if ext == "txt":
+        return text.strip()
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, dict):
+        return next((obj[k] for k in PROMPT_KEYS if isinstance(obj.get(k), str)), None)
+    return None
+
+
+def shard_prompts(shard) -> dict[str, str]:
+    """key -> prompt of one shard (see the module docstring); empty when it holds none or can't be read (its
+    targets then say why)."""
+    import tarfile
+
+    from ..corpus.readers import KEY_COLUMNS, key_problem, shard_kind, shard_stem, split_key
+
+    found: dict[str, tuple[int, str]] = {}
+    kind = shard_kind(shard)
+    try:
+        if kind == "tar":
+            with tarfile.open(shard, mode="r:*") as tf:  # uncompressed: seeks over member data, reads headers
+                for info in tf:
+                    key, ext = split_key(info.name)
+                    if not info.isfile() or ext not in PROMPT_MEMBERS or key_problem(key) is not None:
+                        continue
+                    rank = PROMPT_MEMBERS.index(ext)
+                    if key in found and found[key][0] <= rank:
+                        continue
+                    text = _prompt_of(tf.extractfile(info).read(), ext)
+                    if text is not None:
+                        found[key] = (rank, text)
+        elif kind == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(shard)
+            names = pf.schema_arrow.names
+            col = next((c for c in PROMPT_KEYS if c in names and pa.types.is_string(pf.schema_arrow.field(c).type)), None)
+            if col is None:
+                return {}
+            key_col = next((k for k in KEY_COLUMNS if k in names), None)
+            t = pq.read_table(shard, columns=[col] + ([key_col] if key_col else []))
+            keys = ([k.decode() if isinstance(k, bytes) else str(k) for k in t.column(key_col).to_pylist()]
+                    if key_col else [f"{shard_stem(shard)}/{i}" for i in range(len(t))])
+            for k, p in zip(keys, t.column(col).to_pylist()):
+                if p is not None and key_problem(k) is None:
+                    found[k] = (0, p)
+    except Exception:  # an unreadable shard: its targets record the error
+        return {}
+    return {k: v[1] for k, v in found.items()}
+
+
+def prompts_path(out, shard) -> Path:
+    from ..corpus.writer import output_path
+
+    return Path(out) / PROMPTS_DIR / output_path(out, shard).name
+
+
+def keep_prompts(shard, out) -> None:
+    """Write ``prompts/<shard>.parquet`` (``key``, ``prompt``; atomic) unless it exists: the shard's prompts, for
+    the keys its target file holds."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..corpus.writer import output_path, write_atomic
+
+    path = prompts_path(out, shard)
+    target = output_path(out, shard)
+    if path.exists() or not target.is_file():
+        return
+    found = shard_prompts(shard)
+    keys = [k for k in pq.read_table(target, columns=["key"]).column("key").to_pylist() if k in found]
+    path.parent.mkdir(exist_ok=True)
+    table = pa.table({"key": pa.array(keys, pa.string()), "prompt": pa.array([found[k] for k in keys], pa.string())})
+    write_atomic(table, path)
+
+
+def read_prompts(folder) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    out: dict[str, str] = {}
+    for f in sorted((Path(folder) / PROMPTS_DIR).glob("*.parquet")):
+        t = pq.read_table(f, columns=["key", "prompt"])
+        out.update(zip(t.column("key").to_pylist(), t.column("prompt").to_pylist()))
+    return out
 
 
 def is_holdout(key: str, fraction: float) -> bool:
@@ -250,12 +452,18 @@ def is_holdout(key: str, fraction: float) -> bool:
 @dataclass
 class Targets:
     """A target folder in memory: ``keys``, ``latents`` (N, C, H, W) float16 in VAE space, ``embeddings``
-    (N, D) float16, and the folder's ``info`` (its ``run.json``)."""
+    (N, D) float16 (a teacher set's folder: the chosen teacher's), and the folder's ``info`` (its ``run.json``).
+    A teacher set's folder also fills ``columns`` (teacher name -> (N, D) float16 embeddings, every CLIP
+    teacher) and ``scores`` (head name -> (N,) float32); ``prompts``: the kept prompts, one per row (None where
+    a sample had none), or None when the folder kept none."""
 
     keys: list[str]
     latents: torch.Tensor
     embeddings: torch.Tensor
     info: dict
+    columns: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    prompts: list | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -267,11 +475,17 @@ class Targets:
 
     def subset(self, mask: torch.Tensor) -> "Targets":
         idx = mask.nonzero().flatten()
-        return Targets([self.keys[i] for i in idx.tolist()], self.latents[idx], self.embeddings[idx], self.info)
+        rows = idx.tolist()
+        return Targets([self.keys[i] for i in rows], self.latents[idx], self.embeddings[idx], self.info,
+                       {k: v[idx] for k, v in self.columns.items()}, {k: v[idx] for k, v in self.scores.items()},
+                       None if self.prompts is None else [self.prompts[i] for i in rows])
 
 
-def read_targets(folder) -> Targets:
-    """All rows of a ``make_targets`` folder, files in sorted order (the data order is defined on this)."""
+def read_targets(folder, teacher: str | None = None) -> Targets:
+    """All rows of a ``make_targets`` folder, files in sorted order (the data order is defined on this).
+
+    A teacher set's folder: ``teacher`` names the CLIP teacher whose column becomes ``embeddings`` (default: the
+    set's only CLIP teacher; an error when it has several); every column is in ``columns`` / ``scores``."""
     import pyarrow.parquet as pq
 
     folder = Path(folder)
@@ -286,29 +500,57 @@ def read_targets(folder) -> Targets:
     if not files:
         raise ValueError(f"{folder} has no finished target files (*.parquet)")
     shape = tuple(info["latent_shape"])
-    keys, lat, emb = [], [], []
+    described = info.get("teachers")
+    if described is None:
+        emb_cols, score_cols, chosen = ["embedding"], [], "embedding"
+    else:
+        clip = [t["name"] for t in described if t.get("base") is None]
+        emb_cols = [f"embedding_{n}" for n in clip]
+        score_cols = [f"score_{t['name']}" for t in described if t.get("base") is not None]
+        if teacher is None and len(clip) != 1:
+            raise ValueError(f"{folder} holds targets of several teachers ({', '.join(clip)}): pass teacher=NAME to "
+                             "pick the one a single-head student learns")
+        name = clip[0] if teacher is None else teacher
+        if name not in clip:
+            raise ValueError(f"teacher {name!r} has no embedding column in {folder} (its CLIP teachers: {', '.join(clip)})")
+        chosen = f"embedding_{name}"
+    if described is None and teacher is not None:
+        raise ValueError(f"{folder} holds one teacher's targets (column embedding); teacher= is for teacher sets")
+    keys, lat = [], []
+    cols: dict[str, list] = {c: [] for c in emb_cols + score_cols}
     for f in files:
-        t = pq.read_table(f, columns=["key", "embedding", "latent"])
+        t = pq.read_table(f, columns=["key", *emb_cols, *score_cols, "latent"])
         if len(t) == 0:  # a shard whose every sample was bad
             continue
         file_keys = t.column("key").to_pylist()
-        e = np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(len(t), -1)
         x = np.asarray(t.column("latent").combine_chunks().flatten()).reshape(len(t), *shape)
-        _check_finite(f, file_keys, e, x)
+        for c in emb_cols:
+            e = np.asarray(t.column(c).combine_chunks().flatten()).reshape(len(t), -1)
+            _check_finite(f, file_keys, e, x, what=c)
+            cols[c].append(e)
+        for c in score_cols:
+            v = t.column(c).to_numpy()
+            _check_finite(f, file_keys, v.reshape(-1, 1), x, what=c)
+            cols[c].append(v)
         keys += file_keys
-        emb.append(e)
         lat.append(x)
     if not keys:
         raise ValueError(f"{folder} holds no target rows (every sample was bad: see its manifest.jsonl)")
     if len(set(keys)) != len(keys):
         raise ValueError(f"{folder}: a key appears in more than one row; keys must be unique across shards")
-    return Targets(keys, torch.from_numpy(np.concatenate(lat)), torch.from_numpy(np.concatenate(emb)), info)
+    tensors = {c: torch.from_numpy(np.concatenate(v)) for c, v in cols.items()}
+    kept = read_prompts(folder)
+    prompts = [kept.get(k) for k in keys] if kept else None
+    columns = {c[len("embedding_"):]: tensors[c] for c in emb_cols} if described is not None else {}
+    scores = {c[len("score_"):]: tensors[c] for c in score_cols}
+    return Targets(keys, torch.from_numpy(np.concatenate(lat)), tensors[chosen], info, columns, scores, prompts)
 
 
-def _check_finite(path: Path, keys: list[str], embeddings: np.ndarray, latents: np.ndarray) -> None:
+def _check_finite(path: Path, keys: list[str], embeddings: np.ndarray, latents: np.ndarray,
+                  what: str = "embedding") -> None:
     """A ``ValueError`` naming the file, row and key of the first NaN / Inf embedding or latent: one such row
     trains a NaN model."""
-    for what, values in (("embedding", embeddings), ("latent", latents)):
+    for what, values in ((what, embeddings), ("latent", latents)):
         bad = ~np.isfinite(values.reshape(len(values), -1)).all(1)
         if bad.any():
             row = int(bad.argmax())
