@@ -402,7 +402,15 @@ def test_a_single_teacher_set_reads_as_before_and_image_shards_embed_the_image(f
 
 
 def test_make_targets_takes_teacher_or_teachers(files, vae, tmp_path):
-    shards = write_shards(vae, tmp_path / "s", 2, 2)
+    shards = shards_with_prompts(vae, tmp_path / "s", 4, 2)
+    make_targets(shards, tmp_path / "one", vae=vae, teacher=files["oc"], progress=False)  # one teacher, as before
+    t = read_targets(tmp_path / "one")
+    assert "teachers" not in t.info and t.columns == {} and t.embeddings.shape == (4, 32)
+    assert t.prompts == ["prompt 0", "caption 1", "prompt 2", None]
+    make_targets(shards, tmp_path / "none", vae=vae, teacher=files["oc"], progress=False, prompts=False)
+    assert read_targets(tmp_path / "none").prompts is None and not (tmp_path / "none" / "prompts").exists()
+    with pytest.raises(ValueError, match="teacher= is for teacher sets"):
+        read_targets(tmp_path / "one", teacher="hps")
     with pytest.raises(ValueError, match="either teacher= .* or teachers="):
         make_targets(shards, tmp_path / "t", vae=vae, progress=False)
     with pytest.raises(ValueError, match="either teacher="):
@@ -422,10 +430,34 @@ def test_cli_teacher_specs(files, vae, tmp_path, capsys):
                            (["--teacher", "ViT-B-16", "--teacher-spec", oc], "not both"),
                            (["--teacher-spec", "name=x"], "kind= is required"),
                            (["--teacher-spec", oc, "--teacher-spec", aes.replace("base=hps", "base=zz")], "base= must name"),
-                           (["--teacher-spec", oc, "--teacher-pretrained", "w.pt"], "go with --teacher")]:
+                           (["--teacher-spec", oc, "--teacher-pretrained", "w.pt"], "go with --teacher"),
+                           (["--teacher-spec", oc, "--teacher-spec", aes.replace("aesthetic.safetensors", "oc.safetensors")],
+                            "not an aesthetic MLP state dict")]:
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and __import__("re").search(message, err), err
+        assert not (tmp_path / "t").exists()  # refused before any work
     assert main(base + ["--teacher-spec", oc, "--teacher-spec", aes, "--batch-size", "3"]) == 0
     t = read_targets(tmp_path / "t")
     assert len(t) == 4 and set(t.columns) == {"hps"} and set(t.scores) == {"aes"} and t.prompts is None
+
+
+def test_shard_prompts_from_parquet_and_odd_members(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastlclip.distill.targets import shard_prompts
+
+    pq.write_table(pa.table({"key": ["a", "b"], "latent": [[0.0], [1.0]], "caption": ["x", None]}), tmp_path / "s.parquet")
+    assert shard_prompts(tmp_path / "s.parquet") == {"a": "x"}
+    pq.write_table(pa.table({"latent": [[0.0]], "prompt": ["y"]}), tmp_path / "t.parquet")
+    assert shard_prompts(tmp_path / "t.parquet") == {"t/0": "y"}
+    with tarfile.open(tmp_path / "u.tar", "w") as tf:
+        for name, data in (("k1.json", b'"plain"'), ("k2.json", b"[1]"), ("k3.txt", b"\xff\xfe"),
+                           ("k4.json", b'{"text": "t4"}'), ("k4.txt", b" first \n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    assert shard_prompts(tmp_path / "u.tar") == {"k1": "plain", "k4": "first"}  # txt wins over json
+    (tmp_path / "bad.tar").write_bytes(b"not a tar")
+    assert shard_prompts(tmp_path / "bad.tar") == {}
