@@ -236,12 +236,14 @@ class Teacher(Protocol):
 
 
 class _ClipTeacher:
-    """Shared by the two CLIP kinds: the value a reward is made of, and the identity."""
+    """Shared by the two CLIP kinds: the value a reward is made of, and the identity. Every kind's ``digest=`` is
+    the weights' SHA-256, or a function computing it on first use (``build_teacher`` passes one, so a worker that
+    never describes its teachers never hashes their files); None: the digest of the module's tensors."""
 
     base = None
     has_text = True
 
-    def __init__(self, name: str, model: nn.Module, preprocess: Preprocess, reward: RewardForm, digest: str,
+    def __init__(self, name: str, model: nn.Module, preprocess: Preprocess, reward: RewardForm, digest,
                  config: dict):
         if reward.form == "head":
             raise ValueError(f"teacher {name!r}: a CLIP teacher's reward is cos or logit, not head")
@@ -272,10 +274,18 @@ class _ClipTeacher:
         return self.reward_form.scale * self._value(img_emb, txt_emb)
 
     def weights_digest(self) -> str:
-        return self._digest
+        return _resolve_digest(self)
 
     def describe(self) -> dict:
         return _describe(self)
+
+
+def _resolve_digest(t) -> str:
+    """The digest, computed on first use when it was given as a function (a worker never reads a large weights
+    file a second time just to digest it)."""
+    if callable(t._digest):
+        t._digest = t._digest()
+    return t._digest
 
 
 def _describe(t) -> dict:
@@ -292,13 +302,13 @@ class OpenCLIPTeacher(_ClipTeacher):
     kind = "open_clip"
 
     def __init__(self, name: str, model: nn.Module, *, preprocess: Preprocess | None = None, reward=None,
-                 tokenizer=None, digest: str | None = None, config: dict | None = None):
+                 tokenizer=None, digest=None, config: dict | None = None):
         from .teacher import check_teacher
 
         check_teacher(model)
         model = model.eval().requires_grad_(False)
         super().__init__(name, model, preprocess or open_clip_preprocess(model),
-                         reward_form(reward or DEFAULT_REWARD[self.kind]), digest or module_digest(model),
+                         reward_form(reward or DEFAULT_REWARD[self.kind]), digest or (lambda: module_digest(model)),
                          config or {"module": type(model).__name__})
         self.tokenizer = tokenizer
         self.embed_dim = int(model.visual.output_dim)
@@ -324,14 +334,14 @@ class HFCLIPTeacher(_ClipTeacher):
     kind = "hf"
 
     def __init__(self, name: str, model: nn.Module, processor, *, preprocess: Preprocess | None = None, reward=None,
-                 digest: str | None = None, config: dict | None = None):
+                 digest=None, config: dict | None = None):
         from ..rewards import _is_transformers_clip
 
         if not _is_transformers_clip(model):
             raise ValueError(f"teacher {name!r}: an hf teacher is a transformers CLIPModel, got {type(model).__name__}")
         model = model.eval().requires_grad_(False)
         super().__init__(name, model, preprocess or hf_preprocess(processor, model),
-                         reward_form(reward or DEFAULT_REWARD[self.kind]), digest or module_digest(model),
+                         reward_form(reward or DEFAULT_REWARD[self.kind]), digest or (lambda: module_digest(model)),
                          config or {"module": type(model).__name__})
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", None)
@@ -392,7 +402,7 @@ class AestheticTeacher:
     kind = "aesthetic"
     has_text = False
 
-    def __init__(self, name: str, base: Teacher, head: nn.Module, *, reward=None, digest: str | None = None,
+    def __init__(self, name: str, base: Teacher, head: nn.Module, *, reward=None, digest=None,
                  config: dict | None = None):
         if getattr(base, "base", None) is not None:
             raise ValueError(f"teacher {name!r}: a head sits on a CLIP teacher, not on another head ({base.name!r})")
@@ -407,7 +417,7 @@ class AestheticTeacher:
                              f"{base.name!r} gives {base.embed_dim}")
         self.embed_dim = base.embed_dim
         self.preprocess = base.preprocess
-        self._digest, self.config = digest or module_digest(self.head), config or {"module": type(head).__name__}
+        self._digest, self.config = digest or (lambda: module_digest(self.head)), config or {"module": type(head).__name__}
 
     def embed_images(self, pixels):
         return self.base_teacher.embed_images(pixels)
@@ -426,7 +436,7 @@ class AestheticTeacher:
         return self.reward_form.scale * self.value(img_emb)
 
     def weights_digest(self) -> str:
-        return self._digest
+        return _resolve_digest(self)
 
     def describe(self) -> dict:
         return _describe(self)
@@ -608,7 +618,8 @@ def build_teacher(spec: TeacherSpec, built: Mapping[str, Teacher], device=None, 
             import open_clip
 
             tokenizer = open_clip.get_tokenizer(spec.model)
-        digest = path_digest(spec.weights) if spec.weights is not None else module_digest(model)
+        weights = spec.weights
+        digest = (lambda: path_digest(weights)) if weights is not None else module_digest(model)
         model = model.to(device=device, dtype=dtype) if device is not None else model.to(dtype)
         return OpenCLIPTeacher(spec.name, model, preprocess=open_clip_preprocess(model, pre_cfg), reward=reward,
                                tokenizer=tokenizer, digest=digest, config=config)
@@ -624,7 +635,8 @@ def build_teacher(spec: TeacherSpec, built: Mapping[str, Teacher], device=None, 
                 raise ValueError(f"{where}: can't load a CLIPModel from {spec.model} with safetensors weights "
                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); fastlclip never unpickles "
                                  "transformers weights: convert pytorch_model.bin to model.safetensors") from None
-            digest = path_digest(spec.model)
+            folder = spec.model
+            digest = lambda: path_digest(folder)  # noqa: E731
         processor = spec.processor if spec.processor is not None else spec.model
         if isinstance(processor, (str, os.PathLike)):
             from transformers import CLIPProcessor
@@ -639,7 +651,8 @@ def build_teacher(spec: TeacherSpec, built: Mapping[str, Teacher], device=None, 
         head, digest = spec.model, module_digest(spec.model)
     else:
         head = AestheticMLP.from_state_dict(read_state_dict(spec.weights, f"{where} weights"), f"{where} weights")
-        digest = path_digest(spec.weights)
+        weights = spec.weights
+        digest = lambda: path_digest(weights)  # noqa: E731
     head = head.to(device=device, dtype=torch.float32) if device is not None else head.float()
     return AestheticTeacher(spec.name, base, head, reward=reward, digest=digest, config=config)
 
