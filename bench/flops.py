@@ -6,7 +6,9 @@ checkpointing's recomputation is counted where it is on. Bytes are the bf16 weig
 forward or backward pass, plus the bf16 outputs of every leaf module, written and read once forward and
 their gradients likewise backward (what a decoder at full pixel resolution cannot avoid, however few
 its weights). The floor per component is max(FLOPs / peak, bytes / bandwidth), summed: a lower bound
-from counts, never a measurement.
+from counts, never a measurement. ``Work.saved_bytes``: what autograd keeps from the forward for the
+backward (``torch.autograd.graph.saved_tensors_hooks``; each storage once, the module's weights left out,
+bf16 for floating tensors): the activations a reward step holds when its forward ends.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Work:
     weight_bytes: int  # one pass over the bf16 weights
     forward_only: bool = False  # no backward through it (the text encoders): one pass even in a full iteration
     activation_bytes: int = 0  # bf16 outputs of its leaf modules in one forward (what it must write at least)
+    saved_bytes: int = 0  # bf16 bytes autograd saves in the forward for the backward (weights excluded)
 
     @property
     def passes(self) -> int:
@@ -64,16 +67,44 @@ def _count(name: str, module: nn.Module, run) -> Work:
             written[0] += BF16_BYTES * output.numel()
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if not any(True for _ in m.children())]
+    saved = _SavedBytes(module)
     try:
         with FlopCounterMode(display=False) as counter:
-            out = run()
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                out = run()
             forward, activations = counter.get_total_flops(), written[0]
             out.backward(torch.ones_like(out))
             total = counter.get_total_flops()
     finally:
         for h in handles:
             h.remove()
-    return Work(name, forward, total, BF16_BYTES * sum(p.numel() for p in module.parameters()), activation_bytes=activations)
+    return Work(name, forward, total, BF16_BYTES * sum(p.numel() for p in module.parameters()), activation_bytes=activations,
+                saved_bytes=saved.bytes)
+
+
+class _SavedBytes:
+    """Pack hook summing the tensors autograd saves for the backward: each storage once (views of one storage
+    share it), the module's parameters left out, floating tensors at bf16 size, others at their own."""
+
+    def __init__(self, module: nn.Module):
+        self.weights = {p.untyped_storage()._cdata for p in module.parameters()}
+        self.seen: set[int] = set()
+        self.keep: list[torch.Tensor] = []  # alive until counted, so no storage id is reused
+        self.bytes = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in self.weights and key not in self.seen:
+            self.seen.add(key)
+            self.keep.append(t)
+            size = storage.nbytes()
+            self.bytes += size // t.element_size() * BF16_BYTES if t.is_floating_point() else size
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
 
 
 def _meta_input(*shape: int) -> torch.Tensor:
