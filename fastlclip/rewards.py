@@ -7,13 +7,18 @@ Text features are computed once per prompt and kept in a least-recently-used cac
 prompts (default 4096), so an RL run over millions of prompts holds a bounded number. ``noise_level``: the
 noise level ``s`` of intermediate latents for a noise-aware Latent-CLIP (``LatentCLIP.encode_latents``); None
 scores clean ones. Rewards that read latents (not decoded pixels) carry ``reads_latents = True``.
+
+The decode-then-reward baselines transcribe ReNO's reward classes (ExplainableML/ReNO at
+bd6f6acfe369ee9c90e2c97c536113bdc1b6dcdb, ``rewards/*.py``): ``PixelCLIPReward(..., reward="clip" | "pickscore" |
+"hps")`` and ``PixelAestheticReward``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +26,7 @@ from torch import nn
 
 from . import inputs
 from .grids import MODEL_DEFAULT
-from .loss import clip_loss, logit_scale_exp, normalized
+from .loss import at_least_fp32, clip_loss, logit_scale_exp, normalized
 from .model import LatentCLIP
 from .runtime import reward_loss
 from .vaes import latent_space
@@ -166,7 +171,87 @@ def _is_transformers_clip(model: nn.Module) -> bool:
     return callable(getattr(model, "get_image_features", None)) and callable(getattr(model, "get_text_features", None))
 
 
-class PixelCLIPReward(_CLIPReward):
+def _check_pixel_models(vae: nn.Module, clip_model: nn.Module) -> bool:
+    """Check the decoder and the CLIP of a decode-then-reward baseline; True for a transformers ``CLIPModel``."""
+    config = getattr(vae, "config", None)
+    if not callable(getattr(vae, "decode", None)) or not isinstance(getattr(config, "scaling_factor", None), (int, float)):
+        raise TypeError(f"vae must be a diffusers decoder (AutoencoderKL, AutoencoderTiny, ...) with .decode and "
+                        f".config.scaling_factor, got {type(vae).__name__}")
+    transformers = _is_transformers_clip(clip_model)
+    if not transformers and not hasattr(clip_model, "visual"):
+        raise TypeError(f"clip_model must be an open_clip CLIP or a transformers CLIPModel, got {type(clip_model).__name__}")
+    return transformers
+
+
+class _DecodeThenEncode:
+    """What the decode-then-reward baselines share: decode the latents, ReNO's ``clip_img_transform``, the CLIP
+    image tower. Set up by ``_setup_pixels`` once ``self.model`` (the frozen CLIP) exists."""
+
+    def _setup_pixels(self, vae: nn.Module, clip_model: nn.Module, processor, mean, std) -> None:
+        self.check_finite = True  # NaN/Inf latents are an error; False skips the check (it synchronises with the device)
+        self.vae = vae.requires_grad_(False).eval()
+        self.latent_space = latent_space(vae)
+        images = getattr(processor, "image_processor", processor)
+        if self.transformers:
+            crop = _side(getattr(images, "crop_size", None)) or clip_model.config.vision_config.image_size
+            pre = {"mean": getattr(images, "image_mean", None), "std": getattr(images, "image_std", None),
+                   "resize": _side(getattr(images, "size", None)) or crop}
+        else:
+            size = getattr(clip_model.visual, "image_size", 224)
+            crop = size[0] if isinstance(size, (tuple, list)) else int(size)
+            pre = {**(getattr(clip_model.visual, "preprocess_cfg", {}) or {}), "resize": crop}
+        self.image_size, self.resize_size = int(crop), int(pre["resize"])
+        if self.resize_size < self.image_size:
+            raise ValueError(f"the resize size {self.resize_size} is below the crop size {self.image_size}")
+        self._mean_std = (tuple(mean or pre.get("mean") or _OPENAI_MEAN), tuple(std or pre.get("std") or _OPENAI_STD))
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in self._mean_std)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Diffusion latents -> RGB in [0, 1]."""
+        z = self.latent_space.to_vae(latents.to(self.vae.dtype))
+        return (self.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] RGB -> the CLIP input: torchvision's ``Resize(resize_size, BICUBIC, antialias=True)`` (short
+        side to ``resize_size``, the long side ``int(resize_size * long / short)``, floored), its
+        ``CenterCrop(image_size)`` (offsets ``round((side - image_size) / 2)``), then the mean/std normalisation.
+        Computed in float32, or float64 for float64 pixels."""
+        h, w = pixels.shape[-2:]
+        r, c = self.resize_size, self.image_size
+        size = (r, int(r * w / h)) if h <= w else (int(r * h / w), r)
+        x = F.interpolate(at_least_fp32(pixels), size=size, mode="bicubic", align_corners=False, antialias=True)
+        top, left = int(round((size[0] - c) / 2.0)), int(round((size[1] - c) / 2.0))
+        x = x[..., top:top + c, left:left + c]
+        if x.dtype == torch.float64:  # the constants in float64 too, as torchvision's Normalize makes them
+            mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) for v in self._mean_std)
+            return (x - mean) / std
+        if self.mean.device != x.device:  # move once: a host-to-device copy per call would sync every step
+            with torch.inference_mode(False):  # kept for later calls, which may need them in autograd
+                self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - self.mean) / self.std
+
+    def check_latents(self, latents: torch.Tensor) -> None:
+        """As ``LatentCLIPReward``'s: (B, C, H, W) floating-point VAE-space latents, B > 0, finite unless
+        ``check_finite`` is off (the check synchronises with the device)."""
+        inputs.check_latent_batch(
+            latents, channels=self.vae.config.latent_channels, expects="the VAE expects",
+            rgb_hint="Score images with the CLIP model directly, or pass the latents.", check_finite=self.check_finite,
+            vae=self.latent_space.name,
+            finite_hint="check the sampler that produced them (reward.check_finite = False skips this check, which "
+                        "synchronises with the device)")
+
+    def _encode_latents(self, latents, noise_level=None):
+        self.check_latents(latents)
+        inputs.check_noise_level(noise_level, latents.shape[0], noise_aware=False, model="decode-then-CLIP")
+        x = self.preprocess(self.decode(latents)).to(_model_dtype(self.model))
+        return _features(self.model.get_image_features(pixel_values=x)) if self.transformers else self.model.encode_image(x)
+
+
+# ReNO's text-image rewards: the loss is ``offset - s * mean(cos)``, s = the model's ``logit_scale.exp()`` (None: 1).
+RENO_REWARDS = {"clip": (100.0, True), "pickscore": (30.0, True), "hps": (1.0, False)}
+
+
+class PixelCLIPReward(_DecodeThenEncode, _CLIPReward):
     """The decode-then-CLIP baseline, as ReNO computes it.
 
     diffusion latents -> ``vae.decode(latents / scaling_factor + shift_factor)`` (the constants of the
@@ -186,43 +271,47 @@ class PixelCLIPReward(_CLIPReward):
     ``CLIPModel`` as ReNO's ``CLIPLoss`` uses, with its ``processor`` (``CLIPProcessor``: the tokenizer,
     ``image_mean``, ``image_std``, ``size`` and ``crop_size``) or a ``tokenizer``; the text is tokenised
     as ReNO does (``padding=True, max_length=77, truncation=True``). ``mean`` / ``std`` override either.
+
+    ``reward`` picks ReNO's loss (ExplainableML/ReNO at bd6f6acfe369ee9c90e2c97c536113bdc1b6dcdb), with
+    ``cos`` the cosine of each decoded image to its prompt and ``s = clip_model.logit_scale.exp()``, the model's own:
+
+    - ``"clip"`` (the default): ``100 - s * mean(cos)``, rewards/clip.py ``CLIPLoss.compute_loss`` (ReNO's model:
+      transformers laion/CLIP-ViT-H-14-laion2B-s32B-b79K). ``name`` is ``"pixel_clip"``.
+    - ``"pickscore"``: ``30 - s * mean(cos)``, rewards/pickscore.py ``PickScoreLoss.compute_loss`` (ReNO's model:
+      transformers yuvalkirstain/PickScore_v1, with the processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
+      ``name`` is ``"pixel_pickscore"``.
+    - ``"hps"``: ``1 - mean(cos)``, rewards/hps.py ``HPSLoss.compute_loss`` (ReNO's model: open_clip ViT-H-14 with
+      hpsv2's ``HPS_v2.1_compressed.pt``; open_clip's tokenizer). ReNO's HPS takes ``1 - diag(logits)[0]``, the
+      first sample's cosine only; at ReNO's batch of 1 that is the batch mean, which is how it is defined here
+      for any batch (each sample gets a gradient). ``name`` is ``"pixel_hps"``.
+
+    ReNO averages ``image_features @ text_features.T`` over one prompt; with one prompt per latent here each
+    image is paired with its own prompt (the mean of the diagonal). All of ReNO's rewards see the image through
+    ``clip_img_transform(224)`` (rewards/utils.py, training/trainer.py): give the CLIP the matching size and mean/std.
     """
 
     name = "pixel_clip"
 
     def __init__(self, vae: nn.Module, clip_model: nn.Module, *, tokenizer=None, processor=None, weighting: float = 1.0,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 text_cache_size: int = TEXT_CACHE_SIZE):
-        config = getattr(vae, "config", None)
-        if not callable(getattr(vae, "decode", None)) or not isinstance(getattr(config, "scaling_factor", None), (int, float)):
-            raise TypeError(f"vae must be a diffusers decoder (AutoencoderKL, AutoencoderTiny, ...) with .decode and "
-                            f".config.scaling_factor, got {type(vae).__name__}")
-        self.transformers = _is_transformers_clip(clip_model)
-        if not self.transformers and not hasattr(clip_model, "visual"):
-            raise TypeError(f"clip_model must be an open_clip CLIP or a transformers CLIPModel, got {type(clip_model).__name__}")
+                 text_cache_size: int = TEXT_CACHE_SIZE, reward: str = "clip"):
+        if not isinstance(reward, str) or reward not in RENO_REWARDS:
+            raise ValueError(f"reward must be one of {', '.join(map(repr, RENO_REWARDS))} (ReNO's CLIPLoss, PickScoreLoss, "
+                             f"HPSLoss), got {reward!r}; for ReNO's aesthetic reward use fastlclip.PixelAestheticReward")
+        self.transformers = _check_pixel_models(vae, clip_model)
         super().__init__(clip_model, weighting, text_cache_size)
-        self.check_finite = True  # NaN/Inf latents are an error; False skips the check (it synchronises with the device)
-        self.vae = vae.requires_grad_(False).eval()
-        self.latent_space = latent_space(vae)
-        images = getattr(processor, "image_processor", processor)
+        self.reward = reward
+        self.offset, self.scaled = RENO_REWARDS[reward]
+        if reward != "clip":
+            self.name = f"pixel_{reward}"
         if self.transformers:
             self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
             if self.tokenizer is None:
                 raise ValueError("a transformers CLIPModel needs its tokenizer: pass processor=CLIPProcessor.from_pretrained"
                                  "(...) (ReNO's) or tokenizer=")
-            crop = _side(getattr(images, "crop_size", None)) or clip_model.config.vision_config.image_size
-            pre = {"mean": getattr(images, "image_mean", None), "std": getattr(images, "image_std", None),
-                   "resize": _side(getattr(images, "size", None)) or crop}
         else:
             self.tokenizer = tokenizer
-            size = getattr(clip_model.visual, "image_size", 224)
-            crop = size[0] if isinstance(size, (tuple, list)) else int(size)
-            pre = {**(getattr(clip_model.visual, "preprocess_cfg", {}) or {}), "resize": crop}
-        self.image_size, self.resize_size = int(crop), int(pre["resize"])
-        if self.resize_size < self.image_size:
-            raise ValueError(f"the resize size {self.resize_size} is below the crop size {self.image_size}")
-        self.mean = torch.tensor(mean or pre.get("mean") or _OPENAI_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std or pre.get("std") or _OPENAI_STD, dtype=torch.float32).view(1, 3, 1, 1)
+        self._setup_pixels(vae, clip_model, processor, mean, std)
 
     def _encode_texts(self, texts):
         device = self.model.logit_scale.device
@@ -233,41 +322,159 @@ class PixelCLIPReward(_CLIPReward):
         tokens = self.tokenizer(texts) if self.tokenizer is not None else inputs.tokenize(texts, ctx)
         return self.model.encode_text(tokens.to(device))
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Diffusion latents -> RGB in [0, 1]."""
-        z = self.latent_space.to_vae(latents.to(self.vae.dtype))
-        return (self.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+    def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str], noise_level=None) -> torch.Tensor:
+        """ReNO's loss for ``self.reward`` (see the class docstring), a scalar, lower is better."""
+        cos = self.score(latents, prompt, noise_level=noise_level)
+        if self.reward == "clip":
+            return clip_loss(cos, self.model.logit_scale)
+        if self.scaled:
+            return self.offset - logit_scale_exp(self.model.logit_scale) * cos.mean()
+        return self.offset - cos.mean()
 
-    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[0, 1] RGB -> the CLIP input: torchvision's ``Resize(resize_size, BICUBIC, antialias=True)`` (short
-        side to ``resize_size``, the long side ``int(resize_size * long / short)``, floored), its
-        ``CenterCrop(image_size)`` (offsets ``round((side - image_size) / 2)``), then the mean/std normalisation."""
-        h, w = pixels.shape[-2:]
-        r, c = self.resize_size, self.image_size
-        size = (r, int(r * w / h)) if h <= w else (int(r * h / w), r)
-        x = F.interpolate(pixels.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
-        top, left = int(round((size[0] - c) / 2.0)), int(round((size[1] - c) / 2.0))
-        x = x[..., top:top + c, left:left + c]
-        if self.mean.device != x.device:  # move once: a host-to-device copy per call would sync every step
-            with torch.inference_mode(False):  # kept for later calls, which may need them in autograd
-                self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
-        return (x - self.mean) / self.std
 
-    def check_latents(self, latents: torch.Tensor) -> None:
-        """As ``LatentCLIPReward``'s: (B, C, H, W) floating-point VAE-space latents, B > 0, finite unless
-        ``check_finite`` is off (the check synchronises with the device)."""
-        inputs.check_latent_batch(
-            latents, channels=self.vae.config.latent_channels, expects="the VAE expects",
-            rgb_hint="Score images with the CLIP model directly, or pass the latents.", check_finite=self.check_finite,
-            vae=self.latent_space.name,
-            finite_hint="check the sampler that produced them (reward.check_finite = False skips this check, which "
-                        "synchronises with the device)")
+# LAION's improved-aesthetic-predictor MLP (christophschuhmann/improved-aesthetic-predictor simple_inference.py,
+# and ReNO's copy, rewards/aesthetic.py ``MLP``): its state-dict keys and shapes past the input size.
+_AESTHETIC_LAYERS = {"layers.0": (1024, None), "layers.2": (128, 1024), "layers.4": (64, 128), "layers.6": (16, 64),
+                     "layers.7": (1, 16)}
 
-    def _encode_latents(self, latents, noise_level=None):
-        self.check_latents(latents)
-        inputs.check_noise_level(noise_level, latents.shape[0], noise_aware=False, model="decode-then-CLIP")
-        x = self.preprocess(self.decode(latents)).to(self.model.logit_scale.dtype)
-        return _features(self.model.get_image_features(pixel_values=x)) if self.transformers else self.model.encode_image(x)
+
+class AestheticMLP(nn.Module):
+    """LAION's improved-aesthetic-predictor MLP, ``input_size``-1024-128-64-16-1 with its dropouts (0.2, 0.2, 0.1)
+    and no activations, the layout of ReNO's ``rewards/aesthetic.py`` ``MLP`` (ExplainableML/ReNO at
+    bd6f6acfe369ee9c90e2c97c536113bdc1b6dcdb, lines 79-101): the state dict ReNO loads (``ckpts/aesthetic-model.pth``,
+    LAION's ``sac+logos+ava1-l14-linearMSE.pth``, keys ``layers.{0,2,4,6,7}.{weight,bias}``) loads into it."""
+
+    def __init__(self, input_size: int = 768):
+        super().__init__()
+        self.input_size = input_size
+        self.layers = nn.Sequential(
+            nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "AestheticMLP":
+        """The MLP holding ``state`` (LAION's key names; its input size read from ``layers.0.weight``), in the
+        state's floating dtype (at least float32). A ValueError names every missing, unexpected or misshapen key."""
+        want = {f"{layer}.{kind}" for layer in _AESTHETIC_LAYERS for kind in ("weight", "bias")}
+        layout = ("LAION's improved-aesthetic-predictor MLP (keys layers.{0,2,4,6,7}.{weight,bias}, "
+                  "input-1024-128-64-16-1, as ReNO's ckpts/aesthetic-model.pth)")
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise TypeError(f"the aesthetic MLP's state dict must map names to tensors, got {type(state).__name__}")
+        missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+        if missing or unexpected:
+            raise ValueError(f"the aesthetic MLP state dict is not {layout}: missing {missing}, unexpected {unexpected}. "
+                             f"Pass that MLP's own state dict (strip any 'module.' or 'model.' prefix)")
+        w0 = state["layers.0.weight"]
+        if w0.ndim != 2:
+            raise ValueError(f"layers.0.weight must be 2-d (1024, input size), got shape {tuple(w0.shape)}")
+        for layer, (out, inp) in _AESTHETIC_LAYERS.items():
+            shapes = {"weight": (out, w0.shape[1] if inp is None else inp), "bias": (out,)}
+            for kind, shape in shapes.items():
+                got = tuple(state[f"{layer}.{kind}"].shape)
+                if got != shape:
+                    raise ValueError(f"{layer}.{kind} has shape {got}, {layout} has {shape}: pass that MLP's state dict")
+        if not w0.is_floating_point():
+            raise ValueError(f"the aesthetic MLP's weights must be floating point, got {w0.dtype}")
+        mlp = cls(int(w0.shape[1])).to(dtype=at_least_fp32(w0).dtype)
+        mlp.load_state_dict(state)
+        return mlp
+
+    @classmethod
+    def load(cls, source) -> "AestheticMLP":
+        """An ``AestheticMLP`` from ``source``: a module with LAION's state-dict keys (this class, ReNO's ``MLP``), a
+        state dict, or the path of a ``.safetensors`` file. Pickled files (``.pth``, ``.pt``, ``.ckpt``) are never
+        unpickled here: read the dict with ``torch.load(path, weights_only=True)`` and pass it."""
+        if isinstance(source, nn.Module):
+            return cls.from_state_dict({k: v.detach() for k, v in source.state_dict().items()})
+        if isinstance(source, (str, os.PathLike)):
+            path = os.fspath(source)
+            if not path.endswith(".safetensors"):
+                raise ValueError(f"{path!r}: fastlclip reads the aesthetic MLP from a .safetensors file or a state dict, and "
+                                 "never unpickles: pass torch.load(path, weights_only=True) (a plain state dict loads so), "
+                                 "or save it with safetensors.torch.save_file")
+            from safetensors.torch import load_file
+            return cls.from_state_dict(load_file(path))
+        return cls.from_state_dict(source)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    scale = getattr(model, "logit_scale", None)
+    return scale.dtype if isinstance(scale, torch.Tensor) else next(model.parameters()).dtype
+
+
+def _embed_dim(model: nn.Module, transformers: bool) -> int | None:
+    """The width of the CLIP's image embedding, where the model says it."""
+    if transformers:
+        return getattr(model.config, "projection_dim", None)
+    dim = getattr(model.visual, "output_dim", None)
+    return dim if isinstance(dim, int) else None
+
+
+class PixelAestheticReward(_DecodeThenEncode):
+    """ReNO's aesthetic reward on decoded latents: ``10 - mean(MLP(image embedding / ||image embedding||))``.
+
+    A transcription of rewards/aesthetic.py ``AestheticLoss`` (ExplainableML/ReNO at
+    bd6f6acfe369ee9c90e2c97c536113bdc1b6dcdb: ``get_image_features`` L2-normalises the CLIP image embedding,
+    lines 46-58, ``__call__`` returns ``10.0 - self.mlp(features).mean()``, lines 68-76). The decode and the image
+    transform are ``PixelCLIPReward``'s (ReNO's ``clip_img_transform``). ``clip_model``: the CLIP whose embeddings
+    the MLP was trained on; for LAION's MLP that ReNO loads, OpenAI's ViT-L/14 (ReNO: ``clip.load("ViT-L/14")``;
+    the same weights are ``open_clip.create_model("ViT-L-14", pretrained="openai")`` or transformers'
+    openai/clip-vit-large-patch14, with ``processor=``), 768-d. ``mlp``: an ``AestheticMLP`` or any module with
+    its state-dict keys, a state dict, or a ``.safetensors`` path (see ``AestheticMLP.load``); copied, frozen and
+    evaluated in at least float32 (ReNO runs it in float16 after a float16 cast of the features). The prompt is
+    ignored, as in ReNO. Lower is better; gradients reach the latents.
+    """
+
+    name = "pixel_aesthetic"
+    reads_latents = False
+
+    def __init__(self, vae: nn.Module, clip_model: nn.Module, mlp, *, processor=None, weighting: float = 1.0,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        self.transformers = _check_pixel_models(vae, clip_model)
+        self.weighting = inputs.check_number(weighting, "weighting", minimum=0)
+        self.mlp = AestheticMLP.load(mlp).requires_grad_(False).eval()
+        dim = _embed_dim(clip_model, self.transformers)
+        if dim is not None and dim != self.mlp.input_size:
+            raise ValueError(
+                f"the aesthetic MLP reads {self.mlp.input_size}-d image embeddings, the CLIP model gives {dim}-d: pass the "
+                f"CLIP the MLP was trained on (LAION's MLP, ReNO's: OpenAI ViT-L/14, 768-d, "
+                f"open_clip.create_model('ViT-L-14', pretrained='openai')), or an MLP trained on this CLIP's embeddings")
+        self.model = clip_model.requires_grad_(False).eval()
+        self.mlp = self.mlp.to(next(clip_model.parameters()).device)
+        self._setup_pixels(vae, clip_model, processor, mean, std)
+
+    def image_features(self, latents: torch.Tensor, noise_level=None) -> torch.Tensor:
+        """Normalised (B, D) CLIP image embeddings of the decoded latents, float32 or wider; differentiable."""
+        return normalized(self._encode_latents(latents, noise_level))
+
+    def score(self, latents: torch.Tensor, prompts=None, *, batch_size: int | None = None,
+              noise_level=None) -> torch.Tensor:
+        """The MLP's aesthetic rating per sample, (B,), float32 or wider (higher is better); differentiable w.r.t.
+        ``latents``. ``prompts`` is ignored; ``batch_size`` bounds the latents per pass (the result is the same)."""
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None (one pass), got {batch_size!r}")
+        if batch_size is None or not isinstance(latents, torch.Tensor) or latents.ndim != 4 or len(latents) <= batch_size:
+            out = self._rate(self.image_features(latents, noise_level))
+        else:
+            out = torch.cat([self._rate(self.image_features(latents[s:s + batch_size], noise_level))
+                             for s in range(0, len(latents), batch_size)])
+        return inputs.check_outputs(out, latents, "score") if self.check_finite else out
+
+    def _rate(self, feats: torch.Tensor) -> torch.Tensor:
+        """The MLP on (B, D) features, each linear layer in the wider of the features' and the MLP's dtype (dropout is
+        off in evaluation)."""
+        x = feats.to(torch.promote_types(feats.dtype, self.mlp.layers[0].weight.dtype))
+        for layer in self.mlp.layers:
+            if isinstance(layer, nn.Linear):
+                x = F.linear(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
+        return x[:, 0]
+
+    def __call__(self, latents: torch.Tensor, prompt=None, noise_level=None) -> torch.Tensor:
+        """``10 - mean(score)``: ReNO's ``AestheticLoss``, a scalar, lower is better."""
+        return 10.0 - self.score(latents, noise_level=noise_level).mean()
 
 
 def _side(size) -> int | None:
