@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_open_clip
+from fastlclip import inputs
 from fastlclip.distill import agreement as ag
 from fastlclip.distill import teachers as tt
 from fastlclip.distill.targets import Targets
@@ -252,8 +253,7 @@ def test_evaluate_ensemble_teacher_rewards_are_the_teachers(ensemble):
     # the teacher side, by hand from the teachers' towers: HPS 1 - cos(image, text) for one group
     rows = make_rows(n_per_prompt=3, prompts=PROMPTS[:2])
     rep = ag.evaluate_ensemble(lookup(rows, noise=0.5), rows, ensemble, {"hps": 1.0}, holdout=0, file=None)
-    txt = F.normalize(ensemble["hps"].model.encode_text(
-        __import__("fastlclip").inputs.tokenize(PROMPTS[:2], 77)).float(), dim=-1).detach()
+    txt = F.normalize(ensemble["hps"].model.encode_text(inputs.tokenize(PROMPTS[:2], 77)).float(), dim=-1).detach()
     t = 1 - (F.normalize(rows.columns["hps"].float(), dim=-1) * txt[torch.arange(6) // 3]).sum(-1)
     s = 1 - (F.normalize(lookup(rows, noise=0.5)(rows.latents)["hps"], dim=-1) * txt[torch.arange(6) // 3]).sum(-1)
     want = brute_force(s.tolist(), t.tolist(), (torch.arange(6) // 3).tolist())
