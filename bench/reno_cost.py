@@ -4,6 +4,7 @@ autoencoder TAESD-XL, then CLIP), in the ``reno`` pipeline (ReNO as its code run
     python -m bench.reno_cost [--gpu auto|a100|h100|h200|l4|rtx4090] [--weights DIR] [--iterations 50]
                               [--images N] [--rewards ...] [--pipelines reno fast] [--out DIR]
                               [--resolution 512|1024] [--preset NAME] [--unet-weights F] [--resize interpolate|pool]
+    python -m bench.reno_cost --full-size [--rewards ...] [--warmup 1] [--repeats 2] [--threads N] [--out DIR]
 
 The pipelines are described in ``bench/reno_pipelines.py``. Headline ratios, each with both rows' peak
 VRAM: Latent-CLIP vs decode-then-CLIP ViT-B/32 inside ``reno`` (the paper: 11.59 s -> 9.11 s per image,
@@ -20,11 +21,28 @@ per iteration from FLOP and byte counts, and the decoders' floors at 512 and 102
 (``fastlclip.reno.ONE_STEP_PRESETS``; SDXL-Lightning's 1-step by default), the Latent-CLIP reward under
 ``--resize``; the floors then count the UNet, the decode and the latent tower at 1024 px, and the decode's
 share of the decode-then-CLIP iteration floor is printed at 512 and 1024 px.
+
+``--full-size`` (CPU only) measures ReNO iterations at the real sizes on the CPU instead of the smoke test:
+the ``fast`` pipeline (``fastlclip.reno.optimize``, bfloat16) with the SDXL UNet and VAE built from the shipped
+configs (random weights; random prompt embeddings, encoded once outside the loop, so no text encoder is built)
+at 512 px, once per reward: Latent-ViT-B/8, SDXL VAE decode + CLIP ViT-B/32 and TAESD-XL decode + CLIP
+ViT-B/32 by default (``--rewards``). Each reward runs in a fresh Python process, one after another: the generator
+and reward built, then ``--warmup`` untimed iterations and ``--repeats`` timed ones (wall clock per phase: UNet
+forward and backward, decode, reward; median per iteration), and the peak resident memory over the loop (as
+``bench.reward --full-size``). Ratios are to the Latent-CLIP row of the same run. Seconds per image are NOT
+reported: a 50-iteration image was not run; multiply by the iteration count for an estimate. Writes
+``<out>/cpu/reno_cost.json`` with the CPU, its usable cores, torch's threads, the load average (at the start and
+after each row), the command and the date. With the defaults (1 warm-up + 2 timed iterations, plus ReNO's last,
+forward-only iteration) about 11 minutes on a 2-core machine (10 min 50 s on 2026-12-07, other jobs sharing the
+cores): more than the 5 minutes a CPU check should take, since the SDXL UNet's forward and backward (25 to 45 s
+there) is in every iteration of every row and the UNet is built once per row (about 30 s). ``--repeats 1`` or
+fewer ``--rewards`` shorten it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,7 +58,7 @@ from .profiles import PROFILES_DIR, Profile, Selection, load_profiles, results_f
 from .provenance import run_record
 from .reno_pipelines import (DEFAULT_PRESETS, PIPELINES, RESOLUTIONS, optimizer_text, preset_for, resize_for,
                              run_measured, run_smoke)
-from .report import NOT_MEASURED, fmt, plot_reno_cost, result_stem, table, write_json
+from .report import NOT_MEASURED, cpu_device, fmt, plot_reno_cost, result_stem, table, write_json
 from .timing import BREAKDOWN
 
 PAPER_SAVING = "the paper reports 21% (Latent-ViT-B/8 9.11 s vs decode + CLIP ViT-B/32 11.59 s per image; GPU not stated)"
@@ -64,28 +82,154 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="GPU profile for prices and floors; auto detects it from the device name")
     p.add_argument("--weights", type=diffusers_folder, help="local diffusers SDXL folder: SDXL-Turbo at 512, SDXL base with "
                    "--unet-weights at 1024 (default: random weights from the shipped configs)")
-    p.add_argument("--resolution", type=int, default=512, choices=RESOLUTIONS,
-                   help=f"image side in px; the one-step generator per resolution: {DEFAULT_PRESETS}")
+    p.add_argument("--resolution", type=int, choices=RESOLUTIONS,
+                   help=f"image side in px (default 512); the one-step generator per resolution: {DEFAULT_PRESETS}")
     p.add_argument("--preset", choices=sorted(reno.ONE_STEP_PRESETS), help="one-step sampling (default: per --resolution)")
     p.add_argument("--unet-weights", type=safetensors_file, help="a one-step UNet's .safetensors loaded into --weights' unet/")
-    p.add_argument("--resize", default="interpolate", choices=["interpolate", "pool"],
-                   help="Latent-CLIP's policy for latents larger than it was trained on (1024 px)")
+    p.add_argument("--resize", choices=["interpolate", "pool"],
+                   help="Latent-CLIP's policy for latents larger than it was trained on (1024 px; default interpolate)")
     p.add_argument("--iterations", type=positive_int, help="ReNO iterations per image (default 50; 2 in the CPU smoke test)")
     p.add_argument("--images", type=positive_int, help="timed images per configuration (default 3; 1 in the CPU smoke test)")
-    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed warm-up iterations per configuration (CUDA)")
-    p.add_argument("--rewards", nargs="+", choices=list(bench_rewards.REWARDS), default=list(bench_rewards.REWARDS))
-    p.add_argument("--pipelines", nargs="+", choices=list(PIPELINES), default=list(PIPELINES))
+    p.add_argument("--warmup", type=non_negative_int,
+                   help="untimed warm-up iterations per configuration (CUDA: default 3; --full-size: default 1)")
+    p.add_argument("--rewards", nargs="+", choices=list(bench_rewards.REWARDS),
+                   help=f"default: all; with --full-size {' '.join(FULL_SIZE_REWARDS)}")
+    p.add_argument("--pipelines", nargs="+", choices=list(PIPELINES), help="default: all; --full-size runs fast only")
     p.add_argument("--latent-backend", default="auto", choices=["auto", *runtime.BACKENDS],
                    help="fastlclip backend for the fast pipeline: auto (fastest that runs, measured) or a name")
     p.add_argument("--compile-unet", action="store_true", help="fast pipeline: run the UNet through torch.compile (CUDA)")
     p.add_argument("--prompt", type=text, default="A red dog and a green cat", help="prompt optimised for (ReNO's default)")
-    p.add_argument("--out", type=Path, default=PROFILES_DIR / "results", help="results root; files go to <out>/<gpu>/")
+    p.add_argument("--out", type=Path, default=PROFILES_DIR / "results",
+                   help="results root; files go to <out>/<gpu>/ (--full-size: <out>/cpu/)")
+    p.add_argument("--full-size", action="store_true",
+                   help="CPU only: time fast-pipeline ReNO iterations at the real sizes (random weights), one fresh "
+                        "process per reward, with peak memory; see the module docstring")
+    p.add_argument("--repeats", type=positive_int, help="--full-size: timed iterations per reward (default 2)")
+    p.add_argument("--threads", type=positive_int,
+                   help=f"--full-size: torch threads (default: torch's, {torch.get_num_threads()} here)")
     args = p.parse_args(argv)
     if why := writable_dir(args.out):
         p.error(f"--out: {why}")
+    if args.full_size:
+        _check_full_size(p, args)
+    else:
+        given = [f"--{k}" for k in ("repeats", "threads") if getattr(args, k) is not None]
+        if given:
+            p.error(f"{', '.join(given)} only with --full-size")
+        args.warmup = 3 if args.warmup is None else args.warmup
+        args.rewards = args.rewards or list(bench_rewards.REWARDS)
+        args.pipelines = args.pipelines or list(PIPELINES)
+        args.resolution = args.resolution or 512
     args.pipelines = [k for k in PIPELINES if k in args.pipelines]  # reno first: compiling is for fast only
     args.rewards = list(dict.fromkeys(args.rewards))
     return args
+
+
+FULL_SIZE_REWARDS = ["latent-b8", "pixel-b32", "taesd-b32"]
+STAND_INS = False  # tests: tiny configs (bench.tiny) in place of the real sizes, same code path
+FRESH_PROCESS = True  # tests: False runs each reward in this process
+
+
+def _check_full_size(p, args: argparse.Namespace) -> None:
+    """``--full-size``'s combinations: one line and exit 2 for any that cannot mean what it says."""
+    given = [flag for flag, bad in (
+        ("--weights", args.weights is not None), ("--unet-weights", args.unet_weights is not None),
+        ("--preset", args.preset is not None), ("--resize", args.resize is not None),
+        ("--iterations", args.iterations is not None), ("--images", args.images is not None),
+        ("--compile-unet", args.compile_unet), ("--gpu", args.gpu != "auto"),
+        ("--resolution 1024", args.resolution not in (None, 512)),
+        ("--pipelines reno", args.pipelines is not None and "reno" in args.pipelines),
+        ("--latent-backend", args.latent_backend not in ("auto", "eager"))) if bad]
+    if given:
+        p.error(f"--full-size times fast-pipeline iterations at 512 px with random weights on the CPU (eager, bfloat16; "
+                f"--warmup and --repeats set the iterations): {', '.join(given)} cannot apply; drop them")
+    if torch.cuda.is_available() and not STAND_INS:
+        p.error("--full-size is the CPU measurement; with CUDA run without it (the CUDA run measures the real sizes)")
+    args.pipelines, args.resolution = ["fast"], 512
+    args.rewards = args.rewards or list(FULL_SIZE_REWARDS)
+    args.warmup = 1 if args.warmup is None else args.warmup
+    args.repeats = args.repeats or 2
+    args.threads = args.threads or torch.get_num_threads()
+
+
+def full_size_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's iteration time, reward time and peak memory as multiples of the first measured Latent-CLIP row's."""
+    ref = next((r for r in rows if r.get("kind") == "latent" and isinstance(r.get("iteration_ms"), float)), None)
+    for r in rows:
+        ok = ref is not None and isinstance(r.get("iteration_ms"), float)
+        r["relative_to"] = ref["system"] if ok else None
+        r["iteration_time_vs_latent"] = r["iteration_ms"] / ref["iteration_ms"] if ok else None
+        r["reward_time_vs_latent"] = r["reward_ms"] / ref["reward_ms"] if ok and ref["reward_ms"] else None
+        r["peak_rss_vs_latent"] = r["peak_rss_gib"] / ref["peak_rss_gib"] if ok and ref.get("peak_rss_gib") else None
+
+
+def full_size_table(rows: list[dict[str, Any]]) -> str:
+    head = ["reward", "iteration ms (median)", "each ms", "x latent iteration", "reward part ms", "reward share",
+            "UNet fwd+bwd ms", "peak RSS GiB", "over loop GiB", "status"]
+    body = []
+    for r in rows:
+        b = r.get("breakdown_ms") or {}
+        unet = b.get("unet_fwd", 0.0) + b.get("unet_bwd", 0.0) if b else None
+        share = r.get("reward_share")
+        body.append([r.get("system", r.get("reward")), fmt(r.get("iteration_ms"), ".0f"),
+                     " ".join(f"{v:.0f}" for v in r.get("iteration_ms_each", [])) or "-",
+                     fmt(r.get("iteration_time_vs_latent"), ".2f"), fmt(r.get("reward_ms"), ".0f"),
+                     f"{100 * share:.0f}%" if isinstance(share, float) else "-", fmt(unet, ".0f"),
+                     fmt(r.get("peak_rss_gib"), ".2f"), fmt(r.get("peak_rss_over_loop_gib"), ".2f"),
+                     r.get("status", "ok")])
+    return table(head, body, markdown=True)
+
+
+def full_size_run(args, argv: list[str]) -> dict[str, Any]:
+    """``--full-size``: each reward in its own fresh process, one after another; the JSON rewritten after each
+    (``complete`` false until the end), so a run stopped early keeps its finished rows."""
+    from .reward import in_fresh_process
+
+    stand_ins = STAND_INS
+    device = cpu_device(args.threads)
+    out = args.out / "cpu" / "reno_cost.json"
+    print(f"--full-size on {device['name']}, torch threads {args.threads}: fast-pipeline ReNO iterations, "
+          + ("TINY STAND-INS (bench.tiny configs), not the real sizes" if stand_ins else
+             "SDXL UNet and VAE from the shipped configs, the rewards at their real sizes")
+          + f"; random weights, bfloat16, {tiny.IMAGE_SIZE if stand_ins else 512} px; {args.warmup} warm-up + "
+          f"{args.repeats} timed iterations per reward, "
+          + ("each reward in a fresh process." if FRESH_PROCESS else "all in this process."), flush=True)
+    rows: list[dict[str, Any]] = []
+
+    def save(complete: bool) -> Path:
+        full_size_ratios(rows)
+        return write_json(out, {
+            **run_record("bench.reno_cost", argv), "complete": complete,
+            "mode": "cpu-full-size (tiny stand-ins)" if stand_ins else "cpu-full-size", "device": device,
+            "weights": "random weights (UNet, VAE, Latent-CLIP and open_clip built from configs, no checkpoint): "
+                       "the timings are real, the images and scores are noise",
+            "settings": {"pipeline": "fast", "dtype": "bfloat16", "backend": "eager", "resolution": "512x512",
+                         "warmup_iterations": args.warmup, "timed_iterations": args.repeats,
+                         "torch_threads": args.threads, "prompt": args.prompt, "rewards": args.rewards,
+                         "optimizer": optimizer_text(), "fresh_process_per_reward": FRESH_PROCESS},
+            "seconds_per_image": f"{NOT_MEASURED}: per-iteration figures only (no 50-iteration image was run)",
+            "definitions": next(par for par in __doc__.split("\n\n") if par.startswith("``--full-size``")),
+            "results": rows})
+
+    for key in args.rewards:
+        spec = bench_rewards.REWARDS[key]
+        label = f"SDXL VAE {spec.label}" if spec.decoder == "vae" else spec.label
+        tqdm.write(f"{label}: building and running {args.warmup + args.repeats + 1} iterations"
+                   + (" in a fresh process ..." if FRESH_PROCESS else " ..."))
+        row = in_fresh_process("bench.reno_pipelines:iteration_child",
+                               {"key": key, "stand_ins": stand_ins, "warmup": args.warmup, "repeats": args.repeats,
+                                "threads": args.threads, "prompt": args.prompt}, fresh=FRESH_PROCESS)
+        row.setdefault("reward", key)
+        row.setdefault("system", label)
+        row.setdefault("kind", bench_rewards.REWARDS[key].kind)
+        rows.append(row)
+        tqdm.write(f"  {row['status']}" + (f": median {row['iteration_ms']:.0f} ms per iteration"
+                                           if row.get("iteration_ms") is not None else ""))
+        save(complete=False)
+    path = save(complete=True)
+    print(full_size_table(rows))
+    print(f"Wrote {path}. Random weights: the timings are real, the images and scores are noise.")
+    return json.loads(path.read_text())
 
 
 # -- derived figures ------------------------------------------------------------------------------------
@@ -390,6 +534,8 @@ def tiny_side(args) -> int:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.full_size:
+        return full_size_run(args, argv)
 
     profiles = load_profiles()
     cuda = torch.cuda.is_available()

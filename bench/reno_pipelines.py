@@ -46,6 +46,7 @@ import gc
 import inspect
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -393,6 +394,87 @@ def run_smoke(args, progress, on_row=None) -> tuple[list[dict[str, Any]], dict[s
                          f"{generator.preset.name} sampling, random weights, {text}; CPU, float32",
             "latent_backend": "eager (CPU)", "dtype": "float32"}
     return rows, info
+
+
+# -- --full-size on the CPU: fast-pipeline iterations at the real sizes -------------------------------
+class CpuPhaseTimer(PhaseLog):
+    """A ``fastlclip.reno.PhaseTimer`` on the CPU: ``time.perf_counter`` at each phase start (the CPU has done the
+    work when a call returns); ``durations_ms`` attributes the gaps as ``CudaPhaseTimer`` does."""
+
+    def __init__(self):
+        super().__init__()
+        self._marks: list[list[tuple[str | None, float]]] = [[]]
+
+    def phase(self, name: str) -> None:
+        super().phase(name)
+        self._marks[-1].append((name, time.perf_counter()))
+
+    def end_iteration(self) -> None:
+        self._marks[-1].append((None, time.perf_counter()))
+        super().end_iteration()
+        self._marks.append([])
+
+    def durations_ms(self) -> list[dict[str, float]]:
+        out = []
+        for marks in self._marks[:-1]:
+            d: dict[str, float] = {}
+            for (name, start), (_, end) in zip(marks, marks[1:]):
+                d[name] = d.get(name, 0.0) + (end - start) * 1e3
+            out.append(d)
+        return out
+
+
+REWARD_PHASES = ("vae_fwd", "reward_fwd", "reward_bwd", "vae_bwd")  # the reward's part of an iteration
+
+
+def iteration_child(key: str, stand_ins: bool, warmup: int, repeats: int, threads: int, prompt: str) -> dict[str, Any]:
+    """One ``bench.reno_cost --full-size`` row, in its own process: the ``fast`` pipeline's generator (SDXL UNet and
+    VAE from the shipped configs, random weights, bfloat16, random prompt embeddings; tiny configs with
+    ``stand_ins``) and the reward ``key``, then ``fastlclip.reno.optimize`` for ``warmup + repeats + 1`` iterations,
+    each timed by phase on the wall clock: the first ``warmup`` untimed, the next ``repeats`` timed (the last
+    iteration has no backward, as in ReNO, and is not counted). Peak memory over the loop as ``bench.reward``'s."""
+    from .reward import PeakRSS, load_average
+
+    torch.set_num_threads(threads)
+    spec = bench_rewards.REWARDS[key]
+    dtype = DTYPES["fast"]
+    t0 = time.perf_counter()
+    if stand_ins:
+        generator = reno.OneStepGenerator.from_config(tiny.UNET, tiny.VAE, height=tiny.IMAGE_SIZE,
+                                                      width=tiny.IMAGE_SIZE, device="cpu", dtype=dtype)
+    else:
+        generator = reno.OneStepGenerator.from_config(device="cpu", dtype=dtype)
+    generator.unet.requires_grad_(False)
+    reward = bench_rewards.build(spec, vae=generator.vae, device="cpu", dtype=dtype, smoke=stand_ins)
+    build_s = time.perf_counter() - t0
+    timer = CpuPhaseTimer()
+    handles = instrument_vae(reward.vae, timer) if getattr(reward, "vae", None) is not None else []
+    gc.collect()
+    try:
+        with PeakRSS() as mem:
+            reno.optimize(generator, reward, prompt, iterations=warmup + repeats + 1, seed=0, progress=False,
+                          timer=timer)
+    finally:
+        for h in handles:
+            h.remove()
+    full = [it for it in timer.durations_ms() if "unet_bwd" in it]
+    timed, warm = full[warmup:], full[:warmup]
+    totals = [sum(it.values()) for it in timed]
+    breakdown = median_breakdown(timed)
+    reward_ms = [sum(it.get(p, 0.0) for p in REWARD_PHASES) for it in timed]
+    return {"reward": key, "system": spec.label if spec.decoder != "vae" else f"SDXL VAE {spec.label}",
+            "kind": spec.kind, "decoder": spec.decoder, "status": "ok", "pipeline": "fast", "dtype": "bfloat16",
+            "iteration_ms": statistics.median(totals), "iteration_ms_each": totals,
+            "warmup_iteration_ms_each": [sum(it.values()) for it in warm], "breakdown_ms": breakdown,
+            "reward_ms": statistics.median(reward_ms), "reward_share": statistics.median(
+                r / t for r, t in zip(reward_ms, totals)),
+            "build_s": build_s, "latents": list(generator.latent_shape), "image_px": generator.height,
+            "generator": f"{'tiny (bench.tiny) ' if stand_ins else 'SDXL '}UNet and VAE, random weights, "
+                         f"{generator.preset.name} sampling, random prompt embeddings (encoded once, outside the loop)",
+            "rss_before_loop_gib": mem.before_gib, "peak_rss_gib": mem.peak_gib,
+            "peak_rss_over_loop_gib": mem.peak_gib - mem.before_gib if mem.before_gib else None,
+            "memory_method": mem.method, "torch_threads": torch.get_num_threads(),
+            "load_average_1_5_15_min_at_end": load_average()}
 
 
 def optimizer_text() -> str:

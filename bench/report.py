@@ -34,6 +34,36 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, markdown: bo
     return "\n".join([line(headers), rule, *map(line, cells)])
 
 
+def cpu_device(threads: int | None = None) -> dict[str, Any]:
+    """The CPU a measurement ran on: its model (``/proc/cpuinfo``'s ``model name``, else ``platform.processor()``),
+    the logical CPUs this process may use, torch's thread count (``threads``, or torch's current one), the load
+    average when called, and a ``name`` for tables, e.g. ``CPU (AMD EPYC, 2 cores)``."""
+    import platform
+
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    try:
+        load = list(os.getloadavg())  # other processes on the machine share its cores: said, not hidden
+    except OSError:
+        load = None
+    return {"name": f"CPU ({model}, {usable} cores)", "cpu_model": model, "cores_usable": usable,
+            "os_cpu_count": os.cpu_count(), "torch_threads": threads, "platform": platform.platform(),
+            "load_average_1_5_15_min_at_start": load}
+
+
 def save_results(report: dict, path: Path | None, device: str, name: str, measured: bool) -> Path | None:
     """A bench's ``report``: at ``path`` (``--json``), or when ``measured`` (on CUDA) under
     ``profiles/results/<device>/<name>``; a CPU smoke run without ``--json`` keeps no file. Says where."""

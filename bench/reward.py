@@ -3,6 +3,8 @@
     python -m bench.reward [--models ...] [--backends eager triton graph compile] [--baselines ...]
                            [--compile-modes ...] [--reward-batches 1 4 16] [--forward-batches 64 256]
                            [--gpu auto|h100|...] [--out FILE] [--quick]
+    python -m bench.reward --full-size [--models ...] [--baselines ...] [--warmup 1] [--repeats 3]
+                           [--threads N] [--out FILE]
 
 Tasks: a reward step (``loss = reward(latents, prompt)``, then the gradient to the latents) at batch 1,
 4, 16, and a forward pass (image features, no grad) at batch 64 and 256, in bf16 on SDXL 64x64 latents.
@@ -29,12 +31,26 @@ stdout last, JSON to ``profiles/results/<gpu>/reward.json``. Without CUDA: a CPU
 A full run compiles about a dozen graphs per model, each slow to compile (max-autotune the slowest). To
 fit a time limit, split it with ``--models``, ``--backends``, ``--baselines``, ``--compile-modes`` and ``--out``:
 each run times its own reference eager rows, so its ratios stand on their own.
+
+``--full-size`` (CPU only): the real sizes with random weights, timed side by side in one run on the CPU in
+float32: the batch-1 reward step (forward, then the gradient to one 1x4x64x64 latent, 512 px) of
+Latent-ViT-B/8 (fastlclip eager), of SDXL VAE decode + CLIP ViT-B/32 and of TAESD-XL decode + CLIP ViT-B/32
+(``--models`` and ``--baselines`` choose others). Each system runs in a fresh Python process (one after
+another, never two at once), which builds it, runs ``--warmup`` untimed steps and ``--repeats`` timed ones
+(wall clock each; the median is reported) and reads its peak resident memory (Linux ``VmHWM``, reset just
+before the steps, so the peak is the steps' own; else ``ru_maxrss``, the process's whole life). Ratios are to
+the first Latent-CLIP row of the same run. The CPU (``/proc/cpuinfo``), its usable cores and torch's thread
+count (and the load average, at the start and after each row) are recorded with the command and the date in
+``profiles/results/cpu/reward.json``. About 4 minutes on a 2-core machine with the defaults (1 warm-up + 3 timed
+steps; 3 min 50 s on 2026-12-07, two thirds of it the SDXL VAE row).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
+import json
 import logging
 import re
 import statistics
@@ -53,7 +69,7 @@ from fastlclip import runtime
 from . import flops, rewards as bench_rewards, tiny
 from .cli import Parser, non_negative_int, positive_int, writable_file
 from .provenance import run_record
-from .report import fmt, table as table_text, write_json
+from .report import cpu_device, fmt, table as table_text, write_json
 from .profiles import PROFILES_DIR, Profile, load_profiles, results_folder, select
 
 MODELS = {"Latent-ViT-B-8-512": "Latent-ViT-B/8", "Latent-ViT-B-4-512-plus": "Latent-ViT-B/4-plus"}
@@ -376,26 +392,79 @@ def compile_mode_winner(rows: list[Row]) -> dict:
     return out
 
 
+FULL_SIZE_MODELS = ["Latent-ViT-B-8-512"]
+FULL_SIZE_BASELINES = ["ViT-B-32", "taesd-ViT-B-32"]
+LATENT_KEYS = {"Latent-ViT-B-8-512": "latent-b8", "Latent-ViT-B-4-512-plus": "latent-b4plus"}  # -> bench.rewards
+# Arguments of the CUDA run that mean nothing on the CPU's --full-size run, and the reverse.
+CUDA_ONLY = ("backends", "compile_modes", "reward_batches", "forward_batches", "gpu", "quick", "fidelity_steps")
+FULL_SIZE_ONLY = ("warmup", "repeats", "threads")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="python -m bench.reward", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=fastlclip.list_models())
-    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
-                   help="besides the reference eager model, which is always timed (ratios need it)")
-    p.add_argument("--compile-modes", nargs="*", default=list(runtime.COMPILE_MODES), choices=runtime.COMPILE_MODES,
-                   help="fastlclip compile modes compared at the batch-1 reward step")
-    p.add_argument("--reward-batches", nargs="+", type=positive_int, default=[1, 4, 16])
-    p.add_argument("--forward-batches", nargs="+", type=positive_int, default=[64, 256])
-    p.add_argument("--gpu", default="auto", choices=["auto", *sorted(load_profiles())],
-                   help="GPU profile for the floors; auto detects it from the device name")
-    p.add_argument("--out", type=Path, help="JSON file (default profiles/results/<gpu>/reward.json)")
-    p.add_argument("--quick", action="store_true", help="fewer, shorter trials")
-    p.add_argument("--fidelity-steps", type=non_negative_int, default=300,
-                   help="distillation steps of the tiny-model TAESD gradient-fidelity check (CPU; 0 skips it)")
+    p.add_argument("--models", nargs="+", choices=fastlclip.list_models(),
+                   help=f"default: {' '.join(MODELS)}; with --full-size {' '.join(FULL_SIZE_MODELS)}")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, help=f"default: {' '.join(BACKENDS)}")
+    p.add_argument("--baselines", nargs="*", choices=BASELINES,
+                   help="besides the reference eager model, which is always timed (ratios need it); default: all; "
+                        f"with --full-size the decode-then-CLIP ones only, default {' '.join(FULL_SIZE_BASELINES)}")
+    p.add_argument("--compile-modes", nargs="*", choices=runtime.COMPILE_MODES,
+                   help="fastlclip compile modes compared at the batch-1 reward step; default: all")
+    p.add_argument("--reward-batches", nargs="+", type=positive_int, help="default: 1 4 16")
+    p.add_argument("--forward-batches", nargs="+", type=positive_int, help="default: 64 256")
+    p.add_argument("--gpu", choices=["auto", *sorted(load_profiles())],
+                   help="GPU profile for the floors; auto (default) detects it from the device name")
+    p.add_argument("--out", type=Path, help="JSON file (default profiles/results/<gpu>/reward.json; with --full-size "
+                   "profiles/results/cpu/reward.json)")
+    p.add_argument("--quick", action="store_true", default=None, help="fewer, shorter trials")
+    p.add_argument("--fidelity-steps", type=non_negative_int,
+                   help="distillation steps of the tiny-model TAESD gradient-fidelity check (CPU; 0 skips it; default 300)")
+    p.add_argument("--full-size", action="store_true",
+                   help="CPU only: time the real model sizes (random weights) side by side, float32, batch 1, one "
+                        "fresh process per system, with peak memory; see the module docstring")
+    p.add_argument("--warmup", type=non_negative_int, help="--full-size: untimed steps per system (default 1)")
+    p.add_argument("--repeats", type=positive_int, help="--full-size: timed steps per system (default 3)")
+    p.add_argument("--threads", type=positive_int, help="--full-size: torch threads (default: torch's, "
+                   f"{torch.get_num_threads()} here)")
     args = p.parse_args(argv)
+    if args.full_size:
+        _check_full_size(p, args)
+    else:
+        given = [f"--{k.replace('_', '-')}" for k in FULL_SIZE_ONLY if getattr(args, k) is not None]
+        if given:
+            p.error(f"{', '.join(given)} only with --full-size (the CUDA run times with CUDA events)")
+        defaults = {"models": list(MODELS), "backends": list(BACKENDS), "baselines": list(BASELINES),
+                    "compile_modes": list(runtime.COMPILE_MODES), "reward_batches": [1, 4, 16],
+                    "forward_batches": [64, 256], "gpu": "auto", "quick": False, "fidelity_steps": 300}
+        for k, v in defaults.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
     if args.out is not None and (why := writable_file(args.out)):
         p.error(f"--out: {why}")
     return args
+
+
+def _check_full_size(p: Parser, args: argparse.Namespace) -> None:
+    """``--full-size``'s combinations: one line and exit 2 for any that cannot mean what it says."""
+    given = [f"--{k.replace('_', '-')}" for k in CUDA_ONLY if getattr(args, k) is not None]
+    if given:
+        p.error(f"--full-size times eager float32 batch-1 reward steps on the CPU: {', '.join(given)} belong to the "
+                "CUDA run; drop them")
+    if torch.cuda.is_available() and not STAND_INS:
+        p.error("--full-size is the CPU measurement; with CUDA run without it (the CUDA run times the real sizes)")
+    args.models = list(dict.fromkeys(args.models or FULL_SIZE_MODELS))
+    unknown = [m for m in args.models if m not in LATENT_KEYS]
+    if unknown:
+        p.error(f"--full-size --models: {', '.join(unknown)} not timed here; choose from {', '.join(LATENT_KEYS)}")
+    baselines = FULL_SIZE_BASELINES if args.baselines is None else args.baselines
+    if "reference-compile" in baselines:
+        p.error("--full-size --baselines: reference-compile is a CUDA baseline; choose from "
+                f"{', '.join(PIXEL_CLIPS)}")
+    args.baselines = list(dict.fromkeys(baselines))
+    args.warmup = 1 if args.warmup is None else args.warmup
+    args.repeats = 3 if args.repeats is None else args.repeats
+    args.threads = args.threads or torch.get_num_threads()
+    args.out = args.out or PROFILES_DIR / "results" / "cpu" / "reward.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     def progress(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    if args.full_size:
+        full_size_run(args, argv, progress)
+        return 0
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     device_name = torch.cuda.get_device_name() if cuda else None
@@ -497,6 +569,231 @@ def _run(args, argv, device, device_name, selection, progress) -> int:
               f"eager model (gradient cosine >= {cos:.5f}, loss within {diff:.4f}).")
     print(table(rows, checks))
     return 0
+
+
+# -- --full-size: the real sizes on the CPU -----------------------------------------------------------
+STAND_INS = False  # tests: tiny configs (bench.tiny) in place of the real sizes, same code path
+FRESH_PROCESS = True  # tests: False runs each system in this process (no fresh interpreter, memory not its own)
+GIB = 2**30
+
+
+def _status_kib(field_name: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``); None where there is none (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakRSS:
+    """Peak resident memory of this process over a block (torch's CPU allocations are not Python objects,
+    so tracemalloc does not see them). On Linux the kernel's high-water mark ``VmHWM`` is reset at the start
+    (``/proc/self/clear_refs``), so ``peak_gib`` is the block's own peak; elsewhere it is ``ru_maxrss``, the
+    process's peak over its whole life (``method`` says which). ``before_gib``: resident memory at the start."""
+
+    def __enter__(self):
+        self.before_gib = (_status_kib("VmRSS") or 0) / 2**20 or None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "VmHWM reset before the steps (Linux): the steps' own peak"
+        except OSError:
+            self.method = "ru_maxrss: the process's peak since it started, the build included"
+        return self
+
+    def __exit__(self, *exc):
+        hwm = _status_kib("VmHWM") if self.method.startswith("VmHWM") else None
+        if hwm is None:
+            import resource
+
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+            if sys.platform == "darwin":
+                hwm //= 1024  # bytes there
+        self.peak_gib = hwm / 2**20
+        return False
+
+
+def cpu_step_times(fn: Callable[[], object], warmup: int, repeats: int) -> dict:
+    """``warmup`` untimed calls, then ``repeats`` timed ones (wall clock each): their median, each, the warm-up's."""
+    warm = []
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        warm.append((time.perf_counter() - t0) * 1e3)
+    each = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        each.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(each), "ms_each": each, "warmup_ms_each": warm}
+
+
+def _child_main(conn, target: str, kwargs: dict) -> None:
+    """Entry of a fresh process: ``target`` ("module:function") called with ``kwargs``; its dict (or the error) sent back."""
+    try:
+        module, name = target.split(":")
+        result = getattr(importlib.import_module(module), name)(**kwargs)
+    except BaseException as e:  # noqa: BLE001 - reported as the row's result; the parent goes on
+        result = {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    conn.send(result)
+    conn.close()
+
+
+def in_fresh_process(target: str, kwargs: dict, fresh: bool = True) -> dict:
+    """``target(**kwargs)`` in a fresh Python process (multiprocessing spawn: nothing of this process's memory
+    or threads carried over), waited for; with ``fresh=False`` in this process (tests)."""
+    if not fresh:
+        module, name = target.split(":")
+        threads = torch.get_num_threads()
+        try:
+            return getattr(importlib.import_module(module), name)(**kwargs)
+        finally:
+            torch.set_num_threads(threads)  # the target may set its own
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(send, target, kwargs))
+    proc.start()
+    send.close()
+    try:
+        result = recv.recv()
+    except EOFError:  # killed (the kernel's OOM killer, a signal) before it could answer
+        result = None
+    proc.join()
+    if result is None:
+        result = {"status": f"error: the process ended without a result (exit code {proc.exitcode}; "
+                            f"{'killed by signal ' + str(-proc.exitcode) if (proc.exitcode or 0) < 0 else 'no answer'})"}
+    return result
+
+
+def _pixel_decoder(key: str, stand_ins: bool):
+    """The SDXL VAE for a decode-then-CLIP row (from fastlclip's shipped config; tiny with ``stand_ins``), or
+    None for TAESD-XL rows (``bench.rewards.build`` makes the AutoencoderTiny from taesdxl's config)."""
+    from diffusers import AutoencoderKL
+
+    from fastlclip.model_configs import sdxl_vae_config
+
+    if bench_rewards.REWARDS[key].decoder != "vae":
+        return None
+    vae = AutoencoderKL(**tiny.VAE) if stand_ins else AutoencoderKL.from_config(sdxl_vae_config())
+    return vae.eval().requires_grad_(False)
+
+
+def full_size_label(key: str) -> str:
+    """A row's name that says which decoder: ``SDXL VAE decode + CLIP ViT-B/32``, ``TAESD-XL decode + ...``."""
+    spec = bench_rewards.REWARDS[key]
+    return f"SDXL VAE {spec.label}" if spec.decoder == "vae" else spec.label
+
+
+def reward_step_child(key: str, stand_ins: bool, warmup: int, repeats: int, threads: int) -> dict:
+    """One ``--full-size`` row, in its own process: build ``bench.rewards.REWARDS[key]`` on the CPU (float32, random
+    weights), then time its batch-1 reward step (loss, then the gradient to the latents) and read its peak memory."""
+    torch.set_num_threads(threads)
+    logging.getLogger("open_clip").setLevel(logging.ERROR)
+    spec = bench_rewards.REWARDS[key]
+    t0 = time.perf_counter()
+    reward = bench_rewards.build(spec, vae=_pixel_decoder(key, stand_ins), device="cpu", dtype=torch.float32,
+                                 smoke=stand_ins)
+    build_s = time.perf_counter() - t0
+    side = tiny.IMAGE_SIZE // 8 if stand_ins else 64
+    x = latents_for(1, side, torch.device("cpu"), requires_grad=True)
+    modules = [reward.model.visual] if spec.kind == "latent" else [reward.model.visual, reward.vae.decoder]
+    params = sum(p.numel() for m in modules for p in m.parameters())
+    gc.collect()
+    with PeakRSS() as mem:
+        times = cpu_step_times(lambda: torch.autograd.grad(reward(x, PROMPT), x), warmup, repeats)
+    return {"reward": key, "system": full_size_label(key), "kind": spec.kind, "decoder": spec.decoder, "status": "ok",
+            **times, "build_s": build_s, "latents": list(x.shape), "image_px": side * 8,
+            "image_tower_and_decoder_params": params, "rss_before_steps_gib": mem.before_gib,
+            "peak_rss_gib": mem.peak_gib,
+            "peak_rss_over_steps_gib": mem.peak_gib - mem.before_gib if mem.before_gib else None,
+            "memory_method": mem.method, "torch_threads": torch.get_num_threads(),
+            "load_average_1_5_15_min_at_end": load_average()}
+
+
+def load_average() -> list[float] | None:
+    """The machine's load average now (other jobs on shared cores slow a CPU measurement: said, not hidden)."""
+    import os
+
+    try:
+        return list(os.getloadavg())
+    except (OSError, AttributeError):
+        return None
+
+
+def full_size_ratios(rows: list[dict]) -> None:
+    """Each row's time and peak memory as multiples of the first measured Latent-CLIP row's, in place."""
+    ref = next((r for r in rows if r.get("kind") == "latent" and isinstance(r.get("ms"), float)), None)
+    for r in rows:
+        ok = ref is not None and isinstance(r.get("ms"), float)
+        r["relative_to"] = ref["system"] if ok else None
+        r["time_vs_latent"] = r["ms"] / ref["ms"] if ok else None
+        r["peak_rss_vs_latent"] = r["peak_rss_gib"] / ref["peak_rss_gib"] if ok and ref.get("peak_rss_gib") else None
+
+
+def full_size_table(rows: list[dict]) -> str:
+    head = ["system", "reward step ms (median)", "each ms", "x latent time", "peak RSS GiB", "over steps GiB",
+            "x latent peak", "status"]
+    body = [[r.get("system", r.get("reward")), fmt(r.get("ms"), ".0f"),
+             " ".join(f"{v:.0f}" for v in r.get("ms_each", [])) or "-", fmt(r.get("time_vs_latent"), ".2f"),
+             fmt(r.get("peak_rss_gib"), ".2f"), fmt(r.get("peak_rss_over_steps_gib"), ".2f"),
+             fmt(r.get("peak_rss_vs_latent"), ".2f"), r.get("status", "ok")] for r in rows]
+    return table_text(head, body)
+
+
+def full_size_run(args, argv: list[str], progress) -> dict:
+    """``--full-size``: every system in its own fresh process, one after another; the JSON rewritten after each
+    (``complete`` false until the end), so a run stopped early keeps its finished rows."""
+    keys = [LATENT_KEYS[m] for m in args.models] + [PIXEL_CLIPS[b] for b in args.baselines]
+    device = cpu_device(args.threads)
+    stand_ins = STAND_INS
+    what = ("TINY STAND-INS (bench.tiny configs), not the real sizes" if stand_ins else
+            "the real sizes: Latent-ViT-B-8-512 (fastlclip.load), SDXL VAE (fastlclip's shipped diffusers config), "
+            "TAESD-XL (diffusers AutoencoderTiny, taesdxl's config), open_clip towers built with pretrained=None")
+    print(f"--full-size on {device['name']}, torch threads {args.threads}: {what}; random weights, float32, batch 1, "
+          f"{args.warmup} warm-up + {args.repeats} timed reward steps per system, "
+          + ("each system in a fresh process." if FRESH_PROCESS else "all in this process."))
+    rows: list[dict] = []
+
+    def save(complete: bool) -> Path:
+        full_size_ratios(rows)
+        report = {
+            **run_record("bench.reward", argv), "complete": complete,
+            "mode": "cpu-full-size (tiny stand-ins)" if stand_ins else "cpu-full-size",
+            "device": device,
+            "weights": RANDOM_WEIGHTS, "dtype": "float32", "backend": "eager",
+            "settings": {"batch": 1, "latents": [1, 4, 64, 64] if not stand_ins else [1, 4, 8, 8],
+                         "image_px": 64 * 8 if not stand_ins else tiny.IMAGE_SIZE, "warmup_steps": args.warmup,
+                         "timed_steps": args.repeats, "torch_threads": args.threads, "prompt": PROMPT,
+                         "fresh_process_per_system": FRESH_PROCESS},
+            "definitions": next(par for par in __doc__.split("\n\n") if par.startswith("``--full-size``")),
+            "rows": rows,
+        }
+        return write_json(args.out, report)
+
+    for key in keys:
+        progress(f"{full_size_label(key)}: building and timing"
+                 + (" in a fresh process ..." if FRESH_PROCESS else " ..."))
+        t0 = time.perf_counter()
+        row = in_fresh_process("bench.reward:reward_step_child",
+                               {"key": key, "stand_ins": stand_ins, "warmup": args.warmup, "repeats": args.repeats,
+                                "threads": args.threads}, fresh=FRESH_PROCESS)
+        row.setdefault("reward", key)
+        row.setdefault("system", full_size_label(key))
+        row.setdefault("kind", bench_rewards.REWARDS[key].kind)
+        row["process_wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+        progress(f"  {row['status']}" + (f": median {row['ms']:.0f} ms" if row.get("ms") is not None else ""))
+        save(complete=False)
+    out = save(complete=True)
+    print(full_size_table(rows))
+    print(f"Wrote {out}. {RANDOM_WEIGHTS}")
+    return json.loads(out.read_text())
 
 
 if __name__ == "__main__":

@@ -357,3 +357,94 @@ def test_each_configuration_is_written_as_it_finishes(tmp_path, monkeypatch, cap
     reno_cost.main(argv)
     saved = json.loads((tmp_path / "cpu-smoke" / "reno_cost.json").read_text())
     assert saved["complete"] is True and len(saved["results"]) == 2
+
+
+# -- --full-size: fast-pipeline iterations at the real sizes on the CPU (tested on tiny stand-ins) -------
+def _one_line_error(capsys, argv, *needles):
+    with pytest.raises(SystemExit) as exc:
+        reno_cost.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--full-size", "--pipelines", "reno", "fast"], ["--pipelines reno"]),
+    (["--full-size", "--resolution", "1024"], ["--resolution 1024"]),
+    (["--full-size", "--iterations", "5"], ["--iterations", "--repeats"]),
+    (["--full-size", "--images", "2"], ["--images"]),
+    (["--full-size", "--compile-unet"], ["--compile-unet"]),
+    (["--full-size", "--latent-backend", "graph"], ["--latent-backend"]),
+    (["--full-size", "--gpu", "h100"], ["--gpu"]),
+    (["--full-size", "--preset", "sdxl-turbo", "--resize", "pool"], ["--preset", "--resize"]),
+    (["--full-size", "--repeats", "0"], ["--repeats"]),
+    (["--full-size", "--threads", "-2"], ["--threads"]),
+    (["--repeats", "2"], ["--repeats", "only with --full-size"]),
+    (["--threads", "2"], ["--threads", "only with --full-size"]),
+])
+def test_full_size_bad_combinations_are_one_line_errors_before_any_work(capsys, monkeypatch, argv, needles):
+    def fail(*args, **kwargs):
+        raise AssertionError("the run started before the arguments were checked")
+
+    for name in ("full_size_run", "run_smoke", "run_measured"):
+        monkeypatch.setattr(reno_cost, name, fail)
+    _one_line_error(capsys, argv, *needles)
+
+
+@needs_no_cuda
+def test_full_size_defaults_and_the_other_runs_defaults_unchanged():
+    args = reno_cost.parse_args(["--full-size"])
+    assert args.pipelines == ["fast"] and args.rewards == ["latent-b8", "pixel-b32", "taesd-b32"]
+    assert (args.warmup, args.repeats, args.threads, args.resolution) == (1, 2, torch.get_num_threads(), 512)
+    args = reno_cost.parse_args([])
+    assert args.pipelines == list(reno_pipelines.PIPELINES) and args.rewards == list(REWARDS)
+    assert (args.warmup, args.resolution, args.repeats) == (3, 512, None)
+    assert reno_pipelines.resize_for(args) == "interpolate" and reno_pipelines.preset_for(args) == "sdxl-turbo"
+
+
+@needs_no_cuda
+def test_full_size_report_on_tiny_stand_ins(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(reno_cost, "STAND_INS", True)
+    monkeypatch.setattr(reno_cost, "FRESH_PROCESS", False)  # bench.reward's test runs a fresh process
+    threads = torch.get_num_threads()
+    argv = ["--full-size", "--warmup", "0", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)]
+    report = reno_cost.main(argv)
+    assert torch.get_num_threads() == threads
+    out = capsys.readouterr().out
+    assert "TINY STAND-INS" in out and "Wrote" in out
+    saved = json.loads((tmp_path / "cpu" / "reno_cost.json").read_text())
+    assert saved == report and saved["complete"] is True and saved["mode"] == "cpu-full-size (tiny stand-ins)"
+    assert saved["command"] == "python -m bench.reno_cost " + " ".join(argv) and saved["date"]
+    assert saved["device"]["name"].startswith("CPU (") and saved["device"]["torch_threads"] == 1
+    assert saved["settings"]["pipeline"] == "fast" and saved["settings"]["dtype"] == "bfloat16"
+    assert (saved["settings"]["warmup_iterations"], saved["settings"]["timed_iterations"]) == (0, 1)
+    assert saved["seconds_per_image"].startswith("not measured")
+    rows = saved["results"]
+    assert [r["reward"] for r in rows] == ["latent-b8", "pixel-b32", "taesd-b32"]
+    assert [r["system"] for r in rows] == ["Latent-ViT-B/8", "SDXL VAE decode + CLIP ViT-B/32",
+                                           "TAESD-XL decode + CLIP ViT-B/32"]
+    for r in rows:
+        assert r["status"] == "ok" and r["torch_threads"] == 1 and r["latents"] == [1, 4, 8, 8]
+        assert len(r["iteration_ms_each"]) == 1 and r["warmup_iteration_ms_each"] == []
+        assert {"unet_fwd", "reward_fwd", "reward_bwd", "unet_bwd"} <= set(r["breakdown_ms"])
+        assert ({"vae_fwd", "vae_bwd"} <= set(r["breakdown_ms"])) == (r["decoder"] is not None)
+        assert 0 < r["reward_share"] < 1 and r["peak_rss_gib"] > 0
+        assert r["load_average_1_5_15_min_at_end"] is None or len(r["load_average_1_5_15_min_at_end"]) == 3
+        assert r["iteration_time_vs_latent"] == pytest.approx(r["iteration_ms"] / rows[0]["iteration_ms"])
+    assert rows[0]["iteration_time_vs_latent"] == 1.0 and rows[0]["relative_to"] == "Latent-ViT-B/8"
+    assert "| SDXL VAE decode + CLIP ViT-B/32" in out
+
+
+def test_cpu_phase_timer_attributes_the_gaps():
+    timer = reno_pipelines.CpuPhaseTimer()
+    for _ in range(2):
+        for name in ("unet_fwd", "reward_fwd", "optimizer", "reward_bwd", "unet_bwd", "optimizer"):
+            timer.phase(name)
+        timer.end_iteration()
+    its = timer.durations_ms()
+    assert len(its) == 2 and timer.iterations[0][-1] == "optimizer"
+    for it in its:  # "optimizer" marked twice: summed into one entry
+        assert list(it) == ["unet_fwd", "reward_fwd", "optimizer", "reward_bwd", "unet_bwd"]
+        assert all(v >= 0 for v in it.values())

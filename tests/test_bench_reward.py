@@ -70,3 +70,126 @@ def test_write_report(tmp_path):
     assert report["checks"] == [{"model": "B/8", "system": "fastlclip graph", "loss_abs_diff": 0.01, "cos_grad": 0.9999,
                                  "ok": True}]
     assert report["definitions"].startswith("Tasks:")
+
+
+# -- --full-size: the real sizes on the CPU (tested here on tiny stand-ins; the real sizes run from the command line)
+def _one_line_error(capsys, argv, *needles):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--full-size", "--backends", "graph"], ["--backends", "CUDA run"]),
+    (["--full-size", "--reward-batches", "4"], ["--reward-batches"]),
+    (["--full-size", "--forward-batches", "64", "--quick"], ["--forward-batches", "--quick"]),
+    (["--full-size", "--compile-modes", "default"], ["--compile-modes"]),
+    (["--full-size", "--gpu", "h100"], ["--gpu"]),
+    (["--full-size", "--fidelity-steps", "10"], ["--fidelity-steps"]),
+    (["--full-size", "--baselines", "reference-compile"], ["reference-compile", "CUDA baseline"]),
+    (["--full-size", "--models", "Latent-ViT-B-4-512"], ["Latent-ViT-B-4-512", "not timed here"]),
+    (["--full-size", "--repeats", "0"], ["--repeats"]),
+    (["--full-size", "--warmup", "-1"], ["--warmup"]),
+    (["--full-size", "--threads", "0"], ["--threads"]),
+    (["--repeats", "2"], ["--repeats", "only with --full-size"]),
+    (["--warmup", "1", "--threads", "2"], ["--warmup", "--threads", "only with --full-size"]),
+])
+def test_full_size_bad_combinations_are_one_line_errors_before_any_work(capsys, monkeypatch, argv, needles):
+    def fail(*args, **kwargs):
+        raise AssertionError("the run started before the arguments were checked")
+
+    monkeypatch.setattr(bench, "full_size_run", fail)
+    monkeypatch.setattr(bench, "_run", fail)
+    _one_line_error(capsys, argv, *needles)
+
+
+def test_full_size_out_that_is_a_folder_is_refused(capsys, tmp_path):
+    _one_line_error(capsys, ["--full-size", "--out", str(tmp_path)], "--out", "is a folder")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--full-size is refused with CUDA")
+def test_full_size_defaults_and_the_cuda_run_defaults_unchanged():
+    args = bench.parse_args(["--full-size"])
+    assert args.models == ["Latent-ViT-B-8-512"] and args.baselines == ["ViT-B-32", "taesd-ViT-B-32"]
+    assert (args.warmup, args.repeats, args.threads) == (1, 3, torch.get_num_threads())
+    assert args.out == bench.PROFILES_DIR / "results" / "cpu" / "reward.json"
+    assert args.backends is None and args.reward_batches is None  # nothing of the CUDA run
+    args = bench.parse_args([])
+    assert args.models == list(bench.MODELS) and args.backends == list(bench.BACKENDS)
+    assert args.baselines == list(bench.BASELINES) and args.reward_batches == [1, 4, 16]
+    assert args.forward_batches == [64, 256] and args.gpu == "auto" and args.quick is False
+    assert args.fidelity_steps == 300 and args.compile_modes == list(runtime.COMPILE_MODES)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--full-size is refused with CUDA")
+def test_full_size_report_on_tiny_stand_ins(tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setattr(bench, "STAND_INS", True)
+    monkeypatch.setattr(bench, "FRESH_PROCESS", False)  # one fresh process is tested below; three would be slow
+    threads = torch.get_num_threads()
+    argv = ["--full-size", "--warmup", "0", "--repeats", "2", "--threads", "1", "--out", str(tmp_path / "r.json")]
+    assert bench.main(argv) == 0
+    assert torch.get_num_threads() == threads  # the in-process run gives the threads back
+    out = capsys.readouterr().out
+    assert "TINY STAND-INS" in out and "Wrote" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["complete"] is True and report["mode"] == "cpu-full-size (tiny stand-ins)"
+    assert report["command"] == "python -m bench.reward " + " ".join(argv) and report["date"]
+    device = report["device"]
+    assert device["name"] == f"CPU ({device['cpu_model']}, {device['cores_usable']} cores)"
+    assert device["torch_threads"] == 1 and report["settings"]["torch_threads"] == 1
+    assert report["settings"]["warmup_steps"] == 0 and report["settings"]["timed_steps"] == 2
+    assert report["dtype"] == "float32" and report["definitions"].startswith("``--full-size``")
+    rows = report["rows"]
+    assert [r["system"] for r in rows] == ["Latent-ViT-B/8", "SDXL VAE decode + CLIP ViT-B/32",
+                                           "TAESD-XL decode + CLIP ViT-B/32"]
+    assert [r["decoder"] for r in rows] == [None, "vae", "taesd"]
+    for r in rows:
+        assert r["status"] == "ok" and r["torch_threads"] == 1
+        assert len(r["ms_each"]) == 2 and r["warmup_ms_each"] == [] and r["ms"] > 0
+        assert r["latents"] == [1, 4, 8, 8] and r["relative_to"] == "Latent-ViT-B/8"
+        assert r["time_vs_latent"] == pytest.approx(r["ms"] / rows[0]["ms"])
+        assert r["peak_rss_gib"] > 0 and r["memory_method"]
+        assert r["load_average_1_5_15_min_at_end"] is None or len(r["load_average_1_5_15_min_at_end"]) == 3
+    assert rows[0]["time_vs_latent"] == 1.0
+    table = out[out.index("system "):]
+    assert all(r["system"] in table for r in rows)
+
+
+def test_full_size_ratios_skip_failed_rows():
+    rows = [{"system": "SDXL VAE decode + CLIP ViT-B/32", "kind": "pixel", "ms": 30.0, "peak_rss_gib": 8.0},
+            {"system": "Latent-ViT-B/8", "kind": "latent", "ms": 2.0, "peak_rss_gib": 1.0},
+            {"system": "TAESD-XL decode + CLIP ViT-B/32", "kind": "pixel", "status": "error: killed"}]
+    bench.full_size_ratios(rows)
+    assert rows[0]["time_vs_latent"] == 15.0 and rows[0]["peak_rss_vs_latent"] == 8.0
+    assert rows[0]["relative_to"] == "Latent-ViT-B/8" and rows[1]["time_vs_latent"] == 1.0
+    assert rows[2]["time_vs_latent"] is None and rows[2]["relative_to"] is None
+    assert "error: killed" in bench.full_size_table(rows)
+
+
+def test_in_fresh_process_returns_the_result_or_the_error():
+    result = bench.in_fresh_process("bench.report:cpu_device", {"threads": 3})
+    assert result["torch_threads"] == 3 and result["name"].startswith("CPU (")
+    failed = bench.in_fresh_process("bench.report:cpu_device", {"no_such_argument": 1})
+    assert failed["status"].startswith("error: TypeError")
+
+
+def test_peak_rss_sees_torch_allocations():
+    with bench.PeakRSS() as mem:
+        x = torch.ones(64 * 2**20)  # 256 MiB, touched
+        del x
+    assert mem.peak_gib > 0 and mem.method
+    if mem.method.startswith("VmHWM"):  # Linux: the block's own peak
+        assert mem.peak_gib - mem.before_gib >= 0.2
+
+
+def test_cpu_step_times_counts_warmup_and_repeats():
+    calls = []
+    times = bench.cpu_step_times(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5 and len(times["ms_each"]) == 3 and len(times["warmup_ms_each"]) == 2
+    assert times["ms"] == sorted(times["ms_each"])[1]
