@@ -95,6 +95,8 @@ def load(
     Args:
         name: a registered config name (``fastlclip.list_models()``), a config dict, a JSON path, or
             ``None`` to take the config from the checkpoint (its metadata, or the one config its shapes fit).
+            ``None`` with a reward ensemble's ``.safetensors`` file (``fastlclip.ensemble``) gives that
+            ensemble, a ``LatentEnsemble``.
         pretrained: an official ``.pt`` checkpoint, a ``.safetensors`` file, a folder, or
             ``hf-hub:<repo>[/<file>]``; ``None`` gives random weights (with a warning).
         device, dtype: where and in which precision (float32, float16, bfloat16) the model runs.
@@ -123,6 +125,12 @@ def load(
         cfg = get_model_config(name)
         warnings.warn(f"fastlclip.load({cfg.name!r}) without pretrained=: the weights are random", stacklevel=2)
         model = LatentCLIP(cfg)
+    elif name is None and _ensemble_file(pretrained):  # a reward ensemble (fastlclip.ensemble)
+        from .ensemble import load_ensemble
+
+        if backend not in ("eager", "auto") or resize is not None:
+            raise ValueError("an ensemble file loads with backend='eager' and resize=None (pass resize= per call)")
+        return load_ensemble(pretrained, device=device, dtype=dtype)
     else:
         sd, meta = ckpt.read_checkpoint(pretrained, cache_dir=cache_dir)
         cfg = get_model_config(name if name is not None else infer_config_name(sd, meta, pretrained))
@@ -132,6 +140,15 @@ def load(
     model = model.to(device=device, dtype=dtype).eval()
     model.resize = resize
     return apply(model, backend)
+
+
+def _ensemble_file(pretrained) -> bool:
+    """Whether ``pretrained`` is a local safetensors file whose metadata says it is a latent reward ensemble."""
+    from .ensemble import ensemble_metadata
+
+    if not isinstance(pretrained, (str, os.PathLike)) or str(pretrained).startswith("hf-hub:"):
+        return False
+    return ensemble_metadata(pretrained) is not None
 
 
 def config_from_metadata(value: str, source: str | os.PathLike) -> str | dict[str, Any]:

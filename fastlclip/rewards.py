@@ -494,3 +494,114 @@ def _features(out) -> torch.Tensor:
     """A transformers feature method's result: the tensor (transformers 4.x), or the projected
     ``pooler_output`` of the output object newer versions return."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class RewardEnsemble:
+    """A ReNO reward read from a latent ensemble (``fastlclip.ensemble.LatentEnsemble``): one trunk forward per
+    call, each head's loss in ReNO's form, summed with its weighting.
+
+    ``weights``: ``{head: weighting}`` (ReNO's defaults: HPS 5, CLIP 0.01, PickScore 0.05, aesthetic 0); the
+    heads named are the ones scored. A head's loss: ``constant - value`` per sample (``1 - cos``,
+    ``logit_scale.exp() * cos`` under 30 or 100, ``10 - MLP(normalised base prediction)``), averaged over the
+    batch (ReNO's forms; its HPS loss reads the first sample, the same at ReNO's batch of 1).
+    ``__call__(latents, prompt) -> loss`` (a scalar), ``losses(...)`` the unweighted per-sample losses by head,
+    ``score(latents, prompts)`` every head's value in its teacher's own scale (times its score scaling),
+    ``heads()`` one ReNO reward per weighted head (``.name``, ``.weighting``) for loops that take a list of
+    rewards: the heads share one trunk forward per latents tensor. Text features are cached per head (least
+    recently used first out, ``text_cache_size`` prompts each). ``space`` / ``resize``: as
+    ``LatentCLIPReward``'s."""
+
+    name = "ensemble"
+    reads_latents = True
+
+    def __init__(self, model, weights: Mapping[str, float], *, space: str = "diffusion", resize=None,
+                 text_cache_size: int = TEXT_CACHE_SIZE):
+        from .ensemble import LatentEnsemble
+
+        if not isinstance(model, LatentEnsemble):
+            raise TypeError(f"RewardEnsemble takes a LatentEnsemble (fastlclip.load(None, 'ensemble.safetensors')), "
+                            f"got {type(model).__name__}")
+        inputs.check_space(space)
+        if not isinstance(weights, Mapping) or not weights:
+            raise ValueError(f"weights must be a non-empty {{head: weighting}} dict over {', '.join(model.head_names)}")
+        for head in weights:
+            if head not in model.head_names:
+                raise ValueError(f"unknown head {head!r} in weights; the ensemble's heads: {', '.join(model.head_names)}")
+        if isinstance(text_cache_size, bool) or not isinstance(text_cache_size, int) or text_cache_size < 1:
+            raise ValueError(f"text_cache_size must be a positive integer (prompts kept), got {text_cache_size!r}")
+        self.weights = {h: inputs.check_number(w, f"weights[{h!r}]", minimum=0) for h, w in weights.items()}
+        self.model = model.requires_grad_(False).eval()
+        self.space, self.resize, self.text_cache_size = space, resize, text_cache_size
+        self.weighting = 1.0
+        self._text_cache: dict[str, OrderedDict] = {h: OrderedDict() for h in model.clip_heads}
+        self._last = None  # (latents, version, noise_level, embeddings): the forward the heads() share
+
+    def text_features(self, head: str, prompts: Sequence[str]) -> torch.Tensor:
+        """Normalised (N, D) text features of ``head``'s text tower, each prompt encoded once and cached."""
+        cache = self._text_cache[head]
+        new = [p for p in dict.fromkeys(prompts) if p not in cache]
+        for p in new:
+            inputs.check_prompt(p)
+        if new:
+            with torch.inference_mode(False), torch.no_grad(), torch.autocast(self.model.device.type, enabled=False):
+                for p, f in zip(new, self.model.encode_text(new, head)):
+                    cache[p] = f
+        for p in prompts:
+            cache.move_to_end(p)
+        out = torch.stack([cache[p] for p in prompts])
+        while len(cache) > self.text_cache_size:
+            cache.popitem(last=False)
+        return out
+
+    def embeddings(self, latents: torch.Tensor, noise_level=None) -> dict[str, torch.Tensor]:
+        """Every CLIP head's normalised embedding from one trunk forward (reused for the same latents tensor,
+        unchanged, and noise level: the heads of ``heads()`` share it)."""
+        last = self._last
+        if last is not None and last[0] is latents and last[1] == latents._version and last[2] is noise_level:
+            return last[3]
+        embs = self.model.encode_latents(latents, space=self.space, noise_level=noise_level, resize=self.resize)
+        self._last = (latents, latents._version, noise_level, embs)
+        return embs
+
+    def _values(self, heads, latents, prompt, noise_level, kind):
+        embs = self.embeddings(latents, noise_level)
+        self._last = None if kind != "shared" else self._last
+        prompts = inputs.prompt_list(prompt, latents.shape[0]) if prompt is not None else None
+        out = {}
+        for h in heads:
+            txt = None
+            if h in self._text_cache:
+                if prompts is None:
+                    raise ValueError(f"head {h!r} scores against a prompt: pass one")
+                txt = self.text_features(h, prompts).to(latents.device)
+            out[h] = (self.model.score if kind == "score" else self.model.reward)(h, embs, txt)
+        return out
+
+    def losses(self, latents: torch.Tensor, prompt, noise_level=None) -> dict[str, torch.Tensor]:
+        """Each weighted head's ReNO loss per sample (B,), unweighted."""
+        return self._values(self.weights, latents, prompt, noise_level, "loss")
+
+    def __call__(self, latents: torch.Tensor, prompt, noise_level=None) -> torch.Tensor:
+        losses = self.losses(latents, prompt, noise_level)
+        return sum(w * losses[h].mean() for h, w in self.weights.items())
+
+    def score(self, latents: torch.Tensor, prompts=None, noise_level=None) -> dict[str, torch.Tensor]:
+        """Every head's (B,) value in its teacher's own scale (cos, logit_scale.exp() * cos, the MLP), times
+        its score scaling; differentiable w.r.t. ``latents``. ``prompts``: one, or one per latent."""
+        return self._values(self.model.head_names, latents, prompts, noise_level, "score")
+
+    def heads(self) -> list:
+        """One ReNO reward per weighted head (``name`` the head's, ``weighting`` its weight): ReNO's list of
+        reward losses, each ``reward(latents, prompt) -> loss``; called in turn on the same latents tensor, they
+        run the trunk once."""
+        return [_EnsembleHead(self, h, w) for h, w in self.weights.items()]
+
+
+class _EnsembleHead:
+    reads_latents = True
+
+    def __init__(self, ensemble: RewardEnsemble, head: str, weighting: float):
+        self.ensemble, self.name, self.weighting = ensemble, head, weighting
+
+    def __call__(self, latents: torch.Tensor, prompt, noise_level=None) -> torch.Tensor:
+        return self.ensemble._values([self.name], latents, prompt, noise_level, "shared")[self.name].mean()

@@ -58,7 +58,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("targets", metavar="TARGETS", help="a targets folder")
     r.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl, final.safetensors")
     r.add_argument("--student", required=True, metavar="CONFIG", help="registered fastlclip config name or JSON file")
-    _teacher_args(r)
+    _teacher_args(r, required=False)
+    r.add_argument("--teacher-spec", action="append", metavar="SPEC",
+                   help="the targets' teacher set, instead of --teacher (repeat it, as for targets): trains one trunk "
+                        "with a head per CLIP teacher; writes an ensemble (docs/ensembles.md)")
+    r.add_argument("--head-weight", action="append", metavar="NAME=W", dest="ens_head_weights",
+                   help="--teacher-spec: a head's loss weight (repeat it; default 1 each)")
+    r.add_argument("--reward-weight", type=_float, dest="ens_reward_weight",
+                   help="--teacher-spec: weight of the reward-matching term (default 0: none)")
+    r.add_argument("--init-teacher", metavar="NAME", dest="ens_init_teacher",
+                   help="--teacher-spec with --init teacher: the open_clip teacher whose image tower starts the trunk")
     r.add_argument("--steps", type=int_at_least(1), required=True, help="optimizer steps in all")
     r.add_argument("--batch-size", type=int_at_least(1), required=True, help="the global batch")
     r.add_argument("--lr", type=_float, required=True, help="peak AdamW learning rate, in (0, 1)")
@@ -87,6 +96,19 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--holdout", type=_float, help="held-out fraction (default: the one trained with; 0: all rows)")
     e.add_argument("--device", default="cpu", help="where the student and the text tower run")
     return p
+
+
+def _head_weights(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--head-weight {item!r}: NAME=WEIGHT, e.g. hps=5") from None
+        if not eq or not name.strip():
+            raise ValueError(f"--head-weight {item!r}: NAME=WEIGHT, e.g. hps=5")
+    return out
 
 
 def _check_teacher(args) -> None:
@@ -150,9 +172,30 @@ def main(argv: list[str] | None = None) -> int:
                              init=args.init, save_every=args.save_every, eval_every=args.eval_every,
                              patch_steps=args.patch_steps, holdout=args.holdout, weight_decay=args.weight_decay,
                              log_every=args.log_every, backend=args.backend)
+            if args.teacher is None and args.teacher_spec is None:
+                raise ValueError("one of the arguments --teacher (one open_clip teacher) or --teacher-spec (repeated: "
+                                 "the targets' teacher set) is required")
+            if args.teacher is not None and args.teacher_spec is not None:
+                raise ValueError("pass --teacher (one open_clip teacher) or --teacher-spec (a teacher set), not both")
             info = _check_targets_folder(args.targets)
             ModelConfig.from_dict(with_targets_vae(resolve_student(args.student), info), name=args.student)
-            _check_teacher(args)
+            ens = {"--head-weight": args.ens_head_weights, "--reward-weight": args.ens_reward_weight,
+                   "--init-teacher": args.ens_init_teacher}
+            if args.teacher_spec is not None:
+                if args.teacher_config is not None or args.teacher_pretrained is not None:
+                    raise ValueError("--teacher-config and --teacher-pretrained go with --teacher; a --teacher-spec "
+                                     "names its own config= and weights=")
+                from .teachers import check_teacher_set, parse_teacher_spec
+
+                check_teacher_set([parse_teacher_spec(x) for x in args.teacher_spec])
+                args.ens_head_weights = _head_weights(args.ens_head_weights or [])
+                if args.ens_reward_weight is not None and not 0 <= args.ens_reward_weight < float("inf"):
+                    raise ValueError(f"--reward-weight must be a non-negative number, got {args.ens_reward_weight}")
+            else:
+                given = [k for k, v in ens.items() if v is not None]
+                if given:
+                    raise ValueError(f"{', '.join(given)} go with --teacher-spec (a teacher set)")
+                _check_teacher(args)
         else:
             if not os.path.isfile(args.checkpoint):
                 raise ValueError(f"checkpoint {args.checkpoint} does not exist")
@@ -174,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[fastlclip.distill] {len(report.ok)} shards ({report.rows} targets), {len(report.skipped)} already "
                   f"done, {len(report.failed)} failed -> {args.out}", file=sys.stderr)
             return 1 if report.failed else 0
+        if args.command == "train" and args.teacher_spec is not None:
+            extra = {"head_weights": args.ens_head_weights}
+            if args.ens_reward_weight is not None:
+                extra["reward_weight"] = args.ens_reward_weight
+            if args.ens_init_teacher is not None:
+                extra["init_teacher"] = args.ens_init_teacher
+            teacher = dict(teachers=args.teacher_spec, **extra)
         if args.command == "train":
             final = train(args.targets, args.out, student=args.student, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, warmup_steps=args.warmup_steps, init=args.init, noise_aware=args.noise_aware,

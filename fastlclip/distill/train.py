@@ -36,6 +36,7 @@ from torch import nn
 from ..model import LatentCLIP
 from ..model_configs import ModelConfig, _REGISTRY, read_config_file
 from . import teacher as teachers
+from . import teacher as _teacher_module
 from .targets import Targets, read_targets
 
 CHECKPOINT, FINAL, METRICS = "checkpoint.pt", "final.safetensors", "metrics.jsonl"
@@ -163,19 +164,27 @@ def step_noise(seed: int, step: int, batch_size: int, shape) -> tuple[torch.Tens
 
 
 class Student(nn.Module):
-    """The trainable forward: raw VAE latents (+ noise) -> normalised student embeddings."""
+    """The trainable forward: raw VAE latents (+ noise) -> normalised student embeddings; with ``heads`` (a
+    ``ModuleDict`` of linear projections, a multi-teacher student) a dict head -> normalised embedding, every
+    head read from one trunk forward."""
 
-    def __init__(self, model: LatentCLIP, noise_aware: bool):
+    def __init__(self, model: LatentCLIP, noise_aware: bool, heads: nn.ModuleDict | None = None):
         super().__init__()
         self.model = model
         self.noise_aware = noise_aware
+        self.heads = heads
 
     def forward(self, raw: torch.Tensor, s: torch.Tensor | None = None, eps: torch.Tensor | None = None):
+        normalize = self.heads is None
         if s is None:
-            return self.model.encode_latents(raw, space="vae")
-        z = self.model.latent_space.to_diffusion(raw)
-        x = (1 - s.view(-1, 1, 1, 1)) * z + s.view(-1, 1, 1, 1) * eps
-        return self.model.encode_latents(x, space="diffusion", noise_level=s)
+            feats = self.model.encode_latents(raw, space="vae", normalize=normalize)
+        else:
+            z = self.model.latent_space.to_diffusion(raw)
+            x = (1 - s.view(-1, 1, 1, 1)) * z + s.view(-1, 1, 1, 1) * eps
+            feats = self.model.encode_latents(x, space="diffusion", noise_level=s, normalize=normalize)
+        if self.heads is None:
+            return feats
+        return {n: F.normalize(h(feats), dim=-1) for n, h in self.heads.items()}
 
 
 def distill_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -323,32 +332,152 @@ def check_train_args(*, steps, batch_size, lr, warmup_steps, init, save_every, e
 
 @torch.no_grad()
 def held_out_cosine(student: Student, held: Targets, noise_levels=(), seed: int = 0, batch_size: int = 256) -> dict:
-    """Mean held-out cosine to the teacher: clean, and per noise level for a noise-aware student (fixed noise)."""
+    """Mean held-out cosine to the teacher: clean, and per noise level for a noise-aware student (fixed noise).
+    A multi-head student: ``{"cosine": mean over heads, "heads": {head: {"cosine", "cosine_at"}}}``."""
     device = student.model.device
+    heads = None if student.heads is None else list(student.heads)
+    columns = {None: held.embeddings} if heads is None else {h: held.columns[h] for h in heads}
     levels = [None, *noise_levels]
-    sums = [0.0] * len(levels)
+    sums = [dict.fromkeys(columns, 0.0) for _ in levels]
     g = torch.Generator().manual_seed(seed)
     eps_all = torch.randn(len(held), *held.latents.shape[1:], generator=g) if noise_levels else None
     for i in range(0, len(held), batch_size):
         raw = held.latents[i:i + batch_size].to(device, torch.float32)
-        target = held.embeddings[i:i + batch_size].to(device)
         for j, s in enumerate(levels):
             if s is None:
                 emb = student(raw)
             else:
                 eps = eps_all[i:i + batch_size].to(device)
                 emb = student(raw, torch.full((len(raw),), float(s), device=device), eps)
-            sums[j] += (len(raw) * (1 - distill_loss(emb, target))).item()
-    out = {"cosine": sums[0] / max(1, len(held))}
-    if noise_levels:
-        out["cosine_at"] = {str(s): sums[j + 1] / max(1, len(held)) for j, s in enumerate(noise_levels)}
-    return out
+            embs = {None: emb} if heads is None else emb
+            for h, col in columns.items():
+                sums[j][h] += (len(raw) * (1 - distill_loss(embs[h], col[i:i + batch_size].to(device)))).item()
+
+    def one(h):
+        out = {"cosine": sums[0][h] / max(1, len(held))}
+        if noise_levels:
+            out["cosine_at"] = {str(s): sums[j + 1][h] / max(1, len(held)) for j, s in enumerate(noise_levels)}
+        return out
+    if heads is None:
+        return one(None)
+    per = {h: one(h) for h in heads}
+    return {"cosine": sum(v["cosine"] for v in per.values()) / len(per), "heads": per}
 
 
-def train(targets, run_dir, *, student, teacher, teacher_pretrained=None, teacher_config=None, steps, batch_size,
-          lr, warmup_steps, init="scratch", noise_aware=False, seed=0, save_every=100, eval_every=None,
+def _vision_checks(cfg: dict, info: dict, noise_aware: bool) -> dict:
+    v = cfg["vision_cfg"] = dict(cfg["vision_cfg"])
+    if noise_aware:
+        v["noise_aware"] = True
+    c, h, w = info["latent_shape"]
+    mc = ModelConfig.from_dict(cfg, name="student")
+    if mc.vision.latent_channels != c or mc.vision.latent_size != h or h != w:
+        raise ValueError(f"the targets' latents are {c}x{h}x{w}; the student takes {mc.vision.latent_channels}x"
+                         f"{mc.vision.latent_size}x{mc.vision.latent_size}: set vision_cfg.latent_n_channels={c} and "
+                         f"image_size / latent_factor = {h}")
+    return cfg
+
+
+class _Ensemble:
+    """What a multi-teacher run adds to the loop: the ensemble (trunk, heads, text towers, head MLPs), its
+    targets per head, the weights and the prompts' text features for the reward-matching term."""
+
+    def __init__(self, targets, data: Targets, train_set: Targets, specs, student, noise_aware: bool, init: str,
+                 init_teacher, head_weights, reward_weight, device):
+        from .. import ensemble
+        from . import teachers as tt
+
+        specs = [tt.parse_teacher_spec(x) if isinstance(x, str) else x for x in specs]
+        built = tt.build_teachers(specs)
+        described = [t.describe() for t in built.values()]
+        theirs = data.info.get("teachers")
+        if theirs is None:
+            raise ValueError(f"{targets} holds one teacher's targets: train it with teacher=, not teachers=")
+        mine = [(d["name"], d["kind"], d["weights_sha256"]) for d in described]
+        want = [(d["name"], d["kind"], d["weights_sha256"]) for d in theirs]
+        if mine != want:
+            raise ValueError(f"the teachers passed ({[m[0] for m in mine]}) are not the set {targets} was made with "
+                             f"({[w[0] for w in want]}; names, kinds and weights must match)")
+        names = list(built)
+        weights = {n: 1.0 for n in names}
+        for k, v in dict(head_weights or {}).items():
+            if k not in built:
+                raise ValueError(f"head_weights names {k!r}, not a teacher of the set ({', '.join(names)})")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                raise ValueError(f"head_weights[{k!r}] must be a non-negative number, got {v!r}")
+            weights[k] = float(v)
+        if isinstance(reward_weight, bool) or not isinstance(reward_weight, (int, float)) or not 0 <= reward_weight < float("inf"):
+            raise ValueError(f"reward_weight must be a non-negative number, got {reward_weight!r}")
+        clip = [n for n, t in built.items() if t.base is None]
+        if init == "teacher":
+            if init_teacher is None:
+                init_teacher = next((n for n in clip if built[n].kind == "open_clip"), None)
+            if init_teacher not in clip or built[init_teacher].kind != "open_clip":
+                raise ValueError(f"init='teacher' copies an open_clip teacher's image tower: init_teacher= must name "
+                                 f"one of {[n for n in clip if built[n].kind == 'open_clip']}, got {init_teacher!r}")
+        elif init_teacher is not None:
+            raise ValueError("init_teacher= goes with init='teacher'")
+        self.cfg = _vision_checks(with_targets_vae(resolve_student(student), data.info), data.info, noise_aware)
+        self.names, self.clip, self.weights, self.reward_weight = names, clip, weights, float(reward_weight)
+        self.heads = {n: built[n].base for n in names}
+        self.identity = {"teachers": described, "head_weights": weights, "reward_weight": float(reward_weight),
+                         "init_teacher": init_teacher}
+        self.model = ensemble.from_teachers(self.cfg, built, {})
+        self.init_teacher, self.built = init_teacher, built
+        self.score_scale = {n: built[n].reward_form.scale for n in names if built[n].base is not None}
+        self.txt, self.has_prompt = {}, None
+        if self.reward_weight > 0 and train_set.prompts is not None:
+            self.has_prompt = torch.tensor([p is not None for p in train_set.prompts])
+            unique = list(dict.fromkeys(p for p in train_set.prompts if p is not None))
+            with torch.no_grad():
+                for n in clip:
+                    feats = {}
+                    for i in range(0, len(unique), 64):
+                        chunk = unique[i:i + 64]
+                        feats.update(zip(chunk, built[n].embed_texts(chunk).float().cpu()))
+                    zero = torch.zeros(built[n].embed_dim)
+                    self.txt[n] = torch.stack([feats[p] if p is not None else zero for p in train_set.prompts])
+
+    def init_trunk(self) -> None:
+        if self.init_teacher is None:
+            return
+        teachers.copy_image_tower(self.model.trunk.visual.latent_vit, self.built[self.init_teacher].model)
+        w = self.model.proj[self.init_teacher].weight
+        if w.shape[0] != w.shape[1]:
+            raise ValueError(f"init='teacher': the trunk's embed_dim ({w.shape[1]}) must be {self.init_teacher!r}'s "
+                             f"({w.shape[0]})")
+        with torch.no_grad():
+            w.copy_(torch.eye(w.shape[0]))
+
+    def targets(self, train_set: Targets, idx: torch.Tensor, device) -> dict:
+        return {n: train_set.columns[n][idx].to(device, non_blocking=True) for n in self.clip}
+
+    def loss(self, emb: dict, target: dict, train_set: Targets, idx: torch.Tensor, device):
+        """(total, per-head distillation losses, per-head reward-matching terms)."""
+        per = {n: distill_loss(emb[n], target[n]) for n in self.clip}
+        total = sum(self.weights[n] * per[n] for n in self.clip)
+        terms = {}
+        if self.reward_weight > 0:
+            for n, base in self.heads.items():
+                if base is None:
+                    if not self.txt:
+                        continue
+                    t = self.txt[n][idx].to(device)
+                    m = self.has_prompt[idx].to(device).float()
+                    v_s = (emb[n].float() * t).sum(-1)
+                    v_t = (F.normalize(target[n].float(), dim=-1) * t).sum(-1)
+                    terms[n] = ((v_s - v_t) ** 2 * m).sum() / m.sum().clamp(min=1)
+                else:
+                    v_s = self.model.value(n, {base: emb[base]})
+                    v_t = train_set.scores[n][idx].to(device).float() / self.score_scale[n]
+                    terms[n] = ((v_s - v_t) ** 2).mean()
+            total = total + self.reward_weight * sum(self.weights[n] * v for n, v in terms.items())
+        return total, per, terms
+
+
+def train(targets, run_dir, *, student, teacher=None, teacher_pretrained=None, teacher_config=None, steps,
+          batch_size, lr, warmup_steps, init="scratch", noise_aware=False, seed=0, save_every=100, eval_every=None,
           patch_steps=None, holdout=0.05, weight_decay=0.0, log_every=10, backend="eager", device=None,
-          progress=True) -> Path:
+          progress=True, teachers=None, init_teacher=None, head_weights=None, reward_weight=0.0) -> Path:
     """Distil ``teacher``'s image embeddings (``make_targets``) into a latent student; returns
     ``run_dir/final.safetensors``, a complete Latent-CLIP (``fastlclip.load(None, path)``).
 
@@ -357,6 +486,15 @@ def train(targets, run_dir, *, student, teacher, teacher_pretrained=None, teache
     torchrun's processes). ``patch_steps`` (``init="teacher"``; default ``steps // 5``): steps that train the
     patch embedding alone. ``holdout``: the fraction of keys held out for evaluation (``eval_every`` steps).
     ``backend``: ``"triton"`` runs the fused kernels (``fastlclip.runtime``). See the module docstring.
+
+    A teacher set's targets (``make_targets(..., teachers=...)``): pass ``teachers=`` (the same specs, instead of
+    ``teacher=``) to train one trunk (``student``: any config; its ``embed_dim`` is the trunk's) with a linear
+    head per CLIP teacher; the loss is ``sum_h head_weights[h] * (1 - cos)`` plus, with ``reward_weight > 0``,
+    ``reward_weight * sum_h head_weights[h] * mean (value_student - value_teacher)^2`` where ``value`` is
+    ``cos(image, own prompt's text)`` of a CLIP head (rows with a prompt; the teacher's text tower) and the MLP
+    value of a head teacher on its base's prediction. ``init="teacher"`` copies ``init_teacher``'s (an
+    open_clip teacher; default the first) image tower into the trunk, its head starting as the identity.
+    Returns ``run_dir/final.safetensors``, an ensemble (``fastlclip.load(None, path)``, ``fastlclip.ensemble``).
     """
     check_train_args(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, init=init,
                      save_every=save_every, eval_every=eval_every, patch_steps=patch_steps, holdout=holdout,
@@ -372,42 +510,76 @@ def train(targets, run_dir, *, student, teacher, teacher_pretrained=None, teache
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    data = read_targets(targets)
+    specs, teachers = teachers, _teacher_module  # the teacher set; the module of one open_clip teacher
+    multi = specs is not None
+    if multi and (teacher is not None or teacher_pretrained is not None or teacher_config is not None):
+        raise ValueError("pass teacher= (one open_clip teacher) or teachers= (a teacher set), not both")
+    if not multi and teacher is None:
+        raise ValueError("pass teacher= (one open_clip teacher) or teachers= (the teacher set of the targets)")
+    if multi:
+        described = read_targets_info(targets).get("teachers") or []
+        clip_names = [t["name"] for t in described if t.get("base") is None]
+        data = read_targets(targets, teacher=clip_names[0] if clip_names else None)
+    else:
+        data = read_targets(targets)
     train_set, held = data.split(holdout)
     if len(train_set) == 0:
         raise ValueError(f"no training rows in {targets} after holding out {holdout:.0%}")
-    t_model = teachers.load_teacher(teacher, teacher_pretrained, teacher_config)
-    cfg = student_config(student, t_model, data.info, noise_aware)
     run_dir = Path(run_dir)
-    teacher_label = teacher if isinstance(teacher, str) else f"<{type(teacher).__name__} module>"
+    ens = None
+    if multi:
+        ens = _Ensemble(targets, data, train_set, specs, student, noise_aware, init, init_teacher,
+                        head_weights, reward_weight, device)
+        cfg, teacher_label = ens.cfg, "teacher set"
+        who = {"teachers": ens.identity, **run_digests(targets, None)}
+    else:
+        t_model = teachers.load_teacher(teacher, teacher_pretrained, teacher_config)
+        cfg = student_config(student, t_model, data.info, noise_aware)
+        teacher_label = teacher if isinstance(teacher, str) else f"<{type(teacher).__name__} module>"
+        who = {"teacher": teacher_label,
+               "teacher_pretrained": None if teacher_pretrained is None else str(Path(teacher_pretrained).resolve()),
+               **run_digests(targets, teacher, teacher_pretrained)}
     identity = json.loads(json.dumps({
-        "targets": str(Path(targets).resolve()), "target_rows": len(data), "student": cfg, "teacher": teacher_label,
-        "teacher_pretrained": None if teacher_pretrained is None else str(Path(teacher_pretrained).resolve()),
-        **run_digests(targets, teacher, teacher_pretrained), "steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "init": init,
+        "targets": str(Path(targets).resolve()), "target_rows": len(data), "student": cfg, **who,
+        "steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "init": init,
         "noise_aware": noise_aware, "seed": seed, "patch_steps": patch_steps, "holdout": holdout,
         "weight_decay": weight_decay}, default=str))
 
     torch.manual_seed(seed)
-    model = LatentCLIP(ModelConfig.from_dict(cfg, name="student"))
-    text = teachers.text_state(t_model)
-    own = model.state_dict()
-    with torch.no_grad():
-        for k, v in text.items():
-            own[k].copy_(v)
-    if init == "teacher":
-        teachers.copy_image_tower(model.visual.latent_vit, t_model)
-    del t_model
+    if multi:
+        ens.model = _fresh_ensemble(ens)
+        ens.init_trunk()
+        ens.built = None
+        model, heads = ens.model.trunk, ens.model.proj
+    else:
+        heads = None
+        model = LatentCLIP(ModelConfig.from_dict(cfg, name="student"))
+        text = teachers.text_state(t_model)
+        own = model.state_dict()
+        with torch.no_grad():
+            for k, v in text.items():
+                own[k].copy_(v)
+        if init == "teacher":
+            teachers.copy_image_tower(model.visual.latent_vit, t_model)
+        del t_model
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("visual.latent_vit."))
+    if multi:
+        heads.requires_grad_(True)
+        ens.model = ens.model.to(device)
     model = model.to(device)
     model.check_finite = False
     if backend == "triton":
         from ..runtime import activate
 
         activate(model, "triton")
-    net = Student(model, noise_aware)
+    net = Student(model, noise_aware, heads)
+    tower = model.visual.latent_vit if heads is None else nn.ModuleDict({"trunk": model.visual.latent_vit,
+                                                                         "heads": heads})
     patch = [p for n, p in model.visual.latent_vit.named_parameters() if not n.startswith(teachers.COPIED)]
     rest = [p for n, p in model.visual.latent_vit.named_parameters() if n.startswith(teachers.COPIED)]
+    if heads is not None:
+        rest += list(heads.parameters())
     opt = torch.optim.AdamW([{"params": patch}, {"params": rest}], lr=lr, betas=(0.9, 0.98), eps=1e-6,
                             weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_lambda(0, warmup_steps, steps),
@@ -419,7 +591,7 @@ def train(targets, run_dir, *, student, teacher, teacher_pretrained=None, teache
     start = 0
     ckpt_path = run_dir / CHECKPOINT
     if ckpt_path.is_file():
-        start = resume(ckpt_path, identity, model.visual.latent_vit, opt, sched, steps)
+        start = resume(ckpt_path, identity, tower, opt, sched, steps)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         _trim_metrics(run_dir / METRICS, start)
@@ -439,14 +611,19 @@ def train(targets, run_dir, *, student, teacher, teacher_pretrained=None, teache
     for step in range(start, steps):
         idx = order.batch(step)[rows]
         raw = train_set.latents[idx].to(device, torch.float32, non_blocking=True)
-        target = train_set.embeddings[idx].to(device, non_blocking=True)
+        target = (train_set.embeddings[idx].to(device, non_blocking=True) if ens is None
+                  else ens.targets(train_set, idx, device))
         s = eps = None
         if noise_aware:
             s, eps = step_noise(seed, step, batch_size, shape)
             s, eps = s[rows].to(device), eps[rows].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             emb = wrapped(raw, s, eps)
-        loss = distill_loss(emb, target)
+        per = terms = None
+        if ens is None:
+            loss = distill_loss(emb, target)
+        else:
+            loss, per, terms = ens.loss(emb, target, train_set, idx, device)
         try:
             _check_loss(loss, step + 1, world, save_every)
         except TrainingDiverged:
@@ -464,14 +641,20 @@ def train(targets, run_dir, *, student, teacher, teacher_pretrained=None, teache
         if bar is not None:
             bar.update(1)
         if done % log_every == 0 or done == steps:
-            logged = loss.detach().clone()
+            parts = [loss] + ([*per.values(), *terms.values()] if per is not None else [])
+            logged = torch.stack([p.detach().float() for p in parts])
             if world > 1:
                 import torch.distributed as dist
 
                 dist.all_reduce(logged)
                 logged /= world
             if rank == 0:
-                line = {"step": done, "loss": logged.item(), "lr": sched.get_last_lr()[1 if done > patch_steps else 0]}
+                line = {"step": done, "loss": logged[0].item(), "lr": sched.get_last_lr()[1 if done > patch_steps else 0]}
+                if per is not None:
+                    values = logged[1:].tolist()
+                    line["heads"] = dict(zip(per, values[:len(per)]))
+                    if terms:
+                        line["reward"] = dict(zip(terms, values[len(per):]))
                 if bar is not None:
                     bar.set_postfix(loss=f"{line['loss']:.4f}")
                 _append(run_dir / METRICS, line)
@@ -479,19 +662,53 @@ def train(targets, run_dir, *, student, teacher, teacher_pretrained=None, teache
             _append(run_dir / METRICS, {"step": done, "eval": held_out_cosine(net, held, levels, seed)})
         if done % save_every == 0 or done == steps:
             if rank == 0:
-                save_atomic({"identity": identity, "step": done, "tower": model.visual.latent_vit.state_dict(),
+                save_atomic({"identity": identity, "step": done, "tower": tower.state_dict(),
                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                              "rng": torch.get_rng_state()}, ckpt_path)
             _barrier(world)
     if bar is not None:
         bar.close()
     final = run_dir / FINAL
-    if rank == 0:
+    if rank == 0 and ens is not None:
+        from ..ensemble import save_ensemble
+
+        ens.model.info = {"teachers": [t["name"] for t in ens.identity["teachers"]], "holdout": holdout,
+                          "targets": identity["targets"], "targets_vae": data.info.get("vae"),
+                          "noise_aware": noise_aware, "steps": steps}
+        save_ensemble(ens.model, final)
+    elif rank == 0:
         save_student(model, cfg, final, {"teacher": teacher_label, "holdout": holdout, "targets": identity["targets"],
                                          "targets_vae": data.info.get("vae"), "noise_aware": noise_aware,
                                          "steps": steps})
     _barrier(world)
     return final
+
+
+def read_targets_info(folder) -> dict:
+    """A targets folder's ``run.json`` (an error when it is not one)."""
+    from .. import vaes
+    from .targets import RUN_FILE
+
+    run = Path(folder) / RUN_FILE
+    if not run.is_file():
+        raise ValueError(f"{folder} is not a targets folder (no {RUN_FILE}): make it with "
+                         "python -m fastlclip.distill targets")
+    return vaes.read_json_file(run, "targets run file")
+
+
+def _fresh_ensemble(ens: "_Ensemble"):
+    """The ensemble rebuilt after ``torch.manual_seed(seed)`` (its trunk and heads drawn from the run's seed),
+    with the teachers' text towers, logit scales and MLPs of the one built at setup."""
+    from ..ensemble import LatentEnsemble
+
+    fresh = LatentEnsemble(ens.cfg, ens.model.heads, {})
+    with torch.no_grad():
+        for n in ens.model.text:
+            fresh.text[n].load_state_dict(ens.model.text[n].state_dict())
+            fresh.logit_scale[n].copy_(ens.model.logit_scale[n])
+        for n in ens.model.mlp:
+            fresh.mlp[n].load_state_dict(ens.model.mlp[n].state_dict())
+    return fresh
 
 
 def save_student(model: LatentCLIP, cfg: dict, path: Path, info: dict) -> None:
