@@ -180,6 +180,11 @@ class LatentEnsemble(nn.Module):
         self.text.requires_grad_(False)
         self.mlp.requires_grad_(False).eval()
 
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device="cpu", dtype=torch.float32) -> "LatentEnsemble":
+        """The ensemble saved at ``path`` (``fastlclip.load(None, path)`` gives the same)."""
+        return load_ensemble(path, device=device, dtype=dtype)
+
     # -- properties
     @property
     def head_names(self) -> list[str]:
