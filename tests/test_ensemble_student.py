@@ -276,20 +276,48 @@ def test_errors(world, trained, tmp_path):
         model.head("nope")
 
 
-def test_cli_trains_an_ensemble(world, tmp_path, capsys, monkeypatch):
-    from fastlclip.distill.__main__ import main
-
-    d = world["dir"]
+def _spec_args(d) -> list[str]:
     specs = [f"name=hps,kind=open_clip,model=tiny-ens-student-oc,config={d / 'oc.json'},weights={d / 'oc.safetensors'},"
              "reward=hps", f"name=pick,kind=hf,model={d / 'hf_model'},processor={d / 'hf_processor'},reward=pickscore",
              f"name=aes,kind=aesthetic,base=hps,weights={d / 'aes.safetensors'}"]
+    return [x for s in specs for x in ("--teacher-spec", s)]
+
+
+def test_torchrun_two_processes_match_one_with_several_heads(world, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps(STUDENT))
+
+    def argv(out):
+        return ["-m", "fastlclip.distill", "train", str(world["targets"]), "--out", str(out), "--student", str(student),
+                "--steps", "3", "--batch-size", "8", "--lr", "0.001", "--warmup-steps", "1", "--save-every", "3",
+                "--seed", "1", "--device", "cpu", "--noise-aware", "--reward-weight", "0.2", *_spec_args(world["dir"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *argv(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, *argv(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    got, want = load_file(str(tmp_path / "ddp" / "final.safetensors")), load_file(str(tmp_path / "one" / "final.safetensors"))
+    assert got.keys() == want.keys()
+    worst = max((got[k] - want[k]).abs().max().item() for k in want)
+    assert worst < 1e-5, worst
+
+
+def test_cli_trains_an_ensemble(world, tmp_path, capsys, monkeypatch):
+    from fastlclip.distill.__main__ import main
+
     student = tmp_path / "student.json"
     student.write_text(json.dumps(STUDENT))
     argv = ["train", str(world["targets"]), "--out", str(tmp_path / "run"), "--student", str(student), "--steps", "2",
             "--batch-size", "4", "--lr", "0.001", "--warmup-steps", "0", "--save-every", "1", "--seed", "0",
             "--device", "cpu", "--head-weight", "hps=5", "--head-weight", "pick=0.5", "--reward-weight", "0.1"]
-    for s in specs:
-        argv += ["--teacher-spec", s]
+    argv += _spec_args(world["dir"])
     monkeypatch.delenv("RANK", raising=False)
     assert main(argv) == 0
     final = capsys.readouterr().out.strip()
@@ -298,7 +326,7 @@ def test_cli_trains_an_ensemble(world, tmp_path, capsys, monkeypatch):
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert state["identity"]["teachers"]["head_weights"] == {"hps": 5.0, "pick": 0.5, "aes": 1.0}
     assert state["identity"]["teachers"]["reward_weight"] == 0.1
-    bad = [a for a in argv if not a.startswith("name=") and a != "--teacher-spec"]
+    bad = [a for a in argv if not a.startswith("name=") and a != "--teacher-spec"]  # --head-weight etc. alone
     assert main(bad + ["--teacher", "ViT-B-32"]) == 2
     assert "--head-weight, --reward-weight go with --teacher-spec" in capsys.readouterr().err
     assert main(argv + ["--teacher", "ViT-B-32"]) == 2

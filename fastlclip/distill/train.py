@@ -405,7 +405,8 @@ class _Ensemble:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
                 raise ValueError(f"head_weights[{k!r}] must be a non-negative number, got {v!r}")
             weights[k] = float(v)
-        if isinstance(reward_weight, bool) or not isinstance(reward_weight, (int, float)) or not 0 <= reward_weight < float("inf"):
+        if isinstance(reward_weight, bool) or not isinstance(reward_weight, (int, float)) \
+                or not 0 <= reward_weight < float("inf"):
             raise ValueError(f"reward_weight must be a non-negative number, got {reward_weight!r}")
         clip = [n for n, t in built.items() if t.base is None]
         if init == "teacher":
@@ -465,7 +466,8 @@ class _Ensemble:
                     m = self.has_prompt[idx].to(device).float()
                     v_s = (emb[n].float() * t).sum(-1)
                     v_t = (F.normalize(target[n].float(), dim=-1) * t).sum(-1)
-                    terms[n] = ((v_s - v_t) ** 2 * m).sum() / m.sum().clamp(min=1)
+                    # a mean over the batch, rows without a prompt counting 0: the same on any number of processes
+                    terms[n] = ((v_s - v_t) ** 2 * m).mean()
                 else:
                     v_s = self.model.value(n, {base: emb[base]})
                     v_t = train_set.scores[n][idx].to(device).float() / self.score_scale[n]
@@ -491,7 +493,8 @@ def train(targets, run_dir, *, student, teacher=None, teacher_pretrained=None, t
     ``teacher=``) to train one trunk (``student``: any config; its ``embed_dim`` is the trunk's) with a linear
     head per CLIP teacher; the loss is ``sum_h head_weights[h] * (1 - cos)`` plus, with ``reward_weight > 0``,
     ``reward_weight * sum_h head_weights[h] * mean (value_student - value_teacher)^2`` where ``value`` is
-    ``cos(image, own prompt's text)`` of a CLIP head (rows with a prompt; the teacher's text tower) and the MLP
+    ``cos(image, own prompt's text)`` of a CLIP head (the teacher's text tower; a row without a prompt counts 0
+    in the batch mean) and the MLP
     value of a head teacher on its base's prediction. ``init="teacher"`` copies ``init_teacher``'s (an
     open_clip teacher; default the first) image tower into the trunk, its head starting as the identity.
     Returns ``run_dir/final.safetensors``, an ensemble (``fastlclip.load(None, path)``, ``fastlclip.ensemble``).
