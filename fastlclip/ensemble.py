@@ -355,8 +355,13 @@ def load_ensemble(path: str | os.PathLike, *, device="cpu", dtype=torch.float32)
     if info is None:
         raise ValueError(f"{Path(path).name} is not a fastlclip ensemble file (no {ENSEMBLE_META_KEY} metadata): "
                          "load a single Latent-CLIP with fastlclip.load(None, path)")
-    model = LatentEnsemble(info["trunk"], info["heads"], info.get("info"))
-    model.load_tensors(load_file(str(path)), Path(path).name)
+    where = Path(path).name
+    try:
+        model = LatentEnsemble(info["trunk"], info["heads"], info.get("info"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: its ensemble metadata does not describe an ensemble ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    model.load_tensors(load_file(str(path)), where)
     return model.to(device=torch.device(device), dtype=dtype).eval()
 
 

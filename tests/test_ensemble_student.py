@@ -274,6 +274,29 @@ def test_errors(world, trained, tmp_path):
         fastlclip.load(None, tmp_path / "plain.safetensors")
     with pytest.raises(KeyError, match="unknown head"):
         model.head("nope")
+    # a tampered file: a tensor missing, metadata that names a head without its fields
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(trained), framework="pt") as f:
+        meta = f.metadata()
+    sd = load_file(str(trained))
+    save_file({k: v for k, v in sd.items() if k != "proj.pick.weight"}, str(tmp_path / "cut.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="cut.safetensors: its tensors are not this ensemble's .*proj.pick.weight"):
+        fastlclip.load(None, tmp_path / "cut.safetensors")
+    info = json.loads(meta[ens_mod.ENSEMBLE_META_KEY])
+    info["heads"][0].pop("text")
+    save_file(sd, str(tmp_path / "meta.safetensors"), metadata={ens_mod.ENSEMBLE_META_KEY: json.dumps(info)})
+    with pytest.raises(ValueError, match="meta.safetensors: its ensemble metadata does not describe an ensemble"):
+        fastlclip.load(None, tmp_path / "meta.safetensors")
+    # a single Latent-CLIP file is not an ensemble: LatentEnsemble.load says so, fastlclip.load loads it as before
+    single = tmp_path / "single.safetensors"
+    tiny = fastlclip.LatentCLIP(fastlclip.model_configs.ModelConfig.from_dict(dict(STUDENT, vae="flux1")))
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(single),
+              metadata={"fastlclip_config": json.dumps(dict(STUDENT, vae="flux1"))})
+    with pytest.raises(ValueError, match="not a fastlclip ensemble file"):
+        fastlclip.LatentEnsemble.load(single)
+    assert isinstance(fastlclip.load(None, single), fastlclip.LatentCLIP)
 
 
 def _spec_args(d) -> list[str]:
