@@ -1542,9 +1542,12 @@ def test_cli_targets_passes_every_setting(record, tmp_path, capsys):
     assert _main([str(a) for a in argv]) == 0
     assert record.calls["make_targets"] == (([str(shard)], str(tmp_path / "t")), dict(
         vae="sd15", space="diffusion", image_size=16, batch_size=3, engine="ray", workers=2, device="cpu",
-        dtype="bfloat16", teacher="ViT-B-32", teacher_pretrained=str(weights), teacher_config=None))
+        dtype="bfloat16", teacher="ViT-B-32", teacher_pretrained=str(weights), teacher_config=None, prompts=True))
     assert capsys.readouterr().err.strip() == (f"[fastlclip.distill] 1 shards (5 targets), 2 already done, 0 failed "
                                                f"-> {tmp_path / 't'}")
+    assert _main([str(a) for a in argv + ["--no-prompts"]]) == 0
+    assert record.calls["make_targets"][1]["prompts"] is False
+    capsys.readouterr()
     record.results["make_targets"].failed = ["d"]
     assert _main([str(a) for a in argv]) == 1  # a failed shard: exit 1, not the argument error's 2
     record.results["make_targets"] = ValueError("the VAE's latents have 4 channels\nmore")
