@@ -22,6 +22,13 @@ What is an image, and its scale (:func:`as_scorer_input`):
 
 ``prompts``: a list (or any sequence) of strings, one per image or one for all; a single ``str`` is one prompt
 for the whole batch, never a sequence of letters.
+
+A reward ensemble (``model`` a ``fastlclip.LatentEnsemble``, or ``model=None`` with ``pretrained`` an ensemble
+file) gives flow_grpo's ``multi_score`` shape instead: ``fn(images, prompts, metadata) -> (details, {})`` with
+``details`` ``{head: scores, ..., "avg": weighted total}``, each head under its teacher's name and in its teacher's
+own scale (times its score scaling), as yifan123/flow_grpo's ``multi_score`` returns ``score_details`` (its
+``flow_grpo/rewards.py`` at 54809b5: one entry per reward name, and ``"avg"`` the sum of ``weight * score``). All
+heads are read from one trunk forward per ``batch_size`` latents. Ensembles take latents only.
 """
 
 from __future__ import annotations
@@ -78,16 +85,69 @@ def _prompts(prompts) -> list[str]:
     return prompts
 
 
-def latent_clip_score(device, model="Latent-ViT-B-8-512", pretrained="hf-hub:wendlerc/latent-clip-b-8-512-34b-80k",
-                      batch_size: int = 64, *, dtype: torch.dtype = torch.float32, vae=None, scale: float = 1.0):
-    """The scorer for ``device``; ``model`` is a config name (with ``pretrained``, as ``fastlclip.load``) or a
-    loaded ``LatentCLIP``; ``batch_size`` latents per forward."""
+def ensemble_weights(heads: list[str], weights) -> dict[str, float]:
+    """``weights`` (``{head: weight}``, None for 1 each) over every head (0 where not named): known heads, finite
+    numbers >= 0, not all zero; else ``ValueError``."""
+    from ..inputs import check_number
+
+    if weights is None:
+        return {h: 1.0 for h in heads}
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(f"weights must be a non-empty {{head: weight}} dict over {', '.join(heads)}")
+    for h in weights:
+        if h not in heads:
+            raise ValueError(f"unknown head {h!r} in weights; the ensemble's heads: {', '.join(heads)}")
+    out = {h: check_number(weights.get(h, 0.0), f"weights[{h!r}]", minimum=0) for h in heads}
+    if not any(out.values()):
+        raise ValueError(f"weights are all zero ({out}): give one head a positive weight")
+    return {h: float(w) for h, w in out.items()}
+
+
+def _ensemble_scorer(ens, batch_size: int, weights):
     import fastlclip
 
+    heads = ens.head_names
+    weights = ensemble_weights(heads, weights)
+    reward = fastlclip.RewardEnsemble(ens, weights={h: w for h, w in weights.items() if w} or weights)
+    channels = ens.trunk.cfg.vision.latent_channels
+
+    @torch.no_grad()
+    def _fn(images, prompts, metadata):
+        latents, is_pixels = as_scorer_input(images, channels)
+        if is_pixels:
+            raise ValueError("a reward ensemble scores latents only (its file carries no VAE encoder): roll out with "
+                             f"output_type='latent' and pass the ({channels}-channel) latents")
+        prompts = prompt_list(_prompts(prompts), len(latents))
+        parts = [reward.score(latents[s:s + batch_size].to(ens.device), prompts[s:s + batch_size])
+                 for s in range(0, len(latents), batch_size)]
+        details = {h: torch.cat([p[h] for p in parts]).float().cpu().double() for h in heads}
+        total = sum(weights[h] * details[h] for h in heads)
+        out = {h: v.float().numpy() for h, v in details.items()}
+        out["avg"] = total.float().numpy()
+        return out, {}
+
+    return _fn
+
+
+def latent_clip_score(device, model="Latent-ViT-B-8-512", pretrained="hf-hub:wendlerc/latent-clip-b-8-512-34b-80k",
+                      batch_size: int = 64, *, dtype: torch.dtype = torch.float32, vae=None, scale: float = 1.0,
+                      weights: dict | None = None):
+    """The scorer for ``device``; ``model`` is a config name (with ``pretrained``, as ``fastlclip.load``) or a
+    loaded ``LatentCLIP``; ``batch_size`` latents per forward. A reward ensemble (``model`` a ``LatentEnsemble``,
+    or ``None`` with an ensemble file as ``pretrained``) gives ``multi_score``'s dict of named scores, ``weights``
+    ``{head: weight}`` (1 each by default, 0 for a head not named) making its ``"avg"``."""
+    import fastlclip
+
+    if isinstance(model, fastlclip.LatentEnsemble):
+        return _ensemble_scorer(model.to(device), batch_size, weights)
     if isinstance(model, fastlclip.LatentCLIP):
         net = model
     else:
         net = fastlclip.load(model, pretrained, device=device, dtype=dtype)
+        if isinstance(net, fastlclip.LatentEnsemble):
+            return _ensemble_scorer(net, batch_size, weights)
+    if weights is not None:
+        raise ValueError("weights= is for a reward ensemble's heads; this is a single Latent-CLIP")
     reward = fastlclip.LatentCLIPReward(net)
     channels = net.cfg.vision.latent_channels
 

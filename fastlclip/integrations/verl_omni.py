@@ -15,6 +15,14 @@ and 503 (after its ``Retry-After``, capped at ``MAX_RETRY_AFTER_S``); any other 
 with the server's reason (``RewardServerError``). No number reaches the trainer unchecked: a 200 reply must be a
 JSON object of this client's ``protocol_version`` with one real, finite cosine in [-1, 1] per latent sent, or the
 call raises ``RewardServerError``. ``timeout=`` is the deadline of the whole call, retries included.
+
+A reward-ensemble server (``python -m fastlclip.serve --pretrained ensemble.safetensors``) answers the extension
+of v1 in ``fastlclip.serve.protocol``: ``raw_scores`` is the weighted total, ``score_kind: "weighted_total"``,
+with ``head_scores``, ``head_weights`` and ``head_ranges``. Its checks are per head (one real finite score per
+latent, in the head's stated range) and on the total (the weighted sum of the head scores); ``compute_score``
+then returns ``{"score": total * score_scale + score_bias, "raw_score": total, "<head>_raw_score": ...}`` (verl's
+reward functions may return a dict with ``"score"`` and extra keys, which the trainer logs as extra reward info).
+``head_weights=`` sends the request's own weights.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ PROTOCOL_VERSION = "1"  # the verl-omni latent protocol this client speaks (the 
 MAX_RETRY_AFTER_S = 30.0  # the longest wait a server's Retry-After can ask for (compute_score's max_retry_after)
 SCORE_RANGE = (-1.0, 1.0)  # protocol v1's raw_scores are cosines
 SCORE_TOLERANCE = 1e-4  # float32 rounding past the cosine's bounds that is accepted (and passed on as sent)
+SCORE_KIND_TOTAL = "weighted_total"  # an ensemble server's raw_scores (fastlclip.serve.protocol)
+TOTAL_TOLERANCE = 1e-9  # relative: the server sums in float64 the very numbers it sends
 
 
 class RewardServerError(RuntimeError):
@@ -69,8 +79,10 @@ def _prompt(ground_truth, extra_info) -> str:
     return prompt
 
 
-def request_body(latents: torch.Tensor, prompt: str, noise_level: float | None = None, seed: int | None = None) -> bytes:
-    """A protocol v1 body: ``latents`` (and ``u``, ``seeds`` when given), the prompt in the metadata."""
+def request_body(latents: torch.Tensor, prompt: str, noise_level: float | None = None, seed: int | None = None,
+                 head_weights: dict | None = None) -> bytes:
+    """A protocol v1 body: ``latents`` (and ``u``, ``seeds`` when given), the prompt in the metadata (and
+    ``head_weights`` for an ensemble server)."""
     from safetensors.torch import save
 
     tensors = {"latents": latents}
@@ -78,7 +90,10 @@ def request_body(latents: torch.Tensor, prompt: str, noise_level: float | None =
         tensors["u"] = torch.full((latents.shape[0],), float(noise_level), dtype=torch.float32)
     if seed is not None:
         tensors["seeds"] = torch.full((latents.shape[0],), int(seed), dtype=torch.int64)
-    return save(tensors, metadata={"prompts": json.dumps([prompt] * latents.shape[0])})
+    meta = {"prompts": json.dumps([prompt] * latents.shape[0])}
+    if head_weights is not None:
+        meta["head_weights"] = json.dumps(dict(head_weights))
+    return save(tensors, metadata=meta)
 
 
 def _reason(response) -> str:
@@ -88,10 +103,42 @@ def _reason(response) -> str:
         return response.text[:300]
 
 
-def raw_scores(response, url: str, n: int) -> list[float]:
-    """The ``n`` scores of a 200 reply, checked: a JSON object with ``protocol_version`` this client's and
-    ``raw_scores`` a list of ``n`` real, finite numbers (not booleans) in the cosine's range [-1, 1] (within
-    ``SCORE_TOLERANCE``); anything else raises ``RewardServerError``."""
+def _numbers(values, n: int, what: str, invalid, bounds=None) -> list[float]:
+    """``values`` checked: a list of ``n`` real, finite numbers (not booleans), within ``bounds`` (lo, hi) up to
+    ``SCORE_TOLERANCE`` times the bound's size (at least 1) when given."""
+    if not isinstance(values, list):
+        raise invalid(f"{what} must be a list of {n} numbers, got {type(values).__name__} {str(values)[:40]}")
+    if len(values) != n:
+        raise invalid(f"{len(values)} scores for the {n} latent(s) sent" + ("" if what == "'raw_scores'" else f" in {what}"))
+    out = []
+    name = "score" if what == "'raw_scores'" else f"{what} score"
+    for i, r in enumerate(values):
+        if isinstance(r, bool) or not isinstance(r, (int, float)):
+            raise invalid(f"{name} {i} is {str(r)[:40]!r} ({type(r).__name__}), not a number")
+        try:
+            x = float(r)
+        except OverflowError:  # an integer past float range
+            x = math.inf
+        if not math.isfinite(x):
+            raise invalid(f"{name} {i} is {x}, not finite")
+        if bounds is not None:
+            lo, hi = bounds
+            tol = SCORE_TOLERANCE * max(1.0, abs(lo), abs(hi))
+            if not lo - tol <= x <= hi + tol:
+                kind = "the cosine's range" if bounds == SCORE_RANGE and what == "'raw_scores'" else "its range"
+                raise invalid(f"{name} {i} is {x!r}, outside {kind} [{lo:g}, {hi:g}]")
+        out.append(x)
+    return out
+
+
+def checked_reply(response, url: str, n: int) -> tuple[list[float], dict[str, list[float]] | None]:
+    """The ``n`` scores of a 200 reply, checked, and for an ensemble server's reply each head's ``n`` scores
+    (None for a single model's). A JSON object with ``protocol_version`` this client's; for a single model,
+    ``raw_scores`` a list of ``n`` real, finite cosines in [-1, 1] (within ``SCORE_TOLERANCE``); for an
+    ensemble (``score_kind: "weighted_total"``), ``head_scores`` ``{head: n numbers}`` each within its
+    ``head_ranges`` entry ([lo, hi], or null for an unbounded head), ``head_weights`` finite, >= 0, not all zero,
+    over the same heads, and ``raw_scores`` the weighted sum of the head scores (``TOTAL_TOLERANCE``). Anything
+    else raises ``RewardServerError``."""
     def invalid(what: str) -> RewardServerError:
         return RewardServerError(url, response.status_code, f"invalid reply, {what}; no score is passed on")
 
@@ -105,26 +152,48 @@ def raw_scores(response, url: str, n: int) -> list[float]:
     if version != PROTOCOL_VERSION:
         raise invalid(f"protocol_version {version!r}: this client speaks {PROTOCOL_VERSION!r} (verl-omni latent "
                       "protocol v1); run a server of the same version")
-    raw = reply.get("raw_scores")
-    if not isinstance(raw, list):
-        raise invalid(f"'raw_scores' must be a list of {n} numbers, got {type(raw).__name__} {str(raw)[:40]}")
-    if len(raw) != n:
-        raise invalid(f"{len(raw)} scores for the {n} latent(s) sent")
-    lo, hi = SCORE_RANGE
-    scores = []
-    for i, r in enumerate(raw):
-        if isinstance(r, bool) or not isinstance(r, (int, float)):
-            raise invalid(f"score {i} is {str(r)[:40]!r} ({type(r).__name__}), not a number")
-        try:
-            x = float(r)
-        except OverflowError:  # an integer past float range
-            x = math.inf
-        if not math.isfinite(x):
-            raise invalid(f"score {i} is {x}, not finite")
-        if not lo - SCORE_TOLERANCE <= x <= hi + SCORE_TOLERANCE:
-            raise invalid(f"score {i} is {x!r}, outside the cosine's range [{lo:g}, {hi:g}]")
-        scores.append(x)
-    return scores
+    kind = reply.get("score_kind")
+    if kind is None and "head_scores" not in reply:
+        return _numbers(reply.get("raw_scores"), n, "'raw_scores'", invalid, SCORE_RANGE), None
+    if kind != SCORE_KIND_TOTAL:
+        raise invalid(f"score_kind {str(kind)[:40]!r}: this client reads a single model's cosines (no score_kind) "
+                      f"or an ensemble's {SCORE_KIND_TOTAL!r}")
+    heads, weights, ranges = reply.get("head_scores"), reply.get("head_weights"), reply.get("head_ranges")
+    for name, value in (("head_scores", heads), ("head_weights", weights), ("head_ranges", ranges)):
+        if not isinstance(value, dict) or not value:
+            raise invalid(f"an ensemble reply's {name!r} must be a non-empty object by head, got "
+                          f"{type(value).__name__}")
+    if set(weights) != set(heads) or set(ranges) != set(heads):
+        raise invalid(f"'head_scores', 'head_weights' and 'head_ranges' name different heads ({sorted(heads)[:6]}, "
+                      f"{sorted(weights)[:6]}, {sorted(ranges)[:6]})")
+    per_head = {}
+    for h, values in heads.items():
+        bounds = ranges[h]
+        if bounds is not None:
+            if not isinstance(bounds, list) or len(bounds) != 2 or any(
+                    isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) for b in bounds) \
+                    or bounds[0] > bounds[1]:
+                raise invalid(f"head_ranges[{h!r}] must be null or [lo, hi], finite, lo <= hi, got {str(bounds)[:60]}")
+            bounds = (float(bounds[0]), float(bounds[1]))
+        per_head[h] = _numbers(values, n, f"head {h!r}", invalid, bounds)
+    for h, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise invalid(f"head_weights[{h!r}] is {str(w)[:40]!r}, not a finite number >= 0")
+    if not any(weights.values()):
+        raise invalid("head_weights are all zero")
+    total = _numbers(reply.get("raw_scores"), n, "'raw_scores'", invalid)
+    for i, t in enumerate(total):
+        terms = [float(weights[h]) * per_head[h][i] for h in per_head]
+        want = math.fsum(terms)
+        if abs(t - want) > TOTAL_TOLERANCE * (1.0 + math.fsum(abs(x) for x in terms)):
+            raise invalid(f"score {i} is {t!r}, not the weighted sum of its head scores ({want!r})")
+    return total, per_head
+
+
+def raw_scores(response, url: str, n: int) -> list[float]:
+    """The ``n`` scores of a 200 reply, checked by :func:`checked_reply` (a single model's cosines, or an ensemble's
+    weighted totals); anything else raises ``RewardServerError``."""
+    return checked_reply(response, url, n)[0]
 
 
 _sleep = asyncio.sleep  # waits between tries (the tests replace it)
@@ -133,11 +202,15 @@ _sleep = asyncio.sleep  # waits between tries (the tests replace it)
 async def compute_score(solution_image, ground_truth, extra_info, server_url: str, token: str | None = None,
                         timeout: float = 120.0, max_retries: int = 2, score_scale: float = 1.0, score_bias: float = 0.0,
                         noise_level: float | None = None, noise_seed: int | None = None, retry_backoff: float = 0.5,
-                        max_retry_after: float = MAX_RETRY_AFTER_S, **kwargs) -> dict:
+                        max_retry_after: float = MAX_RETRY_AFTER_S, head_weights: dict | None = None,
+                        **kwargs) -> dict:
     """Score one rollout on the server at ``server_url`` (its ``/v1/score``).
 
     Returns ``{"score": raw * score_scale + score_bias, "clip_raw_score": raw}``, ``raw`` the cosine the
-    server's ``LatentCLIPReward.score`` gives (lists when the latents hold several samples). ``noise_level``
+    server's ``LatentCLIPReward.score`` gives (lists when the latents hold several samples). From a reward-ensemble
+    server: ``{"score": total * score_scale + score_bias, "raw_score": total, "<head>_raw_score": value, ...}``,
+    the total the server's weighted sum of its heads' scores (``head_weights={head: weight}`` sends this call's
+    weights, else the server's defaults apply). ``noise_level``
     (and ``noise_seed``) go to the server as ``u`` (and ``seeds``): a noise-aware model uses it, another
     ignores it. Other keyword arguments of the reward config are accepted and unused.
 
@@ -161,7 +234,7 @@ async def compute_score(solution_image, ground_truth, extra_info, server_url: st
     if not seconds(max_retry_after):
         raise ValueError(f"max_retry_after must be a finite number of seconds >= 0, got {max_retry_after!r}")
     latents = _latents(solution_image, extra_info)
-    body = request_body(latents, _prompt(ground_truth, extra_info), noise_level, noise_seed)
+    body = request_body(latents, _prompt(ground_truth, extra_info), noise_level, noise_seed, head_weights)
     headers = {"content-type": "application/octet-stream", "x-drm-protocol-version": PROTOCOL_VERSION}
     if token:
         headers["authorization"] = f"Bearer {token}"
@@ -199,7 +272,14 @@ async def compute_score(solution_image, ground_truth, extra_info, server_url: st
                 raise past_deadline(attempt + 1, f"{failure} (the next try, after a wait of {wait:g} s, would start "
                                                  "past the deadline)")
             await _sleep(wait)
-    raw = raw_scores(response, server_url, latents.shape[0])
-    if latents.shape[0] == 1:
+    raw, per_head = checked_reply(response, server_url, latents.shape[0])
+    one = latents.shape[0] == 1
+    if per_head is not None:
+        out = {"score": raw[0] * score_scale + score_bias if one else [r * score_scale + score_bias for r in raw],
+               "raw_score": raw[0] if one else raw}
+        for h, values in per_head.items():
+            out[f"{h}_raw_score"] = values[0] if one else values
+        return out
+    if one:
         return {"score": raw[0] * score_scale + score_bias, "clip_raw_score": raw[0]}
     return {"score": [r * score_scale + score_bias for r in raw], "clip_raw_score": raw}

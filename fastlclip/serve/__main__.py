@@ -1,5 +1,9 @@
 """``python -m fastlclip.serve --model NAME --pretrained FILE``: the batching Latent-CLIP reward server.
 
+``--pretrained ensemble.safetensors`` without ``--model`` serves a reward ensemble (``fastlclip.LatentEnsemble``):
+every head from one trunk forward per batch, the weighted total with each head's score beside it, the default
+head weights from ``--head-weight NAME=W`` (1 for every head not named).
+
 Every argument is checked before the model loads; an error is one line on stderr and exit status 2. The
 server binds 127.0.0.1 unless told otherwise, and refuses a non-loopback ``--host`` without
 ``--token-file``. SIGTERM (or Ctrl+C) stops accepting connections, answers the requests in flight, and
@@ -53,6 +57,39 @@ def min_body_bytes(channels: int, size: int) -> int:
     return 8 + channels * size * size * 4 + 16 * 1024
 
 
+def head_weight(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT (e.g. hps=5), got {text!r}")
+    try:
+        w = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a number, got {value!r}") from None
+    if not 0 <= w < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a finite number >= 0")
+    return name.strip(), w
+
+
+head_weight.what = "NAME=WEIGHT, a head of the ensemble and a finite number >= 0"
+
+
+def default_head_weights(heads: list[str], given: list[tuple[str, float]] | None) -> dict[str, float]:
+    """The server's default head weights: 1 for each head, or as ``--head-weight`` says; raises ValueError for a
+    head named twice, an unknown head, or weights all zero."""
+    given = given or []
+    names = [n for n, _ in given]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--head-weight names a head twice: {sorted({n for n in names if names.count(n) > 1})}")
+    unknown = [n for n in names if n not in heads]
+    if unknown:
+        raise ValueError(f"--head-weight {unknown[0]}: the ensemble has no such head; its heads: {', '.join(heads)}")
+    weights = {h: 1.0 for h in heads}
+    weights.update(dict(given))
+    if not any(weights.values()):
+        raise ValueError(f"--head-weight: every head weighs 0 ({', '.join(heads)}); give one a positive weight")
+    return weights
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 65535], got {text!r}")
@@ -66,7 +103,8 @@ def parser() -> argparse.ArgumentParser:
     from ..runtime import BACKENDS
 
     p = Parser(prog="python -m fastlclip.serve", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="registered config name (fastlclip.list_models()) or a JSON config")
+    p.add_argument("--model", help="registered config name (fastlclip.list_models()) or a JSON config; omit it for a "
+                                    "reward ensemble file, or a checkpoint that names its config")
     p.add_argument("--pretrained", required=True, help="checkpoint: .pt, .safetensors, a folder, or hf-hub:<repo>")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --token-file)")
     p.add_argument("--port", type=_port, default=8000, help="port to bind")
@@ -87,6 +125,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send")
     p.add_argument("--resize", choices=("none", "interpolate", "pool"), default="none",
                    help="policy for latent grids other than the trained one (fastlclip.grids)")
+    p.add_argument("--head-weight", type=head_weight, action="append", metavar="NAME=W", dest="head_weights",
+                   help="a reward ensemble's default weight for head NAME (repeat; heads not named weigh 1); requests "
+                        "may send their own in metadata 'head_weights'")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                    help="uvicorn's log level")
     return p
@@ -213,18 +254,39 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = torch.bfloat16 if args.dtype == "auto" and device == "cuda" else getattr(torch, args.dtype, torch.float32)
     backend = "eager" if args.backend == "auto" and device == "cpu" else args.backend
+    from ..ensemble import LatentEnsemble, ensemble_metadata
+
+    resize = None if args.resize == "none" else args.resize
     try:
-        model = fastlclip.load(args.model, args.pretrained, device=device, dtype=dtype, backend=backend,
-                               resize=None if args.resize == "none" else args.resize)
+        if args.model is None and ensemble_metadata(args.pretrained) is not None:
+            if backend not in ("auto", "eager"):
+                raise ValueError(f"--backend {backend}: a reward ensemble is served with the eager backend")
+            model = fastlclip.load(None, args.pretrained, device=device, dtype=dtype)
+        else:
+            model = fastlclip.load(args.model, args.pretrained, device=device, dtype=dtype, backend=backend,
+                                   resize=resize)
     except (CheckpointError, ValueError, TypeError, FileNotFoundError, KeyError) as e:
         p.error(f"could not load the model: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    v = model.cfg.vision
+    ensemble = isinstance(model, LatentEnsemble)
+    if args.head_weights and not ensemble:
+        p.error("--head-weight is for a reward ensemble file (--pretrained ensemble.safetensors, no --model); this "
+                "is a single model with no heads")
+    if ensemble:
+        try:
+            weights = default_head_weights(model.head_names, args.head_weights)
+        except ValueError as e:
+            p.error(str(e))
+    trunk = model.trunk if ensemble else model
+    v = trunk.cfg.vision
     if args.max_body_mb * 2**20 < (need := min_body_bytes(v.latent_channels, v.latent_size)):
         p.error(f"--max-body-mb {args.max_body_mb:g} is too small for one request: one float32 "
                 f"{v.latent_channels}x{v.latent_size}x{v.latent_size} latent and its prompt need {need / 2**20:.3g} MiB; "
                 "pass at least that (the default, 64, holds hundreds)")
-    model.check_finite = False  # the server checks each request's latents itself, on the host
-    reward = fastlclip.LatentCLIPReward(model, text_cache_size=args.text_cache_size)
+    trunk.check_finite = False  # the server checks each request's latents itself, on the host
+    if ensemble:
+        reward = fastlclip.RewardEnsemble(model, weights, resize=resize, text_cache_size=args.text_cache_size)
+    else:
+        reward = fastlclip.LatentCLIPReward(model, text_cache_size=args.text_cache_size)
     app = create_app(reward, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                      max_body_mb=args.max_body_mb, max_queue=args.max_queue, token=token,
                      body_timeout_s=args.body_timeout_s)

@@ -5,6 +5,10 @@ see ``fastlclip.serve.protocol``), ``GET /metrics`` (Prometheus text). Every err
 400 bad request, 401 missing or wrong bearer token, 404, 405, 408 body not received in time (the connection
 is then closed), 413 body over the limit, 503 with
 ``Retry-After`` when the queue is full, 500 for a failure of the server itself.
+
+``reward`` may be a ``RewardEnsemble``: each batch is one trunk forward for every head, and replies carry the
+weighted total in ``raw_scores`` with each head's score beside it (the extension of v1 in
+``fastlclip.serve.protocol``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import inputs
-from ..rewards import LatentCLIPReward
+from ..rewards import LatentCLIPReward, RewardEnsemble
 from . import protocol
 from .batcher import Batcher, QueueFull
 
@@ -66,10 +70,28 @@ def _model_info(model) -> dict:
             "noise_aware": model.noise_aware, "scaling_factor": space.scaling_factor, "shift_factor": space.shift_factor}
 
 
-def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_ms: float = 10.0,
+def head_range(model, head: str) -> list[float] | None:
+    """The range of an ensemble head's score: ``scale * [-1, 1]`` for a cosine, times ``logit_scale.exp()`` for a
+    logit; None for a head with no bound (an MLP)."""
+    form = model.forms[head]
+    if form.form == "head":
+        return None
+    bound = abs(form.scale) * (model.logit_scale[head].float().exp().item() if form.form == "logit" else 1.0)
+    return [-bound, bound]
+
+
+def _ensemble_info(reward: RewardEnsemble) -> dict:
+    m = reward.model
+    return {"model": "ensemble", "heads": m.head_names, "head_weights": dict(reward.weights),
+            "head_ranges": {h: head_range(m, h) for h in m.head_names}, "score_kind": protocol.SCORE_KIND_TOTAL}
+
+
+def create_app(reward: LatentCLIPReward | RewardEnsemble, *, max_batch_size: int = 32, max_wait_ms: float = 10.0,
                max_body_mb: float = 64.0, max_queue: int = 4096, token: str | None = None,
                body_timeout_s: float = 30.0) -> Starlette:
-    """The server's app around ``reward`` (a ``LatentCLIPReward`` on diffusion-space latents).
+    """The server's app around ``reward`` (a ``LatentCLIPReward`` on diffusion-space latents, or a
+    ``RewardEnsemble``: its ``weights`` are the server's default head weights, every head of the ensemble scored,
+    a head it does not name weighing 0).
 
     ``max_batch_size`` latents per forward, batches leave after ``max_wait_ms``; ``max_queue`` latents may
     wait before requests are refused with 503; bodies over ``max_body_mb`` get 413; with ``token`` every
@@ -79,18 +101,38 @@ def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_m
     """
     body_timeout_s = inputs.check_number(body_timeout_s, "body_timeout_s (seconds a request's body may take)",
                                          positive=True)
+    ensemble = isinstance(reward, RewardEnsemble)
     model = reward.model
+    trunk = model.trunk if ensemble else model  # the image tower: its grid, VAE, device
+    heads = model.head_names if ensemble else None
+    defaults = None
+    if ensemble:
+        defaults = {h: float(reward.weights.get(h, 0.0)) for h in heads}
+        if not any(defaults.values()):
+            raise ValueError(f"the default head weights are all zero ({defaults}): give one head a positive weight")
+    resize = reward.resize if ensemble else model.resize
+    ranges = {h: head_range(model, h) for h in heads} if ensemble else None
     noise_aware = model.noise_aware
     metrics = _Metrics()
     limit = int(max_body_mb * 2**20)
-    v = model.cfg.vision
+    v = trunk.cfg.vision
 
     def score_fn(latents: torch.Tensor, prompts: list[str], noise) -> torch.Tensor:
+        """(B,) scores, or for an ensemble (B, heads): one trunk forward per ``max_batch_size`` latents."""
         kw = {}
         if noise is not None:
             kw["noise_level"] = noise if isinstance(noise, float) else torch.tensor(noise, device=model.device)
         with torch.inference_mode():
-            return reward.score(latents.to(model.device), prompts, batch_size=max_batch_size, **kw).float().cpu()
+            if not ensemble:
+                return reward.score(latents.to(model.device), prompts, batch_size=max_batch_size, **kw).float().cpu()
+            out = []
+            for s in range(0, latents.shape[0], max_batch_size):
+                k = {"noise_level": kw["noise_level"][s:s + max_batch_size]} \
+                    if isinstance(kw.get("noise_level"), torch.Tensor) else kw
+                per_head = reward.score(latents[s:s + max_batch_size].to(model.device),
+                                        prompts[s:s + max_batch_size], **k)
+                out.append(torch.stack([per_head[h].float() for h in heads], dim=1))
+            return torch.cat(out).cpu()
 
     batcher = Batcher(score_fn, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                       noise_key=noise_aware, on_batch=metrics.batch)
@@ -106,7 +148,10 @@ def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_m
                            "--token-file)", {"WWW-Authenticate": "Bearer"})
 
     async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "protocol_version": protocol.PROTOCOL_VERSION, **_model_info(model)})
+        info = {"status": "ok", "protocol_version": protocol.PROTOCOL_VERSION, **_model_info(trunk)}
+        if ensemble:
+            info.update(_ensemble_info(reward), head_weights=defaults, resize=resize)
+        return JSONResponse(info)
 
     async def metrics_endpoint(request: Request) -> Response:
         if not authorized(request):
@@ -145,8 +190,9 @@ def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_m
                                "fewer latents per request")
         try:
             req = protocol.parse(body, channels=v.latent_channels, to_diffusion=model.latent_space.to_diffusion)
+            weights = protocol.head_weights(req.head_weights, heads, defaults)
             inputs.check_latents(req.latents, channels=v.latent_channels, size=v.latent_size, patch=v.patch_size,
-                                 resize=model.resize, check_finite=False, vae=model.cfg.vae_name)
+                                 resize=resize, check_finite=False, vae=trunk.cfg.vae_name)
             if noise_aware and req.noise_level is not None:
                 req.latents = protocol.renoise(req)
         except ValueError as e:  # ProtocolError is one; so are the model's own checks
@@ -157,12 +203,20 @@ def create_app(reward: LatentCLIPReward, *, max_batch_size: int = 32, max_wait_m
             return _error(503, str(e), {"Retry-After": str(RETRY_AFTER_S)})
         except (ValueError, TypeError) as e:  # refused by the model for this request alone
             return _error(400, str(e))
-        if not all(math.isfinite(s) for s in scores):  # finite latents, overflowed in the tower: the client's input
+        flat = [x for s in scores for x in s] if ensemble else scores
+        if not all(math.isfinite(s) for s in flat):  # finite latents, overflowed in the tower: the client's input
             peak = req.latents.abs().amax().item()
             return _error(400, f"'latents' are finite but overflowed to NaN/Inf inside the image tower (largest |latent| "
                                f"= {peak:.3g}; diffusion-space SDXL latents are of order 1-10): check the sampler or "
                                "scaling that produced them, or metadata 'space' (diffusion vs vae)")
-        out = {"protocol_version": protocol.PROTOCOL_VERSION, "raw_scores": scores, "model": model.cfg.name}
+        if not ensemble:
+            out = {"protocol_version": protocol.PROTOCOL_VERSION, "raw_scores": scores, "model": model.cfg.name}
+        else:
+            per_head = {h: [s[i] for s in scores] for i, h in enumerate(heads)}
+            total = [math.fsum(weights[h] * s[i] for i, h in enumerate(heads)) for s in scores]
+            out = {"protocol_version": protocol.PROTOCOL_VERSION, "raw_scores": total, "model": "ensemble",
+                   "score_kind": protocol.SCORE_KIND_TOTAL, "head_scores": per_head, "head_weights": weights,
+                   "head_ranges": ranges}
         if req.noise_level is not None:
             out["noise_level"] = req.noise_level if noise_aware else "ignored"
         return JSONResponse(out)

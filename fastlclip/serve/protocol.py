@@ -12,11 +12,20 @@ only: nothing is ever unpickled.
 Latents are clean; as in v1 (DiNa-LRM's server), a noise-aware model scores them re-noised to ``u``:
 ``(1 - u) x + u eps`` in diffusion space (rectified flow), ``eps`` standard normal from ``seeds`` (per latent;
 seed 0 when none are sent), drawn on the host so every device gets the same noise (:func:`renoise`).
+
+An extension of v1 for a server of a reward ensemble (``fastlclip.LatentEnsemble``, several heads on one trunk):
+the request's metadata may carry ``head_weights``, a JSON object ``{head: weight}`` (:func:`head_weights`: known
+heads only, finite numbers >= 0, not all zero; heads not named weigh 0); without it the server's defaults apply.
+The reply keeps ``raw_scores`` (then the weighted total per latent, so a v1 client still reads one number per
+latent) and adds ``score_kind: "weighted_total"``, ``head_scores`` ``{head: [one per latent]}``, ``head_weights``
+(those applied) and ``head_ranges`` ``{head: [lo, hi] or null}`` (a cosine head's range, a logit head's, or null
+for a head with no bound, the aesthetic MLP). A single model's replies are v1's, unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 
@@ -25,6 +34,7 @@ import torch
 from .. import inputs
 
 PROTOCOL_VERSION = "1"
+SCORE_KIND_TOTAL = "weighted_total"  # an ensemble reply's raw_scores: sum_h weight_h * head_scores[h]
 LATENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KNOWN_TENSORS = {"latents", "u", "prompt_embeds", "pooled_prompt_embeds", "seeds"}
 
@@ -39,6 +49,7 @@ class ScoreRequest:
     prompts: list[str]  # B prompts
     noise_level: float | tuple[float, ...] | None  # u: one value, one per latent, or not sent
     seeds: tuple[int, ...] = (0,)  # one, or one per latent
+    head_weights: str | None = None  # metadata 'head_weights' as sent (JSON), checked by head_weights()
 
     @property
     def size(self) -> int:
@@ -115,6 +126,43 @@ def _seeds(seeds: torch.Tensor | None, batch: int) -> tuple[int, ...]:
     return tuple(int(v) for v in seeds.flatten().tolist())
 
 
+def head_weights(text: str | None, heads: list[str] | None, defaults: dict[str, float] | None = None
+                 ) -> dict[str, float] | None:
+    """The head weights a request asks for: metadata ``head_weights`` (``text``, JSON ``{head: weight}``) over the
+    server's ``heads`` (None: a single model, which has none), else ``defaults``. Every head gets a weight (0
+    where the request names none); raises ProtocolError (HTTP 400) for unknown heads, a weight that is not a finite
+    number >= 0, or weights that are all zero."""
+    if text is None:
+        return defaults
+    if heads is None:
+        raise ProtocolError("metadata 'head_weights' is for a reward ensemble's server; this server scores one model "
+                            "with no heads: send no head_weights")
+    try:
+        asked = json.loads(text)
+    except ValueError:
+        raise ProtocolError("metadata 'head_weights' is not JSON; send a JSON object {head: weight}") from None
+    except RecursionError:
+        raise ProtocolError("metadata 'head_weights' nests JSON too deeply; send a flat JSON object {head: weight}") from None
+    if not isinstance(asked, dict) or not asked:
+        raise ProtocolError(f"metadata 'head_weights' must be a non-empty JSON object {{head: weight}} over the heads "
+                            f"{', '.join(heads)}")
+    unknown = [h for h in asked if h not in heads]
+    if unknown:
+        raise ProtocolError(f"metadata 'head_weights' names unknown heads {[h[:40] for h in unknown[:4]]}; the "
+                            f"ensemble's heads: {', '.join(heads)}")
+    for h, w in asked.items():
+        try:
+            ok = not isinstance(w, bool) and isinstance(w, (int, float)) and math.isfinite(float(w)) and w >= 0
+        except OverflowError:  # an integer past float range
+            ok = False
+        if not ok:
+            raise ProtocolError(f"metadata 'head_weights'[{h!r}] must be a finite number >= 0, got {str(w)[:40]!r}")
+    if not any(asked.values()):
+        raise ProtocolError("metadata 'head_weights' are all zero: the total would be 0 whatever the latents; give "
+                            "one head a positive weight")
+    return {h: float(asked.get(h, 0.0)) for h in heads}
+
+
 def renoise(request: ScoreRequest) -> torch.Tensor:
     """The request's clean latents re-noised to its ``u``: ``(1 - u) x + u eps``, ``eps`` from its seeds."""
     x = request.latents
@@ -163,5 +211,6 @@ def parse(body: bytes, *, channels: int, to_diffusion) -> ScoreRequest:
     if space == "vae":
         latents = to_diffusion(latents)
     batch = latents.shape[0]
+    weights = meta.get("head_weights")
     return ScoreRequest(latents, _prompts(meta, batch), _noise_level(tensors.get("u"), batch),
-                        _seeds(tensors.get("seeds"), batch))
+                        _seeds(tensors.get("seeds"), batch), weights if isinstance(weights, str) else None)
