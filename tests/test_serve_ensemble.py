@@ -24,7 +24,7 @@ from test_serve import V1, post, run
 HEADS = ("hps", "pick", "aes")
 
 
-def tiny_ensemble(seed: int = 0):
+def tiny_ensemble(seed: int = 0, noise_aware: bool = False):
     """A tiny random ``LatentEnsemble``, built without training (the values do not matter, only that every path
     computes the same ones): tests/distill_world.py's student trunk (16-channel latents of its VAE, 8x8), an
     ``open_clip`` head ``hps`` (cos), a transformers head ``pick`` (logit, logit scale 50) and an aesthetic head
@@ -44,7 +44,8 @@ def tiny_ensemble(seed: int = 0):
              {"name": "aes", "kind": "aesthetic", "embed_dim": 1, "base": "hps", "mlp_sizes": [24, 16, 8, 8, 4, 1],
               "reward": {"form": "head", "constant": 10.0, "scale": 1.0, "preset": "aesthetic"}}]
     torch.manual_seed(seed)
-    model = LatentEnsemble({**STUDENT, "vae_cfg": VAE_CFG}, heads, {"test": "tests/test_serve_ensemble.py"})
+    trunk = {**STUDENT, "vae_cfg": VAE_CFG, "vision_cfg": {**STUDENT["vision_cfg"], "noise_aware": noise_aware}}
+    model = LatentEnsemble(trunk, heads, {"test": "tests/test_serve_ensemble.py"})
     with torch.no_grad():
         model.logit_scale["pick"].fill_(math.log(50.0))
         model.logit_scale["hps"].fill_(math.log(100.0))
@@ -139,6 +140,33 @@ def test_one_trunk_forward_per_batch_for_every_head(model):
     for s, r in enumerate(replies):
         want = direct(model, lat(2, seed=s), PROMPTS[:2])
         assert r.json()["raw_scores"] == pytest.approx([(1.0 + s) * v for v in want["hps"]], abs=1e-5)
+
+
+def test_a_noise_aware_ensemble_scores_latents_renoised_to_u():
+    """Per-latent noise levels and seeds: each head's score is RewardEnsemble.score on the latents re-noised as
+    protocol.renoise does, at those levels, in one trunk forward (chunked by the batch size)."""
+    from fastlclip.serve import protocol
+
+    model = tiny_ensemble(seed=1, noise_aware=True)
+    assert model.noise_aware
+    with torch.no_grad():  # the noise embedding starts at zero: make the noise level matter
+        for prm in model.trunk.visual.latent_vit.noise_embed.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=torch.Generator().manual_seed(2)))
+    reward = fastlclip.RewardEnsemble(model, weights={"pick": 1.0})
+    x, u, seeds = lat(3, seed=4), torch.tensor([0.1, 0.5, 0.9]), torch.tensor([3, 4, 5])
+    r = post(create_app(reward, max_batch_size=2), save({"latents": x, "u": u, "seeds": seeds},
+                                                        metadata={"prompts": json.dumps(PROMPTS)}))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["noise_level"] == pytest.approx([0.1, 0.5, 0.9])
+    noised = protocol.renoise(protocol.ScoreRequest(x, PROMPTS, (0.1, 0.5, 0.9), (3, 4, 5)))
+    with torch.no_grad():
+        want = fastlclip.RewardEnsemble(model, weights={"hps": 1.0}).score(noised, PROMPTS, noise_level=u)
+        clean = fastlclip.RewardEnsemble(model, weights={"hps": 1.0}).score(noised, PROMPTS)
+    assert (want["hps"] - clean["hps"]).abs().max() > 1e-3  # u reaches the trunk
+    for h in HEADS:
+        assert out["head_scores"][h] == pytest.approx(want[h].tolist(), abs=1e-5)
+    assert out["raw_scores"] == pytest.approx(want["pick"].tolist(), abs=1e-5)
 
 
 def test_single_model_replies_are_v1_unchanged(seeded_tiny_model):
