@@ -1,91 +1,47 @@
 """The multi-head student and the ensemble reward (issue 32, parts 3 and 4), on CPU with tiny everything: a
 16-channel AutoencoderKL (tests/distill_world.py), a tiny open_clip teacher with a weights file, a tiny
-transformers CLIPModel + processor, a tiny aesthetic MLP (tests/test_ensemble_teachers.py's builders).
+transformers CLIPModel + processor, a tiny aesthetic MLP (tests/ensemble_world.py, on
+tests/test_ensemble_teachers.py's builders).
 
 ReNO's loss forms are written out from ExplainableML/ReNO at bd6f6ac (rewards/hps.py, pickscore.py, clip.py,
 aesthetic.py), as in tests/test_ensemble_teachers.py."""
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastlclip
-from distill_world import STUDENT, TEACHER_CFG, images, make_teacher, make_vae
+from distill_world import STUDENT, make_vae
 from fastlclip import ensemble as ens_mod
 from fastlclip.distill import make_targets, read_targets
 from fastlclip.distill import teachers as tt
 import importlib
 
 train_mod = importlib.import_module("fastlclip.distill.train")
-from test_ensemble_teachers import clip_tokenizer, hf_clip, hf_processor
+from ensemble_world import prompt_shards, spec_args, teacher_files
 
 N = 200
 PROMPTS = ["a red square", "a blue thing", "green", "a photo of a dog", "an orange cat on a mat"]
 
 
-def _shards(vae, folder, n, per_shard):
-    folder.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        raw = vae.encode(images(n, 2)).latent_dist.mean
-    out = []
-    for s in range(0, n, per_shard):
-        path = folder / f"{s // per_shard:05d}.tar"
-        with tarfile.open(path, "w") as tf:
-            for i in range(s, min(n, s + per_shard)):
-                members = {}
-                buf = io.BytesIO()
-                np.save(buf, raw[i].numpy())
-                members["latent.npy"] = buf.getvalue()
-                if i % 4:  # every fourth sample has no prompt
-                    members["txt"] = PROMPTS[i % len(PROMPTS)].encode()
-                for ext, data in members.items():
-                    info = tarfile.TarInfo(f"{i:06d}.{ext}")
-                    info.size = len(data)
-                    tf.addfile(info, io.BytesIO(data))
-        out.append(path)
-    return out
+def _shards(vae, folder, n, per_shard):  # every fourth sample has no prompt
+    return prompt_shards(vae, folder, n, per_shard, lambda i: PROMPTS[i % len(PROMPTS)] if i % 4 else None)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from safetensors.torch import save_file
-
     d = tmp_path_factory.mktemp("ens_student")
     vae = make_vae()
-    oc = make_teacher(vae)
-    (d / "oc.json").write_text(json.dumps({"model_cfg": TEACHER_CFG}))
-    save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(d / "oc.safetensors"))
-    hf = hf_clip(image_size=24, seed=5)
-    (d / "tok").mkdir()
-    processor = hf_processor(clip_tokenizer(d / "tok"))
-    with torch.no_grad():  # the direction every embedding shares projected out (as distill_world.make_teacher)
-        decoded = vae.decode(vae.encode(images(128, 1)).latent_dist.mean).sample
-        pre = tt.HFCLIPTeacher("x", hf, processor).preprocess((decoded / 2 + 0.5).clamp(0, 1))
-        from fastlclip.rewards import _features
-
-        m = F.normalize(_features(hf.get_image_features(pixel_values=pre)).mean(0), dim=0)
-        w = hf.visual_projection.weight
-        w.copy_(w - torch.outer(m, m @ w))
-    hf.save_pretrained(d / "hf_model")
-    processor.save_pretrained(d / "hf_processor")
-    torch.manual_seed(6)
-    mlp = tt.AestheticMLP((32, 16, 8, 8, 4, 1))
-    save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(d / "aes.safetensors"))
-    specs = [tt.TeacherSpec("hps", "open_clip", model="tiny-ens-student-oc", config=str(d / "oc.json"),
-                            weights=str(d / "oc.safetensors"), reward="hps"),
-             tt.TeacherSpec("pick", "hf", model=str(d / "hf_model"), processor=str(d / "hf_processor"),
-                            reward="pickscore"),
-             tt.TeacherSpec("aes", "aesthetic", base="hps", weights=str(d / "aes.safetensors"))]
+    files = teacher_files(d, vae)
+    specs = files["specs"]
     shards = _shards(vae, d / "shards", N, 50)
     make_targets(shards, d / "targets", vae=vae, teachers=specs, batch_size=50, progress=False)
-    return {"dir": d, "vae": vae, "specs": specs, "targets": d / "targets", "oc": oc, "hf": hf, "mlp": mlp}
+    return {"dir": d, "vae": vae, "specs": specs, "targets": d / "targets", "oc": files["oc"], "hf": files["hf"],
+            "mlp": files["mlp"]}
 
 
 def _train(world, out, **kw):
@@ -299,11 +255,7 @@ def test_errors(world, trained, tmp_path):
     assert isinstance(fastlclip.load(None, single), fastlclip.LatentCLIP)
 
 
-def _spec_args(d) -> list[str]:
-    specs = [f"name=hps,kind=open_clip,model=tiny-ens-student-oc,config={d / 'oc.json'},weights={d / 'oc.safetensors'},"
-             "reward=hps", f"name=pick,kind=hf,model={d / 'hf_model'},processor={d / 'hf_processor'},reward=pickscore",
-             f"name=aes,kind=aesthetic,base=hps,weights={d / 'aes.safetensors'}"]
-    return [x for s in specs for x in ("--teacher-spec", s)]
+_spec_args = spec_args
 
 
 def test_torchrun_two_processes_match_one_with_several_heads(world, tmp_path):

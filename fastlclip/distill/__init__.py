@@ -6,12 +6,17 @@
     fastlclip.distill.evaluate(final, "targets/", classes=["cat", "dog"])
     model = fastlclip.load(None, final)   # a complete Latent-CLIP for that VAE
 
+A teacher set (reward ensembles, docs/ensembles.md): ``make_targets(..., teachers=specs)``, ``train(...,
+teachers=specs)`` (a multi-head student, an ensemble file), ``evaluate_ensemble_file(final, "eval_targets/",
+specs, weights)`` (per head and weighted total: cosine, Spearman, within-prompt pairwise agreement).
+
 Modules: ``targets`` (decode + teacher embedding per key, on ``fastlclip.corpus``), ``teacher`` (the open_clip
-side), ``train`` (loss, recipe, exact resume, DDP), ``evaluate``. Command line: ``python -m fastlclip.distill``.
+side), ``teachers`` (teacher sets), ``train`` (loss, recipe, exact resume, DDP), ``evaluate``, ``agreement``
+(the ensemble's metrics). Command line: ``python -m fastlclip.distill``.
 """
 
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_ensemble_file
 from .targets import make_targets, read_targets
 from .train import train
 
-__all__ = ["evaluate", "make_targets", "read_targets", "train"]
+__all__ = ["evaluate", "evaluate_ensemble_file", "make_targets", "read_targets", "train"]

@@ -89,12 +89,24 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", choices=("eager", "triton"), default="eager", help="triton: the fused kernels")
     r.add_argument("--device", help="default: cuda (LOCAL_RANK's GPU) if available, else cpu")
 
-    e = sub.add_parser("eval", help="held-out cosine and zero-shot agreement with the teacher (JSON on stdout)")
-    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a student's final.safetensors")
+    e = sub.add_parser("eval", help="held-out cosine and zero-shot agreement with the teacher (JSON on stdout); "
+                                    "with --teacher-spec, an ensemble's per-head table against its teacher set")
+    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a student's final.safetensors (an ensemble file with "
+                                                            "--teacher-spec)")
     e.add_argument("targets", metavar="TARGETS", help="a targets folder")
-    e.add_argument("--classes", nargs="+", metavar="C", help="class names for zero-shot agreement")
+    e.add_argument("--classes", nargs="+", metavar="C", help="class names for zero-shot agreement (one teacher)")
     e.add_argument("--holdout", type=_float, help="held-out fraction (default: the one trained with; 0: all rows)")
     e.add_argument("--device", default="cpu", help="where the student and the text tower run")
+    e.add_argument("--teacher-spec", action="append", metavar="SPEC",
+                   help="the targets' teacher set (repeat it, as for targets): evaluates an ensemble per head "
+                        "(cosine, Spearman, within-prompt pairwise agreement; docs/ensembles.md), a table on stdout")
+    e.add_argument("--head-weight", action="append", metavar="NAME=W", dest="ens_head_weights",
+                   help="--teacher-spec: a head's weight in the total (repeat it; default 1 each)")
+    e.add_argument("--use", choices=("reward", "score"), dest="ens_use",
+                   help="--teacher-spec: rewards as ReNO's losses (default) or the teachers' scores")
+    e.add_argument("--train-targets", metavar="TARGETS", dest="ens_train_targets",
+                   help="--teacher-spec with --holdout 0: the training targets, whose mean embedding is the baseline")
+    e.add_argument("--out", metavar="FILE.json", dest="ens_out", help="--teacher-spec: write the report as JSON")
     return p
 
 
@@ -202,6 +214,29 @@ def main(argv: list[str] | None = None) -> int:
             _check_targets_folder(args.targets)
             if args.holdout is not None and not 0 <= args.holdout < 1:
                 raise ValueError(f"--holdout must be a fraction in [0, 1), got {args.holdout}")
+            ens = {"--head-weight": args.ens_head_weights, "--use": args.ens_use,
+                   "--train-targets": args.ens_train_targets, "--out": args.ens_out}
+            if args.teacher_spec is not None:
+                from .evaluate import check_ensemble_eval
+
+                if args.classes is not None:
+                    raise ValueError("--classes (zero-shot agreement) is for one teacher's student, not with "
+                                     "--teacher-spec")
+                if args.ens_train_targets is not None:
+                    _check_targets_folder(args.ens_train_targets)
+                if args.ens_out is not None and (os.path.isdir(args.ens_out) or not args.ens_out.endswith(".json")):
+                    raise ValueError(f"--out {args.ens_out}: a .json file to write")
+                args.ens_head_weights = _head_weights(args.ens_head_weights or [])
+                check_ensemble_eval(args.checkpoint, args.targets, args.teacher_spec, args.ens_head_weights)
+            else:
+                given = [k for k, v in ens.items() if v is not None]
+                if given:
+                    raise ValueError(f"{', '.join(given)} go with --teacher-spec (an ensemble and its teacher set)")
+                from ..ensemble import ensemble_metadata
+
+                if ensemble_metadata(args.checkpoint) is not None:
+                    raise ValueError(f"{args.checkpoint} is an ensemble file: evaluate it with its teacher set "
+                                     "(--teacher-spec, repeated)")
     except (ValueError, FileNotFoundError, OSError) as e:
         return fail(f"{prog}: error: {e}")
 
@@ -232,6 +267,15 @@ def main(argv: list[str] | None = None) -> int:
                           log_every=args.log_every, backend=args.backend, device=args.device, **teacher)
             if int(os.environ.get("RANK", "0")) == 0:
                 print(final)
+            return 0
+        if args.teacher_spec is not None:
+            from .evaluate import evaluate_ensemble_file
+
+            evaluate_ensemble_file(args.checkpoint, args.targets, args.teacher_spec, args.ens_head_weights,
+                                   holdout=args.holdout, train_targets=args.ens_train_targets,
+                                   use=args.ens_use or "reward", out=args.ens_out, device=args.device)
+            if args.ens_out is not None:
+                print(f"[fastlclip.distill] report -> {args.ens_out}", file=sys.stderr)
             return 0
         print(json.dumps(evaluate(args.checkpoint, args.targets, args.classes, holdout=args.holdout,
                                   device=args.device), indent=2))

@@ -1,9 +1,13 @@
-"""``evaluate(checkpoint, targets, classes=None)``: how closely a student follows its teacher on held-out targets."""
+"""``evaluate(checkpoint, targets, classes=None)``: how closely a student follows its teacher on held-out targets;
+``evaluate_ensemble_file(ensemble, targets, teachers)``: a multi-head student against its teacher set, as RL would
+use its rewards (``fastlclip.distill.agreement``)."""
 
 from __future__ import annotations
 
 import json
-from typing import Sequence
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,3 +106,89 @@ def check_same_vae(model, info: dict, checkpoint, targets) -> None:
             f"{ours.scaling_factor}, shift {ours.shift_factor}); the targets {targets} were made with {label!r} "
             f"({other.channels} channels, scaling {other.scaling_factor}, shift {other.shift_factor}; other settings "
             "differ if these agree): evaluate on targets made with the student's VAE")
+
+
+def check_ensemble_eval(checkpoint, targets, teachers, weights: Mapping[str, float] | None = None):
+    """What an ensemble evaluation needs, checked from the files' headers alone (no weights loaded, no teacher
+    built): the teacher set (specs or ``--teacher-spec`` strings, ``check_teacher_set``), ``checkpoint`` an ensemble
+    file whose heads are the set's, ``targets`` a folder made with that set, ``weights`` naming heads of the set
+    (default: 1 each). Returns ``(specs, ensemble metadata, targets run.json, weights)``; a ``ValueError`` naming
+    both sides otherwise."""
+    from ..ensemble import ensemble_metadata
+    from ..vaes import read_json_file
+    from .targets import KIND, RUN_FILE
+    from .teachers import check_teacher_set, parse_teacher_spec
+
+    specs = check_teacher_set([parse_teacher_spec(t) if isinstance(t, str) else t for t in teachers])
+    names = [s.name for s in specs]
+    if not Path(checkpoint).is_file():
+        raise ValueError(f"checkpoint {checkpoint} does not exist")
+    meta = ensemble_metadata(checkpoint)
+    if meta is None:
+        raise ValueError(f"{checkpoint} is not an ensemble file (a single Latent-CLIP student): evaluate it without "
+                         "teachers (eval without --teacher-spec)")
+    heads = [h.get("name") for h in meta["heads"] if isinstance(h, dict)]
+    if sorted(heads) != sorted(names):
+        raise ValueError(f"the ensemble {checkpoint} has the heads {heads}; the teacher set given is {names}: evaluate "
+                         "an ensemble with the teacher set it was trained on")
+    run = Path(targets) / RUN_FILE
+    info = read_json_file(run, "targets run file") if run.is_file() else {}
+    if not isinstance(info, dict) or info.get("kind") != KIND:
+        raise ValueError(f"{targets} is not a targets folder (no targets run.json)")
+    if info.get("teachers") is None:
+        raise ValueError(f"{targets} holds one teacher's targets, not a teacher set's: make targets with the set "
+                         f"{names} (make_targets(..., teachers=...))")
+    theirs = [t.get("name") for t in info["teachers"]]
+    if theirs != names:
+        raise ValueError(f"the targets {targets} were made with the teacher set {theirs}; the set given is {names}")
+    weights = {n: 1.0 for n in names} if not weights else dict(weights)
+    unknown = [h for h in weights if h not in names]
+    if unknown:
+        raise ValueError(f"head weights name {unknown}, not heads of the ensemble ({', '.join(names)})")
+    import math
+
+    if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights.values()) \
+            or not any(weights.values()):
+        raise ValueError(f"head weights must be finite numbers, not all zero, got {weights}")
+    return specs, meta, info, weights
+
+
+def evaluate_ensemble_file(checkpoint, targets, teachers, weights: Mapping[str, float] | None = None, *,
+                           holdout: float | None = None, train_targets=None, use: str = "reward", out=None,
+                           batch_size: int = 256, device: str = "cpu", file="stdout") -> dict:
+    """The ensemble file ``checkpoint`` (``fastlclip.load(None, path)``, a ``LatentEnsemble``) against its teacher
+    set on the held-out rows of ``targets``: ``agreement.evaluate_ensemble`` with the ensemble's
+    ``encode_latents`` (VAE space, as the targets hold latents) as ``predict``. Per head: cosine to the teacher,
+    Spearman of rewards and within-prompt pairwise agreement, beside the mean-embedding baseline and chance; the
+    same for the ``weights``-weighted total (default: every head 1). Prints the table to ``file`` and writes the
+    report as JSON to ``out`` when given (``file``: a text stream, ``"stdout"``: the current ``sys.stdout``,
+None: no table).
+
+    ``teachers``: the set the targets were made with (``TeacherSpec`` objects or ``--teacher-spec`` strings); its
+    names must be the ensemble's heads, and its kinds and weights digests the targets' (checked). ``holdout``:
+    default the fraction the ensemble was trained with (its metadata), 0: every row (a folder kept apart for
+    evaluation; ``train_targets`` then gives the baseline's mean). ``use``: ``"reward"`` (ReNO's losses) or
+    ``"score"`` (the teachers' scales)."""
+    from ..ensemble import load_ensemble
+    from . import agreement
+    from .teachers import build_teachers
+
+    specs, meta, info, weights = check_ensemble_eval(checkpoint, targets, teachers, weights)
+    if holdout is None:
+        holdout = float((meta.get("info") or {}).get("holdout", 0.0))
+    with torch.no_grad():
+        model = load_ensemble(checkpoint, device=device)
+        check_same_vae(model.trunk, info, checkpoint, targets)
+        built = build_teachers(specs)
+        mine = [(t.name, t.kind, t.describe()["weights_sha256"]) for t in built.values()]
+        want = [(t["name"], t["kind"], t["weights_sha256"]) for t in info["teachers"]]
+        if mine != want:
+            raise ValueError(f"the teachers given ({[m[0] for m in mine]}) are not the set {targets} was made with "
+                             f"({[w[0] for w in want]}; names, kinds and weights must match)")
+
+        def predict(latents: torch.Tensor) -> dict:
+            return model.encode_latents(latents, space="vae")
+
+        return agreement.evaluate_ensemble(predict, targets, built, weights, holdout=holdout,
+                                           train_targets=train_targets, use=use, out=out, batch_size=batch_size,
+                                           device=device, file=sys.stdout if file == "stdout" else file)
