@@ -77,6 +77,13 @@ def test_eval_cli_reports_every_head_and_the_student_beats_the_mean_embedding(wo
                                                      {"hps": 5.0, "pick": 0.05}, holdout=0,
                                                      train_targets=world["dir"] / "targets", file=None)
     assert json.loads(json.dumps(again)) == report
+    # the teachers' scores instead of ReNO's losses: each a decreasing affine map of the loss, the same orderings
+    scored = fastlclip.distill.evaluate_ensemble_file(world["final"], world["dir"] / "eval_targets", world["specs"],
+                                                      {"hps": 5.0, "pick": 0.05}, holdout=0, use="score",
+                                                      train_targets=world["dir"] / "targets", file=None)
+    assert scored["use"] == "score"
+    for h in ("hps", "pick", "aes"):
+        assert scored["heads"][h]["student"]["agreement"] == report["heads"][h]["student"]["agreement"]
 
 
 def test_eval_cli_argument_errors(world, capsys, tmp_path):
