@@ -33,10 +33,9 @@ forward and backward, decode, reward; median per iteration), and the peak reside
 reported: a 50-iteration image was not run; multiply by the iteration count for an estimate. Writes
 ``<out>/cpu/reno_cost.json`` with the CPU, its usable cores, torch's threads, the load average (at the start and
 after each row), the command and the date. With the defaults (1 warm-up + 2 timed iterations, plus ReNO's last,
-forward-only iteration) about 11 minutes on a 2-core machine (10 min 50 s on 2026-12-07, other jobs sharing the
-cores): more than the 5 minutes a CPU check should take, since the SDXL UNet's forward and backward (25 to 45 s
-there) is in every iteration of every row and the UNet is built once per row (about 30 s). ``--repeats 1`` or
-fewer ``--rewards`` shorten it.
+forward-only iteration) about 5 minutes on a quiet 2-core machine (4 min 35 s on 2026-12-07; 10 min 50 s that day
+with other jobs on the cores): the SDXL UNet's forward and backward (about 11 s there) is in every iteration of
+every row, and the UNet is built once per row (20 to 30 s). ``--repeats 1`` or fewer ``--rewards`` shorten it.
 """
 
 from __future__ import annotations

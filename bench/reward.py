@@ -41,8 +41,8 @@ another, never two at once), which builds it, runs ``--warmup`` untimed steps an
 before the steps, so the peak is the steps' own; else ``ru_maxrss``, the process's whole life). Ratios are to
 the first Latent-CLIP row of the same run. The CPU (``/proc/cpuinfo``), its usable cores and torch's thread
 count (and the load average, at the start and after each row) are recorded with the command and the date in
-``profiles/results/cpu/reward.json``. About 4 minutes on a 2-core machine with the defaults (1 warm-up + 3 timed
-steps; 3 min 50 s on 2026-12-07, two thirds of it the SDXL VAE row).
+``profiles/results/cpu/reward.json``. About 3 to 4 minutes on a 2-core machine with the defaults (1 warm-up + 3
+timed steps; 3 min 15 s on 2026-12-07, most of it the SDXL VAE row).
 """
 
 from __future__ import annotations
