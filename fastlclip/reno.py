@@ -15,6 +15,7 @@ import importlib.util
 import math
 import numbers
 import types
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -754,3 +755,198 @@ class LatentCLIPLoss:
                 with torch.no_grad():
                     placeholder.copy_(decode(latents.detach()))
         return loss
+
+
+# ReNO's reward losses in the order its ``get_reward_losses`` builds them (ExplainableML/ReNO at
+# bd6f6acfe369ee9c90e2c97c536113bdc1b6dcdb, rewards/utils.py; flags and defaults from arguments.py): the flag
+# and weighting prefix, the loss's ``name`` (rewards/*.py), ``--enable_<prefix>``'s default, ``--<prefix>_weighting``'s
+# default, and the ensemble's reward preset for it (None: no latent head can be one; ImageReward is not a
+# pooled-embedding model).
+RENO_REWARD_LOSSES: tuple[tuple[str, str, bool, float, str | None], ...] = (
+    ("hps", "HPS", True, 5.0, "hps"),
+    ("imagereward", "ImageReward", True, 1.0, None),
+    ("clip", "CLIP", True, 0.01, "clip"),
+    ("pickscore", "PickScore", True, 0.05, "pickscore"),
+    ("aesthetic", "Aesthetic", False, 0.0, "aesthetic"),
+)
+
+
+class _Handoff:
+    """The latents of the last decode of the pipelines attached for one ``RewardEnsemble``, for every
+    ``LatentEnsembleLoss`` reading it (holds no reference to the ensemble)."""
+
+    def __init__(self):
+        self.latents: torch.Tensor | None = None
+        self.decodes = 0
+
+    def attach(self, pipe, decode: str):
+        if decode not in ("no_grad", "full"):
+            raise ValueError(f"decode must be 'no_grad' or 'full' for an ensemble's losses, got {decode!r} "
+                             "('best' is LatentCLIPLoss's, for Latent-CLIP as ReNO's sole reward)")
+        original = getattr(pipe, "decode_latents_tensors", None)
+        if not callable(original):
+            raise TypeError(f"attach needs ReNO's pipeline (decode_latents_tensors(latents) -> image); "
+                            f"{type(pipe).__name__} has none")
+        if getattr(original, "_fastlclip_handoff", None) is self:  # attached before (another head of the ensemble)
+            original = original._fastlclip_original
+
+        def decode_latents_tensors(latents):
+            self.latents, self.decodes = latents, self.decodes + 1
+            if decode == "full":
+                return original(latents)
+            with torch.no_grad():
+                return original(latents)
+
+        decode_latents_tensors._fastlclip_handoff = self
+        decode_latents_tensors._fastlclip_original = original
+        pipe.decode_latents_tensors = decode_latents_tensors
+
+
+# Shared state, held only while some loss holds it: the RewardEnsemble of an ensemble file (by file, device and
+# dtype) or of a LatentEnsemble (by object), and the hand-off of each RewardEnsemble.
+_ENSEMBLES_BY_FILE: "weakref.WeakValueDictionary[tuple, Any]" = weakref.WeakValueDictionary()
+_ENSEMBLES_BY_MODEL: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+_HANDOFFS: "weakref.WeakKeyDictionary[Any, _Handoff]" = weakref.WeakKeyDictionary()
+
+
+def _shared_ensemble(model, pretrained, device, dtype):
+    """The RewardEnsemble a LatentEnsembleLoss reads: ``model`` itself (a RewardEnsemble), the one of ``model``
+    (a LatentEnsemble) or of the file ``pretrained``, shared by every loss built on the same one."""
+    from .ensemble import LatentEnsemble
+    from .rewards import RewardEnsemble
+
+    if isinstance(model, RewardEnsemble):
+        return model
+    if isinstance(model, LatentEnsemble):
+        reward = _ENSEMBLES_BY_MODEL.get(id(model))
+        if reward is None or reward.model is not model:
+            reward = RewardEnsemble(model, {h: 1.0 for h in model.head_names})
+            _ENSEMBLES_BY_MODEL[id(model)] = reward
+        return reward
+    if model is not None:
+        raise TypeError(f"model must be None (load pretrained=), a LatentEnsemble or a RewardEnsemble, "
+                        f"got {type(model).__name__}")
+    if not isinstance(pretrained, (str, Path)) or str(pretrained).startswith("hf-hub:"):
+        raise ValueError(f"pretrained must be the path of a local ensemble .safetensors file, got {pretrained!r}")
+    path = Path(pretrained)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ensemble file at {path}")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(torch.device(device)), dtype)
+    reward = _ENSEMBLES_BY_FILE.get(key)
+    if reward is None:
+        try:
+            net = LatentEnsemble.load(path, device=device, dtype=dtype)
+        except ValueError as e:
+            raise ValueError(f"LatentEnsembleLoss needs a reward ensemble file: {e} "
+                             "(a single Latent-CLIP is ReNO's CLIP loss through LatentCLIPLoss)") from None
+        reward = RewardEnsemble(net, {h: 1.0 for h in net.head_names})
+        _ENSEMBLES_BY_FILE[key] = reward
+    return reward
+
+
+class LatentEnsembleLoss:
+    """ReNO drop-in for one of its reward losses (HPS, PickScore, CLIP, aesthetic) read from a head of a latent
+    reward ensemble (``fastlclip.LatentEnsemble``): ReNO's constructor ``Loss(weighting, dtype, device,
+    cache_dir, ...)``, ``name`` / ``weighting`` and ``loss(image, prompt) -> loss``, as :class:`LatentCLIPLoss`.
+
+    ``head``: the ensemble head it reads. ``pretrained``: a local ensemble ``.safetensors`` file, loaded on
+    ``device`` in ``dtype``; or ``model=``: a loaded ``LatentEnsemble`` or a ``fastlclip.RewardEnsemble``. Every
+    loss built on the same file (same device and dtype) or object shares one ``RewardEnsemble`` (``.ensemble``;
+    its own weights are not used here), whose heads read one trunk forward per latents tensor
+    (``RewardEnsemble.heads()``'s sharing): the trunk runs once per ReNO iteration whatever the number of heads.
+
+    The call returns the head's ReNO loss (``constant - value``, averaged over the batch), unweighted, as
+    ReNO's losses do: ReNO's trainer multiplies it by ``.weighting``. It scores the latents of the attached
+    pipeline's last decode (:meth:`attach`: one call hooks the pipeline for every loss sharing the ensemble);
+    each loss scores each decode once. ``cache_dir`` and ``memsave`` are accepted for ReNO's call and unused
+    (the file is local; there is no decode to save memory in). ``name``: default the head's.
+    :func:`ensemble_reward_losses` builds ReNO's whole list from its arguments.
+    """
+
+    reads_latents = True
+
+    def __init__(self, weighting: float, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 cache_dir: str | None = None, *, head: str, pretrained: str | Path | None = None, model=None,
+                 memsave: bool = False, name: str | None = None):
+        from .rewards import _EnsembleHead
+
+        self.weighting = check_number(weighting, "weighting", minimum=0)
+        self.ensemble = _shared_ensemble(model, pretrained, device, dtype)
+        heads = self.ensemble.model.head_names
+        if head not in heads:
+            raise ValueError(f"unknown head {head!r}; the ensemble's heads: {', '.join(heads)}")
+        self.head = head
+        self.name = head if name is None else name
+        self._reward = _EnsembleHead(self.ensemble, head, self.weighting)
+        self._handoff = _HANDOFFS.setdefault(self.ensemble, _Handoff())
+        self._scored = self._handoff.decodes  # the last decode this loss scored: none made before it was built
+
+    def attach(self, pipe, *, decode: str = "no_grad"):
+        """Keep the latents ``pipe.decode_latents_tensors(latents)`` decodes for every loss on this ensemble
+        (attaching another of them, or this one again, replaces the hook, never stacks it). ``decode``:
+        ``"no_grad"`` (default; the decode still runs, for the image ReNO logs and saves, outside autograd) or
+        ``"full"`` (the decode as it was, for pixel rewards in the same loop, such as ReNO's ImageReward).
+        Returns ``pipe``."""
+        self._handoff.attach(pipe, decode)
+        return pipe
+
+    def __call__(self, image: torch.Tensor, prompt: str) -> torch.Tensor:
+        """This head's loss on the latents the attached pipeline last decoded (``image`` is not read)."""
+        handoff = self._handoff
+        if handoff.latents is None:
+            raise RuntimeError(f"LatentEnsembleLoss {self.name!r} has no latents to score: call loss.attach(pipe) "
+                               "once after building the pipeline, so each decode hands its latents over")
+        if self._scored == handoff.decodes:
+            raise RuntimeError(f"LatentEnsembleLoss {self.name!r} already scored the last decode's latents: each loss "
+                               "scores each decode once")
+        self._scored = handoff.decodes
+        return self._reward(handoff.latents, prompt)
+
+
+def ensemble_reward_losses(args, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                           cache_dir: str | None = None, *, pretrained: str | Path | None = None, model=None,
+                           heads: Mapping[str, str] | None = None) -> list[LatentEnsembleLoss]:
+    """ReNO's ``get_reward_losses(args, dtype, device, cache_dir)`` on a latent ensemble: one
+    :class:`LatentEnsembleLoss` per reward ReNO's arguments enable (``args.enable_hps``, ``enable_imagereward``,
+    ``enable_clip``, ``enable_pickscore``, ``enable_aesthetic``), in ReNO's order, weighted by
+    ``args.<reward>_weighting`` and named as ReNO names them (``HPS``, ``CLIP``, ``PickScore``, ``Aesthetic``),
+    all on one shared ``RewardEnsemble`` (one trunk forward per iteration). ``args``: ReNO's namespace or a
+    dict; a flag it lacks takes ReNO's default (arguments.py: all enabled but the aesthetic; weightings 5, 1,
+    0.01, 0.05, 0). Each reward reads the head whose reward preset is its own (``hps``, ``clip``, ``pickscore``,
+    ``aesthetic``), or ``heads={"hps": HEAD, ...}``. An enabled reward with no head is an error, ImageReward
+    always (no latent head can be one: run ReNO with ``--disable_imagereward``, or append ReNO's own loss and
+    attach with ``decode="full"``)."""
+    prefixes = [r[0] for r in RENO_REWARD_LOSSES]
+    heads = dict(heads or {})
+    for key in heads:
+        if key not in prefixes:
+            raise ValueError(f"heads: unknown ReNO reward {key!r}; ReNO's rewards: {', '.join(prefixes)}")
+
+    def arg(key, default):
+        if isinstance(args, Mapping):
+            return args.get(key, default)
+        return getattr(args, key, default)
+
+    ensemble = _shared_ensemble(model, pretrained, device, dtype)
+    net = ensemble.model
+    presets = {h["name"]: (h.get("reward") or {}).get("preset") for h in net.heads}
+    described = ", ".join(f"{n} ({p or 'no preset'})" for n, p in presets.items())
+    losses = []
+    for prefix, reno_name, enabled, weighting, preset in RENO_REWARD_LOSSES:
+        if not arg(f"enable_{prefix}", enabled):
+            continue
+        if prefix in heads:
+            head = heads[prefix]
+        else:
+            found = [n for n, p in presets.items() if preset is not None and p == preset]
+            if len(found) != 1:
+                why = ("no latent head can be it (ImageReward is not a pooled-embedding model)" if preset is None
+                       else f"the ensemble has {'no' if not found else 'more than one'} head with reward preset "
+                            f"{preset!r}")
+                raise ValueError(f"ReNO's {reno_name} is enabled (enable_{prefix}) but {why}; its heads: {described}. "
+                                 f"Disable it (--disable_{prefix}) or name its head: heads={{{prefix!r}: HEAD}}")
+            head = found[0]
+        losses.append(LatentEnsembleLoss(arg(f"{prefix}_weighting", weighting), dtype, device, cache_dir, head=head,
+                                         model=ensemble, name=reno_name))
+    return losses

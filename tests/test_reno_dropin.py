@@ -257,3 +257,158 @@ def test_decode_best_with_zero_weighting_decodes_the_first_image_only_and_a_reat
     bare = loss.attach(_BarePipe(), decode="no_grad")  # the same loss on another pipeline's plain decode afterwards
     bare.apply(z0.float(), PROMPT)
     assert torch.isfinite(loss(None, PROMPT))
+
+
+# -- the ensemble drop-in: ReNO's HPS / PickScore / CLIP / aesthetic losses as heads of one latent forward -------
+ENSEMBLE_WEIGHTS = {"hps": 5.0, "pick": 0.05, "aes": 0.5}
+
+
+class _LatentPipe:
+    """ReNO's pipeline reduced to its shape for a tiny ensemble's 16-channel latents: ``apply(noise, prompt, ...)``
+    maps the noise to latents (differentiably) and returns ``decode_latents_tensors(latents)``."""
+
+    def __init__(self):
+        self.decodes = 0
+
+    @staticmethod
+    def latents_of(noise):
+        return torch.tanh(noise.float()) * 2
+
+    def decode_latents_tensors(self, latents):
+        self.decodes += 1
+        return latents[:, :3].sigmoid()
+
+    def apply(self, latents, prompt, generator=None, num_inference_steps=1):
+        return self.decode_latents_tensors(self.latents_of(latents))
+
+
+@pytest.fixture(scope="module")
+def ensemble_file(tmp_path_factory):
+    from fastlclip.ensemble import save_ensemble
+    from test_serve_ensemble import tiny_ensemble
+
+    return save_ensemble(tiny_ensemble(seed=3), tmp_path_factory.mktemp("ens") / "ensemble.safetensors")
+
+
+def _independent(path, weights, latents, prompt=PROMPT):
+    """ReNO's weighted loss from a RewardEnsemble on a freshly loaded copy of the file, called directly."""
+    reward = fastlclip.RewardEnsemble(fastlclip.LatentEnsemble.load(path), weights=weights)
+    return reward(latents, prompt)
+
+
+def _ensemble_losses(path):
+    from fastlclip.reno import LatentEnsembleLoss
+
+    # ReNO's constructor calls, one per reward: Loss(weighting, dtype, device, cache_dir, ...)
+    return [LatentEnsembleLoss(w, torch.float32, "cpu", None, pretrained=path, head=h) for h, w in ENSEMBLE_WEIGHTS.items()]
+
+
+def test_ensemble_losses_are_reward_ensemble_heads_and_share_one_ensemble_and_one_hook(ensemble_file):
+    losses = _ensemble_losses(ensemble_file)
+    assert [(l.name, l.head, l.weighting, l.reads_latents) for l in losses] == \
+        [("hps", "hps", 5.0, True), ("pick", "pick", 0.05, True), ("aes", "aes", 0.5, True)]
+    assert all(l.ensemble is losses[0].ensemble for l in losses)  # one file, one RewardEnsemble
+    pipe = _LatentPipe()
+    original = pipe.decode_latents_tensors
+    for l in losses:  # attaching each (or one) hooks the pipeline once for all
+        assert l.attach(pipe) is pipe
+    assert pipe.decode_latents_tensors._fastlclip_original == original
+    z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(5))
+    image = pipe.apply(z, PROMPT)
+    assert pipe.decodes == 1 and not image.requires_grad
+    latents = _LatentPipe.latents_of(z)
+    for l in losses:
+        got = l(image, PROMPT) * l.weighting  # as ReNO's trainer weights it
+        want = _independent(ensemble_file, {l.head: l.weighting}, latents)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="once"):
+        losses[0](image, PROMPT)
+
+
+def test_renos_loop_over_three_heads_runs_the_trunk_once_per_iteration_and_moves_the_noise(ensemble_file):
+    losses = _ensemble_losses(ensemble_file)
+    pipe = losses[1].attach(_LatentPipe())
+    calls = []
+    trunk = losses[0].ensemble.model.trunk.visual.latent_vit
+    hook = trunk.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        z0 = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(6))
+        totals, zs, image = renos_train(pipe, losses, z0, iterations=4, lr=20.0)
+    finally:
+        hook.remove()
+    assert calls == [1, 1, 1, 1] and pipe.decodes == 4  # three heads, one trunk forward per iteration
+    assert (zs[3] - z0).abs().max() > 1e-3  # gradients reached the noise through the shared forward
+    for total, z in zip(totals, zs):  # each iteration's total is the independent weighted ensemble loss
+        want = _independent(ensemble_file, ENSEMBLE_WEIGHTS, _LatentPipe.latents_of(z)).item()
+        assert total == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_gradients_flow_to_the_latents_with_a_full_decode(ensemble_file):
+    from fastlclip.reno import LatentEnsembleLoss
+
+    model = fastlclip.LatentEnsemble.load(ensemble_file)
+    hps = LatentEnsembleLoss(1.0, head="hps", model=model)
+    aes = LatentEnsembleLoss(1.0, head="aes", model=model)
+    assert hps.ensemble is aes.ensemble  # one LatentEnsemble object, one RewardEnsemble
+    pipe = aes.attach(_LatentPipe(), decode="full")
+    z = nn.Parameter(torch.randn(1, 16, 8, 8))
+    image = pipe.apply(z, PROMPT)
+    assert image.requires_grad
+    (hps(image, PROMPT) + aes(image, PROMPT)).backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    reward = fastlclip.RewardEnsemble(model, {"hps": 1.0})  # a RewardEnsemble given is shared as it is
+    assert LatentEnsembleLoss(2.0, head="pick", model=reward).ensemble is reward
+
+
+def test_ensemble_loss_errors_are_clear(ensemble_file, tmp_path):
+    from safetensors.torch import save_file
+
+    from fastlclip.reno import LatentEnsembleLoss
+
+    with pytest.raises(ValueError, match=r"unknown head 'imagereward'.*hps, pick, aes"):
+        LatentEnsembleLoss(1.0, pretrained=ensemble_file, head="imagereward")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = fastlclip.load(TINY)
+    path = tmp_path / "single.safetensors"
+    save_file({k: v.contiguous() for k, v in single.state_dict().items()}, path)
+    with pytest.raises(ValueError, match="not a fastlclip ensemble file.*LatentCLIPLoss"):
+        LatentEnsembleLoss(1.0, pretrained=path, head="hps")
+    with pytest.raises(FileNotFoundError, match="no ensemble file"):
+        LatentEnsembleLoss(1.0, pretrained=tmp_path / "missing.safetensors", head="hps")
+    with pytest.raises(TypeError, match="LatentEnsemble"):
+        LatentEnsembleLoss(1.0, model=single, head="hps")
+    with pytest.raises(ValueError, match="weighting"):
+        LatentEnsembleLoss(-1.0, pretrained=ensemble_file, head="hps")
+    loss = LatentEnsembleLoss(1.0, pretrained=ensemble_file, head="hps")
+    with pytest.raises(RuntimeError, match="attach"):
+        loss(None, PROMPT)
+    with pytest.raises(ValueError, match="best"):
+        loss.attach(_LatentPipe(), decode="best")
+    with pytest.raises(TypeError, match="decode_latents_tensors"):
+        loss.attach(object())
+
+
+def test_ensemble_reward_losses_builds_renos_list_from_its_flags(ensemble_file):
+    from fastlclip.reno import ensemble_reward_losses
+
+    args = types.SimpleNamespace(enable_hps=True, hps_weighting=4.0, enable_imagereward=False, imagereward_weighting=1.0,
+                                 enable_clip=False, clip_weighting=0.01, enable_pickscore=True,
+                                 pickscore_weighting=0.05, enable_aesthetic=True, aesthetic_weighting=0.5)
+    losses = ensemble_reward_losses(args, torch.float32, "cpu", None, pretrained=ensemble_file)
+    assert [(l.name, l.head, l.weighting) for l in losses] == \
+        [("HPS", "hps", 4.0), ("PickScore", "pick", 0.05), ("Aesthetic", "aes", 0.5)]  # ReNO's order and names
+    assert all(l.ensemble is losses[0].ensemble for l in losses)
+    # ReNO's defaults for what a dict lacks: ImageReward enabled, which no head can be
+    with pytest.raises(ValueError, match="ImageReward.*disable_imagereward"):
+        ensemble_reward_losses({}, pretrained=ensemble_file)
+    with pytest.raises(ValueError, match=r"CLIP.*no head with reward preset 'clip'.*heads=\{'clip': HEAD\}"):
+        ensemble_reward_losses({"enable_imagereward": False}, pretrained=ensemble_file)
+    losses = ensemble_reward_losses({"enable_imagereward": False, "enable_pickscore": False}, pretrained=ensemble_file,
+                                    heads={"clip": "pick"})
+    assert [(l.name, l.head, l.weighting) for l in losses] == [("HPS", "hps", 5.0), ("CLIP", "pick", 0.01)]
+    with pytest.raises(ValueError, match="unknown ReNO reward 'pick'"):
+        ensemble_reward_losses({}, pretrained=ensemble_file, heads={"pick": "pick"})
+    with pytest.raises(ValueError, match="unknown head 'nope'"):
+        ensemble_reward_losses({"enable_imagereward": False}, pretrained=ensemble_file, heads={"clip": "nope"})
