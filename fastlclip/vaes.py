@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -55,6 +56,14 @@ _FILES = {
     "sdxl": "sdxl_vae.json", "sd15": "sd15_vae.json", "sd3": "sd3_vae.json", "flux1": "flux1_vae.json",
     "taesdxl": "taesdxl.json", "taesd3": "taesd3.json", "taef1": "taef1.json",
 }
+# Latent spaces of 2025-26 models (issue 33): per-channel statistics and / or a patchified, packed layout. They
+# are registered (get_vae_config, latent_space, build_vae) but listed by ``list_vaes()`` only with
+# ``extended=True`` until the consumers (model configs, rewards, corpus) take them.
+_EXTENDED_FILES = {
+    "qwen-image": "qwen_image_vae.json", "flux2": "flux2_vae.json", "sana": "dcae_f32c32_sana.json",
+    "dcae-f32c32-in": "dcae_f32c32_in.json", "dcae-f32c32-mix": "dcae_f32c32_mix.json",
+}
+STATS_IN_WEIGHTS = {"AutoencoderKLFlux2": ("bn.running_mean", "bn.running_var")}  # class -> weight names
 TINY_FAMILY = {"taesdxl": "sdxl", "taesd3": "sd3", "taef1": "flux1"}
 _CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 SCALING_RANGE = (1e-4, 1e4)  # published: 0.13025 (SDXL) .. 1.5305 (SD3), 1.0 for the tiny autoencoders
@@ -104,36 +113,169 @@ def read_json_file(path: str | os.PathLike, what: str = "config file") -> Any:
     return read_json(text, f"{what} {str(path)!r}")
 
 
-def list_vaes() -> list[str]:
-    """Names of the registered VAEs."""
-    return list(_FILES)
+def list_vaes(extended: bool = False) -> list[str]:
+    """Names of the registered VAEs; ``extended=True`` adds the per-channel / packed latent spaces
+    (``qwen-image``, ``flux2``, ``sana``, ``dcae-f32c32-in``, ``dcae-f32c32-mix``)."""
+    return list(_FILES) + (list(_EXTENDED_FILES) if extended else [])
 
 
 def get_vae_config(name: str) -> dict[str, Any]:
     """The diffusers config dict of a registered VAE (a fresh copy)."""
-    if name not in _FILES:
-        raise ValueError(f"unknown VAE {name!r}; registered VAEs: {list_vaes()} (or embed a diffusers config as "
-                         "\"vae_cfg\" in the model config)")
-    return read_json((_DIR / _FILES[name]).read_text(), f"registered VAE config {name!r}")
+    file = _FILES.get(name) or _EXTENDED_FILES.get(name)
+    if file is None:
+        raise ValueError(f"unknown VAE {name!r}; registered VAEs: {list_vaes(extended=True)} (or embed a diffusers "
+                         "config as \"vae_cfg\" in the model config)")
+    return read_json((_DIR / file).read_text(), f"registered VAE config {name!r}")
 
 
 @dataclass(frozen=True)
 class LatentSpace:
-    """A VAE's latent space: its channel count and the constants that map diffusion <-> VAE space."""
+    """A VAE's latent space: its channel count and the constants that map diffusion <-> VAE space.
+
+    The published SD / SDXL / SD3 / FLUX.1 / SANA spaces need ``scaling_factor`` and ``shift_factor`` only. The
+    optional fields describe the 2025-26 spaces (issue 33):
+
+    - ``mean`` / ``std``: per-channel statistics of the diffusion grid's channels (``diffusion_channels`` of
+      them): ``z = ((raw - mean) / std) * scaling_factor`` (Qwen-Image: ``latents_mean`` / ``latents_std`` of
+      the config; FLUX.2: the batch norm's ``running_mean`` and ``sqrt(running_var + eps)``, read from weights).
+    - ``patch``: the VAE latents are patchified ``patch x patch`` into ``channels * patch**2`` channels
+      *before* the statistics apply (FLUX.2: 2, channel order ``(c, ph, pw)``); 1 otherwise.
+    - ``pack``: the pipeline packs the diffusion grid ``(B, C, h, w)`` into tokens ``(B, (h/pack)(w/pack),
+      C * pack**2)`` with feature order ``(c, ph, pw)`` (Qwen-Image: 2; FLUX.2: 1, a plain transpose); 0
+      when the pipeline hands the grid itself (SD, SDXL, SD3, FLUX.1 at this level, SANA).
+    - ``stats_from``: where the statistics came from (``"config"``, or the weights' file / module).
+
+    ``to_vae`` takes the diffusion grid ``(B, diffusion_channels, h, w)`` as the pipeline holds it before packing
+    and returns what the VAE decodes, ``(B, channels, h * patch, w * patch)`` (Qwen-Image's VAE takes a frame
+    axis: ``raw.unsqueeze(2)``); ``to_diffusion`` is its inverse. ``grid`` / ``pack`` convert between the
+    packed tokens and the grid.
+    """
 
     name: str
     channels: int
     scaling_factor: float
     shift_factor: float = 0.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    patch: int = 1
+    pack: int = 0
+    stats_from: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.patch, int) or self.patch < 1 or not isinstance(self.pack, int) or self.pack < 0:
+            raise ValueError(f"latent space {self.name!r}: patch must be an integer >= 1 and pack >= 0, got "
+                             f"{self.patch!r} / {self.pack!r}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            value = tuple(float(v) for v in value)
+            object.__setattr__(self, key, value)
+            if len(value) != self.diffusion_channels:
+                raise ValueError(f"latent space {self.name!r}: {key} has {len(value)} entries, the diffusion grid "
+                                 f"has {self.diffusion_channels} channels")
+            if not all(math.isfinite(v) for v in value) or (key == "std" and not all(v > 0 for v in value)):
+                raise ValueError(f"latent space {self.name!r}: {key} must be finite" +
+                                 (" and positive" if key == "std" else "") + f", got {list(value)}")
+
+    @property
+    def diffusion_channels(self) -> int:
+        """Channels of the diffusion grid: ``channels * patch**2`` (FLUX.2: 128)."""
+        return self.channels * self.patch * self.patch
+
+    @property
+    def per_channel(self) -> bool:
+        return self.mean is not None or self.std is not None or self.patch != 1
+
+    def _stat(self, values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(values, dtype=like.dtype if like.is_floating_point() else torch.float32,
+                            device=like.device).view(1, -1, 1, 1)
 
     def to_vae(self, z: torch.Tensor) -> torch.Tensor:
-        """Diffusion-space latents -> what the VAE decodes: ``z / scaling_factor + shift_factor``."""
-        raw = z / self.scaling_factor
-        return raw + self.shift_factor if self.shift_factor else raw
+        """Diffusion-space latents -> what the VAE decodes: ``z / scaling_factor + shift_factor`` (per channel:
+        ``unpatchify((z / scaling_factor) * std + mean) + shift_factor``)."""
+        if not self.per_channel:
+            raw = z / self.scaling_factor
+            return raw + self.shift_factor if self.shift_factor else raw
+        x = z / self.scaling_factor if self.scaling_factor != 1 else z
+        if self.std is not None:
+            x = x * self._stat(self.std, x)
+        if self.mean is not None:
+            x = x + self._stat(self.mean, x)
+        x = unpatchify(x, self.patch) if self.patch != 1 else x
+        return x + self.shift_factor if self.shift_factor else x
 
     def to_diffusion(self, raw: torch.Tensor) -> torch.Tensor:
-        """VAE latents (``vae.encode(x).latent_dist`` samples) -> diffusion space: ``(raw - shift) * scaling``."""
-        return ((raw - self.shift_factor) if self.shift_factor else raw) * self.scaling_factor
+        """VAE latents (``vae.encode(x).latent_dist`` samples) -> diffusion space: ``(raw - shift) * scaling``
+        (per channel: ``((patchify(raw - shift) - mean) / std) * scaling``)."""
+        if not self.per_channel:
+            return ((raw - self.shift_factor) if self.shift_factor else raw) * self.scaling_factor
+        x = raw - self.shift_factor if self.shift_factor else raw
+        x = patchify(x, self.patch) if self.patch != 1 else x
+        if self.mean is not None:
+            x = x - self._stat(self.mean, x)
+        if self.std is not None:
+            x = x / self._stat(self.std, x)
+        return x * self.scaling_factor if self.scaling_factor != 1 else x
+
+    def pack_grid(self, z: torch.Tensor) -> torch.Tensor:
+        """The diffusion grid ``(B, C, h, w)`` -> the pipeline's tokens ``(B, (h/p)(w/p), C p^2)`` (``p = pack``;
+        the grid itself when ``pack`` is 0)."""
+        if not self.pack:
+            return z
+        return pack_tokens(z, self.pack)
+
+    def grid(self, x: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """What a pipeline hands -> the diffusion grid ``(B, diffusion_channels, h, w)``: a 4-D grid as it is,
+        packed tokens ``(B, L, D)`` unpacked with the VAE latent ``height`` / ``width`` (image size / VAE
+        factor; the grid is ``height / patch`` high)."""
+        if x.dim() == 4:
+            if x.shape[1] != self.diffusion_channels:
+                raise ValueError(f"latent space {self.name!r}: a grid of {x.shape[1]} channels, expected "
+                                 f"{self.diffusion_channels}")
+            return x
+        if x.dim() != 3 or not self.pack:
+            raise ValueError(f"latent space {self.name!r}: expected a (B, {self.diffusion_channels}, h, w) grid"
+                             + (" or packed (B, L, D) tokens" if self.pack else "") + f", got shape {tuple(x.shape)}")
+        if height is None or width is None:
+            raise ValueError(f"latent space {self.name!r}: packed tokens need the latent height and width")
+        step = self.patch * self.pack
+        if height % step or width % step:
+            raise ValueError(f"latent space {self.name!r}: latent height / width {height} x {width} must be "
+                             f"multiples of {step}")
+        h, w = height // self.patch, width // self.patch
+        want = (h // self.pack) * (w // self.pack), self.diffusion_channels * self.pack ** 2
+        if tuple(x.shape[1:]) != want:
+            raise ValueError(f"latent space {self.name!r}: packed tokens of shape {tuple(x.shape)} for a "
+                             f"{height} x {width} latent, expected (B, {want[0]}, {want[1]})")
+        return unpack_tokens(x, h, w, self.pack)
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """``(B, C, H, W) -> (B, C p^2, H/p, W/p)``, channel order ``(c, ph, pw)`` (diffusers'
+    ``Flux2Pipeline._patchify_latents`` for ``p = 2``)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4).reshape(b, c * p * p, h // p, w // p)
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Inverse of :func:`patchify` (``Flux2Pipeline._unpatchify_latents`` for ``p = 2``)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c // (p * p), p, p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // (p * p), h * p, w * p)
+
+
+def pack_tokens(x: torch.Tensor, p: int) -> torch.Tensor:
+    """``(B, C, h, w) -> (B, (h/p)(w/p), C p^2)``, features ``(c, ph, pw)`` (``QwenImagePipeline._pack_latents``
+    for ``p = 2``; ``Flux2Pipeline._pack_latents`` for ``p = 1``)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpack_tokens(x: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
+    """Inverse of :func:`pack_tokens` for a grid ``h x w``."""
+    b, _, d = x.shape
+    c = d // (p * p)
+    return x.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def _number(cfg: Mapping[str, Any], key: str, default: float, where: str, low: float, high: float) -> float:
@@ -155,25 +297,114 @@ def _short(value: int) -> str:
     return repr(value) if abs(value) < 10**30 else f"an integer of {len(str(abs(value)))} digits"
 
 
-def latent_space(vae: str | Mapping[str, Any] | nn.Module) -> LatentSpace:
-    """The :class:`LatentSpace` of a registered name, a diffusers config dict or a diffusers VAE module."""
-    if isinstance(vae, str):
-        name, cfg = vae, get_vae_config(vae)
+def latent_space(vae: str | os.PathLike | Mapping[str, Any] | nn.Module) -> LatentSpace:
+    """The :class:`LatentSpace` of a registered name, a diffusers config dict, a diffusers VAE module or a local
+    diffusers VAE folder (``config.json`` + weights, or a pipeline folder with ``vae/``).
+
+    FLUX.2's statistics live in its VAE's weights (``bn.running_mean`` / ``bn.running_var``): its name or
+    config alone is a ``ValueError`` saying so; pass the loaded module or its folder."""
+    stats = None
+    if isinstance(vae, (str, os.PathLike)) and (str(vae) in _FILES or str(vae) in _EXTENDED_FILES):
+        name, cfg = str(vae), get_vae_config(str(vae))
+    elif isinstance(vae, (str, os.PathLike)) and Path(vae).is_dir():
+        folder = Path(vae) / "vae" if (Path(vae) / "vae" / "config.json").is_file() else Path(vae)
+        cfg = read_json_file(folder / "config.json", "VAE config")
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"{folder / 'config.json'}: a diffusers VAE config is a JSON object")
+        name = str(folder / "config.json")
+        if cfg.get("_class_name") in STATS_IN_WEIGHTS:
+            stats = _stats_from_folder(folder, cfg["_class_name"])
+    elif isinstance(vae, str):
+        get_vae_config(vae)  # the unknown-name error
+        raise AssertionError  # unreachable
     elif isinstance(vae, Mapping):
         name, cfg = str(vae.get("_name_or_path") or "custom"), vae
     elif isinstance(getattr(vae, "config", None), Mapping):
         name, cfg = type(vae).__name__, vae.config
+        cls = cfg.get("_class_name") or type(vae).__name__
+        if cls in STATS_IN_WEIGHTS:
+            stats = _stats_from_module(vae, cls)
     else:
-        raise TypeError(f"expected a VAE name ({list_vaes()}), a diffusers config dict or a diffusers VAE, "
-                        f"got {type(vae).__name__}")
+        raise TypeError(f"expected a VAE name ({list_vaes(extended=True)}), a diffusers config dict, a diffusers "
+                        f"VAE or a diffusers folder, got {type(vae).__name__}")
     where = f"VAE config {name!r}"
-    channels = cfg.get("latent_channels")
+    cls = cfg.get("_class_name") or (type(vae).__name__ if isinstance(vae, nn.Module) else None)
+    key = "z_dim" if cls == "AutoencoderKLQwenImage" else "latent_channels"
+    channels = cfg.get(key)
     if isinstance(channels, bool) or not isinstance(channels, int) or not 0 < channels <= MAX_CHANNELS:
         shown = _short(channels) if isinstance(channels, int) else repr(channels)
-        raise ValueError(f"{where}: latent_channels must be a positive integer at most {MAX_CHANNELS}, got {shown}")
-    scaling = _number(cfg, "scaling_factor", 0.18215 if cfg.get("_class_name") != "AutoencoderTiny" else 1.0, where,
-                      *SCALING_RANGE)
+        raise ValueError(f"{where}: {key} must be a positive integer at most {MAX_CHANNELS}, got {shown}")
+    if cls == "AutoencoderKLQwenImage":
+        # diffusers pipelines/qwenimage/pipeline_qwenimage.py: latents * latents_std + latents_mean before decode
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+        if not isinstance(mean, (list, tuple)) or not isinstance(std, (list, tuple)):
+            raise ValueError(f"{where}: an AutoencoderKLQwenImage config needs latents_mean and latents_std lists "
+                             f"({channels} numbers each)")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*mean, *std]):
+            raise ValueError(f"{where}: latents_mean / latents_std must be numbers")
+        return LatentSpace(name, channels, 1.0, 0.0, tuple(mean), tuple(std), patch=1, pack=2, stats_from="config")
+    if cls in STATS_IN_WEIGHTS:
+        if stats is None:
+            raise ValueError(f"{where}: {cls}'s latent statistics are not in its config: they live in the VAE's "
+                             f"weights ({' / '.join(STATS_IN_WEIGHTS[cls])}, diffusion_pytorch_model.safetensors); "
+                             "pass the loaded VAE module or its diffusers folder to latent_space")
+        patch = cfg.get("patch_size", (2, 2))
+        if (not isinstance(patch, (list, tuple)) or len(patch) != 2 or patch[0] != patch[1]
+                or not isinstance(patch[0], int) or isinstance(patch[0], bool) or not 0 < patch[0] <= 16):
+            raise ValueError(f"{where}: patch_size must be two equal small positive integers, got {patch!r}")
+        mean, var, eps, source = stats
+        if len(mean) != channels * patch[0] ** 2 or len(var) != len(mean):
+            raise ValueError(f"{source}: batch-norm statistics of {len(mean)} / {len(var)} channels, expected "
+                             f"{channels * patch[0] ** 2} (latent_channels {channels} x patch {patch[0]}^2)")
+        std = tuple(math.sqrt(v + eps) for v in var)  # pipeline_flux2.py: sqrt(running_var + batch_norm_eps)
+        return LatentSpace(name, channels, 1.0, 0.0, tuple(mean), std, patch=patch[0], pack=1, stats_from=source)
+    default = {"AutoencoderTiny": 1.0, "AutoencoderDC": 1.0}.get(cls, 0.18215)  # the classes' own defaults
+    scaling = _number(cfg, "scaling_factor", default, where, *SCALING_RANGE)
     return LatentSpace(name, channels, scaling, _number(cfg, "shift_factor", 0.0, where, -MAX_SHIFT, MAX_SHIFT))
+
+
+def _batch_norm_eps(cfg: Mapping[str, Any], where: str) -> float:
+    return _number(cfg, "batch_norm_eps", 1e-4, where, 0.0, 1.0)  # AutoencoderKLFlux2's default 1e-4
+
+
+def _stats_from_module(vae: nn.Module, cls: str) -> tuple[list[float], list[float], float, str]:
+    """A FLUX.2-style VAE's batch-norm running mean / var (float64 lists), eps and where they came from."""
+    bn = getattr(vae, "bn", None)
+    mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    where = f"{cls} module's bn"
+    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+        raise ValueError(f"{where}: the VAE has no batch-norm running_mean / running_var buffers "
+                         f"({' / '.join(STATS_IN_WEIGHTS[cls])}), where its latent statistics live")
+    mean, var = mean.detach().double().cpu().tolist(), var.detach().double().cpu().tolist()
+    if all(m == 0 for m in mean) and all(v == 1 for v in var):
+        warnings.warn(f"{where} holds BatchNorm's initial statistics (mean 0, var 1): an untrained VAE, not "
+                      "published weights; load the weights before reading its latent space", stacklevel=3)
+    return mean, var, _batch_norm_eps(vae.config, f"VAE config {cls!r}"), f"{where}.running_mean / running_var"
+
+
+def _stats_from_folder(folder: Path, cls: str) -> tuple[list[float], list[float], float, str]:
+    """The batch-norm statistics read from a diffusers folder's weights file; absent ones are an error naming
+    the file (never a default)."""
+    names = STATS_IN_WEIGHTS[cls]
+    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder}: no diffusion_pytorch_model*.safetensors: {cls}'s latent statistics "
+                         f"({' / '.join(names)}) live in the VAE's weights")
+    from safetensors import safe_open
+
+    found: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for n in names:
+                if n in f.keys():
+                    found[n] = f.get_tensor(n)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ValueError(f"{', '.join(str(f) for f in files)}: no {' / '.join(missing)} tensor: {cls}'s latent "
+                         "statistics live there (the batch norm's running mean / var); no default is used")
+    cfg = read_json_file(folder / "config.json", "VAE config")
+    return (found[names[0]].double().tolist(), found[names[1]].double().tolist(),
+            _batch_norm_eps(cfg, f"VAE config {str(folder / 'config.json')!r}"), str(files[0]))
 
 
 def build_vae(vae: str | os.PathLike | nn.Module, dtype: torch.dtype | None = None,
@@ -186,7 +417,7 @@ def build_vae(vae: str | os.PathLike | nn.Module, dtype: torch.dtype | None = No
     else:
         import diffusers
 
-        if isinstance(vae, str) and vae in _FILES:
+        if isinstance(vae, str) and (vae in _FILES or vae in _EXTENDED_FILES):
             cfg = get_vae_config(vae)
             cls = getattr(diffusers, cfg.pop("_class_name"))
             warnings.warn(f"build_vae({vae!r}): the registered config has no weights, this VAE is random; pass a "
