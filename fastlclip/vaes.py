@@ -22,6 +22,12 @@ taesd3    AutoencoderTiny    16        1.0      0      madebyollin/taesd3
 taef1     AutoencoderTiny    16        1.0      0      madebyollin/taef1
 ========  =================  ========  =======  =====  ==============================================
 
+``list_vaes(extended=True)`` adds the 2025-26 spaces (issue 33; docs/vaes.md has their sources): ``qwen-image``
+(AutoencoderKLQwenImage, 16 channels, per-channel ``latents_mean`` / ``latents_std`` in the config, packed 2x2 into
+64-wide tokens), ``flux2`` (AutoencoderKLFlux2, 32 channels patchified 2x2 to 128, then normalised by the batch
+norm's running statistics, which live in the weights: the name alone is an error), ``sana``,
+``dcae-f32c32-in`` and ``dcae-f32c32-mix`` (AutoencoderDC f32c32, scaling 0.41407 / 0.3189 / 0.4552).
+
 sd15's published config (diffusers 0.6) carries no ``scaling_factor``: 0.18215 is ``AutoencoderKL``'s
 default, which its pipelines use. The tiny autoencoders decode the diffusion latents of their family
 (sdxl, sd3, flux1) as the pipeline hands them (scaling 1, shift 0, diffusers' ``AutoencoderTiny``
