@@ -1,11 +1,18 @@
 """bench.reward: the CPU smoke run and the derived columns (ratios, % weight floor, % bf16 peak)."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from bench import reward as bench
 from fastlclip import runtime
 from bench.profiles import load_profiles
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path runs only without CUDA")
@@ -179,13 +186,25 @@ def test_in_fresh_process_returns_the_result_or_the_error():
     assert failed["status"].startswith("error: TypeError")
 
 
+_PEAK_RSS = """
+import json, torch
+from bench.reward import PeakRSS
+with PeakRSS() as mem:
+    x = torch.ones(64 * 2**20)  # 256 MiB, touched
+    del x
+print(json.dumps(dict(peak=mem.peak_gib, before=mem.before_gib, method=mem.method)))
+"""
+
+
 def test_peak_rss_sees_torch_allocations():
-    with bench.PeakRSS() as mem:
-        x = torch.ones(64 * 2**20)  # 256 MiB, touched
-        del x
-    assert mem.peak_gib > 0 and mem.method
-    if mem.method.startswith("VmHWM"):  # Linux: the block's own peak
-        assert mem.peak_gib - mem.before_gib >= 0.2
+    """In a fresh interpreter, as the benches measure: a long-lived test worker may hold freed pages resident that
+    the allocation reuses, so its resident memory need not grow."""
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    mem = json.loads(out.stdout.strip().splitlines()[-1])
+    assert mem["peak"] > 0 and mem["method"]
+    if mem["method"].startswith("VmHWM"):  # Linux: the block's own peak
+        assert mem["peak"] - mem["before"] >= 0.2
 
 
 def test_cpu_step_times_counts_warmup_and_repeats():
