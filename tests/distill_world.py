@@ -62,8 +62,9 @@ def make_teacher(vae, n: int = 128):
     return teacher
 
 
-def write_shards(vae, folder: Path, n: int, per_shard: int, seed: int = 2) -> list[Path]:
-    """``latent.npy`` WebDataset shards of raw VAE latents (posterior means)."""
+def write_shards(vae, folder: Path, n: int, per_shard: int, seed: int = 2, prompt_of=None) -> list[Path]:
+    """``latent.npy`` WebDataset shards of raw VAE latents (posterior means); with ``prompt_of``, sample ``i``
+    also has the ``txt`` member ``prompt_of(i)`` (none where it returns None)."""
     folder.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         raw = vae.encode(images(n, seed)).latent_dist.mean
@@ -74,10 +75,14 @@ def write_shards(vae, folder: Path, n: int, per_shard: int, seed: int = 2) -> li
             for i in range(s, min(n, s + per_shard)):
                 buf = io.BytesIO()
                 np.save(buf, raw[i].numpy())
-                info = tarfile.TarInfo(f"{i:06d}.latent.npy")
-                info.size = buf.tell()
-                buf.seek(0)
-                tf.addfile(info, buf)
+                members = {"latent.npy": buf.getvalue()}
+                prompt = prompt_of(i) if prompt_of is not None else None
+                if prompt is not None:
+                    members["txt"] = prompt.encode()
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
         paths.append(path)
     return paths
 

@@ -5,16 +5,13 @@ samples carry prompts. Used by tests/test_ensemble_student.py and tests/test_ens
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill_world import TEACHER_CFG, images, make_teacher
+from distill_world import TEACHER_CFG, images, make_teacher, write_shards
 from fastlclip.distill import teachers as tt
 from test_ensemble_teachers import clip_tokenizer, hf_clip, hf_processor
 
@@ -64,23 +61,4 @@ def spec_args(d: Path) -> list[str]:
 def prompt_shards(vae, folder: Path, n: int, per_shard: int, prompt_of, seed: int = 2) -> list[Path]:
     """``latent.npy`` WebDataset shards of raw VAE latents of :func:`distill_world.images` (``seed``), sample
     ``i`` with the ``txt`` member ``prompt_of(i)`` (none where it returns None)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        raw = vae.encode(images(n, seed)).latent_dist.mean
-    out = []
-    for s in range(0, n, per_shard):
-        path = folder / f"{s // per_shard:05d}.tar"
-        with tarfile.open(path, "w") as tf:
-            for i in range(s, min(n, s + per_shard)):
-                buf = io.BytesIO()
-                np.save(buf, raw[i].numpy())
-                members = {"latent.npy": buf.getvalue()}
-                prompt = prompt_of(i)
-                if prompt is not None:
-                    members["txt"] = prompt.encode()
-                for ext, data in members.items():
-                    info = tarfile.TarInfo(f"{i:06d}.{ext}")
-                    info.size = len(data)
-                    tf.addfile(info, io.BytesIO(data))
-        out.append(path)
-    return out
+    return write_shards(vae, folder, n, per_shard, seed, prompt_of)

@@ -89,16 +89,7 @@ def student_config(student, teacher: nn.Module, info: dict, noise_aware: bool) -
         raise ValueError(f"the student's embed_dim is {cfg.get('embed_dim')}, the teacher's {text['embed_dim']}: they "
                          "must match (the student is scored against the teacher's text tower)")
     cfg["text_cfg"] = text["text_cfg"]
-    v = cfg["vision_cfg"] = dict(cfg["vision_cfg"])
-    if noise_aware:
-        v["noise_aware"] = True
-    c, h, w = info["latent_shape"]
-    mc = ModelConfig.from_dict(cfg, name="student")
-    if mc.vision.latent_channels != c or mc.vision.latent_size != h or h != w:
-        raise ValueError(f"the targets' latents are {c}x{h}x{w}; the student takes {mc.vision.latent_channels}x"
-                         f"{mc.vision.latent_size}x{mc.vision.latent_size}: set vision_cfg.latent_n_channels={c} and "
-                         f"image_size / latent_factor = {h}")
-    return cfg
+    return _vision_checks(cfg, info, noise_aware)
 
 
 def run_digests(targets, teacher, teacher_pretrained=None) -> dict[str, str]:
