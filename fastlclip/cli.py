@@ -57,3 +57,20 @@ def positive_float(text: str) -> float:
 
 
 positive_float.what = "a finite number > 0"
+
+
+def head_weight(text: str) -> tuple[str, float]:
+    """A ``type=`` parser for ``--head-weight NAME=WEIGHT``: a head's name and a finite weight >= 0."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT (e.g. hps=5), got {text!r}")
+    try:
+        w = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a number, got {value!r}") from None
+    if not 0 <= w < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a finite number >= 0")
+    return name.strip(), w
+
+
+head_weight.what = "NAME=WEIGHT, a head of the ensemble and a finite number >= 0"

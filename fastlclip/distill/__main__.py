@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import Parser, fail, int_at_least
+from ..cli import Parser, fail, head_weight, int_at_least
 
 
 def _float(text: str) -> float:
@@ -62,7 +62,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--teacher-spec", action="append", metavar="SPEC",
                    help="the targets' teacher set, instead of --teacher (repeat it, as for targets): trains one trunk "
                         "with a head per CLIP teacher; writes an ensemble (docs/ensembles.md)")
-    r.add_argument("--head-weight", action="append", metavar="NAME=W", dest="ens_head_weights",
+    r.add_argument("--head-weight", type=head_weight, action="append", metavar="NAME=W",
+                   dest="ens_head_weights",
                    help="--teacher-spec: a head's loss weight (repeat it; default 1 each)")
     r.add_argument("--reward-weight", type=_float, dest="ens_reward_weight",
                    help="--teacher-spec: weight of the reward-matching term (default 0: none)")
@@ -100,7 +101,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--teacher-spec", action="append", metavar="SPEC",
                    help="the targets' teacher set (repeat it, as for targets): evaluates an ensemble per head "
                         "(cosine, Spearman, within-prompt pairwise agreement; docs/ensembles.md), a table on stdout")
-    e.add_argument("--head-weight", action="append", metavar="NAME=W", dest="ens_head_weights",
+    e.add_argument("--head-weight", type=head_weight, action="append", metavar="NAME=W",
+                   dest="ens_head_weights",
                    help="--teacher-spec: a head's weight in the total (repeat it; default 1 each)")
     e.add_argument("--use", choices=("reward", "score"), dest="ens_use",
                    help="--teacher-spec: rewards as ReNO's losses (default) or the teachers' scores")
@@ -108,19 +110,6 @@ def parser() -> argparse.ArgumentParser:
                    help="--teacher-spec with --holdout 0: the training targets, whose mean embedding is the baseline")
     e.add_argument("--out", metavar="FILE.json", dest="ens_out", help="--teacher-spec: write the report as JSON")
     return p
-
-
-def _head_weights(items: list[str]) -> dict[str, float]:
-    out = {}
-    for item in items:
-        name, eq, value = item.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"--head-weight {item!r}: NAME=WEIGHT, e.g. hps=5") from None
-        if not eq or not name.strip():
-            raise ValueError(f"--head-weight {item!r}: NAME=WEIGHT, e.g. hps=5")
-    return out
 
 
 def _check_teacher(args) -> None:
@@ -200,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 from .teachers import check_teacher_set, parse_teacher_spec
 
                 check_teacher_set([parse_teacher_spec(x) for x in args.teacher_spec])
-                args.ens_head_weights = _head_weights(args.ens_head_weights or [])
+                args.ens_head_weights = dict(args.ens_head_weights or [])
                 if args.ens_reward_weight is not None and not 0 <= args.ens_reward_weight < float("inf"):
                     raise ValueError(f"--reward-weight must be a non-negative number, got {args.ens_reward_weight}")
             else:
@@ -226,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     _check_targets_folder(args.ens_train_targets)
                 if args.ens_out is not None and (os.path.isdir(args.ens_out) or not args.ens_out.endswith(".json")):
                     raise ValueError(f"--out {args.ens_out}: a .json file to write")
-                args.ens_head_weights = _head_weights(args.ens_head_weights or [])
+                args.ens_head_weights = dict(args.ens_head_weights or [])
                 check_ensemble_eval(args.checkpoint, args.targets, args.teacher_spec, args.ens_head_weights)
             else:
                 given = [k for k, v in ens.items() if v is not None]

@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ..cli import Parser, int_at_least, positive_float
+from ..cli import Parser, head_weight, int_at_least, positive_float
 
 DTYPES = ("float32", "float16", "bfloat16")
 # A lone request waits --max-wait-ms for batchmates; beyond 10 s every request at low load would wait that long,
@@ -55,22 +55,6 @@ def min_body_bytes(channels: int, size: int) -> int:
     """The smallest useful ``--max-body-mb``, in bytes: one float32 latent of the trained grid, and 16 KiB for the
     safetensors header and the prompt."""
     return 8 + channels * size * size * 4 + 16 * 1024
-
-
-def head_weight(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT (e.g. hps=5), got {text!r}")
-    try:
-        w = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a number, got {value!r}") from None
-    if not 0 <= w < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a finite number >= 0")
-    return name.strip(), w
-
-
-head_weight.what = "NAME=WEIGHT, a head of the ensemble and a finite number >= 0"
 
 
 def default_head_weights(heads: list[str], given: list[tuple[str, float]] | None) -> dict[str, float]:
