@@ -7,6 +7,7 @@ import torch
 
 from bench import flops, profiles, reno_cost, reno_pipelines
 from bench.rewards import REWARDS
+from test_bench_cli import _one_line_error
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU smoke path")
 
@@ -360,16 +361,6 @@ def test_each_configuration_is_written_as_it_finishes(tmp_path, monkeypatch, cap
 
 
 # -- --full-size: fast-pipeline iterations at the real sizes on the CPU (tested on tiny stand-ins) -------
-def _one_line_error(capsys, argv, *needles):
-    with pytest.raises(SystemExit) as exc:
-        reno_cost.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-
-
 @pytest.mark.parametrize("argv, needles", [
     (["--full-size", "--pipelines", "reno", "fast"], ["--pipelines reno"]),
     (["--full-size", "--resolution", "1024"], ["--resolution 1024"]),
@@ -390,7 +381,7 @@ def test_full_size_bad_combinations_are_one_line_errors_before_any_work(capsys, 
 
     for name in ("full_size_run", "run_smoke", "run_measured"):
         monkeypatch.setattr(reno_cost, name, fail)
-    _one_line_error(capsys, argv, *needles)
+    _one_line_error(capsys, reno_cost.main, argv, *needles)
 
 
 @needs_no_cuda

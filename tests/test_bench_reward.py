@@ -11,6 +11,7 @@ import torch
 from bench import reward as bench
 from fastlclip import runtime
 from bench.profiles import load_profiles
+from test_bench_cli import _one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,16 +81,6 @@ def test_write_report(tmp_path):
 
 
 # -- --full-size: the real sizes on the CPU (tested here on tiny stand-ins; the real sizes run from the command line)
-def _one_line_error(capsys, argv, *needles):
-    with pytest.raises(SystemExit) as exc:
-        bench.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-
-
 @pytest.mark.parametrize("argv, needles", [
     (["--full-size", "--backends", "graph"], ["--backends", "CUDA run"]),
     (["--full-size", "--reward-batches", "4"], ["--reward-batches"]),
@@ -111,11 +102,11 @@ def test_full_size_bad_combinations_are_one_line_errors_before_any_work(capsys, 
 
     monkeypatch.setattr(bench, "full_size_run", fail)
     monkeypatch.setattr(bench, "_run", fail)
-    _one_line_error(capsys, argv, *needles)
+    _one_line_error(capsys, bench.main, argv, *needles)
 
 
 def test_full_size_out_that_is_a_folder_is_refused(capsys, tmp_path):
-    _one_line_error(capsys, ["--full-size", "--out", str(tmp_path)], "--out", "is a folder")
+    _one_line_error(capsys, bench.main, ["--full-size", "--out", str(tmp_path)], "--out", "is a folder")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--full-size is refused with CUDA")
