@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .vaes import latent_space, list_vaes
+from .vaes import TINY_FAMILY, get_vae_config, list_vaes, vae_channels
 
 # SDXL VAE scaling factor: diffusion-space latents = VAE latents * this.
 SDXL_SCALING_FACTOR = 0.13025
@@ -58,7 +58,7 @@ def check_has_data(t: torch.Tensor, what: str) -> None:
 
 
 def _vae_channels() -> str:
-    return ", ".join(f"{n} {latent_space(n).channels}" for n in list_vaes() if not n.startswith("tae"))
+    return ", ".join(f"{n} {vae_channels(get_vae_config(n))}" for n in list_vaes() if n not in TINY_FAMILY)
 
 
 def check_latents(latents: torch.Tensor, *, channels: int, size: int, patch: int, resize: str | None = None,

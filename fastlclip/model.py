@@ -209,6 +209,10 @@ class LatentVisual(nn.Module):
             from diffusers.models.autoencoders.vae import Encoder
 
             v = cfg.vae
+            if v.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+                raise ValueError(f"model {cfg.name!r}: a checkpoint carries VAE encoder weights for an AutoencoderKL "
+                                 f"only, its VAE {cfg.vae_name!r} is a {v.get('_class_name')}; pass vae= to "
+                                 "encode_images instead")
             self.vae_encoder = Encoder(
                 in_channels=v.get("in_channels", 3),
                 out_channels=v["latent_channels"],
@@ -238,6 +242,7 @@ class LatentCLIP(nn.Module):
         self.backend = "eager"  # the fast path attached from outside (fastlclip.runtime.apply); "eager": none
         self.check_finite = True
         self.resize = None  # the latent-grid policy when encode_latents gets none: None, "interpolate", "pool"
+        self._space = None  # the latent space, read from the config once
         self.visual = LatentVisual(cfg, with_vae)
         # The text tower is open_clip's, its parameters at the top level of the state dict.
         t = cfg.text
@@ -264,8 +269,14 @@ class LatentCLIP(nn.Module):
 
     @property
     def latent_space(self) -> LatentSpace:
-        """The latent space of the model's VAE (``cfg.vae_name``): channels, scaling and shift factors."""
-        return dataclasses.replace(vaes.latent_space(self.cfg.vae), name=self.cfg.vae_name)
+        """The latent space of the model's VAE (``cfg.vae_name``): channels, scaling and shift factors, per-channel
+        statistics, patch and packing (FLUX.2's statistics from ``cfg.vae_stats``)."""
+        space = self._space
+        if space is None:
+            space = dataclasses.replace(vaes.latent_space(self.cfg.vae, stats=self.cfg.vae_stats),
+                                        name=self.cfg.vae_name)
+            self._space = space
+        return space
 
     @property
     def noise_aware(self) -> bool:
@@ -274,13 +285,16 @@ class LatentCLIP(nn.Module):
 
     # -- image side -----------------------------------------------------------------------------
     def encode_latents(self, latents: torch.Tensor, *, space: str = "diffusion", normalize: bool = True,
-                       resize=MODEL_DEFAULT, noise_level=None) -> torch.Tensor:
-        """Embed latents (B, C, H, W) of the model's VAE (``model.latent_space``: SDXL's unless its config names
-        another).
+                       resize=MODEL_DEFAULT, noise_level=None, height: int | None = None,
+                       width: int | None = None) -> torch.Tensor:
+        """Embed latents of the model's VAE (``model.latent_space``: SDXL's unless its config names another).
 
-        ``space="diffusion"``: latents as the pipeline's denoiser produces them; converted here with the
-        VAE's constants as diffusers' pipelines do before decoding, ``z / scaling_factor + shift_factor``.
-        ``space="vae"``: raw ``AutoencoderKL.encode(x).latent_dist`` samples.
+        ``space="diffusion"``: latents as the pipeline's denoiser produces them, converted here with the VAE's
+        constants as diffusers' pipelines do before decoding (``LatentSpace.to_vae``: ``z / scaling_factor +
+        shift_factor``; per channel for Qwen-Image and FLUX.2): the grid ``(B, C, h, w)`` (FLUX.2: 128 channels
+        at half the VAE latent's side) or, for the packed spaces, the pipeline's tokens ``(B, L, D)`` with the
+        VAE latent ``height`` / ``width`` (omitted: a square latent).
+        ``space="vae"``: what the VAE encodes to (``fastlclip.vaes.encode``), ``(B, C, H, W)``.
         ``resize``: the policy for a grid other than the trained one (``fastlclip.grids``): ``None``
         refuses it, ``"interpolate"`` resamples the positional embeddings to it, ``"pool"`` area-pools
         the latents to the trained grid; by default ``self.resize`` (``fastlclip.load(..., resize=...)``).
@@ -288,7 +302,7 @@ class LatentCLIP(nn.Module):
         ``(1 - s) x + s eps`` (diffusion space); a model that is not noise-aware refuses non-zero levels.
         Latents are cast to the model's dtype; gradients flow back to them.
         """
-        latents, scale, shift, noise = self.prepare_latents(latents, space, resize, noise_level)
+        latents, scale, shift, noise = self.prepare_latents(latents, space, resize, noise_level, height, width)
         feats = self.visual.latent_vit(latents, scale=scale, shift=shift, noise_level=noise)
         return F.normalize(feats, dim=-1) if normalize else feats
 
@@ -298,7 +312,8 @@ class LatentCLIP(nn.Module):
         grids.check_resize(resize)
         return resize
 
-    def prepare_latents(self, latents: torch.Tensor, space: str, resize=MODEL_DEFAULT, noise_level=None
+    def prepare_latents(self, latents: torch.Tensor, space: str, resize=MODEL_DEFAULT, noise_level=None,
+                        height: int | None = None, width: int | None = None
                         ) -> tuple[torch.Tensor, float, float, torch.Tensor | None]:
         """Validate latents (and a noise level) for the image tower and apply the grid policy:
         ``(latents for the tower, scale, shift, noise)``: the tower reads ``latents * scale + shift`` (VAE
@@ -312,6 +327,10 @@ class LatentCLIP(nn.Module):
         inputs.check_space(space)
         resize = self.resize_policy(resize)
         v = self.cfg.vision
+        converted = False
+        ls = self.latent_space if space == "diffusion" else None
+        if ls is not None and (ls.per_channel or (ls.pack and getattr(latents, "ndim", 4) == 3)):
+            latents, converted = self._diffusion_to_vae(latents, height, width), True
         inputs.check_latents(latents, channels=v.latent_channels, size=v.latent_size, patch=v.patch_size,
                              resize=resize, check_finite=self.check_finite, vae=self.cfg.vae_name)
         self._check_device(latents, "latents")
@@ -321,21 +340,40 @@ class LatentCLIP(nn.Module):
             noise = noise.to(self.device)
         if resize == "pool":
             latents = grids.pool_latents(latents, v.latent_size)
-        if space == "vae":
+        if space == "vae" or converted:
             return latents, 1.0, 0.0, noise
         ls = self.latent_space
         return latents, 1.0 / ls.scaling_factor, ls.shift_factor, noise
+
+    def _diffusion_to_vae(self, latents: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
+        """A per-channel / packed space's diffusion latents (the grid or the pipeline's tokens) -> VAE space, in
+        float32 or wider; the shape checks name the space."""
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        inputs.check_has_data(latents, "latents")
+        if not latents.is_floating_point():
+            raise TypeError(f"latents must be floating point (float32/float16/bfloat16), got {latents.dtype}; "
+                            "convert with .float()")
+        if latents.ndim not in (3, 4) or latents.shape[0] == 0:
+            ls = self.latent_space
+            packed = f" or its packed tokens (B, L, {ls.diffusion_channels * ls.pack ** 2})" if ls.pack else ""
+            raise ValueError(f"latents of the {self.cfg.vae_name!r} latent space are its diffusion grid (B, "
+                             f"{ls.diffusion_channels}, h, w){packed} with B > 0, got shape {tuple(latents.shape)}"
+                             + (": one frame of a video latent? take latents[:, :, 0]" if latents.ndim == 5 else ""))
+        ls = self.latent_space
+        grid = ls.grid(latents, height, width)
+        return ls.to_vae(grid.to(torch.promote_types(grid.dtype, torch.float32)))
 
     def encode_images(self, pixels: torch.Tensor, *, vae=None, sample: bool = False, normalize: bool = True,
                       resize=MODEL_DEFAULT) -> torch.Tensor:
         """Embed RGB images in [0, 1] (B, 3, H, W): VAE encoder -> latent -> image tower.
 
-        Uses the VAE encoder weights stored in the checkpoint; pass ``vae`` (a diffusers ``AutoencoderKL`` of
-        the model's VAE, ``fastlclip.vaes.build_vae``) when the checkpoint has none. ``sample=False`` takes the posterior mean, ``True`` a sample.
+        Uses the VAE encoder weights stored in the checkpoint; pass ``vae`` (the model's diffusers VAE,
+        ``fastlclip.vaes.build_vae``; encoded as :func:`fastlclip.vaes.encode` does) when the checkpoint has none. ``sample=False`` takes the posterior mean, ``True`` a sample.
         ``resize``: the latent-grid policy, as in :meth:`encode_latents`.
         """
         inputs.check_pixels(pixels)
-        px = self.latent_size * 8
+        px = self.latent_size * self.cfg.vision.latent_factor
         if tuple(pixels.shape[-2:]) != (px, px) and self.resize_policy(resize) is None:
             raise ValueError(f"images are {pixels.shape[-2]}x{pixels.shape[-1]} px, this model expects {px}x{px} "
                              f"(its {self.latent_size}x{self.latent_size} latents); resize or centre-crop first, "
@@ -343,9 +381,9 @@ class LatentCLIP(nn.Module):
         self._check_device(pixels, "pixels")
         x = pixels * 2 - 1
         if vae is not None:
-            dist = vae.encode(x.to(vae.dtype)).latent_dist
-            mean, std = dist.mean, dist.std
-        elif self.visual.vae_encoder is not None:
+            raw = vaes.encode(vae, x, sample=sample)
+            return self.encode_latents(raw, space="vae", normalize=normalize, resize=resize)
+        if self.visual.vae_encoder is not None:
             x = x.to(self.dtype)
             moments = self.visual.vae_encoder(x)
             if self.visual.vae_quant_conv is not None:

@@ -3,8 +3,11 @@
 A config follows open_clip's schema plus the Latent-CLIP vision keys ``latent_factor``,
 ``latent_n_channels`` (by default the VAE's channel count) and ``noise_aware`` (a learned noise-level
 embedding, see ``LatentViT``). The model's VAE, whose latent space the tower reads: ``"vae": NAME``
-(``fastlclip.list_vaes()``) or an embedded diffusers ``AutoencoderKL`` config ``"vae_cfg"``; neither means
+(``fastlclip.list_vaes()``) or an embedded diffusers VAE config ``"vae_cfg"`` (``vaes.LATENT_CLASSES``); neither means
 ``sdxl``. It sets the constants of ``encode_latents(space="diffusion")`` and the encoder of ``encode_images``.
+A FLUX.2 model carries its VAE's batch-norm statistics as ``"vae_stats"`` (``fastlclip.vaes.weight_stats``).
+The tower reads the VAE-space latents ``(B, C, H, W)`` (``latent_factor``: image pixels per latent pixel, 32 for
+DC-AE); diffusion-space input, a grid or the pipeline's packed tokens, is converted first.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-from .vaes import check_depth, list_vaes, model_vae, read_json
+from .vaes import check_depth, list_vaes, model_vae, read_json, vae_channels
 
 _CONFIG_DIR = resources.files("fastlclip") / "configs"
 _REGISTRY: dict[str, dict[str, Any]] = {}
@@ -103,6 +106,7 @@ class ModelConfig:
     text: TextConfig
     vae: dict[str, Any]
     vae_name: str = "sdxl"
+    vae_stats: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any], name: str = "custom") -> "ModelConfig":
@@ -130,7 +134,7 @@ class ModelConfig:
                 heads=heads,
                 mlp_ratio=_ratio(v.get("mlp_ratio", 4.0), "vision_cfg.mlp_ratio", where),
                 latent_factor=_int(v.get("latent_factor", 8), "vision_cfg.latent_factor", where),
-                latent_channels=_int(v.get("latent_n_channels", vae["latent_channels"]), "vision_cfg.latent_n_channels",
+                latent_channels=_int(v.get("latent_n_channels", vae_channels(vae)), "vision_cfg.latent_n_channels",
                                      where),
                 noise_aware=_bool(v.get("noise_aware", False), "vision_cfg.noise_aware", where),
             )
@@ -161,11 +165,12 @@ class ModelConfig:
             raise ValueError(f"{where} describes a model of about {params / 1e9:.0f} billion parameters; fastlclip builds "
                              f"models of at most {MAX_PARAMS / 1e9:.0f} billion (Latent-CLIP B models have 0.15 billion). "
                              "Check layers and width.")
-        if vision.latent_channels != vae["latent_channels"]:
+        if vision.latent_channels != vae_channels(vae):
             raise ValueError(f"{where}: vision_cfg.latent_n_channels is {vision.latent_channels} but its VAE {vae_name!r} "
-                             f"has {vae['latent_channels']}-channel latents; name the VAE the tower reads (\"vae\": "
+                             f"has {vae_channels(vae)}-channel latents; name the VAE the tower reads (\"vae\": "
                              f"one of {list_vaes()}) or drop latent_n_channels")
-        return cls(name, embed_dim, vision, text, vae, vae_name)
+        stats = cfg.get("vae_stats")
+        return cls(name, embed_dim, vision, text, vae, vae_name, copy.deepcopy(dict(stats)) if stats else None)
 
 
 # Upper bounds for config values: a hostile or mistyped config (layers: 1e9) must fail, not hang or exhaust memory.

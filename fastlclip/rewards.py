@@ -29,6 +29,7 @@ from .grids import MODEL_DEFAULT
 from .loss import at_least_fp32, clip_loss, logit_scale_exp, normalized
 from .model import LatentCLIP
 from .runtime import reward_loss
+from . import vaes
 from .vaes import latent_space
 
 # OpenAI CLIP pixel normalisation (open_clip's default for the ViT-B/32, L/14, H/14 baselines).
@@ -174,9 +175,11 @@ def _is_transformers_clip(model: nn.Module) -> bool:
 def _check_pixel_models(vae: nn.Module, clip_model: nn.Module) -> bool:
     """Check the decoder and the CLIP of a decode-then-reward baseline; True for a transformers ``CLIPModel``."""
     config = getattr(vae, "config", None)
-    if not callable(getattr(vae, "decode", None)) or not isinstance(getattr(config, "scaling_factor", None), (int, float)):
-        raise TypeError(f"vae must be a diffusers decoder (AutoencoderKL, AutoencoderTiny, ...) with .decode and "
-                        f".config.scaling_factor, got {type(vae).__name__}")
+    known = type(vae).__name__ in vaes.DECODER_CLASSES
+    if not callable(getattr(vae, "decode", None)) or not (
+            known or isinstance(getattr(config, "scaling_factor", None), (int, float))):
+        raise TypeError(f"vae must be a diffusers decoder ({', '.join(vaes.DECODER_CLASSES)}, or one with .decode "
+                        f"and .config.scaling_factor), got {type(vae).__name__}")
     transformers = _is_transformers_clip(clip_model)
     if not transformers and not hasattr(clip_model, "visual"):
         raise TypeError(f"clip_model must be an open_clip CLIP or a transformers CLIPModel, got {type(clip_model).__name__}")
@@ -207,9 +210,10 @@ class _DecodeThenEncode:
         self.mean, self.std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in self._mean_std)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Diffusion latents -> RGB in [0, 1]."""
-        z = self.latent_space.to_vae(latents.to(self.vae.dtype))
-        return (self.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+        """Diffusion latents (the grid, or a packed space's tokens of a square latent) -> RGB in [0, 1], decoded
+        as the VAE's pipeline decodes (``fastlclip.vaes.decode``)."""
+        z = self.latent_space.to_vae(self.latent_space.grid(latents).to(self.vae.dtype))
+        return (vaes.decode(self.vae, z) / 2 + 0.5).clamp(0, 1)
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
         """[0, 1] RGB -> the CLIP input: torchvision's ``Resize(resize_size, BICUBIC, antialias=True)`` (short
@@ -231,10 +235,14 @@ class _DecodeThenEncode:
         return (x - self.mean) / self.std
 
     def check_latents(self, latents: torch.Tensor) -> None:
-        """As ``LatentCLIPReward``'s: (B, C, H, W) floating-point VAE-space latents, B > 0, finite unless
-        ``check_finite`` is off (the check synchronises with the device)."""
+        """As ``LatentCLIPReward``'s: the floating-point diffusion grid ``(B, C, h, w)`` of the VAE's space (a packed
+        space's tokens ``(B, L, D)`` of a square latent too), B > 0, finite unless ``check_finite`` is off (the
+        check synchronises with the device)."""
+        space = self.latent_space
+        if isinstance(latents, torch.Tensor) and latents.ndim == 3 and space.pack and latents.is_floating_point():
+            latents = space.grid(latents)  # its shape checks name the space
         inputs.check_latent_batch(
-            latents, channels=self.vae.config.latent_channels, expects="the VAE expects",
+            latents, channels=space.diffusion_channels, expects="the VAE expects",
             rgb_hint="Score images with the CLIP model directly, or pass the latents.", check_finite=self.check_finite,
             vae=self.latent_space.name,
             finite_hint="check the sampler that produced them (reward.check_finite = False skips this check, which "

@@ -22,7 +22,7 @@ taesd3    AutoencoderTiny    16        1.0      0      madebyollin/taesd3
 taef1     AutoencoderTiny    16        1.0      0      madebyollin/taef1
 ========  =================  ========  =======  =====  ==============================================
 
-``list_vaes(extended=True)`` adds the 2025-26 spaces (issue 33; docs/vaes.md has their sources): ``qwen-image``
+The 2025-26 spaces (issue 33; docs/vaes.md has their sources): ``qwen-image``
 (AutoencoderKLQwenImage, 16 channels, per-channel ``latents_mean`` / ``latents_std`` in the config, packed 2x2 into
 64-wide tokens), ``flux2`` (AutoencoderKLFlux2, 32 channels patchified 2x2 to 128, then normalised by the batch
 norm's running statistics, which live in the weights: the name alone is an error), ``sana``,
@@ -62,16 +62,17 @@ _FILES = {
     "sdxl": "sdxl_vae.json", "sd15": "sd15_vae.json", "sd3": "sd3_vae.json", "flux1": "flux1_vae.json",
     "taesdxl": "taesdxl.json", "taesd3": "taesd3.json", "taef1": "taef1.json",
 }
-# Latent spaces of 2025-26 models (issue 33): per-channel statistics and / or a patchified, packed layout. They
-# are registered (get_vae_config, latent_space, build_vae) but listed by ``list_vaes()`` only with
-# ``extended=True`` until the consumers (model configs, rewards, corpus) take them.
+# Latent spaces of 2025-26 models (issue 33): per-channel statistics and / or a patchified, packed layout.
 _EXTENDED_FILES = {
     "qwen-image": "qwen_image_vae.json", "flux2": "flux2_vae.json", "sana": "dcae_f32c32_sana.json",
     "dcae-f32c32-in": "dcae_f32c32_in.json", "dcae-f32c32-mix": "dcae_f32c32_mix.json",
 }
 STATS_IN_WEIGHTS = {"AutoencoderKLFlux2": ("bn.running_mean", "bn.running_var")}  # class -> weight names
 TINY_FAMILY = {"taesdxl": "sdxl", "taesd3": "sd3", "taef1": "flux1"}
-_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+# Autoencoders whose latents a Latent-CLIP tower reads (a model config's VAE); the decode baselines also take the
+# tiny autoencoders (AutoencoderTiny), which decode their family's diffusion latents.
+LATENT_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage", "AutoencoderKLFlux2", "AutoencoderDC")
+DECODER_CLASSES = (*LATENT_CLASSES, "AutoencoderTiny")
 SCALING_RANGE = (1e-4, 1e4)  # published: 0.13025 (SDXL) .. 1.5305 (SD3), 1.0 for the tiny autoencoders
 MAX_SHIFT = 1e4  # published: 0 .. 0.1159 (FLUX.1)
 MAX_CHANNELS = 1024  # published: 4 and 16
@@ -119,17 +120,43 @@ def read_json_file(path: str | os.PathLike, what: str = "config file") -> Any:
     return read_json(text, f"{what} {str(path)!r}")
 
 
-def list_vaes(extended: bool = False) -> list[str]:
-    """Names of the registered VAEs; ``extended=True`` adds the per-channel / packed latent spaces
-    (``qwen-image``, ``flux2``, ``sana``, ``dcae-f32c32-in``, ``dcae-f32c32-mix``)."""
-    return list(_FILES) + (list(_EXTENDED_FILES) if extended else [])
+def list_vaes() -> list[str]:
+    """Names of the registered VAEs: the scalar spaces and their tiny autoencoders, then the per-channel / packed
+    spaces of 2025-26 models (``qwen-image``, ``flux2``, ``sana``, ``dcae-f32c32-in``, ``dcae-f32c32-mix``)."""
+    return list(_FILES) + list(_EXTENDED_FILES)
+
+
+def _class_config(vae: Mapping[str, Any] | nn.Module) -> tuple[str, Mapping[str, Any]]:
+    """``(class name, config)`` of a diffusers VAE config dict (no ``_class_name``: AutoencoderKL) or module."""
+    if isinstance(vae, nn.Module):
+        return type(vae).__name__, vae.config
+    return vae.get("_class_name") or "AutoencoderKL", vae
+
+
+def vae_channels(vae: Mapping[str, Any] | nn.Module) -> int:
+    """The channels of a diffusers VAE's latents, from its config or module (``z_dim`` for
+    AutoencoderKLQwenImage, else ``latent_channels``; 4, diffusers' ``AutoencoderKL`` default, when absent)."""
+    cls, cfg = _class_config(vae)
+    return cfg.get("z_dim" if cls == "AutoencoderKLQwenImage" else "latent_channels", 4)
+
+
+def vae_factor(vae: Mapping[str, Any] | nn.Module) -> int:
+    """Image pixels per latent pixel (spatial downsampling) of a diffusers VAE, from its config or module: 8 for
+    the published KL, Qwen-Image and tiny autoencoders, 32 for DC-AE f32c32."""
+    cls, cfg = _class_config(vae)
+    key = {"AutoencoderKLQwenImage": "dim_mult", "AutoencoderDC": "encoder_block_out_channels",
+           "AutoencoderTiny": "encoder_block_out_channels"}.get(cls, "block_out_channels")
+    blocks = cfg.get(key, (64,) if cls == "AutoencoderKL" else (64,) * 4)
+    if not isinstance(blocks, (list, tuple)) or not 0 < len(blocks) <= 16:
+        raise ValueError(f"VAE config: {key} must be a list of at most 16 blocks, got {blocks!r}")
+    return 2 ** (len(blocks) - 1)
 
 
 def get_vae_config(name: str) -> dict[str, Any]:
     """The diffusers config dict of a registered VAE (a fresh copy)."""
     file = _FILES.get(name) or _EXTENDED_FILES.get(name)
     if file is None:
-        raise ValueError(f"unknown VAE {name!r}; registered VAEs: {list_vaes(extended=True)} (or embed a diffusers "
+        raise ValueError(f"unknown VAE {name!r}; registered VAEs: {list_vaes()} (or embed a diffusers "
                          "config as \"vae_cfg\" in the model config)")
     return read_json((_DIR / file).read_text(), f"registered VAE config {name!r}")
 
@@ -234,7 +261,7 @@ class LatentSpace:
     def grid(self, x: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """What a pipeline hands -> the diffusion grid ``(B, diffusion_channels, h, w)``: a 4-D grid as it is,
         packed tokens ``(B, L, D)`` unpacked with the VAE latent ``height`` / ``width`` (image size / VAE
-        factor; the grid is ``height / patch`` high)."""
+        factor; the grid is ``height / patch`` high; both omitted: a square latent)."""
         if x.dim() == 4:
             if x.shape[1] != self.diffusion_channels:
                 raise ValueError(f"latent space {self.name!r}: a grid of {x.shape[1]} channels, expected "
@@ -243,9 +270,15 @@ class LatentSpace:
         if x.dim() != 3 or not self.pack:
             raise ValueError(f"latent space {self.name!r}: expected a (B, {self.diffusion_channels}, h, w) grid"
                              + (" or packed (B, L, D) tokens" if self.pack else "") + f", got shape {tuple(x.shape)}")
-        if height is None or width is None:
-            raise ValueError(f"latent space {self.name!r}: packed tokens need the latent height and width")
         step = self.patch * self.pack
+        if height is None and width is None:  # a square latent
+            side = math.isqrt(x.shape[1])
+            if side * side != x.shape[1]:
+                raise ValueError(f"latent space {self.name!r}: {x.shape[1]} packed tokens are not a square grid; pass "
+                                 "the VAE latent height and width (image size / VAE factor)")
+            height = width = side * step
+        elif height is None or width is None:
+            raise ValueError(f"latent space {self.name!r}: packed tokens need both the latent height and width")
         if height % step or width % step:
             raise ValueError(f"latent space {self.name!r}: latent height / width {height} x {width} must be "
                              f"multiples of {step}")
@@ -303,13 +336,17 @@ def _short(value: int) -> str:
     return repr(value) if abs(value) < 10**30 else f"an integer of {len(str(abs(value)))} digits"
 
 
-def latent_space(vae: str | os.PathLike | Mapping[str, Any] | nn.Module) -> LatentSpace:
+def latent_space(vae: str | os.PathLike | Mapping[str, Any] | nn.Module,
+                 stats: Mapping[str, Any] | None = None) -> LatentSpace:
     """The :class:`LatentSpace` of a registered name, a diffusers config dict, a diffusers VAE module or a local
     diffusers VAE folder (``config.json`` + weights, or a pipeline folder with ``vae/``).
 
     FLUX.2's statistics live in its VAE's weights (``bn.running_mean`` / ``bn.running_var``): its name or
-    config alone is a ``ValueError`` saying so; pass the loaded module or its folder."""
-    stats = None
+    config alone is a ``ValueError`` saying so; pass the loaded module or its folder, or ``stats`` (a mapping
+    ``{"running_mean": [...], "running_var": [...]}`` copied from those weights, as a model config's
+    ``vae_stats`` carries them: :func:`weight_stats`)."""
+    if stats is not None:
+        stats = _stats_from_mapping(stats)
     if isinstance(vae, (str, os.PathLike)) and (str(vae) in _FILES or str(vae) in _EXTENDED_FILES):
         name, cfg = str(vae), get_vae_config(str(vae))
     elif isinstance(vae, (str, os.PathLike)) and Path(vae).is_dir():
@@ -331,7 +368,7 @@ def latent_space(vae: str | os.PathLike | Mapping[str, Any] | nn.Module) -> Late
         if cls in STATS_IN_WEIGHTS:
             stats = _stats_from_module(vae, cls)
     else:
-        raise TypeError(f"expected a VAE name ({list_vaes(extended=True)}), a diffusers config dict, a diffusers "
+        raise TypeError(f"expected a VAE name ({list_vaes()}), a diffusers config dict, a diffusers "
                         f"VAE or a diffusers folder, got {type(vae).__name__}")
     where = f"VAE config {name!r}"
     cls = cfg.get("_class_name") or (type(vae).__name__ if isinstance(vae, nn.Module) else None)
@@ -359,6 +396,8 @@ def latent_space(vae: str | os.PathLike | Mapping[str, Any] | nn.Module) -> Late
                 or not isinstance(patch[0], int) or isinstance(patch[0], bool) or not 0 < patch[0] <= 16):
             raise ValueError(f"{where}: patch_size must be two equal small positive integers, got {patch!r}")
         mean, var, eps, source = stats
+        if eps is None:  # statistics given apart from the module: the config's eps
+            eps = _batch_norm_eps(cfg, where)
         if len(mean) != channels * patch[0] ** 2 or len(var) != len(mean):
             raise ValueError(f"{source}: batch-norm statistics of {len(mean)} / {len(var)} channels, expected "
                              f"{channels * patch[0] ** 2} (latent_channels {channels} x patch {patch[0]}^2)")
@@ -367,6 +406,46 @@ def latent_space(vae: str | os.PathLike | Mapping[str, Any] | nn.Module) -> Late
     default = {"AutoencoderTiny": 1.0, "AutoencoderDC": 1.0}.get(cls, 0.18215)  # the classes' own defaults
     scaling = _number(cfg, "scaling_factor", default, where, *SCALING_RANGE)
     return LatentSpace(name, channels, scaling, _number(cfg, "shift_factor", 0.0, where, -MAX_SHIFT, MAX_SHIFT))
+
+
+def weight_stats(vae: str | os.PathLike | nn.Module) -> dict[str, Any] | None:
+    """The latent statistics a VAE keeps in its weights (FLUX.2: ``{"running_mean", "running_var", "source"}``,
+    float lists) from a module or a diffusers folder, for a model config's ``vae_stats``; None for the classes
+    whose constants are all in their config."""
+    if isinstance(vae, nn.Module):
+        cls = vae.config.get("_class_name") or type(vae).__name__
+        found = _stats_from_module(vae, cls) if cls in STATS_IN_WEIGHTS else None
+    elif isinstance(vae, (str, os.PathLike)) and Path(vae).is_dir():
+        folder = Path(vae) / "vae" if (Path(vae) / "vae" / "config.json").is_file() else Path(vae)
+        cls = read_json_file(folder / "config.json", "VAE config").get("_class_name")
+        found = _stats_from_folder(folder, cls) if cls in STATS_IN_WEIGHTS else None
+    else:
+        cls = get_vae_config(str(vae)).get("_class_name")
+        if cls in STATS_IN_WEIGHTS:
+            latent_space(str(vae))  # the error saying the statistics live in the weights
+        found = None
+    if found is None:
+        return None
+    mean, var, _, source = found
+    return {"running_mean": mean, "running_var": var, "source": source}
+
+
+def _stats_from_mapping(stats: Mapping[str, Any]) -> tuple[list[float], list[float], None, str]:
+    """``{"running_mean": [...], "running_var": [...], "source"?}`` checked: two equal-length lists of finite
+    numbers, variances >= 0. The eps comes from the VAE config."""
+    where = "vae_stats"
+    if not isinstance(stats, Mapping):
+        raise ValueError(f"{where} must be a mapping {{\"running_mean\": [...], \"running_var\": [...]}}, got "
+                         f"{type(stats).__name__}")
+    mean, var = stats.get("running_mean"), stats.get("running_var")
+    for key, value in (("running_mean", mean), ("running_var", var)):
+        if (not isinstance(value, (list, tuple)) or not value or len(value) > 4 * MAX_CHANNELS
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+            raise ValueError(f"{where}.{key} must be a non-empty list of finite numbers (the VAE's batch-norm "
+                             f"buffer, fastlclip.vaes.weight_stats(vae)), got {str(value)[:80]}")
+    if any(v < 0 for v in var):
+        raise ValueError(f"{where}.running_var must be >= 0")
+    return [float(v) for v in mean], [float(v) for v in var], None, str(stats.get("source") or where)
 
 
 def _batch_norm_eps(cfg: Mapping[str, Any], where: str) -> float:
@@ -415,7 +494,7 @@ def _stats_from_folder(folder: Path, cls: str) -> tuple[list[float], list[float]
 
 def build_vae(vae: str | os.PathLike | nn.Module, dtype: torch.dtype | None = None,
               device: str | torch.device | None = None) -> nn.Module:
-    """A diffusers ``AutoencoderKL`` / ``AutoencoderTiny``: from a registered name (random weights, with a
+    """A diffusers autoencoder of one of :data:`DECODER_CLASSES`: from a registered name (random weights, with a
     warning), from a local diffusers folder (``config.json`` + weights, or a pipeline folder with ``vae/``),
     or ``vae`` itself when it is a module. Moved to ``dtype`` / ``device`` when given; eval mode."""
     if isinstance(vae, nn.Module):
@@ -440,38 +519,80 @@ def build_vae(vae: str | os.PathLike | nn.Module, dtype: torch.dtype | None = No
             if not isinstance(cfg, Mapping):
                 raise ValueError(f"{folder / 'config.json'}: a diffusers VAE config is a JSON object")
             cls_name = cfg.get("_class_name")
-            if cls_name not in _CLASSES:
-                raise ValueError(f"{folder / 'config.json'}: _class_name {cls_name!r} is not one of {_CLASSES}")
+            if cls_name not in DECODER_CLASSES:
+                raise ValueError(f"{folder / 'config.json'}: _class_name {cls_name!r} is not one of {DECODER_CLASSES}")
             # its constants, before loading (latent_channels: 4, diffusers' default, when the config has none)
-            latent_space({"latent_channels": 4, **cfg, "_name_or_path": str(folder / "config.json")})
+            if cls_name not in STATS_IN_WEIGHTS:  # those are read from the weights, below
+                latent_space({"latent_channels": 4, **cfg, "_name_or_path": str(folder / "config.json")})
             module = getattr(diffusers, cls_name).from_pretrained(folder)
     if dtype is not None or device is not None:
         module = module.to(device=device, dtype=dtype)
     return module.eval()
 
 
+def encode(vae: nn.Module, images: torch.Tensor, sample: bool = False,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images in [-1, 1] ``(B, 3, H, W)`` -> VAE-space latents ``(B, C, H / f, W / f)``, each class as its
+    pipelines encode: the posterior mean (or a sample) of the KL autoencoders (AutoencoderKLQwenImage takes and
+    returns one frame, ``(B, C, 1, H, W)``: ``pipeline_qwenimage_img2img.py`` ``_encode_vae_image``); DC-AE's
+    deterministic ``.latent``. Diffusion space is ``latent_space(vae).to_diffusion`` of the result."""
+    cls = type(vae).__name__
+    x = images.to(vae.dtype)
+    if cls == "AutoencoderKLQwenImage":
+        x = x.unsqueeze(2)
+    out = vae.encode(x)
+    if hasattr(out, "latent_dist"):
+        dist = out.latent_dist
+        raw = dist.sample(generator) if sample else dist.mean
+    elif hasattr(out, "latent"):
+        raw = out.latent
+    else:
+        raw = out.latents  # AutoencoderTiny
+    return raw[:, :, 0] if cls == "AutoencoderKLQwenImage" else raw
+
+
+def decode(vae: nn.Module, raw: torch.Tensor) -> torch.Tensor:
+    """VAE-space latents ``(B, C, h, w)`` (``latent_space(vae).to_vae`` of diffusion latents) -> images in
+    [-1, 1] (not clamped), as each pipeline decodes: ``vae.decode(z).sample``; AutoencoderKLQwenImage on one
+    frame, ``decode(z[:, :, None]).sample[:, :, 0]`` (``pipeline_qwenimage.py``)."""
+    if type(vae).__name__ == "AutoencoderKLQwenImage":
+        return vae.decode(raw.to(vae.dtype).unsqueeze(2)).sample[:, :, 0]
+    return vae.decode(raw.to(vae.dtype)).sample
+
+
 def model_vae(cfg: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
     """A model config's VAE: ``(name, diffusers config)`` from its ``"vae"`` name and / or embedded
-    ``"vae_cfg"`` (which wins; its name is then ``"vae"`` or ``"custom"``); neither means ``sdxl``."""
+    ``"vae_cfg"`` (which wins; its name is then ``"vae"`` or ``"custom"``); neither means ``sdxl``. A FLUX.2 VAE's
+    statistics come as ``"vae_stats"`` (:func:`weight_stats`), checked here; without them the model reads
+    VAE-space latents only."""
     name, embedded = cfg.get("vae"), cfg.get("vae_cfg")
     if name is not None and not isinstance(name, str):
         raise ValueError(f"{where}: vae must be a registered VAE name ({list_vaes()}), got {name!r}")
     if embedded is not None:
         if not isinstance(embedded, Mapping):
-            raise ValueError(f"{where}: vae_cfg must be a diffusers AutoencoderKL config dict, got "
+            raise ValueError(f"{where}: vae_cfg must be a diffusers VAE config dict, got "
                              f"{type(embedded).__name__}")
         vae_cfg = copy.deepcopy(dict(check_depth(embedded, f"{where}: vae_cfg")))
         name = name or "custom"
     else:
         name = name or "sdxl"
-        vae_cfg = get_vae_config(name) if name in _FILES else None
+        vae_cfg = get_vae_config(name) if name in _FILES or name in _EXTENDED_FILES else None
         if vae_cfg is None:
             raise ValueError(f"{where}: unknown VAE {name!r}; registered VAEs: {list_vaes()}, or embed a diffusers "
                              "config as \"vae_cfg\"")
-    if vae_cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+    cls = vae_cfg.get("_class_name", "AutoencoderKL")
+    if cls not in LATENT_CLASSES:
         family = TINY_FAMILY.get(name)
         hint = f"; name its family's VAE instead: \"vae\": {family!r}" if family else ""
-        raise ValueError(f"{where}: the VAE {name!r} is a {vae_cfg.get('_class_name')} (a decoder for the decode "
-                         f"baseline), not the AutoencoderKL whose latents a Latent-CLIP reads{hint}")
-    latent_space(vae_cfg)  # validates channels and constants
+        raise ValueError(f"{where}: the VAE {name!r} is a {cls} (a decoder for the decode baseline), not one of the "
+                         f"autoencoders whose latents a Latent-CLIP reads ({', '.join(LATENT_CLASSES)}){hint}")
+    stats = cfg.get("vae_stats")
+    if cls in STATS_IN_WEIGHTS:
+        if stats is not None:
+            latent_space(vae_cfg, stats=stats)  # validates the statistics against the config
+    elif stats is not None:
+        raise ValueError(f"{where}: vae_stats is for a VAE whose latent statistics live in its weights "
+                         f"({', '.join(STATS_IN_WEIGHTS)}); the {name!r} VAE ({cls}) keeps them in its config: drop it")
+    else:
+        latent_space(vae_cfg)  # validates channels and constants
     return name, vae_cfg
