@@ -214,21 +214,25 @@ class LatentEnsemble(nn.Module):
 
     # -- image side
     def trunk_features(self, latents: torch.Tensor, *, space: str = "diffusion", noise_level=None,
-                       resize=None) -> torch.Tensor:
-        """The trunk's (B, D_trunk) features, unnormalised: the one image-tower forward of a call."""
+                       resize=None, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """The trunk's (B, D_trunk) features, unnormalised: the one image-tower forward of a call. ``height`` /
+        ``width``: a packed space's VAE latent size (``LatentCLIP.encode_latents``)."""
         kw = {} if resize is None else {"resize": resize}
-        return self.trunk.encode_latents(latents, space=space, normalize=False, noise_level=noise_level, **kw)
+        return self.trunk.encode_latents(latents, space=space, normalize=False, noise_level=noise_level,
+                                         height=height, width=width, **kw)
 
     def project(self, feats: torch.Tensor, normalize: bool = True) -> dict[str, torch.Tensor]:
         out = {n: self.proj[n](feats.to(self.proj[n].weight.dtype)) for n in self.clip_heads}
         return {n: F.normalize(v, dim=-1) for n, v in out.items()} if normalize else out
 
     def encode_latents(self, latents: torch.Tensor, *, space: str = "diffusion", normalize: bool = True,
-                       noise_level=None, resize=None) -> dict[str, torch.Tensor]:
+                       noise_level=None, resize=None, height: int | None = None,
+                       width: int | None = None) -> dict[str, torch.Tensor]:
         """Each CLIP head's (B, D_head) embedding, from one trunk forward (``LatentCLIP.encode_latents``'s
-        arguments)."""
-        return self.project(self.trunk_features(latents, space=space, noise_level=noise_level, resize=resize),
-                            normalize)
+        arguments: any registered latent space, a packed space's tokens with ``height`` / ``width``)."""
+        feats = self.trunk_features(latents, space=space, noise_level=noise_level, resize=resize, height=height,
+                                    width=width)
+        return self.project(feats, normalize)
 
     # -- text side
     def encode_text(self, texts: str | Sequence[str], head: str, normalize: bool = True) -> torch.Tensor:
