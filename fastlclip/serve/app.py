@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
 import math
 import time
@@ -29,6 +30,7 @@ from starlette.routing import Route
 
 from .. import inputs
 from ..rewards import LatentCLIPReward, RewardEnsemble
+from ..vaes import LatentSpace
 from . import protocol
 from .batcher import Batcher, QueueFull
 
@@ -62,12 +64,30 @@ class _Metrics:
         self.batch_size.observe(n)
 
 
+def _diffusion_space(model) -> tuple[LatentSpace | None, str | None]:
+    """The model's latent space, or None and why not (FLUX.2 without ``vae_stats``: no diffusion space)."""
+    try:
+        return model.latent_space, None
+    except ValueError as e:
+        return None, (f"latent space {model.cfg.vae_name!r}: this model has no diffusion space ({e}); send VAE-space "
+                      "latents (metadata space 'vae'), or serve a model config with \"vae_stats\" "
+                      "(fastlclip.vaes.weight_stats(vae))")
+
+
 def _model_info(model) -> dict:
-    v, space = model.cfg.vision, model.latent_space
-    return {"model": model.cfg.name, "vae": model.cfg.vae_name, "channels": v.latent_channels,
+    """/healthz's model fields; a per-channel or packed space adds ``diffusion_channels``, ``patch`` and ``pack``
+    (what requests send), a model with no diffusion space ``vae_latents_only: true``."""
+    v, (space, _) = model.cfg.vision, _diffusion_space(model)
+    info = {"model": model.cfg.name, "vae": model.cfg.vae_name, "channels": v.latent_channels,
             "latent_size": v.latent_size, "resize": model.resize, "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."), "backend": model.backend,
-            "noise_aware": model.noise_aware, "scaling_factor": space.scaling_factor, "shift_factor": space.shift_factor}
+            "noise_aware": model.noise_aware, "scaling_factor": space.scaling_factor if space else None,
+            "shift_factor": space.shift_factor if space else None}
+    if space is None:
+        info["vae_latents_only"] = True
+    elif space.per_channel or space.pack:
+        info.update(diffusion_channels=space.diffusion_channels, patch=space.patch, pack=space.pack)
+    return info
 
 
 def head_range(model, head: str) -> list[float] | None:
@@ -116,6 +136,14 @@ def create_app(reward: LatentCLIPReward | RewardEnsemble, *, max_batch_size: int
     metrics = _Metrics()
     limit = int(max_body_mb * 2**20)
     v = trunk.cfg.vision
+    if reward.space != "diffusion":
+        raise ValueError(f"the server takes a reward on diffusion-space latents (space='diffusion'), got "
+                         f"space={reward.space!r}: requests say their space themselves (metadata 'space')")
+    space, vae_only = _diffusion_space(trunk)
+    shapes = protocol.accepted_shapes(space, trunk.cfg.vae_name, v.latent_channels, v.latent_size)
+    if vae_only is not None:  # no diffusion space: requests hold VAE latents, scored as such
+        reward = copy.copy(reward)  # shares the model and the text cache
+        reward.space = "vae"
 
     def score_fn(latents: torch.Tensor, prompts: list[str], noise) -> torch.Tensor:
         """(B,) scores, or for an ensemble (B, heads): one trunk forward per ``max_batch_size`` latents."""
@@ -189,14 +217,25 @@ def create_app(reward: LatentCLIPReward | RewardEnsemble, *, max_batch_size: int
             return _error(413, f"the body is over the server's limit of {max_body_mb:g} MiB (--max-body-mb); send "
                                "fewer latents per request")
         try:
-            req = protocol.parse(body, channels=v.latent_channels, to_diffusion=model.latent_space.to_diffusion)
+            req = protocol.parse(body, channels=v.latent_channels, to_diffusion=space.to_diffusion if space else None,
+                                 space=space, vae_only=vae_only)
             weights = protocol.head_weights(req.head_weights, heads, defaults)
-            inputs.check_latents(req.latents, channels=v.latent_channels, size=v.latent_size, patch=v.patch_size,
-                                 resize=resize, check_finite=False, vae=trunk.cfg.vae_name)
-            if noise_aware and req.noise_level is not None:
-                req.latents = protocol.renoise(req)
-        except ValueError as e:  # ProtocolError is one; so are the model's own checks
+        except protocol.LatentShapeError as e:
+            return _error(400, f"{e}; {shapes}")
+        except ValueError as e:  # ProtocolError is one
             return _error(400, str(e))
+        try:  # the grid the tower reads: the VAE latent (one, converted by the model's space), as the model checks it
+            inputs.check_latents(req.latents if space is None else space.to_vae(req.latents[:1]),
+                                 channels=v.latent_channels, size=v.latent_size, patch=v.patch_size, resize=resize,
+                                 check_finite=False, vae=trunk.cfg.vae_name)
+        except ValueError as e:
+            grid = " (the VAE latent the grid unpatchifies to)" if space is not None and space.patch != 1 else ""
+            return _error(400, f"{e}{grid}; {shapes}")
+        if noise_aware and req.noise_level is not None:
+            if vae_only is not None:
+                return _error(400, f"'u' (the noise level): {vae_only}; re-noising needs it. Send clean latents "
+                                   "without 'u'")
+            req.latents = protocol.renoise(req)
         try:
             scores = await batcher.submit(req)
         except QueueFull as e:

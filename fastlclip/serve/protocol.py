@@ -13,6 +13,16 @@ Latents are clean; as in v1 (DiNa-LRM's server), a noise-aware model scores them
 ``(1 - u) x + u eps`` in diffusion space (rectified flow), ``eps`` standard normal from ``seeds`` (per latent;
 seed 0 when none are sent), drawn on the host so every device gets the same noise (:func:`renoise`).
 
+An extension of v1 for the per-channel and packed latent spaces (Qwen-Image, FLUX.2; ``parse(..., space=)``):
+``latents`` in diffusion space may be the space's grid ``(B, diffusion_channels, h, w)`` (FLUX.2: 128 channels at
+half the VAE latent's side) or, for a packed space, the pipeline's tokens ``(B, L, D)``; the tensors ``height`` and
+``width`` (integers: a scalar, (1,) or (B,), all equal: one request is one tensor on one grid) give the VAE latent's
+size (image size / VAE factor), needed for tokens of a non-square latent and checked against a grid. ``space:
+"vae"`` latents are ``(B, channels, H, W)``. Every form becomes the diffusion grid, through the model's own
+``LatentSpace`` (``grid``, ``to_diffusion``); noise is drawn in the grid's shape, so a grid and its tokens score
+alike. A server whose model has no diffusion space (FLUX.2 without ``vae_stats``) reads VAE latents only
+(``vae_only=``).
+
 An extension of v1 for a server of a reward ensemble (``fastlclip.LatentEnsemble``, several heads on one trunk):
 the request's metadata may carry ``head_weights``, a JSON object ``{head: weight}`` (:func:`head_weights`: known
 heads only, finite numbers >= 0, not all zero; heads not named weigh 0); without it the server's defaults apply.
@@ -32,20 +42,25 @@ from dataclasses import dataclass
 import torch
 
 from .. import inputs
+from ..vaes import LatentSpace
 
 PROTOCOL_VERSION = "1"
 SCORE_KIND_TOTAL = "weighted_total"  # an ensemble reply's raw_scores: sum_h weight_h * head_scores[h]
 LATENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KNOWN_TENSORS = {"latents", "u", "prompt_embeds", "pooled_prompt_embeds", "seeds"}
+KNOWN_TENSORS = {"latents", "u", "prompt_embeds", "pooled_prompt_embeds", "seeds", "height", "width"}
 
 
 class ProtocolError(ValueError):
     """A request this server refuses (HTTP 400); the message says what is wrong and how to fix it."""
 
 
+class LatentShapeError(ProtocolError):
+    """Latents of a shape the model's latent space does not take (HTTP 400; the server adds the shapes it takes)."""
+
+
 @dataclass(eq=False)
 class ScoreRequest:
-    latents: torch.Tensor  # (B, C, H, W) float32, diffusion space, on the host
+    latents: torch.Tensor  # (B, C, h, w) float32 on the host: the diffusion grid (VAE latents on a vae_only server)
     prompts: list[str]  # B prompts
     noise_level: float | tuple[float, ...] | None  # u: one value, one per latent, or not sent
     seeds: tuple[int, ...] = (0,)  # one, or one per latent
@@ -173,10 +188,48 @@ def renoise(request: ScoreRequest) -> torch.Tensor:
     return (1 - u) * x + u * eps
 
 
-def parse(body: bytes, *, channels: int, to_diffusion) -> ScoreRequest:
+def _size(value: torch.Tensor | None, name: str, batch: int) -> int | None:
+    """The VAE latent's ``height`` or ``width`` a request sends: one positive integer for the whole request."""
+    if value is None:
+        return None
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool or value.ndim > 1 \
+            or value.numel() not in (1, batch):
+        raise ProtocolError(f"'{name}' (the VAE latent's {name}: image {name} / VAE factor) must be an integer scalar, "
+                            f"(1,) or ({batch},) tensor, got {value.dtype} {tuple(value.shape)}")
+    values = sorted(set(value.flatten().tolist()))
+    if len(values) > 1:
+        raise ProtocolError(f"'{name}' differs between the latents of one request ({values[:4]}): a request's latents "
+                            "are one tensor, scored on one grid; send one request per latent size")
+    if values[0] < 1:
+        raise ProtocolError(f"'{name}' must be a positive number of VAE latent pixels, got {values[0]}")
+    return values[0]
+
+
+def accepted_shapes(space: LatentSpace | None, name: str, channels: int, size: int) -> str:
+    """What a server on latent space ``name`` takes (``space`` None: VAE latents only), as a sentence for its shape
+    errors; shapes for the trained ``size`` x ``size`` VAE latent."""
+    vae = f"VAE latents (B, {channels}, {size}, {size}) with metadata space 'vae'"
+    if space is None:
+        return f"latent space {name!r} takes {vae} here (the model has no diffusion space)"
+    p = space.patch
+    out = f"latent space {name!r} takes diffusion latents (B, {space.diffusion_channels}, {size // p}, {size // p})"
+    if space.pack:
+        step = space.pack * p
+        out += (f", the pipeline's packed tokens (B, {(size // step) ** 2}, {space.diffusion_channels * space.pack ** 2}) "
+                f"with tensors 'height' and 'width' the VAE latent's size ({size}, {size}; for a square latent they "
+                "may be omitted)")
+    return f"{out}, or {vae}"
+
+
+def parse(body: bytes, *, channels: int, to_diffusion, space: LatentSpace | None = None,
+          vae_only: str | None = None) -> ScoreRequest:
     """The request in ``body``, checked: latents (dtype, shape, ``channels``, finite), prompts, noise level and
-    seeds; raises ProtocolError (HTTP 400). ``to_diffusion`` maps ``space="vae"`` latents to diffusion space
-    (``model.latent_space.to_diffusion``); the latent grid is the model's to check."""
+    seeds; raises ProtocolError (HTTP 400), LatentShapeError for a shape the space does not take. ``channels`` is
+    the VAE's; ``to_diffusion`` maps ``space="vae"`` latents to diffusion space (``model.latent_space.to_diffusion``).
+    ``space`` (the model's ``LatentSpace``) also takes its grid of ``diffusion_channels`` and a packed space's
+    tokens with ``height`` / ``width``, each made the diffusion grid by ``space.grid``; ``vae_only`` (a reason): the
+    server has no diffusion space, refuses diffusion latents with that reason and keeps VAE latents as they are. The
+    latent grid's size is the model's to check."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -198,19 +251,44 @@ def parse(body: bytes, *, channels: int, to_diffusion) -> ScoreRequest:
         raise ProtocolError("the body has no 'latents' tensor")
     if latents.dtype not in LATENT_DTYPES:
         raise ProtocolError(f"'latents' must be float16, bfloat16 or float32, got {latents.dtype}")
-    if latents.ndim != 4 or latents.shape[0] == 0:
-        raise ProtocolError(f"'latents' must have shape (B, {channels}, H, W) with B > 0, got {tuple(latents.shape)}")
-    if latents.shape[1] != channels:
-        raise ProtocolError(f"'latents' have {latents.shape[1]} channels, the model takes {channels}")
+    kind = meta.get("space", "diffusion")
+    if kind not in ("diffusion", "vae"):
+        raise ProtocolError(f"metadata 'space' must be 'diffusion' or 'vae', got {kind[:40]!r}")
+    if kind == "diffusion" and vae_only is not None:
+        raise LatentShapeError(vae_only)
+    grid_channels = space.diffusion_channels if space is not None and kind == "diffusion" else channels
+    packed = space is not None and space.pack and kind == "diffusion"
+    where = f"latent space {space.name!r}: " if space is not None else ""
+    if latents.ndim not in ((3, 4) if packed else (4,)) or latents.shape[0] == 0:
+        raise LatentShapeError(f"{where}'latents' must have shape (B, {grid_channels}, H, W)"
+                               + (" or (B, L, D) packed tokens" if packed else "")
+                               + f" with B > 0, got {tuple(latents.shape)}")
+    if latents.ndim == 4 and latents.shape[1] != grid_channels:
+        raise LatentShapeError(f"{where}'latents' have {latents.shape[1]} channels, the model takes {grid_channels}"
+                               + (" in VAE space" if kind == "vae" and space is not None and space.per_channel else ""))
     latents = latents.float()
     if not torch.isfinite(latents).all():
         raise ProtocolError("'latents' contain NaN or Inf; check the sampler that produced them")
-    space = meta.get("space", "diffusion")
-    if space not in ("diffusion", "vae"):
-        raise ProtocolError(f"metadata 'space' must be 'diffusion' or 'vae', got {space[:40]!r}")
-    if space == "vae":
-        latents = to_diffusion(latents)
     batch = latents.shape[0]
+    height, width = _size(tensors.get("height"), "height", batch), _size(tensors.get("width"), "width", batch)
+    if latents.ndim == 3:
+        try:
+            latents = space.grid(latents, height, width)
+        except ValueError as e:
+            raise LatentShapeError(str(e)) from None
+    else:
+        step = space.patch if space is not None and kind == "diffusion" else 1
+        sent = (latents.shape[2] * step, latents.shape[3] * step)
+        if (height, width) != (None, None) and (height, width) != sent:
+            raise LatentShapeError(f"{where}'height' / 'width' say a {height} x {width} VAE latent, the 'latents' "
+                                   f"grid {tuple(latents.shape)} is a {sent[0]} x {sent[1]} one; send both right, or "
+                                   "neither with a grid")
+        if kind == "vae" and vae_only is None:
+            p = space.patch if space is not None else 1
+            if sent[0] % p or sent[1] % p:
+                raise LatentShapeError(f"{where}VAE latents of {sent[0]} x {sent[1]} are not a whole number of "
+                                       f"{p} x {p} patches: the diffusion grid patchifies them")
+            latents = to_diffusion(latents)
     weights = meta.get("head_weights")
     return ScoreRequest(latents, _prompts(meta, batch), _noise_level(tensors.get("u"), batch),
                         _seeds(tensors.get("seeds"), batch), weights if isinstance(weights, str) else None)
