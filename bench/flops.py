@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastlclip
+from fastlclip import vaes
 from fastlclip.reno import checkpoint_diffusers
 
 from .profiles import Profile
@@ -133,26 +134,55 @@ def unet_work(checkpointing: bool, side: int = 64) -> Work:
 
 # Registered VAEs (fastlclip.vaes) -> the component name their decode is counted under.
 DECODER_LABELS = {"sdxl": "VAE decode", "sd15": "SD1.5 VAE decode", "sd3": "SD3 VAE decode", "flux1": "FLUX.1 VAE decode",
-                  "taesdxl": "TAESD-XL decode", "taesd3": "TAESD3 decode", "taef1": "TAEF1 decode"}
+                  "taesdxl": "TAESD-XL decode", "taesd3": "TAESD3 decode", "taef1": "TAEF1 decode",
+                  "qwen-image": "Qwen-Image VAE decode", "flux2": "FLUX.2 VAE decode", "sana": "SANA DC-AE decode",
+                  "dcae-f32c32-in": "DC-AE f32c32-in decode", "dcae-f32c32-mix": "DC-AE f32c32-mix decode"}
 _DECODER_ALIASES = {"vae": "sdxl", "taesd": "taesdxl"}
 
 
 @functools.lru_cache(maxsize=None)
 def vae_decode_work(checkpointing: bool, side: int = 64, vae: str = "sdxl") -> Work:
-    """An ``AutoencoderKL`` decode (the registered ``vae``'s shipped config: SDXL's by default, SD3's and
-    FLUX.1's take 16 channels and have no post-quant conv), a ``side`` x ``side`` latent (64: 512 px, 128: 1024 px)."""
-    from diffusers import AutoencoderKL
+    """A registered autoencoder's decode (its shipped config; SDXL's by default) on a ``side`` x ``side`` VAE latent
+    (an 8x VAE: 64 at 512 px, 128 at 1024 px; DC-AE's 32x: 16 and 32): see :func:`decoder_work_of`."""
+    return decoder_work_of(fastlclip.get_vae_config(vae), side, DECODER_LABELS[vae], checkpointing)
 
-    cfg = fastlclip.get_vae_config(vae)
-    cfg.pop("_class_name")
-    with torch.device("meta"):
-        vae_module = AutoencoderKL.from_config(cfg).eval()
+
+def decoder_work_of(cfg: dict, side: int, name: str, checkpointing: bool = False) -> Work:
+    """The decode of a diffusers autoencoder config (``_class_name`` one of ``fastlclip.vaes.LATENT_CLASSES``) as its
+    pipelines run it (``fastlclip.vaes.decode``: AutoencoderKLQwenImage on one frame, ``(B, C, 1, h, w)``), from
+    a ``side`` x ``side`` VAE latent; FLUX.2 from the pipeline's packed tokens ``(B, (side/2)^2, 128)``: unpack,
+    the batch-norm denormalisation (elementwise: no FLOP counted; the meta module's buffers, no real statistics
+    needed), unpatchify, ``vae.decode``. Weights: the decode path's (``post_quant_conv`` where there is one,
+    ``decoder``)."""
+    import diffusers
+
+    cfg = dict(cfg)
+    cls = cfg.pop("_class_name", "AutoencoderKL")
+    logging.disable(logging.WARNING)  # diffusers warns about config keys a class ignores (force_upcast): harmless
+    try:
+        with torch.device("meta"):
+            vae = getattr(diffusers, cls).from_config(cfg).eval()
+    finally:
+        logging.disable(logging.NOTSET)
     if checkpointing:
-        checkpoint_diffusers(vae_module, True)
-    # the decode path's weights, not the encoder's
-    decoder = nn.ModuleList([m for m in (vae_module.post_quant_conv, vae_module.decoder) if m is not None])
-    z = _meta_input(1, cfg["latent_channels"], side, side)
-    return _count(DECODER_LABELS[vae], decoder, lambda: vae_module.decode(z, return_dict=False)[0])
+        checkpoint_diffusers(vae, True)
+    decoder = nn.ModuleList([m for m in (getattr(vae, "post_quant_conv", None), vae.decoder) if m is not None])
+    channels = vaes.vae_channels(vae)
+    if cls in vaes.STATS_IN_WEIGHTS:
+        p = vae.config.patch_size[0]
+        tokens = _meta_input(1, (side // p) ** 2, channels * p * p)
+        return _count(name, decoder, lambda: vae.decode(flux2_unpack(vae, tokens, side), return_dict=False)[0])
+    z = _meta_input(1, channels, side, side)
+    return _count(name, decoder, lambda: vaes.decode(vae, z))
+
+
+def flux2_unpack(vae: nn.Module, tokens: torch.Tensor, side: int) -> torch.Tensor:
+    """``Flux2Pipeline``'s steps before ``vae.decode``: packed tokens -> grid, ``* sqrt(running_var + eps) +
+    running_mean``, unpatchify -> the ``side`` x ``side`` VAE latent."""
+    p = vae.config.patch_size[0]
+    grid = vaes.unpack_tokens(tokens, side // p, side // p, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    return vaes.unpatchify(grid * std + vae.bn.running_mean.view(1, -1, 1, 1), p)
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,7 +201,8 @@ def taesd_decode_work(side: int = 64, vae: str = "taesdxl") -> Work:
 
 
 def decode_work(decoder: str, checkpointing: bool = False, side: int = 64) -> Work:
-    """``decoder``: ``"vae"`` (SDXL's), ``"taesd"`` (taesdxl) or any registered VAE name (``fastlclip.list_vaes()``)."""
+    """``decoder``: ``"vae"`` (SDXL's), ``"taesd"`` (taesdxl) or any registered VAE name (``fastlclip.list_vaes()``);
+    ``side``: the VAE latent's side (the image's / ``fastlclip.vaes.vae_factor``)."""
     name = _DECODER_ALIASES.get(decoder, decoder)
     if name not in DECODER_LABELS:
         raise ValueError(f"decoder must be 'vae', 'taesd' or one of {list(DECODER_LABELS)}, got {decoder!r}")
@@ -221,6 +252,25 @@ def reward_text_work(kind: str, model_name: str) -> Work:
     return _text_work(f"{model_name} text", sum(p.numel() for p in model.parameters()) - visual)
 
 
+def space_tower_config(cfg, vae: str):
+    """Model config ``cfg``'s tower on a registered VAE's latents: its patch conv widened (or narrowed) to the VAE's
+    channels, ``latent_factor`` the VAE's (``fastlclip.vaes.vae_factor``), and its patch resized so that one patch
+    still covers ``patch_size * latent_factor`` image pixels (64 for B/8): patch 8 on an 8x VAE, 2 on DC-AE's 32x,
+    so the token grid, hence the transformer's work, is the same for every space at a given image size (8x8 + 1
+    tokens at 512 px). Everything else is ``cfg``'s."""
+    factor = vaes.vae_factor(fastlclip.get_vae_config(vae))
+    pixels = cfg.vision.patch_size * cfg.vision.latent_factor
+    if pixels % factor:
+        raise ValueError(f"{cfg.name}: a patch of {pixels} image px is not a whole number of {vae!r} latent px "
+                         f"(factor {factor})")
+    vision = {k: getattr(cfg.vision, k) for k in ("image_size", "width", "layers", "heads", "mlp_ratio")}
+    return fastlclip.get_model_config({
+        "embed_dim": cfg.embed_dim, "vae": vae,
+        "vision_cfg": {**vision, "latent_factor": factor, "patch_size": pixels // factor},
+        "text_cfg": {k: getattr(cfg.text, k) for k in ("context_length", "vocab_size", "width", "heads", "layers",
+                                                        "mlp_ratio")}})
+
+
 @functools.lru_cache(maxsize=None)
 def latent_tower_work(model_name: str, checkpointing: bool, side: int | None = None, vae: str | None = None) -> Work:
     """A Latent-CLIP image tower on its latent; checkpointing recomputes its whole forward (as the reward does).
@@ -228,15 +278,10 @@ def latent_tower_work(model_name: str, checkpointing: bool, side: int | None = N
     ``side``: the generator's latent side when it is not the tower's trained one, counted under
     ``resize="interpolate"`` (the tower over the whole grid: 257 tokens for B/8 at 128x128); ``"pool"``
     costs what the trained grid costs (``side=None``) plus a pooling too small to count. ``vae``: the
-    same tower on another registered VAE's latents (``"flux1"``: 16 channels), its patch conv widened."""
+    same tower on another registered VAE's latents (:func:`space_tower_config`)."""
     cfg = fastlclip.get_model_config(model_name)
     if vae is not None:
-        raw = {"embed_dim": cfg.embed_dim, "vae": vae,
-               "vision_cfg": {k: getattr(cfg.vision, k) for k in ("image_size", "patch_size", "width", "layers", "heads",
-                                                                   "mlp_ratio", "latent_factor")},
-               "text_cfg": {k: getattr(cfg.text, k) for k in ("context_length", "vocab_size", "width", "heads", "layers",
-                                                               "mlp_ratio")}}
-        cfg = fastlclip.get_model_config(raw)
+        cfg = space_tower_config(cfg, vae)
     with torch.device("meta"):
         model = fastlclip.LatentCLIP(cfg)
     tower = getattr(getattr(model, "visual", None), "latent_vit", None)

@@ -5,6 +5,7 @@ autoencoder TAESD-XL, then CLIP), in the ``reno`` pipeline (ReNO as its code run
                               [--images N] [--rewards ...] [--pipelines reno fast] [--out DIR]
                               [--resolution 512|1024] [--preset NAME] [--unet-weights F] [--resize interpolate|pool]
     python -m bench.reno_cost --full-size [--rewards ...] [--warmup 1] [--repeats 2] [--threads N] [--out DIR]
+    python -m bench.reno_cost --counts [--space ...] [--px 512 1024] [--out DIR]
 
 The pipelines are described in ``bench/reno_pipelines.py``. Headline ratios, each with both rows' peak
 VRAM: Latent-CLIP vs decode-then-CLIP ViT-B/32 inside ``reno`` (the paper: 11.59 s -> 9.11 s per image,
@@ -36,6 +37,13 @@ after each row), the command and the date. With the defaults (1 warm-up + 2 time
 forward-only iteration) about 5 minutes on a quiet 2-core machine (4 min 35 s on 2026-12-07; 10 min 50 s that day
 with other jobs on the cores): the SDXL UNet's forward and backward (about 11 s there) is in every iteration of
 every row, and the UNet is built once per row (20 to 30 s). ``--repeats 1`` or fewer ``--rewards`` shorten it.
+
+``--counts``: no run, only counts on the meta device (``bench/spaces.py``): the decode alone, forward + backward as
+a ReNO iteration runs it, against the Latent-ViT-B/8 tower on the same latents, for every latent space
+(``--space``; default all: sdxl, sd15, sd3, flux1, qwen-image, flux2, sana, dcae-f32c32-in, dcae-f32c32-mix) at
+``--px`` (default 512 and 1024): GFLOP, weight, traffic and kept-activation bytes and their ratios; the tower's
+patch is 64 px / the VAE's factor (8, or 2 on DC-AE's 32x), so 65 tokens at 512 px in every space. Writes
+``<out>/counts/reno_cost_spaces.json`` and ``.md`` (a few seconds per space).
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ from tqdm.auto import tqdm
 
 from fastlclip import reno, runtime
 
-from . import flops, rewards as bench_rewards, sdxl_text, tiny
+from . import flops, rewards as bench_rewards, sdxl_text, spaces, tiny
 from .cli import Parser, diffusers_folder, non_negative_int, positive_int, safetensors_file, text, writable_dir
 from .profiles import PROFILES_DIR, Profile, Selection, load_profiles, results_folder, select
 from .provenance import run_record
@@ -106,9 +114,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=positive_int, help="--full-size: timed iterations per reward (default 2)")
     p.add_argument("--threads", type=positive_int,
                    help=f"--full-size: torch threads (default: torch's, {torch.get_num_threads()} here)")
+    p.add_argument("--counts", action="store_true",
+                   help="no run: count the decode against the latent tower per latent space on the meta device "
+                        "(writes <out>/counts/reno_cost_spaces.*); see the module docstring")
+    p.add_argument("--space", nargs="+", choices=spaces.SPACES, help="--counts: latent spaces (default: all)")
+    p.add_argument("--px", nargs="+", type=spaces.px_value,
+                   help=f"--counts: image sides (default: {' '.join(map(str, spaces.DEFAULT_PX))})")
     args = p.parse_args(argv)
     if why := writable_dir(args.out):
         p.error(f"--out: {why}")
+    if args.counts:
+        _check_counts(p, args)
+        return args
+    if args.space is not None or args.px is not None:
+        p.error("--space and --px only with --counts")
     if args.full_size:
         _check_full_size(p, args)
     else:
@@ -122,6 +141,42 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.pipelines = [k for k in PIPELINES if k in args.pipelines]  # reno first: compiling is for fast only
     args.rewards = list(dict.fromkeys(args.rewards))
     return args
+
+
+def _check_counts(p, args: argparse.Namespace) -> None:
+    """``--counts`` runs nothing: every flag of a run is refused (one line, exit 2)."""
+    given = [flag for flag, bad in (
+        ("--full-size", args.full_size), ("--weights", args.weights is not None),
+        ("--unet-weights", args.unet_weights is not None), ("--preset", args.preset is not None),
+        ("--resize", args.resize is not None), ("--iterations", args.iterations is not None),
+        ("--images", args.images is not None), ("--warmup", args.warmup is not None),
+        ("--rewards", args.rewards is not None), ("--pipelines", args.pipelines is not None),
+        ("--compile-unet", args.compile_unet), ("--gpu", args.gpu != "auto"), ("--resolution", args.resolution is not None),
+        ("--latent-backend", args.latent_backend != "auto"), ("--repeats", args.repeats is not None),
+        ("--threads", args.threads is not None)) if bad]
+    if given:
+        p.error(f"--counts only counts on the meta device (--space, --px, --out): {', '.join(given)} cannot apply; drop them")
+    args.space = list(dict.fromkeys(args.space or spaces.SPACES))
+    args.px = list(dict.fromkeys(args.px or spaces.DEFAULT_PX))
+
+
+def counts_run(args, argv: list[str]) -> dict[str, Any]:
+    """``--counts``: the decode alone against the latent tower, per space and image side (meta device)."""
+    label = "decode"
+    rows = spaces.space_rows(args.space, args.px, with_clip=False)
+    report = spaces.report(rows, run_record("bench.reno_cost", argv),
+                           "the space's VAE decode alone, forward + backward to the latents (what a ReNO iteration "
+                           "with a decode-then-CLIP reward spends on it)")
+    folder = args.out / "counts"
+    path = write_json(folder / "reno_cost_spaces.json", report)
+    (folder / "reno_cost_spaces.md").write_text(spaces.markdown(
+        report, "bench.reno_cost --counts: the decode against the latent tower per latent space", label))
+    print(f"The decode against {spaces.TOWER}'s tower per latent space, batch 1, counted on the meta device (no "
+          "weights, nothing timed; GB = 1e9 bytes; x = decode / tower):")
+    print(spaces.counts_table(rows, label))
+    print(f"tower: {spaces.DEFINITIONS['tower']}")
+    print(f"Wrote {path} and {folder / 'reno_cost_spaces.md'}")
+    return report
 
 
 FULL_SIZE_REWARDS = ["latent-b8", "pixel-b32", "taesd-b32"]
@@ -533,6 +588,8 @@ def tiny_side(args) -> int:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.counts:
+        return counts_run(args, argv)
     if args.full_size:
         return full_size_run(args, argv)
 

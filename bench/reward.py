@@ -5,6 +5,7 @@
                            [--gpu auto|h100|...] [--out FILE] [--quick]
     python -m bench.reward --full-size [--models ...] [--baselines ...] [--warmup 1] [--repeats 3]
                            [--threads N] [--out FILE]
+    python -m bench.reward --counts [--space ...] [--px 512 1024] [--out FILE]
 
 Tasks: a reward step (``loss = reward(latents, prompt)``, then the gradient to the latents) at batch 1,
 4, 16, and a forward pass (image features, no grad) at batch 64 and 256, in bf16 on SDXL 64x64 latents.
@@ -43,6 +44,14 @@ the first Latent-CLIP row of the same run. The CPU (``/proc/cpuinfo``), its usab
 count (and the load average, at the start and after each row) are recorded with the command and the date in
 ``profiles/results/cpu/reward.json``. About 3 to 4 minutes on a 2-core machine with the defaults (1 warm-up + 3
 timed steps; 3 min 15 s on 2026-12-07, most of it the SDXL VAE row).
+
+``--counts``: no run, only counts on the meta device (``bench/spaces.py``): the batch-1 reward step, forward +
+backward to the latents, of decode + CLIP ViT-B/32 (224 px; the resize not counted) against the Latent-ViT-B/8
+tower on the same latents, for every latent space (``--space``; default all: sdxl, sd15, sd3, flux1, qwen-image,
+flux2, sana, dcae-f32c32-in, dcae-f32c32-mix) at ``--px`` (default 512 and 1024): GFLOP, weight, traffic and
+kept-activation bytes and their ratios; the tower's patch is 64 px / the VAE's factor (8, or 2 on DC-AE's 32x),
+so 65 tokens at 512 px in every space. Writes ``--out`` (default ``profiles/results/counts/reward_spaces.json``)
+and the same name with ``.md``.
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ import torch.nn.functional as F
 import fastlclip
 from fastlclip import runtime
 
-from . import flops, rewards as bench_rewards, tiny
+from . import flops, rewards as bench_rewards, spaces, tiny
 from .cli import Parser, non_negative_int, positive_int, writable_file
 from .provenance import run_record
 from .report import cpu_device, fmt, table as table_text, write_json
@@ -426,7 +435,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=positive_int, help="--full-size: timed steps per system (default 3)")
     p.add_argument("--threads", type=positive_int, help="--full-size: torch threads (default: torch's, "
                    f"{torch.get_num_threads()} here)")
+    p.add_argument("--counts", action="store_true",
+                   help="no run: count decode + CLIP ViT-B/32 against the latent tower per latent space on the meta "
+                        "device; see the module docstring")
+    p.add_argument("--space", nargs="+", choices=spaces.SPACES, help="--counts: latent spaces (default: all)")
+    p.add_argument("--px", nargs="+", type=spaces.px_value,
+                   help=f"--counts: image sides (default: {' '.join(map(str, spaces.DEFAULT_PX))})")
     args = p.parse_args(argv)
+    if args.counts:
+        given = [f"--{k.replace('_', '-')}" for k in (*CUDA_ONLY, *FULL_SIZE_ONLY, "models", "baselines")
+                 if getattr(args, k) is not None] + ["--full-size"] * args.full_size
+        if given:
+            p.error(f"--counts only counts on the meta device (--space, --px, --out): {', '.join(given)} cannot apply; "
+                    "drop them")
+        args.space = list(dict.fromkeys(args.space or spaces.SPACES))
+        args.px = list(dict.fromkeys(args.px or spaces.DEFAULT_PX))
+        args.out = args.out or PROFILES_DIR / "results" / "counts" / "reward_spaces.json"
+        if why := writable_file(args.out):
+            p.error(f"--out: {why}")
+        return args
+    if args.space is not None or args.px is not None:
+        p.error("--space and --px only with --counts")
     if args.full_size:
         _check_full_size(p, args)
     else:
@@ -474,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     def progress(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    if args.counts:
+        counts_run(args, argv)
+        return 0
     if args.full_size:
         full_size_run(args, argv, progress)
         return 0
@@ -569,6 +601,25 @@ def _run(args, argv, device, device_name, selection, progress) -> int:
               f"eager model (gradient cosine >= {cos:.5f}, loss within {diff:.4f}).")
     print(table(rows, checks))
     return 0
+
+
+def counts_run(args, argv: list[str]) -> dict:
+    """``--counts``: decode + CLIP ViT-B/32 against the latent tower, per space and image side (meta device)."""
+    label = f"decode + CLIP {spaces.PIXEL_CLIP}"
+    rows = spaces.space_rows(args.space, args.px, with_clip=True)
+    report = spaces.report(rows, run_record("bench.reward", argv),
+                           f"the space's VAE decode, then CLIP {spaces.PIXEL_CLIP}'s image tower at 224 px (the resize "
+                           "not counted), forward + backward to the latents: a decode-then-CLIP reward step")
+    out = write_json(args.out, report)
+    md = out.with_suffix(".md")
+    md.write_text(spaces.markdown(report, "bench.reward --counts: a decode-then-CLIP reward step against the latent "
+                                          "tower per latent space", label))
+    print(f"The reward step (forward + backward to the latents, batch 1): {label} against {spaces.TOWER}'s tower per "
+          "latent space, counted on the meta device (no weights, nothing timed; GB = 1e9 bytes; x = decode side / tower):")
+    print(spaces.counts_table(rows, label))
+    print(f"tower: {spaces.DEFINITIONS['tower']}")
+    print(f"Wrote {out} and {md}")
+    return report
 
 
 # -- --full-size: the real sizes on the CPU -----------------------------------------------------------
