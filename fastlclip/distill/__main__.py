@@ -143,9 +143,8 @@ def _check_targets_folder(path: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from . import evaluate, make_targets, train
-    from .targets import vae_config
-    from ..model_configs import ModelConfig
-    from .train import TrainingDiverged, check_train_args, resolve_student, with_targets_vae
+    from .targets import vae_config, vae_stats
+    from .train import TrainingDiverged, check_train_args, fit_student
 
     prog = f"python -m fastlclip.distill {args.command}"
     try:  # every argument, before any work
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.teacher is not None and args.teacher_spec is not None:
                 raise ValueError("pass --teacher (one open_clip teacher) or --teacher-spec (a teacher set), not both")
             corpus.expand_inputs(args.shards)
-            vae_config(args.vae)
+            vae_stats(args.vae, vae_config(args.vae))  # a FLUX.2 VAE's statistics: from its folder's weights
             if args.teacher_spec is not None:
                 if args.teacher_config is not None or args.teacher_pretrained is not None:
                     raise ValueError("--teacher-config and --teacher-pretrained go with --teacher; a --teacher-spec "
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.teacher is not None and args.teacher_spec is not None:
                 raise ValueError("pass --teacher (one open_clip teacher) or --teacher-spec (a teacher set), not both")
             info = _check_targets_folder(args.targets)
-            ModelConfig.from_dict(with_targets_vae(resolve_student(args.student), info), name=args.student)
+            fit_student(args.student, info, args.noise_aware)  # the student on the targets' space
             ens = {"--head-weight": args.ens_head_weights, "--reward-weight": args.ens_reward_weight,
                    "--init-teacher": args.ens_init_teacher}
             if args.teacher_spec is not None:

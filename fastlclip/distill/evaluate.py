@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import read_checkpoint
 from .targets import read_targets
-from .train import DISTILL_META_KEY, Student
+from .train import DISTILL_META_KEY, Student, noise_shape
 
 NOISE_LEVELS = (0.25, 0.5, 0.75)
 
@@ -57,7 +57,8 @@ def evaluate(checkpoint, targets, classes: Sequence[str] | None = None, *, templ
         teacher = F.normalize(rows.embeddings.float(), dim=-1).to(device)
         levels = [None, *(noise_levels if noise_aware else ())]
         g = torch.Generator().manual_seed(seed)
-        eps_all = torch.randn(len(rows), *rows.latents.shape[1:], generator=g) if noise_aware else None
+        eps_all = (torch.randn(len(rows), *noise_shape(model.latent_space, rows.latents.shape[1:]), generator=g)
+                   if noise_aware else None)
         embs = {s: [] for s in levels}
         for i in range(0, len(rows), batch_size):
             raw = rows.latents[i:i + batch_size].to(device, torch.float32)
@@ -88,10 +89,36 @@ def _vae_key(cfg: dict) -> str:
     return json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, sort_keys=True, default=str)
 
 
+def _stats_key(stats) -> tuple | None:
+    """A FLUX.2 VAE's statistics as compared: the numbers, not where they were read."""
+    if not isinstance(stats, dict):
+        return None
+    return tuple(stats.get("running_mean") or ()), tuple(stats.get("running_var") or ())
+
+
+def _describe(cfg: dict, stats) -> str:
+    """A VAE config's space in words, for an error message (never raising: FLUX.2 without statistics, or a config
+    another version wrote)."""
+    from .. import vaes
+
+    cls = cfg.get("_class_name") or "AutoencoderKL"
+    try:
+        space = vaes.latent_space(cfg, stats=stats)
+    except (ValueError, TypeError):
+        return f"{cls}, {vaes.vae_channels(cfg)} channels, statistics unknown"
+    if space.per_channel:
+        text = (f"{space.channels} channels, per-channel statistics from {space.stats_from}, patch {space.patch}, "
+                f"pack {space.pack}")
+    else:
+        text = f"{space.channels} channels, scaling {space.scaling_factor}, shift {space.shift_factor}"
+    return text if cls == "AutoencoderKL" else f"{cls}: {text}"
+
+
 def check_same_vae(model, info: dict, checkpoint, targets) -> None:
     """A ``ValueError`` unless the student reads the latent space the targets were made in: the same VAE config
-    (channels, scaling, shift, layout) and, when both are registered names, the same name. A student scored on
-    latents of another VAE with the same channel count gives figures that mean nothing."""
+    (class, channels, scaling, shift, per-channel statistics, layout), the same statistics from the weights
+    (FLUX.2's ``vae_stats``) and, when both are registered names, the same name. A student scored on latents of
+    another VAE with the same channel count gives figures that mean nothing."""
     from .. import vaes
 
     theirs = info.get("vae_cfg")
@@ -99,13 +126,14 @@ def check_same_vae(model, info: dict, checkpoint, targets) -> None:
         raise ValueError(f"{targets}: its run.json records no vae_cfg: remake the targets with this version")
     name, label = model.cfg.vae_name, info.get("vae")
     both_named = name in vaes.list_vaes() and label in vaes.list_vaes()
-    if _vae_key(model.cfg.vae) != _vae_key(theirs) or (both_named and name != label):
-        ours, other = model.latent_space, vaes.latent_space(theirs)
+    ours = dict(model.cfg.vae)
+    if (_vae_key(ours) != _vae_key(theirs) or (both_named and name != label)
+            or (ours.get("_class_name") or "AutoencoderKL") != (theirs.get("_class_name") or "AutoencoderKL")
+            or _stats_key(model.cfg.vae_stats) != _stats_key(info.get("vae_stats"))):
         raise ValueError(
-            f"the student {checkpoint} reads latents of the VAE {name!r} ({ours.channels} channels, scaling "
-            f"{ours.scaling_factor}, shift {ours.shift_factor}); the targets {targets} were made with {label!r} "
-            f"({other.channels} channels, scaling {other.scaling_factor}, shift {other.shift_factor}; other settings "
-            "differ if these agree): evaluate on targets made with the student's VAE")
+            f"the student {checkpoint} reads latents of the VAE {name!r} ({_describe(ours, model.cfg.vae_stats)}); "
+            f"the targets {targets} were made with {label!r} ({_describe(theirs, info.get('vae_stats'))}; other "
+            "settings differ if these agree): evaluate on targets made with the student's VAE")
 
 
 def check_ensemble_eval(checkpoint, targets, teachers, weights: Mapping[str, float] | None = None):

@@ -54,11 +54,12 @@ KIND = "fastlclip.distill targets"
 
 
 def vae_config(vae) -> dict[str, Any]:
-    """The diffusers config of ``vae`` (a registered name, a diffusers folder or a module), without building it."""
+    """The diffusers config of ``vae`` (a registered name, a diffusers folder or a module), without building it; a
+    module's carries its ``_class_name`` (which its ``.config`` lacks), so the class is known from the config."""
     if isinstance(vae, torch.nn.Module):
         cfg = json.loads(json.dumps(dict(vaes.check_depth(dict(vae.config), "the VAE module's config")), default=list))
-        vaes.latent_space({"latent_channels": 4, **cfg})  # its channels (4: diffusers' default), scaling, shift
-        return cfg
+        vaes.latent_space(vae)  # its channels and constants (a FLUX.2 VAE's from its batch norm)
+        return {"_class_name": type(vae).__name__, **cfg}
     if isinstance(vae, str) and vae in vaes.list_vaes():
         return vaes.get_vae_config(vae)
     path = Path(vae)
@@ -67,10 +68,27 @@ def vae_config(vae) -> dict[str, Any]:
             cfg = vaes.read_json_file(p, "VAE config")
             if not isinstance(cfg, dict):
                 raise ValueError(f"VAE config {str(p)!r}: a diffusers VAE config is a JSON object")
-            vaes.latent_space({"latent_channels": 4, **cfg, "_name_or_path": str(p)})  # 4: diffusers' default
+            if cfg.get("_class_name") in vaes.STATS_IN_WEIGHTS:
+                vaes.latent_space(p.parent)  # its statistics, read from the folder's weights
+            else:
+                vaes.latent_space({"latent_channels": 4, **cfg, "_name_or_path": str(p)})  # 4: diffusers' default
             return cfg
     raise ValueError(f"vae {str(vae)!r} is neither a registered VAE ({vaes.list_vaes()}) nor a diffusers folder "
                      "with a config.json")
+
+
+def vae_stats(vae, cfg: dict) -> dict | None:
+    """The latent statistics a VAE keeps in its weights (FLUX.2: ``vaes.weight_stats``), recorded in the targets'
+    ``run.json`` as ``vae_stats`` for the student's config; None for the VAEs whose constants are all in their
+    config. A registered name of such a VAE has no weights, hence no statistics: an error saying what to pass."""
+    cls = cfg.get("_class_name")
+    if cls not in vaes.STATS_IN_WEIGHTS:
+        return None
+    if isinstance(vae, str) and vae in vaes.list_vaes():
+        raise ValueError(f"vae {vae!r}: {cls}'s latent statistics ({' / '.join(vaes.STATS_IN_WEIGHTS[cls])}) live in "
+                         "its weights, and a registered name has none (its VAE would be random): pass the VAE's "
+                         "diffusers folder (config.json + diffusion_pytorch_model.safetensors) or the loaded module")
+    return vaes.weight_stats(vae)
 
 
 def _vae_label(vae) -> str:
@@ -95,6 +113,8 @@ class TargetSpec:
     dtype: str = "float32"
     teachers: list | None = None  # several teachers (TeacherSpec); then ``teacher`` is None
     described: list | None = None  # their ``Teacher.describe()``, set once by ``make_targets``
+    vae_stats: dict | None = None  # the statistics a FLUX.2 VAE keeps in its weights (``vae_stats``)
+    latent_shape: tuple | None = None  # the stored VAE latent's shape where it is not ``shape`` (patchified input)
 
     def build(self, device: str | None = None) -> "TargetScorer":
         return TargetScorer(self, device)
@@ -106,7 +126,11 @@ class TargetSpec:
         teacher = self.teacher if isinstance(self.teacher, str) else f"<{type(self.teacher).__name__} module>"
         d = {"kind": KIND, "vae": _vae_label(self.vae), "vae_cfg": self.vae_cfg, "teacher": teacher,
              "teacher_pretrained": pretrained, "teacher_config": self.teacher_config, "space": self.space,
-             "latent_shape": list(self.shape), "image_size": self.image_size, "dtype": self.dtype}
+             "latent_shape": list(self.latent_shape or self.shape), "image_size": self.image_size, "dtype": self.dtype}
+        if self.vae_stats is not None:  # other folders keep their identity (no key added)
+            d["vae_stats"] = self.vae_stats
+        if self.latent_shape is not None and tuple(self.latent_shape) != tuple(self.shape):
+            d["input_shape"] = list(self.shape)
         if self.teachers is not None:  # single-teacher folders keep their identity (no key added)
             d.update(teacher=None, teacher_pretrained=None, teacher_config=None, teachers=self.described)
         return json.loads(json.dumps(d, default=str))
@@ -128,7 +152,6 @@ class TargetScorer:
     targets: VAE decode, then the teacher's embedding of the decoded image."""
 
     def __init__(self, spec: TargetSpec, device: str | None = None):
-        from .. import vaes
         from ..corpus.scoring import default_device
 
         self.spec = spec
@@ -137,7 +160,7 @@ class TargetScorer:
         dtype = getattr(torch, spec.dtype)
         vae = _own(spec.vae, dtype, device)
         self.vae = vaes.build_vae(vae, dtype=dtype, device=device).eval().requires_grad_(False)
-        self.space = vaes.latent_space(spec.vae_cfg)
+        self.space = vaes.latent_space(spec.vae_cfg, stats=spec.vae_stats)
         self.teachers = None
         if spec.teachers is not None:
             owned = [ensemble.TeacherSpec(**{**t.__dict__, "model": _own(t.model, dtype, device)}) for t in spec.teachers]
@@ -156,7 +179,7 @@ class TargetScorer:
         return ["embedding", "latent"]
 
     def check(self, sample) -> torch.Tensor:
-        """A latent of the folder's shape, or an image resized and centre-cropped to ``image_size`` (in [0, 1])."""
+        """A latent of the shards' shape (a diffusion grid, or packed tokens), or an image resized and centre-cropped to ``image_size`` (in [0, 1])."""
         size = self.spec.image_size
         if size is None:
             return check_sample(sample, self.shape)
@@ -171,13 +194,12 @@ class TargetScorer:
     def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
         if self.spec.image_size is not None:
             images = (batch.to(self.device, torch.float32) * 2 - 1).to(self.vae.dtype)
-            out = self.vae.encode(images)
-            raw = (out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents).float()
+            raw = vaes.encode(self.vae, images).float()  # as the pipelines encode (DC-AE: no posterior)
         else:
             raw = batch.to(self.device, torch.float32)
             if self.spec.space == "diffusion":
-                raw = self.space.to_vae(raw)
-            images = self.vae.decode(raw.to(self.vae.dtype)).sample  # the one decode, for every teacher
+                raw = self.space.to_vae(self.space.grid(raw))  # packed tokens: a square grid
+            images = vaes.decode(self.vae, raw)  # the one decode, for every teacher
         latent = raw.half().flatten(1).cpu().numpy()
         if self.teachers is None:
             emb = single.embed_images(self.teacher, images)
@@ -209,8 +231,19 @@ def embed_columns(teachers, pixels: torch.Tensor) -> dict[str, np.ndarray]:
     return out
 
 
+def _vae_shape(shape: tuple, space, label: str) -> tuple[int, ...]:
+    """The VAE-space shape of diffusion-space samples of ``shape`` (a grid, or square packed tokens): the stored
+    latent's; a shape the space can't hold is an error naming it."""
+    try:
+        return tuple(space.to_vae(space.grid(torch.zeros(1, *shape))).shape[1:])
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"the shards' diffusion-space latents are {shape}, which the VAE {label!r}'s space does not "
+                         f"hold ({e}): wrong --vae or --space for them") from None
+
+
 def _first_sample(shards: list[str], member, column) -> torch.Tensor:
-    """The first readable latent or image of the shards (latent members first, then images)."""
+    """The first readable latent (a grid, or packed ``(L, D)`` tokens) or image of the shards (latent members
+    first, then images)."""
     wanted = member or (*DEFAULT_MEMBERS, *IMAGE_MEMBERS)
     for shard in shards:
         try:
@@ -218,14 +251,19 @@ def _first_sample(shards: list[str], member, column) -> torch.Tensor:
                 x = sample.latent
                 if x is not None and x.ndim == 4 and x.shape[0] == 1:
                     x = x[0]
-                if x is not None and x.ndim == 3:
+                if x is not None and x.ndim in (2, 3):
                     return x
         except ShardError:
             continue
-    raise ValueError("no readable (C, H, W) latent or image in the input shards: can't tell their shape")
+    raise ValueError("no readable (C, H, W) latent, (L, D) packed tokens or image in the input shards: can't tell "
+                     "their shape")
 
 
 def _downsampling(cfg: dict) -> int:
+    """Image pixels per latent pixel: ``vaes.vae_factor`` of a config naming its class; a config without one (an
+    AutoencoderKL or AutoencoderTiny config) by its blocks, 4 of them when it lists none."""
+    if "_class_name" in cfg:
+        return vaes.vae_factor(cfg)
     blocks = cfg.get("block_out_channels") or cfg.get("encoder_block_out_channels") or (0,) * 4
     return 2 ** (len(blocks) - 1)
 
@@ -268,6 +306,7 @@ def make_targets(shards, out, *, vae, teacher=None, teacher_pretrained=None, tea
     if teacher_config is not None and not isinstance(teacher_config, dict):
         teacher_config = vaes.read_json_file(teacher_config, "teacher config")
     cfg = vae_config(vae)
+    stats = vae_stats(vae, cfg)
     described = None
     if teachers is not None:
         teachers = [t if isinstance(t, ensemble.TeacherSpec) else ensemble.parse_teacher_spec(t) for t in teachers]
@@ -278,7 +317,8 @@ def make_targets(shards, out, *, vae, teacher=None, teacher_pretrained=None, tea
     elif not isinstance(teacher, torch.nn.Module):
         single.load_teacher(teacher, teacher_pretrained, teacher_config)  # a bad name or file fails before work
     first = _first_sample(shard_list, member, column)
-    channels, factor = cfg.get("latent_channels", 4), _downsampling(cfg)
+    channels, factor = vaes.vae_channels(cfg), _downsampling(cfg)
+    latent_shape = None
     if first.dtype == torch.uint8:  # image shards
         if image_size is None:
             image_size = min(first.shape[-2:]) // factor * factor
@@ -289,13 +329,17 @@ def make_targets(shards, out, *, vae, teacher=None, teacher_pretrained=None, tea
     else:
         image_size = None
         shape = tuple(int(s) for s in first.shape)
-        if shape[0] != channels:
-            raise ValueError(f"the shards' latents have {shape[0]} channels, the VAE {channels}: wrong --vae for them")
+        if space == "diffusion":
+            latent_shape = _vae_shape(shape, vaes.latent_space(cfg, stats=stats), _vae_label(vae))
+        elif len(shape) != 3 or shape[0] != channels:
+            raise ValueError(f"the shards' latents are {shape}, the VAE {_vae_label(vae)!r} ({cfg.get('_class_name')}) "
+                             f"makes ({channels}, H, W) latents: wrong --vae for them" +
+                             ("; packed tokens are diffusion space: pass --space diffusion" if len(shape) == 2 else ""))
 
     spec = TargetSpec(vae=vae, teacher=teacher, teacher_pretrained=None if teacher_pretrained is None
                       else str(teacher_pretrained), teacher_config=teacher_config, space=space, shape=shape,
                       vae_cfg=cfg, image_size=image_size, device=device, dtype=dtype, teachers=teachers,
-                      described=described)
+                      described=described, vae_stats=stats, latent_shape=latent_shape)
     mine = shard_list if engine == "ray" else rank_split(shard_list)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

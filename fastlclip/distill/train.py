@@ -66,7 +66,8 @@ def resolve_student(student) -> dict[str, Any]:
 
 
 def with_targets_vae(cfg: dict[str, Any], info: dict) -> dict[str, Any]:
-    """``cfg`` naming the VAE the targets were made with (its name when registered, else its embedded config)."""
+    """``cfg`` naming the VAE the targets were made with (its name when registered, else its embedded config), with
+    the statistics a FLUX.2 VAE keeps in its weights (the targets' ``vae_stats``) when they have them."""
     from .. import vaes
 
     cfg, vae = copy.deepcopy(cfg), info["vae"]
@@ -78,7 +79,17 @@ def with_targets_vae(cfg: dict[str, Any], info: dict) -> dict[str, Any]:
     else:
         cfg.pop("vae", None)
         cfg["vae_cfg"] = info["vae_cfg"]
+    cfg.pop("vae_stats", None)
+    if info.get("vae_stats") is not None:
+        cfg["vae_stats"] = info["vae_stats"]
     return cfg
+
+
+def fit_student(student, info: dict, noise_aware: bool = False) -> dict[str, Any]:
+    """The student config (a name, file or dict) on the targets' space: their VAE (``with_targets_vae``) and the
+    geometry ``_vision_checks`` derives from it; every check a training run makes on the config, without a
+    teacher (the command line's up-front check)."""
+    return _vision_checks(with_targets_vae(resolve_student(student), info), info, noise_aware)
 
 
 def student_config(student, teacher: nn.Module, info: dict, noise_aware: bool) -> dict[str, Any]:
@@ -149,7 +160,7 @@ class DataOrder:
 
 
 def step_noise(seed: int, step: int, batch_size: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise levels (B,) and noise (B, C, H, W) of global batch ``step``."""
+    """Noise levels (B,) and noise (B, *shape) of global batch ``step`` (``shape``: ``noise_shape``'s)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * step + 1)
     return torch.rand(batch_size, generator=g), torch.randn(batch_size, *shape, generator=g)
 
@@ -166,6 +177,9 @@ class Student(nn.Module):
         self.heads = heads
 
     def forward(self, raw: torch.Tensor, s: torch.Tensor | None = None, eps: torch.Tensor | None = None):
+        """``raw``: VAE latents; with ``s`` (B,) and ``eps`` (diffusion-space noise, ``noise_shape``), the noised
+        ``(1 - s) z + s eps`` of their diffusion-space ``z`` (per channel for Qwen-Image / FLUX.2), which
+        ``encode_latents`` converts back to VAE space."""
         normalize = self.heads is None
         if s is None:
             feats = self.model.encode_latents(raw, space="vae", normalize=normalize)
@@ -331,7 +345,8 @@ def held_out_cosine(student: Student, held: Targets, noise_levels=(), seed: int 
     levels = [None, *noise_levels]
     sums = [dict.fromkeys(columns, 0.0) for _ in levels]
     g = torch.Generator().manual_seed(seed)
-    eps_all = torch.randn(len(held), *held.latents.shape[1:], generator=g) if noise_levels else None
+    eps_all = (torch.randn(len(held), *noise_shape(student.model.latent_space, held.latents.shape[1:]), generator=g)
+               if noise_levels else None)
     for i in range(0, len(held), batch_size):
         raw = held.latents[i:i + batch_size].to(device, torch.float32)
         for j, s in enumerate(levels):
@@ -356,16 +371,55 @@ def held_out_cosine(student: Student, held: Targets, noise_levels=(), seed: int 
 
 
 def _vision_checks(cfg: dict, info: dict, noise_aware: bool) -> dict:
+    """``cfg`` (its VAE already the targets') with the geometry of the targets' space, checked: the tower reads
+    their ``C x h x h`` VAE latents, so ``latent_n_channels = C``, ``latent_factor`` = the VAE's downsampling
+    ``f`` (``vaes.vae_factor``: 8, or 32 for DC-AE), ``image_size = h * f``. ``patch_size``: the config's when it
+    already describes an ``h x h`` grid (``image_size / latent_factor`` as written) or was written for ``f``;
+    otherwise (a config written for another VAE) it keeps its patch's pixel footprint, ``patch_size *
+    latent_factor / f`` (Latent-ViT-B-8-512's 8 at 8x, 64 px, is 2 at 32x). It must divide ``h``: a patch that
+    doesn't is refused, naming the space."""
+    from .. import vaes
+
     v = cfg["vision_cfg"] = dict(cfg["vision_cfg"])
     if noise_aware:
         v["noise_aware"] = True
     c, h, w = info["latent_shape"]
+    _, vae_cfg = vaes.model_vae(cfg, "student config")
+    factor = vaes.vae_factor(vae_cfg)
+    space = f"{info.get('vae')!r} ({vae_cfg.get('_class_name', 'AutoencoderKL')}, {factor}x)"
+    if h != w:
+        raise ValueError(f"the targets' latents are {c}x{h}x{w}; a student reads square latents: make the targets of "
+                         f"square images (space {space})")
+    size, old, patch = v.get("image_size"), v.get("latent_factor", 8), v.get("patch_size")
+    if all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (size, old, patch)):
+        if size // old != h and old != factor:
+            if patch * old % factor:
+                raise ValueError(f"the student's patch ({patch} latent pixels at {old}x, {patch * old} px) is no whole "
+                                 f"number of the targets' space {space} latent pixels: set vision_cfg.patch_size to "
+                                 f"one of {_divisors(h)} (it must divide the {h}x{h} grid)")
+            patch = patch * old // factor
+        if h % patch:
+            raise ValueError(f"the student's patch_size {patch} does not divide the {h}x{h} latent grid of the targets' "
+                             f"space {space}, {h * factor} px images: set vision_cfg.patch_size to one of "
+                             f"{_divisors(h)}")
+        v.update(image_size=h * factor, latent_factor=factor, patch_size=patch, latent_n_channels=c)
     mc = ModelConfig.from_dict(cfg, name="student")
-    if mc.vision.latent_channels != c or mc.vision.latent_size != h or h != w:
+    if mc.vision.latent_channels != c or mc.vision.latent_size != h:
         raise ValueError(f"the targets' latents are {c}x{h}x{w}; the student takes {mc.vision.latent_channels}x"
                          f"{mc.vision.latent_size}x{mc.vision.latent_size}: set vision_cfg.latent_n_channels={c} and "
                          f"image_size / latent_factor = {h}")
     return cfg
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def noise_shape(space, shape) -> tuple[int, int, int]:
+    """The diffusion-space shape of VAE latents of ``shape`` (``C, H, W``): where noise-aware training mixes in
+    its noise (FLUX.2: ``4C, H/2, W/2``, the patchified grid; the other spaces: ``shape``)."""
+    c, h, w = shape
+    return space.diffusion_channels, h // space.patch, w // space.patch
 
 
 class _Ensemble:
@@ -408,7 +462,7 @@ class _Ensemble:
                                  f"one of {[n for n in clip if built[n].kind == 'open_clip']}, got {init_teacher!r}")
         elif init_teacher is not None:
             raise ValueError("init_teacher= goes with init='teacher'")
-        self.cfg = _vision_checks(with_targets_vae(resolve_student(student), data.info), data.info, noise_aware)
+        self.cfg = fit_student(student, data.info, noise_aware)
         self.names, self.clip, self.weights, self.reward_weight = names, clip, weights, float(reward_weight)
         self.heads = {n: built[n].base for n in names}
         self.identity = {"teachers": described, "head_weights": weights, "reward_weight": float(reward_weight),
@@ -594,7 +648,7 @@ def train(targets, run_dir, *, student, teacher=None, teacher_pretrained=None, t
     order = DataOrder(len(train_set), batch_size, seed)
     local = batch_size // world
     rows = slice(rank * local, (rank + 1) * local)
-    shape = tuple(train_set.latents.shape[1:])
+    shape = noise_shape(model.latent_space, train_set.latents.shape[1:]) if noise_aware else None
     levels = (0.25, 0.5, 0.75) if noise_aware else ()
     use_bf16 = device.type == "cuda"
     bar = None
