@@ -1,8 +1,10 @@
 """flow_grpo scorer: ``latent_clip_score(device, ...)`` returns ``fn(images, prompts, metadata) -> (scores, {})``,
 the shape of the scorers in flow_grpo's ``rewards.py`` (register it in its ``multi_score`` table).
 
-``images`` may be diffusion-space latents (B, C, h, w) with the model's channel count, scored without any
-decode (roll out with ``output_type="latent"``), or images as flow_grpo hands them: float NCHW tensors in
+``images`` may be diffusion-space latents (B, C, h, w) with the channel count of the model's diffusion grid
+(FLUX.2: 128; a packed space's tokens (B, L, D) too, Qwen-Image's and FLUX.2's, with ``height=`` / ``width=`` the
+VAE latent's size for a non-square latent), scored without any decode (roll out with ``output_type="latent"``), or
+images as flow_grpo hands them: float NCHW tensors in
 [0, 1], or NHWC numpy arrays (B, H, W, 3). Images go through the VAE encoder whose weights the official
 checkpoint carries (or ``vae=``): one encoder forward per image at full resolution, a cost the latent path does
 not pay and that is larger than the Latent-CLIP image tower's own. Scores are the cosine
@@ -38,11 +40,30 @@ import torch
 
 from ..inputs import prompt_list
 from ..loss import normalized
+from ..vaes import LatentSpace
 
 
-def as_scorer_input(images, channels: int) -> tuple[torch.Tensor, bool]:
+def latent_form(model) -> tuple[int, LatentSpace | None]:
+    """The channels of ``model``'s diffusion grid (FLUX.2: 128) and its latent space; for a model with no diffusion
+    space (FLUX.2 without ``vae_stats``) the VAE's channels and None (the model refuses diffusion latents, naming
+    why)."""
+    try:
+        space = model.latent_space
+    except ValueError:
+        return model.cfg.vision.latent_channels, None
+    return space.diffusion_channels, space
+
+
+def as_scorer_input(images, channels: int, space: LatentSpace | None = None, height: int | None = None,
+                    width: int | None = None) -> tuple[torch.Tensor, bool]:
     """``images`` as a (B, C, H, W) tensor and whether it holds pixels (True: RGB in [0, 1], float32) or latents
-    (False), by the rules of the module docstring; anything else raises ``TypeError`` or ``ValueError``."""
+    (False), by the rules of the module docstring; anything else raises ``TypeError`` or ``ValueError``. With a
+    packed ``space`` (Qwen-Image, FLUX.2), a (B, L, D) tensor is the pipeline's tokens, made the diffusion grid by
+    ``space.grid`` (``height`` / ``width``: the VAE latent's size; omitted, a square latent)."""
+    if space is not None and space.pack and isinstance(images, torch.Tensor) and images.ndim == 3:
+        if not images.is_floating_point():
+            raise TypeError(f"latents must be floating point, got {images.dtype}")
+        return space.grid(images, height, width), False
     if isinstance(images, np.ndarray):
         if images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise TypeError(f"a numpy array of images must be NHWC (B, H, W, 3), as flow_grpo hands them, got shape "
@@ -60,8 +81,12 @@ def as_scorer_input(images, channels: int) -> tuple[torch.Tensor, bool]:
         return images, False
     if images.shape[1] == 3:
         return _unit_range(images), True
+    tokens = ""
+    if space is not None:
+        tokens = f" (latent space {space.name!r}: its diffusion grid" + ("; or its packed tokens (B, L, D))"
+                                                                         if space.pack else ")")
     raise ValueError(f"images have {images.shape[1]} channels (shape {tuple(images.shape)}): pass {channels}-channel "
-                     "latents or RGB images, NCHW as tensors (NHWC only as numpy arrays)")
+                     f"latents{tokens} or RGB images, NCHW as tensors (NHWC only as numpy arrays)")
 
 
 def _unit_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -103,17 +128,17 @@ def ensemble_weights(heads: list[str], weights) -> dict[str, float]:
     return {h: float(w) for h, w in out.items()}
 
 
-def _ensemble_scorer(ens, batch_size: int, weights):
+def _ensemble_scorer(ens, batch_size: int, weights, height, width):
     import fastlclip
 
     heads = ens.head_names
     weights = ensemble_weights(heads, weights)
     reward = fastlclip.RewardEnsemble(ens, weights={h: w for h, w in weights.items() if w} or weights)
-    channels = ens.trunk.cfg.vision.latent_channels
+    channels, space = latent_form(ens.trunk)
 
     @torch.no_grad()
     def _fn(images, prompts, metadata):
-        latents, is_pixels = as_scorer_input(images, channels)
+        latents, is_pixels = as_scorer_input(images, channels, space, height, width)
         if is_pixels:
             raise ValueError("a reward ensemble scores latents only (its file carries no VAE encoder): roll out with "
                              f"output_type='latent' and pass the ({channels}-channel) latents")
@@ -131,29 +156,30 @@ def _ensemble_scorer(ens, batch_size: int, weights):
 
 def latent_clip_score(device, model="Latent-ViT-B-8-512", pretrained="hf-hub:wendlerc/latent-clip-b-8-512-34b-80k",
                       batch_size: int = 64, *, dtype: torch.dtype = torch.float32, vae=None, scale: float = 1.0,
-                      weights: dict | None = None):
+                      weights: dict | None = None, height: int | None = None, width: int | None = None):
     """The scorer for ``device``; ``model`` is a config name (with ``pretrained``, as ``fastlclip.load``) or a
     loaded ``LatentCLIP``; ``batch_size`` latents per forward. A reward ensemble (``model`` a ``LatentEnsemble``,
     or ``None`` with an ensemble file as ``pretrained``) gives ``multi_score``'s dict of named scores, ``weights``
-    ``{head: weight}`` (1 each by default, 0 for a head not named) making its ``"avg"``."""
+    ``{head: weight}`` (1 each by default, 0 for a head not named) making its ``"avg"``. ``height`` / ``width``:
+    the VAE latent's size when latents come as a packed space's tokens (B, L, D) of a non-square latent."""
     import fastlclip
 
     if isinstance(model, fastlclip.LatentEnsemble):
-        return _ensemble_scorer(model.to(device), batch_size, weights)
+        return _ensemble_scorer(model.to(device), batch_size, weights, height, width)
     if isinstance(model, fastlclip.LatentCLIP):
         net = model
     else:
         net = fastlclip.load(model, pretrained, device=device, dtype=dtype)
         if isinstance(net, fastlclip.LatentEnsemble):
-            return _ensemble_scorer(net, batch_size, weights)
+            return _ensemble_scorer(net, batch_size, weights, height, width)
     if weights is not None:
         raise ValueError("weights= is for a reward ensemble's heads; this is a single Latent-CLIP")
     reward = fastlclip.LatentCLIPReward(net)
-    channels = net.cfg.vision.latent_channels
+    channels, space = latent_form(net)
 
     @torch.no_grad()
     def _fn(images, prompts, metadata):
-        images, is_pixels = as_scorer_input(images, channels)
+        images, is_pixels = as_scorer_input(images, channels, space, height, width)
         prompts = prompt_list(_prompts(prompts), len(images))
         if not is_pixels:
             scores = reward.score(images.to(net.device), prompts, batch_size=batch_size, scale=scale)

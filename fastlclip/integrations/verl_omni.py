@@ -16,6 +16,10 @@ with the server's reason (``RewardServerError``). No number reaches the trainer 
 JSON object of this client's ``protocol_version`` with one real, finite cosine in [-1, 1] per latent sent, or the
 call raises ``RewardServerError``. ``timeout=`` is the deadline of the whole call, retries included.
 
+On the 2025-26 latent spaces the latent is the diffusion grid the pipeline holds (FLUX.2: 128 channels), or a
+packed space's tokens (Qwen-Image, FLUX.2: ``(L, D)`` per sample) with ``height=`` / ``width=`` in the reward
+config, the VAE latent's size, sent as the tensors ``height`` / ``width`` (the server's extension of v1).
+
 A reward-ensemble server (``python -m fastlclip.serve --pretrained ensemble.safetensors``) answers the extension
 of v1 in ``fastlclip.serve.protocol``: ``raw_scores`` is the weighted total, ``score_kind: "weighted_total"``,
 with ``head_scores``, ``head_weights`` and ``head_ranges``. Its checks are per head (one real finite score per
@@ -55,21 +59,38 @@ class RewardServerError(RuntimeError):
         return type(self), (self.url, self.status, self.problem)
 
 
-def _latents(solution_image, extra_info) -> torch.Tensor:
+def _latents(solution_image, extra_info, packed: bool = False) -> torch.Tensor:
+    """The latents to send, (B, C, H, W), or with ``packed`` a packed space's tokens (B, L, D) (one sample: (L, D))."""
     latents = (extra_info or {}).get("latents_clean")
-    if latents is None and isinstance(solution_image, torch.Tensor) and solution_image.ndim in (3, 4) \
-            and solution_image.shape[-3] != 3:
+    ranks = (2, 3) if packed else (3, 4)
+    if latents is None and isinstance(solution_image, torch.Tensor) and solution_image.ndim in ranks \
+            and (packed or solution_image.shape[-3] != 3):
         latents = solution_image
     if not isinstance(latents, torch.Tensor):
         raise ValueError("no latents to score: pass extra_info['latents_clean'] or a latent tensor as solution_image "
                          "(roll out with output_type='latent'); got an RGB image or nothing")
-    if latents.ndim == 3:
+    if latents.ndim not in ranks:
+        raise ValueError(f"latents of shape {tuple(latents.shape)}: expected " +
+                         ("a packed space's tokens (L, D) or (B, L, D) (height= and width= are given)" if packed else
+                          "(C, H, W) or (B, C, H, W); a packed space's tokens (B, L, D) need height= and width="))
+    if latents.ndim == ranks[0]:
         latents = latents[None]
     if not latents.is_floating_point():
         raise TypeError(f"latents must be floating point, got {latents.dtype}")
     if latents.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         latents = latents.float()
     return latents.detach().to("cpu").contiguous()
+
+
+def _latent_size(height, width) -> tuple[int, int] | None:
+    """``height`` / ``width`` checked: both None, or both positive integers (the VAE latent's size)."""
+    if height is None and width is None:
+        return None
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, the VAE latent's {name} (image {name} / VAE factor), "
+                             f"given with the other for packed tokens; got {v!r}")
+    return height, width
 
 
 def _prompt(ground_truth, extra_info) -> str:
@@ -80,12 +101,17 @@ def _prompt(ground_truth, extra_info) -> str:
 
 
 def request_body(latents: torch.Tensor, prompt: str, noise_level: float | None = None, seed: int | None = None,
-                 head_weights: dict | None = None) -> bytes:
+                 head_weights: dict | None = None, height: int | None = None, width: int | None = None) -> bytes:
     """A protocol v1 body: ``latents`` (and ``u``, ``seeds`` when given), the prompt in the metadata (and
-    ``head_weights`` for an ensemble server)."""
+    ``head_weights`` for an ensemble server); ``height`` / ``width``, the VAE latent's size for a packed space's
+    tokens, as int64 tensors (the server's extension of v1 for packed latents)."""
     from safetensors.torch import save
 
     tensors = {"latents": latents}
+    if height is not None:
+        tensors["height"] = torch.tensor([int(height)], dtype=torch.int64)
+    if width is not None:
+        tensors["width"] = torch.tensor([int(width)], dtype=torch.int64)
     if noise_level is not None:
         tensors["u"] = torch.full((latents.shape[0],), float(noise_level), dtype=torch.float32)
     if seed is not None:
@@ -203,7 +229,7 @@ async def compute_score(solution_image, ground_truth, extra_info, server_url: st
                         timeout: float = 120.0, max_retries: int = 2, score_scale: float = 1.0, score_bias: float = 0.0,
                         noise_level: float | None = None, noise_seed: int | None = None, retry_backoff: float = 0.5,
                         max_retry_after: float = MAX_RETRY_AFTER_S, head_weights: dict | None = None,
-                        **kwargs) -> dict:
+                        height: int | None = None, width: int | None = None, **kwargs) -> dict:
     """Score one rollout on the server at ``server_url`` (its ``/v1/score``).
 
     Returns ``{"score": raw * score_scale + score_bias, "clip_raw_score": raw}``, ``raw`` the cosine the
@@ -212,7 +238,10 @@ async def compute_score(solution_image, ground_truth, extra_info, server_url: st
     the total the server's weighted sum of its heads' scores (``head_weights={head: weight}`` sends this call's
     weights, else the server's defaults apply). ``noise_level``
     (and ``noise_seed``) go to the server as ``u`` (and ``seeds``): a noise-aware model uses it, another
-    ignores it. Other keyword arguments of the reward config are accepted and unused.
+    ignores it. ``height`` and ``width`` (both or neither): the VAE latent's size (image size / VAE factor) when
+    the latents are a packed space's tokens, ``(L, D)`` or ``(B, L, D)`` as Qwen-Image's and FLUX.2's pipelines
+    hold them; they go to the server as the tensors ``height`` / ``width`` (its extension of v1), which unpacks the
+    tokens through the model's latent space. Other keyword arguments of the reward config are accepted and unused.
 
     Every reply is checked before a number is returned (:func:`raw_scores`: JSON, ``protocol_version``, one
     real finite cosine per latent sent); an error status or a reply that fails a check raises
@@ -233,8 +262,10 @@ async def compute_score(solution_image, ground_truth, extra_info, server_url: st
                          f"{timeout!r}")
     if not seconds(max_retry_after):
         raise ValueError(f"max_retry_after must be a finite number of seconds >= 0, got {max_retry_after!r}")
-    latents = _latents(solution_image, extra_info)
-    body = request_body(latents, _prompt(ground_truth, extra_info), noise_level, noise_seed, head_weights)
+    size = _latent_size(height, width)
+    latents = _latents(solution_image, extra_info, packed=size is not None)
+    body = request_body(latents, _prompt(ground_truth, extra_info), noise_level, noise_seed, head_weights,
+                        *(size or ()))
     headers = {"content-type": "application/octet-stream", "x-drm-protocol-version": PROTOCOL_VERSION}
     if token:
         headers["authorization"] = f"Bearer {token}"

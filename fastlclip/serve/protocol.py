@@ -224,8 +224,9 @@ def accepted_shapes(space: LatentSpace | None, name: str, channels: int, size: i
 def parse(body: bytes, *, channels: int, to_diffusion, space: LatentSpace | None = None,
           vae_only: str | None = None) -> ScoreRequest:
     """The request in ``body``, checked: latents (dtype, shape, ``channels``, finite), prompts, noise level and
-    seeds; raises ProtocolError (HTTP 400), LatentShapeError for a shape the space does not take. ``channels`` is
-    the VAE's; ``to_diffusion`` maps ``space="vae"`` latents to diffusion space (``model.latent_space.to_diffusion``).
+    seeds; raises ProtocolError (HTTP 400), LatentShapeError for a shape the space does not take (the server adds
+    :func:`accepted_shapes`, which names the space). ``channels`` is the VAE's; ``to_diffusion`` maps
+    ``space="vae"`` latents to diffusion space (``model.latent_space.to_diffusion``).
     ``space`` (the model's ``LatentSpace``) also takes its grid of ``diffusion_channels`` and a packed space's
     tokens with ``height`` / ``width``, each made the diffusion grid by ``space.grid``; ``vae_only`` (a reason): the
     server has no diffusion space, refuses diffusion latents with that reason and keeps VAE latents as they are. The
@@ -258,13 +259,12 @@ def parse(body: bytes, *, channels: int, to_diffusion, space: LatentSpace | None
         raise LatentShapeError(vae_only)
     grid_channels = space.diffusion_channels if space is not None and kind == "diffusion" else channels
     packed = space is not None and space.pack and kind == "diffusion"
-    where = f"latent space {space.name!r}: " if space is not None else ""
     if latents.ndim not in ((3, 4) if packed else (4,)) or latents.shape[0] == 0:
-        raise LatentShapeError(f"{where}'latents' must have shape (B, {grid_channels}, H, W)"
+        raise LatentShapeError(f"'latents' must have shape (B, {grid_channels}, H, W)"
                                + (" or (B, L, D) packed tokens" if packed else "")
                                + f" with B > 0, got {tuple(latents.shape)}")
     if latents.ndim == 4 and latents.shape[1] != grid_channels:
-        raise LatentShapeError(f"{where}'latents' have {latents.shape[1]} channels, the model takes {grid_channels}"
+        raise LatentShapeError(f"'latents' have {latents.shape[1]} channels, the model takes {grid_channels}"
                                + (" in VAE space" if kind == "vae" and space is not None and space.per_channel else ""))
     latents = latents.float()
     if not torch.isfinite(latents).all():
@@ -280,13 +280,13 @@ def parse(body: bytes, *, channels: int, to_diffusion, space: LatentSpace | None
         step = space.patch if space is not None and kind == "diffusion" else 1
         sent = (latents.shape[2] * step, latents.shape[3] * step)
         if (height, width) != (None, None) and (height, width) != sent:
-            raise LatentShapeError(f"{where}'height' / 'width' say a {height} x {width} VAE latent, the 'latents' "
+            raise LatentShapeError(f"'height' / 'width' say a {height} x {width} VAE latent, the 'latents' "
                                    f"grid {tuple(latents.shape)} is a {sent[0]} x {sent[1]} one; send both right, or "
                                    "neither with a grid")
         if kind == "vae" and vae_only is None:
             p = space.patch if space is not None else 1
             if sent[0] % p or sent[1] % p:
-                raise LatentShapeError(f"{where}VAE latents of {sent[0]} x {sent[1]} are not a whole number of "
+                raise LatentShapeError(f"VAE latents of {sent[0]} x {sent[1]} are not a whole number of "
                                        f"{p} x {p} patches: the diffusion grid patchifies them")
             latents = to_diffusion(latents)
     weights = meta.get("head_weights")
