@@ -82,11 +82,21 @@ def decode_reference(vae, raw: torch.Tensor) -> torch.Tensor:
     return out[:, :, 0] if qwen else out
 
 
-def to_diffusion_reference(vae, raw: torch.Tensor) -> torch.Tensor:
+def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel mean and std the pipeline normalises with (float64, (1, C, 1, 1))."""
+    if type(vae).__name__ == "AutoencoderKLQwenImage":
+        mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
+    else:  # FLUX.2: the batch norm's running statistics
+        mean, std = vae.bn.running_mean, torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps)
+    return mean.double().view(1, -1, 1, 1), std.double().view(1, -1, 1, 1)
+
+
+def to_diffusion_reference(vae, raw: torch.Tensor, packed: bool = True) -> torch.Tensor:
     """What the pipeline's denoiser holds for VAE latents ``raw`` (float64), transcribed from diffusers:
 
     - Qwen-Image (``pipeline_qwenimage_img2img.py`` ``_encode_vae_image`` then ``_pack_latents``):
-      ``(raw - latents_mean) / latents_std``, packed 2x2 into (B, (h/2)(w/2), 4C) tokens;
+      ``(raw - latents_mean) / latents_std``, packed 2x2 into (B, (h/2)(w/2), 4C) tokens (``packed=False``: the
+      grid before packing);
     - FLUX.2 (``pipeline_flux2.py`` ``_patchify_latents``, then ``(x - bn.running_mean) / sqrt(bn.running_var +
       batch_norm_eps)``): the (B, 4C, h/2, w/2) grid;
     - DC-AE (SANA, ``pipeline_sana.py``): ``raw * scaling_factor``.
@@ -94,21 +104,39 @@ def to_diffusion_reference(vae, raw: torch.Tensor) -> torch.Tensor:
     cls = type(vae).__name__
     x = raw.double()
     if cls == "AutoencoderKLQwenImage":
-        c = x.shape[1]
-        mean = torch.tensor(vae.config.latents_mean, dtype=torch.float64).view(1, c, 1, 1)
-        std = torch.tensor(vae.config.latents_std, dtype=torch.float64).view(1, c, 1, 1)
+        mean, std = _stats(vae, x)
         x = (x - mean) / std
+        if not packed:
+            return x
         b, c, h, w = x.shape
         x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(b, (h // 2) * (w // 2), c * 4)
     if cls == "AutoencoderKLFlux2":
         b, c, h, w = x.shape
         x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
-        mean = vae.bn.running_mean.double().view(1, -1, 1, 1)
-        std = torch.sqrt(vae.bn.running_var.double().view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+        mean, std = _stats(vae, x)
         return (x - mean) / std
     if cls == "AutoencoderDC":
         return x * vae.config.scaling_factor
+    raise ValueError(f"no reference for {cls}")
+
+
+def to_vae_reference(vae, z: torch.Tensor) -> torch.Tensor:
+    """The pipelines' decode preparation of the diffusion grid ``z`` (float64): Qwen-Image ``z * latents_std +
+    latents_mean`` (``pipeline_qwenimage.py``, after ``_unpack_latents``); FLUX.2 ``z * bn_std + bn_mean`` then
+    ``_unpatchify_latents``; DC-AE ``z / scaling_factor``."""
+    cls = type(vae).__name__
+    x = z.double()
+    if cls == "AutoencoderKLQwenImage":
+        mean, std = _stats(vae, x)
+        return x * std + mean
+    if cls == "AutoencoderKLFlux2":
+        mean, std = _stats(vae, x)
+        x = x * std + mean
+        b, c, h, w = x.shape
+        return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+    if cls == "AutoencoderDC":
+        return x / vae.config.scaling_factor
     raise ValueError(f"no reference for {cls}")
 
 
