@@ -279,6 +279,11 @@ class LatentCLIP(nn.Module):
         return space
 
     @property
+    def video(self) -> bool:
+        """Whether the model's VAE is a video VAE: ``encode_latents`` takes clips ``(B, C, T, h, w)``."""
+        return self.cfg.vae.get("_class_name") in vaes.VIDEO_CLASSES
+
+    @property
     def noise_aware(self) -> bool:
         """Whether the image tower takes a noise level (``encode_latents(..., noise_level=)``)."""
         return self.cfg.vision.noise_aware
@@ -286,7 +291,7 @@ class LatentCLIP(nn.Module):
     # -- image side -----------------------------------------------------------------------------
     def encode_latents(self, latents: torch.Tensor, *, space: str = "diffusion", normalize: bool = True,
                        resize=MODEL_DEFAULT, noise_level=None, height: int | None = None,
-                       width: int | None = None) -> torch.Tensor:
+                       width: int | None = None, frames: int | None = None) -> torch.Tensor:
         """Embed latents of the model's VAE (``model.latent_space``: SDXL's unless its config names another).
 
         ``space="diffusion"``: latents as the pipeline's denoiser produces them, converted here with the VAE's
@@ -301,9 +306,19 @@ class LatentCLIP(nn.Module):
         ``noise_level``: None (clean), a float or a (B,) tensor in [0, 1], the ``s`` of intermediate latents
         ``(1 - s) x + s eps`` (diffusion space); a model that is not noise-aware refuses non-zero levels.
         Latents are cast to the model's dtype; gradients flow back to them.
+
+        A video space (``fastlclip.list_vaes(video=True)``): clips ``(B, C, T, h, w)`` (LTX-Video: or its
+        pipeline's tokens ``(B, T h w, 128)`` with ``frames`` and the latent ``height`` / ``width``) give one
+        embedding per latent frame, ``(B, T, D)``: the frames are folded into the batch, one tower forward.
+        ``frames``: the clip's video frame count F, when known: T must be ``LatentSpace.latent_frames(F)``.
+        ``noise_level``: one per clip, shared by its frames.
         """
-        latents, scale, shift, noise = self.prepare_latents(latents, space, resize, noise_level, height, width)
+        b = latents.shape[0] if isinstance(latents, torch.Tensor) and latents.ndim else None
+        latents, scale, shift, noise = self.prepare_latents(latents, space, resize, noise_level, height, width,
+                                                            frames)
         feats = self.visual.latent_vit(latents, scale=scale, shift=shift, noise_level=noise)
+        if self.video:
+            feats = feats.unflatten(0, (b, feats.shape[0] // b))
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def resize_policy(self, resize=MODEL_DEFAULT) -> str | None:
@@ -313,7 +328,7 @@ class LatentCLIP(nn.Module):
         return resize
 
     def prepare_latents(self, latents: torch.Tensor, space: str, resize=MODEL_DEFAULT, noise_level=None,
-                        height: int | None = None, width: int | None = None
+                        height: int | None = None, width: int | None = None, frames: int | None = None
                         ) -> tuple[torch.Tensor, float, float, torch.Tensor | None]:
         """Validate latents (and a noise level) for the image tower and apply the grid policy:
         ``(latents for the tower, scale, shift, noise)``: the tower reads ``latents * scale + shift`` (VAE
@@ -323,8 +338,17 @@ class LatentCLIP(nn.Module):
 
         The NaN/Inf checks (``check_finite``, on by default) synchronise with the device; set
         ``model.check_finite = False`` in loops that must not wait for the GPU.
+
+        A video space's clips come back with their frames folded into the batch, ``(B * T, C, h, w)`` clip by
+        clip, each frame at its clip's noise level (:meth:`encode_latents`).
         """
         inputs.check_space(space)
+        if self.video:
+            latents, space, noise_level = self._fold_video(latents, space, noise_level, height, width, frames)
+        elif isinstance(latents, torch.Tensor) and latents.ndim == 5:
+            raise ValueError(f"the {self.cfg.vae_name!r} latent space is an image space: got 5-D latents "
+                             f"{tuple(latents.shape)} (B, C, T, h, w); score a clip with a model on a video space "
+                             f"(fastlclip.list_vaes(video=True)), or one frame of a video latent at a time: latents[:, :, t]")
         resize = self.resize_policy(resize)
         v = self.cfg.vision
         converted = False
@@ -344,6 +368,36 @@ class LatentCLIP(nn.Module):
             return latents, 1.0, 0.0, noise
         ls = self.latent_space
         return latents, 1.0 / ls.scaling_factor, ls.shift_factor, noise
+
+    def _fold_video(self, latents: torch.Tensor, space: str, noise_level, height: int | None, width: int | None,
+                    frames: int | None) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+        """A video space's clips -> ``(frames folded into the batch, their space, noise per frame)``: the grid
+        ``(B, C, T, h, w)`` or packed tokens checked (the errors name the space), T checked against ``frames``,
+        diffusion latents of a per-channel space converted to VAE space (float32 or wider) on every frame."""
+        ls = self.latent_space
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        inputs.check_has_data(latents, "latents")
+        if not latents.is_floating_point():
+            raise TypeError(f"latents must be floating point (float32/float16/bfloat16), got {latents.dtype}; "
+                            "convert with .float()")
+        if latents.ndim not in (3, 5) or latents.shape[0] == 0:
+            raise ValueError(f"the {self.cfg.vae_name!r} latent space is a video space: latents are clips (B, "
+                             f"{ls.channels}, T, h, w)" + (" or its packed tokens (B, T h w, D)" if ls.pack else "")
+                             + f" with B > 0, got shape {tuple(latents.shape)}"
+                             + ("; one frame is latents[:, :, None]" if latents.ndim == 4 else ""))
+        t = ls.latent_frames(frames) if frames is not None else None
+        grid = ls.grid(latents, height, width, latent_frames=t)
+        if t is not None and grid.shape[2] != t:
+            raise ValueError(f"latent space {self.cfg.vae_name!r}: {frames} frames are {t} latent frames "
+                             f"(1 + (F - 1) / {ls.temporal}), got T = {grid.shape[2]}")
+        b, t = grid.shape[0], grid.shape[2]
+        if space == "diffusion" and ls.per_channel:
+            grid, space = ls.to_vae(grid.to(torch.promote_types(grid.dtype, torch.float32))), "vae"
+        noise = inputs.check_noise_level(noise_level, b, noise_aware=self.noise_aware, model=self.cfg.name,
+                                         check_values=self.check_finite)
+        folded = grid.transpose(1, 2).reshape(b * t, grid.shape[1], *grid.shape[3:])
+        return folded, space, None if noise is None else noise.repeat_interleave(t)
 
     def _diffusion_to_vae(self, latents: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
         """A per-channel / packed space's diffusion latents (the grid or the pipeline's tokens) -> VAE space, in

@@ -176,7 +176,7 @@ class ModelConfig:
 # Upper bounds for config values: a hostile or mistyped config (layers: 1e9) must fail, not hang or exhaust memory.
 LIMITS = {
     "width": 16384, "heads": 1024, "head_width": 16384, "layers": 256, "embed_dim": 16384, "image_size": 8192,
-    "patch_size": 1024, "latent_factor": 64, "latent_n_channels": 64, "context_length": 4096, "vocab_size": 1_000_000,
+    "patch_size": 1024, "latent_factor": 64, "latent_n_channels": 1024, "context_length": 4096, "vocab_size": 1_000_000,
 }
 MAX_PARAMS = 5e9
 

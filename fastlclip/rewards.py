@@ -8,6 +8,12 @@ prompts (default 4096), so an RL run over millions of prompts holds a bounded nu
 noise level ``s`` of intermediate latents for a noise-aware Latent-CLIP (``LatentCLIP.encode_latents``); None
 scores clean ones. Rewards that read latents (not decoded pixels) carry ``reads_latents = True``.
 
+Video clips (a model or decoder on a video space, ``fastlclip.list_vaes(video=True)``): latents ``(B, C, T, h,
+w)``; each frame is scored and the per-frame cosines are pooled per clip (:data:`POOLINGS`; ``"mean"`` by
+default, the mean of the per-frame cosines), so the loss is ReNO's form on the pooled cosine and every frame
+gets a gradient. ``frame_scores`` gives the per-frame cosines. The Latent-CLIP scores latent frames; the
+decode-then-CLIP baseline decodes the whole clip as the pipeline does and scores every decoded frame.
+
 The decode-then-reward baselines transcribe ReNO's reward classes (ExplainableML/ReNO at
 bd6f6acfe369ee9c90e2c97c536113bdc1b6dcdb, ``rewards/*.py``): ``PixelCLIPReward(..., reward="clip" | "pickscore" |
 "hps")`` and ``PixelAestheticReward``.
@@ -36,11 +42,29 @@ from .vaes import latent_space
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 TEXT_CACHE_SIZE = 4096  # prompts whose text features a reward keeps by default
+# How a clip's per-frame cosines become its score: "mean" (the default, every frame weighs the same) or "min"
+# (the worst frame).
+POOLINGS = ("mean", "min")
+
+
+def check_pooling(pooling: str) -> str:
+    """``pooling`` if it names one of :data:`POOLINGS`, else a ``ValueError`` listing them."""
+    if not isinstance(pooling, str) or pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))} (how a clip's per-frame cosines "
+                         f"are pooled: 'mean' of the frames, or the 'min', the worst frame), got {pooling!r}")
+    return pooling
+
+
+def pool_frames(values: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Per-frame values ``(B, T)`` -> one per clip ``(B,)``: their mean, or their minimum (:data:`POOLINGS`)."""
+    check_pooling(pooling)
+    return values.mean(dim=1) if pooling == "mean" else values.amin(dim=1)
 
 
 class _CLIPReward:
     name = "clip"
     reads_latents = False
+    pooling = "mean"  # a clip's per-frame cosines -> its score (POOLINGS)
 
     def __init__(self, model: nn.Module, weighting: float, text_cache_size: int = TEXT_CACHE_SIZE):
         if isinstance(text_cache_size, bool) or not isinstance(text_cache_size, int) or text_cache_size < 1:
@@ -57,8 +81,28 @@ class _CLIPReward:
         raise NotImplementedError
 
     def image_features(self, latents: torch.Tensor, noise_level=None) -> torch.Tensor:
-        """Normalised (B, D) image features of the latents, float32 or wider; differentiable."""
+        """Normalised (B, D) image features of the latents (clips: (B, frames, D)), float32 or wider;
+        differentiable."""
         return normalized(self._encode_latents(latents, noise_level))
+
+    def _cosines(self, latents: torch.Tensor, txt: torch.Tensor, noise_level, pool: bool = True) -> torch.Tensor:
+        """Each latent's cosine to its text row, (B,); a clip's per-frame cosines (B, frames) pooled by
+        ``self.pooling`` (``pool=False``: as they are)."""
+        feats = self.image_features(latents, noise_level)
+        if feats.ndim == 2:
+            return (feats * txt).sum(dim=-1)
+        frames = (feats * txt[:, None]).sum(dim=-1)
+        return pool_frames(frames, self.pooling) if pool else frames
+
+    def frame_scores(self, latents: torch.Tensor, prompts: str | Sequence[str], *, noise_level=None) -> torch.Tensor:
+        """A clip's cosine per frame, (B, frames), float32 or wider, before pooling (the latent frames for
+        ``LatentCLIPReward``, every decoded frame for ``PixelCLIPReward``); differentiable."""
+        txt = self.text_features(inputs.prompt_list(prompts, latents.shape[0])).to(latents.device)
+        out = self._cosines(latents, txt, noise_level, pool=False)
+        if out.ndim != 2:
+            raise ValueError(f"frame_scores scores clips (B, C, T, h, w) of a video space; got latents of shape "
+                             f"{tuple(latents.shape)} for an image space: use score")
+        return self._checked(out, latents, "score")
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """Normalised (N, D) text features, each prompt encoded once, in the model's own precision (never
@@ -90,6 +134,7 @@ class _CLIPReward:
         a noise-aware model (see the module docstring). ``scale`` multiplies the cosine: ``1.0`` (the
         default) gives it in [-1, 1]; ``"logit"`` multiplies by the model's ``logit_scale.exp()`` (100 for
         the released checkpoints: the CLIP logit, the scale of the loss ``100 - logit``); any float as given.
+        Clips of a video space: the per-frame cosines pooled by ``self.pooling`` (the mean by default).
         """
         if scale == "logit":
             factor = logit_scale_exp(self.model.logit_scale).item()
@@ -99,16 +144,16 @@ class _CLIPReward:
             raise ValueError(f"scale must be a finite number or 'logit', got {scale!r}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or None (one pass), got {batch_size!r}")
-        if batch_size is None or not isinstance(latents, torch.Tensor) or latents.ndim != 4 or len(latents) <= batch_size:
+        if (batch_size is None or not isinstance(latents, torch.Tensor) or latents.ndim not in (4, 5)
+                or len(latents) <= batch_size):
             txt = self.text_features(inputs.prompt_list(prompts, latents.shape[0])).to(latents.device)
-            out = (self.image_features(latents, noise_level) * txt).sum(dim=-1)
+            out = self._cosines(latents, txt, noise_level)
         else:
             prompts = inputs.prompt_list(prompts, len(latents))
             txt = self.text_features(prompts).to(latents.device)
             per_latent = isinstance(noise_level, torch.Tensor) and noise_level.ndim > 0 and len(noise_level) > 1
-            out = torch.cat([(self.image_features(latents[s:s + batch_size],
-                                                  noise_level[s:s + batch_size] if per_latent else noise_level)
-                              * (txt if len(txt) == 1 else txt[s:s + batch_size])).sum(dim=-1)
+            out = torch.cat([self._cosines(latents[s:s + batch_size], txt if len(txt) == 1 else txt[s:s + batch_size],
+                                           noise_level[s:s + batch_size] if per_latent else noise_level)
                              for s in range(0, len(latents), batch_size)])
         out = self._checked(out, latents, "score")
         return out if factor == 1.0 else out * factor
@@ -128,15 +173,21 @@ class LatentCLIPReward(_CLIPReward):
     produce ``"diffusion"`` latents. ``resize``: the policy for latent grids other than the trained one
     (``None``, ``"interpolate"``, ``"pool"``; see ``fastlclip.grids``); by default the model's
     (``fastlclip.load(..., resize=...)``). SDXL at 1024 px gives 128x128 latents.
+
+    A model on a video space scores clips ``(B, C, T, h, w)`` (LTX-Video's packed tokens: unpack them first with
+    ``model.latent_space.grid(tokens, h, w, T)``): one embedding per latent frame from one tower forward, the
+    per-frame cosines pooled per clip by ``pooling`` (:data:`POOLINGS`: ``"mean"``, the default, or ``"min"``);
+    the loss is ReNO's ``100 - logit_scale.exp() * mean(pooled cosine)``, differentiable w.r.t. every frame.
     """
 
     name = "latent_clip"
     reads_latents = True
 
     def __init__(self, model: LatentCLIP, weighting: float = 1.0, *, space: str = "diffusion",
-                 resize=MODEL_DEFAULT, text_cache_size: int = TEXT_CACHE_SIZE):
+                 resize=MODEL_DEFAULT, text_cache_size: int = TEXT_CACHE_SIZE, pooling: str = "mean"):
         inputs.check_space(space)
         super().__init__(model, weighting, text_cache_size)
+        self.pooling = check_pooling(pooling)
         self.space = space
         if resize is not MODEL_DEFAULT:
             model.resize_policy(resize)  # checked now, not at the first call
@@ -155,6 +206,8 @@ class LatentCLIPReward(_CLIPReward):
                                          noise_level=noise_level)
 
     def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str], noise_level=None) -> torch.Tensor:
+        if self.model.video:  # ReNO's form on each clip's pooled cosine
+            return clip_loss(self.score(latents, prompt, noise_level=noise_level), self.model.logit_scale)
         # With the "graph" / "compile" backends the whole step (tower, cosine, loss) is one graph.
         prompts = inputs.prompt_list(prompt, latents.shape[0])
         if len(prompts) == 1:  # the cached tensor itself, so a runtime sees the same text and skips its copy
@@ -211,7 +264,8 @@ class _DecodeThenEncode:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion latents (the grid, or a packed space's tokens of a square latent) -> RGB in [0, 1], decoded
-        as the VAE's pipeline decodes (``fastlclip.vaes.decode``)."""
+        as the VAE's pipeline decodes (``fastlclip.vaes.decode``). A video VAE's clip ``(B, C, T, h, w)`` decodes
+        whole, every frame: ``(B, 3, F, H, W)``."""
         z = self.latent_space.to_vae(self.latent_space.grid(latents).to(self.vae.dtype))
         return (vaes.decode(self.vae, z) / 2 + 0.5).clamp(0, 1)
 
@@ -236,9 +290,15 @@ class _DecodeThenEncode:
 
     def check_latents(self, latents: torch.Tensor) -> None:
         """As ``LatentCLIPReward``'s: the floating-point diffusion grid ``(B, C, h, w)`` of the VAE's space (a packed
-        space's tokens ``(B, L, D)`` of a square latent too), B > 0, finite unless ``check_finite`` is off (the
-        check synchronises with the device)."""
+        space's tokens ``(B, L, D)`` of a square latent too; a video space's clips ``(B, C, T, h, w)``), B > 0,
+        finite unless ``check_finite`` is off (the check synchronises with the device)."""
         space = self.latent_space
+        if space.video and isinstance(latents, torch.Tensor) and latents.is_floating_point():
+            grid = space.grid(latents)  # its shape checks name the space; a clip's frames are checked as a batch
+            latents = grid.transpose(1, 2).reshape(-1, grid.shape[1], *grid.shape[3:])
+        elif isinstance(latents, torch.Tensor) and latents.ndim == 5 and latents.is_floating_point():
+            raise ValueError(f"the VAE's latent space {space.name!r} is an image space: got 5-D latents "
+                             f"{tuple(latents.shape)}; score one frame at a time (latents[:, :, t])")
         if isinstance(latents, torch.Tensor) and latents.ndim == 3 and space.pack and latents.is_floating_point():
             latents = space.grid(latents)  # its shape checks name the space
         inputs.check_latent_batch(
@@ -251,8 +311,15 @@ class _DecodeThenEncode:
     def _encode_latents(self, latents, noise_level=None):
         self.check_latents(latents)
         inputs.check_noise_level(noise_level, latents.shape[0], noise_aware=False, model="decode-then-CLIP")
-        x = self.preprocess(self.decode(latents)).to(_model_dtype(self.model))
-        return _features(self.model.get_image_features(pixel_values=x)) if self.transformers else self.model.encode_image(x)
+        pixels = self.decode(latents)
+        clip = pixels.ndim == 5  # a video VAE's clip (B, 3, F, H, W): every frame through the CLIP, one batch
+        if clip:
+            b, f = pixels.shape[0], pixels.shape[2]
+            pixels = pixels.transpose(1, 2).reshape(b * f, *pixels.shape[1:2], *pixels.shape[3:])
+        x = self.preprocess(pixels).to(_model_dtype(self.model))
+        feats = (_features(self.model.get_image_features(pixel_values=x)) if self.transformers
+                 else self.model.encode_image(x))
+        return feats.unflatten(0, (b, f)) if clip else feats
 
 
 # ReNO's text-image rewards: the loss is ``offset - s * mean(cos)``, s = the model's ``logit_scale.exp()`` (None: 1).
@@ -296,13 +363,19 @@ class PixelCLIPReward(_DecodeThenEncode, _CLIPReward):
     ReNO averages ``image_features @ text_features.T`` over one prompt; with one prompt per latent here each
     image is paired with its own prompt (the mean of the diagonal). All of ReNO's rewards see the image through
     ``clip_img_transform(224)`` (rewards/utils.py, training/trainer.py): give the CLIP the matching size and mean/std.
+
+    A video VAE (Wan, HunyuanVideo, HunyuanVideo 1.5, LTX-Video) decodes the whole clip ``(B, C, T, h, w)`` as its
+    pipeline does (``vae.decode(to_vae(z)).sample``: ``(B, 3, F, H, W)``, F = ``1 + (T - 1) * temporal``); every
+    frame goes through the transform and the CLIP in one batch, and the per-frame cosines are pooled per clip by
+    ``pooling`` (``"mean"`` by default), as ``LatentCLIPReward`` pools its latent frames.
     """
 
     name = "pixel_clip"
 
     def __init__(self, vae: nn.Module, clip_model: nn.Module, *, tokenizer=None, processor=None, weighting: float = 1.0,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 text_cache_size: int = TEXT_CACHE_SIZE, reward: str = "clip"):
+                 text_cache_size: int = TEXT_CACHE_SIZE, reward: str = "clip", pooling: str = "mean"):
+        self.pooling = check_pooling(pooling)
         if not isinstance(reward, str) or reward not in RENO_REWARDS:
             raise ValueError(f"reward must be one of {', '.join(map(repr, RENO_REWARDS))} (ReNO's CLIPLoss, PickScoreLoss, "
                              f"HPSLoss), got {reward!r}; for ReNO's aesthetic reward use fastlclip.PixelAestheticReward")
@@ -456,6 +529,9 @@ class PixelAestheticReward(_DecodeThenEncode):
 
     def image_features(self, latents: torch.Tensor, noise_level=None) -> torch.Tensor:
         """Normalised (B, D) CLIP image embeddings of the decoded latents, float32 or wider; differentiable."""
+        if self.latent_space.video:
+            raise ValueError(f"PixelAestheticReward rates images; the VAE's space {self.latent_space.name!r} is a "
+                             "video space (no pooling of aesthetic ratings over frames is defined here)")
         return normalized(self._encode_latents(latents, noise_level))
 
     def score(self, latents: torch.Tensor, prompts=None, *, batch_size: int | None = None,
