@@ -125,6 +125,28 @@ def test_diffusion_space_shards_are_decoded_as_the_pipeline_decodes(world, space
     assert distill.evaluate(s["final"], tmp_path / "t", holdout=0.0)["rows"] == 16
 
 
+def test_shards_of_the_other_space_are_refused_before_any_work(world, tmp_path):
+    from corpus_shards import npy_bytes, write_tar
+
+    from fastlclip import distill
+
+    qwen, flux2 = world["get"]("qwen-image"), world["get"]("flux2")
+    tokens, _ = SW.latent_shards(qwen["vae"], tmp_path / "tokens", 2, 2)
+    with pytest.raises(ValueError, match=r"latents are \(64, 64\): packed tokens are diffusion space"):
+        distill.make_targets(tokens, tmp_path / "never", vae=qwen["vae"], teacher=world["teacher"], progress=False)
+    raw = tmp_path / "raw.tar"  # FLUX.2 VAE latents (8 channels) given as its diffusion grid (32)
+    write_tar(raw, [("a", {"latent.npy": npy_bytes(torch.zeros(8, 16, 16).numpy())})])
+    with pytest.raises(ValueError, match="have 8 channels, the VAE 32 in diffusion space"):
+        distill.make_targets([raw], tmp_path / "never", vae=flux2["vae"], teacher=world["teacher"], space="diffusion",
+                             progress=False)
+    odd = tmp_path / "odd.tar"  # 63 tokens: no square grid
+    write_tar(odd, [("a", {"latent.npy": npy_bytes(torch.zeros(63, 64).numpy())})])
+    with pytest.raises(ValueError, match=r"diffusion-space latents are \(63, 64\).*not a square grid"):
+        distill.make_targets([odd], tmp_path / "never", vae=qwen["vae"], teacher=world["teacher"], space="diffusion",
+                             progress=False)
+    assert not (tmp_path / "never").exists()
+
+
 @pytest.mark.parametrize("space", ts.SPACES)
 def test_noise_aware_students_noise_the_diffusion_space_the_pipeline_holds(world, space, tmp_path):
     """The student's noised input, ``(1 - s) z + s eps`` over the diffusion grid, is the pipeline's (transcribed),

@@ -6,13 +6,19 @@ Built on ``fastlclip.corpus``: the same shard readers, one atomic Parquet file p
 
 - ``key``: the sample key;
 - ``embedding``: the teacher's normalised image embedding (float16, ``embed_dim`` wide);
-- ``latent``: the latent in VAE space (``raw = z / scaling + shift`` for diffusion-space input), float16,
-  flattened; its shape is ``latent_shape`` in the folder's ``run.json``.
+- ``latent``: the latent in VAE space (``LatentSpace.to_vae`` of diffusion-space input: ``z / scaling + shift``,
+  per channel for Qwen-Image / FLUX.2), float16, flattened; its shape is ``latent_shape`` in the folder's
+  ``run.json`` (``input_shape`` there when the shards' differs: FLUX.2's patchified grid, packed tokens).
+
+Any VAE of ``vaes.LATENT_CLASSES`` works: latents are decoded and images encoded as the pipelines do
+(``vaes.decode`` / ``vaes.encode``); diffusion-space shards hold the pipeline's grid or, for the packed spaces,
+its ``(L, D)`` tokens of a square latent. A FLUX.2 VAE's statistics, which live in its weights, are recorded in
+``run.json`` as ``vae_stats`` (:func:`vae_stats`) for the student's config.
 
 Shards of images (``jpg`` / ``jpeg`` / ``png`` / ``webp`` members, found when a shard's first sample has no
 latent member) are accepted too: each image is resized (shorter side, bicubic) and centre-cropped to
-``image_size``, VAE-encoded (the posterior mean) to give the latent, and the teacher embeds that image itself
-rather than its decode, the better target.
+``image_size``, VAE-encoded (``vaes.encode``: the posterior mean; DC-AE's latent) to give the latent, and the
+teacher embeds that image itself rather than its decode, the better target.
 
 **Several teachers** (``make_targets(..., teachers=[TeacherSpec, ...])``, see ``fastlclip.distill.teachers`` and
 docs/ensembles.md): one decode per sample (or the image itself) for all of them, each teacher's own
@@ -179,7 +185,8 @@ class TargetScorer:
         return ["embedding", "latent"]
 
     def check(self, sample) -> torch.Tensor:
-        """A latent of the shards' shape (a diffusion grid, or packed tokens), or an image resized and centre-cropped to ``image_size`` (in [0, 1])."""
+        """A latent of the shards' shape (a grid, or packed tokens), or an image resized and centre-cropped to
+        ``image_size`` (in [0, 1])."""
         size = self.spec.image_size
         if size is None:
             return check_sample(sample, self.shape)
@@ -234,6 +241,9 @@ def embed_columns(teachers, pixels: torch.Tensor) -> dict[str, np.ndarray]:
 def _vae_shape(shape: tuple, space, label: str) -> tuple[int, ...]:
     """The VAE-space shape of diffusion-space samples of ``shape`` (a grid, or square packed tokens): the stored
     latent's; a shape the space can't hold is an error naming it."""
+    if len(shape) == 3 and shape[0] != space.diffusion_channels:
+        raise ValueError(f"the shards' latents have {shape[0]} channels, the VAE {space.diffusion_channels} in "
+                         f"diffusion space ({label!r}): wrong --vae or --space for them")
     try:
         return tuple(space.to_vae(space.grid(torch.zeros(1, *shape))).shape[1:])
     except (ValueError, RuntimeError) as e:
@@ -274,10 +284,11 @@ def make_targets(shards, out, *, vae, teacher=None, teacher_pretrained=None, tea
                  prompts=True) -> corpus.ScoreReport:
     """Decode every latent of ``shards`` with ``vae`` and store the teacher's normalised embedding per key.
 
-    ``vae``: a registered name (``fastlclip.list_vaes()``), a diffusers folder, or a module (an
-    ``AutoencoderKL`` / ``AutoencoderTiny``; local engine). ``teacher``: an open_clip model name (weights
-    ``teacher_pretrained``; ``teacher_config``, a dict or JSON file, registers the name first) or an open_clip
-    ``CLIP`` module. ``space``: the shards' latents, ``"vae"`` (raw posterior samples) or ``"diffusion"``.
+    ``vae``: a registered name (``fastlclip.list_vaes()``; not FLUX.2's, whose statistics live in its weights), a
+    diffusers folder, or a module (one of ``vaes.DECODER_CLASSES``; local engine). ``teacher``: an open_clip
+    model name (weights ``teacher_pretrained``; ``teacher_config``, a dict or JSON file, registers the name first)
+    or an open_clip ``CLIP`` module. ``space``: the shards' latents, ``"vae"`` (raw posterior samples) or
+    ``"diffusion"`` (the pipeline's grid, or its packed ``(L, D)`` tokens).
     ``engine`` / ``workers`` / ``on_error`` / ``member`` / ``column`` / ``device``: as
     ``fastlclip.corpus.score``; rerunning the same call resumes, skipping finished shards. Image shards (see
     the module docstring): ``image_size`` (default: the first image's shorter side, down to a multiple of the
@@ -331,10 +342,11 @@ def make_targets(shards, out, *, vae, teacher=None, teacher_pretrained=None, tea
         shape = tuple(int(s) for s in first.shape)
         if space == "diffusion":
             latent_shape = _vae_shape(shape, vaes.latent_space(cfg, stats=stats), _vae_label(vae))
-        elif len(shape) != 3 or shape[0] != channels:
-            raise ValueError(f"the shards' latents are {shape}, the VAE {_vae_label(vae)!r} ({cfg.get('_class_name')}) "
-                             f"makes ({channels}, H, W) latents: wrong --vae for them" +
-                             ("; packed tokens are diffusion space: pass --space diffusion" if len(shape) == 2 else ""))
+        elif len(shape) != 3:
+            raise ValueError(f"the shards' latents are {shape}: packed tokens are diffusion space (pass --space "
+                             f"diffusion); VAE-space latents are ({channels}, H, W) grids")
+        elif shape[0] != channels:
+            raise ValueError(f"the shards' latents have {shape[0]} channels, the VAE {channels}: wrong --vae for them")
 
     spec = TargetSpec(vae=vae, teacher=teacher, teacher_pretrained=None if teacher_pretrained is None
                       else str(teacher_pretrained), teacher_config=teacher_config, space=space, shape=shape,

@@ -399,8 +399,8 @@ def _vision_checks(cfg: dict, info: dict, noise_aware: bool) -> dict:
                                  f"one of {_divisors(h)} (it must divide the {h}x{h} grid)")
             patch = patch * old // factor
         if h % patch:
-            raise ValueError(f"the student's patch_size {patch} does not divide the {h}x{h} latent grid of the targets' "
-                             f"space {space}, {h * factor} px images: set vision_cfg.patch_size to one of "
+            raise ValueError(f"the student's patch_size {patch} does not divide the {h}x{h} latent grid of the "
+                             f"targets' space {space}, {h * factor} px images: set vision_cfg.patch_size to one of "
                              f"{_divisors(h)}")
         v.update(image_size=h * factor, latent_factor=factor, patch_size=patch, latent_n_channels=c)
     mc = ModelConfig.from_dict(cfg, name="student")
