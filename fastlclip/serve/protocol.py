@@ -271,6 +271,8 @@ def parse(body: bytes, *, channels: int, to_diffusion, space: LatentSpace | None
         raise ProtocolError("'latents' contain NaN or Inf; check the sampler that produced them")
     batch = latents.shape[0]
     height, width = _size(tensors.get("height"), "height", batch), _size(tensors.get("width"), "width", batch)
+    if (height is None) != (width is None):
+        raise ProtocolError("'height' and 'width' go together (the VAE latent's size): send both, or neither")
     if latents.ndim == 3:
         try:
             latents = space.grid(latents, height, width)
