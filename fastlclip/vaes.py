@@ -375,7 +375,8 @@ class LatentSpace:
 
     def to_vae(self, z: torch.Tensor) -> torch.Tensor:
         """Diffusion-space latents -> what the VAE decodes: ``z / scaling_factor + shift_factor`` (per channel:
-        ``unpatchify((z / scaling_factor) * std + mean) + shift_factor``)."""
+        ``unpatchify((z / scaling_factor) * std + mean) + shift_factor``); a video space's on every frame."""
+        self._check_rank(z, "to_vae")
         if not self.per_channel:
             raw = z / self.scaling_factor
             return raw + self.shift_factor if self.shift_factor else raw
