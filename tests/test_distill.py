@@ -781,9 +781,9 @@ def test_init_teacher_trains_the_patch_embedding_alone_first(small, tmp_path, mo
 def test_train_refuses_mismatched_students_and_empty_training_sets(small, tmp_path):
     with pytest.raises(ValueError, match="embed_dim is 16"):
         _small_train(small, tmp_path / "a", student=dict(W.STUDENT, embed_dim=16))
-    with pytest.raises(ValueError, match="16x8x8"):
+    with pytest.raises(ValueError, match="16x8x8"):  # 48 px: neither 8x8 latents at 8x nor the targets' 32 px
         _small_train(small, tmp_path / "b", student=dict(W.STUDENT, vision_cfg=dict(W.STUDENT["vision_cfg"],
-                                                                                     image_size=32)))
+                                                                                     image_size=48)))
     with pytest.raises(ValueError, match="no training rows"):
         _small_train(small, tmp_path / "c", holdout=0.9999)
 
@@ -1177,7 +1177,9 @@ def test_train_defaults(small, tmp_path):
                         "init": "scratch", "noise_aware": False, "seed": 0, "patch_steps": 0, "holdout": 0.05,
                         "weight_decay": 0.0, "targets_sha256": targets_sha,
                         "teacher_module_sha256": teacher_sha.hexdigest()}
-    assert student["vision_cfg"] == W.STUDENT["vision_cfg"] and student["embed_dim"] == W.STUDENT["embed_dim"]
+    # the geometry of the targets' VAE (4x: 32 px images for the 8x8 latents), the tower as written
+    assert student["vision_cfg"] == dict(W.STUDENT["vision_cfg"], image_size=32, latent_factor=4)
+    assert student["embed_dim"] == W.STUDENT["embed_dim"]
     assert [x["step"] for x in _lines(run_dir)] == [10, 12]  # every 10 steps and the last; no eval lines
 
 

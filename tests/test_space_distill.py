@@ -178,10 +178,10 @@ def test_noise_aware_students_noise_the_diffusion_space_the_pipeline_holds(world
 
 def test_a_32x_space_gives_the_student_a_16x16_grid_at_512_px():
     """The student config on DC-AE targets (SANA's registered config, nothing built): the VAE's 32x factor, so
-    16x16 latents at 512 px; a config written for 8x keeps its patch's 64 px; a patch that doesn't divide the
-    grid is refused naming the space."""
+    16x16 latents at 512 px; a config written for 8x at the targets' image size keeps its patch's 64 px; a config
+    for other images, or a patch that doesn't divide the grid, is refused naming the space."""
     from fastlclip import vaes
-    from fastlclip.distill.train import fit_student
+    from fastlclip.distill.train import fit_student, resolve_student
     from fastlclip.model_configs import ModelConfig
 
     sana = {"vae": "sana", "vae_cfg": vaes.get_vae_config("sana"), "latent_shape": [32, 16, 16], "image_size": 512}
@@ -189,7 +189,13 @@ def test_a_32x_space_gives_the_student_a_16x16_grid_at_512_px():
     v = ModelConfig.from_dict(cfg).vision
     assert (v.image_size, v.latent_factor, v.latent_size, v.patch_size, v.latent_channels) == (512, 32, 16, 2, 32)
     assert cfg["vae"] == "sana" and "vae_stats" not in cfg
-    big = fit_student("Latent-ViT-B-8-512", dict(sana, latent_shape=[32, 32, 32], image_size=1024))
+    at_1024 = dict(sana, latent_shape=[32, 32, 32], image_size=1024)
+    with pytest.raises(ValueError, match=r"the targets' latents are 32x32x32 \(1024 px images in the space 'sana' "
+                                         r"\(AutoencoderDC, 32x\)\); the student config describes 512 px images at 8x "
+                                         r"\(64x64 latents\): set vision_cfg.image_size to 1024"):
+        fit_student("Latent-ViT-B-8-512", at_1024)
+    b8 = resolve_student("Latent-ViT-B-8-512")
+    big = fit_student(dict(b8, vision_cfg=dict(b8["vision_cfg"], image_size=1024)), at_1024)
     assert ModelConfig.from_dict(big).vision.latent_size == 32 and big["vision_cfg"]["patch_size"] == 2
     tiny = dict(SW.STUDENT, vision_cfg=dict(SW.STUDENT["vision_cfg"], image_size=512, latent_factor=32))
     assert fit_student(tiny, sana)["vision_cfg"]["patch_size"] == 4  # written for 32x: its own patch
@@ -197,8 +203,9 @@ def test_a_32x_space_gives_the_student_a_16x16_grid_at_512_px():
     assert (sdxl["vision_cfg"]["patch_size"], sdxl["vision_cfg"]["image_size"]) == (8, 512)  # as it was
     for bad, message in (({"patch_size": 3}, "patch_size 3 does not divide the 16x16 latent grid of the targets' "
                                              r"space 'sana' \(AutoencoderDC, 32x\), 512 px images.*\[1, 2, 4, 8, 16\]"),
-                         ({"patch_size": 1, "latent_factor": 8, "image_size": 256},
-                          r"patch \(1 latent pixels at 8x, 8 px\) is no whole number of the targets' space 'sana'")):
+                         ({"patch_size": 1, "latent_factor": 8, "image_size": 512},
+                          r"patch \(1 latent pixels at 8x, 8 px\) is no whole number of latent pixels of the targets' "
+                          "space 'sana'")):
         with pytest.raises(ValueError, match=message):
             fit_student(dict(SW.STUDENT, vision_cfg=dict(SW.STUDENT["vision_cfg"], **bad)), sana)
 

@@ -373,11 +373,11 @@ def held_out_cosine(student: Student, held: Targets, noise_levels=(), seed: int 
 def _vision_checks(cfg: dict, info: dict, noise_aware: bool) -> dict:
     """``cfg`` (its VAE already the targets') with the geometry of the targets' space, checked: the tower reads
     their ``C x h x h`` VAE latents, so ``latent_n_channels = C``, ``latent_factor`` = the VAE's downsampling
-    ``f`` (``vaes.vae_factor``: 8, or 32 for DC-AE), ``image_size = h * f``. ``patch_size``: the config's when it
-    already describes an ``h x h`` grid (``image_size / latent_factor`` as written) or was written for ``f``;
-    otherwise (a config written for another VAE) it keeps its patch's pixel footprint, ``patch_size *
-    latent_factor / f`` (Latent-ViT-B-8-512's 8 at 8x, 64 px, is 2 at 32x). It must divide ``h``: a patch that
-    doesn't is refused, naming the space."""
+    ``f`` (``vaes.vae_factor``: 8, or 32 for DC-AE), ``image_size = h * f``. The config must describe that grid
+    one way or the other: its ``image_size / latent_factor`` is ``h`` (its patch is kept), or its ``image_size``
+    is ``h * f`` (the targets' images; a config written for another factor keeps its patch's pixel footprint,
+    ``patch_size * latent_factor / f``: Latent-ViT-B-8-512's patch 8 at 8x, 64 px, is 2 at 32x). The patch must
+    divide ``h``. Anything else is refused, naming the space."""
     from .. import vaes
 
     v = cfg["vision_cfg"] = dict(cfg["vision_cfg"])
@@ -392,11 +392,15 @@ def _vision_checks(cfg: dict, info: dict, noise_aware: bool) -> dict:
                          f"square images (space {space})")
     size, old, patch = v.get("image_size"), v.get("latent_factor", 8), v.get("patch_size")
     if all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (size, old, patch)):
-        if size // old != h and old != factor:
+        if size % old or size // old != h:  # not written for this grid: for these images, or refused
+            if size != h * factor:
+                raise ValueError(f"the targets' latents are {c}x{h}x{w} ({h * factor} px images in the space {space}); "
+                                 f"the student config describes {size} px images at {old}x ({size // old}x"
+                                 f"{size // old} latents): set vision_cfg.image_size to {h * factor}")
             if patch * old % factor:
                 raise ValueError(f"the student's patch ({patch} latent pixels at {old}x, {patch * old} px) is no whole "
-                                 f"number of the targets' space {space} latent pixels: set vision_cfg.patch_size to "
-                                 f"one of {_divisors(h)} (it must divide the {h}x{h} grid)")
+                                 f"number of latent pixels of the targets' space {space}: set vision_cfg.patch_size "
+                                 f"to one of {_divisors(h)} (it must divide the {h}x{h} grid)")
             patch = patch * old // factor
         if h % patch:
             raise ValueError(f"the student's patch_size {patch} does not divide the {h}x{h} latent grid of the "
