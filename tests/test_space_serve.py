@@ -10,6 +10,7 @@ reference. The server runs in-process (httpx's ASGI transport), as in tests/test
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import re
 import warnings
@@ -305,3 +306,57 @@ def test_flow_grpo_scores_the_grid_and_the_packed_tokens(world):
         flow_grpo.latent_clip_score("cpu", model=model)(tokens.float(), PROMPTS, {})
     with pytest.raises(ValueError, match=f"latent space '{name}': its diffusion grid; or its packed tokens"):
         fn(torch.randn(3, 5, 8, 8), PROMPTS, {})
+
+
+# -- the command line, and a reward ensemble on these spaces --------------------------------------------------------
+def test_the_command_line_serves_a_flux2_model_from_its_json_config(tmp_path, monkeypatch):
+    """``python -m fastlclip.serve --model config.json --pretrained weights``: the config names FLUX.2 and carries its
+    vae_stats; the app it builds scores packed tokens as the model on the decode input (uvicorn not started)."""
+    import fastlclip.serve.__main__ as cli
+    from safetensors.torch import save_file
+
+    vae = ts.tiny_vae("flux2").double()
+    model64 = ts.model(vae, "flux2").double()
+    cfg, weights = tmp_path / "flux2.json", tmp_path / "flux2.safetensors"
+    cfg.write_text(json.dumps(ts.model_config(vae, "flux2")))
+    save_file({k: v.contiguous() for k, v in ts.model(vae, "flux2").state_dict().items()}, weights)
+    seen = {}
+
+    class NoServer:
+        started, cut = True, None
+
+        def __init__(self, config, in_flight):
+            seen["app"] = config.app
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(cli, "graceful_server", NoServer)
+    monkeypatch.setattr(cli.signal, "signal", lambda *a: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["--model", str(cfg), "--pretrained", str(weights), "--device", "cpu"]) == 0
+    _, tokens, raw = pipeline("flux2", vae)
+    torch.testing.assert_close(scores(post(seen["app"], body(tokens))), reference(model64, raw, PROMPTS),
+                               rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen-image", "flux2"])
+def test_a_reward_ensemble_on_a_packed_space_serves_and_scores_tokens(name):
+    from test_space_ensemble import ensemble_on
+
+    model64, vae = ensemble_on(name)
+    weights = {"hps": 5.0, "pick": 0.05, "aes": 0.5}
+    app = create_app(fastlclip.RewardEnsemble(copy.deepcopy(model64).float(), weights))
+    _, tokens, raw = pipeline(name, vae, height=model64.trunk.latent_size, width=model64.trunk.latent_size)
+    with torch.no_grad():  # every head's value on the decode input, in float64
+        want = fastlclip.RewardEnsemble(model64, weights, space="vae").score(raw, PROMPTS)
+    r = post(app, body(tokens))
+    assert r.status_code == 200, r.text
+    for head, values in r.json()["head_scores"].items():
+        torch.testing.assert_close(torch.tensor(values, dtype=torch.float64), want[head].double(), rtol=1e-5,
+                                   atol=2e-4)
+    details, _ = flow_grpo.latent_clip_score("cpu", model=copy.deepcopy(model64).float(), batch_size=2)(
+        tokens.float(), PROMPTS, {})
+    for head in weights:
+        assert abs(details[head] - want[head].float().numpy()).max() < 2e-4
