@@ -8,7 +8,8 @@ is then closed), 413 body over the limit, 503 with
 
 ``reward`` may be a ``RewardEnsemble``: each batch is one trunk forward for every head, and replies carry the
 weighted total in ``raw_scores`` with each head's score beside it (the extension of v1 in
-``fastlclip.serve.protocol``).
+``fastlclip.serve.protocol``). A model on a per-channel or packed latent space (Qwen-Image, FLUX.2) also takes its
+diffusion grid and the pipeline's packed tokens with ``height`` / ``width``, the other extension of v1 there.
 """
 
 from __future__ import annotations
