@@ -191,7 +191,7 @@ def apps():
     return out
 
 
-@pytest.mark.parametrize("name, make, message", BAD)
+@pytest.mark.parametrize("name, make, message", BAD, ids=[f"{case[0]}-{i}" for i, case in enumerate(BAD)])
 def test_bad_latents_are_400_naming_the_space_and_its_shapes_and_the_server_keeps_serving(apps, name, make, message):
     vae, app, model64 = apps[name]
     grid, tokens, raw = pipeline(name, vae)
