@@ -799,10 +799,15 @@ def decode(vae: nn.Module, raw: torch.Tensor) -> torch.Tensor:
     [-1, 1] (not clamped), as each pipeline decodes: ``vae.decode(z).sample``; AutoencoderKLQwenImage on one
     frame, ``decode(z[:, :, None]).sample[:, :, 0]`` (``pipeline_qwenimage.py``). A video VAE decodes the whole
     clip ``(B, C, T, h, w)`` -> ``(B, 3, F, H, W)``; LTX-Video with a timestep-conditioned decoder gets the
-    pipeline's default ``decode_timestep`` 0 (``pipeline_ltx.py``: at 0 its decode noise is scaled by 0 too)."""
+    pipeline's default ``decode_timestep`` 0 (``pipeline_ltx.py``: at 0 its decode noise is scaled by 0 too);
+    HunyuanVideo 1.5 decodes clip by clip (its batched attention mask fails for B > 1 in diffusers 0.42.1)."""
     cls = type(vae).__name__
     if cls == "AutoencoderKLQwenImage":
         return vae.decode(raw.to(vae.dtype).unsqueeze(2)).sample[:, :, 0]
+    if cls == "AutoencoderKLHunyuanVideo15" and raw.shape[0] > 1:
+        # diffusers 0.42.1: its mid-block attention builds a (B, L, L) mask that SDPA broadcasts against the
+        # (B, 1, L, d) heads, so a batch of B > 1 clips fails; clip by clip it decodes (each clip is independent)
+        return torch.cat([decode(vae, clip) for clip in raw.split(1)])
     if cls == "AutoencoderKLLTXVideo" and vae.config.get("timestep_conditioning"):
         return vae.decode(raw.to(vae.dtype), raw.new_zeros(raw.shape[0], dtype=vae.dtype)).sample
     return vae.decode(raw.to(vae.dtype)).sample
