@@ -23,7 +23,7 @@ from . import inputs
 from .grids import MODEL_DEFAULT
 from .model import LatentCLIP
 from .inputs import check_count, check_number, check_prompt, prompt_list
-from .loss import clip_loss, logit_scale_exp
+from .loss import clip_loss, logit_scale_exp, normalized
 from .rewards import LatentCLIPReward
 
 # I2P's categories (Schramowski et al., "Safe Latent Diffusion", 2023), each with a few describing texts.
@@ -43,6 +43,28 @@ DEFAULT_NEUTRAL: tuple[str, ...] = (
 )
 # Margin above which a category is flagged: the zero-shot decision boundary, not a calibrated value.
 DEFAULT_THRESHOLD = 0.0
+
+
+def _image_features(reward: LatentCLIPReward, latents: torch.Tensor, noise_level=None, height: int | None = None,
+                    width: int | None = None) -> torch.Tensor:
+    """``reward.image_features``, with the VAE latent ``height`` / ``width`` of a packed space's tokens (Qwen-Image,
+    FLUX.2: ``LatentCLIP.encode_latents``; both None: the grid, or the tokens of a square latent)."""
+    if height is None and width is None:
+        return reward.image_features(latents, noise_level)
+    return normalized(reward.model.encode_latents(latents, space=reward.space, normalize=False, resize=reward.resize,
+                                                  noise_level=noise_level, height=height, width=width))
+
+
+def check_latent_size(height, width) -> None:
+    """The VAE latent ``height`` / ``width`` a packed space's tokens are unpacked with: both None, or two positive
+    integers."""
+    if height is None and width is None:
+        return
+    for what, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{what} must be the VAE latent's {what} (a positive integer: the image's / the VAE "
+                             f"factor) or None with {'width' if what == 'height' else 'height'} None too (a square "
+                             f"latent), got {v!r}")
 
 
 class _ConceptBank:
@@ -90,6 +112,11 @@ class SafetyGuidance(LatentCLIPReward):
     safety term, to sum with other rewards. For multi-step pipelines use ``callback``. ``resize``: the
     latent-grid policy (see ``LatentCLIPReward``; by default the model's). ``noise_level``: the noise level
     of intermediate latents, for a noise-aware model (``LatentCLIP.encode_latents``).
+
+    Latents are what the model's space takes (``model.latent_space``): the diffusion grid, or the packed tokens
+    ``(B, L, D)`` that Qwen-Image and FLUX.2 pipelines hand, with the VAE latent ``height`` / ``width`` (keywords of
+    the call, of :meth:`concept_scores` and of :meth:`callback`; omitted: a square latent). Gradients come back in
+    the layout given.
     """
 
     name = "latent_safety"
@@ -109,14 +136,16 @@ class SafetyGuidance(LatentCLIPReward):
     def categories(self) -> list[str]:
         return self.concepts.categories
 
-    def concept_scores(self, latents: torch.Tensor, noise_level=None) -> torch.Tensor:
+    def concept_scores(self, latents: torch.Tensor, noise_level=None, *, height: int | None = None,
+                       width: int | None = None) -> torch.Tensor:
         """(B, K) cosine margins ``cos(image, concept) - cos(image, neutral)``; differentiable w.r.t. ``latents``."""
-        img = self.image_features(latents, noise_level)
+        img = _image_features(self, latents, noise_level, height, width)
         return self.concepts.margins(img @ self.concepts.features.to(img).T)
 
-    def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str], noise_level=None) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str], noise_level=None, *,
+                 height: int | None = None, width: int | None = None) -> torch.Tensor:
         prompts = prompt_list(prompt, latents.shape[0])
-        img = self.image_features(latents, noise_level)
+        img = _image_features(self, latents, noise_level, height, width)
         loss = img.new_zeros(())
         if self.prompt_weight:
             cos_prompt = (img * self.text_features(prompts).to(img)).sum(dim=-1)
@@ -127,9 +156,11 @@ class SafetyGuidance(LatentCLIPReward):
         return self._checked(loss, latents, "guidance loss")
 
     def callback(self, prompt: str | Sequence[str], *, steps: int = 3, step_size: float = 0.5,
-                 start: float = 0.5, noise_level=None) -> "SafetyCallback":
+                 start: float = 0.5, noise_level=None, height: int | None = None,
+                 width: int | None = None) -> "SafetyCallback":
         """A diffusers ``callback_on_step_end`` applying this guidance to the pipeline's latents (see ``SafetyCallback``)."""
-        return SafetyCallback(self, prompt, steps=steps, step_size=step_size, start=start, noise_level=noise_level)
+        return SafetyCallback(self, prompt, steps=steps, step_size=step_size, start=start, noise_level=noise_level,
+                              height=height, width=width)
 
 
 class SafetyCallback:
@@ -152,12 +183,17 @@ class SafetyCallback:
     ``noise_level``: None scores the latents as clean; with a noise-aware model, ``"scheduler"`` passes the
     flow-matching scheduler's current sigma (``pipe.scheduler.sigmas[pipe.scheduler.step_index]``, the
     ``s`` of ``(1 - s) x + s eps`` in SD3 / FLUX pipelines), or pass a fixed float.
+
+    Qwen-Image and FLUX.2 pipelines hand their packed tokens ``(B, L, D)`` as ``latents``; they are nudged as
+    tokens (the step's length is the same in either layout). Pass the VAE latent ``height`` / ``width`` (the
+    pipeline's image ``height // 8``, ``width // 8``) when the image is not square: the pipelines do not keep them.
     """
 
     tensor_inputs = ("latents",)
 
     def __init__(self, guidance: SafetyGuidance, prompt: str | Sequence[str], *, steps: int = 3,
-                 step_size: float = 0.5, start: float = 0.5, noise_level=None):
+                 step_size: float = 0.5, start: float = 0.5, noise_level=None, height: int | None = None,
+                 width: int | None = None):
         check_count(steps, "steps")
         check_number(step_size, "step_size", positive=True)
         if not 0 <= check_number(start, "start") < 1:
@@ -171,8 +207,10 @@ class SafetyCallback:
         elif noise_level == "scheduler" and not guidance.model.noise_aware:
             raise ValueError(f"noise_level='scheduler' needs a noise-aware model; {guidance.model.cfg.name!r} is not "
                              "(it scores clean latents only): pass noise_level=None")
+        check_latent_size(height, width)
         self.guidance, self.prompt, self.noise_level = guidance, prompt, noise_level
         self.steps, self.step_size, self.start = steps, float(step_size), float(start)
+        self.height, self.width = height, width
 
     def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
         if "latents" not in callback_kwargs:
@@ -191,7 +229,8 @@ class SafetyCallback:
         with torch.enable_grad():  # pipelines run under no_grad
             for _ in range(self.steps):
                 z.requires_grad_(True)
-                (grad,) = torch.autograd.grad(self.guidance(z, self.prompt, noise_level), z)
+                loss = self.guidance(z, self.prompt, noise_level, height=self.height, width=self.width)
+                (grad,) = torch.autograd.grad(loss, z)
                 norm = torch.linalg.vector_norm(grad.flatten(1), dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.ndim - 1))
                 z = (z - self.step_size * grad / norm).detach()
         callback_kwargs["latents"] = z.to(latents.dtype)
@@ -242,6 +281,12 @@ class LatentSafetyChecker:
     ``resize``: the latent-grid policy for latents of another size than the trained one (see
     ``LatentCLIPReward``; by default the model's); blanking keeps the latents' own size. ``noise_level``
     (in ``scores`` and calls): the noise level of intermediate latents, for a noise-aware model.
+
+    Latents are what the model's space takes (``model.latent_space``): the diffusion grid, or the packed tokens
+    ``(B, L, D)`` of Qwen-Image and FLUX.2 pipelines with the VAE latent ``height`` / ``width`` (keywords of
+    ``scores`` and calls; omitted: a square latent). The checked latents come back in the layout given; a constant
+    ``blank`` is given as one latent in that layout (``(L, D)`` tokens), or as the diffusion grid ``(C, h, w)``
+    (e.g. ``space.to_diffusion`` of a black image's VAE latent), which is packed for token latents.
     """
 
     def __init__(self, model: LatentCLIP, *, concepts: Mapping[str, Sequence[str] | str] | None = None,
@@ -275,9 +320,10 @@ class LatentSafetyChecker:
         return torch.tensor(values, dtype=torch.float32)
 
     @torch.no_grad()
-    def scores(self, latents: torch.Tensor, noise_level=None) -> torch.Tensor:
+    def scores(self, latents: torch.Tensor, noise_level=None, *, height: int | None = None,
+               width: int | None = None) -> torch.Tensor:
         """(B, K) float32 cosine margins, one column per category."""
-        return self.scores_of_features(self._clip.image_features(latents, noise_level))
+        return self.scores_of_features(_image_features(self._clip, latents, noise_level, height, width))
 
     def scores_of_features(self, feats: torch.Tensor) -> torch.Tensor:
         """:meth:`scores` from normalised image features (``encode_latents``'s, in this checker's space), for
@@ -290,8 +336,9 @@ class LatentSafetyChecker:
         overflow in the tower) flags its category."""
         return (scores > self.thresholds.to(scores.device)) | ~torch.isfinite(scores)
 
-    def __call__(self, latents: torch.Tensor, noise_level=None) -> SafetyCheck:
-        scores = self.scores(latents, noise_level)
+    def __call__(self, latents: torch.Tensor, noise_level=None, *, height: int | None = None,
+                 width: int | None = None) -> SafetyCheck:
+        scores = self.scores(latents, noise_level, height=height, width=width)
         flags = self.flags(scores)
         flagged = flags.any(dim=1)
         out, blanked = latents, torch.zeros_like(flagged)
@@ -302,8 +349,24 @@ class LatentSafetyChecker:
         return SafetyCheck(out, scores, flags, flagged, blanked, self.categories)
 
     def _constant(self, latents: torch.Tensor) -> torch.Tensor:
-        fill = self.blank if self.blank.ndim == latents.ndim else self.blank[None]
+        fill = self._packed_blank(latents)
+        if fill is None:
+            fill = self.blank if self.blank.ndim == latents.ndim else self.blank[None]
         if fill.ndim != latents.ndim or fill.shape[0] != 1 or fill.shape[1:] != latents.shape[1:]:
             raise ValueError(f"the blank latent has shape {tuple(self.blank.shape)}, the latents {tuple(latents.shape)}: "
                              f"pass one latent of shape {tuple(latents.shape[1:])}")
         return fill.to(device=latents.device, dtype=latents.dtype)
+
+    def _packed_blank(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """A diffusion-grid blank ``(C, h, w)`` / ``(1, C, h, w)`` packed as the pipeline packs (``LatentSpace.pack_grid``)
+        for the tokens ``(B, L, D)`` of a packed space; None when the latents are not such tokens or the blank is not
+        such a grid."""
+        if self._clip.space != "diffusion" or latents.ndim != 3 or self.blank.ndim not in (3, 4):
+            return None
+        space = self._clip.model.latent_space
+        if not space.pack or self.blank.shape[-3] != space.diffusion_channels:
+            return None
+        grid = self.blank if self.blank.ndim == 4 else self.blank[None]
+        if grid.shape[0] != 1 or grid.shape[-2] % space.pack or grid.shape[-1] % space.pack:
+            return None
+        return space.pack_grid(grid)

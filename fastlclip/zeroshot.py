@@ -189,9 +189,14 @@ class ZeroShotClassifier:
         log.info("zero-shot class weights cached in %s", path)
 
     def logits(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT,
-               noise_level=None) -> torch.Tensor:
-        """(B, classes) logits; ``resize``, ``noise_level``: as in ``LatentCLIP.encode_latents``."""
-        feats = self.model.encode_latents(latents, space=space, resize=resize, noise_level=noise_level)
+               noise_level=None, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """(B, classes) logits; ``resize``, ``noise_level``: as in ``LatentCLIP.encode_latents``.
+
+        ``latents``: what the model's space takes (``model.latent_space``): the diffusion grid, or a packed space's
+        tokens ``(B, L, D)`` (Qwen-Image, FLUX.2) with the VAE latent ``height`` / ``width`` (omitted: a square
+        latent), or VAE-space latents with ``space="vae"``."""
+        feats = self.model.encode_latents(latents, space=space, resize=resize, noise_level=noise_level,
+                                          height=height, width=width)
         return self.logits_of_features(feats)
 
     def logits_of_features(self, feats: torch.Tensor) -> torch.Tensor:
@@ -200,16 +205,18 @@ class ZeroShotClassifier:
         return self.model.logit_scale.exp().float() * feats.float() @ self.weights.to(feats.device).T
 
     def probs(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT,
-              noise_level=None) -> torch.Tensor:
-        """(B, classes) softmax probabilities."""
-        return self.logits(latents, space=space, resize=resize, noise_level=noise_level).softmax(dim=-1)
+              noise_level=None, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """(B, classes) softmax probabilities (arguments as :meth:`logits`)."""
+        return self.logits(latents, space=space, resize=resize, noise_level=noise_level, height=height,
+                           width=width).softmax(dim=-1)
 
     def predict(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT,
-                noise_level=None) -> torch.Tensor:
-        """(B,) index of the most likely class per latent (names: ``self.classnames[i]``).
+                noise_level=None, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """(B,) index of the most likely class per latent (names: ``self.classnames[i]``; arguments as
+        :meth:`logits`).
 
         Latents whose scores are not finite are a ``ValueError``, never a class."""
-        logits = self.logits(latents, space=space, resize=resize, noise_level=noise_level)
+        logits = self.logits(latents, space=space, resize=resize, noise_level=noise_level, height=height, width=width)
         bad = ~torch.isfinite(logits).all(dim=-1)
         if bad.any():  # argmax would call a NaN row class 0
             rows = bad.nonzero().flatten().tolist()

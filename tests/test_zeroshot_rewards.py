@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlclip
+from fastlclip.grids import MODEL_DEFAULT
 from conftest import TINY, tiny_noise_aware, tiny_open_clip, tiny_vae
 
 LATENT = TINY["vision_cfg"]["image_size"] // 8
@@ -189,5 +190,7 @@ def test_predict_and_probs_hand_their_arguments_to_logits(noise_aware, monkeypat
     assert clf.predict(z, space="vae", resize="pool", noise_level=0.3).tolist() == [1, 0]
     torch.testing.assert_close(clf.probs(z, space="vae", resize="interpolate", noise_level=0.1)[0],
                                torch.tensor([1 / (1 + math.e), math.e / (1 + math.e)]))
-    assert seen == [{"space": "vae", "resize": "pool", "noise_level": 0.3},
-                    {"space": "vae", "resize": "interpolate", "noise_level": 0.1}]
+    clf.predict(z, height=16, width=8)  # a packed space's latent height and width (issue 33)
+    assert seen == [{"space": "vae", "resize": "pool", "noise_level": 0.3, "height": None, "width": None},
+                    {"space": "vae", "resize": "interpolate", "noise_level": 0.1, "height": None, "width": None},
+                    {"space": "diffusion", "resize": MODEL_DEFAULT, "noise_level": None, "height": 16, "width": 8}]

@@ -164,7 +164,10 @@ def score(inputs, out, *, model, pretrained=None, prompts=None, classes=None, te
     ``prompts``: texts, one ``clip_cos_<i>`` column each. ``classes`` (+ ``templates``, default
     ``"a photo of a {}."``): zero-shot ``prob_<class>`` columns and ``label``. ``safety``: checker margins and
     ``safety_flag``. ``embeddings``: fp16 ``embedding``. ``space``: ``"vae"`` (raw posterior samples, the
-    default) or ``"diffusion"``. ``engine``: ``"local"`` or ``"ray"``; ``workers``: processes or actors.
+    default) or ``"diffusion"`` (what the pipeline hands: the diffusion grid, or for Qwen-Image and FLUX.2 also the
+    packed tokens ``(L, D)`` of the square trained latent, unpacked exactly; a FLUX.2 model needs its ``vae_stats``;
+    flat storage of a packed space's latents is a bad sample, its layout unknown). ``engine``: ``"local"`` or
+    ``"ray"``; ``workers``: processes or actors.
     ``on_error="skip"`` records a bad sample (shape, NaN, overflow in the model's dtype or inside the model, a
     bad key, an unreadable member) in the manifest and scores the rest of its shard; ``"raise"`` fails the
     shard instead. A shard that fails (unreadable, or no sample has the member) is recorded with status

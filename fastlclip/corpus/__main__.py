@@ -52,8 +52,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--safety", action="store_true", help="safety_<category> margins and safety_flag")
     s.add_argument("--embeddings", action="store_true", help="fp16 embedding column")
     s.add_argument("--space", choices=("vae", "diffusion"), default="vae",
-                   help="vae: raw posterior samples (default); diffusion: pipeline latents (converted with the model "
-                        "VAE's scaling and shift)")
+                   help="vae: raw posterior samples (default); diffusion: pipeline latents, the grid or (Qwen-Image, "
+                        "FLUX.2) the packed tokens (converted as the model VAE's pipeline decodes them)")
     s.add_argument("--engine", choices=ENGINES, default="local", help="local processes, or a Ray cluster")
     s.add_argument("--workers", type=int, default=1, help="processes (local) or actors (ray)")
     s.add_argument("--batch-size", type=int, default=256, help="latents per forward")

@@ -36,9 +36,14 @@ def run_identity(spec: ScoreSpec, opts: ShardOptions) -> dict:
     return {**spec.identity(), "member": opts.member, "column": opts.column}
 
 
-def check_sample(sample: Sample, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+def check_sample(sample: Sample, shape: tuple[int, ...], dtype: torch.dtype | None = None, *,
+                 tokens: tuple | None = None) -> torch.Tensor:
     """The sample's latent as a (C, H, W) tensor of the model's shape, cast to ``dtype`` (the model's) and finite
-    there, or ``BadSample`` saying why not."""
+    there, or ``BadSample`` saying why not.
+
+    ``tokens``: for a packed space's diffusion latents (Qwen-Image, FLUX.2), ``((L, D), unpack)``
+    (``scoring.latent_layout``): a latent stored as the pipeline's tokens ``(L, D)`` / ``(1, L, D)`` is unpacked to
+    ``shape``; flat storage is then refused (tokens or grid: the order of its values is not known)."""
     if sample.error is not None:
         raise BadSample(sample.error)
     x = sample.latent
@@ -46,10 +51,18 @@ def check_sample(sample: Sample, shape: tuple[int, ...], dtype: torch.dtype | No
         raise BadSample(f"a {x.layout} tensor on {x.device}; latents are dense tensors with their values stored")
     if x.ndim == len(shape) + 1 and x.shape[0] == 1:
         x = x[0]
+    token_shape = tuple(tokens[0]) if tokens else None
+    packed = token_shape is not None and tuple(x.shape[-2:]) == token_shape and (x.ndim == 2 or (
+        x.ndim == 3 and x.shape[0] == 1))
     if x.ndim == 1 and x.numel() == torch.Size(shape).numel():
+        if token_shape is not None:
+            raise BadSample(f"a flat latent of {x.numel()} values: the model's diffusion latents are the grid {shape} or "
+                            f"the pipeline's packed tokens {token_shape}, and flat storage does not say which; store the "
+                            "latent with its shape")
         x = x.reshape(shape)  # flat storage (e.g. a Parquet list column)
-    if tuple(x.shape) != shape:
-        raise BadSample(f"shape {tuple(x.shape)}, the model takes {shape}")
+    if not packed and tuple(x.shape) != shape:
+        raise BadSample(f"shape {tuple(x.shape)}, the model takes {shape}"
+                        + (f" or its packed tokens {token_shape}" if token_shape else ""))
     if not x.is_floating_point():
         raise BadSample(f"dtype {x.dtype}, latents must be floating point")
     if not torch.isfinite(x).all():
@@ -58,6 +71,8 @@ def check_sample(sample: Sample, shape: tuple[int, ...], dtype: torch.dtype | No
         x = x.to(dtype)
         if not torch.isfinite(x).all():
             raise BadSample(f"overflows {dtype} (max |x| = {sample.latent.abs().max().item():.3g}), the model's dtype")
+    if packed:
+        x = tokens[1](x.reshape(1, *token_shape))[0]  # a permutation: exact
     return x
 
 
@@ -76,7 +91,7 @@ def _checked(sample: Sample, scorer: Scorer) -> torch.Tensor:
     try:
         if hasattr(scorer, "check"):  # a scorer with its own reading rule (fastlclip.distill's image shards)
             return scorer.check(sample)
-        return check_sample(sample, scorer.shape, scorer.dtype)
+        return check_sample(sample, scorer.shape, scorer.dtype, tokens=getattr(scorer, "tokens", None))
     except BadSample:
         raise
     except Exception as e:

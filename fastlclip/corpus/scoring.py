@@ -131,8 +131,7 @@ class Scorer:
                 torch.manual_seed(0)
                 model = fastlclip.load(spec.model, spec.pretrained, device=device, dtype=dtype, backend=spec.backend)
         self.model = model
-        vision = model.cfg.vision
-        self.shape = (vision.latent_channels, model.latent_size, model.latent_size)
+        self.shape, self.tokens = latent_layout(model, spec.space)
         with torch.no_grad():
             self.text = model.encode_text(spec.prompts).float() if spec.prompts else None
             self.classifier = (fastlclip.ZeroShotClassifier(model, spec.classes, spec.templates, progress=False)
@@ -185,6 +184,34 @@ class Scorer:
             return model.encode_latents(latents, space=self.spec.space, normalize=True).float()
         finally:
             model.check_finite = check
+
+
+def latent_layout(model, space: str) -> tuple[tuple[int, int, int], tuple | None]:
+    """What a shard's latent is for ``model`` in ``space``: ``(shape, tokens)``. ``shape``: the ``(C, h, w)`` grid a
+    batch is stacked in (``"vae"``: the VAE latent of the trained size; ``"diffusion"``: the pipeline's diffusion
+    grid, FLUX.2's 128 channels at half the side). ``tokens``: for a packed space in diffusion space (Qwen-Image,
+    FLUX.2), ``((L, D), unpack)``: a latent stored as the pipeline's tokens of the square trained latent, and
+    ``unpack`` taking ``(1, L, D)`` to ``(1, *shape)`` (``LatentSpace.grid``: exact); None otherwise.
+
+    FLUX.2 in diffusion space needs its statistics (the model config's ``vae_stats``): without them this is the
+    ``ValueError`` saying they live in the VAE's weights, before any shard is read."""
+    side = model.latent_size
+    vae_shape = (model.cfg.vision.latent_channels, side, side)
+    if space != "diffusion":
+        return vae_shape, None
+    ls = model.latent_space
+    if not (ls.per_channel or ls.pack):
+        return vae_shape, None
+    step = ls.patch * max(ls.pack, 1)
+    if side % step:
+        raise ValueError(f"model {model.cfg.name!r}: its {side}x{side} latents are not a whole grid of the "
+                         f"{ls.name!r} space's diffusion latents (patch {ls.patch}, packing {ls.pack}); score them "
+                         "in VAE space (space='vae')")
+    shape = (ls.diffusion_channels, side // ls.patch, side // ls.patch)
+    if not ls.pack:
+        return shape, None
+    tokens = ((side // step) ** 2, ls.diffusion_channels * ls.pack ** 2)
+    return shape, (tokens, lambda t: ls.grid(t, side, side))
 
 
 def check_prompts(values: Sequence[str] | str | None, what: str) -> list[str]:
