@@ -9,7 +9,10 @@ is then closed), 413 body over the limit, 503 with
 ``reward`` may be a ``RewardEnsemble``: each batch is one trunk forward for every head, and replies carry the
 weighted total in ``raw_scores`` with each head's score beside it (the extension of v1 in
 ``fastlclip.serve.protocol``). A model on a per-channel or packed latent space (Qwen-Image, FLUX.2) also takes its
-diffusion grid and the pipeline's packed tokens with ``height`` / ``width``, the other extension of v1 there.
+diffusion grid and the pipeline's packed tokens with ``height`` / ``width``, the other extension of v1 there. A
+model on a video space (Wan, HunyuanVideo, LTX-Video) takes clips (B, C, T, h, w) (LTX: or its packed tokens with
+``frames``) and replies with each clip's pooled score and its per-frame scores (``frame_scores``): the video
+extension of v1 in ``fastlclip.serve.protocol``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import inputs
-from ..rewards import LatentCLIPReward, RewardEnsemble
+from ..rewards import LatentCLIPReward, RewardEnsemble, pool_frames
 from ..vaes import LatentSpace
 from . import protocol
 from .batcher import Batcher, QueueFull
@@ -88,6 +91,8 @@ def _model_info(model) -> dict:
         info["vae_latents_only"] = True
     elif space.per_channel or space.pack:
         info.update(diffusion_channels=space.diffusion_channels, patch=space.patch, pack=space.pack)
+    if space is not None and space.video:
+        info.update(video=True, temporal=space.temporal, causal=space.causal)
     return info
 
 
@@ -141,26 +146,36 @@ def create_app(reward: LatentCLIPReward | RewardEnsemble, *, max_batch_size: int
         raise ValueError(f"the server takes a reward on diffusion-space latents (space='diffusion'), got "
                          f"space={reward.space!r}: requests say their space themselves (metadata 'space')")
     space, vae_only = _diffusion_space(trunk)
+    video = trunk.video
+    if video and (ensemble or vae_only is not None):
+        raise ValueError(f"latent space {trunk.cfg.vae_name!r} is a video space: the server scores its clips with "
+                         "one LatentCLIPReward on a model with a diffusion space" +
+                         (", not a reward ensemble" if ensemble else f" ({vae_only})"))
     shapes = protocol.accepted_shapes(space, trunk.cfg.vae_name, v.latent_channels, v.latent_size)
     if vae_only is not None:  # no diffusion space: requests hold VAE latents, scored as such
         reward = copy.copy(reward)  # shares the model and the text cache
         reward.space = "vae"
 
     def score_fn(latents: torch.Tensor, prompts: list[str], noise) -> torch.Tensor:
-        """(B,) scores, or for an ensemble (B, heads): one trunk forward per ``max_batch_size`` latents."""
+        """(B,) scores; for an ensemble (B, heads); for clips (B, 1 + T), the pooled score then each frame's: one
+        trunk forward per ``max_batch_size`` latents (clips: their frames in one forward)."""
         kw = {}
         if noise is not None:
             kw["noise_level"] = noise if isinstance(noise, float) else torch.tensor(noise, device=model.device)
         with torch.inference_mode():
-            if not ensemble:
+            if not ensemble and not video:
                 return reward.score(latents.to(model.device), prompts, batch_size=max_batch_size, **kw).float().cpu()
             out = []
             for s in range(0, latents.shape[0], max_batch_size):
                 k = {"noise_level": kw["noise_level"][s:s + max_batch_size]} \
                     if isinstance(kw.get("noise_level"), torch.Tensor) else kw
-                per_head = reward.score(latents[s:s + max_batch_size].to(model.device),
-                                        prompts[s:s + max_batch_size], **k)
-                out.append(torch.stack([per_head[h].float() for h in heads], dim=1))
+                x, p = latents[s:s + max_batch_size].to(model.device), prompts[s:s + max_batch_size]
+                if video:  # the pooled score is the reward's score: its pooling of these very frame scores
+                    frames = reward.frame_scores(x, p, **k).float()
+                    out.append(torch.cat([pool_frames(frames, reward.pooling)[:, None], frames], dim=1))
+                else:
+                    per_head = reward.score(x, p, **k)
+                    out.append(torch.stack([per_head[h].float() for h in heads], dim=1))
             return torch.cat(out).cpu()
 
     batcher = Batcher(score_fn, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
@@ -178,6 +193,8 @@ def create_app(reward: LatentCLIPReward | RewardEnsemble, *, max_batch_size: int
 
     async def healthz(request: Request) -> JSONResponse:
         info = {"status": "ok", "protocol_version": protocol.PROTOCOL_VERSION, **_model_info(trunk)}
+        if video:
+            info["pooling"] = reward.pooling
         if ensemble:
             info.update(_ensemble_info(reward), head_weights=defaults, resize=resize)
         return JSONResponse(info)
@@ -225,8 +242,9 @@ def create_app(reward: LatentCLIPReward | RewardEnsemble, *, max_batch_size: int
             return _error(400, f"{e}; {shapes}")
         except ValueError as e:  # ProtocolError is one
             return _error(400, str(e))
-        try:  # the grid the tower reads: the VAE latent (one, converted by the model's space), as the model checks it
-            inputs.check_latents(req.latents if space is None else space.to_vae(req.latents[:1]),
+        try:  # the grid the tower reads: the VAE latent (one, converted by the model's space; a clip's first frame)
+            probe = req.latents if space is None else space.to_vae(req.latents[:1])
+            inputs.check_latents(probe[:, :, 0] if video else probe,
                                  channels=v.latent_channels, size=v.latent_size, patch=v.patch_size, resize=resize,
                                  check_finite=False, vae=trunk.cfg.vae_name)
         except ValueError as e:
@@ -243,13 +261,16 @@ def create_app(reward: LatentCLIPReward | RewardEnsemble, *, max_batch_size: int
             return _error(503, str(e), {"Retry-After": str(RETRY_AFTER_S)})
         except (ValueError, TypeError) as e:  # refused by the model for this request alone
             return _error(400, str(e))
-        flat = [x for s in scores for x in s] if ensemble else scores
+        flat = [x for s in scores for x in s] if ensemble or video else scores
         if not all(math.isfinite(s) for s in flat):  # finite latents, overflowed in the tower: the client's input
             peak = req.latents.abs().amax().item()
             return _error(400, f"'latents' are finite but overflowed to NaN/Inf inside the image tower (largest |latent| "
                                f"= {peak:.3g}; diffusion-space SDXL latents are of order 1-10): check the sampler or "
                                "scaling that produced them, or metadata 'space' (diffusion vs vae)")
-        if not ensemble:
+        if video:
+            out = {"protocol_version": protocol.PROTOCOL_VERSION, "raw_scores": [s[0] for s in scores],
+                   "model": model.cfg.name, "frame_scores": [s[1:] for s in scores], "pooling": reward.pooling}
+        elif not ensemble:
             out = {"protocol_version": protocol.PROTOCOL_VERSION, "raw_scores": scores, "model": model.cfg.name}
         else:
             per_head = {h: [s[i] for s in scores] for i, h in enumerate(heads)}

@@ -1,7 +1,8 @@
 """Dynamic batching: requests queue, and one worker scores them together, one no-grad forward per batch.
 
 A batch holds requests of one key (latent shape, noise level), oldest first, up to ``max_batch_size``
-latents; it leaves when it is full or its oldest request has waited ``max_wait_ms``. A request larger than
+latents (a video space's clips: the shape holds the frame count T, so clips of different lengths never share a
+batch); it leaves when it is full or its oldest request has waited ``max_wait_ms``. A request larger than
 ``max_batch_size`` is a batch of its own, scored in chunks. The forward runs on one worker thread, so the
 event loop keeps accepting requests meanwhile. If a batch's forward raises, each of its requests is scored
 alone: a bad request fails by itself, never its batchmates.
@@ -33,9 +34,9 @@ class _Item:
 
 
 class Batcher:
-    """Queue ``ScoreRequest``s and answer each with its scores (a list of floats).
+    """Queue ``ScoreRequest``s and answer each with its scores (a list of floats, or of rows).
 
-    ``score_fn(latents, prompts, noise_level) -> (B,) tensor`` does the scoring (a no-grad forward);
+    ``score_fn(latents, prompts, noise_level) -> (B,) or (B, k) tensor`` does the scoring (a no-grad forward);
     ``noise_key`` says whether requests of different noise levels are kept apart (a noise-aware model) or not.
     ``max_queue`` bounds the latents waiting; ``on_batch(n_latents)`` is told of every batch run.
     """
@@ -149,7 +150,7 @@ class Batcher:
         except Exception as e:  # this request's own failure: it goes to its client alone
             return e
 
-    def _forward(self, requests: list[ScoreRequest]) -> list[float]:
+    def _forward(self, requests: list[ScoreRequest]) -> list:
         latents = torch.cat([r.latents for r in requests]) if len(requests) > 1 else requests[0].latents
         prompts = [p for r in requests for p in r.prompts]
         noise = requests[0].noise_level if self.noise_key else None

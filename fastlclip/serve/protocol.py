@@ -23,6 +23,15 @@ size (image size / VAE factor), needed for tokens of a non-square latent and che
 alike. A server whose model has no diffusion space (FLUX.2 without ``vae_stats``) reads VAE latents only
 (``vae_only=``).
 
+An extension of v1 for the video spaces (Wan 2.1 / 2.2, HunyuanVideo (1.5), LTX-Video; ``space.video``):
+``latents`` are clips ``(B, C, T, h, w)``, T latent frames, in diffusion space (``space: "vae"``: the VAE's clips,
+converted on every frame), or LTX-Video's packed tokens ``(B, T h w, D)`` with the tensor ``frames`` (the clip's
+video frame count F, from which ``T = LatentSpace.latent_frames(F)``) and, for a non-square latent, ``height`` /
+``width``. ``frames`` (integers: a scalar, (1,) or (B,), all equal), when sent with clips, must give their T (the
+space's rule ``F = 1 + (T - 1) * temporal``). Noise (``u``, ``seeds``) is drawn per clip in its ``(C, T, h, w)``
+shape. The server's reply keeps ``raw_scores`` (each clip's per-frame cosines pooled by the reward's ``pooling``,
+the mean by default) and adds ``frame_scores`` (B lists of T cosines) and ``pooling``.
+
 An extension of v1 for a server of a reward ensemble (``fastlclip.LatentEnsemble``, several heads on one trunk):
 the request's metadata may carry ``head_weights``, a JSON object ``{head: weight}`` (:func:`head_weights`: known
 heads only, finite numbers >= 0, not all zero; heads not named weigh 0); without it the server's defaults apply.
@@ -47,7 +56,7 @@ from ..vaes import LatentSpace
 PROTOCOL_VERSION = "1"
 SCORE_KIND_TOTAL = "weighted_total"  # an ensemble reply's raw_scores: sum_h weight_h * head_scores[h]
 LATENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KNOWN_TENSORS = {"latents", "u", "prompt_embeds", "pooled_prompt_embeds", "seeds", "height", "width"}
+KNOWN_TENSORS = {"latents", "u", "prompt_embeds", "pooled_prompt_embeds", "seeds", "height", "width", "frames"}
 
 
 class ProtocolError(ValueError):
@@ -60,7 +69,8 @@ class LatentShapeError(ProtocolError):
 
 @dataclass(eq=False)
 class ScoreRequest:
-    latents: torch.Tensor  # (B, C, h, w) float32 on the host: the diffusion grid (VAE latents on a vae_only server)
+    latents: torch.Tensor  # (B, C, h, w) float32 on the host: the diffusion grid (VAE latents on a vae_only server);
+    # a video space's clips (B, C, T, h, w)
     prompts: list[str]  # B prompts
     noise_level: float | tuple[float, ...] | None  # u: one value, one per latent, or not sent
     seeds: tuple[int, ...] = (0,)  # one, or one per latent
@@ -184,30 +194,58 @@ def renoise(request: ScoreRequest) -> torch.Tensor:
     u = request.noise_level
     seeds = request.seeds * x.shape[0] if len(request.seeds) == 1 else request.seeds
     eps = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
-    u = torch.tensor([u] * x.shape[0] if isinstance(u, float) else u, dtype=x.dtype).view(-1, 1, 1, 1)
+    u = torch.tensor([u] * x.shape[0] if isinstance(u, float) else u, dtype=x.dtype).view(-1, *[1] * (x.ndim - 1))
     return (1 - u) * x + u * eps
 
 
 def _size(value: torch.Tensor | None, name: str, batch: int) -> int | None:
-    """The VAE latent's ``height`` or ``width`` a request sends: one positive integer for the whole request."""
+    """The VAE latent's ``height`` or ``width`` (or a clip's video ``frames``) a request sends: one positive integer
+    for the whole request."""
     if value is None:
         return None
+    what = "the clip's video frame count F" if name == "frames" else f"the VAE latent's {name}: image {name} / VAE factor"
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool or value.ndim > 1 \
             or value.numel() not in (1, batch):
-        raise ProtocolError(f"'{name}' (the VAE latent's {name}: image {name} / VAE factor) must be an integer scalar, "
-                            f"(1,) or ({batch},) tensor, got {value.dtype} {tuple(value.shape)}")
+        raise ProtocolError(f"'{name}' ({what}) must be an integer scalar, (1,) or ({batch},) tensor, got "
+                            f"{value.dtype} {tuple(value.shape)}")
     values = sorted(set(value.flatten().tolist()))
     if len(values) > 1:
         raise ProtocolError(f"'{name}' differs between the latents of one request ({values[:4]}): a request's latents "
-                            "are one tensor, scored on one grid; send one request per latent size")
+                            "are one tensor, scored on one grid; send one request per "
+                            + ("clip length" if name == "frames" else "latent size"))
     if values[0] < 1:
-        raise ProtocolError(f"'{name}' must be a positive number of VAE latent pixels, got {values[0]}")
+        raise ProtocolError(f"'{name}' must be a positive number of " +
+                            ("video frames" if name == "frames" else "VAE latent pixels") + f", got {values[0]}")
     return values[0]
+
+
+def frame_rule(space: LatentSpace) -> str:
+    """A video space's rule between video frames F and latent frames T, as written in error messages."""
+    k = space.temporal
+    return f"F = 1 + (T - 1) * {k}" if space.causal else f"F = T * {k}"
+
+
+def latent_frames(space: LatentSpace, frames: int, sent: int | None = None) -> int:
+    """T for ``frames`` video frames in the video ``space``, checked against the clip's ``sent`` T when given;
+    ValueError naming the space and its rule otherwise."""
+    t = space.latent_frames(frames)
+    if sent is not None and sent != t:
+        raise ValueError(f"latent space {space.name!r}: 'frames' {frames} video frames are {t} latent frames "
+                         f"({frame_rule(space)}), the clip has T = {sent}; send the clip's own frame count, or none")
+    return t
 
 
 def accepted_shapes(space: LatentSpace | None, name: str, channels: int, size: int) -> str:
     """What a server on latent space ``name`` takes (``space`` None: VAE latents only), as a sentence for its shape
     errors; shapes for the trained ``size`` x ``size`` VAE latent."""
+    if space is not None and space.video:
+        out = f"latent space {name!r} takes clips (B, {channels}, T, {size}, {size})"
+        if space.pack:
+            p = space.pack
+            out += (f", the pipeline's packed tokens (B, T * {(size // p) ** 2}, {channels * p * p}) with the tensor "
+                    f"'frames' (and 'height' / 'width' for a non-square latent)")
+        return (f"{out}, or VAE clips (B, {channels}, T, {size}, {size}) with metadata space 'vae'; 'frames' (the "
+                f"video frame count F), when sent, must give T: {frame_rule(space)}")
     vae = f"VAE latents (B, {channels}, {size}, {size}) with metadata space 'vae'"
     if space is None:
         return f"latent space {name!r} takes {vae} here (the model has no diffusion space)"
@@ -229,7 +267,8 @@ def parse(body: bytes, *, channels: int, to_diffusion, space: LatentSpace | None
     ``space="vae"`` latents to diffusion space (``model.latent_space.to_diffusion``).
     ``space`` (the model's ``LatentSpace``) also takes its grid of ``diffusion_channels`` and a packed space's
     tokens with ``height`` / ``width``, each made the diffusion grid by ``space.grid``; ``vae_only`` (a reason): the
-    server has no diffusion space, refuses diffusion latents with that reason and keeps VAE latents as they are. The
+    server has no diffusion space, refuses diffusion latents with that reason and keeps VAE latents as they are. A
+    video ``space`` takes clips (B, C, T, h, w), or its packed tokens with ``frames`` (the video extension). The
     latent grid's size is the model's to check."""
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -257,6 +296,15 @@ def parse(body: bytes, *, channels: int, to_diffusion, space: LatentSpace | None
         raise ProtocolError(f"metadata 'space' must be 'diffusion' or 'vae', got {kind[:40]!r}")
     if kind == "diffusion" and vae_only is not None:
         raise LatentShapeError(vae_only)
+    if space is not None and space.video:
+        latents, batch = _clips(latents, tensors, kind, space, to_diffusion)
+        weights = meta.get("head_weights")
+        return ScoreRequest(latents, _prompts(meta, batch), _noise_level(tensors.get("u"), batch),
+                            _seeds(tensors.get("seeds"), batch), weights if isinstance(weights, str) else None)
+    if "frames" in tensors:
+        name = f"latent space {space.name!r}" if space is not None else "this server's latent space"
+        raise ProtocolError(f"'frames' (a clip's video frame count) is for the video spaces; {name} is an image "
+                            "space: send no 'frames'")
     grid_channels = space.diffusion_channels if space is not None and kind == "diffusion" else channels
     packed = space is not None and space.pack and kind == "diffusion"
     if latents.ndim not in ((3, 4) if packed else (4,)) or latents.shape[0] == 0:
@@ -294,3 +342,41 @@ def parse(body: bytes, *, channels: int, to_diffusion, space: LatentSpace | None
     weights = meta.get("head_weights")
     return ScoreRequest(latents, _prompts(meta, batch), _noise_level(tensors.get("u"), batch),
                         _seeds(tensors.get("seeds"), batch), weights if isinstance(weights, str) else None)
+
+
+def _clips(latents: torch.Tensor, tensors: dict, kind: str, space: LatentSpace, to_diffusion
+           ) -> tuple[torch.Tensor, int]:
+    """A video space's request latents -> (diffusion-space clips (B, C, T, h, w) float32, B): clips, or the
+    pipeline's packed tokens with 'frames' (and 'height' / 'width'), checked."""
+    c, packed = space.channels, bool(space.pack) and kind == "diffusion"
+    if latents.ndim not in ((3, 5) if packed else (5,)) or latents.shape[0] == 0:
+        raise LatentShapeError(f"'latents' must be clips (B, {c}, T, h, w)"
+                               + (" or (B, L, D) packed tokens with 'frames'" if packed else "")
+                               + f" with B > 0, got {tuple(latents.shape)}"
+                               + ("; one frame is latents[:, :, None]" if latents.ndim == 4 else ""))
+    if latents.ndim == 5 and latents.shape[1] != c:
+        raise LatentShapeError(f"'latents' have {latents.shape[1]} channels, the model takes {c}"
+                               + (" in VAE space" if kind == "vae" else ""))
+    latents = latents.float()
+    if not torch.isfinite(latents).all():
+        raise ProtocolError("'latents' contain NaN or Inf; check the sampler that produced them")
+    batch = latents.shape[0]
+    height, width = _size(tensors.get("height"), "height", batch), _size(tensors.get("width"), "width", batch)
+    frames = _size(tensors.get("frames"), "frames", batch)
+    if (height is None) != (width is None):
+        raise ProtocolError("'height' and 'width' go together (the VAE latent's size): send both, or neither")
+    try:
+        if latents.ndim == 3:
+            if frames is None:
+                raise ValueError(f"latent space {space.name!r}: packed video tokens need the tensor 'frames' (the "
+                                 f"clip's video frame count F; {frame_rule(space)})")
+            return space.grid(latents, height, width, latent_frames=latent_frames(space, frames)), batch
+        if frames is not None:
+            latent_frames(space, frames, latents.shape[2])
+    except ValueError as e:
+        raise LatentShapeError(str(e)) from None
+    if (height, width) != (None, None) and (height, width) != tuple(latents.shape[3:]):
+        raise LatentShapeError(f"'height' / 'width' say a {height} x {width} VAE latent, the clips "
+                               f"{tuple(latents.shape)} are {latents.shape[3]} x {latents.shape[4]}; send both right, "
+                               "or neither with clips")
+    return (to_diffusion(latents) if kind == "vae" else latents), batch
