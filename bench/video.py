@@ -196,7 +196,7 @@ def counts_table(rows: list[dict], markdown: bool = False) -> str:
 def measure_child(side: str, space: str, shape: list[int], threads: int) -> dict:
     """One side on the CPU, in its own process: build (float32, random weights), 1 warm-up + 2 timed forward calls
     (no gradient), the peak resident memory over the timed calls."""
-    from .reward import PeakRSS
+    from .reward import PeakRSS, load_average
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -215,7 +215,8 @@ def measure_child(side: str, space: str, shape: list[int], threads: int) -> dict
     return {"status": "ok", "ms": statistics.median(each), "ms_each": each, "build_s": build_s, "dtype": "float32",
             "peak_rss_gib": mem.peak_gib, "rss_before_gib": mem.before_gib,
             "peak_activation_gib": mem.peak_gib - mem.before_gib if mem.before_gib else None,
-            "memory_method": mem.method, "torch_threads": torch.get_num_threads()}
+            "memory_method": mem.method, "torch_threads": torch.get_num_threads(),
+            "load_average_1_5_15_min_at_end": load_average()}
 
 
 def measure_cuda(side: str, space: str, shape: list[int], device: torch.device) -> dict:
