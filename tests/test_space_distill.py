@@ -237,6 +237,20 @@ def test_flux2_targets_without_readable_statistics_are_an_error(world, tmp_path,
                              progress=False)
 
 
+def test_train_command_line_refuses_a_patch_that_does_not_fit_the_space_before_work(world, tmp_path, capsys):
+    from fastlclip.distill.__main__ import main
+
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps(dict(SW.STUDENT, vision_cfg=dict(SW.STUDENT["vision_cfg"], patch_size=3))))
+    code = main(["train", str(world["get"]("flux2")["targets"]), "--out", str(tmp_path / "run"), "--student",
+                 str(student), "--teacher", "ViT-B-32", "--steps", "2", "--batch-size", "4", "--lr", "1e-3",
+                 "--warmup-steps", "0", "--save-every", "1", "--seed", "0", "--noise-aware"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "patch_size 3 does not divide the 16x16 latent grid of the targets' space '<AutoencoderKLFlux2 module>'" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_eval_refuses_another_spaces_targets_naming_both(world, tmp_path, capsys):
     from fastlclip import distill
     from fastlclip.distill.__main__ import main
@@ -246,6 +260,8 @@ def test_eval_refuses_another_spaces_targets_naming_both(world, tmp_path, capsys
                                          r"per-channel statistics from config.*were made with "
                                          r"'<AutoencoderDC module>' \(AutoencoderDC: 8 channels, scaling 0.41407"):
         distill.evaluate(qwen["final"], sana["targets"])
+    assert main(["eval", str(qwen["final"]), str(qwen["targets"])]) == 0  # its own: the figures, as JSON
+    assert json.loads(capsys.readouterr().out)["cosine"] > 0.5
     assert main(["eval", str(sana["final"]), str(flux2["targets"])]) == 2  # 8 channels both
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "AutoencoderDC: 8 channels" in err and "AutoencoderKLFlux2: 8 channels" in err
