@@ -82,7 +82,7 @@ def decode_reference(vae, raw: torch.Tensor) -> torch.Tensor:
     return out[:, :, 0] if qwen else out
 
 
-def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-channel mean and std the pipeline normalises with (float64, (1, C, 1, 1))."""
     if type(vae).__name__ == "AutoencoderKLQwenImage":
         mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
@@ -104,7 +104,7 @@ def to_diffusion_reference(vae, raw: torch.Tensor, packed: bool = True) -> torch
     cls = type(vae).__name__
     x = raw.double()
     if cls == "AutoencoderKLQwenImage":
-        mean, std = _stats(vae, x)
+        mean, std = _stats(vae)
         x = (x - mean) / std
         if not packed:
             return x
@@ -114,7 +114,7 @@ def to_diffusion_reference(vae, raw: torch.Tensor, packed: bool = True) -> torch
     if cls == "AutoencoderKLFlux2":
         b, c, h, w = x.shape
         x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
-        mean, std = _stats(vae, x)
+        mean, std = _stats(vae)
         return (x - mean) / std
     if cls == "AutoencoderDC":
         return x * vae.config.scaling_factor
@@ -128,10 +128,10 @@ def to_vae_reference(vae, z: torch.Tensor) -> torch.Tensor:
     cls = type(vae).__name__
     x = z.double()
     if cls == "AutoencoderKLQwenImage":
-        mean, std = _stats(vae, x)
+        mean, std = _stats(vae)
         return x * std + mean
     if cls == "AutoencoderKLFlux2":
-        mean, std = _stats(vae, x)
+        mean, std = _stats(vae)
         x = x * std + mean
         b, c, h, w = x.shape
         return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)

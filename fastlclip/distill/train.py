@@ -422,7 +422,7 @@ def _divisors(n: int) -> list[int]:
 def noise_shape(space, shape) -> tuple[int, int, int]:
     """The diffusion-space shape of VAE latents of ``shape`` (``C, H, W``): where noise-aware training mixes in
     its noise (FLUX.2: ``4C, H/2, W/2``, the patchified grid; the other spaces: ``shape``)."""
-    c, h, w = shape
+    _, h, w = shape
     return space.diffusion_channels, h // space.patch, w // space.patch
 
 
