@@ -25,6 +25,14 @@ What is an image, and its scale (:func:`as_scorer_input`):
 ``prompts``: a list (or any sequence) of strings, one per image or one for all; a single ``str`` is one prompt
 for the whole batch, never a sequence of letters.
 
+On a video space (Wan 2.1 / 2.2, HunyuanVideo (1.5), LTX-Video) ``images`` are clips ``(B, C, T, h, w)`` in
+diffusion space, the latents flow_grpo's Wan pipeline holds (yifan123/flow_grpo ``scripts/train_wan2_1.py`` at
+74db691 hands the reward function the decoded ``videos``; roll out with ``output_type="latent"`` and pass the
+final latents instead), or LTX-Video's packed tokens ``(B, T h w, D)`` with ``frames=`` (the clips' video frame
+count F; with clips, checked against T) and ``height=`` / ``width=``. Each clip's score is its per-frame cosines
+pooled by ``pooling`` (``"mean"``, the default, or ``"min"``); no decode. Decoded videos are refused (the video
+VAEs' encoders are not run here).
+
 A reward ensemble (``model`` a ``fastlclip.LatentEnsemble``, or ``model=None`` with ``pretrained`` an ensemble
 file) gives flow_grpo's ``multi_score`` shape instead: ``fn(images, prompts, metadata) -> (details, {})`` with
 ``details`` ``{head: scores, ..., "avg": weighted total}``, each head under its teacher's name and in its teacher's
@@ -54,12 +62,43 @@ def latent_form(model) -> tuple[int, LatentSpace | None]:
     return space.diffusion_channels, space
 
 
+def video_input(images, space: LatentSpace, height: int | None = None, width: int | None = None,
+                frames: int | None = None) -> torch.Tensor:
+    """A video ``space``'s clips (B, C, T, h, w), or its packed tokens (B, L, D) made clips with ``frames`` (the
+    video frame count F) and ``height`` / ``width``; ``frames`` with clips must give their T. Anything else raises
+    ``TypeError`` or ``ValueError`` naming the space."""
+    c = space.channels
+    if not isinstance(images, torch.Tensor) or images.ndim not in ((3, 5) if space.pack else (5,)):
+        raise TypeError(f"latent space {space.name!r} is a video space: pass clips (B, {c}, T, h, w) in diffusion space"
+                        + (" or its packed tokens (B, L, D) with frames=" if space.pack else "") + ", got "
+                        + (f"shape {tuple(images.shape)}" if hasattr(images, "shape") else type(images).__name__)
+                        + ("; decoded videos are not scored here: roll out with output_type='latent'"
+                           if not isinstance(images, torch.Tensor) or images.ndim != 3 else ""))
+    if not images.is_floating_point():
+        raise TypeError(f"latents must be floating point, got {images.dtype}")
+    t = None if frames is None else space.latent_frames(frames)
+    if images.ndim == 3:
+        if t is None:
+            raise ValueError(f"latent space {space.name!r}: packed video tokens need frames= (the clips' video frame "
+                             "count F)")
+        return space.grid(images, height, width, latent_frames=t)
+    if images.shape[1] != c:
+        raise ValueError(f"latent space {space.name!r}: clips of {images.shape[1]} channels (shape "
+                         f"{tuple(images.shape)}), expected (B, {c}, T, h, w)")
+    if t is not None and images.shape[2] != t:
+        rule = f"F = 1 + (T - 1) * {space.temporal}" if space.causal else f"F = T * {space.temporal}"
+        raise ValueError(f"latent space {space.name!r}: frames={frames} video frames are {t} latent frames ({rule}), "
+                         f"the clips have T = {images.shape[2]}")
+    return images
+
+
 def as_scorer_input(images, channels: int, space: LatentSpace | None = None, height: int | None = None,
                     width: int | None = None) -> tuple[torch.Tensor, bool]:
     """``images`` as a (B, C, H, W) tensor and whether it holds pixels (True: RGB in [0, 1], float32) or latents
     (False), by the rules of the module docstring; anything else raises ``TypeError`` or ``ValueError``. With a
     packed ``space`` (Qwen-Image, FLUX.2), a (B, L, D) tensor is the pipeline's tokens, made the diffusion grid by
-    ``space.grid`` (``height`` / ``width``: the VAE latent's size; omitted, a square latent)."""
+    ``space.grid`` (``height`` / ``width``: the VAE latent's size; omitted, a square latent). A video space's clips
+    are :func:`video_input`'s."""
     if space is not None and space.pack and isinstance(images, torch.Tensor) and images.ndim == 3:
         if not images.is_floating_point():
             raise TypeError(f"latents must be floating point, got {images.dtype}")
@@ -156,12 +195,15 @@ def _ensemble_scorer(ens, batch_size: int, weights, height, width):
 
 def latent_clip_score(device, model="Latent-ViT-B-8-512", pretrained="hf-hub:wendlerc/latent-clip-b-8-512-34b-80k",
                       batch_size: int = 64, *, dtype: torch.dtype = torch.float32, vae=None, scale: float = 1.0,
-                      weights: dict | None = None, height: int | None = None, width: int | None = None):
+                      weights: dict | None = None, height: int | None = None, width: int | None = None,
+                      frames: int | None = None, pooling: str = "mean"):
     """The scorer for ``device``; ``model`` is a config name (with ``pretrained``, as ``fastlclip.load``) or a
     loaded ``LatentCLIP``; ``batch_size`` latents per forward. A reward ensemble (``model`` a ``LatentEnsemble``,
     or ``None`` with an ensemble file as ``pretrained``) gives ``multi_score``'s dict of named scores, ``weights``
     ``{head: weight}`` (1 each by default, 0 for a head not named) making its ``"avg"``. ``height`` / ``width``:
-    the VAE latent's size when latents come as a packed space's tokens (B, L, D) of a non-square latent."""
+    the VAE latent's size when latents come as a packed space's tokens (B, L, D) of a non-square latent. A model on
+    a video space scores clips (B, C, T, h, w) (LTX-Video: or its tokens with ``frames``, the video frame count),
+    each clip's per-frame cosines pooled by ``pooling`` ("mean" or "min")."""
     import fastlclip
 
     if isinstance(model, fastlclip.LatentEnsemble):
@@ -174,12 +216,20 @@ def latent_clip_score(device, model="Latent-ViT-B-8-512", pretrained="hf-hub:wen
             return _ensemble_scorer(net, batch_size, weights, height, width)
     if weights is not None:
         raise ValueError("weights= is for a reward ensemble's heads; this is a single Latent-CLIP")
-    reward = fastlclip.LatentCLIPReward(net)
+    reward = fastlclip.LatentCLIPReward(net, pooling=pooling)
     channels, space = latent_form(net)
+    if net.video and space is None:
+        raise ValueError(f"latent space {net.cfg.vae_name!r}: the model has no diffusion space (give its config "
+                         "\"vae_stats\"): video latents cannot be scored")
+    if frames is not None and not net.video:
+        raise ValueError(f"frames= is for a video space's clips; latent space {net.cfg.vae_name!r} is an image space")
 
     @torch.no_grad()
     def _fn(images, prompts, metadata):
-        images, is_pixels = as_scorer_input(images, channels, space, height, width)
+        if net.video:
+            images, is_pixels = video_input(images, space, height, width, frames), False
+        else:
+            images, is_pixels = as_scorer_input(images, channels, space, height, width)
         prompts = prompt_list(_prompts(prompts), len(images))
         if not is_pixels:
             scores = reward.score(images.to(net.device), prompts, batch_size=batch_size, scale=scale)

@@ -20,6 +20,13 @@ On the 2025-26 latent spaces the latent is the diffusion grid the pipeline holds
 packed space's tokens (Qwen-Image, FLUX.2: ``(L, D)`` per sample) with ``height=`` / ``width=`` in the reward
 config, the VAE latent's size, sent as the tensors ``height`` / ``width`` (the server's extension of v1).
 
+On a video space (Wan, HunyuanVideo, LTX-Video; ``video=True`` in the reward config) the latent is a clip
+``(C, T, h, w)`` or a batch of clips ``(B, C, T, h, w)`` as the pipeline holds it, or LTX-Video's packed tokens
+``(L, D)`` / ``(B, L, D)`` with ``frames=`` (the clip's video frame count F, sent as the tensor ``frames``; with
+clips it is checked by the server against T) and ``height=`` / ``width=`` for a non-square latent. The server's
+reply then carries each clip's per-frame cosines (``frame_scores``) beside the pooled ``raw_scores``: both are
+checked (one list of T per clip, the pooled score the reply's ``pooling`` of them), the pooled one is returned.
+
 A reward-ensemble server (``python -m fastlclip.serve --pretrained ensemble.safetensors``) answers the extension
 of v1 in ``fastlclip.serve.protocol``: ``raw_scores`` is the weighted total, ``score_kind: "weighted_total"``,
 with ``head_scores``, ``head_weights`` and ``head_ranges``. Its checks are per head (one real finite score per
@@ -45,6 +52,7 @@ SCORE_RANGE = (-1.0, 1.0)  # protocol v1's raw_scores are cosines
 SCORE_TOLERANCE = 1e-4  # float32 rounding past the cosine's bounds that is accepted (and passed on as sent)
 SCORE_KIND_TOTAL = "weighted_total"  # an ensemble server's raw_scores (fastlclip.serve.protocol)
 TOTAL_TOLERANCE = 1e-9  # relative: the server sums in float64 the very numbers it sends
+POOL_TOLERANCE = 1e-5  # a clip's pooled score against its frame scores (the server pools in float32)
 
 
 class RewardServerError(RuntimeError):
@@ -59,21 +67,32 @@ class RewardServerError(RuntimeError):
         return type(self), (self.url, self.status, self.problem)
 
 
-def _latents(solution_image, extra_info, packed: bool = False) -> torch.Tensor:
-    """The latents to send, (B, C, H, W), or with ``packed`` a packed space's tokens (B, L, D) (one sample: (L, D))."""
+def _is_latent(x, packed: bool, video: bool) -> bool:
+    """Whether ``solution_image`` holds latents (not RGB: 3 channels, or nothing)."""
+    if not isinstance(x, torch.Tensor):
+        return False
+    if video:  # LTX-Video's tokens, or clips whose channel axis is not RGB's
+        return x.ndim in (2, 3) or (x.ndim in (4, 5) and x.shape[-4] != 3)
+    return x.ndim in ((2, 3) if packed else (3, 4)) and (packed or x.shape[-3] != 3)
+
+
+def _latents(solution_image, extra_info, packed: bool = False, video: bool = False) -> torch.Tensor:
+    """The latents to send, (B, C, H, W), or with ``packed`` a packed space's tokens (B, L, D) (one sample: (L, D));
+    with ``video`` clips (B, C, T, h, w) (one: (C, T, h, w)) or LTX-Video's tokens (B, L, D) (one: (L, D))."""
     latents = (extra_info or {}).get("latents_clean")
-    ranks = (2, 3) if packed else (3, 4)
-    if latents is None and isinstance(solution_image, torch.Tensor) and solution_image.ndim in ranks \
-            and (packed or solution_image.shape[-3] != 3):
+    ranks = (2, 3, 4, 5) if video else (2, 3) if packed else (3, 4)
+    if latents is None and _is_latent(solution_image, packed, video):
         latents = solution_image
     if not isinstance(latents, torch.Tensor):
         raise ValueError("no latents to score: pass extra_info['latents_clean'] or a latent tensor as solution_image "
                          "(roll out with output_type='latent'); got an RGB image or nothing")
     if latents.ndim not in ranks:
-        raise ValueError(f"latents of shape {tuple(latents.shape)}: expected " +
-                         ("a packed space's tokens (L, D) or (B, L, D) (height= and width= are given)" if packed else
-                          "(C, H, W) or (B, C, H, W); a packed space's tokens (B, L, D) need height= and width="))
-    if latents.ndim == ranks[0]:
+        raise ValueError(f"latents of shape {tuple(latents.shape)}: expected " + (
+            "clips (C, T, h, w) or (B, C, T, h, w), or LTX-Video's packed tokens (L, D) / (B, L, D) with frames="
+            if video else "a packed space's tokens (L, D) or (B, L, D) (height= and width= are given)" if packed else
+            "(C, H, W) or (B, C, H, W); a packed space's tokens (B, L, D) need height= and width=; clips (B, C, T, "
+            "h, w) of a video space need video=True"))
+    if latents.ndim in ((2, 4) if video else ranks[:1]):
         latents = latents[None]
     if not latents.is_floating_point():
         raise TypeError(f"latents must be floating point, got {latents.dtype}")
@@ -101,13 +120,16 @@ def _prompt(ground_truth, extra_info) -> str:
 
 
 def request_body(latents: torch.Tensor, prompt: str, noise_level: float | None = None, seed: int | None = None,
-                 head_weights: dict | None = None, height: int | None = None, width: int | None = None) -> bytes:
+                 head_weights: dict | None = None, height: int | None = None, width: int | None = None,
+                 frames: int | None = None) -> bytes:
     """A protocol v1 body: ``latents`` (and ``u``, ``seeds`` when given), the prompt in the metadata (and
     ``head_weights`` for an ensemble server); ``height`` / ``width``, the VAE latent's size for a packed space's
-    tokens, as int64 tensors (the server's extension of v1 for packed latents)."""
+    tokens, and ``frames``, a clip's video frame count, as int64 tensors (the server's extensions of v1)."""
     from safetensors.torch import save
 
     tensors = {"latents": latents}
+    if frames is not None:
+        tensors["frames"] = torch.tensor([int(frames)], dtype=torch.int64)
     if height is not None:
         tensors["height"] = torch.tensor([int(height)], dtype=torch.int64)
     if width is not None:
@@ -157,14 +179,36 @@ def _numbers(values, n: int, what: str, invalid, bounds=None) -> list[float]:
     return out
 
 
-def checked_reply(response, url: str, n: int) -> tuple[list[float], dict[str, list[float]] | None]:
+def _check_frames(reply: dict, raw: list[float], t: int | None, invalid) -> None:
+    """A video reply's ``frame_scores``: one list of T real, finite cosines per clip (``t`` when known, else the
+    same length for every clip), and each ``raw_scores`` entry the reply's ``pooling`` (mean or min) of them."""
+    frames, pooling = reply.get("frame_scores"), reply.get("pooling")
+    if not isinstance(frames, list) or len(frames) != len(raw):
+        raise invalid(f"a video reply's 'frame_scores' must be a list of {len(raw)} lists (one per clip), got "
+                      f"{type(frames).__name__} {str(frames)[:40]}")
+    if pooling not in ("mean", "min"):
+        raise invalid(f"a video reply's 'pooling' must be 'mean' or 'min', got {str(pooling)[:40]!r}")
+    t = t or (len(frames[0]) if isinstance(frames[0], list) else 0)
+    for i, (values, r) in enumerate(zip(frames, raw)):
+        if not isinstance(values, list) or len(values) != t or not t:
+            raise invalid(f"frame_scores[{i}] must be a list of the clip's {t} latent frames' scores, got "
+                          f"{str(values)[:40]}")
+        values = _numbers(values, t, f"frame_scores[{i}]", invalid, SCORE_RANGE)
+        want = math.fsum(values) / t if pooling == "mean" else min(values)
+        if abs(r - want) > POOL_TOLERANCE:
+            raise invalid(f"score {i} is {r!r}, not the {pooling} of its frame scores ({want!r})")
+
+
+def checked_reply(response, url: str, n: int, video: bool = False, frames: int | None = None
+                  ) -> tuple[list[float], dict[str, list[float]] | None]:
     """The ``n`` scores of a 200 reply, checked, and for an ensemble server's reply each head's ``n`` scores
     (None for a single model's). A JSON object with ``protocol_version`` this client's; for a single model,
     ``raw_scores`` a list of ``n`` real, finite cosines in [-1, 1] (within ``SCORE_TOLERANCE``); for an
     ensemble (``score_kind: "weighted_total"``), ``head_scores`` ``{head: n numbers}`` each within its
     ``head_ranges`` entry ([lo, hi], or null for an unbounded head), ``head_weights`` finite, >= 0, not all zero,
-    over the same heads, and ``raw_scores`` the weighted sum of the head scores (``TOTAL_TOLERANCE``). Anything
-    else raises ``RewardServerError``."""
+    over the same heads, and ``raw_scores`` the weighted sum of the head scores (``TOTAL_TOLERANCE``). A ``video``
+    reply also has ``frame_scores``, ``frames`` (T, when known) scores per clip, pooled into ``raw_scores`` by its
+    ``pooling`` (``POOL_TOLERANCE``). Anything else raises ``RewardServerError``."""
     def invalid(what: str) -> RewardServerError:
         return RewardServerError(url, response.status_code, f"invalid reply, {what}; no score is passed on")
 
@@ -180,7 +224,12 @@ def checked_reply(response, url: str, n: int) -> tuple[list[float], dict[str, li
                       "protocol v1); run a server of the same version")
     kind = reply.get("score_kind")
     if kind is None and "head_scores" not in reply:
-        return _numbers(reply.get("raw_scores"), n, "'raw_scores'", invalid, SCORE_RANGE), None
+        raw = _numbers(reply.get("raw_scores"), n, "'raw_scores'", invalid, SCORE_RANGE)
+        if video:
+            _check_frames(reply, raw, frames, invalid)
+        return raw, None
+    if video:
+        raise invalid("an ensemble's reply to clips: a video space is served by one model, with frame_scores")
     if kind != SCORE_KIND_TOTAL:
         raise invalid(f"score_kind {str(kind)[:40]!r}: this client reads a single model's cosines (no score_kind) "
                       f"or an ensemble's {SCORE_KIND_TOTAL!r}")
@@ -229,7 +278,8 @@ async def compute_score(solution_image, ground_truth, extra_info, server_url: st
                         timeout: float = 120.0, max_retries: int = 2, score_scale: float = 1.0, score_bias: float = 0.0,
                         noise_level: float | None = None, noise_seed: int | None = None, retry_backoff: float = 0.5,
                         max_retry_after: float = MAX_RETRY_AFTER_S, head_weights: dict | None = None,
-                        height: int | None = None, width: int | None = None, **kwargs) -> dict:
+                        height: int | None = None, width: int | None = None, video: bool = False,
+                        frames: int | None = None, **kwargs) -> dict:
     """Score one rollout on the server at ``server_url`` (its ``/v1/score``).
 
     Returns ``{"score": raw * score_scale + score_bias, "clip_raw_score": raw}``, ``raw`` the cosine the
@@ -241,7 +291,11 @@ async def compute_score(solution_image, ground_truth, extra_info, server_url: st
     ignores it. ``height`` and ``width`` (both or neither): the VAE latent's size (image size / VAE factor) when
     the latents are a packed space's tokens, ``(L, D)`` or ``(B, L, D)`` as Qwen-Image's and FLUX.2's pipelines
     hold them; they go to the server as the tensors ``height`` / ``width`` (its extension of v1), which unpacks the
-    tokens through the model's latent space. Other keyword arguments of the reward config are accepted and unused.
+    tokens through the model's latent space. ``video=True`` (a server on a video space): the latents are clips
+    ``(C, T, h, w)`` / ``(B, C, T, h, w)``, or LTX-Video's packed tokens ``(L, D)`` / ``(B, L, D)`` with ``frames``
+    (the clip's video frame count F; ``frames`` alone implies ``video``); the score is each clip's pooled score, the
+    reply's per-frame scores checked against it. Other keyword arguments of the reward config are accepted and
+    unused.
 
     Every reply is checked before a number is returned (:func:`raw_scores`: JSON, ``protocol_version``, one
     real finite cosine per latent sent); an error status or a reply that fails a check raises
@@ -263,9 +317,15 @@ async def compute_score(solution_image, ground_truth, extra_info, server_url: st
     if not seconds(max_retry_after):
         raise ValueError(f"max_retry_after must be a finite number of seconds >= 0, got {max_retry_after!r}")
     size = _latent_size(height, width)
-    latents = _latents(solution_image, extra_info, packed=size is not None)
+    video = bool(video) or frames is not None
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+        raise ValueError(f"frames must be a positive integer, the clip's video frame count F, got {frames!r}")
+    latents = _latents(solution_image, extra_info, packed=size is not None, video=video)
+    if video and latents.ndim == 3 and frames is None:
+        raise ValueError(f"packed video tokens {tuple(latents.shape)} (LTX-Video's) need frames=, the clip's video "
+                         "frame count F, for the server to unpack them")
     body = request_body(latents, _prompt(ground_truth, extra_info), noise_level, noise_seed, head_weights,
-                        *(size or ()))
+                        *(size or (None, None)), frames=frames)
     headers = {"content-type": "application/octet-stream", "x-drm-protocol-version": PROTOCOL_VERSION}
     if token:
         headers["authorization"] = f"Bearer {token}"
@@ -303,7 +363,8 @@ async def compute_score(solution_image, ground_truth, extra_info, server_url: st
                 raise past_deadline(attempt + 1, f"{failure} (the next try, after a wait of {wait:g} s, would start "
                                                  "past the deadline)")
             await _sleep(wait)
-    raw, per_head = checked_reply(response, server_url, latents.shape[0])
+    raw, per_head = checked_reply(response, server_url, latents.shape[0], video,
+                                  latents.shape[2] if video and latents.ndim == 5 else None)
     one = latents.shape[0] == 1
     if per_head is not None:
         out = {"score": raw[0] * score_scale + score_bias if one else [r * score_scale + score_bias for r in raw],
