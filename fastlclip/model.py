@@ -426,6 +426,10 @@ class LatentCLIP(nn.Module):
         ``fastlclip.vaes.build_vae``; encoded as :func:`fastlclip.vaes.encode` does) when the checkpoint has none. ``sample=False`` takes the posterior mean, ``True`` a sample.
         ``resize``: the latent-grid policy, as in :meth:`encode_latents`.
         """
+        if self.video:
+            raise ValueError(f"model {self.cfg.name!r} reads clips of the {self.cfg.vae_name!r} video space: encode a "
+                             "video (B, 3, F, H, W) in [-1, 1] with fastlclip.vaes.encode(vae, video), then "
+                             "encode_latents(raw, space='vae')")
         inputs.check_pixels(pixels)
         px = self.latent_size * self.cfg.vision.latent_factor
         if tuple(pixels.shape[-2:]) != (px, px) and self.resize_policy(resize) is None:

@@ -54,6 +54,17 @@ def test_clips_embed_frame_by_frame_in_one_forward(world):
                                    feats, rtol=0, atol=0)
 
 
+def test_vae_space_clips_are_what_the_vae_encodes(world):
+    name, vae, model = world
+    f = vaes.vae_factor(vae)
+    video = torch.rand(1, 3, model.latent_space.video_frames(2), 4 * f, 4 * f, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        raw = vaes.encode(vae, video)
+    assert raw.shape[2] == 2
+    torch.testing.assert_close(model.encode_latents(raw, space="vae"),
+                               model.encode_latents(model.latent_space.to_diffusion(raw)), rtol=1e-6, atol=1e-8)
+
+
 def test_one_forward_for_the_whole_clip(world):
     name, vae, model = world
     calls = []
@@ -115,6 +126,8 @@ def test_bad_shapes_are_refused_naming_the_space():
         model.encode_latents(z, noise_level=0.5)
     with pytest.raises(ValueError, match="noise_level has 3 values for a batch of 2"):
         model.encode_latents(z, noise_level=torch.tensor([0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match=r"'wan2.1' video space: encode a video .* fastlclip.vaes.encode"):
+        model.encode_images(torch.rand(2, 3, 16, 16), vae=vae)
     reward = fastlclip.LatentCLIPReward(model)
     with pytest.raises(ValueError, match="'wan2.1' latent space is a video space"):
         reward(z[:, :, 0], "a cat")
