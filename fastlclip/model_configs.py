@@ -7,7 +7,9 @@ embedding, see ``LatentViT``). The model's VAE, whose latent space the tower rea
 ``sdxl``. It sets the constants of ``encode_latents(space="diffusion")`` and the encoder of ``encode_images``.
 A FLUX.2 model carries its VAE's batch-norm statistics as ``"vae_stats"`` (``fastlclip.vaes.weight_stats``).
 The tower reads the VAE-space latents ``(B, C, H, W)`` (``latent_factor``: image pixels per latent pixel, 32 for
-DC-AE); diffusion-space input, a grid or the pipeline's packed tokens, is converted first.
+DC-AE); diffusion-space input, a grid or the pipeline's packed tokens, is converted first. A video VAE
+(``fastlclip.list_vaes(video=True)``: ``"vae": "wan2.1"`` etc.) gives a tower reading one latent frame of its
+clips; LTX-Video's model carries its ``latents_mean`` / ``latents_std`` as ``"vae_stats"``.
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ def check_pooling(pooling: str) -> str:
 
 
 def pool_frames(values: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-    """Per-frame values ``(B, T)`` -> one per clip ``(B,)``: their mean, or their minimum (:data:`POOLINGS`)."""
+    """Per-frame values ``(B, T, ...)`` -> one per clip ``(B, ...)``: their mean over the frames (dim 1), or their
+    minimum (:data:`POOLINGS`)."""
     check_pooling(pooling)
     return values.mean(dim=1) if pooling == "mean" else values.amin(dim=1)
 

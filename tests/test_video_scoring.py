@@ -165,3 +165,14 @@ def test_the_decode_baseline_decodes_the_whole_clip_and_scores_every_frame(name)
     assert torch.isfinite(grad).all() and (grad.abs().flatten(3).amax(-1).amax(1) > 0).all()
     with pytest.raises(ValueError, match="is a video space"):
         reward.score(z.detach()[:, :, 0], PROMPTS)
+
+
+def test_pool_frames_pools_over_the_frame_axis():
+    from fastlclip.rewards import pool_frames
+
+    values = torch.tensor([[[1.0, 5.0], [3.0, -1.0], [2.0, 2.0]]])  # (B=1, T=3, K=2)
+    assert torch.equal(pool_frames(values), torch.tensor([[2.0, 2.0]]))
+    assert torch.equal(pool_frames(values, "min"), torch.tensor([[1.0, -1.0]]))
+    assert torch.equal(pool_frames(values[..., 0]), torch.tensor([2.0]))
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        pool_frames(values, "median")
