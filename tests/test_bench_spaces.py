@@ -4,6 +4,7 @@ tower's token grid on a 32x space, FLUX.2's decode against the plain Autoencoder
 Meta-device counts only (no weights, nothing timed)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -101,6 +102,9 @@ def test_tower_on_a_32x_space_reads_64_tokens_at_512_px():
     assert spaces.tower_geometry("flux2", 512) == {"channels": 32, "grid": 64, "patch": 8, "tokens": 65}
     doc = (spaces.__doc__ or "") + spaces.DEFINITIONS["tower"]
     assert "patch 2" in doc and "64 tokens + the class token at 512 px" in doc
+    page = (Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md").read_text()
+    for space in ("sana", "dcae-f32c32-in", "dcae-f32c32-mix"):  # the docs' rows say what the code counts
+        assert f"| {space} | 512 | {geo['channels']}x{geo['grid']}x{geo['grid']} | {geo['patch']} / {geo['tokens']} |" in page
 
 
 @pytest.mark.parametrize("main, argv, needles", [
