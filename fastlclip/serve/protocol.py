@@ -362,7 +362,10 @@ def _clips(latents: torch.Tensor, tensors: dict, kind: str, space: LatentSpace, 
         raise ProtocolError("'latents' contain NaN or Inf; check the sampler that produced them")
     batch = latents.shape[0]
     height, width = _size(tensors.get("height"), "height", batch), _size(tensors.get("width"), "width", batch)
-    frames = _size(tensors.get("frames"), "frames", batch)
+    try:
+        frames = _size(tensors.get("frames"), "frames", batch)
+    except ProtocolError as e:  # clips of several lengths in one request: answered with the shapes the space takes
+        raise LatentShapeError(str(e)) from None
     if (height is None) != (width is None):
         raise ProtocolError("'height' and 'width' go together (the VAE latent's size): send both, or neither")
     try:
