@@ -135,7 +135,8 @@ def test_min_pooling_and_healthz():
 def test_clips_are_renoised_per_clip_in_their_own_shape():
     name = "hunyuanvideo"
     vae = tv.tiny_vae(name).double()
-    app = create_app(fastlclip.LatentCLIPReward(tv.model(vae, name, noise_aware=True)))
+    # 3 clips, 2 per forward: each chunk keeps its clips' own noise levels
+    app = create_app(fastlclip.LatentCLIPReward(tv.model(vae, name, noise_aware=True)), max_batch_size=2)
     model64 = tv.model(vae, name, noise_aware=True).double()
     z, u, seeds = clips(vae), torch.tensor([0.2, 0.5, 0.9]), torch.tensor([4, 5, 6])
     # v1's (1 - u) x + u eps per clip, eps from its seed in the clip's (C, T, h, w) shape
