@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .grids import MODEL_DEFAULT
 from .inputs import check_count
 from .model import LatentCLIP
+from .rewards import check_pooling, pool_frames
 
 
 def imagenet_classnames() -> list[str]:
@@ -95,11 +96,17 @@ class ZeroShotClassifier:
     (default): cache in :func:`default_cache_dir` when there are more than 4 batches of prompts (hashing the
     tower costs more than encoding a few prompts); ``True``: always there; ``False``: never; a folder: always
     there. The model's dtype is part of the key (its weights' bytes are); its device and backend are not.
+
+    A model on a video space (``fastlclip.list_vaes(video=True)``) classifies clips ``(B, C, T, h, w)``: each
+    latent frame's cosine to each class is pooled over the clip's frames by ``pooling`` (``"mean"``, the default,
+    or ``"min"``, the worst frame; as ``LatentCLIPReward`` pools), and the logits are ``logit_scale.exp()`` times
+    the pooled cosines, so ``probs`` is the softmax over classes of the pooled logits. ``frame_logits`` gives each
+    frame's logits before pooling.
     """
 
     def __init__(self, model: LatentCLIP, classnames: Sequence[str], templates: Sequence, *,
                  batch_size: int = 256, progress: bool | None = None,
-                 cache: bool | str | os.PathLike | None = None):
+                 cache: bool | str | os.PathLike | None = None, pooling: str = "mean"):
         for what, seq, example in (("classnames must be a list of strings", classnames, "['cat', 'dog']"),
                                    ("templates must be a list of format strings or callables", templates, "['a photo of a {}.']")):
             if isinstance(seq, (str, bytes)):
@@ -110,6 +117,7 @@ class ZeroShotClassifier:
         if not templates:
             raise ValueError("templates is empty; e.g. pass ['a photo of a {}.']")
         self.model = model
+        self.pooling = check_pooling(pooling)
         self.classnames = list(classnames)
         bad = [type(c).__name__ for c in self.classnames if not isinstance(c, str)]
         if bad:
@@ -189,34 +197,59 @@ class ZeroShotClassifier:
         log.info("zero-shot class weights cached in %s", path)
 
     def logits(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT,
-               noise_level=None, height: int | None = None, width: int | None = None) -> torch.Tensor:
+               noise_level=None, height: int | None = None, width: int | None = None,
+               frames: int | None = None) -> torch.Tensor:
         """(B, classes) logits; ``resize``, ``noise_level``: as in ``LatentCLIP.encode_latents``.
 
         ``latents``: what the model's space takes (``model.latent_space``): the diffusion grid, or a packed space's
         tokens ``(B, L, D)`` (Qwen-Image, FLUX.2) with the VAE latent ``height`` / ``width`` (omitted: a square
-        latent), or VAE-space latents with ``space="vae"``."""
-        feats = self.model.encode_latents(latents, space=space, resize=resize, noise_level=noise_level,
-                                          height=height, width=width)
-        return self.logits_of_features(feats)
+        latent), or VAE-space latents with ``space="vae"``. A video space: clips ``(B, C, T, h, w)`` (LTX-Video: or
+        its tokens with ``frames``, the clip's video frame count, and ``height`` / ``width``), each clip's
+        per-frame cosines pooled by ``self.pooling`` (the class docstring); ``frames`` checks T."""
+        return self.logits_of_features(self._features(latents, space, resize, noise_level, height, width, frames))
 
-    def logits_of_features(self, feats: torch.Tensor) -> torch.Tensor:
+    def frame_logits(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT,
+                     noise_level=None, height: int | None = None, width: int | None = None,
+                     frames: int | None = None) -> torch.Tensor:
+        """(B, T, classes) logits of each latent frame of a video space's clips, before pooling (arguments as
+        :meth:`logits`); ``.softmax(-1)`` gives each frame's probabilities."""
+        if not self.model.video:
+            raise ValueError(f"frame_logits classifies the frames of clips of a video space; the model's "
+                             f"{self.model.cfg.vae_name!r} latent space is an image space: use logits")
+        feats = self._features(latents, space, resize, noise_level, height, width, frames)
+        return self.logits_of_features(feats, pool=False)
+
+    def _features(self, latents, space, resize, noise_level, height, width, frames) -> torch.Tensor:
+        if frames is not None and not self.model.video:
+            raise ValueError(f"frames={frames!r} is for clips of a video space; the model's "
+                             f"{self.model.cfg.vae_name!r} latent space is an image space")
+        return self.model.encode_latents(latents, space=space, resize=resize, noise_level=noise_level,
+                                         height=height, width=width, frames=frames)
+
+    def logits_of_features(self, feats: torch.Tensor, *, pool: bool = True) -> torch.Tensor:
         """(B, classes) logits of normalised image features (``encode_latents``'s), for callers that use the
-        features for more than this (one tower forward for several scores)."""
-        return self.model.logit_scale.exp().float() * feats.float() @ self.weights.to(feats.device).T
+        features for more than this (one tower forward for several scores). Clip features ``(B, T, D)``: the
+        per-frame cosines pooled by ``self.pooling`` (``pool=False``: ``(B, T, classes)``, one row per frame)."""
+        logits = self.model.logit_scale.exp().float() * feats.float() @ self.weights.to(feats.device).T
+        # pooling the logits = the logit scale times the pooled cosines (a positive scale commutes with mean and min)
+        return pool_frames(logits, self.pooling) if logits.ndim == 3 and pool else logits
 
     def probs(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT,
-              noise_level=None, height: int | None = None, width: int | None = None) -> torch.Tensor:
-        """(B, classes) softmax probabilities (arguments as :meth:`logits`)."""
+              noise_level=None, height: int | None = None, width: int | None = None,
+              frames: int | None = None) -> torch.Tensor:
+        """(B, classes) softmax probabilities (arguments as :meth:`logits`; clips: of the pooled logits)."""
         return self.logits(latents, space=space, resize=resize, noise_level=noise_level, height=height,
-                           width=width).softmax(dim=-1)
+                           width=width, frames=frames).softmax(dim=-1)
 
     def predict(self, latents: torch.Tensor, *, space: str = "diffusion", resize=MODEL_DEFAULT,
-                noise_level=None, height: int | None = None, width: int | None = None) -> torch.Tensor:
-        """(B,) index of the most likely class per latent (names: ``self.classnames[i]``; arguments as
+                noise_level=None, height: int | None = None, width: int | None = None,
+                frames: int | None = None) -> torch.Tensor:
+        """(B,) index of the most likely class per latent or clip (names: ``self.classnames[i]``; arguments as
         :meth:`logits`).
 
         Latents whose scores are not finite are a ``ValueError``, never a class."""
-        logits = self.logits(latents, space=space, resize=resize, noise_level=noise_level, height=height, width=width)
+        logits = self.logits(latents, space=space, resize=resize, noise_level=noise_level, height=height, width=width,
+                             frames=frames)
         bad = ~torch.isfinite(logits).all(dim=-1)
         if bad.any():  # argmax would call a NaN row class 0
             rows = bad.nonzero().flatten().tolist()
