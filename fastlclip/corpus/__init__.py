@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from ..inputs import check_space
+from ..rewards import check_pooling
 from ..runtime import BACKENDS as _RUNTIME_BACKENDS
 from ..zeroshot import check_templates
 from .engines import ENGINES, rank_split, run_local, run_ray
@@ -156,7 +157,8 @@ def _positive_int(value, what: str) -> int:
 
 def score(inputs, out, *, model, pretrained=None, prompts=None, classes=None, templates=None, safety=False,
           embeddings=False, space="vae", engine="local", workers=1, batch_size=256, on_error="skip", member=None,
-          column="latent", device=None, dtype="float32", backend="eager", progress=True) -> ScoreReport:
+          column="latent", device=None, dtype="float32", backend="eager", frames=None, pooling="mean",
+          progress=True) -> ScoreReport:
     """Score every latent of ``inputs`` (shard files or folders) into ``out``; see the module docstring.
 
     ``model`` / ``pretrained``: as ``fastlclip.load`` (a config name, dict or JSON path; a checkpoint). With
@@ -175,15 +177,22 @@ def score(inputs, out, *, model, pretrained=None, prompts=None, classes=None, te
     lie inside, or hold an input. Every argument is checked, and the model built, before anything is written.
     ``member``: tar member holding the latent (default ``latent.pt``, then ``latent.npy``); ``column``: the
     Parquet tensor column. ``device`` / ``dtype`` / ``backend``: as ``fastlclip.load``.
+
+    A model on a video space (``fastlclip.list_vaes(video=True)``) scores clips: ``frames`` (required there, refused
+    for an image space) is their video frame count F, so every sample is a clip ``(C, T, h, w)`` of
+    ``T = model.latent_space.latent_frames(F)`` latent frames at the trained size (LTX-Video in diffusion space: or
+    its pipeline's tokens ``(T h w, 128)``); another T or channel count is a bad sample naming the space. Per-clip
+    scores pool the per-frame cosines by ``pooling`` (``"mean"``, the default, or ``"min"``); per-frame scores go to
+    ``frame_*`` list columns (``scoring``). Safety is refused on clips.
     """
     return _prepare(inputs, out, model=model, pretrained=pretrained, prompts=prompts, classes=classes,
                     templates=templates, safety=safety, embeddings=embeddings, space=space, engine=engine,
                     workers=workers, batch_size=batch_size, on_error=on_error, member=member, column=column,
-                    device=device, dtype=dtype, backend=backend, progress=progress)()
+                    device=device, dtype=dtype, backend=backend, frames=frames, pooling=pooling, progress=progress)()
 
 
 def _prepare(inputs, out, *, model, pretrained, prompts, classes, templates, safety, embeddings, space, engine,
-             workers, batch_size, on_error, member, column, device, dtype, backend, progress):
+             workers, batch_size, on_error, member, column, device, dtype, backend, frames, pooling, progress):
     """Check every argument and set up the output folder; the returned callable runs the shards (the command line
     tells the two apart: a bad argument exits 2, a run that fails exits 1)."""
     shards = expand_inputs(inputs)
@@ -193,6 +202,9 @@ def _prepare(inputs, out, *, model, pretrained, prompts, classes, templates, saf
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     _positive_int(workers, "workers")
     _positive_int(batch_size, "batch_size")
+    if frames is not None:
+        _positive_int(frames, "frames")
+    check_pooling(pooling)
     check_space(space)
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -236,7 +248,7 @@ def _prepare(inputs, out, *, model, pretrained, prompts, classes, templates, saf
 
     spec = ScoreSpec(model=model, pretrained=pretrained, prompts=prompts, classes=classes, templates=templates,
                      safety=bool(safety), embeddings=bool(embeddings), space=space, device=device, dtype=dtype,
-                     backend=backend, weights=fingerprint(model, pretrained))
+                     backend=backend, frames=frames, pooling=pooling, weights=fingerprint(model, pretrained))
     opts = ShardOptions(out=str(out), batch_size=batch_size, on_error=on_error, member=member, column=column,
                         run_id=uuid.uuid4().hex[:12])
     single = engine == "local" and (workers == 1 or len(mine) <= 1)

@@ -54,6 +54,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--space", choices=("vae", "diffusion"), default="vae",
                    help="vae: raw posterior samples (default); diffusion: pipeline latents, the grid or (Qwen-Image, "
                         "FLUX.2) the packed tokens (converted as the model VAE's pipeline decodes them)")
+    s.add_argument("--frames", type=int, metavar="F",
+                   help="a video-space model: the clips' video frame count (each clip has the space's latent frames "
+                        "for F, e.g. 1 + (F - 1) / 4 for Wan)")
+    s.add_argument("--pooling", choices=("mean", "min"), default="mean",
+                   help="a clip's per-frame scores -> its scores: the mean over frames (default) or the worst frame")
     s.add_argument("--engine", choices=ENGINES, default="local", help="local processes, or a Ray cluster")
     s.add_argument("--workers", type=int, default=1, help="processes (local) or actors (ray)")
     s.add_argument("--batch-size", type=int, default=256, help="latents per forward")
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                   templates=args.templates, safety=args.safety, embeddings=args.embeddings, space=args.space,
                   engine=args.engine, workers=args.workers, batch_size=args.batch_size, on_error=args.on_error,
                   member=args.member, column=args.column, device=args.device, dtype=args.dtype, backend=args.backend,
-                  progress=True)
+                  frames=args.frames, pooling=args.pooling, progress=True)
     prog = "python -m fastlclip.corpus score: error"
     try:
         run = _prepare(args.shards, args.out, **kwargs)

@@ -37,9 +37,10 @@ def run_identity(spec: ScoreSpec, opts: ShardOptions) -> dict:
 
 
 def check_sample(sample: Sample, shape: tuple[int, ...], dtype: torch.dtype | None = None, *,
-                 tokens: tuple | None = None) -> torch.Tensor:
-    """The sample's latent as a (C, H, W) tensor of the model's shape, cast to ``dtype`` (the model's) and finite
-    there, or ``BadSample`` saying why not.
+                 tokens: tuple | None = None, note: str | None = None) -> torch.Tensor:
+    """The sample's latent as a tensor of the model's shape (``(C, H, W)``; a video space's clips ``(C, T, h, w)``),
+    cast to ``dtype`` (the model's) and finite there, or ``BadSample`` saying why not. ``note``: what a wrong
+    shape's message adds (a video space's layout and T).
 
     ``tokens``: for a packed space's diffusion latents (Qwen-Image, FLUX.2), ``((L, D), unpack)``
     (``scoring.latent_layout``): a latent stored as the pipeline's tokens ``(L, D)`` / ``(1, L, D)`` is unpacked to
@@ -62,7 +63,8 @@ def check_sample(sample: Sample, shape: tuple[int, ...], dtype: torch.dtype | No
         x = x.reshape(shape)  # flat storage (e.g. a Parquet list column)
     if not packed and tuple(x.shape) != shape:
         raise BadSample(f"shape {tuple(x.shape)}, the model takes {shape}"
-                        + (f" or its packed tokens {token_shape}" if token_shape else ""))
+                        + (f" or its packed tokens {token_shape}" if token_shape else "")
+                        + (f": {note}" if note else ""))
     if not x.is_floating_point():
         raise BadSample(f"dtype {x.dtype}, latents must be floating point")
     if not torch.isfinite(x).all():
@@ -91,7 +93,8 @@ def _checked(sample: Sample, scorer: Scorer) -> torch.Tensor:
     try:
         if hasattr(scorer, "check"):  # a scorer with its own reading rule (fastlclip.distill's image shards)
             return scorer.check(sample)
-        return check_sample(sample, scorer.shape, scorer.dtype, tokens=getattr(scorer, "tokens", None))
+        return check_sample(sample, scorer.shape, scorer.dtype, tokens=getattr(scorer, "tokens", None),
+                            note=getattr(scorer, "note", None))
     except BadSample:
         raise
     except Exception as e:
@@ -170,7 +173,7 @@ def process_shard(shard: str, scorer: Scorer, opts: ShardOptions) -> dict:
             flush()
         t = time.perf_counter()
         meta = {"shard": str(shard), "settings": run_identity(scorer.spec, opts), "bad": record["bad"]}
-        table = build_table(keys, chunks, names, scorer.embed_dim, meta)
+        table = build_table(keys, chunks, names, scorer.embed_dim, meta, getattr(scorer, "latent_frames", None))
         write_atomic(table, output_path(opts.out, shard))
         record["write_s"] = time.perf_counter() - t
         record.update(status="ok", rows=len(keys), output=str(output_path(opts.out, shard)))

@@ -9,6 +9,13 @@ Columns of every output file, after ``key``:
 - safety: ``safety_<category>``, ``fastlclip.LatentSafetyChecker`` margins (float32), and ``safety_flag``:
   any category above its threshold, or any margin NaN (fails closed);
 - embeddings: ``embedding``, the normalised image feature as float16 (a fixed-size list column).
+
+A model on a video space reads clips (``frames``: the clips' video frame count, so T latent frames each): the
+columns above hold each clip's pooled scores (``clip_cos_<i>``: the per-frame cosines pooled by ``pooling``, as
+``fastlclip.LatentCLIPReward`` pools; ``prob_<class>`` / ``label``: ``fastlclip.ZeroShotClassifier``'s, the softmax
+of the pooled logits), and per-frame ones are fixed-size list columns of T float32 values: ``frame_clip_cos_<i>``
+(each frame's cosine) and ``frame_prob_<class>`` (each frame's own softmax over the classes); ``embedding`` is
+``(T, D)`` float16, one feature per frame. Safety is not scored on clips.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from ..rewards import pool_frames
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -41,6 +50,8 @@ class ScoreSpec:
     device: str | None = None  # None: cuda (LOCAL_RANK's GPU under torchrun) if available, else cpu
     dtype: str = "float32"
     backend: str = "eager"
+    frames: int | None = None  # a video space's clips: their video frame count F (T latent frames each)
+    pooling: str = "mean"  # a clip's per-frame scores -> its score (fastlclip.rewards.POOLINGS)
     weights: dict | None = None  # ``fingerprint(model, pretrained)``, set once by ``score``: which weights exactly
 
     def build(self, device: str | None = None) -> "Scorer":
@@ -56,6 +67,8 @@ class ScoreSpec:
              "weights": self.weights, "prompts": self.prompts, "classes": self.classes,
              "templates": self.templates if self.classes else None, "safety": self.safety,
              "embeddings": self.embeddings, "space": self.space, "dtype": self.dtype}
+        if self.frames is not None:  # clips only: image runs keep the identity they always had
+            d.update(frames=self.frames, pooling=self.pooling)
         return json.loads(json.dumps(d, default=str))
 
 
@@ -131,17 +144,32 @@ class Scorer:
                 torch.manual_seed(0)
                 model = fastlclip.load(spec.model, spec.pretrained, device=device, dtype=dtype, backend=spec.backend)
         self.model = model
-        self.shape, self.tokens = latent_layout(model, spec.space)
+        self.shape, self.tokens = latent_layout(model, spec.space, spec.frames)
+        self.latent_frames = self.shape[1] if model.video else None  # T of every clip; None: images
+        self.note = None  # what a bad sample's shape message adds
+        if model.video:
+            ls = model.latent_space
+            self.note = (f"clips (C, T, h, w) of the {ls.name!r} video space, T = {self.latent_frames} latent frames "
+                         f"for frames={spec.frames}")
+            if spec.safety:
+                raise ValueError(f"safety is not scored on clips (model {model.cfg.name!r} reads the {ls.name!r} video "
+                                 "space; no pooling of safety margins over frames is defined): drop safety (--safety)")
+        elif spec.pooling != "mean":
+            raise ValueError(f"pooling={spec.pooling!r} pools a clip's frames; model {model.cfg.name!r} reads the "
+                             f"{model.cfg.vae_name!r} image space: drop pooling (--pooling)")
         with torch.no_grad():
             self.text = model.encode_text(spec.prompts).float() if spec.prompts else None
-            self.classifier = (fastlclip.ZeroShotClassifier(model, spec.classes, spec.templates, progress=False)
-                               if spec.classes else None)
+            self.classifier = (fastlclip.ZeroShotClassifier(model, spec.classes, spec.templates, progress=False,
+                                                            pooling=spec.pooling) if spec.classes else None)
         self.checker = fastlclip.LatentSafetyChecker(model, space=spec.space) if spec.safety else None
 
     def columns(self) -> list[str]:
         cols = [f"clip_cos_{i}" for i in range(len(self.spec.prompts))]
         if self.classifier is not None:
             cols += [f"prob_{c}" for c in self.spec.classes] + ["label"]
+        if self.latent_frames is not None:
+            cols += [f"frame_clip_cos_{i}" for i in range(len(self.spec.prompts))]
+            cols += [f"frame_prob_{c}" for c in self.spec.classes]
         if self.checker is not None:
             cols += [f"safety_{c}" for c in self.checker.categories] + ["safety_flag"]
         if self.spec.embeddings:
@@ -156,9 +184,16 @@ class Scorer:
     def __call__(self, latents: torch.Tensor) -> dict[str, np.ndarray]:
         latents = latents.to(self.model.device)
         out: dict[str, np.ndarray] = {}
-        feats = self._features(latents)
+        feats = self._features(latents)  # (B, D); clips: (B, T, D)
+        clips = feats.ndim == 3
         if self.text is not None:
-            cos = (feats @ self.text.T).cpu().numpy()
+            cos = feats @ self.text.T
+            if clips:
+                frame = cos.cpu().numpy()
+                for i in range(frame.shape[2]):
+                    out[f"frame_clip_cos_{i}"] = frame[:, :, i]
+                cos = pool_frames(cos, self.spec.pooling)
+            cos = cos.cpu().numpy()
             for i in range(cos.shape[1]):
                 out[f"clip_cos_{i}"] = cos[:, i]
         if self.classifier is not None:
@@ -166,6 +201,10 @@ class Scorer:
             for i, c in enumerate(self.spec.classes):
                 out[f"prob_{c}"] = probs[:, i]
             out["label"] = np.asarray(self.spec.classes, dtype=object)[probs.argmax(axis=1)]
+            if clips:
+                frame = self.classifier.logits_of_features(feats, pool=False).softmax(dim=-1).cpu().numpy()
+                for i, c in enumerate(self.spec.classes):
+                    out[f"frame_prob_{c}"] = frame[:, :, i]
         if self.checker is not None:  # from the same features: one tower forward per batch
             scores = self.checker.scores_of_features(feats)
             for i, c in enumerate(self.checker.categories):
@@ -181,12 +220,13 @@ class Scorer:
         model, check = self.model, self.model.check_finite
         model.check_finite = False
         try:
-            return model.encode_latents(latents, space=self.spec.space, normalize=True).float()
+            return model.encode_latents(latents, space=self.spec.space, normalize=True,
+                                        frames=self.spec.frames).float()
         finally:
             model.check_finite = check
 
 
-def latent_layout(model, space: str) -> tuple[tuple[int, int, int], tuple | None]:
+def latent_layout(model, space: str, frames: int | None = None) -> tuple[tuple[int, ...], tuple | None]:
     """What a shard's latent is for ``model`` in ``space``: ``(shape, tokens)``. ``shape``: the ``(C, h, w)`` grid a
     batch is stacked in (``"vae"``: the VAE latent of the trained size; ``"diffusion"``: the pipeline's diffusion
     grid, FLUX.2's 128 channels at half the side). ``tokens``: for a packed space in diffusion space (Qwen-Image,
@@ -194,8 +234,17 @@ def latent_layout(model, space: str) -> tuple[tuple[int, int, int], tuple | None
     ``unpack`` taking ``(1, L, D)`` to ``(1, *shape)`` (``LatentSpace.grid``: exact); None otherwise.
 
     FLUX.2 in diffusion space needs its statistics (the model config's ``vae_stats``): without them this is the
-    ``ValueError`` saying they live in the VAE's weights, before any shard is read."""
+    ``ValueError`` saying they live in the VAE's weights, before any shard is read.
+
+    A video space's model needs ``frames``, the clips' video frame count F: ``shape`` is ``(C, T, h, w)`` with
+    ``T = LatentSpace.latent_frames(F)``, and LTX-Video's diffusion latents may be its pipeline's tokens
+    ``(T h w, D)``. An image space's model refuses ``frames``."""
     side = model.latent_size
+    if model.video:
+        return _clip_layout(model, space, frames)
+    if frames is not None:
+        raise ValueError(f"frames={frames!r} is the video frame count of clips; model {model.cfg.name!r} reads the "
+                         f"{model.cfg.vae_name!r} image space: drop frames (--frames)")
     vae_shape = (model.cfg.vision.latent_channels, side, side)
     if space != "diffusion":
         return vae_shape, None
@@ -212,6 +261,21 @@ def latent_layout(model, space: str) -> tuple[tuple[int, int, int], tuple | None
         return shape, None
     tokens = ((side // step) ** 2, ls.diffusion_channels * ls.pack ** 2)
     return shape, (tokens, lambda t: ls.grid(t, side, side))
+
+
+def _clip_layout(model, space: str, frames: int | None) -> tuple[tuple[int, ...], tuple | None]:
+    ls, side = model.latent_space, model.latent_size
+    if frames is None:
+        rule = f"1 + (F - 1) / {ls.temporal}" if ls.causal else f"F / {ls.temporal}"
+        raise ValueError(f"model {model.cfg.name!r} reads clips of the {ls.name!r} video space: pass frames= "
+                         f"(--frames), the clips' video frame count F (each clip then has T = {rule} latent frames)")
+    t = ls.latent_frames(frames)  # a count that does not fit the space: a ValueError naming it
+    shape = (ls.channels, t, side, side)
+    if space != "diffusion" or not ls.pack:
+        return shape, None
+    p = ls.pack
+    tokens = (t * (side // p) ** 2, ls.channels * p * p)
+    return shape, (tokens, lambda x: ls.grid(x, side, side, latent_frames=t))
 
 
 def check_prompts(values: Sequence[str] | str | None, what: str) -> list[str]:

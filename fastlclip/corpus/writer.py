@@ -64,8 +64,10 @@ def check_folder(out: Path) -> None:
 
 
 def build_table(keys: Sequence[str], columns: dict[str, list[np.ndarray]], names: Sequence[str], embed_dim: int,
-                metadata: dict):
-    """An Arrow table: ``key`` then ``names`` in order, from per-batch numpy chunks."""
+                metadata: dict, frames: int | None = None):
+    """An Arrow table: ``key`` then ``names`` in order, from per-batch numpy chunks. ``frames``: a video run's T
+    latent frames per clip: ``frame_*`` columns are lists of T float32 values and ``embedding`` is T lists of
+    ``embed_dim`` (typed so even when the shard has no rows)."""
     import pyarrow as pa
 
     arrays, fields = [pa.array(list(keys), type=pa.string())], [pa.field("key", pa.string())]
@@ -74,6 +76,11 @@ def build_table(keys: Sequence[str], columns: dict[str, list[np.ndarray]], names
         if name == "embedding":
             flat = np.concatenate(chunks).reshape(-1) if chunks else np.zeros(0, np.float16)
             arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np.float16), type=pa.float16()), embed_dim)
+            if frames:
+                arr = pa.FixedSizeListArray.from_arrays(arr, frames)
+        elif frames and name.startswith("frame_"):
+            flat = np.concatenate(chunks).reshape(-1) if chunks else np.zeros(0, np.float32)
+            arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np.float32), type=pa.float32()), frames)
         elif name == "label":
             arr = pa.array(np.concatenate(chunks).tolist() if chunks else [], type=pa.string())
         elif name == "safety_flag":
