@@ -297,10 +297,19 @@ def parse(body: bytes, *, channels: int, to_diffusion, space: LatentSpace | None
     if kind == "diffusion" and vae_only is not None:
         raise LatentShapeError(vae_only)
     if space is not None and space.video:
-        latents, batch = _clips(latents, tensors, kind, space, to_diffusion)
-        weights = meta.get("head_weights")
-        return ScoreRequest(latents, _prompts(meta, batch), _noise_level(tensors.get("u"), batch),
-                            _seeds(tensors.get("seeds"), batch), weights if isinstance(weights, str) else None)
+        latents = _clips(latents, tensors, kind, space, to_diffusion)
+    else:
+        latents = _grid(latents, tensors, kind, space, channels, to_diffusion, vae_only)
+    batch = latents.shape[0]
+    weights = meta.get("head_weights")
+    return ScoreRequest(latents, _prompts(meta, batch), _noise_level(tensors.get("u"), batch),
+                        _seeds(tensors.get("seeds"), batch), weights if isinstance(weights, str) else None)
+
+
+def _grid(latents: torch.Tensor, tensors: dict, kind: str, space: LatentSpace | None, channels: int, to_diffusion,
+          vae_only: str | None) -> torch.Tensor:
+    """An image space's request latents -> the diffusion grid (B, C, h, w) float32 (VAE latents on a ``vae_only``
+    server): the grid, a packed space's tokens with 'height' / 'width', or VAE latents, checked."""
     if "frames" in tensors:
         name = f"latent space {space.name!r}" if space is not None else "this server's latent space"
         raise ProtocolError(f"'frames' (a clip's video frame count) is for the video spaces; {name} is an image "
@@ -339,15 +348,12 @@ def parse(body: bytes, *, channels: int, to_diffusion, space: LatentSpace | None
                 raise LatentShapeError(f"VAE latents of {sent[0]} x {sent[1]} are not a whole number of "
                                        f"{p} x {p} patches: the diffusion grid patchifies them")
             latents = to_diffusion(latents)
-    weights = meta.get("head_weights")
-    return ScoreRequest(latents, _prompts(meta, batch), _noise_level(tensors.get("u"), batch),
-                        _seeds(tensors.get("seeds"), batch), weights if isinstance(weights, str) else None)
+    return latents
 
 
-def _clips(latents: torch.Tensor, tensors: dict, kind: str, space: LatentSpace, to_diffusion
-           ) -> tuple[torch.Tensor, int]:
-    """A video space's request latents -> (diffusion-space clips (B, C, T, h, w) float32, B): clips, or the
-    pipeline's packed tokens with 'frames' (and 'height' / 'width'), checked."""
+def _clips(latents: torch.Tensor, tensors: dict, kind: str, space: LatentSpace, to_diffusion) -> torch.Tensor:
+    """A video space's request latents -> diffusion-space clips (B, C, T, h, w) float32: clips, or the pipeline's
+    packed tokens with 'frames' (and 'height' / 'width'), checked."""
     c, packed = space.channels, bool(space.pack) and kind == "diffusion"
     if latents.ndim not in ((3, 5) if packed else (5,)) or latents.shape[0] == 0:
         raise LatentShapeError(f"'latents' must be clips (B, {c}, T, h, w)"
@@ -373,7 +379,7 @@ def _clips(latents: torch.Tensor, tensors: dict, kind: str, space: LatentSpace, 
             if frames is None:
                 raise ValueError(f"latent space {space.name!r}: packed video tokens need the tensor 'frames' (the "
                                  f"clip's video frame count F; {frame_rule(space)})")
-            return space.grid(latents, height, width, latent_frames=latent_frames(space, frames)), batch
+            return space.grid(latents, height, width, latent_frames=latent_frames(space, frames))
         if frames is not None:
             latent_frames(space, frames, latents.shape[2])
     except ValueError as e:
@@ -382,4 +388,4 @@ def _clips(latents: torch.Tensor, tensors: dict, kind: str, space: LatentSpace, 
         raise LatentShapeError(f"'height' / 'width' say a {height} x {width} VAE latent, the clips "
                                f"{tuple(latents.shape)} are {latents.shape[3]} x {latents.shape[4]}; send both right, "
                                "or neither with clips")
-    return (to_diffusion(latents) if kind == "vae" else latents), batch
+    return to_diffusion(latents) if kind == "vae" else latents
