@@ -324,3 +324,11 @@ def test_flow_grpo_scores_clips_and_ltx_tokens(world):
         flow_grpo.latent_clip_score("cpu", model=model)(ltx_pack_latents(z).float(), PROMPTS, {})
     with pytest.raises(ValueError, match=r"frames=25 video frames are 4 latent frames \(F = 1 \+ \(T - 1\) \* 8\)"):
         flow_grpo.latent_clip_score("cpu", model=model, frames=25)(z.float(), PROMPTS, {})
+
+
+def test_verl_omni_refuses_an_ensembles_reply_to_clips():
+    reply = {"protocol_version": "1", "raw_scores": [0.2], "score_kind": "weighted_total", "head_scores": {"a": [0.2]},
+             "head_weights": {"a": 1.0}, "head_ranges": {"a": [-1, 1]}}
+    assert verl_omni.checked_reply(Reply(reply), "u", 1)[0] == [0.2]  # fine for images
+    with pytest.raises(verl_omni.RewardServerError, match="an ensemble's reply to clips"):
+        verl_omni.checked_reply(Reply(reply), "u", 1, video=True)
