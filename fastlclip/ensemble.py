@@ -247,7 +247,8 @@ class LatentEnsemble(nn.Module):
 
     # -- rewards
     def value(self, name: str, embs: Mapping[str, torch.Tensor], txt: torch.Tensor | None = None) -> torch.Tensor:
-        """The (B,) value of head ``name`` (cos, logit_scale.exp() * cos, or the MLP) on normalised embeddings."""
+        """The (B,) value of head ``name`` (cos, logit_scale.exp() * cos, or the MLP) on normalised embeddings;
+        (B, T), one per latent frame, for a video space's clips (embeddings (B, T, D), ``txt`` one row per clip)."""
         h, form = self.head(name), self.forms[name]
         if h.get("base") is not None:
             mlp = self.mlp[name]
@@ -255,7 +256,10 @@ class LatentEnsemble(nn.Module):
             return mlp(F.normalize(embs[h["base"]].float(), dim=-1).to(w.dtype)).float().squeeze(-1)
         if txt is None:
             raise ValueError(f"head {name!r} scores an image against a prompt: pass its text features")
-        cos = (embs[name].float() * txt.float()).sum(-1)
+        emb = embs[name]
+        if emb.ndim == 3:  # per latent frame: each clip's text row against all its frames
+            txt = txt[:, None]
+        cos = (emb.float() * txt.float()).sum(-1)
         if form.form == "logit":
             return self.logit_scale[name].float().exp() * cos
         return cos

@@ -594,13 +594,15 @@ class RewardEnsemble:
     ``heads()`` one ReNO reward per weighted head (``.name``, ``.weighting``) for loops that take a list of
     rewards: the heads share one trunk forward per latents tensor. Text features are cached per head (least
     recently used first out, ``text_cache_size`` prompts each). ``space`` / ``resize``: as
-    ``LatentCLIPReward``'s."""
+    ``LatentCLIPReward``'s. On a video space's clips every head scores each latent frame and its per-frame
+    values are pooled per clip (``pooling``, :data:`POOLINGS`) before the loss; ``frame_scores`` gives them
+    unpooled."""
 
     name = "ensemble"
     reads_latents = True
 
     def __init__(self, model, weights: Mapping[str, float], *, space: str = "diffusion", resize=None,
-                 text_cache_size: int = TEXT_CACHE_SIZE):
+                 text_cache_size: int = TEXT_CACHE_SIZE, pooling: str = "mean"):
         from .ensemble import LatentEnsemble
 
         if not isinstance(model, LatentEnsemble):
@@ -617,6 +619,7 @@ class RewardEnsemble:
         self.weights = {h: inputs.check_number(w, f"weights[{h!r}]", minimum=0) for h, w in weights.items()}
         self.model = model.requires_grad_(False).eval()
         self.space, self.resize, self.text_cache_size = space, resize, text_cache_size
+        self.pooling = check_pooling(pooling)
         self.weighting = 1.0
         self._text_cache: dict[str, OrderedDict] = {h: OrderedDict() for h in model.clip_heads}
         self._last = None  # (latents, version, noise_level, embeddings): the forward the heads() share
@@ -659,7 +662,11 @@ class RewardEnsemble:
                 if prompts is None:
                     raise ValueError(f"head {h!r} scores against a prompt: pass one")
                 txt = self.text_features(h, prompts).to(latents.device)
-            out[h] = (self.model.score if kind == "score" else self.model.reward)(h, embs, txt)
+            value = self.model.value(h, embs, txt)  # (B,), or (B, T) for clips
+            if value.ndim == 2 and kind != "frames":
+                value = pool_frames(value, self.pooling)
+            form = self.model.forms[h]
+            out[h] = form.constant - value if kind in ("loss", "shared") else form.scale * value
         return out
 
     def losses(self, latents: torch.Tensor, prompt, noise_level=None) -> dict[str, torch.Tensor]:
@@ -674,6 +681,10 @@ class RewardEnsemble:
         """Every head's (B,) value in its teacher's own scale (cos, logit_scale.exp() * cos, the MLP), times
         its score scaling; differentiable w.r.t. ``latents``. ``prompts``: one, or one per latent."""
         return self._values(self.model.head_names, latents, prompts, noise_level, "score")
+
+    def frame_scores(self, latents: torch.Tensor, prompts=None, noise_level=None) -> dict[str, torch.Tensor]:
+        """A video space's clips: every head's per-frame values (B, T) in its teacher's own scale, unpooled."""
+        return self._values(self.model.head_names, latents, prompts, noise_level, "frames")
 
     def heads(self) -> list:
         """One ReNO reward per weighted head (``name`` the head's, ``weighting`` its weight): ReNO's list of
