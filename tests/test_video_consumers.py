@@ -75,6 +75,8 @@ def test_zero_shot_of_a_clip_is_the_softmax_of_its_pooled_frame_logits(world, po
             tokens = ltx_pack_latents(z)
             torch.testing.assert_close(clf.probs(tokens, frames=space.video_frames(3), height=4, width=4),
                                        clf.probs(z), rtol=0, atol=0)
+            predicted = clf.predict(tokens, frames=space.video_frames(3), height=4, width=4)
+            assert predicted.tolist() == want.argmax(-1).tolist()
     # the pooling is not decoration: the other one gives other probabilities
     other = hand_logits(name, vae, model, z, "min" if pool == "mean" else "mean")[0]
     assert (other.softmax(-1) - want.softmax(-1)).abs().max() > 1e-4
