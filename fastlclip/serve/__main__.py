@@ -109,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send")
     p.add_argument("--resize", choices=("none", "interpolate", "pool"), default="none",
                    help="policy for latent grids other than the trained one (fastlclip.grids)")
+    p.add_argument("--pooling", choices=("mean", "min"),
+                   help="a video space's model: how a clip's per-frame cosines pool to its score (default mean)")
     p.add_argument("--head-weight", type=head_weight, action="append", metavar="NAME=W", dest="head_weights",
                    help="a reward ensemble's default weight for head NAME (repeat; heads not named weigh 1); requests "
                         "may send their own in metadata 'head_weights'")
@@ -261,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.error(str(e))
     trunk = model.trunk if ensemble else model
+    if args.pooling is not None and (ensemble or not trunk.video):
+        p.error(f"--pooling is for a model on a video space (fastlclip.list_vaes(video=True)); this model reads "
+                f"{trunk.cfg.vae_name!r} images")
     v = trunk.cfg.vision
     if args.max_body_mb * 2**20 < (need := min_body_bytes(v.latent_channels, v.latent_size)):
         p.error(f"--max-body-mb {args.max_body_mb:g} is too small for one request: one float32 "
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if ensemble:
         reward = fastlclip.RewardEnsemble(model, weights, resize=resize, text_cache_size=args.text_cache_size)
     else:
-        reward = fastlclip.LatentCLIPReward(model, text_cache_size=args.text_cache_size)
+        reward = fastlclip.LatentCLIPReward(model, text_cache_size=args.text_cache_size,
+                                            pooling=args.pooling or "mean")
     app = create_app(reward, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                      max_body_mb=args.max_body_mb, max_queue=args.max_queue, token=token,
                      body_timeout_s=args.body_timeout_s)
