@@ -191,6 +191,8 @@ def test_predict_and_probs_hand_their_arguments_to_logits(noise_aware, monkeypat
     torch.testing.assert_close(clf.probs(z, space="vae", resize="interpolate", noise_level=0.1)[0],
                                torch.tensor([1 / (1 + math.e), math.e / (1 + math.e)]))
     clf.predict(z, height=16, width=8)  # a packed space's latent height and width (issue 33)
-    assert seen == [{"space": "vae", "resize": "pool", "noise_level": 0.3, "height": None, "width": None},
-                    {"space": "vae", "resize": "interpolate", "noise_level": 0.1, "height": None, "width": None},
-                    {"space": "diffusion", "resize": MODEL_DEFAULT, "noise_level": None, "height": 16, "width": 8}]
+    assert seen == [{"space": "vae", "resize": "pool", "noise_level": 0.3, "height": None, "width": None, "frames": None},
+                    {"space": "vae", "resize": "interpolate", "noise_level": 0.1, "height": None, "width": None,
+                     "frames": None},
+                    {"space": "diffusion", "resize": MODEL_DEFAULT, "noise_level": None, "height": 16, "width": 8,
+                     "frames": None}]
