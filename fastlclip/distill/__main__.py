@@ -90,8 +90,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", choices=("eager", "triton"), default="eager", help="triton: the fused kernels")
     r.add_argument("--device", help="default: cuda (LOCAL_RANK's GPU) if available, else cpu")
 
-    e = sub.add_parser("eval", help="held-out cosine and zero-shot agreement with the teacher (JSON on stdout); "
-                                    "with --teacher-spec, an ensemble's per-head table against its teacher set")
+    e = sub.add_parser("eval", help="held-out cosine and zero-shot agreement with the teacher (JSON on stdout; video "
+                                    "targets: per frame, per clip, within clip, also as a table on stderr); with "
+                                    "--teacher-spec, an ensemble's per-head table against its teacher set")
     e.add_argument("checkpoint", metavar="CHECKPOINT", help="a student's final.safetensors (an ensemble file with "
                                                             "--teacher-spec)")
     e.add_argument("targets", metavar="TARGETS", help="a targets folder")
@@ -265,8 +266,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.ens_out is not None:
                 print(f"[fastlclip.distill] report -> {args.ens_out}", file=sys.stderr)
             return 0
-        print(json.dumps(evaluate(args.checkpoint, args.targets, args.classes, holdout=args.holdout,
-                                  device=args.device), indent=2))
+        result = evaluate(args.checkpoint, args.targets, args.classes, holdout=args.holdout, device=args.device)
+        if "video" in result:  # the table on stderr: stdout stays JSON
+            from .evaluate import video_table
+
+            print(video_table(result), file=sys.stderr)
+        print(json.dumps(result, indent=2))
         return 0
     except ValueError as e:  # settings that only the data can refute (shapes, VAE, embed_dim)
         return fail(f"{prog}: error: {e}")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import read_checkpoint
-from .targets import read_targets
+from .targets import read_targets, registered
 from .train import DISTILL_META_KEY, Student, noise_shape
 
 NOISE_LEVELS = (0.25, 0.5, 0.75)
@@ -29,7 +29,8 @@ def evaluate(checkpoint, targets, classes: Sequence[str] | None = None, *, templ
     student must clear; with ``classes``, ``zeroshot_agreement``: the fraction of rows whose top-1 class over
     ``templates`` prompts (the student's text tower, which is the teacher's) is the same for both embeddings.
     A noise-aware student adds ``per_noise_level``: the same figures on ``x_s = (1 - s) x + s eps`` (fixed
-    noise, ``seed``) for each ``s`` in ``noise_levels``.
+    noise, ``seed``) for each ``s`` in ``noise_levels``. A video folder's rows are latent frames (held out by
+    clip); its figures add ``video`` (:func:`video_figures`: per frame, per clip, within-clip agreement).
 
     ``holdout``: the held-out fraction (default: the one the student was trained with, from the checkpoint's
     metadata; 0 evaluates every row, e.g. a separate targets folder).
@@ -70,11 +71,16 @@ def evaluate(checkpoint, targets, classes: Sequence[str] | None = None, *, templ
                     embs[s].append(student(raw, torch.full((len(raw),), float(s), device=device), eps).float())
         mean = F.normalize(teacher.mean(0), dim=0)
 
+        video = rows.clips is not None
+        prompt_text = _prompt_texts(model, rows) if video else None
+
         def figures(emb: torch.Tensor) -> dict:
             out = {"cosine": (emb * teacher).sum(-1).mean().item()}
             if text is not None:
                 same = (emb @ text.T).argmax(1) == (teacher @ text.T).argmax(1)
                 out["zeroshot_agreement"] = same.float().mean().item()
+            if video:
+                out["video"] = video_figures(emb, teacher, mean, rows, text, prompt_text)
             return out
 
         result = {"rows": len(rows), **figures(torch.cat(embs[None])),
@@ -84,16 +90,94 @@ def evaluate(checkpoint, targets, classes: Sequence[str] | None = None, *, templ
         return result
 
 
+def _prompt_texts(model, rows) -> torch.Tensor | None:
+    """The normalised text embedding of each row's kept prompt (zeros where a clip has none), or None when the
+    folder kept no prompt."""
+    if rows.prompts is None or not any(rows.prompts):
+        return None
+    unique = sorted({p for p in rows.prompts if p})
+    emb = dict(zip(unique, F.normalize(model.encode_text(unique).float(), dim=-1).cpu()))
+    zero = torch.zeros(next(iter(emb.values())).shape)
+    return torch.stack([emb[p] if p else zero for p in rows.prompts])
+
+
+def video_figures(student: torch.Tensor, teacher: torch.Tensor, mean: torch.Tensor, rows, text, prompt_text) -> dict:
+    """A video folder's figures (its rows are latent frames, ``rows.clips`` / ``rows.frames``):
+
+    - ``per_frame``: cosine to the target and the mean-embedding baseline's, over all latent frames and per index
+      ``t`` (``by_t``);
+    - ``per_clip``: the clip's pooled embeddings (the normalised mean of its frames', student and target) compared,
+      and the baseline's cosine to the pooled target;
+    - ``within_clip``: ``agreement.pairwise_agreement`` of the student's text cosines with the target's over the
+      pairs of latent frames of one clip, per text (each class prompt, and the clip's kept prompt): 1 when every
+      pair is ordered as the teacher orders it, 0.5 chance (and the constant baseline's, exactly); None without
+      class names or prompts.
+    """
+    from .agreement import pairwise_agreement
+
+    student, teacher, mean = student.cpu().double(), teacher.cpu().double(), mean.cpu().double()
+    ids = {c: i for i, c in enumerate(dict.fromkeys(rows.clips))}
+    clip = torch.tensor([ids[c] for c in rows.clips])
+    t = rows.frames.cpu()
+    n = len(ids)
+
+    def pooled(e: torch.Tensor) -> torch.Tensor:
+        return F.normalize(torch.zeros(n, e.shape[1], dtype=e.dtype).index_add_(0, clip, e), dim=-1)
+
+    cos, base = (student * teacher).sum(-1), teacher @ mean
+    steps = sorted(set(t.tolist()))
+    out = {"clips": n, "latent_frames": len(steps),
+           "per_frame": {"cosine": cos.mean().item(), "baseline_cosine": base.mean().item(),
+                         "by_t": [cos[t == i].mean().item() for i in steps],
+                         "baseline_by_t": [base[t == i].mean().item() for i in steps]}}
+    target_clip = pooled(teacher)
+    out["per_clip"] = {"cosine": (pooled(student) * target_clip).sum(-1).mean().item(),
+                       "baseline_cosine": (target_clip @ mean).mean().item()}
+    s_rewards, t_rewards, groups = [], [], []
+    if text is not None:
+        k = len(text)
+        text = text.cpu().double()
+        s_rewards.append((student @ text.T).flatten())
+        t_rewards.append((teacher @ text.T).flatten())
+        groups.append((clip[:, None] * k + torch.arange(k)).flatten())
+    if prompt_text is not None:
+        has = prompt_text.abs().sum(-1) > 0
+        p = prompt_text.double()[has]
+        s_rewards.append((student[has] * p).sum(-1))
+        t_rewards.append((teacher[has] * p).sum(-1))
+        groups.append(clip[has] + n * (len(text) if text is not None else 0))
+    out["within_clip"] = None
+    if s_rewards:
+        got = pairwise_agreement(torch.cat(s_rewards), torch.cat(t_rewards), torch.cat(groups))
+        out["within_clip"] = {"agreement": got["agreement"], "pairs": got["pairs"], "chance": 0.5}
+    return out
+
+
+def video_table(result: dict) -> str:
+    """``evaluate``'s video figures as a table: a row per frame, per clip and within clip (student, baseline)."""
+    v = result["video"]
+    f = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+    lines = [f"{'':<13}{'student':>9}{'baseline':>10}",
+             f"{'per frame':<13}{f(v['per_frame']['cosine']):>9}{f(v['per_frame']['baseline_cosine']):>10}"]
+    for i, (a, b) in enumerate(zip(v["per_frame"]["by_t"], v["per_frame"]["baseline_by_t"])):
+        lines.append(f"{'  t=' + str(i):<13}{f(a):>9}{f(b):>10}")
+    lines.append(f"{'per clip':<13}{f(v['per_clip']['cosine']):>9}{f(v['per_clip']['baseline_cosine']):>10}")
+    w = v["within_clip"]
+    lines.append(f"{'within clip':<13}{f(None if w is None else w['agreement']):>9}{f(0.5 if w else None):>10}")
+    return "\n".join(lines)
+
+
 def _vae_key(cfg: dict) -> str:
     """A VAE config as compared: its settings, without diffusers' bookkeeping keys (``_name_or_path``, ...)."""
     return json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, sort_keys=True, default=str)
 
 
 def _stats_key(stats) -> tuple | None:
-    """A FLUX.2 VAE's statistics as compared: the numbers, not where they were read."""
+    """A VAE's statistics from its weights (FLUX.2's, LTX-Video's) as compared: the numbers, not where they were
+    read."""
     if not isinstance(stats, dict):
         return None
-    return tuple(stats.get("running_mean") or ()), tuple(stats.get("running_var") or ())
+    return tuple((k, tuple(v)) for k, v in sorted(stats.items()) if isinstance(v, list))
 
 
 def _describe(cfg: dict, stats) -> str:
@@ -119,13 +203,11 @@ def check_same_vae(model, info: dict, checkpoint, targets) -> None:
     (class, channels, scaling, shift, per-channel statistics, layout), the same statistics from the weights
     (FLUX.2's ``vae_stats``) and, when both are registered names, the same name. A student scored on latents of
     another VAE with the same channel count gives figures that mean nothing."""
-    from .. import vaes
-
     theirs = info.get("vae_cfg")
     if not isinstance(theirs, dict):
         raise ValueError(f"{targets}: its run.json records no vae_cfg: remake the targets with this version")
     name, label = model.cfg.vae_name, info.get("vae")
-    both_named = name in vaes.list_vaes() and label in vaes.list_vaes()
+    both_named = registered(name) and registered(label)
     ours = dict(model.cfg.vae)
     if (_vae_key(ours) != _vae_key(theirs) or (both_named and name != label)
             or (ours.get("_class_name") or "AutoencoderKL") != (theirs.get("_class_name") or "AutoencoderKL")

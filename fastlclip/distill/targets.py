@@ -28,6 +28,18 @@ on another teacher's embedding. ``run.json`` lists every teacher (``teachers``: 
 reward form, preprocessing); a folder made with another teacher set is refused (there is no add-a-column run:
 make a new folder).
 
+**Video** (a video VAE, ``fastlclip.list_vaes(video=True)``): shards of latent clips ``(C, T, h, w)`` (VAE or
+diffusion space; every clip of a run has the first one's ``T``). Each clip is decoded once as its pipeline does
+(``vaes.decode``: ``F = LatentSpace.video_frames(T)`` frames), the teacher embeds every decoded frame (its own
+preprocessing), and latent frame ``t``'s target is the normalised mean of the teacher's normalised embeddings of
+the frames it covers (``LatentSpace.frame_span(t)``). A target file keeps one row per clip (the corpus writes one
+row per sample: resume, manifest and bad-sample records stay per clip, and a clip is held out whole):
+``embedding`` holds its ``T`` targets (``T * embed_dim`` wide, frame-major) and ``latent`` the VAE-space clip;
+``run.json`` records ``latent_shape`` ``[C, T, h, w]`` and ``video`` (``latent_frames``, ``frames``,
+``temporal``, ``causal``, ``spans``). ``read_targets`` gives one row per latent frame (``(C, h, w)`` latents,
+keys ``<clip>@<t>``, ``Targets.clips`` / ``Targets.frames``), so a student is an ordinary one-frame tower.
+Not supported for video: image / frame shards, mp4, LTX-Video's packed tokens as shards, teacher sets.
+
 **Prompts**: when a shard's samples carry a ``txt`` member (or a ``json`` one with ``prompt`` / ``caption`` /
 ``txt`` / ``text``; Parquet shards: such a string column), they are kept in ``prompts/<shard>.parquet``
 (``key``, ``prompt``) beside the targets, written when the shard's targets are, and read back by
@@ -47,6 +59,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import corpus, vaes
 from ..corpus.engines import ENGINES, rank_split, run_local, run_ray
@@ -59,6 +72,12 @@ from . import teachers as ensemble
 KIND = "fastlclip.distill targets"
 
 
+def registered(vae) -> bool:
+    """Whether ``vae`` is a registered VAE name, image (``fastlclip.list_vaes()``) or video
+    (``list_vaes(video=True)``)."""
+    return isinstance(vae, str) and (vae in vaes.list_vaes() or vae in vaes.list_vaes(video=True))
+
+
 def vae_config(vae) -> dict[str, Any]:
     """The diffusers config of ``vae`` (a registered name, a diffusers folder or a module), without building it; a
     module's carries its ``_class_name`` (which its ``.config`` lacks), so the class is known from the config."""
@@ -66,7 +85,7 @@ def vae_config(vae) -> dict[str, Any]:
         cfg = json.loads(json.dumps(dict(vaes.check_depth(dict(vae.config), "the VAE module's config")), default=list))
         vaes.latent_space(vae)  # its channels and constants (a FLUX.2 VAE's from its batch norm)
         return {"_class_name": type(vae).__name__, **cfg}
-    if isinstance(vae, str) and vae in vaes.list_vaes():
+    if registered(vae):
         return vaes.get_vae_config(vae)
     path = Path(vae)
     for p in (path / "config.json", path / "vae" / "config.json"):
@@ -79,7 +98,8 @@ def vae_config(vae) -> dict[str, Any]:
             else:
                 vaes.latent_space({"latent_channels": 4, **cfg, "_name_or_path": str(p)})  # 4: diffusers' default
             return cfg
-    raise ValueError(f"vae {str(vae)!r} is neither a registered VAE ({vaes.list_vaes()}) nor a diffusers folder "
+    raise ValueError(f"vae {str(vae)!r} is neither a registered VAE ({vaes.list_vaes()}; video: "
+                     f"{vaes.list_vaes(video=True)}) nor a diffusers folder "
                      "with a config.json")
 
 
@@ -90,7 +110,7 @@ def vae_stats(vae, cfg: dict) -> dict | None:
     cls = cfg.get("_class_name")
     if cls not in vaes.STATS_IN_WEIGHTS:
         return None
-    if isinstance(vae, str) and vae in vaes.list_vaes():
+    if registered(vae):
         raise ValueError(f"vae {vae!r}: {cls}'s latent statistics ({' / '.join(vaes.STATS_IN_WEIGHTS[cls])}) live in "
                          "its weights, and a registered name has none (its VAE would be random): pass the VAE's "
                          "diffusers folder (config.json + diffusion_pytorch_model.safetensors) or the loaded module")
@@ -121,6 +141,7 @@ class TargetSpec:
     described: list | None = None  # their ``Teacher.describe()``, set once by ``make_targets``
     vae_stats: dict | None = None  # the statistics a FLUX.2 VAE keeps in its weights (``vae_stats``)
     latent_shape: tuple | None = None  # the stored VAE latent's shape where it is not ``shape`` (patchified input)
+    video: dict | None = None  # a video space's temporal layout (``video_layout``)
 
     def build(self, device: str | None = None) -> "TargetScorer":
         return TargetScorer(self, device)
@@ -137,6 +158,8 @@ class TargetSpec:
             d["vae_stats"] = self.vae_stats
         if self.latent_shape is not None and tuple(self.latent_shape) != tuple(self.shape):
             d["input_shape"] = list(self.shape)
+        if self.video is not None:
+            d["video"] = self.video
         if self.teachers is not None:  # single-teacher folders keep their identity (no key added)
             d.update(teacher=None, teacher_pretrained=None, teacher_config=None, teachers=self.described)
         return json.loads(json.dumps(d, default=str))
@@ -178,6 +201,8 @@ class TargetScorer:
             self.teacher.to(dtype)
             self.embed_dim = int(self.teacher.visual.output_dim)
         self.device = torch.device(device)
+        if self.space.video:  # the writer's embedding column: T targets per clip, frame-major
+            self.embed_dim *= self.shape[1]
 
     def columns(self) -> list[str]:
         if self.teachers is not None:
@@ -188,6 +213,13 @@ class TargetScorer:
         """A latent of the shards' shape (a grid, or packed tokens), or an image resized and centre-cropped to
         ``image_size`` (in [0, 1])."""
         size = self.spec.image_size
+        if size is None and self.space.video:
+            try:
+                return check_sample(sample, self.shape)
+            except BadSample as e:
+                raise BadSample(f"{e}: the video space {self.spec.video['space']} takes clips (C, T, h, w); this run's "
+                                f"clips are {self.shape} (T = {self.shape[1]} latent frames); make clips of another T "
+                                "their own run (another --out)") from None
         if size is None:
             return check_sample(sample, self.shape)
         if sample.error is not None:
@@ -208,6 +240,9 @@ class TargetScorer:
                 raw = self.space.to_vae(self.space.grid(raw))  # packed tokens: a square grid
             images = vaes.decode(self.vae, raw)  # the one decode, for every teacher
         latent = raw.half().flatten(1).cpu().numpy()
+        if self.space.video:
+            return {"embedding": video_targets(self.teacher, images, self.space, raw.shape[2]).half().flatten(1)
+                    .cpu().numpy(), "latent": latent}
         if self.teachers is None:
             emb = single.embed_images(self.teacher, images)
             return {"embedding": emb.half().cpu().numpy(), "latent": latent}
@@ -216,6 +251,25 @@ class TargetScorer:
         else:
             pixels = ((images.float() + 1) / 2).clamp(0, 1)
         return {**embed_columns(self.teachers.values(), pixels), "latent": latent}
+
+
+FRAME_CHUNK = 256  # decoded frames per teacher forward
+
+
+def video_targets(teacher, frames: torch.Tensor, space, latent_frames: int) -> torch.Tensor:
+    """Per-latent-frame targets ``(B, T, D)`` (float32) of decoded clips ``frames`` ``(B, 3, F, H, W)`` in [-1, 1]:
+    the teacher's normalised embedding of every frame, and for latent frame ``t`` the normalised mean of those of
+    the frames ``space.frame_span(t)`` covers. A decode of another frame count than ``space.video_frames(T)`` is
+    an error naming the space."""
+    b, _, f, h, w = frames.shape
+    want = space.video_frames(latent_frames)
+    if f != want:
+        raise ValueError(f"the video space {space.name!r} decodes {latent_frames} latent frames to {want} frames, this "
+                         f"VAE gave {f}: its config does not describe the space's temporal layout")
+    flat = frames.transpose(1, 2).reshape(b * f, 3, h, w)
+    emb = torch.cat([single.embed_images(teacher, c) for c in flat.split(FRAME_CHUNK)]).view(b, f, -1)
+    spans = [space.frame_span(t) for t in range(latent_frames)]
+    return F.normalize(torch.stack([emb[:, a:z].mean(1) for a, z in spans], 1), dim=-1)
 
 
 def teacher_columns(teachers) -> list[str]:
@@ -251,22 +305,57 @@ def _vae_shape(shape: tuple, space, label: str) -> tuple[int, ...]:
                          f"hold ({e}): wrong --vae or --space for them") from None
 
 
-def _first_sample(shards: list[str], member, column) -> torch.Tensor:
-    """The first readable latent (a grid, or packed ``(L, D)`` tokens) or image of the shards (latent members
-    first, then images)."""
+def _first_sample(shards: list[str], member, column, video: bool = False) -> torch.Tensor:
+    """The first readable latent (a grid, or packed ``(L, D)`` tokens; ``video``: a clip ``(C, T, h, w)`` too) or
+    image of the shards (latent members first, then images)."""
     wanted = member or (*DEFAULT_MEMBERS, *IMAGE_MEMBERS)
+    ranks = (2, 3, 4) if video else (2, 3)
     for shard in shards:
         try:
             for sample in read_shard(shard, member=wanted, column=column):
                 x = sample.latent
-                if x is not None and x.ndim == 4 and x.shape[0] == 1:
+                if x is not None and x.ndim == max(ranks) + 1 and x.shape[0] == 1:
                     x = x[0]
-                if x is not None and x.ndim in (2, 3):
+                if x is not None and x.ndim in ranks:
                     return x
         except ShardError:
             continue
     raise ValueError("no readable (C, H, W) latent, (L, D) packed tokens or image in the input shards: can't tell "
                      "their shape")
+
+
+def space_words(vae, cfg: dict, space) -> str:
+    """A video space in words for messages: its registered name, or its class; channels, factors, causality."""
+    name = repr(vae) if registered(vae) else cfg.get("_class_name", "a VAE")
+    return (f"{name} ({space.channels} channels, {vaes.vae_factor(cfg)}x spatial, {space.temporal}x temporal"
+            + (", causal)" if space.causal else ")"))
+
+
+def video_layout(space, shape: tuple, words: str, layout: str) -> dict:
+    """The temporal layout of a video run whose shards hold ``shape`` (``layout``: ``"vae"`` or ``"diffusion"``),
+    checked: clips ``(C, T, h, w)`` of the space's channels. Single frames, packed tokens, other channel counts
+    are errors naming the space (``words``: :func:`space_words`) and the fix."""
+    c = space.diffusion_channels if layout == "diffusion" else space.channels
+    label = f"the video space {words}"
+    if len(shape) == 3:
+        raise ValueError(f"the shards' latents are {shape}, single frames; {label} takes clips ({c}, T, h, w): store "
+                         "each clip whole (one frame: shape (C, 1, h, w))")
+    if len(shape) == 2:
+        raise ValueError(f"the shards' latents are {shape}, packed tokens; {label} takes the grid ({c}, T, h, w) in "
+                         "targets: unpack them (the pipeline's _unpack_latents) before writing the shards")
+    if len(shape) != 4 or shape[0] != c:
+        raise ValueError(f"the shards' latents are {shape}; {label} takes clips ({c}, T, h, w) in {layout} space: "
+                         "wrong --vae or --space for them")
+    t = shape[1]
+    return {"space": words, "latent_frames": t, "frames": space.video_frames(t), "temporal": space.temporal,
+            "causal": space.causal, "spans": [list(space.frame_span(i)) for i in range(t)]}
+
+
+def row_shape(info: dict) -> tuple[int, int, int]:
+    """The shape of one training row's latent in a targets folder (its ``run.json``): the VAE latent ``(C, h, w)``,
+    a video run's latent frame (``latent_shape`` ``[C, T, h, w]`` without ``T``)."""
+    shape = list(info["latent_shape"])
+    return tuple(shape[:1] + shape[2:]) if info.get("video") else tuple(shape)
 
 
 def _downsampling(cfg: dict) -> int:
@@ -318,6 +407,10 @@ def make_targets(shards, out, *, vae, teacher=None, teacher_pretrained=None, tea
         teacher_config = vaes.read_json_file(teacher_config, "teacher config")
     cfg = vae_config(vae)
     stats = vae_stats(vae, cfg)
+    lspace = vaes.latent_space(cfg, stats=stats) if cfg.get("_class_name") in vaes.VIDEO_CLASSES else None
+    if lspace is not None and teachers is not None:
+        raise ValueError(f"vae {_vae_label(vae)!r} is the video space {space_words(vae, cfg, lspace)}: a teacher "
+                         "set's targets are not supported on video; pass teacher= (one teacher)")
     described = None
     if teachers is not None:
         teachers = [t if isinstance(t, ensemble.TeacherSpec) else ensemble.parse_teacher_spec(t) for t in teachers]
@@ -327,10 +420,17 @@ def make_targets(shards, out, *, vae, teacher=None, teacher_pretrained=None, tea
         del built
     elif not isinstance(teacher, torch.nn.Module):
         single.load_teacher(teacher, teacher_pretrained, teacher_config)  # a bad name or file fails before work
-    first = _first_sample(shard_list, member, column)
+    first = _first_sample(shard_list, member, column, video=lspace is not None)
     channels, factor = vaes.vae_channels(cfg), _downsampling(cfg)
-    latent_shape = None
-    if first.dtype == torch.uint8:  # image shards
+    latent_shape = video = None
+    if lspace is not None:
+        if first.dtype == torch.uint8:
+            raise ValueError(f"the shards hold images; the video space {space_words(vae, cfg, lspace)} makes "
+                             "targets from latent clips (C, T, h, w): encode the videos first (vaes.encode)")
+        shape = tuple(int(s) for s in first.shape)
+        video = video_layout(lspace, shape, space_words(vae, cfg, lspace), space)
+        image_size = None
+    elif first.dtype == torch.uint8:  # image shards
         if image_size is None:
             image_size = min(first.shape[-2:]) // factor * factor
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < factor or image_size % factor:
@@ -351,7 +451,7 @@ def make_targets(shards, out, *, vae, teacher=None, teacher_pretrained=None, tea
     spec = TargetSpec(vae=vae, teacher=teacher, teacher_pretrained=None if teacher_pretrained is None
                       else str(teacher_pretrained), teacher_config=teacher_config, space=space, shape=shape,
                       vae_cfg=cfg, image_size=image_size, device=device, dtype=dtype, teachers=teachers,
-                      described=described, vae_stats=stats, latent_shape=latent_shape)
+                      described=described, vae_stats=stats, latent_shape=latent_shape, video=video)
     mine = shard_list if engine == "ray" else rank_split(shard_list)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -511,7 +611,8 @@ class Targets:
     (N, D) float16 (a teacher set's folder: the chosen teacher's), and the folder's ``info`` (its ``run.json``).
     A teacher set's folder also fills ``columns`` (teacher name -> (N, D) float16 embeddings, every CLIP
     teacher) and ``scores`` (head name -> (N,) float32); ``prompts``: the kept prompts, one per row (None where
-    a sample had none), or None when the folder kept none."""
+    a sample had none), or None when the folder kept none. A video folder has a row per latent frame: ``clips``
+    (each row's clip key) and ``frames`` ((N,) its latent frame index ``t``); None for image folders."""
 
     keys: list[str]
     latents: torch.Tensor
@@ -520,13 +621,15 @@ class Targets:
     columns: dict = field(default_factory=dict)
     scores: dict = field(default_factory=dict)
     prompts: list | None = None
+    clips: list | None = None
+    frames: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def split(self, holdout: float) -> tuple["Targets", "Targets"]:
-        """(training rows, held-out rows)."""
-        held = torch.tensor([is_holdout(k, holdout) for k in self.keys], dtype=torch.bool)
+        """(training rows, held-out rows); a video folder's clips are held out whole (the split is by clip key)."""
+        held = torch.tensor([is_holdout(k, holdout) for k in (self.clips or self.keys)], dtype=torch.bool)
         return self.subset(~held), self.subset(held)
 
     def subset(self, mask: torch.Tensor) -> "Targets":
@@ -534,7 +637,9 @@ class Targets:
         rows = idx.tolist()
         return Targets([self.keys[i] for i in rows], self.latents[idx], self.embeddings[idx], self.info,
                        {k: v[idx] for k, v in self.columns.items()}, {k: v[idx] for k, v in self.scores.items()},
-                       None if self.prompts is None else [self.prompts[i] for i in rows])
+                       None if self.prompts is None else [self.prompts[i] for i in rows],
+                       None if self.clips is None else [self.clips[i] for i in rows],
+                       None if self.frames is None else self.frames[idx])
 
 
 def read_targets(folder, teacher: str | None = None) -> Targets:
@@ -599,7 +704,15 @@ def read_targets(folder, teacher: str | None = None) -> Targets:
     prompts = [kept.get(k) for k in keys] if kept else None
     columns = {c[len("embedding_"):]: tensors[c] for c in emb_cols} if described is not None else {}
     scores = {c[len("score_"):]: tensors[c] for c in score_cols}
-    return Targets(keys, torch.from_numpy(np.concatenate(lat)), tensors[chosen], info, columns, scores, prompts)
+    latents = torch.from_numpy(np.concatenate(lat))
+    if info.get("video"):  # a row per latent frame, clip-major
+        n, c, t = latents.shape[:3]
+        return Targets([f"{k}@{i}" for k in keys for i in range(t)],
+                       latents.transpose(1, 2).reshape(n * t, c, *latents.shape[3:]),
+                       tensors[chosen].reshape(n * t, -1), info,
+                       prompts=None if prompts is None else [p for p in prompts for _ in range(t)],
+                       clips=[k for k in keys for _ in range(t)], frames=torch.arange(t).repeat(n))
+    return Targets(keys, latents, tensors[chosen], info, columns, scores, prompts)
 
 
 def _check_finite(path: Path, keys: list[str], embeddings: np.ndarray, latents: np.ndarray,

@@ -37,7 +37,7 @@ from ..model import LatentCLIP
 from ..model_configs import ModelConfig, _REGISTRY, read_config_file
 from . import teacher as teachers
 from . import teacher as _teacher_module
-from .targets import Targets, read_targets
+from .targets import Targets, read_targets, registered, row_shape
 
 CHECKPOINT, FINAL, METRICS = "checkpoint.pt", "final.safetensors", "metrics.jsonl"
 DISTILL_META_KEY = "fastlclip_distill"
@@ -68,10 +68,8 @@ def resolve_student(student) -> dict[str, Any]:
 def with_targets_vae(cfg: dict[str, Any], info: dict) -> dict[str, Any]:
     """``cfg`` naming the VAE the targets were made with (its name when registered, else its embedded config), with
     the statistics a FLUX.2 VAE keeps in its weights (the targets' ``vae_stats``) when they have them."""
-    from .. import vaes
-
     cfg, vae = copy.deepcopy(cfg), info["vae"]
-    if vae in vaes.list_vaes():
+    if registered(vae):
         if cfg.get("vae", vae) != vae:
             raise ValueError(f"the student config names the VAE {cfg['vae']!r}, the targets were made with {vae!r}")
         cfg.pop("vae_cfg", None)
@@ -179,14 +177,21 @@ class Student(nn.Module):
     def forward(self, raw: torch.Tensor, s: torch.Tensor | None = None, eps: torch.Tensor | None = None):
         """``raw``: VAE latents; with ``s`` (B,) and ``eps`` (diffusion-space noise, ``noise_shape``), the noised
         ``(1 - s) z + s eps`` of their diffusion-space ``z`` (per channel for Qwen-Image / FLUX.2), which
-        ``encode_latents`` converts back to VAE space."""
+        ``encode_latents`` converts back to VAE space. A video space's rows are latent frames ``(C, h, w)``, read as
+        one-frame clips."""
         normalize = self.heads is None
+        video = self.model.latent_space.video
+        if video:
+            raw, eps = raw[:, :, None], None if eps is None else eps[:, :, None]
         if s is None:
             feats = self.model.encode_latents(raw, space="vae", normalize=normalize)
         else:
             z = self.model.latent_space.to_diffusion(raw)
-            x = (1 - s.view(-1, 1, 1, 1)) * z + s.view(-1, 1, 1, 1) * eps
+            level = s.view(-1, *([1] * (z.dim() - 1)))
+            x = (1 - level) * z + level * eps
             feats = self.model.encode_latents(x, space="diffusion", noise_level=s, normalize=normalize)
+        if video:
+            feats = feats[:, 0]
         if self.heads is None:
             return feats
         return {n: F.normalize(h(feats), dim=-1) for n, h in self.heads.items()}
@@ -383,7 +388,7 @@ def _vision_checks(cfg: dict, info: dict, noise_aware: bool) -> dict:
     v = cfg["vision_cfg"] = dict(cfg["vision_cfg"])
     if noise_aware:
         v["noise_aware"] = True
-    c, h, w = info["latent_shape"]
+    c, h, w = row_shape(info)
     _, vae_cfg = vaes.model_vae(cfg, "student config")
     factor = vaes.vae_factor(vae_cfg)
     space = f"{info.get('vae')!r} ({vae_cfg.get('_class_name', 'AutoencoderKL')}, {factor}x)"
