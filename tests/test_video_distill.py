@@ -228,3 +228,27 @@ def test_a_clip_of_another_T_is_a_bad_sample_naming_the_space_and_the_runs_T(wor
     report = _targets([tmp_path / "mixed.tar"], tmp_path / "raise", s["vae"], world["teacher"], on_error="raise")
     assert len(report.failed) == 1 and "sample '000001'" in report.failed[0]["error"] \
         and "the video space AutoencoderKLWan" in report.failed[0]["error"]
+
+
+def test_ltx_video_targets_record_its_weights_statistics_for_the_students_config(world, tmp_path):
+    """LTX-Video keeps its latent statistics in its weights: the targets' run.json records them (``vae_stats``), the
+    student's config carries them and reads one 4x4 latent frame of its 8x space (a 2x2 patch)."""
+    from fastlclip import vaes
+    from fastlclip.distill import read_targets
+    from fastlclip.distill.train import fit_student
+
+    vae = tv.tiny_vae("ltx-video")
+    shards, raw = VW.clip_shards(vae, tmp_path / "shards", 4, 4, latent_frames=2)
+    _targets(shards, tmp_path / "targets", vae, world["teacher"])
+    t = read_targets(tmp_path / "targets")
+    assert t.info["vae_stats"] == vaes.weight_stats(vae) and t.info["video"]["spans"] == [[0, 1], [1, 9]]
+    assert t.latents.shape == (8, 8, 4, 4)
+    want = VW.reference_targets(vae, world["teacher"], raw, [(0, 1), (1, 9)])  # F = 1 + 8 (T - 1)
+    assert (t.embeddings.double().view(4, 2, -1) - want).abs().max() < 2e-3
+    with pytest.raises(ValueError, match="'ltx-video': AutoencoderKLLTXVideo's latent statistics .* live in its "
+                                         "weights, and a registered name has none"):
+        _targets(shards, tmp_path / "named", "ltx-video", world["teacher"])
+    cfg = fit_student(dict(VW.STUDENT, vision_cfg=dict(VW.STUDENT["vision_cfg"], latent_factor=8)), t.info)
+    assert cfg["vae_stats"] == t.info["vae_stats"]
+    assert {k: cfg["vision_cfg"][k] for k in ("image_size", "latent_factor", "latent_n_channels", "patch_size")} == \
+        {"image_size": 32, "latent_factor": 8, "latent_n_channels": 8, "patch_size": 2}

@@ -72,12 +72,14 @@ def to_diffusion_reference(vae, raw: torch.Tensor) -> torch.Tensor:
 
 
 def clip_shards(vae, folder: Path, n: int, per_shard: int, seed: int = 2, diffusion: bool = False,
-                prompts: bool = False) -> tuple[list[Path], torch.Tensor]:
+                prompts: bool = False, latent_frames: int = LATENT_FRAMES) -> tuple[list[Path], torch.Tensor]:
     """``latent.npy`` shards of the latent clips (float32; ``diffusion``: in the pipeline's diffusion space) of
-    ``videos(n, 9, seed)``, clip ``i`` keyed ``{i:06d}`` (``prompts``: with a ``txt`` member); also returns their
-    float64 VAE latents ``(n, C, T, 8, 8)``."""
+    ``videos(n, 9, seed)`` (9 frames: 3 latent frames at 4x temporal, 2 at 8x; ``latent_frames`` says which),
+    clip ``i`` keyed ``{i:06d}`` (``prompts``: with a ``txt`` member); also returns their float64 VAE latents
+    ``(n, C, T, h, w)``."""
     folder.mkdir(parents=True, exist_ok=True)
-    raw = encode_clips(vae, videos(n, 1 + (LATENT_FRAMES - 1) * 4, seed))
+    raw = encode_clips(vae, videos(n, 9, seed))
+    assert raw.shape[2] == latent_frames, raw.shape
     stored = (to_diffusion_reference(vae, raw) if diffusion else raw).float().numpy()
     paths = []
     for s in range(0, n, per_shard):
