@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import tiny_video as tv
 import video_distill_world as VW
-from corpus_shards import npy_bytes, write_tar
+from corpus_shards import npy_bytes, png_bytes, write_tar
 
 N = 80  # wan2.1's clips: 2 shards of 40; 20% of the clips held out; a student trained on the rest
 SMALL = 8  # hunyuanvideo-1.5's clips (targets only: its tiny VAE decodes clip by clip, slowly)
@@ -183,13 +183,17 @@ def test_a_noise_aware_video_student_noises_each_latent_frame_in_diffusion_space
         got = Student(model, True)(raw, level, eps)
     assert (got - want).abs().max() < 1e-4
     final = distill.train(s["targets"], tmp_path / "run", student=dict(VW.STUDENT), teacher=world["teacher"],
-                          noise_aware=True, **dict(RUN, steps=4))
+                          noise_aware=True, **dict(RUN, steps=4, eval_every=4))
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(line["eval"]["cosine_at"]) == {"0.25", "0.5", "0.75"}
     per = distill.evaluate(final, s["targets"])["per_noise_level"]
     assert set(per) == {"0.25", "0.5", "0.75"} and all("per_clip" in v["video"] for v in per.values())
 
 
-def test_single_frames_other_channels_packed_tokens_and_image_shards_are_refused_naming_the_space(world, tmp_path):
+def test_single_frames_other_channels_packed_tokens_and_image_shards_are_refused_naming_the_space(world, tmp_path,
+                                                                                                 capsys):
     from fastlclip import distill
+    from fastlclip.distill.__main__ import main
 
     s = world["get"]("wan2.1")
     raw = s["raw"][:2].float().numpy()
@@ -208,6 +212,15 @@ def test_single_frames_other_channels_packed_tokens_and_image_shards_are_refused
     with pytest.raises(ValueError, match=space + ": a teacher set's targets are not supported on video"):
         distill.make_targets(s["shards"], tmp_path / "set", vae=s["vae"], teachers=["name=a,kind=open_clip,model=x"],
                              progress=False)
+    write_tar(tmp_path / "images.tar", [("000000", {"png": png_bytes(np.zeros((32, 32, 3), np.uint8))})])
+    with pytest.raises(ValueError, match="the shards hold images; " + space + " makes targets from latent clips"):
+        _targets([tmp_path / "images.tar"], tmp_path / "images", s["vae"], world["teacher"])
+    assert main(["targets", str(tmp_path / "frames.tar"), "--out", str(tmp_path / "cli"), "--vae", "wan2.1",
+                 "--teacher", "ViT-B-32"]) == 2  # before work: one line naming the registered space
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "single frames; the video space 'wan2.1' (16 channels, 8x spatial, 4x " \
+        "temporal, causal) takes clips (16, T, h, w)" in err, err
+    assert not (tmp_path / "cli").exists()
 
 
 def test_a_clip_of_another_T_is_a_bad_sample_naming_the_space_and_the_runs_T(world, tmp_path):

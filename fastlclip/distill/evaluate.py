@@ -96,7 +96,8 @@ def _prompt_texts(model, rows) -> torch.Tensor | None:
     if rows.prompts is None or not any(rows.prompts):
         return None
     unique = sorted({p for p in rows.prompts if p})
-    emb = dict(zip(unique, F.normalize(model.encode_text(unique).float(), dim=-1).cpu()))
+    texts = [model.encode_text(unique[i:i + 256]).float().cpu() for i in range(0, len(unique), 256)]
+    emb = dict(zip(unique, F.normalize(torch.cat(texts), dim=-1)))
     zero = torch.zeros(next(iter(emb.values())).shape)
     return torch.stack([emb[p] if p else zero for p in rows.prompts])
 
