@@ -65,6 +65,8 @@ from fastlclip.vaes import LatentSpace, latent_space
 from . import tiny as tiny_configs
 from .cli import Parser, writable_dir
 from .flops import BF16_BYTES, Work, _count
+from .profiles import default_out
+from .spaces import px_value
 from .provenance import run_record
 from .report import cpu_device, fmt, table, write_json
 
@@ -510,17 +512,6 @@ def measured_table(rows: list[dict], markdown: bool = False) -> str:
 
 
 # -- command line --------------------------------------------------------------------------------------------
-def px_value(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an image side in pixels, got {text!r}") from None
-    if not 64 <= value <= 4096 or value % 64:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 64 in [64, 4096] (the trunk's 8x8 patches over an 8x "
-                                         f"latent), got {text}")
-    return value
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="python -m bench.ensemble", description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--ensemble", nargs="+", choices=list(ENSEMBLES), help=f"default: {' '.join(ENSEMBLES)}")
@@ -541,19 +532,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def default_out(args: argparse.Namespace, device: torch.device) -> Path:
-    from .profiles import PROFILES_DIR, load_profiles, results_folder, select
-
-    if args.tiny:
-        return PROFILES_DIR / "results" / "cpu-smoke"
-    if not args.measure:
-        return PROFILES_DIR / "results" / "counts"
-    if device.type != "cuda":
-        return PROFILES_DIR / "results" / "cpu"
-    name = torch.cuda.get_device_name(device)
-    return PROFILES_DIR / "results" / results_folder(select("auto", name, load_profiles()).measured, name)
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -562,7 +540,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(msg, file=sys.stderr, flush=True)
 
     device = torch.device("cuda" if args.measure and torch.cuda.is_available() else "cpu")
-    out_dir = args.out or default_out(args, device)
+    out_dir = args.out or default_out(args.tiny, args.measure, device)
     progress("counting on the meta device ...")
     rows, components = count_rows(args.ensemble, args.px, args.space, args.tiny)
     what = "TINY STAND-INS (numbers mean nothing)" if args.tiny else "real sizes, meta device (no weights)"

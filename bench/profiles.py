@@ -119,3 +119,18 @@ def select(requested: str, device_name: str | None, profiles: dict[str, Profile]
            f"GPU's, labelled and priced as {detected.name if detected else 'the device name, unpriced'}, never as "
            f"{requested}'s; the {requested} profile is used only for its FLOP/byte floor{beside}.")
     return Selection(requested, device_name, [chosen, *([detected] if detected else [])], detected, msg)
+
+
+def default_out(tiny: bool, measure: bool, device) -> Path:
+    """Where a bench's results go without ``--out``: ``results/cpu-smoke`` for tiny stand-ins, ``results/counts``
+    for meta-device counts, ``results/cpu`` for a CPU measurement, the GPU's own folder on CUDA."""
+    if tiny:
+        return PROFILES_DIR / "results" / "cpu-smoke"
+    if not measure:
+        return PROFILES_DIR / "results" / "counts"
+    if device.type != "cuda":
+        return PROFILES_DIR / "results" / "cpu"
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return PROFILES_DIR / "results" / results_folder(select("auto", name, load_profiles()).measured, name)

@@ -61,6 +61,7 @@ from fastlclip import vaes
 
 from . import flops
 from .cli import Parser, writable_dir
+from .profiles import default_out
 from .provenance import run_record
 from .report import cpu_device, fmt, table, write_json
 
@@ -300,19 +301,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def default_out(args: argparse.Namespace, device: torch.device) -> Path:
-    from .profiles import PROFILES_DIR, load_profiles, results_folder, select
-
-    if args.tiny:
-        return PROFILES_DIR / "results" / "cpu-smoke"
-    if not args.measure:
-        return PROFILES_DIR / "results" / "counts"
-    if device.type != "cuda":
-        return PROFILES_DIR / "results" / "cpu"
-    name = torch.cuda.get_device_name(device)
-    return PROFILES_DIR / "results" / results_folder(select("auto", name, load_profiles()).measured, name)
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -321,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(msg, file=sys.stderr, flush=True)
 
     device = torch.device("cuda" if args.measure and torch.cuda.is_available() else "cpu")
-    out_dir = args.out or default_out(args, device)
+    out_dir = args.out or default_out(args.tiny, args.measure, device)
     clips = [(SHORT_CLIPS if args.tiny else CLIPS)[k] for k in args.clips]
     progress("counting on the meta device (Wan 2.1's full clip: about a minute) ...")
     rows = [count_row(c) for c in clips]

@@ -46,6 +46,16 @@ def check_latent_batch(latents: torch.Tensor, *, channels: int, expects: str, rg
         raise ValueError(f"latents contain NaN or Inf; {finite_hint}")
 
 
+def check_float_tensor(latents) -> None:
+    """``latents`` is a floating-point tensor with values (a shape's own checks come after)."""
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+    check_has_data(latents, "latents")
+    if not latents.is_floating_point():
+        raise TypeError(f"latents must be floating point (float32/float16/bfloat16), got {latents.dtype}; "
+                        "convert with .float()")
+
+
 def check_has_data(t: torch.Tensor, what: str) -> None:
     """``t`` holds values that can be read: a dense tensor on a device with data, not the ``meta`` device
     (shapes only, no values) nor a sparse layout. Checked before anything reads the values."""

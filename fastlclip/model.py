@@ -375,12 +375,7 @@ class LatentCLIP(nn.Module):
         ``(B, C, T, h, w)`` or packed tokens checked (the errors name the space), T checked against ``frames``,
         diffusion latents of a per-channel space converted to VAE space (float32 or wider) on every frame."""
         ls = self.latent_space
-        if not isinstance(latents, torch.Tensor):
-            raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
-        inputs.check_has_data(latents, "latents")
-        if not latents.is_floating_point():
-            raise TypeError(f"latents must be floating point (float32/float16/bfloat16), got {latents.dtype}; "
-                            "convert with .float()")
+        inputs.check_float_tensor(latents)
         if latents.ndim not in (3, 5) or latents.shape[0] == 0:
             raise ValueError(f"the {self.cfg.vae_name!r} latent space is a video space: latents are clips (B, "
                              f"{ls.channels}, T, h, w)" + (" or its packed tokens (B, T h w, D)" if ls.pack else "")
@@ -402,12 +397,7 @@ class LatentCLIP(nn.Module):
     def _diffusion_to_vae(self, latents: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
         """A per-channel / packed space's diffusion latents (the grid or the pipeline's tokens) -> VAE space, in
         float32 or wider; the shape checks name the space."""
-        if not isinstance(latents, torch.Tensor):
-            raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
-        inputs.check_has_data(latents, "latents")
-        if not latents.is_floating_point():
-            raise TypeError(f"latents must be floating point (float32/float16/bfloat16), got {latents.dtype}; "
-                            "convert with .float()")
+        inputs.check_float_tensor(latents)
         if latents.ndim not in (3, 4) or latents.shape[0] == 0:
             ls = self.latent_space
             packed = f" or its packed tokens (B, L, {ls.diffusion_channels * ls.pack ** 2})" if ls.pack else ""

@@ -54,6 +54,26 @@ def post(app, content, headers=V1, **kw):
     return run(app, lambda c: c.post("/v1/score", content=content, headers=headers, **kw))
 
 
+def serve_main(monkeypatch, argv):
+    """``python -m fastlclip.serve``'s ``main(argv)`` with uvicorn stubbed out: ``(exit code, the app it built)``."""
+    import fastlclip.serve.__main__ as cli
+
+    seen = {}
+
+    class NoServer:
+        started, cut = True, None
+
+        def __init__(self, config, in_flight):
+            seen["app"] = config.app
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(cli, "graceful_server", NoServer)
+    monkeypatch.setattr(cli.signal, "signal", lambda *a: None)
+    return cli.main(argv), seen.get("app")
+
+
 def test_healthz(reward):
     r = run(create_app(reward), lambda c: c.get("/healthz"))
     assert r.status_code == 200

@@ -19,7 +19,7 @@ from fastlclip.integrations import flow_grpo, verl_omni
 from fastlclip.serve import create_app
 from fastlclip.serve.app import head_range
 from test_integrations import serving
-from test_serve import V1, post, run
+from test_serve import V1, post, run, serve_main
 
 HEADS = ("hps", "pick", "aes")
 
@@ -285,25 +285,12 @@ def test_cli_head_weights_checked_at_start(model, tmp_path, capsys, args, messag
 def test_cli_serves_an_ensemble_file_with_default_weights(model, tmp_path, monkeypatch):
     """``--pretrained ensemble.safetensors`` without ``--model``: the app gets a RewardEnsemble with the
     --head-weight defaults (1 for heads not named); uvicorn itself is not started here."""
-    import fastlclip.serve.__main__ as cli
     from fastlclip.ensemble import save_ensemble
 
     path = save_ensemble(model, tmp_path / "ens.safetensors")
-    seen = {}
-
-    class NoServer:
-        started, cut = True, None
-
-        def __init__(self, config, in_flight):
-            seen["app"] = config.app
-
-        def run(self):
-            pass
-
-    monkeypatch.setattr(cli, "graceful_server", NoServer)
-    monkeypatch.setattr(cli.signal, "signal", lambda *a: None)
-    assert cli.main(["--pretrained", str(path), "--device", "cpu", "--head-weight", "pick=0.05"]) == 0
-    reward = seen["app"].state.reward
+    code, app = serve_main(monkeypatch, ["--pretrained", str(path), "--device", "cpu", "--head-weight", "pick=0.05"])
+    assert code == 0
+    reward = app.state.reward
     assert isinstance(reward, fastlclip.RewardEnsemble) and reward.weights == {"hps": 1.0, "pick": 0.05, "aes": 1.0}
-    r = post(seen["app"], body(lat(1), PROMPTS[:1]))
+    r = post(app, body(lat(1), PROMPTS[:1]))
     assert r.status_code == 200 and r.json()["head_weights"] == {"hps": 1.0, "pick": 0.05, "aes": 1.0}

@@ -25,6 +25,7 @@ import fastlclip
 import tiny_spaces as ts
 from fastlclip.integrations import flow_grpo, verl_omni
 from fastlclip.serve import create_app
+from test_serve import run
 from test_latent_spaces_2026 import (flux2_decode_input, flux2_pack_latents, flux2_prepare_latent_ids,
                                      qwen_decode_input, qwen_pack_latents, qwen_unpack_latents)
 
@@ -63,13 +64,6 @@ def reference(model64, raw, prompts, noise_level=None):
     """The cosine of the model (float64) on the VAE's decode input: what every path must give."""
     img = model64.encode_latents(raw, space="vae", noise_level=noise_level)
     return (img * F.normalize(model64.encode_text(prompts), dim=-1)).sum(-1)
-
-
-def run(app, coro_fn):
-    async def main():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            return await asyncio.wait_for(coro_fn(client), 60)
-    return asyncio.run(main())
 
 
 def body(latents, prompts=PROMPTS, meta=None, **tensors):
@@ -312,33 +306,14 @@ def test_flow_grpo_scores_the_grid_and_the_packed_tokens(world):
 def test_the_command_line_serves_a_flux2_model_from_its_json_config(tmp_path, monkeypatch):
     """``python -m fastlclip.serve --model config.json --pretrained weights``: the config names FLUX.2 and carries its
     vae_stats; the app it builds scores packed tokens as the model on the decode input (uvicorn not started)."""
-    import fastlclip.serve.__main__ as cli
-    from safetensors.torch import save_file
+    from test_video_serve_cli import serve
 
     vae = ts.tiny_vae("flux2").double()
     model64 = ts.model(vae, "flux2").double()
-    cfg, weights = tmp_path / "flux2.json", tmp_path / "flux2.safetensors"
-    cfg.write_text(json.dumps(ts.model_config(vae, "flux2")))
-    save_file({k: v.contiguous() for k, v in ts.model(vae, "flux2").state_dict().items()}, weights)
-    seen = {}
-
-    class NoServer:
-        started, cut = True, None
-
-        def __init__(self, config, in_flight):
-            seen["app"] = config.app
-
-        def run(self):
-            pass
-
-    monkeypatch.setattr(cli, "graceful_server", NoServer)
-    monkeypatch.setattr(cli.signal, "signal", lambda *a: None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert cli.main(["--model", str(cfg), "--pretrained", str(weights), "--device", "cpu"]) == 0
+    code, app = serve(tmp_path, monkeypatch, ts.model_config(vae, "flux2"), ts.model(vae, "flux2"))
+    assert code == 0
     _, tokens, raw = pipeline("flux2", vae)
-    torch.testing.assert_close(scores(post(seen["app"], body(tokens))), reference(model64, raw, PROMPTS),
-                               rtol=0, atol=2e-5)
+    torch.testing.assert_close(scores(post(app, body(tokens))), reference(model64, raw, PROMPTS), rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("name", ["qwen-image", "flux2"])

@@ -24,6 +24,7 @@ import fastlclip
 import tiny_video as tv
 from fastlclip.integrations import flow_grpo, verl_omni
 from fastlclip.serve import create_app
+from test_serve import run
 from test_video_spaces import decode_input, ltx_pack_latents
 
 V1 = {"x-drm-protocol-version": "1"}
@@ -46,13 +47,6 @@ def reference(name, vae, model64, z, prompts=PROMPTS, noise_level=None):
     u = None if noise_level is None else noise_level.double()
     return torch.stack([(F.normalize(model64.visual.latent_vit(raw[:, :, t], noise_level=u), dim=-1) * txt).sum(-1)
                         for t in range(z.shape[2])], 1)
-
-
-def run(app, coro_fn):
-    async def main():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            return await asyncio.wait_for(coro_fn(client), 60)
-    return asyncio.run(main())
 
 
 def body(latents, prompts=PROMPTS, meta=None, **tensors):

@@ -11,34 +11,21 @@ import pytest
 import torch
 
 import tiny_video as tv
+from test_serve import serve_main
 from test_video_serve import body, clips, post, reference, replied
 
 
 def serve(tmp_path, monkeypatch, cfg, model, *args):
-    """Runs ``fastlclip.serve``'s main on ``cfg`` / ``model``'s weights with uvicorn stubbed; the app it built."""
-    import fastlclip.serve.__main__ as cli
+    """``fastlclip.serve``'s main on ``cfg`` and ``model``'s weights (files in ``tmp_path``), uvicorn stubbed:
+    ``(exit code, the app it built)``."""
     from safetensors.torch import save_file
 
     path, weights = tmp_path / "model.json", tmp_path / "model.safetensors"
     path.write_text(json.dumps(cfg))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-    seen = {}
-
-    class NoServer:
-        started, cut = True, None
-
-        def __init__(self, config, in_flight):
-            seen["app"] = config.app
-
-        def run(self):
-            pass
-
-    monkeypatch.setattr(cli, "graceful_server", NoServer)
-    monkeypatch.setattr(cli.signal, "signal", lambda *a: None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        code = cli.main(["--model", str(path), "--pretrained", str(weights), "--device", "cpu", *args])
-    return code, seen.get("app")
+        return serve_main(monkeypatch, ["--model", str(path), "--pretrained", str(weights), "--device", "cpu", *args])
 
 
 def test_pooling_min_serves_each_clips_worst_frame(tmp_path, monkeypatch):

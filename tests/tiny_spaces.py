@@ -73,10 +73,15 @@ def model_config(vae: torch.nn.Module, name: str, image_size: int = 32, patch_si
 
 def model(vae: torch.nn.Module, name: str, seed: int = 0, **kw) -> fastlclip.LatentCLIP:
     """A random tiny Latent-CLIP on ``vae``'s space (float32, eval)."""
+    return load(model_config(vae, name, **kw), seed)
+
+
+def load(cfg: dict, seed: int = 0) -> fastlclip.LatentCLIP:
+    """``fastlclip.load(cfg)`` with random weights from ``seed`` (float32, eval), its warning silenced."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return fastlclip.load(model_config(vae, name, **kw))
+        return fastlclip.load(cfg)
 
 
 def diffusion_latents(vae: torch.nn.Module, name: str, batch: int = 2, side: int = 16, seed: int = 0,

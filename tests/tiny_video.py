@@ -14,14 +14,13 @@ channels, seeded weights); ``SPACES`` maps a tiny VAE to the registered space wh
 
 from __future__ import annotations
 
-import json
-import warnings
 
 import diffusers
 import torch
 
 import fastlclip
 from fastlclip import vaes
+from tiny_spaces import load, vae_config
 
 SPACES = ("wan2.1", "wan2.2-ti2v", "hunyuanvideo", "hunyuanvideo-1.5", "ltx-video")
 CAUSAL_DECODERS = ("wan2.1", "wan2.2-ti2v", "hunyuanvideo-1.5")  # measured: tests/test_video_spaces.py
@@ -65,11 +64,6 @@ def tiny_vae(space: str, seed: int = 0) -> torch.nn.Module:
     return vae.eval()
 
 
-def vae_config(vae: torch.nn.Module) -> dict:
-    """The module's diffusers config as a JSON-able dict (for a model config's ``vae_cfg``)."""
-    return {"_class_name": type(vae).__name__, **json.loads(json.dumps(dict(vae.config), default=list))}
-
-
 def model_config(vae: torch.nn.Module, name: str, side: int = 4, patch_size: int = 2, width: int = 32,
                  embed_dim: int = 16, noise_aware: bool = False) -> dict:
     """A tiny Latent-CLIP config reading one latent frame (``side x side``) of ``vae``'s clips (its embedded
@@ -89,10 +83,7 @@ def model_config(vae: torch.nn.Module, name: str, side: int = 4, patch_size: int
 
 def model(vae: torch.nn.Module, name: str, seed: int = 0, **kw) -> fastlclip.LatentCLIP:
     """A random tiny Latent-CLIP on ``vae``'s space (float32, eval)."""
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fastlclip.load(model_config(vae, name, **kw))
+    return load(model_config(vae, name, **kw), seed)
 
 
 def clips(vae: torch.nn.Module, batch: int = 2, frames: int = 3, side: int = 4, seed: int = 0,
