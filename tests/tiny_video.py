@@ -20,6 +20,7 @@ import torch
 
 import fastlclip
 from fastlclip import vaes
+import tiny_spaces
 from tiny_spaces import load, vae_config
 
 SPACES = ("wan2.1", "wan2.2-ti2v", "hunyuanvideo", "hunyuanvideo-1.5", "ltx-video")
@@ -67,18 +68,9 @@ def tiny_vae(space: str, seed: int = 0) -> torch.nn.Module:
 def model_config(vae: torch.nn.Module, name: str, side: int = 4, patch_size: int = 2, width: int = 32,
                  embed_dim: int = 16, noise_aware: bool = False) -> dict:
     """A tiny Latent-CLIP config reading one latent frame (``side x side``) of ``vae``'s clips (its embedded
-    config under ``name``; LTX-Video's statistics as ``vae_stats``)."""
-    factor = vaes.vae_factor(vae)
-    cfg = {
-        "embed_dim": embed_dim, "vae": name, "vae_cfg": vae_config(vae),
-        "vision_cfg": {"image_size": side * factor, "patch_size": patch_size, "width": width, "layers": 2,
-                       "heads": 2, "latent_factor": factor, "noise_aware": noise_aware},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    stats = vaes.weight_stats(vae)
-    if stats is not None:
-        cfg["vae_stats"] = stats
-    return cfg
+    config under ``name``; LTX-Video's statistics as ``vae_stats``): tiny_spaces' config at that size."""
+    return tiny_spaces.model_config(vae, name, image_size=side * vaes.vae_factor(vae), patch_size=patch_size,
+                                    width=width, embed_dim=embed_dim, noise_aware=noise_aware)
 
 
 def model(vae: torch.nn.Module, name: str, seed: int = 0, **kw) -> fastlclip.LatentCLIP:
