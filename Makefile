@@ -27,7 +27,8 @@ FLOOR_STAMP := $(FLOORENV)/.installed
 # pipelines, transformers CLIPModel teachers and open_clip towers.
 LATESTENV ?= .latestenv
 LATEST_TESTS := $(FLOOR_TESTS) tests/test_packaging.py tests/test_vaes.py tests/test_latent_spaces.py \
-	tests/test_reno_dropin.py tests/test_integrations.py
+	tests/test_reno_dropin.py tests/test_integrations.py tests/test_latent_spaces_2026.py tests/test_space_models.py \
+	tests/test_video_spaces.py tests/test_video_scoring.py
 
 # The extras make installs; the torch build the lock is resolved against (these wheels lie on this machine's disk).
 EXTRAS := test,bench,ray,serve
