@@ -8,7 +8,10 @@ members sharing a key, the key being the member path up to the first dot of its 
   pickles anything but tensors is refused without running it (never a plain unpickle);
 - ``*.npy``: numpy arrays, read with ``allow_pickle=False``;
 - images (``jpg``, ``jpeg``, ``png``, ``webp``; when asked for by ``member``): decoded by Pillow to a uint8
-  (3, H, W) RGB tensor (``fastlclip.distill`` VAE-encodes image shards).
+  (3, H, W) RGB tensor (``fastlclip.distill`` VAE-encodes image shards);
+- video frames as image members ``<key>.<n>.png`` (or another image extension asked for; ``n`` = frame index
+  ``0..F-1``), read when the sample has no plain image member: one uint8 ``(F, 3, H, W)`` tensor ordered by
+  ``n``; a gap in the numbers, two members for one frame or frames of different sizes make a bad sample.
 
 Parquet shards hold one latent per row in a tensor column (default ``latent``): Arrow's fixed-shape tensor
 type, (nested) lists of numbers, flat lists (reshaped to the model's latent shape) or ``.npy`` bytes. The
@@ -146,6 +149,44 @@ def _decode_image(data: bytes, ext: str) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
+def frame_index(ext: str, wanted: Sequence[str]) -> int | None:
+    """The frame number of a video frame member's extension (``"3.png"`` -> 3) when its image extension is one of
+    ``wanted``; None for any other member."""
+    n, dot, e = ext.partition(".")
+    if not dot or not n.isascii() or not n.isdigit() or e.lower() not in IMAGE_MEMBERS or e not in wanted:
+        return None
+    return int(n)
+
+
+def decode_frames(key: str, frames: dict, wanted: Sequence[str]) -> "Sample":
+    """One sample of video frame members (extension -> bytes, or the error of a duplicate): a uint8
+    ``(F, 3, H, W)`` tensor ordered by frame number, or a bad sample naming the problem."""
+    by_n: dict[int, tuple[str, bytes]] = {}
+    for ext, data in frames.items():
+        if isinstance(data, Exception):
+            return Sample(key, None, f"duplicate member: {data}")
+        n = frame_index(ext, wanted)
+        if n in by_n:
+            return Sample(key, None, f"two members for video frame {n} ({by_n[n][0]} and {ext})")
+        by_n[n] = (ext, data)
+    gaps = [i for i in range(max(by_n) + 1) if i not in by_n]
+    if gaps:
+        return Sample(key, None, f"video frame members have a gap: frame(s) {', '.join(map(str, gaps[:8]))} missing "
+                                 f"of 0..{max(by_n)} (frames are <key>.<n>.<ext>, n = 0..F-1 without gaps)")
+    images = []
+    for i in range(len(by_n)):
+        ext, data = by_n[i]
+        try:
+            x = _decode_image(data, ext)
+        except ValueError as e:
+            return Sample(key, None, f"video frame {i}: {e}")
+        if images and x.shape != images[0].shape:
+            return Sample(key, None, f"video frames of different sizes: frame {i} is {tuple(x.shape[1:])}, frame 0 "
+                                     f"{tuple(images[0].shape[1:])} (a clip's frames share one size)")
+        images.append(x)
+    return Sample(key, torch.stack(images))
+
+
 def _from_numpy(arr: np.ndarray) -> torch.Tensor:
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"latent has dtype {arr.dtype}, not a number type")
@@ -167,6 +208,9 @@ def _read_tar(path: Path, member: str | Sequence[str] | None) -> Iterator[Sample
         if problem is not None:
             return _bad_key(key, problem, f"member {ascii(first)}")
         ext = next((w for w in wanted if w in members), None)
+        frames = {e: d for e, d in members.items() if frame_index(e, wanted) is not None}
+        if ext is None and frames:
+            return decode_frames(key, frames, wanted)
         if ext is None:
             return Sample(key, None, f"no {' or '.join(wanted)} member (has: {', '.join(sorted(members)) or 'none'})",
                           missing=True)
@@ -191,7 +235,7 @@ def _read_tar(path: Path, member: str | Sequence[str] | None) -> Iterator[Sample
                     key, members, first = k, {}, info.name
                 if ext in members:  # webdataset refuses a sample with two members of one name
                     members[ext] = ValueError(f"member {info.name} appears twice in a row")
-                elif ext in wanted:
+                elif ext in wanted or frame_index(ext, wanted) is not None:
                     f = tf.extractfile(info)
                     members[ext] = f.read()
                     if len(members[ext]) != info.size:

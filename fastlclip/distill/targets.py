@@ -38,7 +38,13 @@ row per sample: resume, manifest and bad-sample records stay per clip, and a cli
 ``run.json`` records ``latent_shape`` ``[C, T, h, w]`` and ``video`` (``latent_frames``, ``frames``,
 ``temporal``, ``causal``, ``spans``). ``read_targets`` gives one row per latent frame (``(C, h, w)`` latents,
 keys ``<clip>@<t>``, ``Targets.clips`` / ``Targets.frames``), so a student is an ordinary one-frame tower.
-Not supported for video: image / frame shards, mp4, LTX-Video's packed tokens as shards, teacher sets.
+Shards of video frames (image members ``<key>.<n>.png`` / ``.jpg``, ``n = 0..F-1``; ``read_shard`` gives a uint8
+``(F, 3, H, W)`` clip) are accepted too: every clip of a run has the first one's ``F``, which must fit the space
+(``LatentSpace.latent_frames``: ``F = 1 + 4 (T - 1)`` on the causal 4x spaces; another ``F`` is a bad sample
+naming the rule); each frame is resized and centre-cropped to ``image_size`` as image shards' images are, the
+clip is VAE-encoded (``vaes.encode``: the posterior mean, ``(1, C, T, h, w)``), and the teacher embeds the
+original frames rather than a decode. Not supported for video: single-image shards, mp4, LTX-Video's packed
+tokens as shards, teacher sets.
 
 **Prompts**: when a shard's samples carry a ``txt`` member (or a ``json`` one with ``prompt`` / ``caption`` /
 ``txt`` / ``text``; Parquet shards: such a string column), they are kept in ``prompts/<shard>.parquet``
@@ -222,6 +228,8 @@ class TargetScorer:
                                 "their own run (another --out)") from None
         if size is None:
             return check_sample(sample, self.shape)
+        if self.space.video:
+            return self._check_frames(sample, size)
         if sample.error is not None:
             raise BadSample(sample.error)
         x = sample.latent
@@ -229,11 +237,33 @@ class TargetScorer:
             raise BadSample(f"not an RGB image: {tuple(x.shape)} {x.dtype}")
         return single.resize_crop(x.float()[None] / 255, size)[0]
 
+    def _check_frames(self, sample, size: int) -> torch.Tensor:
+        """A video frame sample (uint8 ``(F, 3, H, W)``) of the run's frame count, every frame resized and
+        centre-cropped as image shards' images are: ``(3, F, size, size)`` in [0, 1]."""
+        if sample.error is not None:
+            raise BadSample(sample.error)
+        x = sample.latent
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise BadSample(f"not a clip of RGB frames (F, 3, H, W) uint8: {tuple(x.shape)} {x.dtype}")
+        f, t = int(x.shape[0]), self.shape[1]
+        run = (f"this run's clips are {self.space.video_frames(t)} frames (T = {t} latent frames); make clips of "
+               "another length their own run (another --out)")
+        try:
+            got = self.space.latent_frames(f)
+        except ValueError as e:
+            raise BadSample(f"a clip of {f} frames: {e}; {run}") from None
+        if got != t:
+            raise BadSample(f"a clip of {f} frames ({got} latent frames): {run}")
+        return single.resize_crop(x.float() / 255, size).transpose(0, 1)
+
     @torch.no_grad()
     def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
         if self.spec.image_size is not None:
             images = (batch.to(self.device, torch.float32) * 2 - 1).to(self.vae.dtype)
-            raw = vaes.encode(self.vae, images).float()  # as the pipelines encode (DC-AE: no posterior)
+            if self.space.video:  # clips (B, 3, F, H, W), encoded one by one (HunyuanVideo 1.5: no batches)
+                raw = torch.cat([vaes.encode(self.vae, c) for c in images.split(1)]).float()
+            else:
+                raw = vaes.encode(self.vae, images).float()  # as the pipelines encode (DC-AE: no posterior)
         else:
             raw = batch.to(self.device, torch.float32)
             if self.spec.space == "diffusion":
@@ -423,10 +453,20 @@ def make_targets(shards, out, *, vae, teacher=None, teacher_pretrained=None, tea
     first = _first_sample(shard_list, member, column, video=lspace is not None)
     channels, factor = vaes.vae_channels(cfg), _downsampling(cfg)
     latent_shape = video = None
-    if lspace is not None:
-        if first.dtype == torch.uint8:
-            raise ValueError(f"the shards hold images; the video space {space_words(vae, cfg, lspace)} makes "
-                             "targets from latent clips (C, T, h, w): encode the videos first (vaes.encode)")
+    if lspace is not None and first.dtype == torch.uint8:  # video frame shards: <key>.<n>.png members
+        words = space_words(vae, cfg, lspace)
+        if first.ndim != 4 or first.shape[1] != 3:
+            raise ValueError(f"the shards hold images; the video space {words} makes targets from latent clips "
+                             f"(C, T, h, w) or clips of frames: encode the videos first (vaes.encode), or store each "
+                             f"clip's frames as image members <key>.<n>.png (n = 0..F-1; got {tuple(first.shape)})")
+        if image_size is None:
+            image_size = min(first.shape[-2:]) // factor * factor
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < factor or image_size % factor:
+            raise ValueError(f"image_size must be a positive multiple of the VAE's downsampling {factor}, got {image_size!r}")
+        shape = (lspace.channels, lspace.latent_frames(int(first.shape[0])), image_size // factor, image_size // factor)
+        video = video_layout(lspace, shape, words, "vae")
+        member = member or IMAGE_MEMBERS
+    elif lspace is not None:
         shape = tuple(int(s) for s in first.shape)
         video = video_layout(lspace, shape, space_words(vae, cfg, lspace), space)
         image_size = None
