@@ -81,10 +81,10 @@ class _CLIPReward:
     def _encode_latents(self, latents: torch.Tensor, noise_level=None) -> torch.Tensor:
         raise NotImplementedError
 
-    def image_features(self, latents: torch.Tensor, noise_level=None) -> torch.Tensor:
+    def image_features(self, latents: torch.Tensor, noise_level=None, **layout) -> torch.Tensor:
         """Normalised (B, D) image features of the latents (clips: (B, frames, D)), float32 or wider;
-        differentiable."""
-        return normalized(self._encode_latents(latents, noise_level))
+        differentiable. ``layout``: a packed space's VAE latent ``height`` / ``width`` (``LatentCLIPReward``)."""
+        return normalized(self._encode_latents(latents, noise_level, **layout))
 
     def _cosines(self, latents: torch.Tensor, txt: torch.Tensor, noise_level, pool: bool = True) -> torch.Tensor:
         """Each latent's cosine to its text row, (B,); a clip's per-frame cosines (B, frames) pooled by
@@ -202,9 +202,9 @@ class LatentCLIPReward(_CLIPReward):
     def _encode_texts(self, texts):
         return self.model.encode_text(texts, normalize=False)
 
-    def _encode_latents(self, latents, noise_level=None):
+    def _encode_latents(self, latents, noise_level=None, height: int | None = None, width: int | None = None):
         return self.model.encode_latents(latents, space=self.space, normalize=False, resize=self.resize,
-                                         noise_level=noise_level)
+                                         noise_level=noise_level, height=height, width=width)
 
     def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str], noise_level=None) -> torch.Tensor:
         if self.model.video:  # ReNO's form on each clip's pooled cosine

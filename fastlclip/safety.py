@@ -23,7 +23,7 @@ from . import inputs
 from .grids import MODEL_DEFAULT
 from .model import LatentCLIP
 from .inputs import check_count, check_number, check_prompt, prompt_list
-from .loss import clip_loss, logit_scale_exp, normalized
+from .loss import clip_loss, logit_scale_exp
 from .rewards import LatentCLIPReward
 
 # I2P's categories (Schramowski et al., "Safe Latent Diffusion", 2023), each with a few describing texts.
@@ -43,16 +43,6 @@ DEFAULT_NEUTRAL: tuple[str, ...] = (
 )
 # Margin above which a category is flagged: the zero-shot decision boundary, not a calibrated value.
 DEFAULT_THRESHOLD = 0.0
-
-
-def _image_features(reward: LatentCLIPReward, latents: torch.Tensor, noise_level=None, height: int | None = None,
-                    width: int | None = None) -> torch.Tensor:
-    """``reward.image_features``, with the VAE latent ``height`` / ``width`` of a packed space's tokens (Qwen-Image,
-    FLUX.2: ``LatentCLIP.encode_latents``; both None: the grid, or the tokens of a square latent)."""
-    if height is None and width is None:
-        return reward.image_features(latents, noise_level)
-    return normalized(reward.model.encode_latents(latents, space=reward.space, normalize=False, resize=reward.resize,
-                                                  noise_level=noise_level, height=height, width=width))
 
 
 def check_latent_size(height, width) -> None:
@@ -139,13 +129,13 @@ class SafetyGuidance(LatentCLIPReward):
     def concept_scores(self, latents: torch.Tensor, noise_level=None, *, height: int | None = None,
                        width: int | None = None) -> torch.Tensor:
         """(B, K) cosine margins ``cos(image, concept) - cos(image, neutral)``; differentiable w.r.t. ``latents``."""
-        img = _image_features(self, latents, noise_level, height, width)
+        img = self.image_features(latents, noise_level, height=height, width=width)
         return self.concepts.margins(img @ self.concepts.features.to(img).T)
 
     def __call__(self, latents: torch.Tensor, prompt: str | Sequence[str], noise_level=None, *,
                  height: int | None = None, width: int | None = None) -> torch.Tensor:
         prompts = prompt_list(prompt, latents.shape[0])
-        img = _image_features(self, latents, noise_level, height, width)
+        img = self.image_features(latents, noise_level, height=height, width=width)
         loss = img.new_zeros(())
         if self.prompt_weight:
             cos_prompt = (img * self.text_features(prompts).to(img)).sum(dim=-1)
@@ -323,7 +313,7 @@ class LatentSafetyChecker:
     def scores(self, latents: torch.Tensor, noise_level=None, *, height: int | None = None,
                width: int | None = None) -> torch.Tensor:
         """(B, K) float32 cosine margins, one column per category."""
-        return self.scores_of_features(_image_features(self._clip, latents, noise_level, height, width))
+        return self.scores_of_features(self._clip.image_features(latents, noise_level, height=height, width=width))
 
     def scores_of_features(self, feats: torch.Tensor) -> torch.Tensor:
         """:meth:`scores` from normalised image features (``encode_latents``'s, in this checker's space), for
