@@ -327,6 +327,11 @@ class LatentSpace:
             return t * k, (t + 1) * k
         return (0, 1) if t == 0 else (1 + (t - 1) * k, 1 + t * k)
 
+    @property
+    def frame_rule(self) -> str:
+        """The rule between a clip's video frames F and latent frames T, as error messages write it."""
+        return f"F = 1 + (T - 1) * {self.temporal}" if self.causal else f"F = T * {self.temporal}"
+
     def latent_frames(self, frames: int) -> int:
         """Latent frames of a clip of ``frames`` video frames: ``1 + (F - 1) / temporal`` (causal) or
         ``F / temporal``; a count that does not fit the rule is a ``ValueError`` naming it."""

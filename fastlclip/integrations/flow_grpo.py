@@ -86,9 +86,8 @@ def video_input(images, space: LatentSpace, height: int | None = None, width: in
         raise ValueError(f"latent space {space.name!r}: clips of {images.shape[1]} channels (shape "
                          f"{tuple(images.shape)}), expected (B, {c}, T, h, w)")
     if t is not None and images.shape[2] != t:
-        rule = f"F = 1 + (T - 1) * {space.temporal}" if space.causal else f"F = T * {space.temporal}"
-        raise ValueError(f"latent space {space.name!r}: frames={frames} video frames are {t} latent frames ({rule}), "
-                         f"the clips have T = {images.shape[2]}")
+        raise ValueError(f"latent space {space.name!r}: frames={frames} video frames are {t} latent frames "
+                         f"({space.frame_rule}), the clips have T = {images.shape[2]}")
     return images
 
 

@@ -219,19 +219,13 @@ def _size(value: torch.Tensor | None, name: str, batch: int) -> int | None:
     return values[0]
 
 
-def frame_rule(space: LatentSpace) -> str:
-    """A video space's rule between video frames F and latent frames T, as written in error messages."""
-    k = space.temporal
-    return f"F = 1 + (T - 1) * {k}" if space.causal else f"F = T * {k}"
-
-
 def latent_frames(space: LatentSpace, frames: int, sent: int | None = None) -> int:
     """T for ``frames`` video frames in the video ``space``, checked against the clip's ``sent`` T when given;
     ValueError naming the space and its rule otherwise."""
     t = space.latent_frames(frames)
     if sent is not None and sent != t:
         raise ValueError(f"latent space {space.name!r}: 'frames' {frames} video frames are {t} latent frames "
-                         f"({frame_rule(space)}), the clip has T = {sent}; send the clip's own frame count, or none")
+                         f"({space.frame_rule}), the clip has T = {sent}; send the clip's own frame count, or none")
     return t
 
 
@@ -245,7 +239,7 @@ def accepted_shapes(space: LatentSpace | None, name: str, channels: int, size: i
             out += (f", the pipeline's packed tokens (B, T * {(size // p) ** 2}, {channels * p * p}) with the tensor "
                     f"'frames' (and 'height' / 'width' for a non-square latent)")
         return (f"{out}, or VAE clips (B, {channels}, T, {size}, {size}) with metadata space 'vae'; 'frames' (the "
-                f"video frame count F), when sent, must give T: {frame_rule(space)}")
+                f"video frame count F), when sent, must give T: {space.frame_rule}")
     vae = f"VAE latents (B, {channels}, {size}, {size}) with metadata space 'vae'"
     if space is None:
         return f"latent space {name!r} takes {vae} here (the model has no diffusion space)"
@@ -378,7 +372,7 @@ def _clips(latents: torch.Tensor, tensors: dict, kind: str, space: LatentSpace, 
         if latents.ndim == 3:
             if frames is None:
                 raise ValueError(f"latent space {space.name!r}: packed video tokens need the tensor 'frames' (the "
-                                 f"clip's video frame count F; {frame_rule(space)})")
+                                 f"clip's video frame count F; {space.frame_rule})")
             return space.grid(latents, height, width, latent_frames=latent_frames(space, frames))
         if frames is not None:
             latent_frames(space, frames, latents.shape[2])
